@@ -1,0 +1,149 @@
+//! Compression of a batch before it is sealed.
+//!
+//! ```text
+//! Batch --zero writes become Zero markers--> rkyv bytes --zstd (or raw if it does not help)--> payload
+//! payload = [codec u8][uncompressed length u32 LE][body]
+//! ```
+//!
+//! Incompressible data passes raw so it costs no more than its size plus five bytes; a write made only
+//! of zeroes becomes a `Zero` marker of a few bytes. Decompression is bounded by the frame limit, so a
+//! forged length cannot make us allocate without end.
+
+use crate::wire::{Batch, Op, WireError, MAX_FRAME};
+use rkyv::rancor;
+use rkyv::util::AlignedVec;
+
+const CODEC_RAW: u8 = 0;
+const CODEC_ZSTD: u8 = 1;
+pub const DEFAULT_LEVEL: i32 = 3;
+
+/// Turns writes made only of zeroes into zero markers (same effect on the replica, no payload).
+pub fn zero_writes_to_markers(batch: &mut Batch) -> u64 {
+    let mut saved = 0;
+    for c in &mut batch.changes {
+        if let Op::Write { offset, data } = &c.op {
+            if is_zero(data) {
+                saved += data.len() as u64;
+                c.op = Op::Zero { offset: *offset, len: data.len() as u64 };
+            }
+        }
+    }
+    saved
+}
+
+pub fn is_zero(buf: &[u8]) -> bool {
+    let chunks = buf.chunks_exact(16);
+    chunks.remainder().iter().all(|b| *b == 0)
+        && chunks.into_iter().all(|c| u128::from_ne_bytes(c.try_into().expect("16 bytes")) == 0)
+}
+
+/// Encodes a batch into a compressed payload.
+pub fn compress(batch: &Batch, level: i32) -> Vec<u8> {
+    let raw = rkyv::to_bytes::<rancor::Error>(batch).expect("serializing into memory cannot fail");
+    let mut out = Vec::with_capacity(raw.len() / 2 + 5);
+    let packed = zstd::bulk::compress(&raw, level).ok().filter(|z| z.len() + 64 < raw.len());
+    match packed {
+        Some(z) => {
+            out.push(CODEC_ZSTD);
+            out.extend_from_slice(&(raw.len() as u32).to_le_bytes());
+            out.extend_from_slice(&z);
+        }
+        None => {
+            out.push(CODEC_RAW);
+            out.extend_from_slice(&(raw.len() as u32).to_le_bytes());
+            out.extend_from_slice(&raw);
+        }
+    }
+    out
+}
+
+/// Decodes a payload made by [`compress`], validating everything.
+pub fn decompress(payload: &[u8]) -> Result<Batch, WireError> {
+    let bad = |reason: String| WireError::Malformed { len: payload.len(), reason };
+    if payload.len() < 5 {
+        return Err(bad("payload shorter than its header".into()));
+    }
+    let codec = payload[0];
+    let raw_len = u32::from_le_bytes(payload[1..5].try_into().expect("4 bytes")) as usize;
+    if raw_len > MAX_FRAME {
+        return Err(bad(format!("declared size {raw_len} exceeds the frame limit")));
+    }
+    let body = &payload[5..];
+    let mut aligned = AlignedVec::<16>::with_capacity(raw_len);
+    match codec {
+        CODEC_RAW => {
+            if body.len() != raw_len {
+                return Err(bad(format!("raw body of {} bytes, header says {raw_len}", body.len())));
+            }
+            aligned.extend_from_slice(body);
+        }
+        CODEC_ZSTD => {
+            let raw = zstd::bulk::decompress(body, raw_len).map_err(|e| bad(format!("zstd: {e}")))?;
+            if raw.len() != raw_len {
+                return Err(bad(format!("zstd gave {} bytes, header says {raw_len}", raw.len())));
+            }
+            aligned.extend_from_slice(&raw);
+        }
+        other => return Err(bad(format!("unknown codec {other}"))),
+    }
+    rkyv::from_bytes::<Batch, rancor::Error>(&aligned).map_err(|e| bad(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::types::{DiskId, ItemId, Seq};
+    use crate::wire::Change;
+
+    fn batch(data: Vec<u8>) -> Batch {
+        Batch {
+            item: ItemId(1),
+            disk: DiskId(1),
+            disk_size: 1 << 30,
+            first: Seq(1),
+            last: Seq(1),
+            changes: vec![Change { seq: Seq(1), op: Op::Write { offset: 0, data } }],
+        }
+    }
+
+    #[test]
+    fn compressible_round_trip_shrinks() {
+        let b = batch(b"abcdefgh".repeat(4096));
+        let p = compress(&b, DEFAULT_LEVEL);
+        assert_eq!(p[0], CODEC_ZSTD);
+        assert!(p.len() < 4096);
+        assert_eq!(decompress(&p).unwrap(), b);
+    }
+
+    #[test]
+    fn incompressible_passes_raw() {
+        use rand::RngCore;
+        let mut data = vec![0u8; 65536];
+        rand::thread_rng().fill_bytes(&mut data);
+        let b = batch(data);
+        let p = compress(&b, DEFAULT_LEVEL);
+        assert_eq!(p[0], CODEC_RAW);
+        assert_eq!(decompress(&p).unwrap(), b);
+    }
+
+    #[test]
+    fn zero_writes_become_markers() {
+        let mut b = batch(vec![0; 1 << 20]);
+        assert_eq!(zero_writes_to_markers(&mut b), 1 << 20);
+        assert_eq!(b.changes[0].op, Op::Zero { offset: 0, len: 1 << 20 });
+        let mut b = batch(vec![0, 0, 0, 0, 0, 0, 0, 0, 0, 1]);
+        assert_eq!(zero_writes_to_markers(&mut b), 0);
+    }
+
+    #[test]
+    fn forged_headers_are_errors() {
+        let b = batch(b"x".repeat(100000));
+        let mut p = compress(&b, DEFAULT_LEVEL);
+        p[1..5].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(decompress(&p).is_err());
+        let mut p = compress(&b, DEFAULT_LEVEL);
+        p[0] = 9;
+        assert!(decompress(&p).is_err());
+        assert!(decompress(&[1, 2]).is_err());
+    }
+}

@@ -1,0 +1,104 @@
+//! Configuration files: TOML, overridden by environment variables, with errors that name the file and
+//! the key.
+//!
+//! An override is `PREFIX` + the key path in upper case with `__` between levels; its value is read as a
+//! TOML value when it parses as one, else as a string. For example, with prefix `SR_AGENT`,
+//! `SR_AGENT__SHIP__BATCH_BYTES=1048576` sets `[ship] batch_bytes`.
+
+use serde::de::DeserializeOwned;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config file {path}: cannot read it: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("config file {path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+    #[error("environment variable {var}: {message}")]
+    Env { var: String, message: String },
+}
+
+/// Loads `path`, applies overrides from variables that start with `env_prefix` + `__`, deserializes.
+pub fn load<T: DeserializeOwned>(path: &Path, env_prefix: &str) -> Result<T, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+    let vars: Vec<(String, String)> = std::env::vars().collect();
+    parse_with_env(path, &text, env_prefix, &vars)
+}
+
+/// The pure part of [`load`]: text and environment in, config or error out.
+pub fn parse_with_env<T: DeserializeOwned>(
+    path: &Path,
+    text: &str,
+    env_prefix: &str,
+    vars: &[(String, String)],
+) -> Result<T, ConfigError> {
+    let invalid = |message: String| ConfigError::Invalid { path: path.into(), message };
+    let prefix = format!("{env_prefix}__");
+    let overrides: Vec<&(String, String)> = vars.iter().filter(|(k, _)| k.starts_with(&prefix)).collect();
+    if overrides.is_empty() {
+        // Parse the original text so that errors point at its lines.
+        return toml::from_str(text).map_err(|e| invalid(e.to_string()));
+    }
+    let mut table: toml::Table = toml::from_str(text).map_err(|e| invalid(e.to_string()))?;
+    for (var, value) in overrides {
+        let keys: Vec<String> = var[prefix.len()..].split("__").map(|k| k.to_ascii_lowercase()).collect();
+        if keys.iter().any(|k| k.is_empty()) {
+            return Err(ConfigError::Env { var: var.clone(), message: "empty key in the variable name".into() });
+        }
+        let parsed = toml::from_str::<toml::Table>(&format!("v = {value}"))
+            .ok()
+            .and_then(|mut t| t.remove("v"))
+            .unwrap_or_else(|| toml::Value::String(value.clone()));
+        let mut cur = &mut table;
+        for k in &keys[..keys.len() - 1] {
+            let entry = cur.entry(k.clone()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            cur = match entry {
+                toml::Value::Table(t) => t,
+                _ => {
+                    return Err(ConfigError::Env { var: var.clone(), message: format!("key {k} is not a table") })
+                }
+            };
+        }
+        cur.insert(keys[keys.len() - 1].clone(), parsed);
+    }
+    let merged = toml::to_string(&table).map_err(|e| invalid(e.to_string()))?;
+    toml::from_str(&merged).map_err(|e| invalid(format!("{e} (after environment overrides)")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, serde::Deserialize, PartialEq)]
+    #[serde(deny_unknown_fields)]
+    struct Cfg {
+        name: String,
+        net: Net,
+    }
+    #[derive(Debug, serde::Deserialize, PartialEq)]
+    #[serde(deny_unknown_fields)]
+    struct Net {
+        port: u16,
+    }
+
+    fn parse(text: &str, vars: &[(&str, &str)]) -> Result<Cfg, ConfigError> {
+        let vars: Vec<(String, String)> = vars.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect();
+        parse_with_env(Path::new("/etc/x.toml"), text, "SR_X", &vars)
+    }
+
+    #[test]
+    fn env_overrides_nested_keys() {
+        let c = parse("name = 'a'\n[net]\nport = 1\n", &[("SR_X__NET__PORT", "9"), ("SR_X__NAME", "b c")]).unwrap();
+        assert_eq!(c, Cfg { name: "b c".into(), net: Net { port: 9 } });
+    }
+
+    #[test]
+    fn errors_name_file_and_key() {
+        let e = parse("name = 'a'\n[net]\nport = 'x'\n", &[]).unwrap_err().to_string();
+        assert!(e.contains("/etc/x.toml") && e.contains("port"), "{e}");
+        let e = parse("name = 'a'\nbogus = 1\n[net]\nport = 1\n", &[]).unwrap_err().to_string();
+        assert!(e.contains("bogus"), "{e}");
+        let e = parse("name = 'a'\n[net]\nport = 1\n", &[("SR_X__NET__PORT", "70000")]).unwrap_err().to_string();
+        assert!(e.contains("port") && e.contains("environment"), "{e}");
+    }
+}

@@ -1,0 +1,23 @@
+//! Code shared by every service of the replication pipeline.
+//!
+//! ```text
+//!  agent --(wire::Batch, QUIC)--> process server --(seal(compress(Batch)))--> master target
+//! ```
+//!
+//! - [`types`]: newtypes for the numbers that flow through the pipeline.
+//! - [`wire`]: rkyv messages and length-prefixed framing; every received frame is validated.
+//! - [`compress`] and [`seal`]: what the process server does to a batch before it leaves the site.
+//! - [`tls`] and [`quic`]: the deployment's certificates, mutual TLS with role checks, QUIC endpoints.
+//! - [`config`]: TOML files with environment overrides and errors that name the key.
+//! - [`telemetry`]: logs, Prometheus metrics and the `/metrics` + `/healthz` HTTP endpoint.
+//! - [`crashsafe`]: the one path by which small metadata files are made durable.
+
+pub mod compress;
+pub mod config;
+pub mod crashsafe;
+pub mod quic;
+pub mod seal;
+pub mod telemetry;
+pub mod tls;
+pub mod types;
+pub mod wire;

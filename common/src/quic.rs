@@ -1,0 +1,62 @@
+//! QUIC endpoints with mutual TLS, and the role check every accepted connection goes through.
+
+use crate::tls::{client_config, peer_has_role, role_name, server_config, Identity};
+use crate::wire::Role;
+use anyhow::{bail, Context};
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use rustls::pki_types::CertificateDer;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+fn transport() -> Arc<quinn::TransportConfig> {
+    let mut t = quinn::TransportConfig::default();
+    t.keep_alive_interval(Some(Duration::from_secs(1)));
+    t.max_idle_timeout(Some(Duration::from_secs(8).try_into().expect("8 s is a valid idle timeout")));
+    // Batches are several MiB: windows large enough to keep a loopback or LAN link busy.
+    t.stream_receive_window((32u32 << 20).into());
+    t.receive_window((64u32 << 20).into());
+    t.send_window(64 << 20);
+    Arc::new(t)
+}
+
+/// A listening endpoint that requires client certificates from the deployment CA.
+pub fn server(id: &Identity, addr: SocketAddr) -> anyhow::Result<quinn::Endpoint> {
+    let crypto = QuicServerConfig::try_from(server_config(id)?).context("QUIC server TLS config")?;
+    let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    cfg.transport_config(transport());
+    quinn::Endpoint::server(cfg, addr).with_context(|| format!("binding QUIC endpoint on {addr}"))
+}
+
+/// A client endpoint presenting our certificate.
+pub fn client(id: &Identity) -> anyhow::Result<quinn::Endpoint> {
+    let crypto = QuicClientConfig::try_from(client_config(id)?).context("QUIC client TLS config")?;
+    let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
+    cfg.transport_config(transport());
+    let bind: SocketAddr = "127.0.0.1:0".parse().expect("literal address");
+    let mut ep = quinn::Endpoint::client(bind).context("binding QUIC client endpoint")?;
+    ep.set_default_client_config(cfg);
+    Ok(ep)
+}
+
+/// Connects to `addr` and checks that the server holds a certificate for `role`.
+pub async fn connect(ep: &quinn::Endpoint, addr: SocketAddr, role: Role) -> anyhow::Result<quinn::Connection> {
+    let conn = ep
+        .connect(addr, &role_name(role))
+        .with_context(|| format!("connecting to {} at {addr}", role.name()))?
+        .await
+        .with_context(|| format!("handshake with {} at {addr}", role.name()))?;
+    Ok(conn)
+}
+
+/// Checks that an accepted connection's client certificate names `role`.
+pub fn require_peer_role(conn: &quinn::Connection, role: Role) -> anyhow::Result<()> {
+    let Some(id) = conn.peer_identity() else { bail!("peer {} presented no certificate", conn.remote_address()) };
+    let Ok(chain) = id.downcast::<Vec<CertificateDer<'static>>>() else {
+        bail!("peer {} identity is not an X.509 chain", conn.remote_address())
+    };
+    match chain.first() {
+        Some(cert) if peer_has_role(cert, role) => Ok(()),
+        _ => bail!("peer {} is not a {}: its certificate does not name that role", conn.remote_address(), role.name()),
+    }
+}

@@ -1,0 +1,57 @@
+//! Logs, metrics and the operations HTTP endpoint every service serves:
+//! `/metrics` (Prometheus text format) and `/healthz`, plus routes the service adds (status, exports).
+
+use anyhow::Context;
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use std::net::SocketAddr;
+use std::sync::OnceLock;
+use tokio_util::sync::CancellationToken;
+
+/// Logs to stderr, filtered by `RUST_LOG` (default `info`).
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,quinn=warn,rustls=warn"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the process-wide Prometheus recorder once and returns its handle.
+pub fn metrics_handle() -> PrometheusHandle {
+    HANDLE
+        .get_or_init(|| {
+            let buckets = [0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 60.0];
+            let recorder = PrometheusBuilder::new()
+                .set_buckets(&buckets)
+                .expect("bucket list is not empty")
+                .build_recorder();
+            let handle = recorder.handle();
+            // Another recorder may already be installed (several services in one test process).
+            let _ = metrics::set_global_recorder(recorder);
+            handle
+        })
+        .clone()
+}
+
+/// Serves `/metrics`, `/healthz` and `extra` on `addr` until `shutdown`. Returns the bound address.
+pub async fn serve_http(
+    addr: SocketAddr,
+    extra: axum::Router,
+    shutdown: CancellationToken,
+) -> anyhow::Result<SocketAddr> {
+    let handle = metrics_handle();
+    let app = axum::Router::new()
+        .route("/metrics", axum::routing::get(move || std::future::ready(handle.render())))
+        .route("/healthz", axum::routing::get(|| std::future::ready("ok\n")))
+        .merge(extra);
+    let listener =
+        tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding HTTP endpoint on {addr}"))?;
+    let local = listener.local_addr()?;
+    tokio::spawn(async move {
+        let r = axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await;
+        if let Err(e) = r {
+            tracing::error!(error = %e, "HTTP endpoint stopped");
+        }
+    });
+    Ok(local)
+}
