@@ -12,11 +12,18 @@
 //! - [`telemetry`]: logs, Prometheus metrics and the `/metrics` + `/healthz` HTTP endpoint.
 //! - [`crashsafe`]: the one path by which small metadata files are made durable.
 
+pub mod backoff;
 pub mod compress;
 pub mod config;
 pub mod crashsafe;
+pub mod disk;
+pub mod http;
+pub mod local;
+pub mod nbd;
 pub mod quic;
 pub mod seal;
+pub mod service;
+pub mod state;
 pub mod telemetry;
 pub mod tls;
 pub mod types;

@@ -136,3 +136,30 @@ mod tests {
         assert!(other.open(&s).is_err(), "another item's key cannot open it");
     }
 }
+
+/// One `[[item]]` entry of a service config: the item and the file holding its data key.
+#[derive(Debug, Clone, serde::Deserialize, serde::Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ItemKeyConfig {
+    pub id: u64,
+    pub key_file: std::path::PathBuf,
+}
+
+/// The data keys a service holds, by item.
+#[derive(Debug, Clone, Default)]
+pub struct KeyRing {
+    keys: std::collections::HashMap<ItemId, ItemKey>,
+}
+
+impl KeyRing {
+    pub fn load(items: &[ItemKeyConfig]) -> Result<KeyRing, SealError> {
+        let mut keys = std::collections::HashMap::new();
+        for i in items {
+            keys.insert(ItemId(i.id), ItemKey::load(&i.key_file)?);
+        }
+        Ok(KeyRing { keys })
+    }
+    pub fn get(&self, item: ItemId) -> Option<&ItemKey> {
+        self.keys.get(&item)
+    }
+}

@@ -1,1 +1,130 @@
+//! The master target: applies sealed batches to replica disks in order, exactly once, and serves the
+//! replicas read-only over NBD and as raw image exports.
+//!
+//! ```text
+//! process server --QUIC--> apply (verify, decrypt, decompress, apply, fsync, record) --> replica file
+//!                                                                                   +--> NBD (read-only)
+//!                                                                                   +--> POST /v1/export
+//! ```
 
+pub mod apply;
+pub mod config;
+pub mod export;
+pub mod metrics;
+pub mod replica;
+
+use anyhow::Context;
+use config::MtConfig;
+use replica::{Replica, ReplicaExport};
+use sr_common::disk::DiskFile;
+use sr_common::nbd::Exports;
+use sr_common::seal::KeyRing;
+use sr_common::state::{RedbStore, StateStore, StreamRecord};
+use sr_common::types::{Seq, StreamKey};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use tokio_util::sync::CancellationToken;
+
+pub struct Server {
+    pub cfg: MtConfig,
+    pub keys: KeyRing,
+    pub store: Arc<dyn StateStore>,
+    /// Guards creation so one disk never gets two replica handles.
+    replicas: Mutex<HashMap<StreamKey, Arc<Replica>>>,
+    exports: Arc<Exports>,
+}
+
+/// NBD export name of a replica.
+pub fn export_name(key: StreamKey) -> String {
+    format!("item-{}-disk-{}", key.item, key.disk)
+}
+
+impl Server {
+    fn replica_path(&self, key: StreamKey) -> std::path::PathBuf {
+        self.cfg.data_dir.join("replicas").join(format!("{}.img", export_name(key)))
+    }
+
+    fn add(&self, key: StreamKey, disk_size: u64, applied: Seq) -> anyhow::Result<Arc<Replica>> {
+        let path = self.replica_path(key);
+        let disk = DiskFile::open_or_create(&path, disk_size).with_context(|| format!("opening replica {}", path.display()))?;
+        let r = Arc::new(Replica::new(key, disk, applied));
+        self.exports.insert(&export_name(key), Arc::new(ReplicaExport(r.clone())));
+        Ok(r)
+    }
+
+    /// The replica of `key`, created when it is new.
+    pub fn replica(&self, key: StreamKey, disk_size: u64) -> anyhow::Result<Arc<Replica>> {
+        let mut g = self.replicas.lock().expect("replicas lock poisoned");
+        if let Some(r) = g.get(&key) {
+            anyhow::ensure!(
+                r.disk.size() == disk_size,
+                "{key}: the source disk is {disk_size} bytes but the replica is {} bytes",
+                r.disk.size()
+            );
+            return Ok(r.clone());
+        }
+        self.store.put_stream(key, StreamRecord { disk_size, applied: Seq::ZERO })?;
+        let r = self.add(key, disk_size, Seq::ZERO)?;
+        g.insert(key, r.clone());
+        Ok(r)
+    }
+
+    pub fn get(&self, key: StreamKey) -> Option<Arc<Replica>> {
+        self.replicas.lock().expect("replicas lock poisoned").get(&key).cloned()
+    }
+
+    fn status(&self) -> serde_json::Value {
+        let g = self.replicas.lock().expect("replicas lock poisoned");
+        let mut v: Vec<_> = g
+            .values()
+            .map(|r| {
+                serde_json::json!({
+                    "item": r.key.item.0, "disk": r.key.disk.0, "disk_size": r.disk.size(),
+                    "applied_seq": r.applied().0, "export": export_name(r.key),
+                    "path": r.disk.path().display().to_string(),
+                })
+            })
+            .collect();
+        v.sort_by_key(|j| (j["item"].as_u64(), j["disk"].as_u64()));
+        serde_json::json!({ "node": self.cfg.node, "replicas": v })
+    }
+}
+
+pub async fn run(cfg: MtConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
+    sr_common::telemetry::metrics_handle();
+    std::fs::create_dir_all(cfg.data_dir.join("replicas"))
+        .with_context(|| format!("creating data_dir {}", cfg.data_dir.display()))?;
+    let identity = sr_common::tls::Identity::load(&cfg.tls)?;
+    let keys = KeyRing::load(&cfg.items)?;
+    let store: Arc<dyn StateStore> = Arc::new(RedbStore::open(&cfg.data_dir.join("state.redb"))?);
+    let listener = sr_common::quic::server(&identity, cfg.listen)?;
+    let server = Arc::new(Server { cfg, keys, store: store.clone(), replicas: Mutex::new(HashMap::new()), exports: Exports::new() });
+    for (key, rec) in store.streams()? {
+        let r = server.add(key, rec.disk_size, rec.applied)?;
+        server.replicas.lock().expect("replicas lock poisoned").insert(key, r);
+    }
+    if let Some(addr) = server.cfg.nbd_tcp {
+        let l = std::net::TcpListener::bind(addr).with_context(|| format!("binding NBD on {addr}"))?;
+        sr_common::nbd::serve_tcp(l, server.exports.clone());
+        tracing::info!(%addr, "read-only NBD exports listening");
+    }
+    let router = export::routes(server.clone());
+    let http = sr_common::telemetry::serve_http(server.cfg.http, router, shutdown.clone()).await?;
+    tracing::info!(%http, quic = %server.cfg.listen, "master target listening");
+    loop {
+        let incoming = tokio::select! {
+            i = listener.accept() => i,
+            _ = shutdown.cancelled() => break,
+        };
+        let Some(incoming) = incoming else { break };
+        let server = server.clone();
+        tokio::spawn(async move {
+            match incoming.await {
+                Ok(conn) => apply::connection(server, conn).await,
+                Err(e) => tracing::warn!(error = %e, "process server handshake failed"),
+            }
+        });
+    }
+    listener.close(0u32.into(), b"master target stopping");
+    Ok(())
+}

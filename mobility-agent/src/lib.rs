@@ -1,1 +1,119 @@
+//! The mobility agent: runs on a protected machine, fronts each protected disk with an NBD server,
+//! journals every write in order, copies the disk once, and ships the journal to a process server.
+//!
+//! ```text
+//! hypervisor / nbd client --NBD--> capture::ProtectedDisk --append--> journal --read--> ship --QUIC--> process server
+//!                                        |                                ^
+//!                                        +--pwrite--> protected disk      +-- trimmed on DurableAck
+//! ```
 
+pub mod capture;
+pub mod config;
+pub mod journal;
+pub mod metrics;
+pub mod ship;
+
+use anyhow::Context;
+use capture::ProtectedDisk;
+use config::AgentConfig;
+use sr_common::nbd::Exports;
+use sr_common::types::{DiskId, ItemId};
+use std::sync::Arc;
+use tokio_util::sync::CancellationToken;
+
+/// Starts every part of the agent and runs until `shutdown`.
+pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
+    sr_common::telemetry::metrics_handle();
+    std::fs::create_dir_all(&cfg.data_dir).with_context(|| format!("creating data_dir {}", cfg.data_dir.display()))?;
+    let identity = sr_common::tls::Identity::load(&cfg.tls)?;
+    let endpoint = sr_common::quic::client(&identity)?;
+    let exports = Exports::new();
+    let mut disks = Vec::new();
+    for d in &cfg.disks {
+        let pd = Arc::new(ProtectedDisk::open(DiskId(d.id), &d.name, &d.path, &cfg.data_dir)?);
+        exports.insert(&d.name, pd.clone());
+        disks.push(pd);
+    }
+    if let Some(addr) = cfg.nbd_tcp {
+        let l = std::net::TcpListener::bind(addr).with_context(|| format!("binding NBD on {addr}"))?;
+        sr_common::nbd::serve_tcp(l, exports.clone());
+        tracing::info!(%addr, "NBD front end listening (TCP)");
+    }
+    if let Some(path) = &cfg.nbd_unix {
+        if path.exists() {
+            std::fs::remove_file(path).with_context(|| format!("removing stale socket {}", path.display()))?;
+        }
+        let l = std::os::unix::net::UnixListener::bind(path)
+            .with_context(|| format!("binding NBD socket {}", path.display()))?;
+        sr_common::nbd::serve_unix(l, exports.clone());
+        tracing::info!(path = %path.display(), "NBD front end listening (Unix socket)");
+    }
+    let status_disks = disks.clone();
+    let node = cfg.node.clone();
+    let router = axum::Router::new().route(
+        "/v1/status",
+        axum::routing::get(move || {
+            let body = status(&node, &status_disks);
+            std::future::ready(axum::Json(body))
+        }),
+    );
+    let http = sr_common::telemetry::serve_http(cfg.http, router, shutdown.clone()).await?;
+    tracing::info!(%http, "operations endpoint listening");
+
+    for d in &disks {
+        let d = d.clone();
+        let stop = shutdown.clone();
+        let (chunk, backlog) = (cfg.copy.chunk_bytes, cfg.copy.backlog_bytes);
+        std::thread::Builder::new().name(format!("copy-{}", d.name)).spawn(move || {
+            if let Err(e) = d.initial_copy(chunk, backlog, &|| stop.is_cancelled()) {
+                tracing::error!(disk = d.name, error = format!("{e:#}"), "initial copy failed; restart the agent to resume it");
+            }
+        })?;
+    }
+    let target = Arc::new(ship::ShipTarget {
+        endpoint: endpoint.clone(),
+        process_server: cfg.process_server,
+        item: ItemId(cfg.item),
+        node: cfg.node.clone(),
+        batch_bytes: cfg.ship.batch_bytes,
+        window_bytes: cfg.ship.window_bytes,
+    });
+    let tasks = tokio_util::task::TaskTracker::new();
+    for d in &disks {
+        tasks.spawn(ship::run(d.clone(), target.clone(), shutdown.clone()));
+    }
+    tasks.close();
+    shutdown.cancelled().await;
+    tasks.wait().await;
+    for d in &disks {
+        if let Err(e) = sr_common::nbd::Backend::flush(d.as_ref()) {
+            tracing::error!(disk = d.name, error = %e, "final flush failed");
+        }
+    }
+    endpoint.close(0u32.into(), b"agent stopping");
+    Ok(())
+}
+
+fn status(node: &str, disks: &[Arc<ProtectedDisk>]) -> serde_json::Value {
+    let disks: Vec<serde_json::Value> = disks
+        .iter()
+        .map(|d| {
+            let c = d.copy_state();
+            serde_json::json!({
+                "id": d.id.0,
+                "name": d.name,
+                "size": d.size(),
+                "first_seq": d.first_seq().0,
+                "last_seq": d.last_seq().0,
+                "acked_seq": d.acked().0,
+                "journal_bytes": d.journal_bytes(),
+                "initial_copy": {
+                    "done": c.done,
+                    "cursor": c.cursor,
+                    "percent": if c.done { 100.0 } else { 100.0 * c.cursor as f64 / d.size().max(1) as f64 },
+                },
+            })
+        })
+        .collect();
+    serde_json::json!({ "node": node, "disks": disks })
+}

@@ -1,1 +1,26 @@
-fn main() {}
+use clap::Parser;
+use std::path::PathBuf;
+
+/// Process server: caches, compresses, encrypts and forwards agents' change streams.
+#[derive(Parser)]
+#[command(version)]
+enum Cli {
+    /// Runs the process server with a configuration file.
+    Run {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+}
+
+fn main() -> std::process::ExitCode {
+    sr_common::telemetry::init_logging();
+    let Cli::Run { config } = Cli::parse();
+    let cfg = match process_server::config::PsConfig::load(&config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    sr_common::service::main(|shutdown| process_server::run(cfg, shutdown))
+}

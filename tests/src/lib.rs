@@ -1,1 +1,90 @@
+//! Helpers for the end-to-end tests: run real client tools, wait for replication to catch up, and
+//! compare images. The deployment itself is `sr_common::local`, the same code `srctl quickstart` uses.
 
+use anyhow::{bail, Context};
+pub use sr_common::local::{Component, DiskSpec, Local, Options, Proc};
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+/// Runs a tool and returns its stdout; a failure carries the command, status and output.
+pub fn run(program: &str, args: &[&str]) -> anyhow::Result<String> {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .with_context(|| format!("running {program} (install it: see .ci/run)"))?;
+    if !out.status.success() {
+        bail!(
+            "{program} {} failed with {}:\n{}\n{}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// A sparse disk image of `size` bytes.
+pub fn make_disk(path: &Path, size: u64) -> anyhow::Result<()> {
+    let f = std::fs::File::create(path)?;
+    f.set_len(size)?;
+    Ok(())
+}
+
+/// Waits until the initial copy is done and the master target has applied the agent's last change of
+/// every disk. Returns the applied sequence numbers.
+pub fn wait_caught_up(local: &Local, timeout: Duration) -> anyhow::Result<Vec<u64>> {
+    let deadline = Instant::now() + timeout;
+    let mut last_err = String::new();
+    loop {
+        match caught_up(local) {
+            Ok(Some(v)) => return Ok(v),
+            Ok(None) => {}
+            Err(e) => last_err = format!("{e:#}"),
+        }
+        if Instant::now() > deadline {
+            let st = local.agent_status().map(|s| s.to_string()).unwrap_or(last_err);
+            bail!("replication did not catch up within {timeout:?}; agent status: {st}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn caught_up(local: &Local) -> anyhow::Result<Option<Vec<u64>>> {
+    let st = local.agent_status()?;
+    let mut out = Vec::new();
+    for d in st["disks"].as_array().context("status has no disks")? {
+        let id = d["id"].as_u64().context("disk id")?;
+        let last = d["last_seq"].as_u64().context("last_seq")?;
+        if d["initial_copy"]["done"] != true {
+            return Ok(None);
+        }
+        let applied = local.applied(id)?;
+        if applied < last {
+            return Ok(None);
+        }
+        out.push(applied);
+    }
+    Ok(Some(out))
+}
+
+/// `qemu-img compare` of two raw images (or NBD URIs); an error says where they differ.
+pub fn compare(a: &str, b: &str) -> anyhow::Result<()> {
+    let fmt = |s: &str| if s.starts_with("nbd://") { "raw" } else { "raw" };
+    run("qemu-img", &["compare", "-f", fmt(a), "-F", fmt(b), a, b]).map(|_| ())
+}
+
+/// Checks the master target's apply record of a disk: batches contiguous from 1, none applied twice.
+pub fn check_apply_log(local: &Local, disk: u64) -> anyhow::Result<u64> {
+    let log = sr_common::http::get_json(local.addrs.mt_http, &format!("/v1/apply-log?item=1&disk={disk}"))?;
+    let mut expect = 1u64;
+    for b in log["batches"].as_array().context("no batches")? {
+        let (f, l) = (b[0].as_u64().context("first")?, b[1].as_u64().context("last")?);
+        if f != expect || l < f {
+            bail!("apply record broken at batch {f}..={l}: expected it to start at {expect} (a batch applied twice or skipped)");
+        }
+        expect = l + 1;
+    }
+    Ok(expect - 1)
+}

@@ -1,0 +1,312 @@
+//! A one-host deployment of the data path (master target, process server, agent) on loopback: the
+//! certificates, an item key, the three config files, and the processes. `srctl quickstart` and the
+//! end-to-end tests both build on it, so they run the real binaries exactly as an operator would.
+//!
+//! ```text
+//! root/
+//!   certs/ ca.pem  agent.pem/.key  ps.pem/.key  mt.pem/.key     item-1.key
+//!   agent.toml  ps.toml  mt.toml       agent/  ps/  mt/ (data dirs)     logs/*.log
+//! ```
+
+use crate::http;
+use crate::tls::generate_deployment;
+use crate::wire::Role;
+use anyhow::{bail, Context};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const ITEM: u64 = 1;
+
+/// A free loopback TCP port (bound, then released).
+pub fn free_tcp() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("binding a loopback TCP port")
+}
+
+/// A free loopback UDP port (bound, then released).
+pub fn free_udp() -> SocketAddr {
+    std::net::UdpSocket::bind("127.0.0.1:0").and_then(|s| s.local_addr()).expect("binding a loopback UDP port")
+}
+
+/// Directory of the service binaries: `SR_BIN_DIR`, else the directory of the running executable if
+/// the binaries are there, else its parent (a test executable lives in `target/<profile>/deps`).
+pub fn bin_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("SR_BIN_DIR") {
+        return PathBuf::from(d);
+    }
+    let exe = std::env::current_exe().expect("path of the running executable");
+    let dir = exe.parent().expect("executable has a directory").to_path_buf();
+    if dir.join("mobility-agent").exists() {
+        return dir;
+    }
+    dir.parent().map(Path::to_path_buf).unwrap_or(dir)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Component {
+    Agent,
+    ProcessServer,
+    MasterTarget,
+}
+
+impl Component {
+    pub fn binary(self) -> &'static str {
+        match self {
+            Component::Agent => "mobility-agent",
+            Component::ProcessServer => "process-server",
+            Component::MasterTarget => "master-target",
+        }
+    }
+    pub fn short(self) -> &'static str {
+        match self {
+            Component::Agent => "agent",
+            Component::ProcessServer => "ps",
+            Component::MasterTarget => "mt",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct DiskSpec {
+    pub id: u64,
+    pub name: String,
+    pub path: PathBuf,
+}
+
+/// Knobs the tests turn.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub batch_bytes: u64,
+    pub ps_cache_limit_bytes: u64,
+    pub copy_chunk_bytes: u64,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options { batch_bytes: 4 << 20, ps_cache_limit_bytes: 1 << 30, copy_chunk_bytes: 1 << 20 }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Addrs {
+    pub agent_http: SocketAddr,
+    pub agent_nbd: SocketAddr,
+    pub agent_unix: PathBuf,
+    pub ps_http: SocketAddr,
+    pub ps_quic: SocketAddr,
+    pub mt_http: SocketAddr,
+    pub mt_quic: SocketAddr,
+    pub mt_nbd: SocketAddr,
+}
+
+pub struct Local {
+    pub root: PathBuf,
+    pub addrs: Addrs,
+    pub disks: Vec<DiskSpec>,
+    pub key_file: PathBuf,
+    pub certs: PathBuf,
+}
+
+fn tls_toml(certs: &Path, name: &str) -> String {
+    format!(
+        "[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n",
+        certs.join("ca.pem"),
+        certs.join(format!("{name}.pem")),
+        certs.join(format!("{name}.key"))
+    )
+}
+
+impl Local {
+    /// Writes certificates, the item key and the three config files under `root`.
+    pub fn create(root: &Path, disks: Vec<DiskSpec>, opts: &Options) -> anyhow::Result<Local> {
+        std::fs::create_dir_all(root.join("logs")).with_context(|| format!("creating {}", root.display()))?;
+        let certs = root.join("certs");
+        generate_deployment(&certs, &[("agent", Role::Agent), ("ps", Role::ProcessServer), ("mt", Role::MasterTarget)])?;
+        let (key, _) = crate::seal::ItemKey::generate();
+        let key_file = certs.join(format!("item-{ITEM}.key"));
+        crate::crashsafe::write_file(&key_file, hex::encode(key).as_bytes())?;
+        let addrs = Addrs {
+            agent_http: free_tcp(),
+            agent_nbd: free_tcp(),
+            agent_unix: root.join("agent.sock"),
+            ps_http: free_tcp(),
+            ps_quic: free_udp(),
+            mt_http: free_tcp(),
+            mt_quic: free_udp(),
+            mt_nbd: free_tcp(),
+        };
+        let item = format!("[[item]]\nid = {ITEM}\nkey_file = {key_file:?}\n");
+        let mt = format!(
+            "node = \"mt-1\"\ndata_dir = {:?}\nhttp = \"{}\"\nlisten = \"{}\"\nnbd_tcp = \"{}\"\n{}\n{item}",
+            root.join("mt"),
+            addrs.mt_http,
+            addrs.mt_quic,
+            addrs.mt_nbd,
+            tls_toml(&certs, "mt")
+        );
+        let ps = format!(
+            "node = \"ps-1\"\ndata_dir = {:?}\nhttp = \"{}\"\nlisten = \"{}\"\nmaster_target = \"{}\"\ncache_limit_bytes = {}\n{}\n{item}",
+            root.join("ps"),
+            addrs.ps_http,
+            addrs.ps_quic,
+            addrs.mt_quic,
+            opts.ps_cache_limit_bytes,
+            tls_toml(&certs, "ps")
+        );
+        let mut agent = format!(
+            "node = \"agent-1\"\nitem = {ITEM}\ndata_dir = {:?}\nhttp = \"{}\"\nnbd_tcp = \"{}\"\nnbd_unix = {:?}\nprocess_server = \"{}\"\n{}\n[ship]\nbatch_bytes = {}\nwindow_bytes = {}\n[copy]\nchunk_bytes = {}\n",
+            root.join("agent"),
+            addrs.agent_http,
+            addrs.agent_nbd,
+            addrs.agent_unix,
+            addrs.ps_quic,
+            tls_toml(&certs, "agent"),
+            opts.batch_bytes,
+            (opts.batch_bytes * 16).max(64 << 20),
+            opts.copy_chunk_bytes,
+        );
+        for d in &disks {
+            agent.push_str(&format!("[[disk]]\nid = {}\nname = {:?}\npath = {:?}\n", d.id, d.name, d.path));
+        }
+        for (name, text) in [("mt", mt), ("ps", ps), ("agent", agent)] {
+            crate::crashsafe::write_file(&root.join(format!("{name}.toml")), text.as_bytes())?;
+        }
+        Ok(Local { root: root.to_path_buf(), addrs, disks, key_file, certs })
+    }
+
+    pub fn config(&self, c: Component) -> PathBuf {
+        self.root.join(format!("{}.toml", c.short()))
+    }
+
+    pub fn log(&self, c: Component) -> PathBuf {
+        self.root.join("logs").join(format!("{}.log", c.short()))
+    }
+
+    pub fn http(&self, c: Component) -> SocketAddr {
+        match c {
+            Component::Agent => self.addrs.agent_http,
+            Component::ProcessServer => self.addrs.ps_http,
+            Component::MasterTarget => self.addrs.mt_http,
+        }
+    }
+
+    /// Starts a component's real binary, logging to `logs/NAME.log` (appended across restarts), and
+    /// waits until its `/healthz` answers.
+    pub fn start(&self, c: Component) -> anyhow::Result<Proc> {
+        let bin = bin_dir().join(c.binary());
+        if !bin.exists() {
+            bail!("{} not found: build the workspace first (cargo build --workspace)", bin.display());
+        }
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log(c))?;
+        let child = Command::new(&bin)
+            .arg("run")
+            .arg("--config")
+            .arg(self.config(c))
+            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info,quinn=warn,rustls=warn".into()))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {}", bin.display()))?;
+        let mut p = Proc { child: Some(child), component: c };
+        let addr = self.http(c);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok((200, _)) = http::request(addr, "GET", "/healthz", None) {
+                return Ok(p);
+            }
+            if let Some(status) = p.child.as_mut().and_then(|ch| ch.try_wait().ok().flatten()) {
+                bail!("{} exited with {status} while starting; see {}", c.binary(), self.log(c).display());
+            }
+            if Instant::now() > deadline {
+                bail!("{} did not answer /healthz within 30 s; see {}", c.binary(), self.log(c).display());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn agent_status(&self) -> anyhow::Result<serde_json::Value> {
+        http::get_json(self.addrs.agent_http, "/v1/status")
+    }
+
+    /// Applied sequence number of a disk at the master target (0 when it has no replica yet).
+    pub fn applied(&self, disk: u64) -> anyhow::Result<u64> {
+        let s = http::get_json(self.addrs.mt_http, "/v1/status")?;
+        Ok(s["replicas"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|r| r["item"] == ITEM && r["disk"] == disk)
+            .and_then(|r| r["applied_seq"].as_u64())
+            .unwrap_or(0))
+    }
+
+    /// Path of a disk's replica file at the master target.
+    pub fn replica_path(&self, disk: u64) -> PathBuf {
+        self.root.join("mt").join("replicas").join(format!("item-{ITEM}-disk-{disk}.img"))
+    }
+
+    /// NBD URI of a disk's read-only replica export.
+    pub fn replica_uri(&self, disk: u64) -> String {
+        format!("nbd://{}/item-{ITEM}-disk-{disk}", self.addrs.mt_nbd)
+    }
+
+    /// NBD URI of a protected disk's export at the agent.
+    pub fn agent_uri(&self, name: &str) -> String {
+        format!("nbd://{}/{name}", self.addrs.agent_nbd)
+    }
+}
+
+/// A running service process. Dropping it kills the process.
+pub struct Proc {
+    child: Option<Child>,
+    pub component: Component,
+}
+
+impl Proc {
+    /// SIGKILL, as a crash would.
+    pub fn kill(mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    pub fn stop(mut self) -> anyhow::Result<()> {
+        if let Some(mut c) = self.child.take() {
+            // SAFETY: sending a signal to our own child process id.
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(20);
+            loop {
+                if let Some(st) = c.try_wait()? {
+                    if !st.success() {
+                        bail!("{} exited with {st}", self.component.binary());
+                    }
+                    return Ok(());
+                }
+                if Instant::now() > deadline {
+                    let _ = c.kill();
+                    let _ = c.wait();
+                    bail!("{} did not stop within 20 s of SIGTERM", self.component.binary());
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}

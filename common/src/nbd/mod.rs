@@ -1,0 +1,42 @@
+//! An NBD server (fixed newstyle handshake, simple replies) over any [`Backend`].
+//!
+//! The agent serves protected disks through it (each write journaled before it is acknowledged), and
+//! the master target serves replicas read-only. Each connection runs on its own thread with blocking
+//! I/O: requests are handled in arrival order, and replies are flushed when no further request is
+//! already buffered, so a pipelining client (queue depth 32) gets its replies in batches.
+//!
+//! ```text
+//! client --handshake--> options (GO / INFO / EXPORT_NAME / LIST / ABORT) --> transmission
+//! transmission: request --> check range and size --> Backend op --> simple reply (+ data for READ)
+//! ```
+
+pub mod proto;
+pub mod server;
+
+pub use server::{serve_tcp, serve_unix, Exports};
+
+/// Error of a backend operation, mapped to an NBD error code in the reply.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("i/o error: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("no space left for the change journal: {0}")]
+    NoSpace(String),
+    #[error("export is read-only")]
+    ReadOnly,
+    #[error("export is shutting down: {0}")]
+    Shutdown(String),
+}
+
+/// A disk that an NBD export serves.
+pub trait Backend: Send + Sync {
+    fn size(&self) -> u64;
+    fn read_only(&self) -> bool;
+    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), BackendError>;
+    /// Writes `data` at `offset`; with `fua` the write is durable when this returns.
+    fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), BackendError>;
+    /// Makes `offset..offset+len` read as zeroes (WRITE_ZEROES and TRIM).
+    fn zero(&self, offset: u64, len: u64, fua: bool) -> Result<(), BackendError>;
+    /// Makes every completed write durable.
+    fn flush(&self) -> Result<(), BackendError>;
+}

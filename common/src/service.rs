@@ -1,0 +1,42 @@
+//! What every service binary's `main` does after parsing its config: start the runtime, turn SIGINT
+//! and SIGTERM into a cancellation, run the service, and report a failure with its whole cause chain.
+
+use std::future::Future;
+use std::process::ExitCode;
+use tokio_util::sync::CancellationToken;
+
+pub fn main<F, Fut>(run: F) -> ExitCode
+where
+    F: FnOnce(CancellationToken) -> Fut,
+    Fut: Future<Output = anyhow::Result<()>>,
+{
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let shutdown = CancellationToken::new();
+    let stop = shutdown.clone();
+    rt.spawn(async move {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(e) => return tracing::error!(error = %e, "cannot watch SIGTERM"),
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        tracing::info!("stopping");
+        stop.cancel();
+    });
+    match rt.block_on(run(shutdown)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

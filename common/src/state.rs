@@ -1,0 +1,178 @@
+//! Small durable state of the process server and the master target, behind [`StateStore`]: which
+//! streams exist (disk size, applied position) and, on the master target, the log of applied batches.
+//!
+//! [`RedbStore`] keeps it in redb (ACID, crash-safe); [`MemStore`] is the in-memory version for tests.
+//! One conformance suite runs against both.
+
+use crate::types::{DiskId, ItemId, Seq, StreamKey};
+use redb::{ReadableDatabase, ReadableTable, TableDefinition};
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Mutex;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StreamRecord {
+    pub disk_size: u64,
+    /// Highest sequence number the master target applied (0: none).
+    pub applied: Seq,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("state store {what}: {message}")]
+pub struct StateError {
+    what: &'static str,
+    message: String,
+}
+
+pub trait StateStore: Send + Sync {
+    fn streams(&self) -> Result<Vec<(StreamKey, StreamRecord)>, StateError>;
+    fn put_stream(&self, key: StreamKey, rec: StreamRecord) -> Result<(), StateError>;
+    /// Atomically logs that `first..=last` was applied and sets the stream's applied position to `last`.
+    fn record_apply(&self, key: StreamKey, first: Seq, last: Seq) -> Result<(), StateError>;
+    /// Every logged batch of a stream, by first sequence number.
+    fn apply_log(&self, key: StreamKey) -> Result<Vec<(Seq, Seq)>, StateError>;
+}
+
+const STREAMS: TableDefinition<(u64, u64), (u64, u64)> = TableDefinition::new("streams");
+const APPLY_LOG: TableDefinition<(u64, u64, u64), u64> = TableDefinition::new("apply_log");
+
+pub struct RedbStore {
+    db: redb::Database,
+}
+
+fn err<E: std::fmt::Display>(what: &'static str) -> impl Fn(E) -> StateError {
+    move |e| StateError { what, message: e.to_string() }
+}
+
+impl RedbStore {
+    pub fn open(path: &Path) -> Result<RedbStore, StateError> {
+        let db = redb::Database::create(path)
+            .map_err(|e| StateError { what: "open", message: format!("{}: {e}", path.display()) })?;
+        let tx = db.begin_write().map_err(err("begin"))?;
+        tx.open_table(STREAMS).map_err(err("create streams"))?;
+        tx.open_table(APPLY_LOG).map_err(err("create apply_log"))?;
+        tx.commit().map_err(err("commit"))?;
+        Ok(RedbStore { db })
+    }
+}
+
+impl StateStore for RedbStore {
+    fn streams(&self) -> Result<Vec<(StreamKey, StreamRecord)>, StateError> {
+        let tx = self.db.begin_read().map_err(err("begin read"))?;
+        let t = tx.open_table(STREAMS).map_err(err("open streams"))?;
+        let mut out = Vec::new();
+        for row in t.iter().map_err(err("iterate streams"))? {
+            let (k, v) = row.map_err(err("read stream"))?;
+            let ((item, disk), (disk_size, applied)) = (k.value(), v.value());
+            out.push((
+                StreamKey { item: ItemId(item), disk: DiskId(disk) },
+                StreamRecord { disk_size, applied: Seq(applied) },
+            ));
+        }
+        Ok(out)
+    }
+
+    fn put_stream(&self, key: StreamKey, rec: StreamRecord) -> Result<(), StateError> {
+        let tx = self.db.begin_write().map_err(err("begin write"))?;
+        {
+            let mut t = tx.open_table(STREAMS).map_err(err("open streams"))?;
+            t.insert((key.item.0, key.disk.0), (rec.disk_size, rec.applied.0)).map_err(err("write stream"))?;
+        }
+        tx.commit().map_err(err("commit"))
+    }
+
+    fn record_apply(&self, key: StreamKey, first: Seq, last: Seq) -> Result<(), StateError> {
+        let tx = self.db.begin_write().map_err(err("begin write"))?;
+        {
+            let mut t = tx.open_table(STREAMS).map_err(err("open streams"))?;
+            let k = (key.item.0, key.disk.0);
+            let size = t
+                .get(k)
+                .map_err(err("read stream"))?
+                .map(|v| v.value().0)
+                .ok_or_else(|| StateError { what: "record_apply", message: format!("unknown stream {key}") })?;
+            t.insert(k, (size, last.0)).map_err(err("write stream"))?;
+            let mut log = tx.open_table(APPLY_LOG).map_err(err("open apply_log"))?;
+            log.insert((key.item.0, key.disk.0, first.0), last.0).map_err(err("write apply_log"))?;
+        }
+        tx.commit().map_err(err("commit"))
+    }
+
+    fn apply_log(&self, key: StreamKey) -> Result<Vec<(Seq, Seq)>, StateError> {
+        let tx = self.db.begin_read().map_err(err("begin read"))?;
+        let t = tx.open_table(APPLY_LOG).map_err(err("open apply_log"))?;
+        let range = (key.item.0, key.disk.0, 0)..=(key.item.0, key.disk.0, u64::MAX);
+        let mut out = Vec::new();
+        for row in t.range(range).map_err(err("iterate apply_log"))? {
+            let (k, v) = row.map_err(err("read apply_log"))?;
+            out.push((Seq(k.value().2), Seq(v.value())));
+        }
+        Ok(out)
+    }
+}
+
+/// In-memory [`StateStore`] for tests.
+#[derive(Default)]
+pub struct MemStore {
+    inner: Mutex<(BTreeMap<StreamKey, StreamRecord>, BTreeMap<(StreamKey, Seq), Seq>)>,
+}
+
+impl StateStore for MemStore {
+    fn streams(&self) -> Result<Vec<(StreamKey, StreamRecord)>, StateError> {
+        Ok(self.inner.lock().expect("poisoned").0.iter().map(|(k, v)| (*k, *v)).collect())
+    }
+    fn put_stream(&self, key: StreamKey, rec: StreamRecord) -> Result<(), StateError> {
+        self.inner.lock().expect("poisoned").0.insert(key, rec);
+        Ok(())
+    }
+    fn record_apply(&self, key: StreamKey, first: Seq, last: Seq) -> Result<(), StateError> {
+        let mut g = self.inner.lock().expect("poisoned");
+        let rec = g
+            .0
+            .get_mut(&key)
+            .ok_or_else(|| StateError { what: "record_apply", message: format!("unknown stream {key}") })?;
+        rec.applied = last;
+        g.1.insert((key, first), last);
+        Ok(())
+    }
+    fn apply_log(&self, key: StreamKey) -> Result<Vec<(Seq, Seq)>, StateError> {
+        let g = self.inner.lock().expect("poisoned");
+        Ok(g.1.iter().filter(|((k, _), _)| *k == key).map(|((_, f), l)| (*f, *l)).collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn conformance(s: &dyn StateStore) {
+        let a = StreamKey { item: ItemId(1), disk: DiskId(1) };
+        let b = StreamKey { item: ItemId(1), disk: DiskId(2) };
+        assert!(s.streams().unwrap().is_empty());
+        assert!(s.record_apply(a, Seq(1), Seq(2)).is_err(), "unknown stream");
+        s.put_stream(a, StreamRecord { disk_size: 10, applied: Seq(0) }).unwrap();
+        s.put_stream(b, StreamRecord { disk_size: 20, applied: Seq(0) }).unwrap();
+        s.record_apply(a, Seq(1), Seq(5)).unwrap();
+        s.record_apply(a, Seq(6), Seq(9)).unwrap();
+        s.record_apply(b, Seq(1), Seq(1)).unwrap();
+        let streams = s.streams().unwrap();
+        assert_eq!(streams[0], (a, StreamRecord { disk_size: 10, applied: Seq(9) }));
+        assert_eq!(streams[1], (b, StreamRecord { disk_size: 20, applied: Seq(1) }));
+        assert_eq!(s.apply_log(a).unwrap(), vec![(Seq(1), Seq(5)), (Seq(6), Seq(9))]);
+        assert_eq!(s.apply_log(b).unwrap(), vec![(Seq(1), Seq(1))]);
+    }
+
+    #[test]
+    fn mem_store_conforms() {
+        conformance(&MemStore::default());
+    }
+
+    #[test]
+    fn redb_store_conforms_and_persists() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("state.redb");
+        conformance(&RedbStore::open(&p).unwrap());
+        let s = RedbStore::open(&p).unwrap();
+        assert_eq!(s.streams().unwrap().len(), 2);
+    }
+}

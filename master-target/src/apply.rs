@@ -1,0 +1,120 @@
+//! Process-server-facing side: verify sealed batches and apply them in order, exactly once.
+//!
+//! ```text
+//! PS --Hello, Open{item,disk,size}--> replica (created sparse on first use) --Resume{applied+1}--> PS
+//! PS --Sealed--> header for this disk? --> last <= applied: duplicate, re-ack, nothing applied
+//!                                      --> first != applied+1: out of order, refused, stream closed
+//!             --> AES-GCM open (else refused) --> decompress + validate --> apply, fsync, record
+//!             --> AppliedAck{last}
+//! ```
+
+use crate::metrics as m;
+use crate::Server;
+use anyhow::{bail, Context};
+use sr_common::compress;
+use sr_common::types::StreamKey;
+use sr_common::wire::{self, Message, Role};
+use std::sync::Arc;
+
+pub async fn connection(server: Arc<Server>, conn: quinn::Connection) {
+    let peer = conn.remote_address();
+    if let Err(e) = sr_common::quic::require_peer_role(&conn, Role::ProcessServer) {
+        tracing::warn!(%peer, error = %e, "refusing connection");
+        conn.close(1u32.into(), b"certificate does not name the process-server role");
+        return;
+    }
+    loop {
+        let (send, recv) = match conn.accept_bi().await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::debug!(%peer, error = %e, "process server connection ended");
+                return;
+            }
+        };
+        let server = server.clone();
+        tokio::spawn(async move {
+            let mut send = send;
+            if let Err(e) = session(&server, &mut send, recv).await {
+                tracing::error!(%peer, error = format!("{e:#}"), "stream from the process server refused");
+                let _ = wire::write_msg(&mut send, &Message::Error { message: format!("{e:#}") }).await;
+                let _ = send.finish();
+            }
+        });
+    }
+}
+
+fn reject(reason: &'static str) {
+    metrics::counter!(m::REJECTED, "reason" => reason).increment(1);
+}
+
+async fn session(server: &Arc<Server>, send: &mut quinn::SendStream, mut recv: quinn::RecvStream) -> anyhow::Result<()> {
+    let node = wire::check_hello(wire::expect_msg(&mut recv).await?, Role::ProcessServer)?;
+    wire::write_msg(send, &Message::Hello { version: wire::PROTOCOL_VERSION, role: Role::MasterTarget, node: server.cfg.node.clone() })
+        .await?;
+    let (item, disk, disk_size) = match wire::expect_msg(&mut recv).await? {
+        Message::Open { item, disk, disk_size } => (item, disk, disk_size),
+        other => bail!("expected Open, got {}", other.kind()),
+    };
+    let Some(item_key) = server.keys.get(item).cloned() else {
+        bail!("item {item} is not configured on master target {}: add its key to the [[item]] list", server.cfg.node);
+    };
+    let key = StreamKey { item, disk };
+    let replica = server.replica(key, disk_size)?;
+    let token = tokio_util::sync::CancellationToken::new();
+    if let Some(old) = replica.session.lock().expect("session lock poisoned").replace(token.clone()) {
+        old.cancel();
+    }
+    let next = replica.applied().next();
+    tracing::info!(%key, node, next = next.0, "process server stream open");
+    wire::write_msg(send, &Message::Resume { next }).await?;
+    loop {
+        let msg = tokio::select! {
+            m = wire::read_msg(&mut recv) => m.inspect_err(|_| reject("malformed"))?,
+            _ = token.cancelled() => bail!("{key}: a newer session took over"),
+        };
+        let sealed = match msg {
+            None => return Ok(()),
+            Some(Message::Sealed(s)) => s,
+            Some(other) => {
+                reject("unexpected");
+                bail!("expected Sealed, got {}", other.kind())
+            }
+        };
+        metrics::counter!(m::BYTES_IN).increment(sealed.ciphertext.len() as u64);
+        if sealed.item != item || sealed.disk != disk || sealed.disk_size != disk_size {
+            reject("wrong-stream");
+            bail!("batch for item {} disk {} arrived on the stream of {key}", sealed.item, sealed.disk);
+        }
+        let applied = replica.applied();
+        if sealed.last <= applied {
+            reject("duplicate");
+            metrics::counter!(m::DUPLICATES).increment(1);
+            tracing::warn!(%key, first = sealed.first.0, last = sealed.last.0, applied = applied.0, "batch already applied (replayed); ignored");
+            wire::write_msg(send, &Message::AppliedAck { through: applied }).await?;
+            continue;
+        }
+        if sealed.first != applied.next() {
+            reject("out-of-order");
+            bail!("{key}: out of order: expected seq {}, got {}..={}; nothing applied", applied.next(), sealed.first, sealed.last);
+        }
+        let plain = item_key.open(&sealed).inspect_err(|_| reject("authentication"))?;
+        let r = replica.clone();
+        let store = server.store.clone();
+        let started = std::time::Instant::now();
+        let bytes = tokio::task::spawn_blocking(move || -> anyhow::Result<u64> {
+            let batch = compress::decompress(&plain).inspect_err(|_| reject("malformed"))?;
+            if batch.item != sealed.item || batch.disk != sealed.disk || batch.first != sealed.first || batch.last != sealed.last || batch.disk_size != sealed.disk_size {
+                reject("header-mismatch");
+                bail!("sealed header and batch contents disagree");
+            }
+            batch.check().inspect_err(|_| reject("invalid"))?;
+            r.apply(&batch, store.as_ref())
+        })
+        .await
+        .context("apply task panicked")??;
+        metrics::histogram!(m::APPLY_SECONDS).record(started.elapsed().as_secs_f64());
+        metrics::counter!(m::APPLIED_BYTES).increment(bytes);
+        metrics::counter!(m::BATCHES).increment(1);
+        wire::write_msg(send, &Message::AppliedAck { through: replica.applied() }).await?;
+    }
+}

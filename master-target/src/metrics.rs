@@ -1,0 +1,11 @@
+//! Every metric the master target exports, by name.
+
+pub const BYTES_IN: &str = "sr_master_target_received_bytes_total";
+pub const APPLIED_BYTES: &str = "sr_master_target_applied_bytes_total";
+pub const BATCHES: &str = "sr_master_target_batches_applied_total";
+pub const APPLIED_SEQ: &str = "sr_master_target_applied_seq";
+pub const REPLICA_BYTES: &str = "sr_master_target_replica_allocated_bytes";
+pub const LAST_APPLY_TIME: &str = "sr_master_target_last_apply_timestamp_seconds";
+pub const REJECTED: &str = "sr_master_target_rejected_batches_total";
+pub const DUPLICATES: &str = "sr_master_target_duplicate_batches_total";
+pub const APPLY_SECONDS: &str = "sr_master_target_apply_seconds";

@@ -1,0 +1,313 @@
+//! A protected disk: every change is appended to the journal, then applied to the disk, under one lock,
+//! so the journal's order is the disk's write order even with several NBD connections.
+//!
+//! ```text
+//! NBD WRITE --> lock --> journal.append (in kernel) --> disk.pwrite --> unlock --> wake shipper --> reply
+//! NBD FLUSH --> lock --> journal.append(Flush marker) --> unlock --> fsync journal, fsync disk --> reply
+//! initial copy --> lock --> pread chunk --> journal.append (unless zero) --> unlock
+//! start-up --> redo every journaled change onto the disk (the journal is written first, so the disk
+//!              may lack the last change when the agent was killed between the two)
+//! ```
+
+use crate::journal::{self, Journal, JournalError};
+use crate::metrics as m;
+use serde::{Deserialize, Serialize};
+use sr_common::disk::DiskFile;
+use sr_common::nbd::{Backend, BackendError};
+use sr_common::types::{DiskId, Seq};
+use sr_common::wire::{MarkerKind, Op};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+/// Progress of the initial copy, persisted so a restart resumes where it stopped.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct CopyState {
+    pub version: u32,
+    pub disk_size: u64,
+    /// Bytes below this offset were copied into the journal.
+    pub cursor: u64,
+    pub done: bool,
+}
+
+pub struct ProtectedDisk {
+    pub id: DiskId,
+    pub name: String,
+    disk: DiskFile,
+    /// Held across journal append + disk write so both see changes in the same order.
+    journal: Mutex<Journal>,
+    /// Wakes the shipper when a change is appended.
+    pub appended: tokio::sync::Notify,
+    acked: AtomicU64,
+    copy: Mutex<CopyState>,
+    copy_path: PathBuf,
+    metrics: DiskMetrics,
+}
+
+/// Metric handles resolved once, so the write path does not look them up per request.
+struct DiskMetrics {
+    journal_bytes: metrics::Gauge,
+    last_seq: metrics::Gauge,
+    acked: metrics::Gauge,
+    lag: metrics::Gauge,
+    written: metrics::Counter,
+    copy_ratio: metrics::Gauge,
+    copy_bytes: metrics::Counter,
+}
+
+impl DiskMetrics {
+    fn new(disk: &str) -> DiskMetrics {
+        let d = disk.to_string();
+        DiskMetrics {
+            journal_bytes: metrics::gauge!(m::JOURNAL_BYTES, "disk" => d.clone()),
+            last_seq: metrics::gauge!(m::JOURNAL_LAST_SEQ, "disk" => d.clone()),
+            acked: metrics::gauge!(m::ACKED_SEQ, "disk" => d.clone()),
+            lag: metrics::gauge!(m::LAG_CHANGES, "disk" => d.clone()),
+            written: metrics::counter!(m::WRITTEN_BYTES, "disk" => d.clone()),
+            copy_ratio: metrics::gauge!(m::COPY_RATIO, "disk" => d.clone()),
+            copy_bytes: metrics::counter!(m::COPY_BYTES, "disk" => d),
+        }
+    }
+}
+
+fn to_backend(e: JournalError) -> BackendError {
+    match e {
+        JournalError::Io { source, .. } if source.raw_os_error() == Some(libc::ENOSPC) => {
+            BackendError::NoSpace(source.to_string())
+        }
+        JournalError::Io { source, .. } => BackendError::Io(source),
+        e @ JournalError::Corrupt { .. } => BackendError::Io(std::io::Error::other(e.to_string())),
+    }
+}
+
+impl ProtectedDisk {
+    /// Opens the disk and its journal under `state_dir`, and redoes journaled changes onto the disk.
+    pub fn open(id: DiskId, name: &str, path: &Path, state_dir: &Path) -> anyhow::Result<ProtectedDisk> {
+        use anyhow::Context;
+        let disk = DiskFile::open(path, true).with_context(|| format!("opening protected disk {}", path.display()))?;
+        let jdir = state_dir.join(format!("journal-{}", id.0));
+        let journal = Journal::open(&jdir).with_context(|| format!("opening journal {}", jdir.display()))?;
+        let mut redone = 0u64;
+        let mut failed = None;
+        journal::read_from(&journal.segments(), journal.first_seq(), |rec| {
+            let r = match &rec.op {
+                Op::Write { offset, data } => disk.write_at(*offset, data),
+                Op::Zero { offset, len } => disk.zero(*offset, *len),
+                Op::Marker { .. } => Ok(()),
+            };
+            redone += 1;
+            if let Err(e) = r {
+                failed = Some(e);
+                return false;
+            }
+            true
+        })?;
+        if let Some(e) = failed {
+            return Err(e).with_context(|| format!("redoing journaled changes onto {}", path.display()));
+        }
+        disk.sync().with_context(|| format!("syncing {}", path.display()))?;
+        if redone > 0 {
+            tracing::info!(disk = name, redone, "redid journaled changes onto the disk");
+        }
+        let copy_path = state_dir.join(format!("copy-{}.json", id.0));
+        let copy = match std::fs::read(&copy_path) {
+            Ok(b) => serde_json::from_slice::<CopyState>(&b)
+                .with_context(|| format!("copy state {} is not valid", copy_path.display()))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                CopyState { version: 1, disk_size: disk.size(), cursor: 0, done: false }
+            }
+            Err(e) => return Err(e).with_context(|| format!("reading {}", copy_path.display())),
+        };
+        if copy.disk_size != disk.size() {
+            anyhow::bail!(
+                "disk {} is now {} bytes but was {} when protection began; resize needs a new protection",
+                path.display(),
+                disk.size(),
+                copy.disk_size
+            );
+        }
+        let pd = ProtectedDisk {
+            id,
+            name: name.to_string(),
+            disk,
+            journal: Mutex::new(journal),
+            appended: tokio::sync::Notify::new(),
+            acked: AtomicU64::new(0),
+            copy: Mutex::new(copy),
+            copy_path,
+            metrics: DiskMetrics::new(name),
+        };
+        pd.publish();
+        Ok(pd)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Journal> {
+        self.journal.lock().expect("journal lock poisoned")
+    }
+
+    fn publish(&self) {
+        let j = self.lock();
+        let (last, bytes) = (j.last_seq(), j.bytes());
+        drop(j);
+        let acked = self.acked.load(Ordering::Relaxed);
+        self.metrics.journal_bytes.set(bytes as f64);
+        self.metrics.last_seq.set(last.0 as f64);
+        self.metrics.acked.set(acked as f64);
+        self.metrics.lag.set(last.0.saturating_sub(acked) as f64);
+    }
+
+    pub fn size(&self) -> u64 {
+        self.disk.size()
+    }
+
+    /// A snapshot of the journal's segments, for the shipper to read outside the lock.
+    pub fn segments(&self) -> Vec<journal::Segment> {
+        self.lock().segments()
+    }
+
+    pub fn first_seq(&self) -> Seq {
+        self.lock().first_seq()
+    }
+    pub fn last_seq(&self) -> Seq {
+        self.lock().last_seq()
+    }
+    pub fn journal_bytes(&self) -> u64 {
+        self.lock().bytes()
+    }
+    pub fn acked(&self) -> Seq {
+        Seq(self.acked.load(Ordering::Relaxed))
+    }
+    pub fn copy_state(&self) -> CopyState {
+        *self.copy.lock().expect("copy lock poisoned")
+    }
+
+    /// The process server holds everything through `through` durably: drop it from the journal.
+    pub fn on_durable_ack(&self, through: Seq) -> Result<(), JournalError> {
+        self.acked.fetch_max(through.0, Ordering::Relaxed);
+        let freed = self.lock().trim_through(through)?;
+        if freed > 0 {
+            tracing::debug!(disk = self.name, freed, through = through.0, "journal trimmed");
+        }
+        self.publish();
+        Ok(())
+    }
+
+    fn after_append(&self) {
+        self.appended.notify_one();
+        self.publish();
+    }
+
+    /// Appends a consistency marker (for example an app-consistent tag) to the stream.
+    pub fn mark(&self, kind: MarkerKind) -> Result<Seq, JournalError> {
+        let seq = self.lock().append(&Op::Marker { kind })?;
+        self.after_append();
+        Ok(seq)
+    }
+
+    /// Copies the whole disk into the journal, skipping holes and zero chunks, resuming from the
+    /// persisted cursor. Blocks; runs on its own thread. Stops early when `stop` returns true.
+    pub fn initial_copy(&self, chunk: u64, backlog_limit: u64, stop: &dyn Fn() -> bool) -> anyhow::Result<()> {
+        use anyhow::Context;
+        let mut st = self.copy_state();
+        if st.done {
+            self.metrics.copy_ratio.set(1.0);
+            return Ok(());
+        }
+        let size = self.size();
+        let mut buf = vec![0u8; chunk as usize];
+        let mut last_save = std::time::Instant::now();
+        tracing::info!(disk = self.name, from = st.cursor, size, "initial copy running");
+        while let Some(data_at) = self.disk.next_data(st.cursor) {
+            if stop() {
+                return Ok(());
+            }
+            let pos = (data_at / chunk * chunk).max(st.cursor);
+            while self.journal_bytes() > backlog_limit {
+                if stop() {
+                    return Ok(());
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            let len = chunk.min(size - pos) as usize;
+            {
+                let mut j = self.lock();
+                self.disk.read_at(pos, &mut buf[..len]).with_context(|| format!("reading {} at {pos}", self.name))?;
+                if !sr_common::compress::is_zero(&buf[..len]) {
+                    j.append_write(pos, &buf[..len])?;
+                    self.metrics.copy_bytes.increment(len as u64);
+                }
+            }
+            self.after_append();
+            st.cursor = pos + len as u64;
+            self.metrics.copy_ratio.set(st.cursor as f64 / size.max(1) as f64);
+            if last_save.elapsed() > std::time::Duration::from_millis(500) {
+                self.save_copy(st)?;
+                last_save = std::time::Instant::now();
+            }
+        }
+        self.mark(MarkerKind::InitialCopyDone)?;
+        st.cursor = size;
+        st.done = true;
+        self.save_copy(st)?;
+        self.metrics.copy_ratio.set(1.0);
+        tracing::info!(disk = self.name, "initial copy finished");
+        Ok(())
+    }
+
+    fn save_copy(&self, st: CopyState) -> anyhow::Result<()> {
+        use anyhow::Context;
+        let bytes = serde_json::to_vec(&st).expect("copy state serializes");
+        sr_common::crashsafe::write_file(&self.copy_path, &bytes)
+            .with_context(|| format!("saving {}", self.copy_path.display()))?;
+        *self.copy.lock().expect("copy lock poisoned") = st;
+        Ok(())
+    }
+}
+
+impl Backend for ProtectedDisk {
+    fn size(&self) -> u64 {
+        self.disk.size()
+    }
+    fn read_only(&self) -> bool {
+        false
+    }
+    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), BackendError> {
+        Ok(self.disk.read_at(offset, buf)?)
+    }
+    fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), BackendError> {
+        {
+            let mut j = self.lock();
+            j.append_write(offset, data).map_err(to_backend)?;
+            self.disk.write_at(offset, data)?;
+        }
+        self.metrics.written.increment(data.len() as u64);
+        self.after_append();
+        if fua {
+            self.flush()?;
+        }
+        Ok(())
+    }
+    fn zero(&self, offset: u64, len: u64, fua: bool) -> Result<(), BackendError> {
+        {
+            let mut j = self.lock();
+            j.append(&Op::Zero { offset, len }).map_err(to_backend)?;
+            self.disk.zero(offset, len)?;
+        }
+        self.after_append();
+        if fua {
+            self.flush()?;
+        }
+        Ok(())
+    }
+    fn flush(&self) -> Result<(), BackendError> {
+        let handle = {
+            let mut j = self.lock();
+            j.append(&Op::Marker { kind: MarkerKind::Flush }).map_err(to_backend)?;
+            j.sync_handle()
+        };
+        self.after_append();
+        handle.sync_data()?;
+        self.disk.sync()?;
+        Ok(())
+    }
+}

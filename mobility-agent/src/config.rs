@@ -1,0 +1,122 @@
+//! The agent's configuration file.
+
+use serde::Deserialize;
+use sr_common::tls::TlsPaths;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+pub const DEFAULT_BATCH_BYTES: u64 = 4 << 20;
+pub const DEFAULT_WINDOW_BYTES: u64 = 64 << 20;
+pub const DEFAULT_COPY_CHUNK_BYTES: u64 = 1 << 20;
+pub const DEFAULT_COPY_BACKLOG_BYTES: u64 = 256 << 20;
+pub const ENV_PREFIX: &str = "SR_AGENT";
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// Name of this machine in logs and at the process server.
+    pub node: String,
+    /// Protected item this machine's disks belong to.
+    pub item: u64,
+    /// Where the journal and small state live.
+    pub data_dir: PathBuf,
+    /// Operations endpoint: /metrics, /healthz, /v1/status.
+    pub http: SocketAddr,
+    /// NBD over TCP (loopback); at least one of `nbd_tcp` and `nbd_unix` is required.
+    #[serde(default)]
+    pub nbd_tcp: Option<SocketAddr>,
+    #[serde(default)]
+    pub nbd_unix: Option<PathBuf>,
+    /// The process server's QUIC address.
+    pub process_server: SocketAddr,
+    pub tls: TlsPaths,
+    #[serde(default)]
+    pub ship: ShipConfig,
+    #[serde(default)]
+    pub copy: CopyConfig,
+    #[serde(rename = "disk")]
+    pub disks: Vec<DiskConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ShipConfig {
+    /// A batch is cut at about this many bytes of changes.
+    pub batch_bytes: u64,
+    /// At most this many bytes are sent and not yet acknowledged as durable.
+    pub window_bytes: u64,
+}
+
+impl Default for ShipConfig {
+    fn default() -> Self {
+        ShipConfig { batch_bytes: DEFAULT_BATCH_BYTES, window_bytes: DEFAULT_WINDOW_BYTES }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CopyConfig {
+    pub chunk_bytes: u64,
+    /// The initial copy pauses while the journal holds more than this many bytes.
+    pub backlog_bytes: u64,
+}
+
+impl Default for CopyConfig {
+    fn default() -> Self {
+        CopyConfig { chunk_bytes: DEFAULT_COPY_CHUNK_BYTES, backlog_bytes: DEFAULT_COPY_BACKLOG_BYTES }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskConfig {
+    pub id: u64,
+    /// NBD export name.
+    pub name: String,
+    /// The protected disk: an image file or a block device.
+    pub path: PathBuf,
+}
+
+impl AgentConfig {
+    pub fn load(path: &std::path::Path) -> anyhow::Result<AgentConfig> {
+        let cfg: AgentConfig = sr_common::config::load(path, ENV_PREFIX)?;
+        cfg.validate().map_err(|e| anyhow::anyhow!("config file {}: {e}", path.display()))?;
+        Ok(cfg)
+    }
+
+    /// Checks what types cannot. Destructures the whole config so a new field is not forgotten.
+    pub fn validate(&self) -> Result<(), String> {
+        let AgentConfig { node, item: _, data_dir: _, http: _, nbd_tcp, nbd_unix, process_server: _, tls: _, ship, copy, disks } =
+            self;
+        if node.is_empty() {
+            return Err("key node: must not be empty".into());
+        }
+        if nbd_tcp.is_none() && nbd_unix.is_none() {
+            return Err("set nbd_tcp or nbd_unix (or both): the agent needs an NBD front end".into());
+        }
+        let ShipConfig { batch_bytes, window_bytes } = ship;
+        if *batch_bytes == 0 || *batch_bytes > 16 << 20 {
+            return Err(format!("key ship.batch_bytes: {batch_bytes} is outside 1..=16777216"));
+        }
+        if window_bytes < batch_bytes {
+            return Err(format!("key ship.window_bytes: {window_bytes} is smaller than ship.batch_bytes"));
+        }
+        let CopyConfig { chunk_bytes, backlog_bytes: _ } = copy;
+        if *chunk_bytes < 4096 || *chunk_bytes > 16 << 20 || chunk_bytes % 4096 != 0 {
+            return Err(format!("key copy.chunk_bytes: {chunk_bytes} must be a multiple of 4096 up to 16 MiB"));
+        }
+        if disks.is_empty() {
+            return Err("no [[disk]] entries: nothing to protect".into());
+        }
+        for (i, d) in disks.iter().enumerate() {
+            let DiskConfig { id, name, path: _ } = d;
+            if name.is_empty() || name.len() > 256 {
+                return Err(format!("disk[{i}].name: must be 1 to 256 bytes"));
+            }
+            if disks[..i].iter().any(|o| o.id == *id || o.name == *name) {
+                return Err(format!("disk[{i}]: id {id} or name {name:?} is used twice"));
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,495 @@
+//! The agent's durable change journal: every change of a protected disk, in order, with a per-disk
+//! sequence number, kept until the process server acknowledges it as durable.
+//!
+//! ```text
+//! journal/
+//!   00000000000000000001.seg   records seq 1..=k       (closed, fsynced at rotation)
+//!   0000000000000000000k+1.seg records seq k+1..       (active, appended)
+//! record = header (40 bytes, little endian) + payload
+//!   magic "SRJ1" | crc32c(header[8..] + payload) | seq | offset | arg | kind | pad | payload length
+//! ```
+//!
+//! A segment's name is the sequence number of its first record, so the next sequence number survives
+//! even when every record has been trimmed. Appends are one `write` each (the header and payload
+//! together); a FLUSH fsyncs the active segment. On open, a torn or corrupt tail of the last segment
+//! (an append cut short by a crash) is cut off; corruption anywhere else is fatal, never skipped.
+
+use sr_common::types::Seq;
+use sr_common::wire::{MarkerKind, Op};
+use std::fs::{File, OpenOptions};
+use std::io::{BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+const MAGIC: u32 = u32::from_le_bytes(*b"SRJ1");
+const HEADER: usize = 40;
+/// A segment is closed and a new one started past this size.
+pub const SEGMENT_BYTES: u64 = 32 << 20;
+const MAX_PAYLOAD: u32 = sr_common::wire::MAX_WRITE as u32;
+
+const KIND_WRITE: u8 = 1;
+const KIND_ZERO: u8 = 2;
+const KIND_FLUSH: u8 = 3;
+const KIND_APP: u8 = 4;
+const KIND_COPY_DONE: u8 = 5;
+
+#[derive(Debug, thiserror::Error)]
+pub enum JournalError {
+    #[error("journal i/o at {path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("journal corrupt at {path} offset {offset}: {reason}; the disk needs a resync")]
+    Corrupt { path: PathBuf, offset: u64, reason: String },
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> JournalError + '_ {
+    move |source| JournalError::Io { path: path.to_path_buf(), source }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    pub seq: Seq,
+    pub op: Op,
+}
+
+impl Record {
+    /// Bytes this record takes in a segment.
+    pub fn encoded_len(&self) -> u64 {
+        HEADER as u64
+            + match &self.op {
+                Op::Write { data, .. } => data.len() as u64,
+                Op::Marker { kind: MarkerKind::AppConsistent { tag } } => tag.len() as u64,
+                _ => 0,
+            }
+    }
+}
+
+fn encode(seq: Seq, op: &Op) -> Vec<u8> {
+    match op {
+        Op::Write { offset, data } => encode_parts(seq, KIND_WRITE, *offset, data.len() as u64, data),
+        Op::Zero { offset, len } => encode_parts(seq, KIND_ZERO, *offset, *len, &[]),
+        Op::Marker { kind: MarkerKind::Flush } => encode_parts(seq, KIND_FLUSH, 0, 0, &[]),
+        Op::Marker { kind: MarkerKind::AppConsistent { tag } } => encode_parts(seq, KIND_APP, 0, 0, tag.as_bytes()),
+        Op::Marker { kind: MarkerKind::InitialCopyDone } => encode_parts(seq, KIND_COPY_DONE, 0, 0, &[]),
+    }
+}
+
+fn encode_parts(seq: Seq, kind: u8, offset: u64, arg: u64, payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(HEADER + payload.len());
+    out.extend_from_slice(&MAGIC.to_le_bytes());
+    out.extend_from_slice(&[0; 4]);
+    out.extend_from_slice(&seq.0.to_le_bytes());
+    out.extend_from_slice(&offset.to_le_bytes());
+    out.extend_from_slice(&arg.to_le_bytes());
+    out.extend_from_slice(&[kind, 0, 0, 0]);
+    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    out.extend_from_slice(payload);
+    let crc = crc32c::crc32c(&out[8..]);
+    out[4..8].copy_from_slice(&crc.to_le_bytes());
+    out
+}
+
+/// Outcome of reading a segment from some byte offset.
+pub struct ScanEnd {
+    /// Offset just past the last good record.
+    pub good_end: u64,
+    /// Why reading stopped before the end of the range, if it did.
+    pub error: Option<String>,
+}
+
+/// Reads records of one segment from `start` up to `end` bytes, calling `f` with each record and the
+/// offset just past it. `f` returns false to stop early.
+pub fn scan(path: &Path, start: u64, end: u64, mut f: impl FnMut(Record, u64) -> bool) -> Result<ScanEnd, JournalError> {
+    let mut file = File::open(path).map_err(io(path))?;
+    std::io::Seek::seek(&mut file, std::io::SeekFrom::Start(start)).map_err(io(path))?;
+    let mut r = BufReader::with_capacity(1 << 20, file.take(end.saturating_sub(start)));
+    let mut pos = start;
+    loop {
+        if pos == end {
+            return Ok(ScanEnd { good_end: pos, error: None });
+        }
+        let mut h = [0u8; HEADER];
+        if let Err(e) = r.read_exact(&mut h) {
+            return Ok(ScanEnd { good_end: pos, error: Some(format!("short header: {e}")) });
+        }
+        let word = |a: usize| u64::from_le_bytes(h[a..a + 8].try_into().expect("8 bytes"));
+        let magic = u32::from_le_bytes(h[0..4].try_into().expect("4 bytes"));
+        let crc = u32::from_le_bytes(h[4..8].try_into().expect("4 bytes"));
+        let plen = u32::from_le_bytes(h[36..40].try_into().expect("4 bytes"));
+        if magic != MAGIC {
+            return Ok(ScanEnd { good_end: pos, error: Some(format!("bad magic {magic:#x}")) });
+        }
+        if plen > MAX_PAYLOAD {
+            return Ok(ScanEnd { good_end: pos, error: Some(format!("payload length {plen} too large")) });
+        }
+        let mut payload = vec![0u8; plen as usize];
+        if let Err(e) = r.read_exact(&mut payload) {
+            return Ok(ScanEnd { good_end: pos, error: Some(format!("short payload: {e}")) });
+        }
+        let mut c = crc32c::crc32c(&h[8..]);
+        c = crc32c::crc32c_append(c, &payload);
+        if c != crc {
+            return Ok(ScanEnd { good_end: pos, error: Some("checksum mismatch".into()) });
+        }
+        let (seq, offset, arg, kind) = (Seq(word(8)), word(16), word(24), h[32]);
+        let op = match kind {
+            KIND_WRITE if arg == plen as u64 => Op::Write { offset, data: payload },
+            KIND_ZERO => Op::Zero { offset, len: arg },
+            KIND_FLUSH => Op::Marker { kind: MarkerKind::Flush },
+            KIND_APP => Op::Marker {
+                kind: MarkerKind::AppConsistent { tag: String::from_utf8_lossy(&payload).into_owned() },
+            },
+            KIND_COPY_DONE => Op::Marker { kind: MarkerKind::InitialCopyDone },
+            _ => return Ok(ScanEnd { good_end: pos, error: Some(format!("unknown record kind {kind}")) }),
+        };
+        pos += HEADER as u64 + plen as u64;
+        if !f(Record { seq, op }, pos) {
+            return Ok(ScanEnd { good_end: pos, error: None });
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Segment {
+    pub first: Seq,
+    /// Last sequence number in the segment; `first - 1` while it is empty.
+    pub last: Seq,
+    pub path: PathBuf,
+    pub bytes: u64,
+}
+
+pub struct Journal {
+    dir: PathBuf,
+    segments: Vec<Segment>,
+    /// The active segment, shared so a FLUSH can fsync it without holding the disk's lock.
+    active: Arc<File>,
+    next: Seq,
+    bytes: u64,
+}
+
+fn seg_path(dir: &Path, first: Seq) -> PathBuf {
+    dir.join(format!("{:020}.seg", first.0))
+}
+
+impl Journal {
+    /// Opens (or creates) the journal in `dir`, recovering from a torn tail.
+    pub fn open(dir: &Path) -> Result<Journal, JournalError> {
+        std::fs::create_dir_all(dir).map_err(io(dir))?;
+        let mut firsts = Vec::new();
+        for e in std::fs::read_dir(dir).map_err(io(dir))? {
+            let e = e.map_err(io(dir))?;
+            let name = e.file_name().to_string_lossy().into_owned();
+            if let Some(n) = name.strip_suffix(".seg").and_then(|n| n.parse::<u64>().ok()) {
+                firsts.push(Seq(n));
+            }
+        }
+        firsts.sort();
+        if firsts.is_empty() {
+            let path = seg_path(dir, Seq(1));
+            File::create(&path).map_err(io(&path))?;
+            sr_common::crashsafe::fsync_dir(dir).map_err(io(dir))?;
+            firsts.push(Seq(1));
+        }
+        let mut segments = Vec::new();
+        let count = firsts.len();
+        for (i, first) in firsts.into_iter().enumerate() {
+            let path = seg_path(dir, first);
+            let len = std::fs::metadata(&path).map_err(io(&path))?.len();
+            let mut expect = first;
+            let mut seq_error = None;
+            let end = scan(&path, 0, len, |rec, _| {
+                if rec.seq != expect {
+                    seq_error = Some(format!("record has seq {} where {} was expected", rec.seq, expect));
+                    return false;
+                }
+                expect = expect.next();
+                true
+            })?;
+            let mut good = end.good_end;
+            if let Some(reason) = seq_error {
+                // A record with a valid checksum but the wrong sequence number is not a torn write.
+                return Err(JournalError::Corrupt { path, offset: good, reason });
+            }
+            if let Some(reason) = end.error {
+                if i + 1 != count {
+                    return Err(JournalError::Corrupt { path, offset: good, reason });
+                }
+                tracing::warn!(path = %path.display(), offset = good, len, reason, "cutting a torn journal tail");
+                let f = OpenOptions::new().write(true).open(&path).map_err(io(&path))?;
+                f.set_len(good).map_err(io(&path))?;
+                f.sync_all().map_err(io(&path))?;
+                good = good.min(len);
+            }
+            if let Some(prev) = segments.last() {
+                let prev: &Segment = prev;
+                if prev.last.next() != first {
+                    return Err(JournalError::Corrupt {
+                        path,
+                        offset: 0,
+                        reason: format!("segment starts at {first} but the previous one ends at {}", prev.last),
+                    });
+                }
+            }
+            segments.push(Segment { first, last: Seq(expect.0 - 1), path, bytes: good });
+        }
+        let last = segments.last().expect("at least one segment");
+        let active = OpenOptions::new().append(true).open(&last.path).map_err(io(&last.path))?;
+        let next = last.last.next();
+        let bytes = segments.iter().map(|s| s.bytes).sum();
+        Ok(Journal { dir: dir.to_path_buf(), segments, active: Arc::new(active), next, bytes })
+    }
+
+    /// Appends one change and returns its sequence number. The bytes are in the kernel when this returns;
+    /// they are durable after the next [`Journal::sync_handle`] fsync.
+    pub fn append(&mut self, op: &Op) -> Result<Seq, JournalError> {
+        let rec = encode(self.next, op);
+        self.append_encoded(rec)
+    }
+
+    /// [`Journal::append`] of a write, without copying the data into an [`Op`] first.
+    pub fn append_write(&mut self, offset: u64, data: &[u8]) -> Result<Seq, JournalError> {
+        let rec = encode_parts(self.next, KIND_WRITE, offset, data.len() as u64, data);
+        self.append_encoded(rec)
+    }
+
+    fn append_encoded(&mut self, rec: Vec<u8>) -> Result<Seq, JournalError> {
+        let seq = self.next;
+        let active = self.segments.last_mut().expect("at least one segment");
+        if let Err(e) = (&*self.active).write_all(&rec) {
+            // Undo a partial append so the segment stays a clean run of records.
+            let _ = self.active.set_len(active.bytes);
+            return Err(JournalError::Io { path: active.path.clone(), source: e });
+        }
+        active.bytes += rec.len() as u64;
+        active.last = seq;
+        self.bytes += rec.len() as u64;
+        self.next = seq.next();
+        if active.bytes >= SEGMENT_BYTES {
+            self.rotate()?;
+        }
+        Ok(seq)
+    }
+
+    fn rotate(&mut self) -> Result<(), JournalError> {
+        let old = self.segments.last().expect("at least one segment");
+        self.active.sync_data().map_err(io(&old.path))?;
+        let path = seg_path(&self.dir, self.next);
+        let f = OpenOptions::new().create(true).append(true).open(&path).map_err(io(&path))?;
+        sr_common::crashsafe::fsync_dir(&self.dir).map_err(io(&self.dir))?;
+        self.active = Arc::new(f);
+        self.segments.push(Segment { first: self.next, last: Seq(self.next.0 - 1), path, bytes: 0 });
+        Ok(())
+    }
+
+    /// The active segment's file, to fsync outside the disk's lock. Closed segments were fsynced when
+    /// they were closed.
+    pub fn sync_handle(&self) -> Arc<File> {
+        self.active.clone()
+    }
+
+    /// Deletes closed segments whose records are all at or below `through`. Returns bytes freed.
+    pub fn trim_through(&mut self, through: Seq) -> Result<u64, JournalError> {
+        let mut freed = 0;
+        while self.segments.len() > 1 && self.segments[0].last <= through {
+            let s = self.segments.remove(0);
+            std::fs::remove_file(&s.path).map_err(io(&s.path))?;
+            freed += s.bytes;
+        }
+        self.bytes -= freed;
+        Ok(freed)
+    }
+
+    pub fn segments(&self) -> Vec<Segment> {
+        self.segments.clone()
+    }
+    /// Sequence number of the oldest change still held.
+    pub fn first_seq(&self) -> Seq {
+        self.segments[0].first
+    }
+    /// Sequence number of the newest change (0 when none was ever written).
+    pub fn last_seq(&self) -> Seq {
+        Seq(self.next.0 - 1)
+    }
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+}
+
+/// Reads every record at or after `from`, in order, across segments (a snapshot taken by the caller).
+pub fn read_from(
+    segments: &[Segment],
+    from: Seq,
+    mut f: impl FnMut(Record) -> bool,
+) -> Result<(), JournalError> {
+    let start = segments.iter().rposition(|s| s.first <= from).unwrap_or(0);
+    for s in &segments[start..] {
+        if s.last < from {
+            continue;
+        }
+        let mut go_on = true;
+        let end = scan(&s.path, 0, s.bytes, |rec, _| {
+            if rec.seq < from {
+                return true;
+            }
+            go_on = f(rec);
+            go_on
+        })?;
+        if let Some(reason) = end.error {
+            return Err(JournalError::Corrupt { path: s.path.clone(), offset: end.good_end, reason });
+        }
+        if !go_on {
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// Where a reader of the journal stands: the next record to read and, once known, its position.
+#[derive(Debug, Clone, Copy)]
+pub struct Cursor {
+    pub next: Seq,
+    pos: Option<(Seq, u64)>,
+}
+
+impl Cursor {
+    pub fn at(next: Seq) -> Cursor {
+        Cursor { next, pos: None }
+    }
+}
+
+/// Reads records from `cursor` on, across segments of a snapshot, until about `max_bytes` are collected.
+pub fn read_batch(segments: &[Segment], cursor: &mut Cursor, max_bytes: u64) -> Result<Vec<Record>, JournalError> {
+    let mut out = Vec::new();
+    let mut bytes = 0u64;
+    let Some(mut idx) = segments.iter().rposition(|s| s.first <= cursor.next) else { return Ok(out) };
+    let mut start = match cursor.pos {
+        Some((first, byte)) if first == segments[idx].first => byte,
+        _ => 0,
+    };
+    loop {
+        let s = &segments[idx];
+        let mut full = false;
+        let end = scan(&s.path, start, s.bytes, |rec, after| {
+            start = after;
+            if rec.seq < cursor.next {
+                return true;
+            }
+            bytes += rec.encoded_len();
+            cursor.next = rec.seq.next();
+            out.push(rec);
+            full = bytes >= max_bytes;
+            !full
+        })?;
+        if let Some(reason) = end.error {
+            return Err(JournalError::Corrupt { path: s.path.clone(), offset: end.good_end, reason });
+        }
+        cursor.pos = Some((s.first, start));
+        if full || idx + 1 == segments.len() || segments[idx + 1].first != cursor.next {
+            return Ok(out);
+        }
+        idx += 1;
+        start = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(offset: u64, byte: u8, len: usize) -> Op {
+        Op::Write { offset, data: vec![byte; len] }
+    }
+
+    fn all(j: &Journal, from: u64) -> Vec<Record> {
+        let mut v = Vec::new();
+        read_from(&j.segments(), Seq(from), |r| {
+            v.push(r);
+            true
+        })
+        .unwrap();
+        v
+    }
+
+    #[test]
+    fn append_reopen_read() {
+        let d = tempfile::tempdir().unwrap();
+        let mut j = Journal::open(d.path()).unwrap();
+        assert_eq!(j.append(&write(0, 1, 4096)).unwrap(), Seq(1));
+        assert_eq!(j.append(&Op::Zero { offset: 8192, len: 1 << 20 }).unwrap(), Seq(2));
+        assert_eq!(j.append(&Op::Marker { kind: MarkerKind::AppConsistent { tag: "t".into() } }).unwrap(), Seq(3));
+        drop(j);
+        let j = Journal::open(d.path()).unwrap();
+        assert_eq!(j.last_seq(), Seq(3));
+        let recs = all(&j, 2);
+        assert_eq!(recs.len(), 2);
+        assert_eq!(recs[0].op, Op::Zero { offset: 8192, len: 1 << 20 });
+    }
+
+    #[test]
+    fn torn_tail_is_cut_and_sequence_continues() {
+        let d = tempfile::tempdir().unwrap();
+        let mut j = Journal::open(d.path()).unwrap();
+        j.append(&write(0, 1, 4096)).unwrap();
+        j.append(&write(4096, 2, 4096)).unwrap();
+        let path = j.segments()[0].path.clone();
+        drop(j);
+        let len = std::fs::metadata(&path).unwrap().len();
+        OpenOptions::new().write(true).open(&path).unwrap().set_len(len - 100).unwrap();
+        let mut j = Journal::open(d.path()).unwrap();
+        assert_eq!(j.last_seq(), Seq(1));
+        assert_eq!(j.append(&write(0, 3, 10)).unwrap(), Seq(2));
+    }
+
+    #[test]
+    fn corrupt_middle_segment_is_fatal() {
+        let d = tempfile::tempdir().unwrap();
+        let mut j = Journal::open(d.path()).unwrap();
+        for i in 0..12 {
+            j.append(&write(0, i, 4 << 20)).unwrap();
+        }
+        assert!(j.segments().len() >= 2);
+        let first = j.segments()[0].path.clone();
+        drop(j);
+        let mut bytes = std::fs::read(&first).unwrap();
+        bytes[100] ^= 0xff;
+        std::fs::write(&first, bytes).unwrap();
+        assert!(matches!(Journal::open(d.path()), Err(JournalError::Corrupt { .. })));
+    }
+
+    #[test]
+    fn cursor_reads_across_segments_in_batches() {
+        let d = tempfile::tempdir().unwrap();
+        let mut j = Journal::open(d.path()).unwrap();
+        for i in 0..40u8 {
+            j.append(&write(0, i, 3 << 20)).unwrap();
+        }
+        assert!(j.segments().len() >= 3);
+        let mut c = Cursor::at(Seq(2));
+        let mut seen = Vec::new();
+        loop {
+            let b = read_batch(&j.segments(), &mut c, 8 << 20).unwrap();
+            if b.is_empty() {
+                break;
+            }
+            assert!(b.len() <= 3);
+            seen.extend(b.into_iter().map(|r| r.seq.0));
+        }
+        assert_eq!(seen, (2..=40).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn trim_keeps_next_sequence_across_restart() {
+        let d = tempfile::tempdir().unwrap();
+        let mut j = Journal::open(d.path()).unwrap();
+        for i in 0..20 {
+            j.append(&write(0, i, 4 << 20)).unwrap();
+        }
+        let last = j.last_seq();
+        let freed = j.trim_through(last).unwrap();
+        assert!(freed > 0);
+        assert_eq!(j.segments().len(), 1);
+        drop(j);
+        let mut j = Journal::open(d.path()).unwrap();
+        assert_eq!(j.last_seq(), last);
+        assert_eq!(j.append(&write(0, 9, 1)).unwrap(), last.next());
+    }
+}

@@ -1,0 +1,13 @@
+//! Every metric the agent exports, by name. Each has the label `disk` (the NBD export name).
+
+pub const JOURNAL_BYTES: &str = "sr_agent_journal_bytes";
+pub const JOURNAL_LAST_SEQ: &str = "sr_agent_journal_last_seq";
+pub const ACKED_SEQ: &str = "sr_agent_durable_acked_seq";
+pub const LAG_CHANGES: &str = "sr_agent_replication_lag_changes";
+pub const WRITTEN_BYTES: &str = "sr_agent_written_bytes_total";
+pub const SHIPPED_BYTES: &str = "sr_agent_shipped_bytes_total";
+pub const BATCHES: &str = "sr_agent_batches_shipped_total";
+pub const COPY_RATIO: &str = "sr_agent_initial_copy_progress_ratio";
+pub const COPY_BYTES: &str = "sr_agent_initial_copy_bytes_total";
+pub const RECONNECTS: &str = "sr_agent_reconnects_total";
+pub const CONNECTED: &str = "sr_agent_connected";

@@ -1,0 +1,139 @@
+//! Ships one disk's journal to the process server and trims it on durable acknowledgements.
+//!
+//! ```text
+//! connect (mTLS, server must be a process server) --> Hello --> Open{item,disk,size} --> Resume{next}
+//!   sender: journal records from `next` --> Batch (<= batch_bytes) --> stream, at most window_bytes unacked
+//!   receiver: DurableAck{through} --> journal.trim_through(through) --> opens the window
+//! any error --> drop the connection --> back off (jittered) --> reconnect; the server's Resume says where
+//! ```
+
+use crate::capture::ProtectedDisk;
+use crate::journal::{self, Cursor};
+use crate::metrics as m;
+use anyhow::{bail, Context};
+use sr_common::backoff::RECONNECT;
+use sr_common::types::{ItemId, Seq};
+use sr_common::wire::{self, Batch, Change, Message, Role};
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+
+pub struct ShipTarget {
+    pub endpoint: quinn::Endpoint,
+    pub process_server: SocketAddr,
+    pub item: ItemId,
+    pub node: String,
+    pub batch_bytes: u64,
+    pub window_bytes: u64,
+}
+
+/// Runs until `shutdown`: keeps a session with the process server up and ships.
+pub async fn run(disk: Arc<ProtectedDisk>, target: Arc<ShipTarget>, shutdown: CancellationToken) {
+    let mut attempt = 0u32;
+    let connected = metrics::gauge!(m::CONNECTED, "disk" => disk.name.clone());
+    loop {
+        let started = Instant::now();
+        let res = tokio::select! {
+            r = session(&disk, &target, &connected) => r,
+            _ = shutdown.cancelled() => return,
+        };
+        connected.set(0.0);
+        if let Err(e) = res {
+            tracing::warn!(disk = disk.name, error = format!("{e:#}"), "shipping to the process server stopped; reconnecting");
+        }
+        metrics::counter!(m::RECONNECTS, "disk" => disk.name.clone()).increment(1);
+        if started.elapsed() > Duration::from_secs(10) {
+            attempt = 0;
+        }
+        let delay = RECONNECT.delay_random(attempt);
+        attempt = attempt.saturating_add(1);
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = shutdown.cancelled() => return,
+        }
+    }
+}
+
+async fn session(disk: &Arc<ProtectedDisk>, t: &ShipTarget, connected: &metrics::Gauge) -> anyhow::Result<()> {
+    let conn = sr_common::quic::connect(&t.endpoint, t.process_server, Role::ProcessServer).await?;
+    let (mut send, mut recv) = conn.open_bi().await.context("opening a stream to the process server")?;
+    wire::write_msg(&mut send, &Message::Hello { version: wire::PROTOCOL_VERSION, role: Role::Agent, node: t.node.clone() })
+        .await?;
+    wire::check_hello(wire::expect_msg(&mut recv).await?, Role::ProcessServer)?;
+    wire::write_msg(&mut send, &Message::Open { item: t.item, disk: disk.id, disk_size: disk.size() }).await?;
+    let next = match wire::expect_msg(&mut recv).await? {
+        Message::Resume { next } => next,
+        other => bail!("process server answered Open with {}", other.kind()),
+    };
+    let (first, last) = (disk.first_seq(), disk.last_seq());
+    if next < first || next.0 > last.0 + 1 {
+        bail!(
+            "process server asks for changes from seq {next} but the journal holds {first}..={last}; \
+             the replica has a gap and the disk needs a resync"
+        );
+    }
+    disk.on_durable_ack(Seq(next.0 - 1))?;
+    connected.set(1.0);
+    tracing::info!(disk = disk.name, next = next.0, last = last.0, "shipping to the process server");
+
+    let (acked_tx, mut acked_rx) = tokio::sync::watch::channel(Seq(next.0 - 1));
+    let ack_disk = disk.clone();
+    let mut acks: tokio::task::JoinHandle<anyhow::Result<()>> = tokio::spawn(async move {
+        loop {
+            match wire::read_msg(&mut recv).await? {
+                Some(Message::DurableAck { through }) => {
+                    ack_disk.on_durable_ack(through)?;
+                    let _ = acked_tx.send(through);
+                }
+                Some(other) => bail!("unexpected {} from the process server", other.kind()),
+                None => bail!("process server closed the stream"),
+            }
+        }
+    });
+
+    let mut cursor = Cursor::at(next);
+    // (last seq, bytes) of each batch sent and not yet acknowledged.
+    let mut inflight: VecDeque<(Seq, u64)> = VecDeque::new();
+    let mut inflight_bytes = 0u64;
+    let shipped = metrics::counter!(m::SHIPPED_BYTES, "disk" => disk.name.clone());
+    let batches = metrics::counter!(m::BATCHES, "disk" => disk.name.clone());
+    loop {
+        let acked = *acked_rx.borrow_and_update();
+        while inflight.front().is_some_and(|(l, _)| *l <= acked) {
+            inflight_bytes -= inflight.pop_front().expect("front exists").1;
+        }
+        if inflight_bytes >= t.window_bytes {
+            tokio::select! {
+                r = acked_rx.changed() => r.context("acknowledgement reader stopped")?,
+                r = &mut acks => return Err(r.context("acknowledgement reader panicked")?.unwrap_err()),
+            }
+            continue;
+        }
+        let segments = disk.segments();
+        let budget = t.batch_bytes.min(t.window_bytes - inflight_bytes).max(1);
+        let records = tokio::task::block_in_place(|| journal::read_batch(&segments, &mut cursor, budget))?;
+        if records.is_empty() {
+            tokio::select! {
+                _ = disk.appended.notified() => {}
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                r = acked_rx.changed() => r.context("acknowledgement reader stopped")?,
+                r = &mut acks => return Err(r.context("acknowledgement reader panicked")?.unwrap_err()),
+            }
+            continue;
+        }
+        let first = records[0].seq;
+        let last = records[records.len() - 1].seq;
+        let changes: Vec<Change> = records.into_iter().map(|r| Change { seq: r.seq, op: r.op }).collect();
+        let batch = Batch { item: t.item, disk: disk.id, disk_size: disk.size(), first, last, changes };
+        let bytes = batch.payload_bytes();
+        let frame = wire::encode(&Message::Batch(batch));
+        tokio::io::AsyncWriteExt::write_all(&mut send, &frame).await.context("sending a batch")?;
+        shipped.increment(frame.len() as u64);
+        batches.increment(1);
+        inflight.push_back((last, frame.len() as u64));
+        inflight_bytes += frame.len() as u64;
+        tracing::trace!(disk = disk.name, first = first.0, last = last.0, bytes, "batch sent");
+    }
+}

@@ -1,0 +1,188 @@
+//! The process server's durable cache of one stream: each batch an agent sent, in its own file,
+//! fsynced before the agent is told it is durable, deleted once the master target applied it.
+//!
+//! ```text
+//! cache/item-1-disk-1/
+//!   00000000000000000001-00000000000000000042.batch   rkyv Batch bytes + crc32c (4 bytes LE)
+//!   00000000000000000043-00000000000000000090.batch
+//! ```
+
+use sr_common::types::Seq;
+use sr_common::wire::{Batch, WireError};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+#[derive(Debug, Clone)]
+pub struct Entry {
+    pub first: Seq,
+    pub last: Seq,
+    pub bytes: u64,
+    pub path: PathBuf,
+}
+
+pub struct StreamCache {
+    dir: PathBuf,
+    /// Files by first sequence number.
+    entries: Mutex<BTreeMap<Seq, Entry>>,
+    /// Bytes cached across all streams of this process server (for the cache limit).
+    total: Arc<AtomicU64>,
+}
+
+fn name(first: Seq, last: Seq) -> String {
+    format!("{:020}-{:020}.batch", first.0, last.0)
+}
+
+fn parse(name: &str) -> Option<(Seq, Seq)> {
+    let (a, b) = name.strip_suffix(".batch")?.split_once('-')?;
+    Some((Seq(a.parse().ok()?), Seq(b.parse().ok()?)))
+}
+
+impl StreamCache {
+    pub fn open(dir: &Path, total: Arc<AtomicU64>) -> std::io::Result<StreamCache> {
+        std::fs::create_dir_all(dir)?;
+        let mut entries = BTreeMap::new();
+        for e in std::fs::read_dir(dir)? {
+            let e = e?;
+            let n = e.file_name().to_string_lossy().into_owned();
+            if n.ends_with(".tmp") {
+                // A batch whose write was cut short was never acknowledged: drop it.
+                std::fs::remove_file(e.path())?;
+                continue;
+            }
+            if let Some((first, last)) = parse(&n) {
+                let bytes = e.metadata()?.len();
+                total.fetch_add(bytes, Ordering::Relaxed);
+                entries.insert(first, Entry { first, last, bytes, path: e.path() });
+            }
+        }
+        Ok(StreamCache { dir: dir.to_path_buf(), entries: Mutex::new(entries), total })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<Seq, Entry>> {
+        self.entries.lock().expect("cache lock poisoned")
+    }
+
+    /// Highest sequence number cached.
+    pub fn last(&self) -> Option<Seq> {
+        self.lock().values().next_back().map(|e| e.last)
+    }
+
+    pub fn bytes(&self) -> u64 {
+        self.lock().values().map(|e| e.bytes).sum()
+    }
+
+    /// Makes a batch durable. Blocking (fsyncs).
+    pub fn put(&self, batch: &Batch) -> std::io::Result<()> {
+        let mut bytes = rkyv::to_bytes::<rkyv::rancor::Error>(batch)
+            .map_err(std::io::Error::other)?
+            .to_vec();
+        let crc = crc32c::crc32c(&bytes);
+        bytes.extend_from_slice(&crc.to_le_bytes());
+        let path = self.dir.join(name(batch.first, batch.last));
+        sr_common::crashsafe::write_file(&path, &bytes)?;
+        self.total.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        self.lock().insert(batch.first, Entry { first: batch.first, last: batch.last, bytes: bytes.len() as u64, path });
+        Ok(())
+    }
+
+    /// The cached batch holding `seq`, or else the first one after it.
+    pub fn find(&self, seq: Seq) -> Option<Entry> {
+        let g = self.lock();
+        if let Some((_, e)) = g.range(..=seq).next_back() {
+            if e.last >= seq {
+                return Some(e.clone());
+            }
+        }
+        g.range(seq..).next().map(|(_, e)| e.clone())
+    }
+
+    /// Reads and validates a cached batch. Blocking.
+    pub fn read(entry: &Entry) -> Result<Batch, WireError> {
+        let bytes = std::fs::read(&entry.path)?;
+        let bad = |reason: &str| WireError::Malformed { len: bytes.len(), reason: format!("cache file {}: {reason}", entry.path.display()) };
+        if bytes.len() < 4 {
+            return Err(bad("shorter than its checksum"));
+        }
+        let (body, crc) = bytes.split_at(bytes.len() - 4);
+        if crc32c::crc32c(body) != u32::from_le_bytes(crc.try_into().expect("4 bytes")) {
+            return Err(bad("checksum mismatch"));
+        }
+        let mut aligned = rkyv::util::AlignedVec::<16>::with_capacity(body.len());
+        aligned.extend_from_slice(body);
+        let batch = rkyv::from_bytes::<Batch, rkyv::rancor::Error>(&aligned).map_err(|e| bad(&e.to_string()))?;
+        batch.check()?;
+        if batch.first != entry.first || batch.last != entry.last {
+            return Err(bad("contents do not match the file name"));
+        }
+        Ok(batch)
+    }
+
+    /// Deletes batches entirely at or below `through`. Blocking.
+    pub fn drop_through(&self, through: Seq) -> std::io::Result<u64> {
+        let gone: Vec<Entry> = {
+            let mut g = self.lock();
+            let keys: Vec<Seq> = g.values().filter(|e| e.last <= through).map(|e| e.first).collect();
+            keys.into_iter().filter_map(|k| g.remove(&k)).collect()
+        };
+        let mut freed = 0;
+        for e in &gone {
+            std::fs::remove_file(&e.path)?;
+            freed += e.bytes;
+        }
+        self.total.fetch_sub(freed, Ordering::Relaxed);
+        Ok(freed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sr_common::types::{DiskId, ItemId};
+    use sr_common::wire::{Change, Op};
+
+    fn batch(first: u64, last: u64) -> Batch {
+        Batch {
+            item: ItemId(1),
+            disk: DiskId(1),
+            disk_size: 1 << 20,
+            first: Seq(first),
+            last: Seq(last),
+            changes: (first..=last).map(|s| Change { seq: Seq(s), op: Op::Write { offset: s * 512, data: vec![s as u8; 512] } }).collect(),
+        }
+    }
+
+    #[test]
+    fn put_find_read_drop_and_reopen() {
+        let d = tempfile::tempdir().unwrap();
+        let total = Arc::new(AtomicU64::new(0));
+        let c = StreamCache::open(d.path(), total.clone()).unwrap();
+        c.put(&batch(1, 4)).unwrap();
+        c.put(&batch(5, 9)).unwrap();
+        assert_eq!(c.last(), Some(Seq(9)));
+        assert_eq!(c.find(Seq(6)).unwrap().first, Seq(5));
+        assert_eq!(c.find(Seq(0)).unwrap().first, Seq(1));
+        assert!(c.find(Seq(10)).is_none());
+        assert_eq!(StreamCache::read(&c.find(Seq(2)).unwrap()).unwrap(), batch(1, 4));
+        let before = total.load(Ordering::Relaxed);
+        c.drop_through(Seq(4)).unwrap();
+        assert!(total.load(Ordering::Relaxed) < before);
+        drop(c);
+        let total2 = Arc::new(AtomicU64::new(0));
+        let c = StreamCache::open(d.path(), total2).unwrap();
+        assert_eq!(c.find(Seq(1)).unwrap().first, Seq(5));
+    }
+
+    #[test]
+    fn corrupt_file_is_an_error() {
+        let d = tempfile::tempdir().unwrap();
+        let c = StreamCache::open(d.path(), Arc::new(AtomicU64::new(0))).unwrap();
+        c.put(&batch(1, 4)).unwrap();
+        let e = c.find(Seq(1)).unwrap();
+        let mut b = std::fs::read(&e.path).unwrap();
+        b[10] ^= 1;
+        std::fs::write(&e.path, b).unwrap();
+        assert!(StreamCache::read(&e).is_err());
+    }
+}

@@ -1,0 +1,85 @@
+//! The process server's configuration file.
+
+use serde::Deserialize;
+use sr_common::seal::ItemKeyConfig;
+use sr_common::tls::TlsPaths;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+pub const DEFAULT_CACHE_LIMIT_BYTES: u64 = 1 << 30;
+pub const DEFAULT_WINDOW_BYTES: u64 = 64 << 20;
+pub const ENV_PREFIX: &str = "SR_PS";
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PsConfig {
+    pub node: String,
+    pub data_dir: PathBuf,
+    pub http: SocketAddr,
+    /// QUIC address agents connect to.
+    pub listen: SocketAddr,
+    pub master_target: SocketAddr,
+    pub tls: TlsPaths,
+    /// Past this many cached bytes the server stops acknowledging (backpressure, never loss).
+    #[serde(default = "default_cache_limit")]
+    pub cache_limit_bytes: u64,
+    /// zstd level, 1..=19.
+    #[serde(default = "default_level")]
+    pub compression_level: i32,
+    /// At most this many bytes forwarded to the master target and not yet applied, per stream.
+    #[serde(default = "default_window")]
+    pub window_bytes: u64,
+    #[serde(rename = "item", default)]
+    pub items: Vec<ItemKeyConfig>,
+}
+
+fn default_cache_limit() -> u64 {
+    DEFAULT_CACHE_LIMIT_BYTES
+}
+fn default_level() -> i32 {
+    sr_common::compress::DEFAULT_LEVEL
+}
+fn default_window() -> u64 {
+    DEFAULT_WINDOW_BYTES
+}
+
+impl PsConfig {
+    pub fn load(path: &std::path::Path) -> anyhow::Result<PsConfig> {
+        let cfg: PsConfig = sr_common::config::load(path, ENV_PREFIX)?;
+        cfg.validate().map_err(|e| anyhow::anyhow!("config file {}: {e}", path.display()))?;
+        Ok(cfg)
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        let PsConfig {
+            node,
+            data_dir: _,
+            http: _,
+            listen: _,
+            master_target: _,
+            tls: _,
+            cache_limit_bytes,
+            compression_level,
+            window_bytes,
+            items,
+        } = self;
+        if node.is_empty() {
+            return Err("key node: must not be empty".into());
+        }
+        if *cache_limit_bytes < 64 << 20 {
+            return Err(format!("key cache_limit_bytes: {cache_limit_bytes} is below the 64 MiB minimum"));
+        }
+        if !(1..=19).contains(compression_level) {
+            return Err(format!("key compression_level: {compression_level} is outside 1..=19"));
+        }
+        if *window_bytes < 1 << 20 {
+            return Err(format!("key window_bytes: {window_bytes} is below 1 MiB"));
+        }
+        for (i, it) in items.iter().enumerate() {
+            if items[..i].iter().any(|o| o.id == it.id) {
+                return Err(format!("item[{i}]: id {} is listed twice", it.id));
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,129 @@
+//! Master-target-facing side of one stream: read cached batches in order, compress, seal, send; on
+//! AppliedAck persist the position and free the cache.
+//!
+//! ```text
+//! connect (server must be a master target) --> Hello --> Open{item,disk,size} --> Resume{next}
+//!   sender: cache.find(next) --> cut changes below next --> zero writes become markers --> zstd --> AES-GCM
+//!           --> Sealed --> at most window_bytes unapplied
+//!   receiver: AppliedAck{through} --> stream.set_applied(through) (persist, then delete cache files)
+//! ```
+
+use crate::cache::StreamCache;
+use crate::metrics as m;
+use crate::stream::Stream;
+use crate::Server;
+use anyhow::{bail, Context};
+use sr_common::backoff::RECONNECT;
+use sr_common::compress;
+use sr_common::types::Seq;
+use sr_common::wire::{self, Message, Role};
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+pub async fn run(server: Arc<Server>, stream: Arc<Stream>) {
+    let mut attempt = 0u32;
+    loop {
+        let started = Instant::now();
+        let res = tokio::select! {
+            r = session(&server, &stream) => r,
+            _ = server.shutdown.cancelled() => return,
+        };
+        if let Err(e) = res {
+            metrics::counter!(m::ERRORS, "side" => "master-target").increment(1);
+            tracing::warn!(key = %stream.key, error = format!("{e:#}"), "forwarding to the master target stopped; reconnecting");
+        }
+        if started.elapsed() > Duration::from_secs(10) {
+            attempt = 0;
+        }
+        let delay = RECONNECT.delay_random(attempt);
+        attempt = attempt.saturating_add(1);
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = server.shutdown.cancelled() => return,
+        }
+    }
+}
+
+async fn session(server: &Arc<Server>, stream: &Arc<Stream>) -> anyhow::Result<()> {
+    let key = stream.key;
+    let item_key = server.keys.get(key.item).with_context(|| format!("no data key for item {}", key.item))?.clone();
+    let conn = sr_common::quic::connect(&server.endpoint, server.cfg.master_target, Role::MasterTarget).await?;
+    let (mut send, mut recv) = conn.open_bi().await.context("opening a stream to the master target")?;
+    wire::write_msg(&mut send, &Message::Hello { version: wire::PROTOCOL_VERSION, role: Role::ProcessServer, node: server.cfg.node.clone() })
+        .await?;
+    wire::check_hello(wire::expect_msg(&mut recv).await?, Role::MasterTarget)?;
+    wire::write_msg(&mut send, &Message::Open { item: key.item, disk: key.disk, disk_size: stream.disk_size }).await?;
+    let next = match wire::expect_msg(&mut recv).await? {
+        Message::Resume { next } => next,
+        other => bail!("master target answered Open with {}", other.kind()),
+    };
+    let s = stream.clone();
+    tokio::task::spawn_blocking(move || s.set_applied(Seq(next.0 - 1))).await??;
+    tracing::info!(%key, next = next.0, "forwarding to the master target");
+
+    let (applied_tx, mut applied_rx) = tokio::sync::watch::channel(Seq(next.0 - 1));
+    let ack_stream = stream.clone();
+    let mut acks: tokio::task::JoinHandle<anyhow::Result<()>> = tokio::spawn(async move {
+        loop {
+            match wire::read_msg(&mut recv).await? {
+                Some(Message::AppliedAck { through }) => {
+                    let s = ack_stream.clone();
+                    tokio::task::spawn_blocking(move || s.set_applied(through)).await??;
+                    let _ = applied_tx.send(through);
+                }
+                Some(other) => bail!("unexpected {} from the master target", other.kind()),
+                None => bail!("master target closed the stream"),
+            }
+        }
+    });
+    let mut cursor = next;
+    let mut inflight: VecDeque<(Seq, u64)> = VecDeque::new();
+    let mut inflight_bytes = 0u64;
+    let level = server.cfg.compression_level;
+    loop {
+        let applied = *applied_rx.borrow_and_update();
+        while inflight.front().is_some_and(|(l, _)| *l <= applied) {
+            inflight_bytes -= inflight.pop_front().expect("front exists").1;
+        }
+        let entry = if inflight_bytes < server.cfg.window_bytes { stream.cache.find(cursor) } else { None };
+        let Some(entry) = entry else {
+            let cached = stream.cached.notified();
+            tokio::select! {
+                _ = cached => {}
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                r = applied_rx.changed() => r.context("acknowledgement reader stopped")?,
+                r = &mut acks => return Err(r.context("acknowledgement reader panicked")?.err().unwrap_or_else(|| anyhow::anyhow!("acknowledgement reader ended"))),
+            }
+            continue;
+        };
+        if entry.first > cursor {
+            bail!("{key}: the master target needs seq {cursor} but the cache starts at {}; the disk needs a resync", entry.first);
+        }
+        let (sealed, raw_bytes) = tokio::task::spawn_blocking({
+            let item_key = item_key.clone();
+            move || -> anyhow::Result<_> {
+                let mut batch = StreamCache::read(&entry)?;
+                if batch.first < cursor {
+                    let skip = (cursor.0 - batch.first.0) as usize;
+                    batch.changes.drain(..skip);
+                    batch.first = cursor;
+                }
+                let raw_bytes = batch.payload_bytes();
+                compress::zero_writes_to_markers(&mut batch);
+                let payload = compress::compress(&batch, level);
+                Ok((item_key.seal(batch.item, batch.disk, batch.disk_size, batch.first, batch.last, &payload), raw_bytes))
+            }
+        })
+        .await??;
+        let last = sealed.last;
+        let frame = wire::encode(&Message::Sealed(sealed));
+        tokio::io::AsyncWriteExt::write_all(&mut send, &frame).await.context("sending a sealed batch")?;
+        metrics::counter!(m::BYTES_OUT).increment(frame.len() as u64);
+        metrics::counter!(m::PAYLOAD_BYTES).increment(raw_bytes);
+        metrics::counter!(m::BATCHES_OUT).increment(1);
+        inflight.push_back((last, frame.len() as u64));
+        inflight_bytes += frame.len() as u64;
+        cursor = last.next();
+    }
+}
