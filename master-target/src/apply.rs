@@ -83,7 +83,12 @@ async fn session(server: &Arc<Server>, send: &mut quinn::SendStream, mut recv: q
         metrics::counter!(m::BYTES_IN).increment(sealed.ciphertext.len() as u64);
         if sealed.item != item || sealed.disk != disk || sealed.disk_size != disk_size {
             reject("wrong-stream");
-            bail!("batch for item {} disk {} arrived on the stream of {key}", sealed.item, sealed.disk);
+            bail!(
+                "batch for item {} disk {} ({} bytes) arrived on the stream of {key} ({disk_size} bytes)",
+                sealed.item,
+                sealed.disk,
+                sealed.disk_size
+            );
         }
         let applied = replica.applied();
         if sealed.last <= applied {

@@ -88,3 +88,25 @@ pub fn check_apply_log(local: &Local, disk: u64) -> anyhow::Result<u64> {
     }
     Ok(expect - 1)
 }
+
+/// A temporary directory for one test; kept (and its path printed) when `SR_KEEP_TEST_DIR` is set.
+pub struct TestDir {
+    _tmp: Option<tempfile::TempDir>,
+    path: std::path::PathBuf,
+}
+
+impl TestDir {
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+pub fn test_dir() -> TestDir {
+    let d = tempfile::tempdir().expect("creating a temporary directory");
+    if std::env::var_os("SR_KEEP_TEST_DIR").is_some() {
+        let path = d.keep();
+        eprintln!("test directory kept: {}", path.display());
+        return TestDir { _tmp: None, path };
+    }
+    TestDir { path: d.path().to_path_buf(), _tmp: Some(d) }
+}

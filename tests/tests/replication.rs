@@ -58,7 +58,7 @@ fn qemu_io(uri: &str, cmds: &[String]) {
 
 #[test]
 fn replica_equals_source_after_mixed_writes() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = test_dir();
     let size = 64 * MIB;
     let local = setup(dir.path(), size, Options::default());
     let _mt = local.start(Component::MasterTarget).unwrap();
@@ -68,18 +68,71 @@ fn replica_equals_source_after_mixed_writes() {
     for round in 0..4 {
         qemu_io(&uri, &workload(round + 1, size, 60));
     }
-    // nbdcopy writes a whole image through the export with several connections.
-    let payload = dir.path().join("payload.img");
-    make_disk(&payload, 8 * MIB).unwrap();
-    run("qemu-io", &["-f", "raw", "-c", "write -P 0x5a 0 5M", "-c", "write -P 0xa5 6M 1M", payload.to_str().unwrap()]).unwrap();
     let nbdinfo = run("nbdinfo", &["--size", &uri]).unwrap();
     assert_eq!(nbdinfo.trim(), size.to_string());
-    // nbdcopy needs the same size on both sides: copy into a same-sized window through qemu-img instead.
-    run("nbdcopy", &["--flush", payload.to_str().unwrap(), &format!("{uri}")]).ok();
+    // nbdcopy reads the whole export, then writes a whole image through it with several connections
+    // (data, zeroes and holes: it zeroes or trims what the source leaves empty).
+    let copy = dir.path().join("copy.img");
+    run("nbdcopy", &[&uri, copy.to_str().unwrap()]).unwrap();
+    compare(local.disks[0].path.to_str().unwrap(), copy.to_str().unwrap()).unwrap();
+    let payload = dir.path().join("payload.img");
+    make_disk(&payload, size).unwrap();
+    run("qemu-io", &["-f", "raw", "-c", "write -P 0x5a 0 5M", "-c", "write -P 0xa5 9M 1M", "-c", "write -P 0x3c 40M 700k", payload.to_str().unwrap()]).unwrap();
+    run("nbdcopy", &["--flush", "--connections=4", payload.to_str().unwrap(), &uri]).unwrap();
+    qemu_io(&uri, &workload(99, size, 40));
     qemu_io(&uri, &["flush".to_string()]);
     wait_caught_up(&local, Duration::from_secs(120)).unwrap();
     let source = local.disks[0].path.to_str().unwrap().to_string();
     compare(&source, &local.replica_uri(1)).unwrap();
     compare(&source, local.replica_path(1).to_str().unwrap()).unwrap();
     check_apply_log(&local, 1).unwrap();
+    check_metrics(&local);
+}
+
+fn check_metrics(local: &Local) {
+    let want: &[(Component, &[&str])] = &[
+        (
+            Component::Agent,
+            &[
+                "sr_agent_written_bytes_total",
+                "sr_agent_shipped_bytes_total",
+                "sr_agent_batches_shipped_total",
+                "sr_agent_journal_bytes",
+                "sr_agent_durable_acked_seq",
+                "sr_agent_replication_lag_changes",
+                "sr_nbd_requests_total",
+            ],
+        ),
+        (
+            Component::ProcessServer,
+            &[
+                "sr_process_server_received_bytes_total",
+                "sr_process_server_forwarded_bytes_total",
+                "sr_process_server_batches_received_total",
+                "sr_process_server_batches_forwarded_total",
+                "sr_process_server_cache_bytes",
+                "sr_process_server_applied_seq",
+                "sr_process_server_replication_lag_changes",
+            ],
+        ),
+        (
+            Component::MasterTarget,
+            &[
+                "sr_master_target_received_bytes_total",
+                "sr_master_target_batches_applied_total",
+                "sr_master_target_applied_seq",
+                "sr_master_target_applied_bytes_total",
+                "sr_master_target_last_apply_timestamp_seconds",
+            ],
+        ),
+    ];
+    for (c, names) in want {
+        let (code, body) = sr_common::http::request(local.http(*c), "GET", "/metrics", None).unwrap();
+        assert_eq!(code, 200);
+        for n in *names {
+            assert!(body.lines().any(|l| l.starts_with(n)), "{} /metrics lacks {n}:\n{body}", c.binary());
+        }
+        let (code, body) = sr_common::http::request(local.http(*c), "GET", "/healthz", None).unwrap();
+        assert_eq!((code, body.trim()), (200, "ok"));
+    }
 }
