@@ -54,9 +54,7 @@ pub fn parse_with_env<T: DeserializeOwned>(
             let entry = cur.entry(k.clone()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
             cur = match entry {
                 toml::Value::Table(t) => t,
-                _ => {
-                    return Err(ConfigError::Env { var: var.clone(), message: format!("key {k} is not a table") })
-                }
+                _ => return Err(ConfigError::Env { var: var.clone(), message: format!("key {k} is not a table") }),
             };
         }
         cur.insert(keys[keys.len() - 1].clone(), parsed);

@@ -7,7 +7,8 @@ use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
 pub fn request(addr: SocketAddr, method: &str, path: &str, body: Option<&str>) -> anyhow::Result<(u16, String)> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).with_context(|| format!("connecting to http://{addr}"))?;
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+        .with_context(|| format!("connecting to http://{addr}"))?;
     s.set_read_timeout(Some(Duration::from_secs(120)))?;
     let body = body.unwrap_or("");
     write!(
@@ -18,7 +19,9 @@ pub fn request(addr: SocketAddr, method: &str, path: &str, body: Option<&str>) -
     let mut resp = Vec::new();
     s.read_to_end(&mut resp).with_context(|| format!("reading the answer of http://{addr}{path}"))?;
     let text = String::from_utf8_lossy(&resp);
-    let Some((head, rest)) = text.split_once("\r\n\r\n") else { bail!("http://{addr}{path}: answer has no header end") };
+    let Some((head, rest)) = text.split_once("\r\n\r\n") else {
+        bail!("http://{addr}{path}: answer has no header end")
+    };
     let code: u16 = head
         .split_whitespace()
         .nth(1)

@@ -122,7 +122,10 @@ impl Local {
     pub fn create(root: &Path, disks: Vec<DiskSpec>, opts: &Options) -> anyhow::Result<Local> {
         std::fs::create_dir_all(root.join("logs")).with_context(|| format!("creating {}", root.display()))?;
         let certs = root.join("certs");
-        generate_deployment(&certs, &[("agent", Role::Agent), ("ps", Role::ProcessServer), ("mt", Role::MasterTarget)])?;
+        generate_deployment(
+            &certs,
+            &[("agent", Role::Agent), ("ps", Role::ProcessServer), ("mt", Role::MasterTarget)],
+        )?;
         let (key, _) = crate::seal::ItemKey::generate();
         let key_file = certs.join(format!("item-{ITEM}.key"));
         crate::crashsafe::write_file(&key_file, hex::encode(key).as_bytes())?;

@@ -58,7 +58,15 @@ impl ItemKey {
         Ok(Self::from_bytes(&key))
     }
 
-    pub fn seal(&self, item: ItemId, disk: DiskId, disk_size: u64, first: Seq, last: Seq, payload: &[u8]) -> SealedBatch {
+    pub fn seal(
+        &self,
+        item: ItemId,
+        disk: DiskId,
+        disk_size: u64,
+        first: Seq,
+        last: Seq,
+        payload: &[u8],
+    ) -> SealedBatch {
         let mut nonce = [0u8; 12];
         rand::rngs::OsRng.fill_bytes(&mut nonce);
         let aad = aad(item, disk, disk_size, first, last);

@@ -40,3 +40,12 @@ where
         }
     }
 }
+
+/// The error with which a spawned acknowledgement reader ended (it only ends on an error).
+pub fn reader_ended(r: Result<anyhow::Result<()>, tokio::task::JoinError>) -> anyhow::Error {
+    match r {
+        Ok(Err(e)) => e,
+        Ok(Ok(())) => anyhow::anyhow!("acknowledgement reader ended"),
+        Err(e) => anyhow::anyhow!("acknowledgement reader failed: {e}"),
+    }
+}

@@ -114,8 +114,11 @@ impl StateStore for RedbStore {
 /// In-memory [`StateStore`] for tests.
 #[derive(Default)]
 pub struct MemStore {
-    inner: Mutex<(BTreeMap<StreamKey, StreamRecord>, BTreeMap<(StreamKey, Seq), Seq>)>,
+    inner: Mutex<MemState>,
 }
+
+/// Streams, and the apply log keyed by (stream, first sequence number).
+type MemState = (BTreeMap<StreamKey, StreamRecord>, BTreeMap<(StreamKey, Seq), Seq>);
 
 impl StateStore for MemStore {
     fn streams(&self) -> Result<Vec<(StreamKey, StreamRecord)>, StateError> {
@@ -127,10 +130,9 @@ impl StateStore for MemStore {
     }
     fn record_apply(&self, key: StreamKey, first: Seq, last: Seq) -> Result<(), StateError> {
         let mut g = self.inner.lock().expect("poisoned");
-        let rec = g
-            .0
-            .get_mut(&key)
-            .ok_or_else(|| StateError { what: "record_apply", message: format!("unknown stream {key}") })?;
+        let rec =
+            g.0.get_mut(&key)
+                .ok_or_else(|| StateError { what: "record_apply", message: format!("unknown stream {key}") })?;
         rec.applied = last;
         g.1.insert((key, first), last);
         Ok(())

@@ -26,10 +26,8 @@ pub fn metrics_handle() -> PrometheusHandle {
     HANDLE
         .get_or_init(|| {
             let buckets = [0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 60.0];
-            let recorder = PrometheusBuilder::new()
-                .set_buckets(&buckets)
-                .expect("bucket list is not empty")
-                .build_recorder();
+            let recorder =
+                PrometheusBuilder::new().set_buckets(&buckets).expect("bucket list is not empty").build_recorder();
             let handle = recorder.handle();
             // Another recorder may already be installed (several services in one test process).
             let _ = metrics::set_global_recorder(recorder);

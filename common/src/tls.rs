@@ -100,11 +100,14 @@ pub fn peer_has_role(cert: &CertificateDer<'_>, role: Role) -> bool {
 /// Makes a new deployment CA and one certificate per (name, role) in `dir`:
 /// `ca.pem`, and `NAME.pem` + `NAME.key` for each component. Returns the paths per name.
 pub fn generate_deployment(dir: &Path, nodes: &[(&str, Role)]) -> anyhow::Result<Vec<TlsPaths>> {
-    use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+    };
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    ca_params.key_usages =
+        vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
     ca_params.distinguished_name.push(DnType::CommonName, "site recovery deployment CA");
     let ca_key = KeyPair::generate()?;
     let ca_cert = ca_params.self_signed(&ca_key)?;

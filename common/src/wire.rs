@@ -69,10 +69,18 @@ pub enum MarkerKind {
 /// One change of a disk, in journal order.
 #[derive(Debug, Clone, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub enum Op {
-    Write { offset: u64, data: Vec<u8> },
+    Write {
+        offset: u64,
+        data: Vec<u8>,
+    },
     /// Write zeroes or trim: the range reads as zeroes afterwards.
-    Zero { offset: u64, len: u64 },
-    Marker { kind: MarkerKind },
+    Zero {
+        offset: u64,
+        len: u64,
+    },
+    Marker {
+        kind: MarkerKind,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
@@ -165,10 +173,8 @@ pub fn encode(msg: &Message) -> Vec<u8> {
 pub fn decode(body: &[u8]) -> Result<Message, WireError> {
     let mut aligned = AlignedVec::<16>::with_capacity(body.len());
     aligned.extend_from_slice(body);
-    rkyv::from_bytes::<Message, rancor::Error>(&aligned).map_err(|e| WireError::Malformed {
-        len: body.len(),
-        reason: e.to_string(),
-    })
+    rkyv::from_bytes::<Message, rancor::Error>(&aligned)
+        .map_err(|e| WireError::Malformed { len: body.len(), reason: e.to_string() })
 }
 
 /// Writes one message as a frame.
@@ -239,12 +245,7 @@ impl Batch {
             return bad(format!("empty or inverted range {}..={}", self.first, self.last));
         }
         if self.last.0 - self.first.0 + 1 != self.changes.len() as u64 {
-            return bad(format!(
-                "range {}..={} does not match {} changes",
-                self.first,
-                self.last,
-                self.changes.len()
-            ));
+            return bad(format!("range {}..={} does not match {} changes", self.first, self.last, self.changes.len()));
         }
         for (i, c) in self.changes.iter().enumerate() {
             if c.seq.0 != self.first.0 + i as u64 {
@@ -261,10 +262,7 @@ impl Batch {
                 Op::Marker { .. } => continue,
             };
             if offset.checked_add(len).is_none_or(|end| end > self.disk_size) {
-                return bad(format!(
-                    "seq {} touches {offset}+{len}, beyond the disk size {}",
-                    c.seq, self.disk_size
-                ));
+                return bad(format!("seq {} touches {offset}+{len}, beyond the disk size {}", c.seq, self.disk_size));
             }
         }
         Ok(())

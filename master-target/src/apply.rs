@@ -47,10 +47,17 @@ fn reject(reason: &'static str) {
     metrics::counter!(m::REJECTED, "reason" => reason).increment(1);
 }
 
-async fn session(server: &Arc<Server>, send: &mut quinn::SendStream, mut recv: quinn::RecvStream) -> anyhow::Result<()> {
+async fn session(
+    server: &Arc<Server>,
+    send: &mut quinn::SendStream,
+    mut recv: quinn::RecvStream,
+) -> anyhow::Result<()> {
     let node = wire::check_hello(wire::expect_msg(&mut recv).await?, Role::ProcessServer)?;
-    wire::write_msg(send, &Message::Hello { version: wire::PROTOCOL_VERSION, role: Role::MasterTarget, node: server.cfg.node.clone() })
-        .await?;
+    wire::write_msg(
+        send,
+        &Message::Hello { version: wire::PROTOCOL_VERSION, role: Role::MasterTarget, node: server.cfg.node.clone() },
+    )
+    .await?;
     let (item, disk, disk_size) = match wire::expect_msg(&mut recv).await? {
         Message::Open { item, disk, disk_size } => (item, disk, disk_size),
         other => bail!("expected Open, got {}", other.kind()),
@@ -100,7 +107,12 @@ async fn session(server: &Arc<Server>, send: &mut quinn::SendStream, mut recv: q
         }
         if sealed.first != applied.next() {
             reject("out-of-order");
-            bail!("{key}: out of order: expected seq {}, got {}..={}; nothing applied", applied.next(), sealed.first, sealed.last);
+            bail!(
+                "{key}: out of order: expected seq {}, got {}..={}; nothing applied",
+                applied.next(),
+                sealed.first,
+                sealed.last
+            );
         }
         let plain = item_key.open(&sealed).inspect_err(|_| reject("authentication"))?;
         let r = replica.clone();
@@ -108,7 +120,12 @@ async fn session(server: &Arc<Server>, send: &mut quinn::SendStream, mut recv: q
         let started = std::time::Instant::now();
         let bytes = tokio::task::spawn_blocking(move || -> anyhow::Result<u64> {
             let batch = compress::decompress(&plain).inspect_err(|_| reject("malformed"))?;
-            if batch.item != sealed.item || batch.disk != sealed.disk || batch.first != sealed.first || batch.last != sealed.last || batch.disk_size != sealed.disk_size {
+            if batch.item != sealed.item
+                || batch.disk != sealed.disk
+                || batch.first != sealed.first
+                || batch.last != sealed.last
+                || batch.disk_size != sealed.disk_size
+            {
                 reject("header-mismatch");
                 bail!("sealed header and batch contents disagree");
             }

@@ -40,7 +40,10 @@ async fn status(State(s): State<Arc<Server>>) -> Json<serde_json::Value> {
     Json(s.status())
 }
 
-async fn apply_log(State(s): State<Arc<Server>>, Query(q): Query<DiskQuery>) -> Result<Json<serde_json::Value>, ApiError> {
+async fn apply_log(
+    State(s): State<Arc<Server>>,
+    Query(q): Query<DiskQuery>,
+) -> Result<Json<serde_json::Value>, ApiError> {
     let key = StreamKey { item: ItemId(q.item), disk: DiskId(q.disk) };
     let log = s.store.apply_log(key).map_err(|e| api_err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
     let rows: Vec<[u64; 2]> = log.into_iter().map(|(f, l)| [f.0, l.0]).collect();
@@ -49,7 +52,10 @@ async fn apply_log(State(s): State<Arc<Server>>, Query(q): Query<DiskQuery>) -> 
 
 /// Copies the replica's latest applied state to a new raw image file, holes kept as holes. Applying
 /// waits while the copy runs, so the image is the source at exactly one applied sequence number.
-async fn export(State(s): State<Arc<Server>>, body: Result<Json<ExportRequest>, axum::extract::rejection::JsonRejection>) -> Result<Json<serde_json::Value>, ApiError> {
+async fn export(
+    State(s): State<Arc<Server>>,
+    body: Result<Json<ExportRequest>, axum::extract::rejection::JsonRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
     let Json(req) = body.map_err(|e| api_err(StatusCode::BAD_REQUEST, e.body_text()))?;
     let key = StreamKey { item: ItemId(req.item), disk: DiskId(req.disk) };
     let Some(r) = s.get(key) else {

@@ -46,7 +46,8 @@ impl Server {
 
     fn add(&self, key: StreamKey, disk_size: u64, applied: Seq) -> anyhow::Result<Arc<Replica>> {
         let path = self.replica_path(key);
-        let disk = DiskFile::open_or_create(&path, disk_size).with_context(|| format!("opening replica {}", path.display()))?;
+        let disk = DiskFile::open_or_create(&path, disk_size)
+            .with_context(|| format!("opening replica {}", path.display()))?;
         let r = Arc::new(Replica::new(key, disk, applied));
         self.exports.insert(&export_name(key), Arc::new(ReplicaExport(r.clone())));
         Ok(r)
@@ -98,7 +99,13 @@ pub async fn run(cfg: MtConfig, shutdown: CancellationToken) -> anyhow::Result<(
     let keys = KeyRing::load(&cfg.items)?;
     let store: Arc<dyn StateStore> = Arc::new(RedbStore::open(&cfg.data_dir.join("state.redb"))?);
     let listener = sr_common::quic::server(&identity, cfg.listen)?;
-    let server = Arc::new(Server { cfg, keys, store: store.clone(), replicas: Mutex::new(HashMap::new()), exports: Exports::new() });
+    let server = Arc::new(Server {
+        cfg,
+        keys,
+        store: store.clone(),
+        replicas: Mutex::new(HashMap::new()),
+        exports: Exports::new(),
+    });
     for (key, rec) in store.streams()? {
         let r = server.add(key, rec.disk_size, rec.applied)?;
         server.replicas.lock().expect("replicas lock poisoned").insert(key, r);

@@ -67,11 +67,15 @@ impl Replica {
             for c in &batch.changes {
                 match &c.op {
                     Op::Write { offset, data } => {
-                        self.disk.write_at(*offset, data).with_context(|| format!("{}: writing seq {}", self.key, c.seq))?;
+                        self.disk
+                            .write_at(*offset, data)
+                            .with_context(|| format!("{}: writing seq {}", self.key, c.seq))?;
                         bytes += data.len() as u64;
                     }
                     Op::Zero { offset, len } => {
-                        self.disk.zero(*offset, *len).with_context(|| format!("{}: zeroing seq {}", self.key, c.seq))?;
+                        self.disk
+                            .zero(*offset, *len)
+                            .with_context(|| format!("{}: zeroing seq {}", self.key, c.seq))?;
                     }
                     Op::Marker { .. } => {}
                 }

@@ -86,8 +86,19 @@ impl AgentConfig {
 
     /// Checks what types cannot. Destructures the whole config so a new field is not forgotten.
     pub fn validate(&self) -> Result<(), String> {
-        let AgentConfig { node, item: _, data_dir: _, http: _, nbd_tcp, nbd_unix, process_server: _, tls: _, ship, copy, disks } =
-            self;
+        let AgentConfig {
+            node,
+            item: _,
+            data_dir: _,
+            http: _,
+            nbd_tcp,
+            nbd_unix,
+            process_server: _,
+            tls: _,
+            ship,
+            copy,
+            disks,
+        } = self;
         if node.is_empty() {
             return Err("key node: must not be empty".into());
         }

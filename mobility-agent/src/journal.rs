@@ -98,7 +98,12 @@ pub struct ScanEnd {
 
 /// Reads records of one segment from `start` up to `end` bytes, calling `f` with each record and the
 /// offset just past it. `f` returns false to stop early.
-pub fn scan(path: &Path, start: u64, end: u64, mut f: impl FnMut(Record, u64) -> bool) -> Result<ScanEnd, JournalError> {
+pub fn scan(
+    path: &Path,
+    start: u64,
+    end: u64,
+    mut f: impl FnMut(Record, u64) -> bool,
+) -> Result<ScanEnd, JournalError> {
     let mut file = File::open(path).map_err(io(path))?;
     std::io::Seek::seek(&mut file, std::io::SeekFrom::Start(start)).map_err(io(path))?;
     let mut r = BufReader::with_capacity(1 << 20, file.take(end.saturating_sub(start)));
@@ -135,9 +140,9 @@ pub fn scan(path: &Path, start: u64, end: u64, mut f: impl FnMut(Record, u64) ->
             KIND_WRITE if arg == plen as u64 => Op::Write { offset, data: payload },
             KIND_ZERO => Op::Zero { offset, len: arg },
             KIND_FLUSH => Op::Marker { kind: MarkerKind::Flush },
-            KIND_APP => Op::Marker {
-                kind: MarkerKind::AppConsistent { tag: String::from_utf8_lossy(&payload).into_owned() },
-            },
+            KIND_APP => {
+                Op::Marker { kind: MarkerKind::AppConsistent { tag: String::from_utf8_lossy(&payload).into_owned() } }
+            }
             KIND_COPY_DONE => Op::Marker { kind: MarkerKind::InitialCopyDone },
             _ => return Ok(ScanEnd { good_end: pos, error: Some(format!("unknown record kind {kind}")) }),
         };
@@ -315,11 +320,7 @@ impl Journal {
 }
 
 /// Reads every record at or after `from`, in order, across segments (a snapshot taken by the caller).
-pub fn read_from(
-    segments: &[Segment],
-    from: Seq,
-    mut f: impl FnMut(Record) -> bool,
-) -> Result<(), JournalError> {
+pub fn read_from(segments: &[Segment], from: Seq, mut f: impl FnMut(Record) -> bool) -> Result<(), JournalError> {
     let start = segments.iter().rposition(|s| s.first <= from).unwrap_or(0);
     for s in &segments[start..] {
         if s.last < from {

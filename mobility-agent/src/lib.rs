@@ -66,7 +66,11 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Resul
         let (chunk, backlog) = (cfg.copy.chunk_bytes, cfg.copy.backlog_bytes);
         std::thread::Builder::new().name(format!("copy-{}", d.name)).spawn(move || {
             if let Err(e) = d.initial_copy(chunk, backlog, &|| stop.is_cancelled()) {
-                tracing::error!(disk = d.name, error = format!("{e:#}"), "initial copy failed; restart the agent to resume it");
+                tracing::error!(
+                    disk = d.name,
+                    error = format!("{e:#}"),
+                    "initial copy failed; restart the agent to resume it"
+                );
             }
         })?;
     }

@@ -41,7 +41,11 @@ pub async fn run(disk: Arc<ProtectedDisk>, target: Arc<ShipTarget>, shutdown: Ca
         };
         connected.set(0.0);
         if let Err(e) = res {
-            tracing::warn!(disk = disk.name, error = format!("{e:#}"), "shipping to the process server stopped; reconnecting");
+            tracing::warn!(
+                disk = disk.name,
+                error = format!("{e:#}"),
+                "shipping to the process server stopped; reconnecting"
+            );
         }
         metrics::counter!(m::RECONNECTS, "disk" => disk.name.clone()).increment(1);
         if started.elapsed() > Duration::from_secs(10) {
@@ -59,8 +63,11 @@ pub async fn run(disk: Arc<ProtectedDisk>, target: Arc<ShipTarget>, shutdown: Ca
 async fn session(disk: &Arc<ProtectedDisk>, t: &ShipTarget, connected: &metrics::Gauge) -> anyhow::Result<()> {
     let conn = sr_common::quic::connect(&t.endpoint, t.process_server, Role::ProcessServer).await?;
     let (mut send, mut recv) = conn.open_bi().await.context("opening a stream to the process server")?;
-    wire::write_msg(&mut send, &Message::Hello { version: wire::PROTOCOL_VERSION, role: Role::Agent, node: t.node.clone() })
-        .await?;
+    wire::write_msg(
+        &mut send,
+        &Message::Hello { version: wire::PROTOCOL_VERSION, role: Role::Agent, node: t.node.clone() },
+    )
+    .await?;
     wire::check_hello(wire::expect_msg(&mut recv).await?, Role::ProcessServer)?;
     wire::write_msg(&mut send, &Message::Open { item: t.item, disk: disk.id, disk_size: disk.size() }).await?;
     let next = match wire::expect_msg(&mut recv).await? {
@@ -107,7 +114,7 @@ async fn session(disk: &Arc<ProtectedDisk>, t: &ShipTarget, connected: &metrics:
         if inflight_bytes >= t.window_bytes {
             tokio::select! {
                 r = acked_rx.changed() => r.context("acknowledgement reader stopped")?,
-                r = &mut acks => return Err(r.context("acknowledgement reader panicked")?.unwrap_err()),
+                r = &mut acks => return Err(sr_common::service::reader_ended(r)),
             }
             continue;
         }
@@ -119,7 +126,7 @@ async fn session(disk: &Arc<ProtectedDisk>, t: &ShipTarget, connected: &metrics:
                 _ = disk.appended.notified() => {}
                 _ = tokio::time::sleep(Duration::from_millis(500)) => {}
                 r = acked_rx.changed() => r.context("acknowledgement reader stopped")?,
-                r = &mut acks => return Err(r.context("acknowledgement reader panicked")?.unwrap_err()),
+                r = &mut acks => return Err(sr_common::service::reader_ended(r)),
             }
             continue;
         }

@@ -75,15 +75,14 @@ impl StreamCache {
 
     /// Makes a batch durable. Blocking (fsyncs).
     pub fn put(&self, batch: &Batch) -> std::io::Result<()> {
-        let mut bytes = rkyv::to_bytes::<rkyv::rancor::Error>(batch)
-            .map_err(std::io::Error::other)?
-            .to_vec();
+        let mut bytes = rkyv::to_bytes::<rkyv::rancor::Error>(batch).map_err(std::io::Error::other)?.to_vec();
         let crc = crc32c::crc32c(&bytes);
         bytes.extend_from_slice(&crc.to_le_bytes());
         let path = self.dir.join(name(batch.first, batch.last));
         sr_common::crashsafe::write_file(&path, &bytes)?;
         self.total.fetch_add(bytes.len() as u64, Ordering::Relaxed);
-        self.lock().insert(batch.first, Entry { first: batch.first, last: batch.last, bytes: bytes.len() as u64, path });
+        self.lock()
+            .insert(batch.first, Entry { first: batch.first, last: batch.last, bytes: bytes.len() as u64, path });
         Ok(())
     }
 
@@ -101,7 +100,10 @@ impl StreamCache {
     /// Reads and validates a cached batch. Blocking.
     pub fn read(entry: &Entry) -> Result<Batch, WireError> {
         let bytes = std::fs::read(&entry.path)?;
-        let bad = |reason: &str| WireError::Malformed { len: bytes.len(), reason: format!("cache file {}: {reason}", entry.path.display()) };
+        let bad = |reason: &str| WireError::Malformed {
+            len: bytes.len(),
+            reason: format!("cache file {}: {reason}", entry.path.display()),
+        };
         if bytes.len() < 4 {
             return Err(bad("shorter than its checksum"));
         }
@@ -149,7 +151,9 @@ mod tests {
             disk_size: 1 << 20,
             first: Seq(first),
             last: Seq(last),
-            changes: (first..=last).map(|s| Change { seq: Seq(s), op: Op::Write { offset: s * 512, data: vec![s as u8; 512] } }).collect(),
+            changes: (first..=last)
+                .map(|s| Change { seq: Seq(s), op: Op::Write { offset: s * 512, data: vec![s as u8; 512] } })
+                .collect(),
         }
     }
 

@@ -50,8 +50,11 @@ async fn session(server: &Arc<Server>, stream: &Arc<Stream>) -> anyhow::Result<(
     let item_key = server.keys.get(key.item).with_context(|| format!("no data key for item {}", key.item))?.clone();
     let conn = sr_common::quic::connect(&server.endpoint, server.cfg.master_target, Role::MasterTarget).await?;
     let (mut send, mut recv) = conn.open_bi().await.context("opening a stream to the master target")?;
-    wire::write_msg(&mut send, &Message::Hello { version: wire::PROTOCOL_VERSION, role: Role::ProcessServer, node: server.cfg.node.clone() })
-        .await?;
+    wire::write_msg(
+        &mut send,
+        &Message::Hello { version: wire::PROTOCOL_VERSION, role: Role::ProcessServer, node: server.cfg.node.clone() },
+    )
+    .await?;
     wire::check_hello(wire::expect_msg(&mut recv).await?, Role::MasterTarget)?;
     wire::write_msg(&mut send, &Message::Open { item: key.item, disk: key.disk, disk_size: stream.disk_size }).await?;
     let next = match wire::expect_msg(&mut recv).await? {
@@ -93,12 +96,15 @@ async fn session(server: &Arc<Server>, stream: &Arc<Stream>) -> anyhow::Result<(
                 _ = cached => {}
                 _ = tokio::time::sleep(Duration::from_millis(500)) => {}
                 r = applied_rx.changed() => r.context("acknowledgement reader stopped")?,
-                r = &mut acks => return Err(r.context("acknowledgement reader panicked")?.err().unwrap_or_else(|| anyhow::anyhow!("acknowledgement reader ended"))),
+                r = &mut acks => return Err(sr_common::service::reader_ended(r)),
             }
             continue;
         };
         if entry.first > cursor {
-            bail!("{key}: the master target needs seq {cursor} but the cache starts at {}; the disk needs a resync", entry.first);
+            bail!(
+                "{key}: the master target needs seq {cursor} but the cache starts at {}; the disk needs a resync",
+                entry.first
+            );
         }
         let (sealed, raw_bytes) = tokio::task::spawn_blocking({
             let item_key = item_key.clone();
@@ -112,7 +118,10 @@ async fn session(server: &Arc<Server>, stream: &Arc<Stream>) -> anyhow::Result<(
                 let raw_bytes = batch.payload_bytes();
                 compress::zero_writes_to_markers(&mut batch);
                 let payload = compress::compress(&batch, level);
-                Ok((item_key.seal(batch.item, batch.disk, batch.disk_size, batch.first, batch.last, &payload), raw_bytes))
+                Ok((
+                    item_key.seal(batch.item, batch.disk, batch.disk_size, batch.first, batch.last, &payload),
+                    raw_bytes,
+                ))
             }
         })
         .await??;

@@ -48,10 +48,17 @@ pub async fn connection(server: Arc<Server>, conn: quinn::Connection) {
     }
 }
 
-async fn session(server: &Arc<Server>, send: &mut quinn::SendStream, mut recv: quinn::RecvStream) -> anyhow::Result<()> {
+async fn session(
+    server: &Arc<Server>,
+    send: &mut quinn::SendStream,
+    mut recv: quinn::RecvStream,
+) -> anyhow::Result<()> {
     let node = wire::check_hello(wire::expect_msg(&mut recv).await?, Role::Agent)?;
-    wire::write_msg(send, &Message::Hello { version: wire::PROTOCOL_VERSION, role: Role::ProcessServer, node: server.cfg.node.clone() })
-        .await?;
+    wire::write_msg(
+        send,
+        &Message::Hello { version: wire::PROTOCOL_VERSION, role: Role::ProcessServer, node: server.cfg.node.clone() },
+    )
+    .await?;
     let (item, disk, disk_size) = match wire::expect_msg(&mut recv).await? {
         Message::Open { item, disk, disk_size } => (item, disk, disk_size),
         other => bail!("expected Open, got {}", other.kind()),
@@ -62,7 +69,10 @@ async fn session(server: &Arc<Server>, send: &mut quinn::SendStream, mut recv: q
     let key = StreamKey { item, disk };
     let stream = server.stream(key, disk_size)?;
     if stream.disk_size != disk_size {
-        bail!("{key}: agent says the disk is {disk_size} bytes, but it was {} bytes when replication began", stream.disk_size);
+        bail!(
+            "{key}: agent says the disk is {disk_size} bytes, but it was {} bytes when replication began",
+            stream.disk_size
+        );
     }
     let token = tokio_util::sync::CancellationToken::new();
     if let Some(old) = stream.session.lock().expect("session lock poisoned").replace(token.clone()) {

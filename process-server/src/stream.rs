@@ -35,7 +35,13 @@ pub struct Stream {
 }
 
 impl Stream {
-    pub fn new(key: StreamKey, rec: StreamRecord, known: bool, cache: StreamCache, store: Arc<dyn StateStore>) -> Stream {
+    pub fn new(
+        key: StreamKey,
+        rec: StreamRecord,
+        known: bool,
+        cache: StreamCache,
+        store: Arc<dyn StateStore>,
+    ) -> Stream {
         let item = key.item.to_string();
         let disk = key.disk.to_string();
         let next = rec.applied.0.max(cache.last().map_or(0, |s| s.0)) + 1;

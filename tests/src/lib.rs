@@ -71,8 +71,7 @@ fn caught_up(local: &Local) -> anyhow::Result<Option<Vec<u64>>> {
 
 /// `qemu-img compare` of two raw images (or NBD URIs); an error says where they differ.
 pub fn compare(a: &str, b: &str) -> anyhow::Result<()> {
-    let fmt = |s: &str| if s.starts_with("nbd://") { "raw" } else { "raw" };
-    run("qemu-img", &["compare", "-f", fmt(a), "-F", fmt(b), a, b]).map(|_| ())
+    run("qemu-img", &["compare", "-f", "raw", "-F", "raw", a, b]).map(|_| ())
 }
 
 /// Checks the master target's apply record of a disk: batches contiguous from 1, none applied twice.

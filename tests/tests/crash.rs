@@ -1,6 +1,9 @@
 //! Every service killed with SIGKILL at a random moment while writes stream through, then restarted:
 //! the replica still ends byte-identical to the source, and no batch is applied twice.
 
+// Test code: a failed unwrap is a failed test, with its message.
+#![allow(clippy::unwrap_used)]
+
 use rand::{Rng, SeedableRng};
 use sr_tests::*;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -50,8 +53,10 @@ fn kill_and_restart(victim: Component) {
     run("qemu-io", &["-f", "raw", "-c", "write -P 0x42 0 6M", disk.to_str().unwrap()]).unwrap();
     // Small batches so a kill lands between many of them.
     let opts = Options { batch_bytes: 256 << 10, ..Options::default() };
-    let local = Local::create(&dir.path().join("dep"), vec![DiskSpec { id: 1, name: "d".into(), path: disk.clone() }], &opts).unwrap();
-    let mut procs = vec![
+    let local =
+        Local::create(&dir.path().join("dep"), vec![DiskSpec { id: 1, name: "d".into(), path: disk.clone() }], &opts)
+            .unwrap();
+    let mut procs = [
         Some(local.start(Component::MasterTarget).unwrap()),
         Some(local.start(Component::ProcessServer).unwrap()),
         Some(local.start(Component::Agent).unwrap()),

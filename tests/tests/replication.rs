@@ -1,6 +1,9 @@
 //! End-to-end replication: the three real binaries on loopback, real NBD clients writing through the
 //! agent, and `qemu-img compare` proving the replica equals the source.
 
+// Test code: a failed unwrap is a failed test, with its message.
+#![allow(clippy::unwrap_used)]
+
 use sr_tests::*;
 use std::time::Duration;
 
@@ -10,7 +13,8 @@ fn setup(dir: &std::path::Path, size: u64, opts: Options) -> Local {
     let disk = dir.join("source.img");
     make_disk(&disk, size).unwrap();
     // Some data before protection starts, for the initial copy to carry.
-    run("qemu-io", &["-f", "raw", "-c", "write -P 0x11 1M 3M", "-c", "write -P 0x22 17M 64k", disk.to_str().unwrap()]).unwrap();
+    run("qemu-io", &["-f", "raw", "-c", "write -P 0x11 1M 3M", "-c", "write -P 0x22 17M 64k", disk.to_str().unwrap()])
+        .unwrap();
     Local::create(&dir.join("dep"), vec![DiskSpec { id: 1, name: "disk0".into(), path: disk }], &opts).unwrap()
 }
 
@@ -77,7 +81,21 @@ fn replica_equals_source_after_mixed_writes() {
     compare(local.disks[0].path.to_str().unwrap(), copy.to_str().unwrap()).unwrap();
     let payload = dir.path().join("payload.img");
     make_disk(&payload, size).unwrap();
-    run("qemu-io", &["-f", "raw", "-c", "write -P 0x5a 0 5M", "-c", "write -P 0xa5 9M 1M", "-c", "write -P 0x3c 40M 700k", payload.to_str().unwrap()]).unwrap();
+    run(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0x5a 0 5M",
+            "-c",
+            "write -P 0xa5 9M 1M",
+            "-c",
+            "write -P 0x3c 40M 700k",
+            payload.to_str().unwrap(),
+        ],
+    )
+    .unwrap();
     run("nbdcopy", &["--flush", "--connections=4", payload.to_str().unwrap(), &uri]).unwrap();
     qemu_io(&uri, &workload(99, size, 40));
     qemu_io(&uri, &["flush".to_string()]);
@@ -87,6 +105,9 @@ fn replica_equals_source_after_mixed_writes() {
     compare(&source, local.replica_path(1).to_str().unwrap()).unwrap();
     check_apply_log(&local, 1).unwrap();
     check_metrics(&local);
+    // The comparison can fail: a byte changed behind the agent's back is found.
+    run("qemu-io", &["-f", "raw", "-c", "write -P 0x01 5000 1", &source]).unwrap();
+    assert!(compare(&source, &local.replica_uri(1)).is_err(), "qemu-img compare must see a one-byte difference");
 }
 
 fn check_metrics(local: &Local) {

@@ -2,6 +2,9 @@
 //! reordered: the real master target refuses each with a logged error and applies none of them.
 //! This test plays the process server with the deployment's process-server certificate.
 
+// Test code: a failed unwrap is a failed test, with its message.
+#![allow(clippy::unwrap_used)]
+
 use sr_common::seal::ItemKey;
 use sr_common::tls::{Identity, TlsPaths};
 use sr_common::types::{DiskId, ItemId, Seq};
@@ -37,9 +40,12 @@ struct Session {
 async fn open(ep: &quinn::Endpoint, local: &Local) -> (Session, Seq) {
     let conn = sr_common::quic::connect(ep, local.addrs.mt_quic, Role::MasterTarget).await.unwrap();
     let (mut send, mut recv) = conn.open_bi().await.unwrap();
-    wire::write_msg(&mut send, &Message::Hello { version: wire::PROTOCOL_VERSION, role: Role::ProcessServer, node: "t".into() })
-        .await
-        .unwrap();
+    wire::write_msg(
+        &mut send,
+        &Message::Hello { version: wire::PROTOCOL_VERSION, role: Role::ProcessServer, node: "t".into() },
+    )
+    .await
+    .unwrap();
     wire::check_hello(wire::expect_msg(&mut recv).await.unwrap(), Role::MasterTarget).unwrap();
     wire::write_msg(&mut send, &Message::Open { item: ItemId(1), disk: DiskId(1), disk_size: SIZE }).await.unwrap();
     let Message::Resume { next } = wire::expect_msg(&mut recv).await.unwrap() else { panic!("no Resume") };
@@ -63,9 +69,19 @@ async fn altered_truncated_replayed_and_reordered_frames_are_refused() {
     let dir = test_dir();
     let disk = dir.path().join("unused.img");
     make_disk(&disk, SIZE).unwrap();
-    let local = Local::create(&dir.path().join("dep"), vec![DiskSpec { id: 1, name: "d".into(), path: disk }], &Options::default()).unwrap();
+    let local = Local::create(
+        &dir.path().join("dep"),
+        vec![DiskSpec { id: 1, name: "d".into(), path: disk }],
+        &Options::default(),
+    )
+    .unwrap();
     let mt = tokio::task::block_in_place(|| local.start(Component::MasterTarget)).unwrap();
-    let id = Identity::load(&TlsPaths { ca: local.certs.join("ca.pem"), cert: local.certs.join("ps.pem"), key: local.certs.join("ps.key") }).unwrap();
+    let id = Identity::load(&TlsPaths {
+        ca: local.certs.join("ca.pem"),
+        cert: local.certs.join("ps.pem"),
+        key: local.certs.join("ps.key"),
+    })
+    .unwrap();
     let ep = sr_common::quic::client(&id).unwrap();
     let key = ItemKey::load(&local.key_file).unwrap();
     let b1 = seal(&key, &batch(1, 3));
@@ -151,14 +167,24 @@ async fn foreign_ca_and_wrong_role_are_refused() {
     let dir = test_dir();
     let disk = dir.path().join("unused.img");
     make_disk(&disk, SIZE).unwrap();
-    let local = Local::create(&dir.path().join("dep"), vec![DiskSpec { id: 1, name: "d".into(), path: disk }], &Options::default()).unwrap();
+    let local = Local::create(
+        &dir.path().join("dep"),
+        vec![DiskSpec { id: 1, name: "d".into(), path: disk }],
+        &Options::default(),
+    )
+    .unwrap();
     let _mt = tokio::task::block_in_place(|| local.start(Component::MasterTarget)).unwrap();
     // A certificate from another CA fails the handshake.
     let other = sr_common::tls::generate_deployment(&dir.path().join("other"), &[("ps", Role::ProcessServer)]).unwrap();
     let ep = sr_common::quic::client(&Identity::load(&other[0]).unwrap()).unwrap();
     assert!(sr_common::quic::connect(&ep, local.addrs.mt_quic, Role::MasterTarget).await.is_err());
     // An agent certificate of this deployment is not a process server: the connection is closed.
-    let agent = Identity::load(&TlsPaths { ca: local.certs.join("ca.pem"), cert: local.certs.join("agent.pem"), key: local.certs.join("agent.key") }).unwrap();
+    let agent = Identity::load(&TlsPaths {
+        ca: local.certs.join("ca.pem"),
+        cert: local.certs.join("agent.pem"),
+        key: local.certs.join("agent.key"),
+    })
+    .unwrap();
     let ep = sr_common::quic::client(&agent).unwrap();
     let conn = sr_common::quic::connect(&ep, local.addrs.mt_quic, Role::MasterTarget).await.unwrap();
     let closed = tokio::time::timeout(std::time::Duration::from_secs(10), conn.closed()).await.unwrap();

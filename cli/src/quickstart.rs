@@ -1,0 +1,324 @@
+//! `srctl quickstart`: the whole data path on one host, from nothing to a verified replica.
+//!
+//! ```text
+//! sample ext4 disk (mke2fs -d) --> master target, process server, agent on loopback
+//!   --> initial replication (progress) --> new file-system generations written through the agent's
+//!   NBD export by nbdcopy (lag shown) --> caught up --> qemu-img compare source vs replica,
+//!   e2fsck of an exported replica image --> summary; non-zero exit when anything differs
+//! ```
+
+use anyhow::{bail, Context};
+use indicatif::{ProgressBar, ProgressStyle};
+use sr_common::http;
+use sr_common::local::{Component, DiskSpec, Local, Options, Proc};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+const MARKER: &str = ".sr-quickstart";
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Directory for the disk, the replica, configs, certificates and logs (replaced if it holds an
+    /// earlier quickstart).
+    #[arg(long, default_value = "sr-quickstart")]
+    dir: PathBuf,
+    /// Size of the sample disk in MiB.
+    #[arg(long, default_value_t = 256)]
+    size_mib: u64,
+    /// File-system generations written through the agent after the initial replication.
+    #[arg(long, default_value_t = 3)]
+    generations: u32,
+    /// Leave the services running at the end (stop them with Ctrl-C).
+    #[arg(long)]
+    keep_running: bool,
+}
+
+fn tool(program: &str, args: &[&str]) -> anyhow::Result<String> {
+    let out = Command::new(program).args(args).output().with_context(|| {
+        format!("running {program}: is it installed? scripts/quickstart.sh installs what the quickstart needs")
+    })?;
+    if !out.status.success() {
+        bail!(
+            "{program} {} failed ({}): {}{}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+struct Ui {
+    json: bool,
+    step: u32,
+}
+
+impl Ui {
+    fn step(&mut self, msg: &str) {
+        self.step += 1;
+        if !self.json {
+            println!("[{}/6] {msg}", self.step);
+        }
+    }
+    fn bar(&self, len: u64, template: &str) -> ProgressBar {
+        if self.json {
+            return ProgressBar::hidden();
+        }
+        let b = ProgressBar::new(len.max(1));
+        b.set_style(ProgressStyle::with_template(template).expect("valid template").progress_chars("=> "));
+        b
+    }
+}
+
+/// Files for one generation of the sample file system: text and binary, some compressible.
+fn fill_tree(dir: &Path, generation: u32, bytes: u64) -> anyhow::Result<()> {
+    if dir.exists() {
+        std::fs::remove_dir_all(dir)?;
+    }
+    std::fs::create_dir_all(dir.join("etc"))?;
+    std::fs::create_dir_all(dir.join("var/data"))?;
+    std::fs::write(dir.join("etc/generation"), format!("{generation}\n"))?;
+    let mut x = 0x9e37_79b9_7f4a_7c15u64 ^ generation as u64;
+    let mut written = 0;
+    let mut i = 0;
+    while written < bytes {
+        let len = (64 << 10) + (x % (1 << 20)) as usize;
+        let mut buf = Vec::with_capacity(len);
+        while buf.len() < len {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            if i % 3 == 0 {
+                buf.extend_from_slice(format!("record {i} generation {generation} value {x}\n").as_bytes());
+            } else {
+                buf.extend_from_slice(&x.to_le_bytes());
+            }
+        }
+        std::fs::write(dir.join(format!("var/data/file-{i:04}.bin")), &buf)?;
+        written += buf.len() as u64;
+        i += 1;
+    }
+    Ok(())
+}
+
+fn make_fs(image: &Path, tree: &Path, size_mib: u64) -> anyhow::Result<()> {
+    if image.exists() {
+        std::fs::remove_file(image)?;
+    }
+    tool(
+        "mke2fs",
+        &[
+            "-q",
+            "-F",
+            "-t",
+            "ext4",
+            "-d",
+            &tree.display().to_string(),
+            &image.display().to_string(),
+            &format!("{size_mib}M"),
+        ],
+    )?;
+    Ok(())
+}
+
+fn agent_disk(local: &Local) -> anyhow::Result<(u64, f64, bool)> {
+    let st = local.agent_status()?;
+    let d = &st["disks"][0];
+    Ok((
+        d["last_seq"].as_u64().context("last_seq")?,
+        d["initial_copy"]["percent"].as_f64().context("percent")?,
+        d["initial_copy"]["done"].as_bool().context("done")?,
+    ))
+}
+
+/// Waits until the master target applied the agent's last change; shows applied/last.
+fn catch_up(local: &Local, ui: &Ui, timeout: Duration) -> anyhow::Result<u64> {
+    let bar = ui.bar(1, "  applied {pos}/{len} changes [{bar:40}] {msg}");
+    let deadline = Instant::now() + timeout;
+    loop {
+        let (last, _, done) = agent_disk(local)?;
+        let applied = local.applied(1)?;
+        bar.set_length(last.max(1));
+        bar.set_position(applied.min(last));
+        if done && applied >= last {
+            bar.finish_with_message("caught up");
+            return Ok(applied);
+        }
+        if Instant::now() > deadline {
+            bar.abandon_with_message("timed out");
+            bail!(
+                "the master target applied {applied} of {last} changes after {timeout:?}; see the logs in {}",
+                local.root.join("logs").display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+pub fn run(a: Args, json: bool) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let mut ui = Ui { json, step: 0 };
+    if a.size_mib < 32 {
+        bail!("--size-mib {}: the sample disk needs at least 32 MiB", a.size_mib);
+    }
+    if a.dir.exists() {
+        if !a.dir.join(MARKER).exists() {
+            bail!("{} exists and was not made by srctl quickstart; choose another --dir", a.dir.display());
+        }
+        std::fs::remove_dir_all(&a.dir)
+            .with_context(|| format!("removing the earlier quickstart in {}", a.dir.display()))?;
+    }
+    std::fs::create_dir_all(&a.dir)?;
+    std::fs::write(a.dir.join(MARKER), "made by srctl quickstart\n")?;
+    let dir = std::fs::canonicalize(&a.dir)?;
+
+    let fill = a.size_mib * (1 << 20) / 4;
+    ui.step(&format!("Sample disk: {} MiB ext4 holding {} MiB of files (mke2fs -d)", a.size_mib, fill >> 20));
+    let source = dir.join("source.img");
+    let tree = dir.join("tree");
+    fill_tree(&tree, 0, fill)?;
+    make_fs(&source, &tree, a.size_mib)?;
+
+    ui.step("Starting master target, process server and mobility agent on loopback");
+    let local = Local::create(
+        &dir.join("deployment"),
+        vec![DiskSpec { id: 1, name: "disk0".into(), path: source.clone() }],
+        &Options::default(),
+    )?;
+    let mut procs: Vec<Proc> = Vec::new();
+    for c in [Component::MasterTarget, Component::ProcessServer, Component::Agent] {
+        procs.push(local.start(c)?);
+    }
+    let uri = local.agent_uri("disk0");
+    if !json {
+        println!("  agent export {uri}, replica export {}", local.replica_uri(1));
+    }
+
+    ui.step("Initial replication");
+    let bar = ui.bar(100, "  initial copy [{bar:40}] {pos}%");
+    let copy_started = Instant::now();
+    loop {
+        let (_, percent, done) = agent_disk(&local)?;
+        bar.set_position(percent as u64);
+        if done {
+            break;
+        }
+        if copy_started.elapsed() > Duration::from_secs(600) {
+            bail!("initial copy stuck at {percent:.0}%; see {}", local.log(Component::Agent).display());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    bar.finish();
+    catch_up(&local, &ui, Duration::from_secs(600))?;
+    let initial_secs = copy_started.elapsed().as_secs_f64();
+
+    ui.step(&format!(
+        "Write workload: {} new file-system generations written through the agent by nbdcopy",
+        a.generations
+    ));
+    let mut max_lag = 0u64;
+    let workload_started = Instant::now();
+    for g in 1..=a.generations {
+        let image = dir.join("generation.img");
+        fill_tree(&tree, g, fill)?;
+        make_fs(&image, &tree, a.size_mib)?;
+        let copy = {
+            let (image, uri) = (image.clone(), uri.clone());
+            std::thread::spawn(move || tool("nbdcopy", &["--flush", &image.display().to_string(), &uri]))
+        };
+        let bar = ui.bar(1, "  generation {msg} lag {pos} changes");
+        bar.set_message(g.to_string());
+        while !copy.is_finished() {
+            let (last, _, _) = agent_disk(&local)?;
+            let lag = last.saturating_sub(local.applied(1)?);
+            max_lag = max_lag.max(lag);
+            bar.set_position(lag);
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        copy.join().map_err(|_| anyhow::anyhow!("nbdcopy thread panicked"))??;
+        bar.finish();
+    }
+    let workload_secs = workload_started.elapsed().as_secs_f64();
+
+    ui.step("Catching up");
+    let catch_started = Instant::now();
+    let applied = catch_up(&local, &ui, Duration::from_secs(600))?;
+    let catch_secs = catch_started.elapsed().as_secs_f64();
+
+    ui.step("Verifying the replica");
+    let compare =
+        tool("qemu-img", &["compare", "-f", "raw", "-F", "raw", &source.display().to_string(), &local.replica_uri(1)]);
+    let export = dir.join("replica-export.img");
+    let exported = http::post_json(
+        local.addrs.mt_http,
+        "/v1/export",
+        &serde_json::json!({ "item": 1, "disk": 1, "path": export }),
+    )?;
+    let fsck = tool("e2fsck", &["-f", "-n", &export.display().to_string()]);
+    let generation = tool("debugfs", &["-R", "cat /etc/generation", &export.display().to_string()]).unwrap_or_default();
+    let identical = compare.is_ok();
+    let fs_ok = fsck.is_ok() && generation.trim() == a.generations.to_string();
+    let summary = serde_json::json!({
+        "identical": identical,
+        "replica_filesystem_clean": fs_ok,
+        "replica_generation": generation.trim(),
+        "applied_seq": applied,
+        "disk_mib": a.size_mib,
+        "initial_replication_seconds": initial_secs,
+        "workload_seconds": workload_secs,
+        "catch_up_seconds": catch_secs,
+        "max_lag_changes": max_lag,
+        "exported_image": exported["path"],
+        "total_seconds": started.elapsed().as_secs_f64(),
+        "dir": dir,
+    });
+    if json {
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+    } else {
+        println!();
+        println!("Summary");
+        println!("  source and replica identical (qemu-img compare): {}", if identical { "yes" } else { "NO" });
+        println!(
+            "  replica file system clean (e2fsck -fn), generation {}: {}",
+            generation.trim(),
+            if fs_ok { "yes" } else { "NO" }
+        );
+        println!("  changes applied: {applied}");
+        println!("  initial replication of {} MiB: {initial_secs:.1} s", a.size_mib);
+        println!("  workload: {workload_secs:.1} s, largest lag {max_lag} changes, caught up {catch_secs:.1} s after it ended");
+        println!("  logs: {}", local.root.join("logs").display());
+    }
+    if a.keep_running && identical && fs_ok {
+        println!("Services keep running; press Ctrl-C to stop them.");
+        let (tx, rx) = std::sync::mpsc::channel();
+        let _ = ctrlc_wait(tx);
+        let _ = rx.recv();
+    }
+    for p in procs.into_iter().rev() {
+        p.stop()?;
+    }
+    if let Err(e) = compare {
+        bail!("the replica differs from the source: {e:#}");
+    }
+    if let Err(e) = fsck {
+        bail!("the replica's file system is not clean: {e:#}");
+    }
+    if !fs_ok {
+        bail!("the replica holds generation {:?}, expected {}", generation.trim(), a.generations);
+    }
+    Ok(())
+}
+
+/// Blocks a thread on SIGINT/SIGTERM and signals `tx`.
+fn ctrlc_wait(tx: std::sync::mpsc::Sender<()>) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    std::thread::spawn(move || {
+        rt.block_on(async {
+            let _ = tokio::signal::ctrl_c().await;
+        });
+        let _ = tx.send(());
+    });
+    Ok(())
+}
