@@ -36,6 +36,14 @@ enum Cmd {
         #[arg(required = true)]
         nodes: Vec<String>,
     },
+    /// Starts master target, process server and agent on loopback for the given disks (NAME=PATH)
+    /// and runs until Ctrl-C or SIGTERM; prints the endpoints as one JSON line once all answer.
+    Local {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long = "disk", required = true)]
+        disks: Vec<String>,
+    },
     /// Shows a service's status (its operations endpoint, for example 127.0.0.1:9101).
     Status { endpoint: SocketAddr },
 }
@@ -46,6 +54,7 @@ fn main() -> ExitCode {
     let res = match cli.cmd {
         Cmd::Quickstart(a) => quickstart::run(a, json),
         Cmd::Certs { dir, nodes } => certs(&dir, &nodes, json),
+        Cmd::Local { dir, disks } => local(&dir, &disks),
         Cmd::Status { endpoint } => sr_common::http::get_json(endpoint, "/v1/status").map(|v| {
             println!("{}", serde_json::to_string_pretty(&v).expect("JSON value prints"));
         }),
@@ -88,6 +97,47 @@ fn certs(dir: &std::path::Path, nodes: &[String], json: bool) -> anyhow::Result<
             println!("{name} ({}): {} {}", role.name(), p.cert.display(), p.key.display());
         }
         println!("CA: {}", dir.join("ca.pem").display());
+    }
+    Ok(())
+}
+
+fn local(dir: &std::path::Path, disks: &[String]) -> anyhow::Result<()> {
+    use sr_common::local::{Component, DiskSpec, Local, Options};
+    let mut specs = Vec::new();
+    for (i, d) in disks.iter().enumerate() {
+        let Some((name, path)) = d.split_once('=') else { anyhow::bail!("--disk {d:?}: write NAME=PATH") };
+        let path = std::fs::canonicalize(path).map_err(|e| anyhow::anyhow!("--disk {d:?}: {path}: {e}"))?;
+        specs.push(DiskSpec { id: i as u64 + 1, name: name.to_string(), path });
+    }
+    std::fs::create_dir_all(dir)?;
+    let dir = std::fs::canonicalize(dir)?;
+    let local = Local::create(&dir, specs, &Options::default())?;
+    let mut procs = Vec::new();
+    for c in [Component::MasterTarget, Component::ProcessServer, Component::Agent] {
+        procs.push(local.start(c)?);
+    }
+    let a = &local.addrs;
+    let exports: Vec<_> =
+        local.disks.iter().map(|d| (d.name.clone(), local.agent_uri(&d.name), local.replica_uri(d.id))).collect();
+    println!(
+        "{}",
+        serde_json::json!({
+            "agent_http": a.agent_http, "ps_http": a.ps_http, "mt_http": a.mt_http,
+            "exports": exports.iter().map(|(n, u, r)| serde_json::json!({"name": n, "uri": u, "replica_uri": r})).collect::<Vec<_>>(),
+            "logs": dir.join("logs"),
+        })
+    );
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        anyhow::Ok(())
+    })?;
+    for p in procs.into_iter().rev() {
+        p.stop()?;
     }
     Ok(())
 }

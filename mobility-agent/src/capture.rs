@@ -149,6 +149,10 @@ impl ProtectedDisk {
         let j = self.lock();
         let (last, bytes) = (j.last_seq(), j.bytes());
         drop(j);
+        self.publish_with(last, bytes);
+    }
+
+    fn publish_with(&self, last: Seq, bytes: u64) {
         let acked = self.acked.load(Ordering::Relaxed);
         self.metrics.journal_bytes.set(bytes as f64);
         self.metrics.last_seq.set(last.0 as f64);
@@ -195,6 +199,12 @@ impl ProtectedDisk {
     fn after_append(&self) {
         self.appended.notify_one();
         self.publish();
+    }
+
+    /// [`Self::after_append`] with the journal figures read under the lock the caller already held.
+    fn after_append_with(&self, last: Seq, bytes: u64) {
+        self.appended.notify_one();
+        self.publish_with(last, bytes);
     }
 
     /// Appends a consistency marker (for example an app-consistent tag) to the stream.
@@ -275,25 +285,27 @@ impl Backend for ProtectedDisk {
         Ok(self.disk.read_at(offset, buf)?)
     }
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), BackendError> {
-        {
+        let (last, bytes) = {
             let mut j = self.lock();
-            j.append_write(offset, data).map_err(to_backend)?;
+            let seq = j.append_write(offset, data).map_err(to_backend)?;
             self.disk.write_at(offset, data)?;
-        }
+            (seq, j.bytes())
+        };
         self.metrics.written.increment(data.len() as u64);
-        self.after_append();
+        self.after_append_with(last, bytes);
         if fua {
             self.flush()?;
         }
         Ok(())
     }
     fn zero(&self, offset: u64, len: u64, fua: bool) -> Result<(), BackendError> {
-        {
+        let (last, bytes) = {
             let mut j = self.lock();
-            j.append(&Op::Zero { offset, len }).map_err(to_backend)?;
+            let seq = j.append(&Op::Zero { offset, len }).map_err(to_backend)?;
             self.disk.zero(offset, len)?;
-        }
-        self.after_append();
+            (seq, j.bytes())
+        };
+        self.after_append_with(last, bytes);
         if fua {
             self.flush()?;
         }

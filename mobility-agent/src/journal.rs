@@ -73,18 +73,39 @@ fn encode(seq: Seq, op: &Op) -> Vec<u8> {
     }
 }
 
+/// Writes `head` then `tail` with as few `writev` calls as the kernel allows.
+fn write_all_vectored(f: &File, mut head: &[u8], mut tail: &[u8]) -> std::io::Result<()> {
+    use std::io::IoSlice;
+    while !head.is_empty() || !tail.is_empty() {
+        let n = (&*f).write_vectored(&[IoSlice::new(head), IoSlice::new(tail)])?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        let from_head = n.min(head.len());
+        head = &head[from_head..];
+        tail = &tail[n - from_head..];
+    }
+    Ok(())
+}
+
+/// The 40-byte header of a record whose payload is `payload` (checksummed, not copied).
+fn encode_header(seq: Seq, kind: u8, offset: u64, arg: u64, payload: &[u8]) -> [u8; HEADER] {
+    let mut h = [0u8; HEADER];
+    h[0..4].copy_from_slice(&MAGIC.to_le_bytes());
+    h[8..16].copy_from_slice(&seq.0.to_le_bytes());
+    h[16..24].copy_from_slice(&offset.to_le_bytes());
+    h[24..32].copy_from_slice(&arg.to_le_bytes());
+    h[32] = kind;
+    h[36..40].copy_from_slice(&(payload.len() as u32).to_le_bytes());
+    let crc = crc32c::crc32c_append(crc32c::crc32c(&h[8..]), payload);
+    h[4..8].copy_from_slice(&crc.to_le_bytes());
+    h
+}
+
 fn encode_parts(seq: Seq, kind: u8, offset: u64, arg: u64, payload: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(HEADER + payload.len());
-    out.extend_from_slice(&MAGIC.to_le_bytes());
-    out.extend_from_slice(&[0; 4]);
-    out.extend_from_slice(&seq.0.to_le_bytes());
-    out.extend_from_slice(&offset.to_le_bytes());
-    out.extend_from_slice(&arg.to_le_bytes());
-    out.extend_from_slice(&[kind, 0, 0, 0]);
-    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    out.extend_from_slice(&encode_header(seq, kind, offset, arg, payload));
     out.extend_from_slice(payload);
-    let crc = crc32c::crc32c(&out[8..]);
-    out[4..8].copy_from_slice(&crc.to_le_bytes());
     out
 }
 
@@ -250,23 +271,29 @@ impl Journal {
         self.append_encoded(rec)
     }
 
-    /// [`Journal::append`] of a write, without copying the data into an [`Op`] first.
+    /// [`Journal::append`] of a write: the header and the caller's data go out in one `writev`,
+    /// without copying the data.
     pub fn append_write(&mut self, offset: u64, data: &[u8]) -> Result<Seq, JournalError> {
-        let rec = encode_parts(self.next, KIND_WRITE, offset, data.len() as u64, data);
-        self.append_encoded(rec)
+        let header = encode_header(self.next, KIND_WRITE, offset, data.len() as u64, data);
+        self.append_parts(&header, data)
     }
 
     fn append_encoded(&mut self, rec: Vec<u8>) -> Result<Seq, JournalError> {
+        self.append_parts(&rec, &[])
+    }
+
+    fn append_parts(&mut self, head: &[u8], tail: &[u8]) -> Result<Seq, JournalError> {
         let seq = self.next;
+        let len = (head.len() + tail.len()) as u64;
         let active = self.segments.last_mut().expect("at least one segment");
-        if let Err(e) = (&*self.active).write_all(&rec) {
+        if let Err(e) = write_all_vectored(&self.active, head, tail) {
             // Undo a partial append so the segment stays a clean run of records.
             let _ = self.active.set_len(active.bytes);
             return Err(JournalError::Io { path: active.path.clone(), source: e });
         }
-        active.bytes += rec.len() as u64;
+        active.bytes += len;
         active.last = seq;
-        self.bytes += rec.len() as u64;
+        self.bytes += len;
         self.next = seq.next();
         if active.bytes >= SEGMENT_BYTES {
             self.rotate()?;

@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# Write throughput through the agent's NBD export (with the whole pipeline replicating behind it)
+# beside qemu-nbd serving the same kind of file, in the same run, with the same fio jobs:
+# SIZE of 4 KiB random writes and SIZE of 1 MiB sequential writes at queue depth QD.
+# Then: how long the replica took to catch up, and a byte-for-byte check of it.
+#
+#   bench/nbd-throughput.sh            # SIZE=1G QD=32 ROUNDS=2
+#   SIZE=256M ROUNDS=1 bench/nbd-throughput.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SIZE=${SIZE:-1G}
+QD=${QD:-32}
+ROUNDS=${ROUNDS:-2}
+scripts/setup.sh
+cargo build --locked --release --workspace --bins 2>&1 | tail -1
+out=bench/out/nbd
+rm -rf "$out"
+mkdir -p "$out"
+truncate -s "$SIZE" "$out/agent.img" "$out/qemu.img"
+
+target/release/srctl local --dir "$out/dep" --disk "disk0=$out/agent.img" >"$out/local.json" 2>"$out/local.err" &
+lpid=$!
+qpid=""
+cleanup() {
+  kill "$lpid" 2>/dev/null || true
+  [ -n "$qpid" ] && kill "$qpid" 2>/dev/null || true
+  wait 2>/dev/null || true
+}
+trap cleanup EXIT
+for _ in $(seq 300); do [ -s "$out/local.json" ] && break; sleep 0.1; done
+[ -s "$out/local.json" ] || { echo "srctl local did not start:"; cat "$out/local.err"; exit 1; }
+json() { python3 -c "import json,sys; j=json.load(open('$out/local.json')); print($1)"; }
+agent_uri=$(json 'j["exports"][0]["uri"]')
+replica_uri=$(json 'j["exports"][0]["replica_uri"]')
+agent_http=$(json 'j["agent_http"]')
+mt_http=$(json 'j["mt_http"]')
+qport=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+qemu-nbd -f raw -x disk0 -b 127.0.0.1 -p "$qport" -t --cache=writeback "$out/qemu.img" &
+qpid=$!
+for _ in $(seq 100); do nbdinfo --size "nbd://127.0.0.1:$qport/disk0" >/dev/null 2>&1 && break; sleep 0.1; done
+qemu_uri="nbd://127.0.0.1:$qport/disk0"
+
+# Prints the write bandwidth of one fio job in bytes per second.
+fio_bw() {
+  fio --name=bench --ioengine=nbd --uri="$1" --rw="$2" --bs="$3" --size="$SIZE" --iodepth="$QD" \
+      --randrepeat=0 --end_fsync=1 --output-format=json 2>/dev/null |
+    python3 -c 'import json,sys; s=sys.stdin.read(); print(json.loads(s[s.index("{"):])["jobs"][0]["write"]["bw_bytes"])'
+}
+
+applied() {
+  target/release/srctl status "$mt_http" | python3 -c 'import json,sys; r=json.load(sys.stdin)["replicas"]; print(r[0]["applied_seq"] if r else 0)'
+}
+last() {
+  target/release/srctl status "$agent_http" | python3 -c 'import json,sys; print(json.load(sys.stdin)["disks"][0]["last_seq"])'
+}
+
+echo "| workload | qemu-nbd MiB/s | agent MiB/s | ratio |"
+echo "|---|---|---|---|"
+started=$(date +%s.%N)
+for w in "randwrite 4k" "write 1m"; do
+  set -- $w
+  best_q=0; best_a=0
+  for _ in $(seq "$ROUNDS"); do
+    q=$(fio_bw "$qemu_uri" "$1" "$2"); [ "$q" -gt "$best_q" ] && best_q=$q
+    a=$(fio_bw "$agent_uri" "$1" "$2"); [ "$a" -gt "$best_a" ] && best_a=$a
+  done
+  python3 -c "print(f'| $SIZE $1 bs=$2 qd=$QD | {$best_q/2**20:.1f} | {$best_a/2**20:.1f} | {$best_a/$best_q:.2f}x |')"
+done
+writes_done=$(date +%s.%N)
+for _ in $(seq 6000); do
+  [ "$(applied)" -ge "$(last)" ] && break
+  sleep 0.1
+done
+caught_up=$(date +%s.%N)
+qemu-img compare -f raw -F raw "$out/agent.img" "$replica_uri" >/dev/null
+python3 -c "print(f'\nreplica caught up {$caught_up-$writes_done:.1f} s after the last write ({$caught_up-$started:.1f} s in all); qemu-img compare: identical')"
