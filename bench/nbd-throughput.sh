@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# Write throughput through the agent's NBD export (with the whole pipeline replicating behind it)
-# beside qemu-nbd serving the same kind of file, in the same run, with the same fio jobs:
-# SIZE of 4 KiB random writes and SIZE of 1 MiB sequential writes at queue depth QD.
+# Write throughput through the agent's NBD export beside qemu-nbd serving the same kind of file, in the
+# same run, with the same fio jobs: SIZE of 4 KiB random writes and SIZE of 1 MiB sequential writes at
+# queue depth QD. The agent is measured twice:
+#   - "agent, pipeline on": process server and master target run on the same two cores and replicate
+#     every write while fio runs (a protected machine's real load, plus the other sites' load);
+#   - "agent front end": the agent alone, journaling every write, with no process server to ship to.
 # Then: how long the replica took to catch up, and a byte-for-byte check of it.
 #
 #   bench/nbd-throughput.sh            # SIZE=1G QD=32 ROUNDS=2
@@ -54,17 +57,17 @@ last() {
   target/release/srctl status "$agent_http" | python3 -c 'import json,sys; print(json.load(sys.stdin)["disks"][0]["last_seq"])'
 }
 
-echo "| workload | qemu-nbd MiB/s | agent MiB/s | ratio |"
-echo "|---|---|---|---|"
+declare -A qemu_bw pipe_bw front_bw
+workloads=("randwrite 4k" "write 1m")
 started=$(date +%s.%N)
-for w in "randwrite 4k" "write 1m"; do
+for w in "${workloads[@]}"; do
   set -- $w
   best_q=0; best_a=0
   for _ in $(seq "$ROUNDS"); do
     q=$(fio_bw "$qemu_uri" "$1" "$2"); [ "$q" -gt "$best_q" ] && best_q=$q
     a=$(fio_bw "$agent_uri" "$1" "$2"); [ "$a" -gt "$best_a" ] && best_a=$a
   done
-  python3 -c "print(f'| $SIZE $1 bs=$2 qd=$QD | {$best_q/2**20:.1f} | {$best_a/2**20:.1f} | {$best_a/$best_q:.2f}x |')"
+  qemu_bw[$w]=$best_q; pipe_bw[$w]=$best_a
 done
 writes_done=$(date +%s.%N)
 for _ in $(seq 6000); do
@@ -73,4 +76,28 @@ for _ in $(seq 6000); do
 done
 caught_up=$(date +%s.%N)
 qemu-img compare -f raw -F raw "$out/agent.img" "$replica_uri" >/dev/null
-python3 -c "print(f'\nreplica caught up {$caught_up-$writes_done:.1f} s after the last write ({$caught_up-$started:.1f} s in all); qemu-img compare: identical')"
+catch="replica caught up $(python3 -c "print(f'{$caught_up-$writes_done:.1f} s after the last write, {$caught_up-$started:.1f} s after the first')"); qemu-img compare: identical"
+
+# The agent alone: same config, fresh journal, nothing to ship to.
+kill "$lpid"; wait "$lpid" 2>/dev/null || true
+rm -f "$out/agent.img"; truncate -s "$SIZE" "$out/agent.img"
+SR_AGENT__DATA_DIR="$out/agent-alone" SR_AGENT__PROCESS_SERVER="127.0.0.1:9" \
+  target/release/mobility-agent run --config "$out/dep/agent.toml" 2>"$out/agent-alone.log" &
+lpid=$!
+for _ in $(seq 100); do nbdinfo --size "$agent_uri" >/dev/null 2>&1 && break; sleep 0.1; done
+for w in "${workloads[@]}"; do
+  set -- $w
+  best_a=0
+  for _ in $(seq "$ROUNDS"); do
+    a=$(fio_bw "$agent_uri" "$1" "$2"); [ "$a" -gt "$best_a" ] && best_a=$a
+  done
+  front_bw[$w]=$best_a
+done
+
+echo "| workload ($SIZE, qd=$QD) | qemu-nbd MiB/s | agent front end MiB/s | ratio | agent, pipeline on MiB/s | ratio |"
+echo "|---|---|---|---|---|---|"
+for w in "${workloads[@]}"; do
+  python3 -c "q=${qemu_bw[$w]}; f=${front_bw[$w]}; p=${pipe_bw[$w]}; print(f'| $w | {q/2**20:.1f} | {f/2**20:.1f} | {f/q:.2f}x | {p/2**20:.1f} | {p/q:.2f}x |')"
+done
+echo
+echo "$catch"

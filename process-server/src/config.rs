@@ -66,8 +66,8 @@ impl PsConfig {
         if node.is_empty() {
             return Err("key node: must not be empty".into());
         }
-        if *cache_limit_bytes < 64 << 20 {
-            return Err(format!("key cache_limit_bytes: {cache_limit_bytes} is below the 64 MiB minimum"));
+        if *cache_limit_bytes < 1 << 20 {
+            return Err(format!("key cache_limit_bytes: {cache_limit_bytes} is below the 1 MiB minimum"));
         }
         if !(1..=19).contains(compression_level) {
             return Err(format!("key compression_level: {compression_level} is outside 1..=19"));

@@ -72,6 +72,9 @@ fn replica_equals_source_after_mixed_writes() {
     for round in 0..4 {
         qemu_io(&uri, &workload(round + 1, size, 60));
     }
+    // The same export over the agent's Unix socket.
+    let unix = format!("nbd+unix:///disk0?socket={}", local.addrs.agent_unix.display());
+    qemu_io(&unix, &["write -P 0x77 33M 3M".to_string(), "flush".to_string(), "read -P 0x77 33M 3M".to_string()]);
     let nbdinfo = run("nbdinfo", &["--size", &uri]).unwrap();
     assert_eq!(nbdinfo.trim(), size.to_string());
     // nbdcopy reads the whole export, then writes a whole image through it with several connections
@@ -156,4 +159,44 @@ fn check_metrics(local: &Local) {
         let (code, body) = sr_common::http::request(local.http(*c), "GET", "/healthz", None).unwrap();
         assert_eq!((code, body.trim()), (200, "ok"));
     }
+}
+
+#[test]
+fn full_cache_is_backpressure_not_loss() {
+    let dir = test_dir();
+    let size = 64 * MIB;
+    // A 2 MiB cache and 256 KiB batches: with the master target down, the process server stops
+    // acknowledging after a few batches and the agent keeps the rest in its journal.
+    let opts = Options { batch_bytes: 256 << 10, ps_cache_limit_bytes: 2 * MIB, ..Options::default() };
+    let local = setup(dir.path(), size, opts);
+    let mt = local.start(Component::MasterTarget).unwrap();
+    let _ps = local.start(Component::ProcessServer).unwrap();
+    let _agent = local.start(Component::Agent).unwrap();
+    wait_caught_up(&local, Duration::from_secs(60)).unwrap();
+    mt.stop().unwrap();
+    let uri = local.agent_uri("disk0");
+    let mut cmds: Vec<String> = (0..30).map(|i| format!("write -P {} {}M 1M", 0x31 + i, i * 2)).collect();
+    cmds.push("flush".into());
+    qemu_io(&uri, &cmds);
+    // The journal holds what the process server could not take.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let journal = loop {
+        std::thread::sleep(Duration::from_millis(500));
+        let st = local.agent_status().unwrap();
+        let (acked, last) =
+            (st["disks"][0]["acked_seq"].as_u64().unwrap(), st["disks"][0]["last_seq"].as_u64().unwrap());
+        let ps = sr_common::http::get_json(local.addrs.ps_http, "/v1/status").unwrap();
+        let cache = ps["streams"][0]["cache_bytes"].as_u64().unwrap();
+        if acked < last && cache > 0 && std::time::Instant::now() > deadline - Duration::from_secs(25) {
+            // The limit is checked before each batch: at most one batch (a few records) beyond it.
+            assert!(cache <= 4 * MIB, "cache grew to {cache} bytes past its limit");
+            break st["disks"][0]["journal_bytes"].as_u64().unwrap();
+        }
+        assert!(std::time::Instant::now() < deadline, "never saw backpressure: {st}");
+    };
+    assert!(journal > 20 * MIB, "the agent keeps the unacknowledged changes ({journal} bytes)");
+    let _mt = local.start(Component::MasterTarget).unwrap();
+    wait_caught_up(&local, Duration::from_secs(120)).unwrap();
+    compare(local.disks[0].path.to_str().unwrap(), &local.replica_uri(1)).unwrap();
+    check_apply_log(&local, 1).unwrap();
 }
