@@ -31,6 +31,8 @@ pub struct Server {
     pub store: Arc<dyn StateStore>,
     /// Guards creation so one disk never gets two replica handles.
     replicas: Mutex<HashMap<StreamKey, Arc<Replica>>>,
+    /// Streams whose replica cannot be used, with the reason; sessions for them are refused.
+    broken: Mutex<HashMap<StreamKey, String>>,
     exports: Arc<Exports>,
 }
 
@@ -55,6 +57,9 @@ impl Server {
 
     /// The replica of `key`, created when it is new.
     pub fn replica(&self, key: StreamKey, disk_size: u64) -> anyhow::Result<Arc<Replica>> {
+        if let Some(why) = self.broken.lock().expect("broken lock poisoned").get(&key) {
+            anyhow::bail!("{key}: {why}");
+        }
         let mut g = self.replicas.lock().expect("replicas lock poisoned");
         if let Some(r) = g.get(&key) {
             anyhow::ensure!(
@@ -104,11 +109,29 @@ pub async fn run(cfg: MtConfig, shutdown: CancellationToken) -> anyhow::Result<(
         keys,
         store: store.clone(),
         replicas: Mutex::new(HashMap::new()),
+        broken: Mutex::new(HashMap::new()),
         exports: Exports::new(),
     });
     for (key, rec) in store.streams()? {
-        let r = server.add(key, rec.disk_size, rec.applied)?;
-        server.replicas.lock().expect("replicas lock poisoned").insert(key, r);
+        let path = server.replica_path(key);
+        let r = if rec.applied > Seq::ZERO && !path.exists() {
+            Err(anyhow::anyhow!(
+                "replica {} is missing although {} changes were applied to it; the disk needs a resync",
+                path.display(),
+                rec.applied
+            ))
+        } else {
+            server.add(key, rec.disk_size, rec.applied)
+        };
+        match r {
+            Ok(r) => {
+                server.replicas.lock().expect("replicas lock poisoned").insert(key, r);
+            }
+            Err(e) => {
+                tracing::error!(%key, error = format!("{e:#}"), "replica unusable; its stream is refused");
+                server.broken.lock().expect("broken lock poisoned").insert(key, format!("{e:#}"));
+            }
+        }
     }
     if let Some(addr) = server.cfg.nbd_tcp {
         let l = std::net::TcpListener::bind(addr).with_context(|| format!("binding NBD on {addr}"))?;
@@ -133,5 +156,7 @@ pub async fn run(cfg: MtConfig, shutdown: CancellationToken) -> anyhow::Result<(
         });
     }
     listener.close(0u32.into(), b"master target stopping");
+    // Let the close frames reach the peers so they reconnect at once instead of timing out.
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), listener.wait_idle()).await;
     Ok(())
 }

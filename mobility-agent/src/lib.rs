@@ -95,6 +95,8 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Resul
         }
     }
     endpoint.close(0u32.into(), b"agent stopping");
+    // Let the close frames reach the peers so they reconnect at once instead of timing out.
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), endpoint.wait_idle()).await;
     Ok(())
 }
 

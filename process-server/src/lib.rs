@@ -100,7 +100,10 @@ pub async fn run(cfg: PsConfig, shutdown: CancellationToken) -> anyhow::Result<(
     for (key, rec) in store.streams()? {
         let cache = cache::StreamCache::open(&server.cache_dir(key), cache_total.clone())
             .with_context(|| format!("opening the cache of {key}"))?;
-        let s = Arc::new(Stream::new(key, rec, true, cache, store.clone()));
+        // A stream recorded before the master target ever answered (applied 0, nothing cached) does not
+        // know the replica's position yet: ask again rather than assume an empty replica.
+        let known = rec.applied > Seq::ZERO || cache.last().is_some();
+        let s = Arc::new(Stream::new(key, rec, known, cache, store.clone()));
         server.streams.lock().expect("streams lock poisoned").insert(key, s.clone());
         server.ensure_forwarder(&s);
     }
@@ -126,5 +129,11 @@ pub async fn run(cfg: PsConfig, shutdown: CancellationToken) -> anyhow::Result<(
     }
     listener.close(0u32.into(), b"process server stopping");
     server.endpoint.close(0u32.into(), b"process server stopping");
+    // Let the close frames reach the peers so they reconnect at once instead of timing out.
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), async {
+        listener.wait_idle().await;
+        server.endpoint.wait_idle().await;
+    })
+    .await;
     Ok(())
 }

@@ -200,3 +200,29 @@ fn full_cache_is_backpressure_not_loss() {
     compare(local.disks[0].path.to_str().unwrap(), &local.replica_uri(1)).unwrap();
     check_apply_log(&local, 1).unwrap();
 }
+
+#[test]
+fn a_lost_replica_is_refused_not_silently_recreated() {
+    let dir = test_dir();
+    let local = setup(dir.path(), 32 * MIB, Options::default());
+    let mt = local.start(Component::MasterTarget).unwrap();
+    let _ps = local.start(Component::ProcessServer).unwrap();
+    let _agent = local.start(Component::Agent).unwrap();
+    wait_caught_up(&local, Duration::from_secs(60)).unwrap();
+    mt.stop().unwrap();
+    std::fs::remove_file(local.replica_path(1)).unwrap();
+    let _mt = local.start(Component::MasterTarget).unwrap();
+    qemu_io(&local.agent_uri("disk0"), &["write -P 0x44 0 1M".to_string(), "flush".to_string()]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let ps_log = std::fs::read_to_string(local.log(Component::ProcessServer)).unwrap();
+        if ps_log.contains("is missing") {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the process server is never told why: {ps_log}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(!local.replica_path(1).exists(), "an empty replica must not be made in its place");
+    let log = std::fs::read_to_string(local.log(Component::MasterTarget)).unwrap();
+    assert!(log.contains("replica unusable") && log.contains("needs a resync"), "{log}");
+}
