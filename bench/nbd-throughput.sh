@@ -78,6 +78,12 @@ caught_up=$(date +%s.%N)
 qemu-img compare -f raw -F raw "$out/agent.img" "$replica_uri" >/dev/null
 catch="replica caught up $(python3 -c "print(f'{$caught_up-$writes_done:.1f} s after the last write, {$caught_up-$started:.1f} s after the first')"); qemu-img compare: identical"
 
+mem="peak resident memory (VmHWM):"
+for c in agent ps mt; do
+  pid=$(pgrep -f "run --config $(pwd)/$out/dep/$c.toml" | head -1 || true)
+  [ -n "$pid" ] && mem="$mem $c $(awk '/VmHWM/ {printf "%.0f MiB", $2/1024}' "/proc/$pid/status"),"
+done
+
 # The agent alone: same config, fresh journal, nothing to ship to.
 kill "$lpid"; wait "$lpid" 2>/dev/null || true
 rm -f "$out/agent.img"; truncate -s "$SIZE" "$out/agent.img"
@@ -101,3 +107,4 @@ for w in "${workloads[@]}"; do
 done
 echo
 echo "$catch"
+echo "${mem%,}"

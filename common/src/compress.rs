@@ -42,7 +42,8 @@ pub fn is_zero(buf: &[u8]) -> bool {
 
 /// Encodes a batch into a compressed payload.
 pub fn compress(batch: &Batch, level: i32) -> Vec<u8> {
-    let raw = rkyv::to_bytes::<rancor::Error>(batch).expect("serializing into memory cannot fail");
+    let raw = rkyv::api::high::to_bytes_in::<_, rancor::Error>(batch, Vec::with_capacity(batch.size_hint()))
+        .expect("serializing into memory cannot fail");
     let mut out = Vec::with_capacity(raw.len() / 2 + 5);
     // Compressing incompressible data costs as much CPU as compressing anything else: try a sample of
     // the data first (past the archive's first bytes, which are mostly headers).

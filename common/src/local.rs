@@ -166,7 +166,7 @@ impl Local {
             addrs.ps_quic,
             tls_toml(&certs, "agent"),
             opts.batch_bytes,
-            (opts.batch_bytes * 16).max(64 << 20),
+            (opts.batch_bytes * 8).max(32 << 20),
             opts.copy_chunk_bytes,
         );
         for d in &disks {

@@ -14,9 +14,9 @@ fn transport() -> Arc<quinn::TransportConfig> {
     t.keep_alive_interval(Some(Duration::from_secs(1)));
     t.max_idle_timeout(Some(Duration::from_secs(8).try_into().expect("8 s is a valid idle timeout")));
     // Batches are several MiB: windows large enough to keep a loopback or LAN link busy.
-    t.stream_receive_window((32u32 << 20).into());
-    t.receive_window((64u32 << 20).into());
-    t.send_window(64 << 20);
+    t.stream_receive_window((16u32 << 20).into());
+    t.receive_window((32u32 << 20).into());
+    t.send_window(32 << 20);
     // Search past Ethernet's 1500 bytes: data-centre links often carry jumbo frames (and loopback
     // carries 64 KiB). Fewer, larger datagrams cost the kernel far less per byte; discovery stops at
     // what the path really carries.

@@ -160,9 +160,43 @@ impl Message {
     }
 }
 
+impl Message {
+    /// About how many bytes the archive takes, so it is built without growing its buffer.
+    fn size_hint(&self) -> usize {
+        256 + match self {
+            Message::Batch(b) => b.size_hint(),
+            Message::Sealed(s) => s.ciphertext.len(),
+            _ => 0,
+        }
+    }
+}
+
+impl Batch {
+    /// About how many bytes the archive of this batch takes.
+    pub fn size_hint(&self) -> usize {
+        64 + self
+            .changes
+            .iter()
+            .map(|c| {
+                48 + match &c.op {
+                    Op::Write { data, .. } => data.len(),
+                    _ => 0,
+                }
+            })
+            .sum::<usize>()
+    }
+}
+
+/// Serializes a message into a frame body (no length prefix). The receiver copies it into an aligned
+/// buffer before validation, so the body's own alignment does not matter.
+pub fn encode_body(msg: &Message) -> Vec<u8> {
+    rkyv::api::high::to_bytes_in::<_, rancor::Error>(msg, Vec::with_capacity(msg.size_hint()))
+        .expect("serializing into memory cannot fail")
+}
+
 /// Serializes a message into one frame (length prefix included).
 pub fn encode(msg: &Message) -> Vec<u8> {
-    let body = rkyv::to_bytes::<rancor::Error>(msg).expect("serializing into memory cannot fail");
+    let body = encode_body(msg);
     let mut out = Vec::with_capacity(4 + body.len());
     out.extend_from_slice(&(body.len() as u32).to_le_bytes());
     out.extend_from_slice(&body);
@@ -177,10 +211,12 @@ pub fn decode(body: &[u8]) -> Result<Message, WireError> {
         .map_err(|e| WireError::Malformed { len: body.len(), reason: e.to_string() })
 }
 
-/// Writes one message as a frame.
-pub async fn write_msg<W: AsyncWrite + Unpin>(w: &mut W, msg: &Message) -> Result<(), WireError> {
-    w.write_all(&encode(msg)).await?;
-    Ok(())
+/// Writes one message as a frame; returns the frame's length.
+pub async fn write_msg<W: AsyncWrite + Unpin>(w: &mut W, msg: &Message) -> Result<usize, WireError> {
+    let body = encode_body(msg);
+    w.write_all(&(body.len() as u32).to_le_bytes()).await?;
+    w.write_all(&body).await?;
+    Ok(4 + body.len())
 }
 
 /// Reads one frame and validates it. `Ok(None)` is a clean end of stream between frames.

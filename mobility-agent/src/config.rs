@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 pub const DEFAULT_BATCH_BYTES: u64 = 4 << 20;
-pub const DEFAULT_WINDOW_BYTES: u64 = 64 << 20;
+pub const DEFAULT_WINDOW_BYTES: u64 = 32 << 20;
 pub const DEFAULT_COPY_CHUNK_BYTES: u64 = 1 << 20;
 pub const DEFAULT_COPY_BACKLOG_BYTES: u64 = 256 << 20;
 pub const ENV_PREFIX: &str = "SR_AGENT";

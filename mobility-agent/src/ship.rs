@@ -135,12 +135,11 @@ async fn session(disk: &Arc<ProtectedDisk>, t: &ShipTarget, connected: &metrics:
         let changes: Vec<Change> = records.into_iter().map(|r| Change { seq: r.seq, op: r.op }).collect();
         let batch = Batch { item: t.item, disk: disk.id, disk_size: disk.size(), first, last, changes };
         let bytes = batch.payload_bytes();
-        let frame = wire::encode(&Message::Batch(batch));
-        tokio::io::AsyncWriteExt::write_all(&mut send, &frame).await.context("sending a batch")?;
-        shipped.increment(frame.len() as u64);
+        let frame_len = wire::write_msg(&mut send, &Message::Batch(batch)).await.context("sending a batch")? as u64;
+        shipped.increment(frame_len);
         batches.increment(1);
-        inflight.push_back((last, frame.len() as u64));
-        inflight_bytes += frame.len() as u64;
+        inflight.push_back((last, frame_len));
+        inflight_bytes += frame_len;
         tracing::trace!(disk = disk.name, first = first.0, last = last.0, bytes, "batch sent");
     }
 }

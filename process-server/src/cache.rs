@@ -75,7 +75,9 @@ impl StreamCache {
 
     /// Makes a batch durable. Blocking (fsyncs).
     pub fn put(&self, batch: &Batch) -> std::io::Result<()> {
-        let mut bytes = rkyv::to_bytes::<rkyv::rancor::Error>(batch).map_err(std::io::Error::other)?.to_vec();
+        let mut bytes =
+            rkyv::api::high::to_bytes_in::<_, rkyv::rancor::Error>(batch, Vec::with_capacity(batch.size_hint() + 4))
+                .map_err(std::io::Error::other)?;
         let crc = crc32c::crc32c(&bytes);
         bytes.extend_from_slice(&crc.to_le_bytes());
         let path = self.dir.join(name(batch.first, batch.last));

@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 pub const DEFAULT_CACHE_LIMIT_BYTES: u64 = 1 << 30;
-pub const DEFAULT_WINDOW_BYTES: u64 = 64 << 20;
+pub const DEFAULT_WINDOW_BYTES: u64 = 32 << 20;
 pub const ENV_PREFIX: &str = "SR_PS";
 
 #[derive(Debug, Clone, Deserialize)]

@@ -126,13 +126,13 @@ async fn session(server: &Arc<Server>, stream: &Arc<Stream>) -> anyhow::Result<(
         })
         .await??;
         let last = sealed.last;
-        let frame = wire::encode(&Message::Sealed(sealed));
-        tokio::io::AsyncWriteExt::write_all(&mut send, &frame).await.context("sending a sealed batch")?;
-        metrics::counter!(m::BYTES_OUT).increment(frame.len() as u64);
+        let frame_len =
+            wire::write_msg(&mut send, &Message::Sealed(sealed)).await.context("sending a sealed batch")? as u64;
+        metrics::counter!(m::BYTES_OUT).increment(frame_len);
         metrics::counter!(m::PAYLOAD_BYTES).increment(raw_bytes);
         metrics::counter!(m::BATCHES_OUT).increment(1);
-        inflight.push_back((last, frame.len() as u64));
-        inflight_bytes += frame.len() as u64;
+        inflight.push_back((last, frame_len));
+        inflight_bytes += frame_len;
         cursor = last.next();
     }
 }
