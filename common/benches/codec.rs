@@ -53,7 +53,7 @@ fn main() {
     });
     for (name, b) in [("random", &random), ("text", &text)] {
         let payload = compress::compress(b, compress::DEFAULT_LEVEL);
-        println!("{name}: compressed to {:.1}% of the raw batch", 100.0 * payload.len() as f64 / BATCH as f64);
+        println!("{name}: compressed to {:.2}% of the raw batch", 100.0 * payload.len() as f64 / BATCH as f64);
         measure(&format!("compress level {} ({name})", compress::DEFAULT_LEVEL), BATCH, || {
             black_box(compress::compress(black_box(b), compress::DEFAULT_LEVEL));
         });

@@ -139,6 +139,16 @@ fn transmission_flags(b: &dyn Backend) -> u16 {
     f
 }
 
+/// Serves one client on an already-connected byte stream until it disconnects or misbehaves. The
+/// accept loops call this; so do the fuzz targets, with in-memory streams.
+pub fn serve_connection<R: Read, W: Write>(r: R, w: W, exports: &Exports) -> std::result::Result<(), String> {
+    let mut r = BufReader::new(r);
+    let mut w = BufWriter::new(w);
+    let res = handle(&mut r, &mut w, exports);
+    let _ = w.flush();
+    res.map_err(|e| e.to_string())
+}
+
 fn handle<R: Read, W: Write>(r: &mut BufReader<R>, w: &mut W, exports: &Exports) -> Result<()> {
     w.write_all(&NBDMAGIC.to_be_bytes())?;
     w.write_all(&IHAVEOPT.to_be_bytes())?;
