@@ -53,17 +53,18 @@ impl Replica {
     /// changes land on the same bytes in the same order.
     pub fn apply(&self, batch: &Batch, store: &dyn StateStore) -> anyhow::Result<u64> {
         use anyhow::Context;
-        let applied = self.applied();
-        anyhow::ensure!(
-            batch.first == applied.next(),
-            "{}: batch {}..={} does not follow the applied position {applied}",
-            self.key,
-            batch.first,
-            batch.last
-        );
         let mut bytes = 0;
         {
+            // Checked under the gate: two sessions of one disk can never both apply the same batch.
             let _w = self.gate.write().expect("replica gate poisoned");
+            let applied = self.applied();
+            anyhow::ensure!(
+                batch.first == applied.next(),
+                "{}: batch {}..={} does not follow the applied position {applied}",
+                self.key,
+                batch.first,
+                batch.last
+            );
             for c in &batch.changes {
                 match &c.op {
                     Op::Write { offset, data } => {

@@ -83,8 +83,11 @@ impl StreamCache {
         let path = self.dir.join(name(batch.first, batch.last));
         sr_common::crashsafe::write_file(&path, &bytes)?;
         self.total.fetch_add(bytes.len() as u64, Ordering::Relaxed);
-        self.lock()
-            .insert(batch.first, Entry { first: batch.first, last: batch.last, bytes: bytes.len() as u64, path });
+        let entry = Entry { first: batch.first, last: batch.last, bytes: bytes.len() as u64, path };
+        if let Some(old) = self.lock().insert(batch.first, entry) {
+            // The same batch written again (a reconnecting agent): the file was replaced, not added.
+            self.total.fetch_sub(old.bytes, Ordering::Relaxed);
+        }
         Ok(())
     }
 
@@ -178,6 +181,19 @@ mod tests {
         let total2 = Arc::new(AtomicU64::new(0));
         let c = StreamCache::open(d.path(), total2).unwrap();
         assert_eq!(c.find(Seq(1)).unwrap().first, Seq(5));
+    }
+
+    #[test]
+    fn writing_a_batch_again_does_not_count_it_twice() {
+        let d = tempfile::tempdir().unwrap();
+        let total = Arc::new(AtomicU64::new(0));
+        let c = StreamCache::open(d.path(), total.clone()).unwrap();
+        c.put(&batch(1, 4)).unwrap();
+        let once = total.load(Ordering::Relaxed);
+        c.put(&batch(1, 4)).unwrap();
+        assert_eq!(total.load(Ordering::Relaxed), once);
+        c.drop_through(Seq(4)).unwrap();
+        assert_eq!(total.load(Ordering::Relaxed), 0);
     }
 
     #[test]
