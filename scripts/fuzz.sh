@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Runs every fuzz target for SECONDS (default 60) each. Needs cargo-fuzz and a nightly toolchain.
+# Runs every fuzz target for FUZZ_SECONDS (default 60) each. Needs cargo-fuzz and a nightly toolchain.
 set -euo pipefail
 cd "$(dirname "$0")/../fuzz"
-SECONDS_EACH=${SECONDS:-60}
+SECONDS_EACH=${FUZZ_SECONDS:-60}
 command -v cargo-fuzz >/dev/null 2>&1 || cargo install --locked cargo-fuzz
 for t in wire_frame batch_payload nbd_client; do
   echo "fuzz: $t for ${SECONDS_EACH}s"
