@@ -13,6 +13,7 @@
 //! - [`crashsafe`]: the one path by which small metadata files are made durable.
 
 pub mod backoff;
+pub mod ca;
 pub mod compress;
 pub mod config;
 pub mod crashsafe;
@@ -21,6 +22,7 @@ pub mod http;
 pub mod local;
 pub mod nbd;
 pub mod quic;
+pub mod register;
 pub mod seal;
 pub mod service;
 pub mod state;

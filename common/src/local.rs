@@ -48,6 +48,7 @@ pub enum Component {
     Agent,
     ProcessServer,
     MasterTarget,
+    ConfigServer,
 }
 
 impl Component {
@@ -56,6 +57,7 @@ impl Component {
             Component::Agent => "mobility-agent",
             Component::ProcessServer => "process-server",
             Component::MasterTarget => "master-target",
+            Component::ConfigServer => "config-server",
         }
     }
     pub fn short(self) -> &'static str {
@@ -63,6 +65,7 @@ impl Component {
             Component::Agent => "agent",
             Component::ProcessServer => "ps",
             Component::MasterTarget => "mt",
+            Component::ConfigServer => "cs",
         }
     }
 }
@@ -190,43 +193,14 @@ impl Local {
         match c {
             Component::Agent => self.addrs.agent_http,
             Component::ProcessServer => self.addrs.ps_http,
-            Component::MasterTarget => self.addrs.mt_http,
+            Component::MasterTarget | Component::ConfigServer => self.addrs.mt_http,
         }
     }
 
     /// Starts a component's real binary, logging to `logs/NAME.log` (appended across restarts), and
     /// waits until its `/healthz` answers.
     pub fn start(&self, c: Component) -> anyhow::Result<Proc> {
-        let bin = bin_dir().join(c.binary());
-        if !bin.exists() {
-            bail!("{} not found: build the workspace first (cargo build --workspace)", bin.display());
-        }
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log(c))?;
-        let child = Command::new(&bin)
-            .arg("run")
-            .arg("--config")
-            .arg(self.config(c))
-            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info,quinn=warn,rustls=warn".into()))
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .with_context(|| format!("starting {}", bin.display()))?;
-        let mut p = Proc { child: Some(child), component: c };
-        let addr = self.http(c);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Ok((200, _)) = http::request(addr, "GET", "/healthz", None) {
-                return Ok(p);
-            }
-            if let Some(status) = p.child.as_mut().and_then(|ch| ch.try_wait().ok().flatten()) {
-                bail!("{} exited with {status} while starting; see {}", c.binary(), self.log(c).display());
-            }
-            if Instant::now() > deadline {
-                bail!("{} did not answer /healthz within 30 s; see {}", c.binary(), self.log(c).display());
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        spawn(c, &self.config(c), &self.log(c), self.http(c))
     }
 
     pub fn agent_status(&self) -> anyhow::Result<serde_json::Value> {
@@ -258,6 +232,70 @@ impl Local {
     /// NBD URI of a protected disk's export at the agent.
     pub fn agent_uri(&self, name: &str) -> String {
         format!("nbd://{}/{name}", self.addrs.agent_nbd)
+    }
+}
+
+/// Starts `c`'s binary with `config`, logging to `log` (appended), and waits until `/healthz` on `http`
+/// answers.
+pub fn spawn(c: Component, config: &Path, log_path: &Path, http_addr: SocketAddr) -> anyhow::Result<Proc> {
+    let bin = bin_dir().join(c.binary());
+    if !bin.exists() {
+        bail!("{} not found: build the workspace first (cargo build --workspace)", bin.display());
+    }
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(log_path)?;
+    let child = Command::new(&bin)
+        .arg("run")
+        .arg("--config")
+        .arg(config)
+        .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info,quinn=warn,rustls=warn".into()))
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .with_context(|| format!("starting {}", bin.display()))?;
+    let mut p = Proc { child: Some(child), component: c };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok((200, _)) = http::request(http_addr, "GET", "/healthz", None) {
+            return Ok(p);
+        }
+        if let Some(status) = p.child.as_mut().and_then(|ch| ch.try_wait().ok().flatten()) {
+            bail!("{} exited with {status} while starting; see {}", c.binary(), log_path.display());
+        }
+        if Instant::now() > deadline {
+            bail!("{} did not answer /healthz within 30 s; see {}", c.binary(), log_path.display());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A configuration server on loopback with its own data directory.
+pub struct ControlPlane {
+    pub root: PathBuf,
+    pub api: SocketAddr,
+}
+
+impl ControlPlane {
+    pub fn create(root: &Path) -> anyhow::Result<ControlPlane> {
+        std::fs::create_dir_all(root.join("logs")).with_context(|| format!("creating {}", root.display()))?;
+        let api = free_tcp();
+        let text = format!("data_dir = {:?}\nlisten = \"{api}\"\n", root.join("cs"));
+        crate::crashsafe::write_file(&root.join("cs.toml"), text.as_bytes())?;
+        Ok(ControlPlane { root: root.to_path_buf(), api })
+    }
+
+    pub fn start(&self) -> anyhow::Result<Proc> {
+        spawn(Component::ConfigServer, &self.root.join("cs.toml"), &self.log(), self.api)
+    }
+
+    pub fn log(&self) -> PathBuf {
+        self.root.join("logs").join("cs.log")
+    }
+
+    /// The admin token written at first start.
+    pub fn admin_token(&self) -> anyhow::Result<String> {
+        let p = self.root.join("cs").join("admin.token");
+        Ok(std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?.trim().to_string())
     }
 }
 

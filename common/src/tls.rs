@@ -100,36 +100,23 @@ pub fn peer_has_role(cert: &CertificateDer<'_>, role: Role) -> bool {
 /// Makes a new deployment CA and one certificate per (name, role) in `dir`:
 /// `ca.pem`, and `NAME.pem` + `NAME.key` for each component. Returns the paths per name.
 pub fn generate_deployment(dir: &Path, nodes: &[(&str, Role)]) -> anyhow::Result<Vec<TlsPaths>> {
-    use rcgen::{
-        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
-    };
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params.key_usages =
-        vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
-    ca_params.distinguished_name.push(DnType::CommonName, "site recovery deployment CA");
-    let ca_key = KeyPair::generate()?;
-    let ca_cert = ca_params.self_signed(&ca_key)?;
+    let (ca, ca_key) = crate::ca::Ca::create()?;
     let ca_path = dir.join("ca.pem");
-    crate::crashsafe::write_file(&ca_path, ca_cert.pem().as_bytes())?;
-    crate::crashsafe::write_file(&dir.join("ca.key"), ca_key.serialize_pem().as_bytes())?;
-    let issuer = Issuer::new(ca_params, ca_key);
+    crate::crashsafe::write_file(&ca_path, ca.cert_pem().as_bytes())?;
+    crate::crashsafe::write_file(&dir.join("ca.key"), ca_key.as_bytes())?;
+    crate::ca::set_private(&dir.join("ca.key"))?;
     let mut out = Vec::new();
-    for (name, role) in nodes {
-        let mut p = CertificateParams::new(vec![role_name(*role), "localhost".to_string()])?;
-        p.distinguished_name.push(DnType::CommonName, *name);
-        p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
-        let key = KeyPair::generate()?;
-        let cert = p.signed_by(&key, &issuer)?;
+    for (i, (name, role)) in nodes.iter().enumerate() {
+        let (cert, key) = ca.issue_local(name, *role, i as u64 + 1)?;
         let paths = TlsPaths {
             ca: ca_path.clone(),
             cert: dir.join(format!("{name}.pem")),
             key: dir.join(format!("{name}.key")),
         };
-        crate::crashsafe::write_file(&paths.cert, cert.pem().as_bytes())?;
-        crate::crashsafe::write_file(&paths.key, key.serialize_pem().as_bytes())?;
+        crate::crashsafe::write_file(&paths.cert, cert.as_bytes())?;
+        crate::crashsafe::write_file(&paths.key, key.as_bytes())?;
+        crate::ca::set_private(&paths.key)?;
         out.push(paths);
     }
     Ok(out)

@@ -1,4 +1,87 @@
-//! The configuration server: registration and certificates, inventory, policies, the protection
-//! lifecycle, jobs and the REST API that drives them.
+//! The configuration server: the deployment's CA and registration, inventory and heartbeats,
+//! replication policies, the protection lifecycle and jobs, behind a REST API with role tokens.
+//!
+//! ```text
+//! operator (srctl, token) --REST--> api --> store (redb: tokens, keys, components, policies, items, jobs, events)
+//! component --register (one-time key + CSR)--> ca --> certificate + component token
+//! component --heartbeat (token)--> inventory (address, disks, load)
+//! ```
 
+pub mod api;
+pub mod auth;
+pub mod config;
+pub mod jobs;
 pub mod lifecycle;
+pub mod model;
+pub mod openapi;
+pub mod store;
+
+use anyhow::Context;
+use config::CsConfig;
+use model::{now, ApiRole, EventRecord, Token, EVENTS, TOKENS};
+use sr_common::ca::Ca;
+use std::sync::Arc;
+use store::{ControlStore, Docs, RedbControlStore};
+use tokio_util::sync::CancellationToken;
+
+pub struct Cs {
+    pub cfg: CsConfig,
+    store: Box<dyn ControlStore>,
+    pub ca: Ca,
+    /// Serializes registrations so a key can never be used twice at the same moment.
+    pub registration: tokio::sync::Mutex<()>,
+}
+
+impl Cs {
+    pub fn store(&self) -> &dyn ControlStore {
+        self.store.as_ref()
+    }
+
+    /// Appends to the event log (and the service log).
+    pub fn event(&self, severity: &str, subject: &str, message: &str) -> Result<(), store::StoreError> {
+        let id = self.store.next_id(EVENTS)?;
+        tracing::info!(severity, subject, "{message}");
+        self.store.put(
+            EVENTS,
+            &model::id_key(id),
+            &EventRecord {
+                id,
+                time: now(),
+                severity: severity.into(),
+                subject: subject.into(),
+                message: message.into(),
+            },
+        )
+    }
+}
+
+/// Path of the first admin token, written at first start.
+pub fn admin_token_path(cfg: &CsConfig) -> std::path::PathBuf {
+    cfg.data_dir.join("admin.token")
+}
+
+pub async fn run(cfg: CsConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
+    sr_common::telemetry::metrics_handle();
+    std::fs::create_dir_all(&cfg.data_dir).with_context(|| format!("creating data_dir {}", cfg.data_dir.display()))?;
+    let store = RedbControlStore::open(&cfg.data_dir.join("state.redb"))?;
+    let ca = Ca::load_or_create(&cfg.data_dir.join("ca"))?;
+    if store.list_raw(TOKENS)?.is_empty() {
+        let secret = auth::secret();
+        let t = Token {
+            id: auth::hash(&secret)[..12].to_string(),
+            name: "admin".into(),
+            role: ApiRole::Admin,
+            hash: auth::hash(&secret),
+        };
+        let path = admin_token_path(&cfg);
+        sr_common::crashsafe::write_file(&path, secret.as_bytes())?;
+        sr_common::ca::set_private(&path)?;
+        store.put(TOKENS, &t.hash, &t)?;
+        tracing::info!(path = %path.display(), "first start: admin token written");
+    }
+    let cs = Arc::new(Cs { cfg, store: Box::new(store), ca, registration: tokio::sync::Mutex::new(()) });
+    let http = sr_common::telemetry::serve_http(cs.cfg.listen, api::routes(cs.clone()), shutdown.clone()).await?;
+    tracing::info!(%http, "configuration server listening");
+    shutdown.cancelled().await;
+    Ok(())
+}

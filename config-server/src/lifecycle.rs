@@ -40,16 +40,39 @@ impl Direction {
 pub enum State {
     Unprotected,
     EnablingProtection,
-    InitialReplication { percent: u8 },
-    Protected { direction: Direction },
-    ResyncRequired { direction: Direction, reason: String },
-    Resynchronizing { direction: Direction, percent: u8 },
-    Critical { direction: Direction, reason: String },
-    FailoverInProgress { direction: Direction, planned: bool },
+    InitialReplication {
+        percent: u8,
+    },
+    Protected {
+        direction: Direction,
+    },
+    ResyncRequired {
+        direction: Direction,
+        reason: String,
+    },
+    Resynchronizing {
+        direction: Direction,
+        percent: u8,
+    },
+    Critical {
+        direction: Direction,
+        reason: String,
+    },
+    FailoverInProgress {
+        direction: Direction,
+        planned: bool,
+    },
     /// The failover happened; the operator may still change the recovery point until commit.
-    FailedOver { direction: Direction },
-    Committed { direction: Direction },
-    Reprotecting { direction: Direction, percent: u8 },
+    FailedOver {
+        direction: Direction,
+    },
+    Committed {
+        direction: Direction,
+    },
+    Reprotecting {
+        direction: Direction,
+        percent: u8,
+    },
     FailingBack,
     FailedBack,
     DisablingProtection,
@@ -129,7 +152,9 @@ impl State {
             (S::Unprotected, E::EnableRequested) => S::EnablingProtection,
             (S::EnablingProtection, E::PrerequisitesMet) => S::InitialReplication { percent: 0 },
             (S::EnablingProtection, E::PrerequisitesFailed { .. }) => S::Unprotected,
-            (S::InitialReplication { .. }, E::Progress { percent }) => S::InitialReplication { percent: (*percent).min(100) },
+            (S::InitialReplication { .. }, E::Progress { percent }) => {
+                S::InitialReplication { percent: (*percent).min(100) }
+            }
             (S::InitialReplication { .. }, E::InitialReplicationDone) => S::Protected { direction: Direction::Forward },
             (S::Protected { direction }, E::ResyncNeeded { reason }) => {
                 S::ResyncRequired { direction: *direction, reason: reason.clone() }
@@ -312,7 +337,9 @@ mod tests {
                 S::FailoverInProgress { direction: dir(s)?, planned: false }
             }
             ("failover_in_progress", E::FailoverDone) => S::FailedOver { direction: dir(s)? },
-            ("failover_in_progress", E::FailoverFailed { .. }) => S::Critical { direction: dir(s)?, reason: "x".into() },
+            ("failover_in_progress", E::FailoverFailed { .. }) => {
+                S::Critical { direction: dir(s)?, reason: "x".into() }
+            }
             ("failed_over", E::CommitRequested) => S::Committed { direction: dir(s)? },
             ("committed", E::ReprotectRequested) => S::Reprotecting { direction: flip(dir(s)?), percent: 0 },
             ("failed_back", E::ReprotectRequested) => S::Reprotecting { direction: F, percent: 0 },
@@ -322,8 +349,14 @@ mod tests {
             ("failing_back", E::FailbackDone) => S::FailedBack,
             ("failing_back", E::FailoverFailed { .. }) => S::Critical { direction: R, reason: "x".into() },
             (
-                "enabling_protection" | "initial_replication" | "protected" | "resync_required" | "resynchronizing"
-                | "critical" | "committed" | "failed_back",
+                "enabling_protection"
+                | "initial_replication"
+                | "protected"
+                | "resync_required"
+                | "resynchronizing"
+                | "critical"
+                | "committed"
+                | "failed_back",
                 E::DisableRequested,
             ) => S::DisablingProtection,
             ("disabling_protection", E::DisableDone) => S::Unprotected,

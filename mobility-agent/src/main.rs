@@ -10,11 +10,16 @@ enum Cli {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Trades a one-time registration key for this component's certificate.
+    Register(sr_common::register::RegisterArgs),
 }
 
 fn main() -> std::process::ExitCode {
     sr_common::telemetry::init_logging();
-    let Cli::Run { config } = Cli::parse();
+    let config = match Cli::parse() {
+        Cli::Run { config } => config,
+        Cli::Register(a) => return sr_common::register::main(sr_common::wire::Role::Agent, &a),
+    };
     let cfg = match mobility_agent::config::AgentConfig::load(&config) {
         Ok(c) => c,
         Err(e) => {

@@ -65,6 +65,7 @@ fn kill_and_restart(victim: Component) {
         Component::MasterTarget => 0,
         Component::ProcessServer => 1,
         Component::Agent => 2,
+        Component::ConfigServer => unreachable!("the data path has no configuration server yet"),
     };
     let uri = local.agent_uri("d");
     let stop = Arc::new(AtomicBool::new(false));

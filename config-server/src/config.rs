@@ -1,0 +1,35 @@
+//! The configuration server's configuration file.
+
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+pub const ENV_PREFIX: &str = "SR_CS";
+pub const DEFAULT_KEY_TTL_SECS: u64 = 24 * 3600;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CsConfig {
+    /// State (redb), the CA and the first admin token live here.
+    pub data_dir: PathBuf,
+    /// REST API, /openapi.json, /metrics and /healthz.
+    pub listen: SocketAddr,
+    /// How long a registration key is valid when the request does not say.
+    #[serde(default = "default_ttl")]
+    pub registration_key_ttl_secs: u64,
+}
+
+fn default_ttl() -> u64 {
+    DEFAULT_KEY_TTL_SECS
+}
+
+impl CsConfig {
+    pub fn load(path: &std::path::Path) -> anyhow::Result<CsConfig> {
+        let cfg: CsConfig = sr_common::config::load(path, ENV_PREFIX)?;
+        let CsConfig { data_dir: _, listen: _, registration_key_ttl_secs } = &cfg;
+        if *registration_key_ttl_secs == 0 {
+            anyhow::bail!("config file {}: key registration_key_ttl_secs: must be at least 1", path.display());
+        }
+        Ok(cfg)
+    }
+}

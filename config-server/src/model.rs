@@ -1,0 +1,253 @@
+//! The documents the configuration server keeps, one collection each.
+
+use crate::lifecycle::State;
+use serde::{Deserialize, Serialize};
+
+pub const TOKENS: &str = "tokens";
+pub const KEYS: &str = "registration_keys";
+pub const COMPONENTS: &str = "components";
+pub const MACHINES: &str = "machines";
+pub const POLICIES: &str = "policies";
+pub const ITEMS: &str = "items";
+pub const JOBS: &str = "jobs";
+pub const EVENTS: &str = "events";
+
+/// What an API token may do. Each role may do everything the ones before it may.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ApiRole {
+    Reader,
+    Operator,
+    Admin,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Token {
+    pub id: String,
+    pub name: String,
+    pub role: ApiRole,
+    /// SHA-256 of the secret, hex. The secret itself is shown once, at creation.
+    pub hash: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ComponentRole {
+    Agent,
+    ProcessServer,
+    MasterTarget,
+}
+
+impl ComponentRole {
+    pub fn wire(self) -> sr_common::wire::Role {
+        match self {
+            ComponentRole::Agent => sr_common::wire::Role::Agent,
+            ComponentRole::ProcessServer => sr_common::wire::Role::ProcessServer,
+            ComponentRole::MasterTarget => sr_common::wire::Role::MasterTarget,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RegistrationKey {
+    pub id: String,
+    pub hash: String,
+    pub role: ComponentRole,
+    /// Unix seconds after which the key is refused.
+    pub expires_at: u64,
+    /// The component that used the key; a key works once.
+    pub used_by: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Load {
+    /// Bytes waiting in a process server's cache.
+    #[serde(default)]
+    pub cache_bytes: u64,
+    /// Bytes per second of changes flowing through.
+    #[serde(default)]
+    pub churn_bytes_per_sec: u64,
+    /// Free bytes for replicas on a master target.
+    #[serde(default)]
+    pub free_bytes: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Component {
+    pub name: String,
+    pub role: ComponentRole,
+    /// Serial number of its certificate (for revocation).
+    pub serial: u64,
+    pub registered_at: u64,
+    pub last_heartbeat: Option<u64>,
+    /// Where peers reach it (QUIC), when it serves.
+    pub address: Option<String>,
+    pub revoked: bool,
+    /// SHA-256 of the component's API token, hex.
+    pub token_hash: String,
+    #[serde(default)]
+    pub load: Load,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct DiskInfo {
+    pub id: u64,
+    pub name: String,
+    pub size: u64,
+}
+
+/// A protected-machine candidate: what its agent reported.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Machine {
+    pub name: String,
+    pub disks: Vec<DiskInfo>,
+    pub last_heartbeat: u64,
+}
+
+pub const DEFAULT_RPO_SECS: u64 = 300;
+pub const DEFAULT_RETENTION_HOURS: u64 = 24;
+pub const DEFAULT_CRASH_INTERVAL_SECS: u64 = 300;
+pub const DEFAULT_APP_INTERVAL_SECS: u64 = 3600;
+pub const DEFAULT_JOURNAL_LIMIT_PERCENT: u8 = 50;
+
+fn d_rpo() -> u64 {
+    DEFAULT_RPO_SECS
+}
+fn d_retention() -> u64 {
+    DEFAULT_RETENTION_HOURS
+}
+fn d_crash() -> u64 {
+    DEFAULT_CRASH_INTERVAL_SECS
+}
+fn d_app() -> u64 {
+    DEFAULT_APP_INTERVAL_SECS
+}
+fn d_journal() -> u8 {
+    DEFAULT_JOURNAL_LIMIT_PERCENT
+}
+fn d_level() -> i32 {
+    sr_common::compress::DEFAULT_LEVEL
+}
+
+/// A replication policy. Fields left out of a request take the defaults.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Policy {
+    #[serde(default)]
+    pub id: String,
+    pub name: String,
+    /// An alert fires when an item's recovery point is older than this.
+    #[serde(default = "d_rpo")]
+    pub rpo_threshold_secs: u64,
+    #[serde(default = "d_retention")]
+    pub retention_hours: u64,
+    #[serde(default = "d_crash")]
+    pub crash_consistent_interval_secs: u64,
+    #[serde(default = "d_app")]
+    pub app_consistent_interval_secs: u64,
+    /// The agent's journal may take this share of the disk's size before a resync is needed.
+    #[serde(default = "d_journal")]
+    pub journal_limit_percent: u8,
+    #[serde(default = "d_level")]
+    pub compression_level: i32,
+    /// 0: unlimited.
+    #[serde(default)]
+    pub bandwidth_limit_mbps: u64,
+}
+
+impl Policy {
+    pub fn validate(&self) -> Result<(), String> {
+        let Policy {
+            id: _,
+            name,
+            rpo_threshold_secs,
+            retention_hours,
+            crash_consistent_interval_secs,
+            app_consistent_interval_secs,
+            journal_limit_percent,
+            compression_level,
+            bandwidth_limit_mbps: _,
+        } = self;
+        if name.trim().is_empty() || name.len() > 128 {
+            return Err("name: 1 to 128 characters".into());
+        }
+        if *rpo_threshold_secs == 0 {
+            return Err("rpo_threshold_secs: must be at least 1".into());
+        }
+        if *retention_hours == 0 || *retention_hours > 24 * 365 {
+            return Err("retention_hours: 1 to 8760".into());
+        }
+        if *crash_consistent_interval_secs == 0 || *app_consistent_interval_secs == 0 {
+            return Err("consistency intervals: must be at least 1 second".into());
+        }
+        if !(1..=100).contains(journal_limit_percent) {
+            return Err("journal_limit_percent: 1 to 100".into());
+        }
+        if !(1..=19).contains(compression_level) {
+            return Err("compression_level: 1 to 19".into());
+        }
+        Ok(())
+    }
+}
+
+/// A protected item: one machine under a policy, with where its data flows.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Item {
+    pub id: u64,
+    pub machine: String,
+    pub policy: String,
+    pub state: State,
+    pub process_server: Option<String>,
+    pub master_target: Option<String>,
+    /// The item's data key (hex); released only to its process server and master target.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub data_key: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobState {
+    Running,
+    Succeeded,
+    Failed,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Step {
+    pub name: String,
+    pub state: JobState,
+    pub started: Option<u64>,
+    pub ended: Option<u64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Job {
+    pub id: u64,
+    pub kind: String,
+    /// What the job acts on (an item id, a component name).
+    pub target: String,
+    pub state: JobState,
+    pub progress: u8,
+    pub steps: Vec<Step>,
+    pub started: u64,
+    pub ended: Option<u64>,
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EventRecord {
+    pub id: u64,
+    pub time: u64,
+    pub severity: String,
+    pub subject: String,
+    pub message: String,
+}
+
+pub fn now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+/// Ids are zero-padded so the store lists them in numeric order.
+pub fn id_key(id: u64) -> String {
+    format!("{id:012}")
+}

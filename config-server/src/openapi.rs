@@ -1,0 +1,116 @@
+//! The published OpenAPI 3.0 document of the REST API, served at `/openapi.json`. [`ROUTES`] is the
+//! one list of operations; a test calls each of them on a running server.
+
+use serde_json::{json, Map, Value};
+
+/// (method, path, summary, who may call, request body schema or "").
+pub const ROUTES: &[(&str, &str, &str, &str, &str)] = &[
+    ("post", "/v1/tokens", "Create an API token (the secret is shown once)", "admin", "NewToken"),
+    (
+        "post",
+        "/v1/registration-keys",
+        "Create a one-time, expiring registration key for a component role",
+        "admin",
+        "NewKey",
+    ),
+    (
+        "post",
+        "/v1/register",
+        "Trade a registration key and a CSR for a certificate and a component token",
+        "registration key",
+        "Registration",
+    ),
+    ("get", "/v1/crl", "The deployment CA's certificate revocation list (PEM)", "anyone", ""),
+    ("get", "/v1/components", "Registered agents, process servers and master targets", "reader", ""),
+    ("post", "/v1/components/{name}/revoke", "Revoke a component's certificate", "admin", ""),
+    (
+        "post",
+        "/v1/heartbeat",
+        "A component reports that it is alive, its address, disks and load",
+        "component",
+        "Heartbeat",
+    ),
+    ("get", "/v1/machines", "Machines whose agents reported their disks", "reader", ""),
+    ("get", "/v1/policies", "Replication policies", "reader", ""),
+    ("post", "/v1/policies", "Create a replication policy", "operator", "Policy"),
+    ("get", "/v1/policies/{id}", "One policy", "reader", ""),
+    ("put", "/v1/policies/{id}", "Replace a policy", "operator", "Policy"),
+    ("delete", "/v1/policies/{id}", "Delete a policy no item uses", "operator", ""),
+    ("get", "/v1/jobs", "Jobs, filtered by state, kind and target", "reader", ""),
+    ("get", "/v1/jobs/{id}", "One job with its steps and progress", "reader", ""),
+    ("get", "/v1/events", "The event log", "reader", ""),
+];
+
+fn schemas() -> Value {
+    json!({
+        "Error": {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}},
+        "NewToken": {"type": "object", "required": ["name", "role"], "additionalProperties": false, "properties": {
+            "name": {"type": "string"}, "role": {"type": "string", "enum": ["reader", "operator", "admin"]}}},
+        "NewKey": {"type": "object", "required": ["role"], "additionalProperties": false, "properties": {
+            "role": {"type": "string", "enum": ["agent", "process-server", "master-target"]},
+            "ttl_seconds": {"type": "integer", "minimum": 1, "maximum": 2592000}}},
+        "Registration": {"type": "object", "required": ["key", "name", "csr_pem"], "additionalProperties": false, "properties": {
+            "key": {"type": "string"}, "name": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"},
+            "csr_pem": {"type": "string"}, "address": {"type": "string"},
+            "role": {"type": "string", "enum": ["agent", "process-server", "master-target"]}}},
+        "Heartbeat": {"type": "object", "additionalProperties": false, "properties": {
+            "address": {"type": "string"},
+            "disks": {"type": "array", "items": {"type": "object", "required": ["id", "name", "size"], "properties": {
+                "id": {"type": "integer"}, "name": {"type": "string"}, "size": {"type": "integer"}}}},
+            "load": {"type": "object", "properties": {"cache_bytes": {"type": "integer"},
+                "churn_bytes_per_sec": {"type": "integer"}, "free_bytes": {"type": "integer"}}}}},
+        "Policy": {"type": "object", "required": ["name"], "additionalProperties": false, "properties": {
+            "id": {"type": "string", "readOnly": true}, "name": {"type": "string"},
+            "rpo_threshold_secs": {"type": "integer", "minimum": 1, "default": 300},
+            "retention_hours": {"type": "integer", "minimum": 1, "maximum": 8760, "default": 24},
+            "crash_consistent_interval_secs": {"type": "integer", "minimum": 1, "default": 300},
+            "app_consistent_interval_secs": {"type": "integer", "minimum": 1, "default": 3600},
+            "journal_limit_percent": {"type": "integer", "minimum": 1, "maximum": 100, "default": 50},
+            "compression_level": {"type": "integer", "minimum": 1, "maximum": 19, "default": 1},
+            "bandwidth_limit_mbps": {"type": "integer", "minimum": 0, "default": 0}}}
+    })
+}
+
+pub fn document() -> Value {
+    let mut paths = Map::new();
+    for (method, path, summary, who, body) in ROUTES {
+        let mut op = json!({
+            "summary": summary,
+            "description": format!("Who may call: {who}."),
+            "responses": {
+                "200": {"description": "OK"},
+                "400": {"description": "Malformed request", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}},
+                "401": {"description": "No or unknown token"},
+                "403": {"description": "The token's role may not do this"},
+                "404": {"description": "Not found"},
+                "409": {"description": "Conflict"}
+            }
+        });
+        if matches!(*who, "anyone" | "registration key") {
+            op["security"] = json!([]);
+        }
+        if !body.is_empty() {
+            op["requestBody"] = json!({"required": true, "content": {"application/json": {"schema": {"$ref": format!("#/components/schemas/{body}")}}}});
+        }
+        let params: Vec<Value> = path
+            .split('/')
+            .filter_map(|seg| seg.strip_prefix('{').and_then(|s| s.strip_suffix('}')))
+            .map(|name| json!({"name": name, "in": "path", "required": true, "schema": {"type": "string"}}))
+            .collect();
+        if !params.is_empty() {
+            op["parameters"] = Value::Array(params);
+        }
+        let entry = paths.entry(path.to_string()).or_insert_with(|| json!({}));
+        entry[*method] = op;
+    }
+    json!({
+        "openapi": "3.0.3",
+        "info": {"title": "Site recovery configuration server", "version": env!("CARGO_PKG_VERSION")},
+        "paths": paths,
+        "components": {
+            "schemas": schemas(),
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}
+        },
+        "security": [{"bearer": []}]
+    })
+}

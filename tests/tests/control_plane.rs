@@ -1,0 +1,200 @@
+//! The configuration server, as its real binary: token roles, malformed bodies, registration with
+//! one-time keys through the components' own `register` subcommands, revocation, heartbeats, jobs,
+//! the OpenAPI document, and state that survives a SIGKILL.
+
+// Test code: a failed unwrap is a failed test, with its message.
+#![allow(clippy::unwrap_used)]
+
+use serde_json::{json, Value};
+use sr_common::http::request_with;
+use sr_common::local::{bin_dir, ControlPlane};
+use sr_tests::*;
+use std::net::SocketAddr;
+use std::process::Command;
+
+fn call(api: SocketAddr, method: &str, path: &str, body: Option<Value>, token: Option<&str>) -> (u16, Value) {
+    let b = body.map(|v| v.to_string());
+    let (code, text) = request_with(api, method, path, b.as_deref(), token).unwrap();
+    (code, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+}
+
+fn raw(api: SocketAddr, method: &str, path: &str, body: &str, token: &str) -> (u16, Value) {
+    let (code, text) = request_with(api, method, path, Some(body), Some(token)).unwrap();
+    (code, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+}
+
+fn register(binary: &str, api: SocketAddr, key: &str, name: &str, dir: &std::path::Path) -> std::process::Output {
+    Command::new(bin_dir().join(binary))
+        .args(["register", "--server", &api.to_string(), "--key", key, "--name", name, "--dir"])
+        .arg(dir)
+        .output()
+        .unwrap()
+}
+
+fn new_key(api: SocketAddr, admin: &str, role: &str, ttl: Option<u64>) -> String {
+    let mut body = json!({ "role": role });
+    if let Some(t) = ttl {
+        body["ttl_seconds"] = json!(t);
+    }
+    let (code, v) = call(api, "POST", "/v1/registration-keys", Some(body), Some(admin));
+    assert_eq!(code, 200, "{v}");
+    v["key"].as_str().unwrap().to_string()
+}
+
+#[test]
+fn tokens_roles_bodies_registration_revocation_and_restart() {
+    let dir = test_dir();
+    let cp = ControlPlane::create(&dir.path().join("cp")).unwrap();
+    let cs = cp.start().unwrap();
+    let api = cp.api;
+    let admin = cp.admin_token().unwrap();
+
+    // 401 without a token or with an unknown one.
+    for (m, p) in
+        [("GET", "/v1/components"), ("GET", "/v1/jobs"), ("POST", "/v1/policies"), ("POST", "/v1/registration-keys")]
+    {
+        let (code, v) = call(api, m, p, Some(json!({})), None);
+        assert_eq!(code, 401, "{m} {p}: {v}");
+        assert!(v["error"].as_str().unwrap().contains("Bearer"), "{v}");
+        assert_eq!(call(api, m, p, Some(json!({})), Some("not-a-token")).0, 401);
+    }
+
+    // A reader may read but not write: 403 with the reason.
+    let (code, v) = call(api, "POST", "/v1/tokens", Some(json!({"name": "watcher", "role": "reader"})), Some(&admin));
+    assert_eq!(code, 200, "{v}");
+    let reader = v["token"].as_str().unwrap().to_string();
+    assert_eq!(call(api, "GET", "/v1/policies", None, Some(&reader)).0, 200);
+    let (code, v) = call(api, "POST", "/v1/policies", Some(json!({"name": "p"})), Some(&reader));
+    assert_eq!(code, 403, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("Operator"), "{v}");
+    let (code, v) = call(api, "POST", "/v1/tokens", Some(json!({"name": "op", "role": "operator"})), Some(&admin));
+    assert_eq!(code, 200);
+    let operator = v["token"].as_str().unwrap().to_string();
+    assert_eq!(call(api, "POST", "/v1/registration-keys", Some(json!({"role": "agent"})), Some(&operator)).0, 403);
+
+    // Malformed bodies: 400 with a message that says what is wrong.
+    for (body, says) in [
+        ("{", "EOF"),
+        ("[]", "expected struct Policy"),
+        (r#"{"name": "p", "bogus": 1}"#, "bogus"),
+        (r#"{"name": "p", "journal_limit_percent": 0}"#, "journal_limit_percent"),
+        (r#"{"name": "p", "compression_level": 40}"#, "compression_level"),
+        (r#"{"name": 7}"#, "invalid type"),
+    ] {
+        let (code, v) = raw(api, "POST", "/v1/policies", body, &operator);
+        assert_eq!(code, 400, "{body}: {v}");
+        assert!(v["error"].as_str().unwrap().contains(says), "{body}: {v}");
+    }
+    let (code, policy) =
+        call(api, "POST", "/v1/policies", Some(json!({"name": "gold", "rpo_threshold_secs": 60})), Some(&operator));
+    assert_eq!(code, 200, "{policy}");
+    assert_eq!(policy["journal_limit_percent"], 50, "defaults are filled in");
+    assert_eq!(call(api, "POST", "/v1/policies", Some(json!({"name": "gold"})), Some(&operator)).0, 409);
+
+    // Registration through the components' own subcommands.
+    let certs = dir.path().join("certs");
+    let key = new_key(api, &admin, "master-target", None);
+    let out = register("master-target", api, &key, "mt-1", &certs);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = register("master-target", api, &key, "mt-2", &certs);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already used"), "{}", String::from_utf8_lossy(&out.stderr));
+    let agent_key = new_key(api, &admin, "agent", None);
+    let out = register("process-server", api, &agent_key, "ps-x", &certs);
+    assert!(!out.status.success(), "an agent key does not make a process server");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("is for a Agent"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let key = new_key(api, &admin, "process-server", Some(1));
+    std::thread::sleep(std::time::Duration::from_millis(2100));
+    let out = register("process-server", api, &key, "ps-1", &certs);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("expired"), "{}", String::from_utf8_lossy(&out.stderr));
+    let key = new_key(api, &admin, "process-server", None);
+    assert!(register("process-server", api, &key, "ps-1", &certs).status.success());
+    assert!(
+        register("mobility-agent", api, &agent_key, "agent-1", &certs).status.success(),
+        "a refused key is not used up"
+    );
+
+    // The issued certificates carry their roles and chain to the deployment CA.
+    let tls = |n: &str| sr_common::tls::TlsPaths {
+        ca: certs.join("ca.pem"),
+        cert: certs.join(format!("{n}.pem")),
+        key: certs.join(format!("{n}.key")),
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let mt = sr_common::tls::Identity::load(&tls("mt-1")).unwrap();
+        let server = sr_common::quic::server(&mt, "127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = server.local_addr().unwrap();
+        let accept = tokio::spawn(async move {
+            let conn = server.accept().await.unwrap().await.unwrap();
+            sr_common::quic::require_peer_role(&conn, sr_common::wire::Role::ProcessServer).is_ok()
+        });
+        let ps = sr_common::tls::Identity::load(&tls("ps-1")).unwrap();
+        let ep = sr_common::quic::client(&ps).unwrap();
+        let _conn = sr_common::quic::connect(&ep, addr, sr_common::wire::Role::MasterTarget).await.unwrap();
+        assert!(accept.await.unwrap(), "the registered process server passes the role check");
+    });
+
+    // Heartbeats with the component token fill the inventory.
+    let agent_token = std::fs::read_to_string(certs.join("agent-1.token")).unwrap();
+    let hb = json!({"disks": [{"id": 1, "name": "disk0", "size": 1073741824}]});
+    assert_eq!(call(api, "POST", "/v1/heartbeat", Some(hb.clone()), Some(&agent_token)).0, 200);
+    let (_, machines) = call(api, "GET", "/v1/machines", None, Some(&reader));
+    assert_eq!(machines[0]["name"], "agent-1");
+    assert_eq!(machines[0]["disks"][0]["size"], 1073741824u64);
+    assert_eq!(
+        call(api, "GET", "/v1/policies", None, Some(&agent_token)).0,
+        403,
+        "components may not use operator endpoints"
+    );
+    let ps_token = std::fs::read_to_string(certs.join("ps-1.token")).unwrap();
+    assert_eq!(call(api, "POST", "/v1/heartbeat", Some(hb), Some(&ps_token)).0, 400, "only agents report disks");
+
+    // Revocation: the CRL names it and its token stops working.
+    assert_eq!(call(api, "POST", "/v1/components/ps-1/revoke", None, Some(&operator)).0, 403);
+    let (code, v) = call(api, "POST", "/v1/components/ps-1/revoke", None, Some(&admin));
+    assert_eq!((code, &v["revoked"]), (200, &json!(true)), "{v}");
+    let (code, crl) = call(api, "GET", "/v1/crl", None, None);
+    assert_eq!(code, 200);
+    assert!(crl.as_str().unwrap().contains("BEGIN X509 CRL"));
+    assert_ne!(call(api, "POST", "/v1/heartbeat", Some(json!({})), Some(&ps_token)).0, 200);
+
+    // Jobs: registrations are jobs with steps, filterable by kind and state.
+    let (_, jobs) = call(api, "GET", "/v1/jobs?kind=register", None, Some(&reader));
+    let jobs = jobs.as_array().unwrap().clone();
+    assert!(jobs.len() >= 6, "{jobs:?}");
+    let (_, failed) = call(api, "GET", "/v1/jobs?kind=register&state=failed", None, Some(&reader));
+    assert!(failed.as_array().unwrap().iter().all(|j| j["state"] == "failed" && j["error"].is_string()));
+    assert!(failed.as_array().unwrap().iter().any(|j| j["error"].as_str().unwrap().contains("expired")));
+    let (code, v) = call(api, "GET", "/v1/jobs?state=bogus", None, Some(&reader));
+    assert_eq!(code, 400, "{v}");
+    let ok = jobs.iter().find(|j| j["state"] == "succeeded").unwrap();
+    assert_eq!(ok["progress"], 100);
+    assert!(ok["steps"].as_array().unwrap().iter().all(|s| s["state"] == "succeeded" && s["ended"].is_u64()));
+
+    // Every operation in the OpenAPI document is served.
+    let (code, doc) = call(api, "GET", "/openapi.json", None, None);
+    assert_eq!(code, 200);
+    for (path, ops) in doc["paths"].as_object().unwrap() {
+        for method in ops.as_object().unwrap().keys() {
+            let p = path.replace("{id}", "000000000001").replace("{name}", "agent-1");
+            let (code, _) = call(api, &method.to_uppercase(), &p, Some(json!({})), Some(&reader));
+            assert!(code != 404 || p.contains("0001"), "{method} {path} is in the document but not served ({code})");
+            assert_ne!(code, 405, "{method} {path}");
+        }
+    }
+
+    // SIGKILL and restart: tokens, policies, components and jobs are all still there.
+    cs.kill();
+    let _cs = cp.start().unwrap();
+    let (_, policies) = call(api, "GET", "/v1/policies", None, Some(&reader));
+    assert_eq!(policies[0]["name"], "gold");
+    let (_, comps) = call(api, "GET", "/v1/components", None, Some(&reader));
+    assert_eq!(comps.as_array().unwrap().len(), 3);
+    let (_, jobs_after) = call(api, "GET", "/v1/jobs?kind=register", None, Some(&reader));
+    assert_eq!(jobs_after.as_array().unwrap().len(), jobs.len());
+}
