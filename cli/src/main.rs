@@ -1,5 +1,6 @@
 //! `srctl`: the operator's command line.
 
+mod api;
 mod quickstart;
 
 use clap::{Parser, Subcommand, ValueEnum};
@@ -13,6 +14,8 @@ struct Cli {
     /// Output format for results.
     #[arg(long, short, global = true, value_enum, default_value_t = Output::Text)]
     output: Output,
+    #[command(flatten)]
+    conn: api::Conn,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -44,6 +47,41 @@ enum Cmd {
         #[arg(long = "disk", required = true)]
         disks: Vec<String>,
     },
+    /// Registration keys for components.
+    #[command(subcommand)]
+    Keys(api::KeysCmd),
+    /// API tokens.
+    #[command(subcommand)]
+    Tokens(api::TokensCmd),
+    /// Registered agents, process servers and master targets.
+    #[command(subcommand)]
+    Components(api::ComponentsCmd),
+    /// Machines whose agents reported their disks.
+    Machines,
+    /// Replication policies.
+    #[command(subcommand)]
+    Policies(api::PoliciesCmd),
+    /// Enables protection of a machine under a policy.
+    Protect {
+        #[arg(long)]
+        machine: String,
+        /// Policy id or name.
+        #[arg(long)]
+        policy: String,
+        /// Follow the job with a progress bar until the item is protected.
+        #[arg(long)]
+        watch: bool,
+    },
+    /// Disables protection of an item.
+    Unprotect { item: u64 },
+    /// Protected items with their state and RPO.
+    #[command(subcommand)]
+    Items(api::ItemsCmd),
+    /// Jobs: list, show, watch.
+    #[command(subcommand)]
+    Jobs(api::JobsCmd),
+    /// The event log.
+    Events,
     /// Shows a service's status (its operations endpoint, for example 127.0.0.1:9101).
     Status { endpoint: SocketAddr },
 }
@@ -55,6 +93,18 @@ fn main() -> ExitCode {
         Cmd::Quickstart(a) => quickstart::run(a, json),
         Cmd::Certs { dir, nodes } => certs(&dir, &nodes, json),
         Cmd::Local { dir, disks } => local(&dir, &disks),
+        Cmd::Keys(c) => api::Client::new(&cli.conn).and_then(|cl| api::keys(&cl, c, json)),
+        Cmd::Tokens(c) => api::Client::new(&cli.conn).and_then(|cl| api::tokens(&cl, c, json)),
+        Cmd::Components(c) => api::Client::new(&cli.conn).and_then(|cl| api::components(&cl, c, json)),
+        Cmd::Machines => api::Client::new(&cli.conn).and_then(|cl| api::machines(&cl, json)),
+        Cmd::Policies(c) => api::Client::new(&cli.conn).and_then(|cl| api::policies(&cl, c, json)),
+        Cmd::Protect { machine, policy, watch } => {
+            api::Client::new(&cli.conn).and_then(|cl| api::protect(&cl, &machine, &policy, watch, json))
+        }
+        Cmd::Unprotect { item } => api::Client::new(&cli.conn).and_then(|cl| api::unprotect(&cl, item, json)),
+        Cmd::Items(c) => api::Client::new(&cli.conn).and_then(|cl| api::items(&cl, c, json)),
+        Cmd::Jobs(c) => api::Client::new(&cli.conn).and_then(|cl| api::jobs(&cl, c, json)),
+        Cmd::Events => api::Client::new(&cli.conn).and_then(|cl| api::events(&cl, json)),
         Cmd::Status { endpoint } => sr_common::http::get_json(endpoint, "/v1/status").map(|v| {
             println!("{}", serde_json::to_string_pretty(&v).expect("JSON value prints"));
         }),

@@ -16,6 +16,7 @@ pub mod backoff;
 pub mod ca;
 pub mod compress;
 pub mod config;
+pub mod control;
 pub mod crashsafe;
 pub mod disk;
 pub mod http;

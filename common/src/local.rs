@@ -103,7 +103,25 @@ pub struct Addrs {
     pub mt_nbd: SocketAddr,
 }
 
+impl Addrs {
+    fn new(root: &Path) -> Addrs {
+        Addrs {
+            agent_http: free_tcp(),
+            agent_nbd: free_tcp(),
+            agent_unix: root.join("agent.sock"),
+            ps_http: free_tcp(),
+            ps_quic: free_udp(),
+            mt_http: free_tcp(),
+            mt_quic: free_udp(),
+            mt_nbd: free_tcp(),
+        }
+    }
+}
+
 pub struct Local {
+    /// The protected item the disks belong to: [`ITEM`] in static deployments, whatever the
+    /// configuration server assigned in managed ones.
+    pub item: u64,
     pub root: PathBuf,
     pub addrs: Addrs,
     pub disks: Vec<DiskSpec>,
@@ -121,7 +139,8 @@ fn tls_toml(certs: &Path, name: &str) -> String {
 }
 
 impl Local {
-    /// Writes certificates, the item key and the three config files under `root`.
+    /// Writes certificates, the item key and the three config files under `root`: a static deployment,
+    /// no configuration server.
     pub fn create(root: &Path, disks: Vec<DiskSpec>, opts: &Options) -> anyhow::Result<Local> {
         std::fs::create_dir_all(root.join("logs")).with_context(|| format!("creating {}", root.display()))?;
         let certs = root.join("certs");
@@ -132,53 +151,136 @@ impl Local {
         let (key, _) = crate::seal::ItemKey::generate();
         let key_file = certs.join(format!("item-{ITEM}.key"));
         crate::crashsafe::write_file(&key_file, hex::encode(key).as_bytes())?;
-        let addrs = Addrs {
-            agent_http: free_tcp(),
-            agent_nbd: free_tcp(),
-            agent_unix: root.join("agent.sock"),
-            ps_http: free_tcp(),
-            ps_quic: free_udp(),
-            mt_http: free_tcp(),
-            mt_quic: free_udp(),
-            mt_nbd: free_tcp(),
+        let local = Local { item: ITEM, root: root.to_path_buf(), addrs: Addrs::new(root), disks, key_file, certs };
+        local.write_configs(opts, None)?;
+        Ok(local)
+    }
+
+    /// A deployment run by the configuration server at `api`: each component registers with a fresh
+    /// one-time key (made with `admin_token`) through its own `register` subcommand, and its config
+    /// names only the configuration server; items, keys and peers come from assignments.
+    pub fn managed(
+        root: &Path,
+        disks: Vec<DiskSpec>,
+        opts: &Options,
+        api: SocketAddr,
+        admin_token: &str,
+    ) -> anyhow::Result<Local> {
+        std::fs::create_dir_all(root.join("logs")).with_context(|| format!("creating {}", root.display()))?;
+        let certs = root.join("certs");
+        let local = Local {
+            item: ITEM,
+            root: root.to_path_buf(),
+            addrs: Addrs::new(root),
+            disks,
+            key_file: PathBuf::new(),
+            certs,
         };
-        let item = format!("[[item]]\nid = {ITEM}\nkey_file = {key_file:?}\n");
+        for c in [Component::MasterTarget, Component::ProcessServer, Component::Agent] {
+            let role = match c {
+                Component::Agent => "agent",
+                Component::ProcessServer => "process-server",
+                _ => "master-target",
+            };
+            let (code, body) = http::request_with(
+                api,
+                "POST",
+                "/v1/registration-keys",
+                Some(&format!("{{\"role\": \"{role}\"}}")),
+                Some(admin_token),
+            )?;
+            if code != 200 {
+                bail!("creating a registration key for {role}: HTTP {code}: {body}");
+            }
+            let key: serde_json::Value = serde_json::from_str(&body)?;
+            let key = key["key"].as_str().context("no key in the answer")?.to_string();
+            let mut cmd = Command::new(bin_dir().join(c.binary()));
+            cmd.args(["register", "--server", &api.to_string(), "--key", &key, "--name", local.node(c), "--dir"]);
+            cmd.arg(&local.certs);
+            match c {
+                Component::ProcessServer => cmd.args(["--address", &local.addrs.ps_quic.to_string()]),
+                Component::MasterTarget => cmd.args(["--address", &local.addrs.mt_quic.to_string()]),
+                _ => &mut cmd,
+            };
+            let out = cmd.output().with_context(|| format!("running {} register", c.binary()))?;
+            if !out.status.success() {
+                bail!("{} register failed: {}", c.binary(), String::from_utf8_lossy(&out.stderr));
+            }
+        }
+        local.write_configs(opts, Some(api))?;
+        Ok(local)
+    }
+
+    /// Node name of a component in this deployment.
+    pub fn node(&self, c: Component) -> &'static str {
+        match c {
+            Component::Agent => "agent-1",
+            Component::ProcessServer => "ps-1",
+            Component::MasterTarget => "mt-1",
+            Component::ConfigServer => "cs",
+        }
+    }
+
+    fn write_configs(&self, opts: &Options, control_api: Option<SocketAddr>) -> anyhow::Result<()> {
+        let (root, addrs, certs) = (&self.root, &self.addrs, &self.certs);
+        // Static deployments name certificates by role; registered ones by node name.
+        let cert_name = |c: Component| if control_api.is_some() { self.node(c) } else { c.short() };
+        let control = |c: Component| match control_api {
+            Some(api) => format!(
+                "[control]\nserver = \"{api}\"\ntoken_file = {:?}\npoll_secs = 1\n",
+                certs.join(format!("{}.token", self.node(c)))
+            ),
+            None => String::new(),
+        };
+        let item = if control_api.is_some() {
+            String::new()
+        } else {
+            format!("[[item]]\nid = {ITEM}\nkey_file = {:?}\n", self.key_file)
+        };
         let mt = format!(
-            "node = \"mt-1\"\ndata_dir = {:?}\nhttp = \"{}\"\nlisten = \"{}\"\nnbd_tcp = \"{}\"\n{}\n{item}",
+            "node = \"mt-1\"\ndata_dir = {:?}\nhttp = \"{}\"\nlisten = \"{}\"\nnbd_tcp = \"{}\"\n{}\n{}{item}",
             root.join("mt"),
             addrs.mt_http,
             addrs.mt_quic,
             addrs.mt_nbd,
-            tls_toml(&certs, "mt")
+            tls_toml(certs, cert_name(Component::MasterTarget)),
+            control(Component::MasterTarget),
         );
+        let static_mt =
+            if control_api.is_some() { String::new() } else { format!("master_target = \"{}\"\n", addrs.mt_quic) };
         let ps = format!(
-            "node = \"ps-1\"\ndata_dir = {:?}\nhttp = \"{}\"\nlisten = \"{}\"\nmaster_target = \"{}\"\ncache_limit_bytes = {}\n{}\n{item}",
+            "node = \"ps-1\"\ndata_dir = {:?}\nhttp = \"{}\"\nlisten = \"{}\"\n{static_mt}cache_limit_bytes = {}\n{}\n{}{item}",
             root.join("ps"),
             addrs.ps_http,
             addrs.ps_quic,
-            addrs.mt_quic,
             opts.ps_cache_limit_bytes,
-            tls_toml(&certs, "ps")
+            tls_toml(certs, cert_name(Component::ProcessServer)),
+            control(Component::ProcessServer),
         );
+        let static_agent = if control_api.is_some() {
+            String::new()
+        } else {
+            format!("item = {ITEM}\nprocess_server = \"{}\"\n", addrs.ps_quic)
+        };
         let mut agent = format!(
-            "node = \"agent-1\"\nitem = {ITEM}\ndata_dir = {:?}\nhttp = \"{}\"\nnbd_tcp = \"{}\"\nnbd_unix = {:?}\nprocess_server = \"{}\"\n{}\n[ship]\nbatch_bytes = {}\nwindow_bytes = {}\n[copy]\nchunk_bytes = {}\n",
+            "node = \"agent-1\"\n{static_agent}data_dir = {:?}\nhttp = \"{}\"\nnbd_tcp = \"{}\"\nnbd_unix = {:?}\n{}\n{}[ship]\nbatch_bytes = {}\nwindow_bytes = {}\n[copy]\nchunk_bytes = {}\n",
             root.join("agent"),
             addrs.agent_http,
             addrs.agent_nbd,
             addrs.agent_unix,
-            addrs.ps_quic,
-            tls_toml(&certs, "agent"),
+            tls_toml(certs, cert_name(Component::Agent)),
+            control(Component::Agent),
             opts.batch_bytes,
             (opts.batch_bytes * 8).max(32 << 20),
             opts.copy_chunk_bytes,
         );
-        for d in &disks {
+        for d in &self.disks {
             agent.push_str(&format!("[[disk]]\nid = {}\nname = {:?}\npath = {:?}\n", d.id, d.name, d.path));
         }
         for (name, text) in [("mt", mt), ("ps", ps), ("agent", agent)] {
             crate::crashsafe::write_file(&root.join(format!("{name}.toml")), text.as_bytes())?;
         }
-        Ok(Local { root: root.to_path_buf(), addrs, disks, key_file, certs })
+        Ok(())
     }
 
     pub fn config(&self, c: Component) -> PathBuf {
@@ -214,19 +316,19 @@ impl Local {
             .as_array()
             .into_iter()
             .flatten()
-            .find(|r| r["item"] == ITEM && r["disk"] == disk)
+            .find(|r| r["item"] == self.item && r["disk"] == disk)
             .and_then(|r| r["applied_seq"].as_u64())
             .unwrap_or(0))
     }
 
     /// Path of a disk's replica file at the master target.
     pub fn replica_path(&self, disk: u64) -> PathBuf {
-        self.root.join("mt").join("replicas").join(format!("item-{ITEM}-disk-{disk}.img"))
+        self.root.join("mt").join("replicas").join(format!("item-{}-disk-{disk}.img", self.item))
     }
 
     /// NBD URI of a disk's read-only replica export.
     pub fn replica_uri(&self, disk: u64) -> String {
-        format!("nbd://{}/item-{ITEM}-disk-{disk}", self.addrs.mt_nbd)
+        format!("nbd://{}/item-{}-disk-{disk}", self.addrs.mt_nbd, self.item)
     }
 
     /// NBD URI of a protected disk's export at the agent.

@@ -167,6 +167,10 @@ impl KeyRing {
         }
         Ok(KeyRing { keys })
     }
+    pub fn from_keys(keys: impl IntoIterator<Item = (ItemId, ItemKey)>) -> KeyRing {
+        KeyRing { keys: keys.into_iter().collect() }
+    }
+
     pub fn get(&self, item: ItemId) -> Option<&ItemKey> {
         self.keys.get(&item)
     }

@@ -26,13 +26,13 @@ impl ApiError {
     pub fn new(status: StatusCode, message: &str) -> ApiError {
         ApiError { status, message: message.to_string() }
     }
-    fn bad(message: &str) -> ApiError {
+    pub fn bad(message: &str) -> ApiError {
         ApiError::new(StatusCode::BAD_REQUEST, message)
     }
-    fn not_found(message: &str) -> ApiError {
+    pub fn not_found(message: &str) -> ApiError {
         ApiError::new(StatusCode::NOT_FOUND, message)
     }
-    fn conflict(message: &str) -> ApiError {
+    pub fn conflict(message: &str) -> ApiError {
         ApiError::new(StatusCode::CONFLICT, message)
     }
 }
@@ -50,10 +50,10 @@ impl IntoResponse for ApiError {
     }
 }
 
-type R<T> = Result<Json<T>, ApiError>;
-type Body<T> = Result<Json<T>, JsonRejection>;
+pub type R<T> = Result<Json<T>, ApiError>;
+pub type Body<T> = Result<Json<T>, JsonRejection>;
 
-fn body<T>(b: Body<T>) -> Result<T, ApiError> {
+pub fn body<T>(b: Body<T>) -> Result<T, ApiError> {
     b.map(|Json(v)| v).map_err(|e| ApiError::bad(&format!("invalid request body: {}", e.body_text())))
 }
 
@@ -70,6 +70,9 @@ pub fn routes(cs: Arc<Cs>) -> Router {
         .route("/v1/machines", get(list_machines))
         .route("/v1/policies", get(list_policies).post(create_policy))
         .route("/v1/policies/{id}", get(get_policy).put(put_policy).delete(delete_policy))
+        .route("/v1/items", get(crate::items::list).post(crate::items::enable))
+        .route("/v1/items/{id}", get(crate::items::get).delete(crate::items::disable))
+        .route("/v1/assignments", get(crate::items::assignments))
         .route("/v1/jobs", get(list_jobs))
         .route("/v1/jobs/{id}", get(get_job))
         .route("/v1/events", get(list_events))
@@ -261,6 +264,10 @@ struct Heartbeat {
     #[serde(default)]
     disks: Option<Vec<DiskInfo>>,
     #[serde(default)]
+    progress: Option<Vec<DiskProgress>>,
+    #[serde(default)]
+    applied: Option<Vec<AppliedSeq>>,
+    #[serde(default)]
     load: Option<Load>,
 }
 
@@ -281,7 +288,20 @@ async fn heartbeat(State(cs): State<Arc<Cs>>, h: HeaderMap, b: Body<Heartbeat>) 
         if role != ComponentRole::Agent {
             return Err(ApiError::bad("only agents report disks"));
         }
-        store.put(MACHINES, &name, &Machine { name: name.clone(), disks, last_heartbeat: now() })?;
+        let progress = req.progress.unwrap_or_default();
+        store.put(MACHINES, &name, &Machine { name: name.clone(), disks, last_heartbeat: now(), progress })?;
+    }
+    if let Some(applied) = req.applied {
+        if role != ComponentRole::MasterTarget {
+            return Err(ApiError::bad("only master targets report applied positions"));
+        }
+        for a in applied {
+            // Only the master target an item is assigned to speaks for it.
+            let item: Option<Item> = store.get(ITEMS, &id_key(a.item))?;
+            if item.is_some_and(|i| i.master_target.as_deref() == Some(name.as_str())) {
+                store.put(APPLIED, &format!("{}-{}", a.item, a.disk), &(a.seq, now()))?;
+            }
+        }
     }
     Ok(Json(json!({ "ok": true })))
 }

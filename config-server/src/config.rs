@@ -17,6 +17,9 @@ pub struct CsConfig {
     /// How long a registration key is valid when the request does not say.
     #[serde(default = "default_ttl")]
     pub registration_key_ttl_secs: u64,
+    /// Alerts are POSTed as JSON here (`host:port/path`), besides the event log.
+    #[serde(default)]
+    pub alert_webhook: Option<String>,
 }
 
 fn default_ttl() -> u64 {
@@ -26,7 +29,16 @@ fn default_ttl() -> u64 {
 impl CsConfig {
     pub fn load(path: &std::path::Path) -> anyhow::Result<CsConfig> {
         let cfg: CsConfig = sr_common::config::load(path, ENV_PREFIX)?;
-        let CsConfig { data_dir: _, listen: _, registration_key_ttl_secs } = &cfg;
+        let CsConfig { data_dir: _, listen: _, registration_key_ttl_secs, alert_webhook } = &cfg;
+        if let Some(h) = alert_webhook {
+            let addr = h.split_once('/').map_or(h.as_str(), |(a, _)| a);
+            if addr.parse::<std::net::SocketAddr>().is_err() {
+                anyhow::bail!(
+                    "config file {}: key alert_webhook: {h:?} is not host:port/path with an IP address",
+                    path.display()
+                );
+            }
+        }
         if *registration_key_ttl_secs == 0 {
             anyhow::bail!("config file {}: key registration_key_ttl_secs: must be at least 1", path.display());
         }

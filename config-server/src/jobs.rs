@@ -32,6 +32,11 @@ impl<'a> JobHandle<'a> {
         Ok(h)
     }
 
+    /// A handle on a stored job, to advance it later.
+    pub fn load(store: &'a dyn ControlStore, id: u64) -> Result<Option<Self>, StoreError> {
+        Ok(store.get::<Job>(JOBS, &id_key(id))?.map(|job| JobHandle { store, job }))
+    }
+
     fn save(&self) -> Result<(), StoreError> {
         self.store.put(JOBS, &id_key(self.job.id), &self.job)
     }

@@ -10,6 +10,7 @@
 pub mod api;
 pub mod auth;
 pub mod config;
+pub mod items;
 pub mod jobs;
 pub mod lifecycle;
 pub mod model;
@@ -30,11 +31,37 @@ pub struct Cs {
     pub ca: Ca,
     /// Serializes registrations so a key can never be used twice at the same moment.
     pub registration: tokio::sync::Mutex<()>,
+    /// Serializes changes to items (enable, disable, evaluation).
+    pub items_lock: tokio::sync::Mutex<()>,
 }
 
 impl Cs {
     pub fn store(&self) -> &dyn ControlStore {
         self.store.as_ref()
+    }
+
+    /// An alert: a warning event, and a POST of it to the configured webhook.
+    pub async fn alert(&self, subject: &str, message: &str) -> Result<(), store::StoreError> {
+        self.event("warning", subject, message)?;
+        if let Some(hook) = self.cfg.alert_webhook.clone() {
+            let body =
+                serde_json::json!({ "severity": "warning", "subject": subject, "message": message, "time": now() });
+            let res = tokio::task::spawn_blocking(move || {
+                let (addr, path) =
+                    hook.split_once('/').map_or((hook.as_str(), "/".to_string()), |(a, p)| (a, format!("/{p}")));
+                let addr: std::net::SocketAddr =
+                    addr.parse().map_err(|e| anyhow::anyhow!("alert_webhook {addr}: {e}"))?;
+                sr_common::http::request(addr, "POST", &path, Some(&body.to_string()))
+            })
+            .await;
+            match res {
+                Ok(Ok((code, _))) if code < 300 => {}
+                Ok(Ok((code, text))) => tracing::warn!(code, text, "alert webhook refused the alert"),
+                Ok(Err(e)) => tracing::warn!(error = format!("{e:#}"), "alert webhook unreachable"),
+                Err(e) => tracing::warn!(error = %e, "alert webhook task failed"),
+            }
+        }
+        Ok(())
     }
 
     /// Appends to the event log (and the service log).
@@ -79,7 +106,27 @@ pub async fn run(cfg: CsConfig, shutdown: CancellationToken) -> anyhow::Result<(
         store.put(TOKENS, &t.hash, &t)?;
         tracing::info!(path = %path.display(), "first start: admin token written");
     }
-    let cs = Arc::new(Cs { cfg, store: Box::new(store), ca, registration: tokio::sync::Mutex::new(()) });
+    let cs = Arc::new(Cs {
+        cfg,
+        store: Box::new(store),
+        ca,
+        registration: tokio::sync::Mutex::new(()),
+        items_lock: tokio::sync::Mutex::new(()),
+    });
+    let ev = cs.clone();
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = stop.cancelled() => return,
+            }
+            if let Err(e) = items::evaluate(&ev).await {
+                tracing::error!(error = %e, "evaluating items failed");
+            }
+        }
+    });
     let http = sr_common::telemetry::serve_http(cs.cfg.listen, api::routes(cs.clone()), shutdown.clone()).await?;
     tracing::info!(%http, "configuration server listening");
     shutdown.cancelled().await;

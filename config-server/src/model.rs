@@ -11,6 +11,8 @@ pub const POLICIES: &str = "policies";
 pub const ITEMS: &str = "items";
 pub const JOBS: &str = "jobs";
 pub const EVENTS: &str = "events";
+/// Applied positions by "item-disk", from master-target heartbeats.
+pub const APPLIED: &str = "applied";
 
 /// What an API token may do. Each role may do everything the ones before it may.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
@@ -102,6 +104,8 @@ pub struct Machine {
     pub name: String,
     pub disks: Vec<DiskInfo>,
     pub last_heartbeat: u64,
+    #[serde(default)]
+    pub progress: Vec<DiskProgress>,
 }
 
 pub const DEFAULT_RPO_SECS: u64 = 300;
@@ -199,9 +203,39 @@ pub struct Item {
     pub state: State,
     pub process_server: Option<String>,
     pub master_target: Option<String>,
-    /// The item's data key (hex); released only to its process server and master target.
-    #[serde(default, skip_serializing_if = "String::is_empty")]
+    /// The item's data key (hex); released only to its process server and master target, never shown
+    /// by the operator API.
     pub data_key: String,
+    /// The enable-protection job, running until the item is protected.
+    pub job: Option<u64>,
+    pub created: u64,
+    /// When the replica last held everything the source had written (from heartbeats).
+    pub caught_up_at: Option<u64>,
+    /// Whether an RPO alert is open (fired, not yet cleared).
+    #[serde(default)]
+    pub rpo_alert: bool,
+}
+
+/// Replication progress of one disk, as its agent reports it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DiskProgress {
+    pub id: u64,
+    pub copy_percent: f64,
+    pub copy_done: bool,
+    /// Sequence number of the initial-copy-done marker (0 until then).
+    #[serde(default)]
+    pub done_seq: u64,
+    pub last_seq: u64,
+}
+
+/// A disk's applied position, as its master target reports it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AppliedSeq {
+    pub item: u64,
+    pub disk: u64,
+    pub seq: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -36,6 +36,11 @@ pub const ROUTES: &[(&str, &str, &str, &str, &str)] = &[
     ("get", "/v1/policies/{id}", "One policy", "reader", ""),
     ("put", "/v1/policies/{id}", "Replace a policy", "operator", "Policy"),
     ("delete", "/v1/policies/{id}", "Delete a policy no item uses", "operator", ""),
+    ("get", "/v1/items", "Protected items with state, placement and RPO", "reader", ""),
+    ("post", "/v1/items", "Enable protection of a machine under a policy (a job)", "operator", "Enable"),
+    ("get", "/v1/items/{id}", "One protected item", "reader", ""),
+    ("delete", "/v1/items/{id}", "Disable protection of an item (a job)", "operator", ""),
+    ("get", "/v1/assignments", "What the calling component should carry: items, peers, keys", "component", ""),
     ("get", "/v1/jobs", "Jobs, filtered by state, kind and target", "reader", ""),
     ("get", "/v1/jobs/{id}", "One job with its steps and progress", "reader", ""),
     ("get", "/v1/events", "The event log", "reader", ""),
@@ -59,6 +64,8 @@ fn schemas() -> Value {
                 "id": {"type": "integer"}, "name": {"type": "string"}, "size": {"type": "integer"}}}},
             "load": {"type": "object", "properties": {"cache_bytes": {"type": "integer"},
                 "churn_bytes_per_sec": {"type": "integer"}, "free_bytes": {"type": "integer"}}}}},
+        "Enable": {"type": "object", "required": ["machine", "policy"], "additionalProperties": false, "properties": {
+            "machine": {"type": "string"}, "policy": {"type": "string", "description": "policy id or name"}}},
         "Policy": {"type": "object", "required": ["name"], "additionalProperties": false, "properties": {
             "id": {"type": "string", "readOnly": true}, "name": {"type": "string"},
             "rpo_threshold_secs": {"type": "integer", "minimum": 1, "default": 300},

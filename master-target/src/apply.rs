@@ -62,7 +62,7 @@ async fn session(
         Message::Open { item, disk, disk_size } => (item, disk, disk_size),
         other => bail!("expected Open, got {}", other.kind()),
     };
-    let Some(item_key) = server.keys.get(item).cloned() else {
+    let Some(item_key) = server.item_key(item) else {
         bail!("item {item} is not configured on master target {}: add its key to the [[item]] list", server.cfg.node);
     };
     let key = StreamKey { item, disk };

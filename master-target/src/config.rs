@@ -21,6 +21,9 @@ pub struct MtConfig {
     #[serde(default)]
     pub nbd_tcp: Option<SocketAddr>,
     pub tls: TlsPaths,
+    /// The configuration server to report to and take item keys from.
+    #[serde(default)]
+    pub control: Option<sr_common::control::ControlConfig>,
     #[serde(rename = "item", default)]
     pub items: Vec<ItemKeyConfig>,
 }
@@ -33,7 +36,7 @@ impl MtConfig {
     }
 
     pub fn validate(&self) -> Result<(), String> {
-        let MtConfig { node, data_dir: _, http: _, listen: _, nbd_tcp: _, tls: _, items } = self;
+        let MtConfig { node, data_dir: _, http: _, listen: _, nbd_tcp: _, tls: _, control: _, items } = self;
         if node.is_empty() {
             return Err("key node: must not be empty".into());
         }

@@ -22,12 +22,13 @@ use sr_common::seal::KeyRing;
 use sr_common::state::{RedbStore, StateStore, StreamRecord};
 use sr_common::types::{Seq, StreamKey};
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use tokio_util::sync::CancellationToken;
 
 pub struct Server {
     pub cfg: MtConfig,
-    pub keys: KeyRing,
+    /// Item keys from the static config, replaced by the configuration server's assignments.
+    keys: RwLock<KeyRing>,
     pub store: Arc<dyn StateStore>,
     /// Guards creation so one disk never gets two replica handles.
     replicas: Mutex<HashMap<StreamKey, Arc<Replica>>>,
@@ -42,6 +43,10 @@ pub fn export_name(key: StreamKey) -> String {
 }
 
 impl Server {
+    pub fn item_key(&self, item: sr_common::types::ItemId) -> Option<sr_common::seal::ItemKey> {
+        self.keys.read().expect("keys lock poisoned").get(item).cloned()
+    }
+
     fn replica_path(&self, key: StreamKey) -> std::path::PathBuf {
         self.cfg.data_dir.join("replicas").join(format!("{}.img", export_name(key)))
     }
@@ -106,7 +111,7 @@ pub async fn run(cfg: MtConfig, shutdown: CancellationToken) -> anyhow::Result<(
     let listener = sr_common::quic::server(&identity, cfg.listen)?;
     let server = Arc::new(Server {
         cfg,
-        keys,
+        keys: RwLock::new(keys),
         store: store.clone(),
         replicas: Mutex::new(HashMap::new()),
         broken: Mutex::new(HashMap::new()),
@@ -138,6 +143,10 @@ pub async fn run(cfg: MtConfig, shutdown: CancellationToken) -> anyhow::Result<(
         sr_common::nbd::serve_tcp(l, server.exports.clone());
         tracing::info!(%addr, "read-only NBD exports listening");
     }
+    if let Some(control) = &server.cfg.control {
+        let client = sr_common::control::ControlClient::new(control)?;
+        tokio::spawn(control_loop(server.clone(), client, shutdown.clone()));
+    }
     let router = export::routes(server.clone());
     let http = sr_common::telemetry::serve_http(server.cfg.http, router, shutdown.clone()).await?;
     tracing::info!(%http, quic = %server.cfg.listen, "master target listening");
@@ -159,4 +168,44 @@ pub async fn run(cfg: MtConfig, shutdown: CancellationToken) -> anyhow::Result<(
     // Let the close frames reach the peers so they reconnect at once instead of timing out.
     let _ = tokio::time::timeout(std::time::Duration::from_secs(2), listener.wait_idle()).await;
     Ok(())
+}
+
+/// Reports address, free space and applied positions; takes the keys of the items assigned here.
+async fn control_loop(server: Arc<Server>, client: sr_common::control::ControlClient, shutdown: CancellationToken) {
+    loop {
+        let applied: Vec<serde_json::Value> = server
+            .replicas
+            .lock()
+            .expect("replicas lock poisoned")
+            .values()
+            .map(|r| serde_json::json!({"item": r.key.item.0, "disk": r.key.disk.0, "seq": r.applied().0}))
+            .collect();
+        let report = serde_json::json!({
+            "address": server.cfg.listen.to_string(),
+            "load": { "free_bytes": sr_common::control::free_bytes(&server.cfg.data_dir) },
+            "applied": applied,
+        });
+        let res = async {
+            client.heartbeat(report).await?;
+            let mut items = Vec::new();
+            for a in client.assignments().await? {
+                let id = a["item"].as_u64().context("assignment without item")?;
+                let key: [u8; 32] = hex::decode(a["data_key"].as_str().context("assignment without data_key")?)
+                    .ok()
+                    .and_then(|k| k.try_into().ok())
+                    .context("data_key is not 32 bytes of hex")?;
+                items.push((sr_common::types::ItemId(id), sr_common::seal::ItemKey::from_bytes(&key)));
+            }
+            *server.keys.write().expect("keys lock poisoned") = KeyRing::from_keys(items);
+            anyhow::Ok(())
+        }
+        .await;
+        if let Err(e) = res {
+            tracing::warn!(error = format!("{e:#}"), "configuration server unreachable; keeping the last assignments");
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(client.poll) => {}
+            _ = shutdown.cancelled() => return,
+        }
+    }
 }

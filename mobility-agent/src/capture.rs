@@ -28,6 +28,9 @@ pub struct CopyState {
     /// Bytes below this offset were copied into the journal.
     pub cursor: u64,
     pub done: bool,
+    /// Sequence number of the initial-copy-done marker.
+    #[serde(default)]
+    pub done_seq: u64,
 }
 
 pub struct ProtectedDisk {
@@ -114,7 +117,7 @@ impl ProtectedDisk {
             Ok(b) => serde_json::from_slice::<CopyState>(&b)
                 .with_context(|| format!("copy state {} is not valid", copy_path.display()))?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                CopyState { version: 1, disk_size: disk.size(), cursor: 0, done: false }
+                CopyState { version: 1, disk_size: disk.size(), cursor: 0, done: false, done_seq: 0 }
             }
             Err(e) => return Err(e).with_context(|| format!("reading {}", copy_path.display())),
         };
@@ -255,7 +258,7 @@ impl ProtectedDisk {
                 last_save = std::time::Instant::now();
             }
         }
-        self.mark(MarkerKind::InitialCopyDone)?;
+        st.done_seq = self.mark(MarkerKind::InitialCopyDone)?.0;
         st.cursor = size;
         st.done = true;
         self.save_copy(st)?;

@@ -16,8 +16,10 @@ pub const ENV_PREFIX: &str = "SR_AGENT";
 pub struct AgentConfig {
     /// Name of this machine in logs and at the process server.
     pub node: String,
-    /// Protected item this machine's disks belong to.
-    pub item: u64,
+    /// Protected item this machine's disks belong to (static setups; with `[control]` the configuration
+    /// server assigns it).
+    #[serde(default)]
+    pub item: Option<u64>,
     /// Where the journal and small state live.
     pub data_dir: PathBuf,
     /// Operations endpoint: /metrics, /healthz, /v1/status.
@@ -27,8 +29,12 @@ pub struct AgentConfig {
     pub nbd_tcp: Option<SocketAddr>,
     #[serde(default)]
     pub nbd_unix: Option<PathBuf>,
-    /// The process server's QUIC address.
-    pub process_server: SocketAddr,
+    /// The process server's QUIC address (static setups; with `[control]` it is assigned).
+    #[serde(default)]
+    pub process_server: Option<SocketAddr>,
+    /// The configuration server to report to and take assignments from.
+    #[serde(default)]
+    pub control: Option<sr_common::control::ControlConfig>,
     pub tls: TlsPaths,
     #[serde(default)]
     pub ship: ShipConfig,
@@ -88,17 +94,24 @@ impl AgentConfig {
     pub fn validate(&self) -> Result<(), String> {
         let AgentConfig {
             node,
-            item: _,
+            item,
             data_dir: _,
             http: _,
             nbd_tcp,
             nbd_unix,
-            process_server: _,
+            process_server,
+            control,
             tls: _,
             ship,
             copy,
             disks,
         } = self;
+        if control.is_none() && (item.is_none() || process_server.is_none()) {
+            return Err(
+                "set [control] (the configuration server assigns item and process server), or both item and process_server"
+                    .into(),
+            );
+        }
         if node.is_empty() {
             return Err("key node: must not be empty".into());
         }

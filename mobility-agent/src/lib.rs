@@ -76,15 +76,20 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Resul
     }
     let target = Arc::new(ship::ShipTarget {
         endpoint: endpoint.clone(),
-        process_server: cfg.process_server,
-        item: ItemId(cfg.item),
         node: cfg.node.clone(),
         batch_bytes: cfg.ship.batch_bytes,
         window_bytes: cfg.ship.window_bytes,
     });
+    let fixed =
+        cfg.item.zip(cfg.process_server).map(|(item, ps)| ship::Route { item: ItemId(item), process_server: ps });
+    let (route_tx, route_rx) = tokio::sync::watch::channel(fixed);
     let tasks = tokio_util::task::TaskTracker::new();
     for d in &disks {
-        tasks.spawn(ship::run(d.clone(), target.clone(), shutdown.clone()));
+        tasks.spawn(ship::run(d.clone(), target.clone(), route_rx.clone(), shutdown.clone()));
+    }
+    if let Some(control) = &cfg.control {
+        let client = sr_common::control::ControlClient::new(control)?;
+        tasks.spawn(control_loop(client, disks.clone(), route_tx, shutdown.clone()));
     }
     tasks.close();
     shutdown.cancelled().await;
@@ -98,6 +103,60 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Resul
     // Let the close frames reach the peers so they reconnect at once instead of timing out.
     let _ = tokio::time::timeout(std::time::Duration::from_secs(2), endpoint.wait_idle()).await;
     Ok(())
+}
+
+/// Reports disks and progress to the configuration server and follows its assignment.
+async fn control_loop(
+    client: sr_common::control::ControlClient,
+    disks: Vec<Arc<ProtectedDisk>>,
+    route: tokio::sync::watch::Sender<Option<ship::Route>>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let report = serde_json::json!({
+            "disks": disks.iter().map(|d| serde_json::json!({"id": d.id.0, "name": d.name, "size": d.size()})).collect::<Vec<_>>(),
+            "progress": disks.iter().map(|d| {
+                let c = d.copy_state();
+                serde_json::json!({
+                    "id": d.id.0,
+                    "copy_percent": if c.done { 100.0 } else { 100.0 * c.cursor as f64 / d.size().max(1) as f64 },
+                    "copy_done": c.done, "done_seq": c.done_seq, "last_seq": d.last_seq().0,
+                })
+            }).collect::<Vec<_>>(),
+        });
+        let res = async {
+            client.heartbeat(report).await?;
+            let items = client.assignments().await?;
+            let next = match items.first() {
+                None => None,
+                Some(a) => Some(ship::Route {
+                    item: ItemId(a["item"].as_u64().context("assignment without item")?),
+                    process_server: a["process_server"]
+                        .as_str()
+                        .context("assignment without process_server")?
+                        .parse()
+                        .context("process_server address")?,
+                }),
+            };
+            route.send_if_modified(|cur| {
+                let changed = *cur != next;
+                if changed {
+                    tracing::info!(?next, "assignment changed");
+                }
+                *cur = next;
+                changed
+            });
+            anyhow::Ok(())
+        }
+        .await;
+        if let Err(e) = res {
+            tracing::warn!(error = format!("{e:#}"), "configuration server unreachable; keeping the last assignment");
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(client.poll) => {}
+            _ = shutdown.cancelled() => return,
+        }
+    }
 }
 
 fn status(node: &str, disks: &[Arc<ProtectedDisk>]) -> serde_json::Value {

@@ -22,21 +22,40 @@ use tokio_util::sync::CancellationToken;
 
 pub struct ShipTarget {
     pub endpoint: quinn::Endpoint,
-    pub process_server: SocketAddr,
-    pub item: ItemId,
     pub node: String,
     pub batch_bytes: u64,
     pub window_bytes: u64,
 }
 
-/// Runs until `shutdown`: keeps a session with the process server up and ships.
-pub async fn run(disk: Arc<ProtectedDisk>, target: Arc<ShipTarget>, shutdown: CancellationToken) {
+/// Where a disk's changes go: the item they belong to and the process server that takes them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Route {
+    pub item: ItemId,
+    pub process_server: SocketAddr,
+}
+
+/// Runs until `shutdown`: keeps a session with the assigned process server up and ships; follows the
+/// assignment when it changes (another process server, or none).
+pub async fn run(
+    disk: Arc<ProtectedDisk>,
+    target: Arc<ShipTarget>,
+    mut route: tokio::sync::watch::Receiver<Option<Route>>,
+    shutdown: CancellationToken,
+) {
     let mut attempt = 0u32;
     let connected = metrics::gauge!(m::CONNECTED, "disk" => disk.name.clone());
     loop {
+        let Some(r) = *route.borrow_and_update() else {
+            tokio::select! {
+                c = route.changed() => if c.is_err() { return },
+                _ = shutdown.cancelled() => return,
+            }
+            continue;
+        };
         let started = Instant::now();
         let res = tokio::select! {
-            r = session(&disk, &target, &connected) => r,
+            r = session(&disk, &target, r, &connected) => r,
+            _ = route.changed() => Err(anyhow::anyhow!("assignment changed")),
             _ = shutdown.cancelled() => return,
         };
         connected.set(0.0);
@@ -60,8 +79,13 @@ pub async fn run(disk: Arc<ProtectedDisk>, target: Arc<ShipTarget>, shutdown: Ca
     }
 }
 
-async fn session(disk: &Arc<ProtectedDisk>, t: &ShipTarget, connected: &metrics::Gauge) -> anyhow::Result<()> {
-    let conn = sr_common::quic::connect(&t.endpoint, t.process_server, Role::ProcessServer).await?;
+async fn session(
+    disk: &Arc<ProtectedDisk>,
+    t: &ShipTarget,
+    route: Route,
+    connected: &metrics::Gauge,
+) -> anyhow::Result<()> {
+    let conn = sr_common::quic::connect(&t.endpoint, route.process_server, Role::ProcessServer).await?;
     let (mut send, mut recv) = conn.open_bi().await.context("opening a stream to the process server")?;
     wire::write_msg(
         &mut send,
@@ -69,7 +93,7 @@ async fn session(disk: &Arc<ProtectedDisk>, t: &ShipTarget, connected: &metrics:
     )
     .await?;
     wire::check_hello(wire::expect_msg(&mut recv).await?, Role::ProcessServer)?;
-    wire::write_msg(&mut send, &Message::Open { item: t.item, disk: disk.id, disk_size: disk.size() }).await?;
+    wire::write_msg(&mut send, &Message::Open { item: route.item, disk: disk.id, disk_size: disk.size() }).await?;
     let next = match wire::expect_msg(&mut recv).await? {
         Message::Resume { next } => next,
         other => bail!("process server answered Open with {}", other.kind()),
@@ -133,7 +157,7 @@ async fn session(disk: &Arc<ProtectedDisk>, t: &ShipTarget, connected: &metrics:
         let first = records[0].seq;
         let last = records[records.len() - 1].seq;
         let changes: Vec<Change> = records.into_iter().map(|r| Change { seq: r.seq, op: r.op }).collect();
-        let batch = Batch { item: t.item, disk: disk.id, disk_size: disk.size(), first, last, changes };
+        let batch = Batch { item: route.item, disk: disk.id, disk_size: disk.size(), first, last, changes };
         let bytes = batch.payload_bytes();
         let frame_len = wire::write_msg(&mut send, &Message::Batch(batch)).await.context("sending a batch")? as u64;
         shipped.increment(frame_len);

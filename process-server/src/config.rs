@@ -18,7 +18,13 @@ pub struct PsConfig {
     pub http: SocketAddr,
     /// QUIC address agents connect to.
     pub listen: SocketAddr,
-    pub master_target: SocketAddr,
+    /// The master target of the statically configured items (with `[control]`, each item's master
+    /// target is assigned).
+    #[serde(default)]
+    pub master_target: Option<SocketAddr>,
+    /// The configuration server to report to and take assignments from.
+    #[serde(default)]
+    pub control: Option<sr_common::control::ControlConfig>,
     pub tls: TlsPaths,
     /// Past this many cached bytes the server stops acknowledging (backpressure, never loss).
     #[serde(default = "default_cache_limit")]
@@ -56,7 +62,8 @@ impl PsConfig {
             data_dir: _,
             http: _,
             listen: _,
-            master_target: _,
+            master_target,
+            control,
             tls: _,
             cache_limit_bytes,
             compression_level,
@@ -65,6 +72,9 @@ impl PsConfig {
         } = self;
         if node.is_empty() {
             return Err("key node: must not be empty".into());
+        }
+        if control.is_none() && master_target.is_none() {
+            return Err("set [control] (items are assigned) or master_target (for the [[item]] list)".into());
         }
         if *cache_limit_bytes < 1 << 20 {
             return Err(format!("key cache_limit_bytes: {cache_limit_bytes} is below the 1 MiB minimum"));

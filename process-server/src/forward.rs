@@ -47,8 +47,10 @@ pub async fn run(server: Arc<Server>, stream: Arc<Stream>) {
 
 async fn session(server: &Arc<Server>, stream: &Arc<Stream>) -> anyhow::Result<()> {
     let key = stream.key;
-    let item_key = server.keys.get(key.item).with_context(|| format!("no data key for item {}", key.item))?.clone();
-    let conn = sr_common::quic::connect(&server.endpoint, server.cfg.master_target, Role::MasterTarget).await?;
+    let route =
+        server.route(key.item).with_context(|| format!("item {} is not assigned to this process server", key.item))?;
+    let item_key = route.key.clone();
+    let conn = sr_common::quic::connect(&server.endpoint, route.master_target, Role::MasterTarget).await?;
     let (mut send, mut recv) = conn.open_bi().await.context("opening a stream to the master target")?;
     wire::write_msg(
         &mut send,

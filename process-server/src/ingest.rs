@@ -63,8 +63,11 @@ async fn session(
         Message::Open { item, disk, disk_size } => (item, disk, disk_size),
         other => bail!("expected Open, got {}", other.kind()),
     };
-    if server.keys.get(item).is_none() {
-        bail!("item {item} is not configured on process server {}: add its key to the [[item]] list", server.cfg.node);
+    if server.route(item).is_none() {
+        bail!(
+            "item {item} is not assigned to process server {} (not in its [[item]] list or assignments)",
+            server.cfg.node
+        );
     }
     let key = StreamKey { item, disk };
     let stream = server.stream(key, disk_size)?;

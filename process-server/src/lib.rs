@@ -16,18 +16,29 @@ pub mod stream;
 
 use anyhow::Context;
 use config::PsConfig;
-use sr_common::seal::KeyRing;
+use sr_common::seal::{ItemKey, KeyRing};
 use sr_common::state::{RedbStore, StateStore, StreamRecord};
+use sr_common::types::ItemId;
 use sr_common::types::{Seq, StreamKey};
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::atomic::AtomicU64;
+use std::sync::RwLock;
 use std::sync::{Arc, Mutex};
 use stream::Stream;
 use tokio_util::sync::CancellationToken;
 
+/// Where an item's batches go and the key they are sealed with.
+#[derive(Clone)]
+pub struct Route {
+    pub key: ItemKey,
+    pub master_target: SocketAddr,
+}
+
 pub struct Server {
     pub cfg: PsConfig,
-    pub keys: KeyRing,
+    /// Items this server may carry, from the static config or the configuration server's assignments.
+    routes: RwLock<HashMap<ItemId, Route>>,
     pub endpoint: quinn::Endpoint,
     pub store: Arc<dyn StateStore>,
     /// Guards creation of streams so two sessions never build two caches for one disk.
@@ -37,6 +48,10 @@ pub struct Server {
 }
 
 impl Server {
+    pub fn route(&self, item: ItemId) -> Option<Route> {
+        self.routes.read().expect("routes lock poisoned").get(&item).cloned()
+    }
+
     fn cache_dir(&self, key: StreamKey) -> std::path::PathBuf {
         self.cfg.data_dir.join("cache").join(format!("item-{}-disk-{}", key.item, key.disk))
     }
@@ -82,13 +97,20 @@ pub async fn run(cfg: PsConfig, shutdown: CancellationToken) -> anyhow::Result<(
     std::fs::create_dir_all(&cfg.data_dir).with_context(|| format!("creating data_dir {}", cfg.data_dir.display()))?;
     let identity = sr_common::tls::Identity::load(&cfg.tls)?;
     let keys = KeyRing::load(&cfg.items)?;
+    let mut routes = HashMap::new();
+    if let Some(mt) = cfg.master_target {
+        for it in &cfg.items {
+            let key = keys.get(ItemId(it.id)).expect("KeyRing::load loaded every item").clone();
+            routes.insert(ItemId(it.id), Route { key, master_target: mt });
+        }
+    }
     let store: Arc<dyn StateStore> = Arc::new(RedbStore::open(&cfg.data_dir.join("state.redb"))?);
     let listener = sr_common::quic::server(&identity, cfg.listen)?;
     let endpoint = sr_common::quic::client(&identity)?;
     let cache_total = Arc::new(AtomicU64::new(0));
     let server = Arc::new(Server {
         cfg,
-        keys,
+        routes: RwLock::new(routes),
         endpoint,
         store: store.clone(),
         streams: Mutex::new(HashMap::new()),
@@ -112,6 +134,10 @@ pub async fn run(cfg: PsConfig, shutdown: CancellationToken) -> anyhow::Result<(
     let router = axum::Router::new()
         .route("/v1/status", axum::routing::get(move || std::future::ready(axum::Json(st.status()))));
     let http = sr_common::telemetry::serve_http(server.cfg.http, router, shutdown.clone()).await?;
+    if let Some(control) = &server.cfg.control {
+        let client = sr_common::control::ControlClient::new(control)?;
+        tokio::spawn(control_loop(server.clone(), client, shutdown.clone()));
+    }
     tracing::info!(%http, quic = %server.cfg.listen, "process server listening");
     loop {
         let incoming = tokio::select! {
@@ -136,4 +162,35 @@ pub async fn run(cfg: PsConfig, shutdown: CancellationToken) -> anyhow::Result<(
     })
     .await;
     Ok(())
+}
+
+/// Reports address and load to the configuration server and takes the items assigned to this server.
+async fn control_loop(server: Arc<Server>, client: sr_common::control::ControlClient, shutdown: CancellationToken) {
+    loop {
+        let cache = server.cache_total.load(std::sync::atomic::Ordering::Relaxed);
+        let report = serde_json::json!({ "address": server.cfg.listen.to_string(), "load": { "cache_bytes": cache } });
+        let res = async {
+            client.heartbeat(report).await?;
+            let mut routes = HashMap::new();
+            for a in client.assignments().await? {
+                let item = ItemId(a["item"].as_u64().context("assignment without item")?);
+                let key: [u8; 32] = hex::decode(a["data_key"].as_str().context("assignment without data_key")?)
+                    .ok()
+                    .and_then(|k| k.try_into().ok())
+                    .context("data_key is not 32 bytes of hex")?;
+                let master_target = a["master_target"].as_str().context("assignment without master_target")?.parse()?;
+                routes.insert(item, Route { key: ItemKey::from_bytes(&key), master_target });
+            }
+            *server.routes.write().expect("routes lock poisoned") = routes;
+            anyhow::Ok(())
+        }
+        .await;
+        if let Err(e) = res {
+            tracing::warn!(error = format!("{e:#}"), "configuration server unreachable; keeping the last assignments");
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(client.poll) => {}
+            _ = shutdown.cancelled() => return,
+        }
+    }
 }

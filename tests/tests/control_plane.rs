@@ -198,3 +198,93 @@ fn tokens_roles_bodies_registration_revocation_and_restart() {
     let (_, jobs_after) = call(api, "GET", "/v1/jobs?kind=register", None, Some(&reader));
     assert_eq!(jobs_after.as_array().unwrap().len(), jobs.len());
 }
+
+fn srctl(api: SocketAddr, token_file: &std::path::Path, args: &[&str]) -> std::process::Output {
+    Command::new(bin_dir().join("srctl"))
+        .args(["--server", &api.to_string(), "--token-file"])
+        .arg(token_file)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn protect_a_disk_with_srctl_from_registration_keys_only() {
+    let dir = test_dir();
+    let cp = ControlPlane::create(&dir.path().join("cp")).unwrap();
+    let _cs = cp.start().unwrap();
+    let admin_file = dir.path().join("cp").join("cs").join("admin.token");
+    let disk = dir.path().join("source.img");
+    make_disk(&disk, 48 << 20).unwrap();
+    run("qemu-io", &["-f", "raw", "-c", "write -P 0x5c 0 8M", "-c", "write -P 0x5d 30M 2M", disk.to_str().unwrap()])
+        .unwrap();
+    let mut local = Local::managed(
+        &dir.path().join("dep"),
+        vec![DiskSpec { id: 1, name: "disk0".into(), path: disk.clone() }],
+        &Options::default(),
+        cp.api,
+        &cp.admin_token().unwrap(),
+    )
+    .unwrap();
+    let _mt = local.start(Component::MasterTarget).unwrap();
+    let _ps = local.start(Component::ProcessServer).unwrap();
+    let _agent = local.start(Component::Agent).unwrap();
+
+    // The agent reports its disk; nothing replicates before protection is enabled.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let out = srctl(cp.api, &admin_file, &["--output", "json", "machines"]);
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        if v[0]["disks"][0]["name"] == "disk0" {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the agent never reported: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    assert_eq!(local.applied(1).unwrap(), 0);
+
+    let out = srctl(cp.api, &admin_file, &["policies", "create", "--name", "gold", "--rpo-secs", "120"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // A machine that does not exist fails its prerequisites with the reason.
+    let out = srctl(cp.api, &admin_file, &["protect", "--machine", "nope", "--policy", "gold"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no agent named nope"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let out = srctl(cp.api, &admin_file, &["protect", "--machine", "agent-1", "--policy", "gold", "--watch"]);
+    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("enabling protection"), "{text}");
+    assert!(text.contains("initial replication"), "{text}");
+    assert!(text.contains("state: protected"), "{text}");
+
+    let out = srctl(cp.api, &admin_file, &["--output", "json", "items", "list"]);
+    let items: Value = serde_json::from_slice(&out.stdout).unwrap();
+    local.item = items.as_array().unwrap().iter().find(|i| i["machine"] == "agent-1").unwrap()["id"].as_u64().unwrap();
+    // Writes after protection reach the replica too.
+    run(
+        "qemu-io",
+        &["-f", "raw", "-c", "write -P 0x77 1M 5M", "-c", "write -z 31M 1M", "-c", "flush", &local.agent_uri("disk0")],
+    )
+    .unwrap();
+    wait_caught_up(&local, std::time::Duration::from_secs(60)).unwrap();
+    compare(disk.to_str().unwrap(), &local.replica_uri(1)).unwrap();
+    let out = srctl(cp.api, &admin_file, &["--output", "json", "items", "show", &local.item.to_string()]);
+    let item: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(item["state_name"], "protected");
+    assert!(item.get("data_key").is_none(), "the data key is never shown to operators");
+    let out = srctl(cp.api, &admin_file, &["--output", "json", "jobs", "list", "--kind", "enable protection"]);
+    let jobs: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let jobs = jobs.as_array().unwrap();
+    assert!(jobs.iter().any(|j| j["state"] == "failed" && j["error"].as_str().unwrap().contains("nope")), "{jobs:?}");
+    let ok = jobs.iter().find(|j| j["target"].as_str().and_then(|t| t.parse().ok()) == Some(local.item)).unwrap();
+    assert_eq!(ok["state"], "succeeded", "{ok}");
+    assert_eq!(ok["steps"].as_array().unwrap().len(), 6);
+}

@@ -1,0 +1,89 @@
+//! A component's link to the configuration server: heartbeats (address, disks, progress, load) and
+//! the assignments it pulls (what to ship where, which item keys to hold). When a component's config
+//! has no `[control]` section it runs from its static config instead.
+
+use anyhow::Context;
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+pub const DEFAULT_POLL_SECS: u64 = 2;
+
+fn default_poll() -> u64 {
+    DEFAULT_POLL_SECS
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ControlConfig {
+    /// The configuration server's API address.
+    pub server: SocketAddr,
+    /// The component token written by `register`.
+    pub token_file: PathBuf,
+    /// Seconds between heartbeats and assignment pulls.
+    #[serde(default = "default_poll")]
+    pub poll_secs: u64,
+}
+
+#[derive(Clone)]
+pub struct ControlClient {
+    server: SocketAddr,
+    token: String,
+    pub poll: Duration,
+}
+
+impl ControlClient {
+    pub fn new(cfg: &ControlConfig) -> anyhow::Result<ControlClient> {
+        let token = std::fs::read_to_string(&cfg.token_file).with_context(|| {
+            format!("reading the component token {} (run `register` first)", cfg.token_file.display())
+        })?;
+        Ok(ControlClient {
+            server: cfg.server,
+            token: token.trim().to_string(),
+            poll: Duration::from_secs(cfg.poll_secs.max(1)),
+        })
+    }
+
+    async fn call(
+        &self,
+        method: &'static str,
+        path: &'static str,
+        body: Option<String>,
+    ) -> anyhow::Result<serde_json::Value> {
+        let (server, token) = (self.server, self.token.clone());
+        let (code, text) = tokio::task::spawn_blocking(move || {
+            crate::http::request_with(server, method, path, body.as_deref(), Some(&token))
+        })
+        .await
+        .context("control request task failed")??;
+        if code != 200 {
+            anyhow::bail!("{method} http://{server}{path}: HTTP {code}: {text}");
+        }
+        serde_json::from_str(&text).with_context(|| format!("{method} {path}: answer is not JSON"))
+    }
+
+    pub async fn heartbeat(&self, body: serde_json::Value) -> anyhow::Result<()> {
+        self.call("POST", "/v1/heartbeat", Some(body.to_string())).await.map(|_| ())
+    }
+
+    /// The `items` array of this component's assignments.
+    pub async fn assignments(&self) -> anyhow::Result<Vec<serde_json::Value>> {
+        let v = self.call("GET", "/v1/assignments", None).await?;
+        Ok(v["items"].as_array().cloned().unwrap_or_default())
+    }
+}
+
+/// Free bytes of the file system holding `path`.
+pub fn free_bytes(path: &std::path::Path) -> u64 {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else { return 0 };
+    // SAFETY: statvfs writes into the zeroed struct we pass; the path is a valid C string.
+    unsafe {
+        let mut s: libc::statvfs = std::mem::zeroed();
+        if libc::statvfs(c.as_ptr(), &mut s) != 0 {
+            return 0;
+        }
+        s.f_bavail as u64 * s.f_frsize as u64
+    }
+}

@@ -1,0 +1,313 @@
+//! Protected items: enable protection (prerequisites, placement, data key, assignments), disable,
+//! the assignments components pull, and the evaluation that moves items through the lifecycle from
+//! what components report (initial replication progress, applied positions, RPO).
+//!
+//! ```text
+//! POST /v1/items --> job: prerequisites -> choose PS and MT -> data key -> assignments -> initial replication -> protected
+//! agent heartbeat (copy %, last seq) ---+
+//! MT heartbeat (applied seq) -----------+--> evaluate() every second --> state, job progress, RPO, alerts
+//! components GET /v1/assignments --> what to ship where / which keys to hold
+//! ```
+
+use crate::api::{body, ApiError, Body, R};
+use crate::auth::{require, require_component};
+use crate::jobs::JobHandle;
+use crate::lifecycle::{Event, State};
+use crate::model::*;
+use crate::store::Docs;
+use crate::Cs;
+use axum::extract::{Path, State as AxState};
+use axum::http::HeaderMap;
+use axum::Json;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use std::sync::Arc;
+
+/// A component that has not reported for this long is not offered new work.
+pub const LIVE_SECS: u64 = 30;
+
+const ENABLE_STEPS: &[&str] = &[
+    "check prerequisites",
+    "choose a process server and a master target",
+    "create the item's data key",
+    "hand out assignments",
+    "initial replication",
+    "protected",
+];
+
+fn public(i: &Item) -> Value {
+    json!({
+        "id": i.id, "machine": i.machine, "policy": i.policy, "state": i.state, "state_name": i.state.name(),
+        "process_server": i.process_server, "master_target": i.master_target, "job": i.job, "created": i.created,
+        "rpo_seconds": i.caught_up_at.map(|t| now().saturating_sub(t)), "rpo_alert": i.rpo_alert,
+    })
+}
+
+pub async fn list(AxState(cs): AxState<Arc<Cs>>, h: HeaderMap) -> R<Value> {
+    require(cs.store(), &h, ApiRole::Reader)?;
+    Ok(Json(Value::Array(cs.store().list::<Item>(ITEMS)?.iter().map(public).collect())))
+}
+
+pub async fn get(AxState(cs): AxState<Arc<Cs>>, h: HeaderMap, Path(id): Path<u64>) -> R<Value> {
+    require(cs.store(), &h, ApiRole::Reader)?;
+    let i: Option<Item> = cs.store().get(ITEMS, &id_key(id))?;
+    i.map(|i| Json(public(&i))).ok_or_else(|| ApiError::not_found(&format!("no item {id}")))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Enable {
+    machine: String,
+    /// Policy id or name.
+    policy: String,
+}
+
+fn live(c: &Component) -> bool {
+    !c.revoked && c.address.is_some() && c.last_heartbeat.is_some_and(|t| now().saturating_sub(t) <= LIVE_SECS)
+}
+
+/// Checks prerequisites and picks the least-loaded process server and a master target with room.
+fn place(cs: &Cs, machine: &str) -> Result<(Machine, Component, Component), String> {
+    let store = cs.store();
+    let err = |e: crate::store::StoreError| e.to_string();
+    let agent: Component = store
+        .get(COMPONENTS, machine)
+        .map_err(err)?
+        .ok_or_else(|| format!("no agent named {machine} is registered"))?;
+    if agent.revoked {
+        return Err(format!("the agent of {machine} was revoked"));
+    }
+    let m: Machine = store
+        .get(MACHINES, machine)
+        .map_err(err)?
+        .ok_or_else(|| format!("the agent of {machine} has not reported its disks yet (is it running?)"))?;
+    if now().saturating_sub(m.last_heartbeat) > LIVE_SECS {
+        return Err(format!(
+            "the agent of {machine} has not reported for {} s",
+            now().saturating_sub(m.last_heartbeat)
+        ));
+    }
+    if m.disks.is_empty() {
+        return Err(format!("the agent of {machine} reports no readable disk"));
+    }
+    let comps: Vec<Component> = store.list(COMPONENTS).map_err(err)?;
+    let items: Vec<Item> = store.list(ITEMS).map_err(err)?;
+    let assigned = |name: &str| items.iter().filter(|i| i.process_server.as_deref() == Some(name)).count();
+    let ps = comps
+        .iter()
+        .filter(|c| c.role == ComponentRole::ProcessServer && live(c))
+        .min_by_key(|c| (c.load.cache_bytes, assigned(&c.name), c.name.clone()))
+        .cloned()
+        .ok_or("no process server is available: register one and make sure it reports")?;
+    let need: u64 = m.disks.iter().map(|d| d.size).sum();
+    let mts: Vec<&Component> = comps.iter().filter(|c| c.role == ComponentRole::MasterTarget && live(c)).collect();
+    if mts.is_empty() {
+        return Err("no master target is available: register one and make sure it reports".into());
+    }
+    let mt = mts
+        .iter()
+        .filter(|c| c.load.free_bytes >= need)
+        .max_by_key(|c| c.load.free_bytes)
+        .map(|c| (*c).clone())
+        .ok_or_else(|| format!("no master target has {need} bytes free for the replicas of {machine}"))?;
+    Ok((m, ps, mt))
+}
+
+pub async fn enable(AxState(cs): AxState<Arc<Cs>>, h: HeaderMap, b: Body<Enable>) -> R<Value> {
+    let by = require(cs.store(), &h, ApiRole::Operator)?;
+    let req = body(b)?;
+    let store = cs.store();
+    let _g = cs.items_lock.lock().await;
+    let policies: Vec<Policy> = store.list(POLICIES)?;
+    let Some(policy) = policies.iter().find(|p| p.id == req.policy || p.name == req.policy) else {
+        return Err(ApiError::bad(&format!("policy: no policy with id or name {:?}", req.policy)));
+    };
+    let items: Vec<Item> = store.list(ITEMS)?;
+    if let Some(i) = items.iter().find(|i| i.machine == req.machine && i.state != State::Unprotected) {
+        return Err(ApiError::conflict(&format!("{} is already item {} ({})", req.machine, i.id, i.state.name())));
+    }
+    let id = store.next_id(ITEMS)?;
+    let mut job = JobHandle::start(store, "enable protection", &id.to_string(), ENABLE_STEPS)?;
+    let mut item = Item {
+        id,
+        machine: req.machine.clone(),
+        policy: policy.id.clone(),
+        state: State::Unprotected.on(&Event::EnableRequested).map_err(|e| ApiError::bad(&e.to_string()))?,
+        process_server: None,
+        master_target: None,
+        data_key: String::new(),
+        job: Some(job.job.id),
+        created: now(),
+        caught_up_at: None,
+        rpo_alert: false,
+    };
+    store.put(ITEMS, &id_key(id), &item)?;
+    job.step(0)?;
+    let (_machine, ps, mt) = match place(&cs, &req.machine) {
+        Ok(p) => p,
+        Err(reason) => {
+            item.state =
+                item.state.on(&Event::PrerequisitesFailed { reason: reason.clone() }).unwrap_or(State::Unprotected);
+            store.put(ITEMS, &id_key(id), &item)?;
+            let job = job.fail(&reason)?;
+            cs.event("warning", &req.machine, &format!("enable protection of {} failed: {reason}", req.machine))?;
+            return Err(ApiError::bad(&format!("prerequisites not met (job {}): {reason}", job.id)));
+        }
+    };
+    job.step_done(0)?;
+    job.step(1)?;
+    item.process_server = Some(ps.name.clone());
+    item.master_target = Some(mt.name.clone());
+    job.step_done(1)?;
+    job.step(2)?;
+    item.data_key = hex::encode(rand::random::<[u8; 32]>());
+    job.step_done(2)?;
+    job.step(3)?;
+    item.state = item.state.on(&Event::PrerequisitesMet).map_err(|e| ApiError::bad(&e.to_string()))?;
+    store.put(ITEMS, &id_key(id), &item)?;
+    job.step_done(3)?;
+    job.step(4)?;
+    cs.event(
+        "info",
+        &req.machine,
+        &format!(
+            "protection of {} enabled by {by}: item {id}, process server {}, master target {}",
+            req.machine, ps.name, mt.name
+        ),
+    )?;
+    Ok(Json(json!({ "item": public(&item), "job": job.job.id })))
+}
+
+pub async fn disable(AxState(cs): AxState<Arc<Cs>>, h: HeaderMap, Path(id): Path<u64>) -> R<Value> {
+    let by = require(cs.store(), &h, ApiRole::Operator)?;
+    let store = cs.store();
+    let _g = cs.items_lock.lock().await;
+    let Some(mut item) = store.get::<Item>(ITEMS, &id_key(id))? else {
+        return Err(ApiError::not_found(&format!("no item {id}")));
+    };
+    item.state = item.state.on(&Event::DisableRequested).map_err(|e| ApiError::conflict(&e.to_string()))?;
+    let mut job =
+        JobHandle::start(store, "disable protection", &id.to_string(), &["withdraw assignments", "unprotected"])?;
+    job.step(0)?;
+    item.process_server = None;
+    item.master_target = None;
+    item.data_key.clear();
+    item.caught_up_at = None;
+    store.put(ITEMS, &id_key(id), &item)?;
+    job.step_done(0)?;
+    job.step(1)?;
+    item.state = item.state.on(&Event::DisableDone).map_err(|e| ApiError::conflict(&e.to_string()))?;
+    store.put(ITEMS, &id_key(id), &item)?;
+    job.step_done(1)?;
+    let job = job.succeed()?;
+    cs.event("info", &item.machine, &format!("protection of {} (item {id}) disabled by {by}", item.machine))?;
+    Ok(Json(json!({ "item": public(&item), "job": job.id })))
+}
+
+/// What the calling component should do now.
+pub async fn assignments(AxState(cs): AxState<Arc<Cs>>, h: HeaderMap) -> R<Value> {
+    let (name, role) = require_component(cs.store(), &h)?;
+    let store = cs.store();
+    let items: Vec<Item> = store.list(ITEMS)?;
+    let comps: Vec<Component> = store.list(COMPONENTS)?;
+    let address = |n: &Option<String>| {
+        n.as_ref().and_then(|n| comps.iter().find(|c| &c.name == n && !c.revoked)).and_then(|c| c.address.clone())
+    };
+    let mine: Vec<Value> = items
+        .iter()
+        .filter(|i| i.state.replicating())
+        .filter_map(|i| match role {
+            ComponentRole::Agent if i.machine == name => {
+                Some(json!({ "item": i.id, "process_server": address(&i.process_server)? }))
+            }
+            ComponentRole::ProcessServer if i.process_server.as_deref() == Some(name.as_str()) => Some(json!({
+                "item": i.id, "data_key": i.data_key, "master_target": address(&i.master_target)?,
+            })),
+            ComponentRole::MasterTarget if i.master_target.as_deref() == Some(name.as_str()) => {
+                Some(json!({ "item": i.id, "data_key": i.data_key }))
+            }
+            _ => None,
+        })
+        .collect();
+    Ok(Json(json!({ "items": mine })))
+}
+
+/// Moves items along from what components reported. Runs every second.
+pub async fn evaluate(cs: &Cs) -> Result<(), crate::store::StoreError> {
+    let store = cs.store();
+    let _g = cs.items_lock.lock().await;
+    for mut item in store.list::<Item>(ITEMS)? {
+        let Some(machine) = store.get::<Machine>(MACHINES, &item.machine)? else { continue };
+        let before = item.clone();
+        let applied = |disk: u64| -> Result<(u64, u64), crate::store::StoreError> {
+            Ok(store.get::<(u64, u64)>(APPLIED, &format!("{}-{disk}", item.id))?.unwrap_or((0, 0)))
+        };
+        match &item.state {
+            State::InitialReplication { percent } => {
+                let p = &machine.progress;
+                let n = machine.disks.len().max(1) as f64;
+                let pct = (p.iter().map(|d| d.copy_percent).sum::<f64>() / n).clamp(0.0, 100.0) as u8;
+                let mut done =
+                    !p.is_empty() && machine.disks.iter().all(|d| p.iter().any(|x| x.id == d.id && x.copy_done));
+                for d in p {
+                    done &= d.done_seq > 0 && applied(d.id)?.0 >= d.done_seq;
+                }
+                if done {
+                    item.state = item.state.on(&Event::InitialReplicationDone).unwrap_or(item.state.clone());
+                    item.caught_up_at = Some(now());
+                } else if pct != *percent {
+                    item.state = item.state.on(&Event::Progress { percent: pct }).unwrap_or(item.state.clone());
+                }
+            }
+            State::Protected { .. } => {
+                let mut caught_up = !machine.progress.is_empty();
+                for d in &machine.progress {
+                    caught_up &= applied(d.id)?.0 >= d.last_seq;
+                }
+                if caught_up {
+                    item.caught_up_at = Some(machine.last_heartbeat.max(item.caught_up_at.unwrap_or(0)));
+                }
+                let rpo = item.caught_up_at.map(|t| now().saturating_sub(t)).unwrap_or(0);
+                metrics::gauge!("sr_config_server_item_rpo_seconds", "item" => item.id.to_string()).set(rpo as f64);
+                let threshold =
+                    store.get::<Policy>(POLICIES, &item.policy)?.map_or(DEFAULT_RPO_SECS, |p| p.rpo_threshold_secs);
+                if rpo > threshold && !item.rpo_alert {
+                    item.rpo_alert = true;
+                    let msg = format!(
+                        "item {} ({}): recovery point is {rpo} s old, over the policy's {threshold} s",
+                        item.id, item.machine
+                    );
+                    cs.alert(&item.machine, &msg).await?;
+                } else if rpo <= threshold && item.rpo_alert {
+                    item.rpo_alert = false;
+                    cs.event(
+                        "info",
+                        &item.machine,
+                        &format!("item {}: recovery point back within {threshold} s", item.id),
+                    )?;
+                }
+            }
+            _ => {}
+        }
+        if let (Some(job_id), true) = (item.job, item.state != before.state) {
+            if let Some(mut job) = JobHandle::load(store, job_id)? {
+                match &item.state {
+                    State::InitialReplication { percent } => job.progress(*percent)?,
+                    State::Protected { .. } => {
+                        job.step_done(4)?;
+                        job.step(5)?;
+                        job.step_done(5)?;
+                        job.succeed()?;
+                        cs.event("info", &item.machine, &format!("item {} ({}) is protected", item.id, item.machine))?;
+                    }
+                    _ => {}
+                }
+            }
+        }
+        if item.state != before.state || item.caught_up_at != before.caught_up_at || item.rpo_alert != before.rpo_alert
+        {
+            store.put(ITEMS, &id_key(item.id), &item)?;
+        }
+    }
+    Ok(())
+}
