@@ -288,3 +288,58 @@ fn protect_a_disk_with_srctl_from_registration_keys_only() {
     assert_eq!(ok["state"], "succeeded", "{ok}");
     assert_eq!(ok["steps"].as_array().unwrap().len(), 6);
 }
+
+#[test]
+fn configuration_server_killed_during_initial_replication_comes_back_and_the_job_completes() {
+    let dir = test_dir();
+    let cp = ControlPlane::create(&dir.path().join("cp")).unwrap();
+    let cs = cp.start().unwrap();
+    let admin_file = dir.path().join("cp").join("cs").join("admin.token");
+    let disk = dir.path().join("source.img");
+    make_disk(&disk, 256 << 20).unwrap();
+    let fill: Vec<String> = (0..24).map(|i| format!("write -P {} {}M 8M", i + 1, i * 10)).collect();
+    let mut args = vec!["-f", "raw"];
+    for c in &fill {
+        args.extend(["-c", c.as_str()]);
+    }
+    args.push(disk.to_str().unwrap());
+    run("qemu-io", &args).unwrap();
+    // Small copy chunks and batches make the initial replication take a while.
+    let opts = Options { batch_bytes: 256 << 10, copy_chunk_bytes: 64 << 10, ..Options::default() };
+    let mut local = Local::managed(
+        &dir.path().join("dep"),
+        vec![DiskSpec { id: 1, name: "disk0".into(), path: disk.clone() }],
+        &opts,
+        cp.api,
+        &cp.admin_token().unwrap(),
+    )
+    .unwrap();
+    let _mt = local.start(Component::MasterTarget).unwrap();
+    let _ps = local.start(Component::ProcessServer).unwrap();
+    let _agent = local.start(Component::Agent).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !String::from_utf8_lossy(&srctl(cp.api, &admin_file, &["machines"]).stdout).contains("disk0") {
+        assert!(std::time::Instant::now() < deadline, "the agent never reported");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    assert!(srctl(cp.api, &admin_file, &["policies", "create", "--name", "p"]).status.success());
+    let out = srctl(cp.api, &admin_file, &["--output", "json", "protect", "--machine", "agent-1", "--policy", "p"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let job = v["job"].as_u64().unwrap();
+    local.item = v["item"]["id"].as_u64().unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(700));
+    let out = srctl(cp.api, &admin_file, &["--output", "json", "items", "show", &local.item.to_string()]);
+    let item: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(item["state_name"], "initial_replication", "killed during initial replication: {item}");
+    cs.kill();
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let _cs = cp.start().unwrap();
+    let out = srctl(cp.api, &admin_file, &["jobs", "watch", &job.to_string()]);
+    assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let out = srctl(cp.api, &admin_file, &["--output", "json", "items", "show", &local.item.to_string()]);
+    let item: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(item["state_name"], "protected", "{item}");
+    wait_caught_up(&local, std::time::Duration::from_secs(60)).unwrap();
+    compare(disk.to_str().unwrap(), &local.replica_uri(1)).unwrap();
+}
