@@ -27,6 +27,10 @@ pub struct Client {
 }
 
 impl Client {
+    pub fn with(server: SocketAddr, token: String) -> Client {
+        Client { server, token: Some(token) }
+    }
+
     pub fn new(c: &Conn) -> anyhow::Result<Client> {
         let server = c.server.context("no configuration server: pass --server HOST:PORT or set SR_SERVER")?;
         let token = match (&c.token, &c.token_file) {

@@ -1,16 +1,17 @@
-//! `srctl quickstart`: the whole data path on one host, from nothing to a verified replica.
+//! `srctl quickstart`: the whole system on one host, from nothing to a verified replica.
 //!
 //! ```text
-//! sample ext4 disk (mke2fs -d) --> master target, process server, agent on loopback
+//! sample ext4 disk (mke2fs -d) --> configuration server --> master target, process server and agent
+//!   register with one-time keys and start --> policy + enable protection through the API (job)
 //!   --> initial replication (progress) --> new file-system generations written through the agent's
-//!   NBD export by nbdcopy (lag shown) --> caught up --> qemu-img compare source vs replica,
+//!   NBD export by nbdcopy (lag and RPO shown) --> caught up --> qemu-img compare source vs replica,
 //!   e2fsck of an exported replica image --> summary; non-zero exit when anything differs
 //! ```
 
 use anyhow::{bail, Context};
 use indicatif::{ProgressBar, ProgressStyle};
 use sr_common::http;
-use sr_common::local::{Component, DiskSpec, Local, Options, Proc};
+use sr_common::local::{Component, ControlPlane, DiskSpec, Local, Options, Proc};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -181,36 +182,65 @@ pub fn run(a: Args, json: bool) -> anyhow::Result<()> {
     fill_tree(&tree, 0, fill)?;
     make_fs(&source, &tree, a.size_mib)?;
 
-    ui.step("Starting master target, process server and mobility agent on loopback");
-    let local = Local::create(
+    ui.step("Starting the configuration server; master target, process server and agent register with one-time keys");
+    let cp = ControlPlane::create(&dir.join("control"))?;
+    let mut procs: Vec<Proc> = vec![cp.start()?];
+    let admin = cp.admin_token()?;
+    let api = crate::api::Client::with(cp.api, admin.clone());
+    let mut local = Local::managed(
         &dir.join("deployment"),
         vec![DiskSpec { id: 1, name: "disk0".into(), path: source.clone() }],
         &Options::default(),
+        cp.api,
+        &admin,
     )?;
-    let mut procs: Vec<Proc> = Vec::new();
     for c in [Component::MasterTarget, Component::ProcessServer, Component::Agent] {
         procs.push(local.start(c)?);
     }
     let uri = local.agent_uri("disk0");
     if !json {
-        println!("  agent export {uri}, replica export {}", local.replica_uri(1));
+        println!("  configuration server http://{}  (admin token in {})", cp.api, cp.root.join("cs/admin.token").display());
+        println!("  agent export {uri}");
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !api.call("GET", "/v1/machines", None)?.to_string().contains("disk0") {
+        if Instant::now() > deadline {
+            bail!("the agent did not report its disk to the configuration server; see {}", local.log(Component::Agent).display());
+        }
+        std::thread::sleep(Duration::from_millis(200));
     }
 
-    ui.step("Initial replication");
-    let bar = ui.bar(100, "  initial copy [{bar:40}] {pos}%");
+    ui.step("Protecting the disk: policy, enable-protection job, initial replication");
+    api.call("POST", "/v1/policies", Some(serde_json::json!({ "name": "quickstart", "rpo_threshold_secs": 60 })))?;
+    let v = api.call("POST", "/v1/items", Some(serde_json::json!({ "machine": "agent-1", "policy": "quickstart" })))?;
+    local.item = v["item"]["id"].as_u64().context("no item id")?;
+    let job = v["job"].as_u64().context("no job id")?;
+    let bar = ui.bar(100, "  {msg:24} [{bar:40}] {pos}%");
     let copy_started = Instant::now();
+    let mut seen = Vec::new();
     loop {
-        let (_, percent, done) = agent_disk(&local)?;
-        bar.set_position(percent as u64);
-        if done {
-            break;
+        let item = api.call("GET", &format!("/v1/items/{}", local.item), None)?;
+        let state = item["state_name"].as_str().unwrap_or_default().replace('_', " ");
+        if seen.last() != Some(&state) {
+            seen.push(state.clone());
+        }
+        bar.set_message(state.clone());
+        bar.set_position(item["state"]["percent"].as_u64().unwrap_or(if state == "protected" { 100 } else { 0 }));
+        let j = api.call("GET", &format!("/v1/jobs/{job}"), None)?;
+        match j["state"].as_str() {
+            Some("succeeded") => break,
+            Some("failed") => bail!("enable protection failed: {}", j["error"].as_str().unwrap_or_default()),
+            _ => {}
         }
         if copy_started.elapsed() > Duration::from_secs(600) {
-            bail!("initial copy stuck at {percent:.0}%; see {}", local.log(Component::Agent).display());
+            bail!("protection did not complete in 10 minutes (state {state}); see {}", local.root.join("logs").display());
         }
-        std::thread::sleep(Duration::from_millis(100));
+        std::thread::sleep(Duration::from_millis(200));
     }
-    bar.finish();
+    bar.finish_with_message("protected");
+    if !json {
+        println!("  states seen: {}", seen.join(" -> "));
+    }
     catch_up(&local, &ui, Duration::from_secs(600))?;
     let initial_secs = copy_started.elapsed().as_secs_f64();
 
@@ -219,6 +249,7 @@ pub fn run(a: Args, json: bool) -> anyhow::Result<()> {
         a.generations
     ));
     let mut max_lag = 0u64;
+    let mut max_rpo = 0u64;
     let workload_started = Instant::now();
     for g in 1..=a.generations {
         let image = dir.join("generation.img");
@@ -228,13 +259,15 @@ pub fn run(a: Args, json: bool) -> anyhow::Result<()> {
             let (image, uri) = (image.clone(), uri.clone());
             std::thread::spawn(move || tool("nbdcopy", &["--flush", &image.display().to_string(), &uri]))
         };
-        let bar = ui.bar(1, "  generation {msg} lag {pos} changes");
-        bar.set_message(g.to_string());
+        let bar = ui.bar(1, "  generation {msg}");
         while !copy.is_finished() {
             let (last, _, _) = agent_disk(&local)?;
             let lag = last.saturating_sub(local.applied(1)?);
             max_lag = max_lag.max(lag);
-            bar.set_position(lag);
+            let rpo = api.call("GET", &format!("/v1/items/{}", local.item), None)?["rpo_seconds"].as_u64();
+            max_rpo = max_rpo.max(rpo.unwrap_or(0));
+            bar.set_message(format!("{g}: lag {lag} changes, RPO {} s", rpo.map_or("-".into(), |r| r.to_string())));
+            bar.tick();
             std::thread::sleep(Duration::from_millis(100));
         }
         copy.join().map_err(|_| anyhow::anyhow!("nbdcopy thread panicked"))??;
@@ -270,6 +303,8 @@ pub fn run(a: Args, json: bool) -> anyhow::Result<()> {
         "workload_seconds": workload_secs,
         "catch_up_seconds": catch_secs,
         "max_lag_changes": max_lag,
+        "max_rpo_seconds": max_rpo,
+        "item": local.item,
         "exported_image": exported["path"],
         "total_seconds": started.elapsed().as_secs_f64(),
         "dir": dir,
@@ -287,7 +322,8 @@ pub fn run(a: Args, json: bool) -> anyhow::Result<()> {
         );
         println!("  changes applied: {applied}");
         println!("  initial replication of {} MiB: {initial_secs:.1} s", a.size_mib);
-        println!("  workload: {workload_secs:.1} s, largest lag {max_lag} changes, caught up {catch_secs:.1} s after it ended");
+        println!("  workload: {workload_secs:.1} s, largest lag {max_lag} changes, largest RPO {max_rpo} s, caught up {catch_secs:.1} s after it ended");
+        println!("  configuration server: http://{} (srctl --server {} --token-file {} items list)", cp.api, cp.api, cp.root.join("cs/admin.token").display());
         println!("  logs: {}", local.root.join("logs").display());
     }
     if a.keep_running && identical && fs_ok {
