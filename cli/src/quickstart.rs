@@ -199,13 +199,20 @@ pub fn run(a: Args, json: bool) -> anyhow::Result<()> {
     }
     let uri = local.agent_uri("disk0");
     if !json {
-        println!("  configuration server http://{}  (admin token in {})", cp.api, cp.root.join("cs/admin.token").display());
+        println!(
+            "  configuration server http://{}  (admin token in {})",
+            cp.api,
+            cp.root.join("cs/admin.token").display()
+        );
         println!("  agent export {uri}");
     }
     let deadline = Instant::now() + Duration::from_secs(30);
     while !api.call("GET", "/v1/machines", None)?.to_string().contains("disk0") {
         if Instant::now() > deadline {
-            bail!("the agent did not report its disk to the configuration server; see {}", local.log(Component::Agent).display());
+            bail!(
+                "the agent did not report its disk to the configuration server; see {}",
+                local.log(Component::Agent).display()
+            );
         }
         std::thread::sleep(Duration::from_millis(200));
     }
@@ -233,7 +240,10 @@ pub fn run(a: Args, json: bool) -> anyhow::Result<()> {
             _ => {}
         }
         if copy_started.elapsed() > Duration::from_secs(600) {
-            bail!("protection did not complete in 10 minutes (state {state}); see {}", local.root.join("logs").display());
+            bail!(
+                "protection did not complete in 10 minutes (state {state}); see {}",
+                local.root.join("logs").display()
+            );
         }
         std::thread::sleep(Duration::from_millis(200));
     }
@@ -323,7 +333,12 @@ pub fn run(a: Args, json: bool) -> anyhow::Result<()> {
         println!("  changes applied: {applied}");
         println!("  initial replication of {} MiB: {initial_secs:.1} s", a.size_mib);
         println!("  workload: {workload_secs:.1} s, largest lag {max_lag} changes, largest RPO {max_rpo} s, caught up {catch_secs:.1} s after it ended");
-        println!("  configuration server: http://{} (srctl --server {} --token-file {} items list)", cp.api, cp.api, cp.root.join("cs/admin.token").display());
+        println!(
+            "  configuration server: http://{} (srctl --server {} --token-file {} items list)",
+            cp.api,
+            cp.api,
+            cp.root.join("cs/admin.token").display()
+        );
         println!("  logs: {}", local.root.join("logs").display());
     }
     if a.keep_running && identical && fs_ok {

@@ -63,6 +63,20 @@ impl ControlClient {
         serde_json::from_str(&text).with_context(|| format!("{method} {path}: answer is not JSON"))
     }
 
+    /// The deployment's revocation list (PEM).
+    pub async fn crl(&self) -> anyhow::Result<String> {
+        let (server, token) = (self.server, self.token.clone());
+        let (code, text) = tokio::task::spawn_blocking(move || {
+            crate::http::request_with(server, "GET", "/v1/crl", None, Some(&token))
+        })
+        .await
+        .context("control request task failed")??;
+        if code != 200 {
+            anyhow::bail!("GET http://{server}/v1/crl: HTTP {code}: {text}");
+        }
+        Ok(text)
+    }
+
     pub async fn heartbeat(&self, body: serde_json::Value) -> anyhow::Result<()> {
         self.call("POST", "/v1/heartbeat", Some(body.to_string())).await.map(|_| ())
     }

@@ -40,29 +40,79 @@ fn bind(addr: SocketAddr, server: Option<quinn::ServerConfig>) -> anyhow::Result
         .with_context(|| format!("starting a QUIC endpoint on {addr}"))
 }
 
-/// A listening endpoint that requires client certificates from the deployment CA.
-pub fn server(id: &Identity, addr: SocketAddr) -> anyhow::Result<quinn::Endpoint> {
+/// QUIC server configuration: client certificates from the deployment CA, checked against its CRL.
+pub fn server_cfg(id: &Identity) -> anyhow::Result<quinn::ServerConfig> {
     let crypto = QuicServerConfig::try_from(server_config(id)?).context("QUIC server TLS config")?;
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     cfg.transport_config(transport());
-    bind(addr, Some(cfg))
+    Ok(cfg)
+}
+
+/// QUIC client configuration presenting our certificate, checking servers against the CRL.
+pub fn client_cfg(id: &Identity) -> anyhow::Result<quinn::ClientConfig> {
+    let crypto = QuicClientConfig::try_from(client_config(id)?).context("QUIC client TLS config")?;
+    let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
+    cfg.transport_config(transport());
+    Ok(cfg)
+}
+
+/// A listening endpoint that requires client certificates from the deployment CA.
+pub fn server(id: &Identity, addr: SocketAddr) -> anyhow::Result<quinn::Endpoint> {
+    bind(addr, Some(server_cfg(id)?))
 }
 
 /// A client endpoint presenting our certificate.
 pub fn client(id: &Identity) -> anyhow::Result<quinn::Endpoint> {
-    let crypto = QuicClientConfig::try_from(client_config(id)?).context("QUIC client TLS config")?;
-    let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
-    cfg.transport_config(transport());
     let bind: SocketAddr = "127.0.0.1:0".parse().expect("literal address");
     let mut ep = self::bind(bind, None)?;
-    ep.set_default_client_config(cfg);
+    ep.set_default_client_config(client_cfg(id)?);
     Ok(ep)
+}
+
+/// Makes new handshakes on a `server` endpoint use `id`'s current revocation list, and closes `open`
+/// connections so that their peers reconnect and are checked again. (Clients check it on every
+/// [`connect_checked`].)
+pub fn apply_crl(
+    id: &Identity,
+    server: Option<&quinn::Endpoint>,
+    open: &std::sync::Mutex<Vec<quinn::Connection>>,
+) -> anyhow::Result<()> {
+    if let Some(s) = server {
+        s.set_server_config(Some(server_cfg(id)?));
+    }
+    for conn in open.lock().expect("connections lock poisoned").drain(..) {
+        conn.close(2u32.into(), b"revocation list changed; reconnect");
+    }
+    Ok(())
+}
+
+/// Remembers an accepted connection (for [`apply_crl`]), forgetting closed ones.
+pub fn track(open: &std::sync::Mutex<Vec<quinn::Connection>>, conn: &quinn::Connection) {
+    let mut g = open.lock().expect("connections lock poisoned");
+    g.retain(|c| c.close_reason().is_none());
+    g.push(conn.clone());
 }
 
 /// Connects to `addr` and checks that the server holds a certificate for `role`.
 pub async fn connect(ep: &quinn::Endpoint, addr: SocketAddr, role: Role) -> anyhow::Result<quinn::Connection> {
     let conn = ep
         .connect(addr, &role_name(role))
+        .with_context(|| format!("connecting to {} at {addr}", role.name()))?
+        .await
+        .with_context(|| format!("handshake with {} at {addr}", role.name()))?;
+    Ok(conn)
+}
+
+/// [`connect`] with a client configuration built now from `id`, so the server's certificate is checked
+/// against the current revocation list.
+pub async fn connect_checked(
+    ep: &quinn::Endpoint,
+    id: &Identity,
+    addr: SocketAddr,
+    role: Role,
+) -> anyhow::Result<quinn::Connection> {
+    let conn = ep
+        .connect_with(client_cfg(id)?, addr, &role_name(role))
         .with_context(|| format!("connecting to {} at {addr}", role.name()))?
         .await
         .with_context(|| format!("handshake with {} at {addr}", role.name()))?;

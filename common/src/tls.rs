@@ -8,7 +8,7 @@
 use crate::wire::Role;
 use anyhow::{bail, Context};
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer, ServerName};
 use rustls::RootCertStore;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -29,11 +29,13 @@ pub struct TlsPaths {
     pub key: PathBuf,
 }
 
-/// A component's loaded identity: its chain, its key and the deployment's CA.
+/// A component's loaded identity: its chain, its key, the deployment's CA and its revocation list.
 pub struct Identity {
     pub chain: Vec<CertificateDer<'static>>,
     pub key: PrivateKeyDer<'static>,
     pub roots: Arc<RootCertStore>,
+    /// The deployment's current CRL (empty until the configuration server supplied one).
+    crls: std::sync::RwLock<Vec<CertificateRevocationListDer<'static>>>,
 }
 
 impl Identity {
@@ -57,7 +59,22 @@ impl Identity {
         if roots.is_empty() {
             bail!("CA file {} holds no certificate", paths.ca.display());
         }
-        Ok(Identity { chain, key, roots: Arc::new(roots) })
+        Ok(Identity { chain, key, roots: Arc::new(roots), crls: Default::default() })
+    }
+
+    /// Replaces the revocation list with `pem`; returns whether it changed. New handshakes check it.
+    pub fn set_crl_pem(&self, pem: &str) -> anyhow::Result<bool> {
+        let crls = CertificateRevocationListDer::pem_slice_iter(pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .context("the revocation list is not PEM")?;
+        let mut cur = self.crls.write().expect("crl lock poisoned");
+        let changed = *cur != crls;
+        *cur = crls;
+        Ok(changed)
+    }
+
+    fn crls(&self) -> Vec<CertificateRevocationListDer<'static>> {
+        self.crls.read().expect("crl lock poisoned").clone()
     }
 }
 
@@ -68,6 +85,9 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 /// TLS 1.3 server configuration that demands a client certificate from the deployment CA.
 pub fn server_config(id: &Identity) -> anyhow::Result<rustls::ServerConfig> {
     let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(id.roots.clone(), provider())
+        .with_crls(id.crls())
+        .only_check_end_entity_revocation()
+        .allow_unknown_revocation_status()
         .build()
         .context("building the client certificate verifier")?;
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
@@ -81,9 +101,15 @@ pub fn server_config(id: &Identity) -> anyhow::Result<rustls::ServerConfig> {
 
 /// TLS 1.3 client configuration presenting our certificate and trusting only the deployment CA.
 pub fn client_config(id: &Identity) -> anyhow::Result<rustls::ClientConfig> {
+    let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(id.roots.clone(), provider())
+        .with_crls(id.crls())
+        .only_check_end_entity_revocation()
+        .allow_unknown_revocation_status()
+        .build()
+        .context("building the server certificate verifier")?;
     let mut cfg = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_root_certificates(id.roots.clone())
+        .with_webpki_verifier(verifier)
         .with_client_auth_cert(id.chain.clone(), id.key.clone_key())
         .context("client certificate and key do not match")?;
     cfg.alpn_protocols = vec![ALPN.to_vec()];

@@ -221,11 +221,24 @@ async fn register(State(cs): State<Arc<Cs>>, b: Body<Registration>) -> R<Value> 
     Ok(Json(json!({ "certificate_pem": cert, "ca_pem": cs.ca.cert_pem(), "token": token, "job": job.id })))
 }
 
+/// The CRL is made once per revocation and kept, so it stays byte-for-byte the same between changes
+/// (components compare it to decide whether to re-check their peers).
 async fn crl(State(cs): State<Arc<Cs>>) -> Result<String, ApiError> {
+    let store = cs.store();
+    let number = store.get::<u64>("meta", "crl_number")?.unwrap_or(1);
+    if let Some((n, pem)) = store.get::<(u64, String)>("meta", "crl")? {
+        if n == number {
+            return Ok(pem);
+        }
+    }
     let revoked: Vec<u64> =
-        cs.store().list::<Component>(COMPONENTS)?.iter().filter(|c| c.revoked).map(|c| c.serial).collect();
-    let number = cs.store().get::<u64>("meta", "crl_number")?.unwrap_or(1);
-    cs.ca.crl_pem(&revoked, number).map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, &format!("{e:#}")))
+        store.list::<Component>(COMPONENTS)?.iter().filter(|c| c.revoked).map(|c| c.serial).collect();
+    let pem = cs
+        .ca
+        .crl_pem(&revoked, number)
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, &format!("{e:#}")))?;
+    store.put("meta", "crl", &(number, pem.clone()))?;
+    Ok(pem)
 }
 
 fn public(c: &Component) -> Value {

@@ -32,6 +32,10 @@ pub struct Server {
     pub store: Arc<dyn StateStore>,
     /// Guards creation so one disk never gets two replica handles.
     replicas: Mutex<HashMap<StreamKey, Arc<Replica>>>,
+    listener: quinn::Endpoint,
+    identity: Arc<sr_common::tls::Identity>,
+    /// Open process-server connections, closed when the revocation list changes.
+    pub conns: Mutex<Vec<quinn::Connection>>,
     /// Streams whose replica cannot be used, with the reason; sessions for them are refused.
     broken: Mutex<HashMap<StreamKey, String>>,
     exports: Arc<Exports>,
@@ -105,7 +109,7 @@ pub async fn run(cfg: MtConfig, shutdown: CancellationToken) -> anyhow::Result<(
     sr_common::telemetry::metrics_handle();
     std::fs::create_dir_all(cfg.data_dir.join("replicas"))
         .with_context(|| format!("creating data_dir {}", cfg.data_dir.display()))?;
-    let identity = sr_common::tls::Identity::load(&cfg.tls)?;
+    let identity = Arc::new(sr_common::tls::Identity::load(&cfg.tls)?);
     let keys = KeyRing::load(&cfg.items)?;
     let store: Arc<dyn StateStore> = Arc::new(RedbStore::open(&cfg.data_dir.join("state.redb"))?);
     let listener = sr_common::quic::server(&identity, cfg.listen)?;
@@ -114,6 +118,9 @@ pub async fn run(cfg: MtConfig, shutdown: CancellationToken) -> anyhow::Result<(
         keys: RwLock::new(keys),
         store: store.clone(),
         replicas: Mutex::new(HashMap::new()),
+        listener: listener.clone(),
+        identity: identity.clone(),
+        conns: Mutex::new(Vec::new()),
         broken: Mutex::new(HashMap::new()),
         exports: Exports::new(),
     });
@@ -187,6 +194,10 @@ async fn control_loop(server: Arc<Server>, client: sr_common::control::ControlCl
         });
         let res = async {
             client.heartbeat(report).await?;
+            if server.identity.set_crl_pem(&client.crl().await?)? {
+                tracing::info!("revocation list updated; process servers reconnect and are checked again");
+                sr_common::quic::apply_crl(&server.identity, Some(&server.listener), &server.conns)?;
+            }
             let mut items = Vec::new();
             for a in client.assignments().await? {
                 let id = a["item"].as_u64().context("assignment without item")?;

@@ -25,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
     sr_common::telemetry::metrics_handle();
     std::fs::create_dir_all(&cfg.data_dir).with_context(|| format!("creating data_dir {}", cfg.data_dir.display()))?;
-    let identity = sr_common::tls::Identity::load(&cfg.tls)?;
+    let identity = Arc::new(sr_common::tls::Identity::load(&cfg.tls)?);
     let endpoint = sr_common::quic::client(&identity)?;
     let exports = Exports::new();
     let mut disks = Vec::new();
@@ -76,6 +76,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Resul
     }
     let target = Arc::new(ship::ShipTarget {
         endpoint: endpoint.clone(),
+        identity: identity.clone(),
         node: cfg.node.clone(),
         batch_bytes: cfg.ship.batch_bytes,
         window_bytes: cfg.ship.window_bytes,
@@ -89,7 +90,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Resul
     }
     if let Some(control) = &cfg.control {
         let client = sr_common::control::ControlClient::new(control)?;
-        tasks.spawn(control_loop(client, disks.clone(), route_tx, shutdown.clone()));
+        tasks.spawn(control_loop(client, identity.clone(), disks.clone(), route_tx, shutdown.clone()));
     }
     tasks.close();
     shutdown.cancelled().await;
@@ -108,6 +109,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Resul
 /// Reports disks and progress to the configuration server and follows its assignment.
 async fn control_loop(
     client: sr_common::control::ControlClient,
+    identity: Arc<sr_common::tls::Identity>,
     disks: Vec<Arc<ProtectedDisk>>,
     route: tokio::sync::watch::Sender<Option<ship::Route>>,
     shutdown: CancellationToken,
@@ -126,6 +128,9 @@ async fn control_loop(
         });
         let res = async {
             client.heartbeat(report).await?;
+            if identity.set_crl_pem(&client.crl().await?)? {
+                tracing::info!("revocation list updated");
+            }
             let items = client.assignments().await?;
             let next = match items.first() {
                 None => None,

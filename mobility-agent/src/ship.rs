@@ -22,6 +22,8 @@ use tokio_util::sync::CancellationToken;
 
 pub struct ShipTarget {
     pub endpoint: quinn::Endpoint,
+    /// Our certificate and the deployment's CA and revocation list, checked at every connect.
+    pub identity: Arc<sr_common::tls::Identity>,
     pub node: String,
     pub batch_bytes: u64,
     pub window_bytes: u64,
@@ -85,7 +87,8 @@ async fn session(
     route: Route,
     connected: &metrics::Gauge,
 ) -> anyhow::Result<()> {
-    let conn = sr_common::quic::connect(&t.endpoint, route.process_server, Role::ProcessServer).await?;
+    let conn =
+        sr_common::quic::connect_checked(&t.endpoint, &t.identity, route.process_server, Role::ProcessServer).await?;
     let (mut send, mut recv) = conn.open_bi().await.context("opening a stream to the process server")?;
     wire::write_msg(
         &mut send,

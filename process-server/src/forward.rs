@@ -50,7 +50,9 @@ async fn session(server: &Arc<Server>, stream: &Arc<Stream>) -> anyhow::Result<(
     let route =
         server.route(key.item).with_context(|| format!("item {} is not assigned to this process server", key.item))?;
     let item_key = route.key.clone();
-    let conn = sr_common::quic::connect(&server.endpoint, route.master_target, Role::MasterTarget).await?;
+    let conn =
+        sr_common::quic::connect_checked(&server.endpoint, &server.identity, route.master_target, Role::MasterTarget)
+            .await?;
     let (mut send, mut recv) = conn.open_bi().await.context("opening a stream to the master target")?;
     wire::write_msg(
         &mut send,

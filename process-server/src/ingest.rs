@@ -27,6 +27,7 @@ pub async fn connection(server: Arc<Server>, conn: quinn::Connection) {
         conn.close(1u32.into(), b"certificate does not name the agent role");
         return;
     }
+    sr_common::quic::track(&server.conns, &conn);
     loop {
         let (send, recv) = match conn.accept_bi().await {
             Ok(s) => s,

@@ -40,6 +40,11 @@ pub struct Server {
     /// Items this server may carry, from the static config or the configuration server's assignments.
     routes: RwLock<HashMap<ItemId, Route>>,
     pub endpoint: quinn::Endpoint,
+    /// The endpoint agents connect to (its TLS configuration changes with the revocation list).
+    pub listener: quinn::Endpoint,
+    pub identity: Arc<sr_common::tls::Identity>,
+    /// Open agent connections, closed when the revocation list changes so they are checked again.
+    pub conns: Mutex<Vec<quinn::Connection>>,
     pub store: Arc<dyn StateStore>,
     /// Guards creation of streams so two sessions never build two caches for one disk.
     streams: Mutex<HashMap<StreamKey, Arc<Stream>>>,
@@ -95,7 +100,7 @@ impl Server {
 pub async fn run(cfg: PsConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
     sr_common::telemetry::metrics_handle();
     std::fs::create_dir_all(&cfg.data_dir).with_context(|| format!("creating data_dir {}", cfg.data_dir.display()))?;
-    let identity = sr_common::tls::Identity::load(&cfg.tls)?;
+    let identity = Arc::new(sr_common::tls::Identity::load(&cfg.tls)?);
     let keys = KeyRing::load(&cfg.items)?;
     let mut routes = HashMap::new();
     if let Some(mt) = cfg.master_target {
@@ -112,6 +117,9 @@ pub async fn run(cfg: PsConfig, shutdown: CancellationToken) -> anyhow::Result<(
         cfg,
         routes: RwLock::new(routes),
         endpoint,
+        listener: listener.clone(),
+        identity: identity.clone(),
+        conns: Mutex::new(Vec::new()),
         store: store.clone(),
         streams: Mutex::new(HashMap::new()),
         cache_total: cache_total.clone(),
@@ -171,6 +179,10 @@ async fn control_loop(server: Arc<Server>, client: sr_common::control::ControlCl
         let report = serde_json::json!({ "address": server.cfg.listen.to_string(), "load": { "cache_bytes": cache } });
         let res = async {
             client.heartbeat(report).await?;
+            if server.identity.set_crl_pem(&client.crl().await?)? {
+                tracing::info!("revocation list updated; agents reconnect and are checked again");
+                sr_common::quic::apply_crl(&server.identity, Some(&server.listener), &server.conns)?;
+            }
             let mut routes = HashMap::new();
             for a in client.assignments().await? {
                 let item = ItemId(a["item"].as_u64().context("assignment without item")?);

@@ -343,3 +343,59 @@ fn configuration_server_killed_during_initial_replication_comes_back_and_the_job
     wait_caught_up(&local, std::time::Duration::from_secs(60)).unwrap();
     compare(disk.to_str().unwrap(), &local.replica_uri(1)).unwrap();
 }
+
+#[test]
+fn a_revoked_agent_is_refused_by_its_process_server() {
+    let dir = test_dir();
+    let cp = ControlPlane::create(&dir.path().join("cp")).unwrap();
+    let _cs = cp.start().unwrap();
+    let admin_file = dir.path().join("cp").join("cs").join("admin.token");
+    let disk = dir.path().join("source.img");
+    make_disk(&disk, 32 << 20).unwrap();
+    let mut local = Local::managed(
+        &dir.path().join("dep"),
+        vec![DiskSpec { id: 1, name: "disk0".into(), path: disk.clone() }],
+        &Options::default(),
+        cp.api,
+        &cp.admin_token().unwrap(),
+    )
+    .unwrap();
+    let _mt = local.start(Component::MasterTarget).unwrap();
+    let _ps = local.start(Component::ProcessServer).unwrap();
+    let _agent = local.start(Component::Agent).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !String::from_utf8_lossy(&srctl(cp.api, &admin_file, &["machines"]).stdout).contains("disk0") {
+        assert!(std::time::Instant::now() < deadline, "the agent never reported");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    assert!(srctl(cp.api, &admin_file, &["policies", "create", "--name", "p"]).status.success());
+    let out = srctl(
+        cp.api,
+        &admin_file,
+        &["--output", "json", "protect", "--machine", "agent-1", "--policy", "p", "--watch"],
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let items: Value =
+        serde_json::from_slice(&srctl(cp.api, &admin_file, &["--output", "json", "items", "list"]).stdout).unwrap();
+    local.item = items[0]["id"].as_u64().unwrap();
+    let uri = local.agent_uri("disk0");
+    run("qemu-io", &["-f", "raw", "-c", "write -P 0x61 0 1M", "-c", "flush", &uri]).unwrap();
+    let before = wait_caught_up(&local, std::time::Duration::from_secs(60)).unwrap()[0];
+
+    let updates = || {
+        std::fs::read_to_string(local.log(Component::ProcessServer)).unwrap().matches("revocation list updated").count()
+    };
+    let seen = updates();
+    assert!(srctl(cp.api, &admin_file, &["components", "revoke", "agent-1"]).status.success());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while updates() == seen {
+        assert!(std::time::Instant::now() < deadline, "the process server never took the new revocation list");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    // The machine's disk still works locally, but nothing more is accepted from the revoked agent.
+    run("qemu-io", &["-f", "raw", "-c", "write -P 0x62 2M 1M", "-c", "flush", &uri]).unwrap();
+    std::thread::sleep(std::time::Duration::from_secs(4));
+    assert_eq!(local.applied(1).unwrap(), before, "nothing from a revoked agent is applied");
+    let ps_log = std::fs::read_to_string(local.log(Component::ProcessServer)).unwrap();
+    assert!(ps_log.to_lowercase().contains("revoked"), "the process server says why: {ps_log}");
+}
