@@ -381,7 +381,7 @@ impl ControlPlane {
     pub fn create(root: &Path) -> anyhow::Result<ControlPlane> {
         std::fs::create_dir_all(root.join("logs")).with_context(|| format!("creating {}", root.display()))?;
         let api = free_tcp();
-        let text = format!("data_dir = {:?}\nlisten = \"{api}\"\n", root.join("cs"));
+        let text = format!("data_dir = {:?}\nlisten = \"{api}\"\ncomponent_timeout_secs = 5\n", root.join("cs"));
         crate::crashsafe::write_file(&root.join("cs.toml"), text.as_bytes())?;
         Ok(ControlPlane { root: root.to_path_buf(), api })
     }

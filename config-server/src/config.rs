@@ -17,6 +17,10 @@ pub struct CsConfig {
     /// How long a registration key is valid when the request does not say.
     #[serde(default = "default_ttl")]
     pub registration_key_ttl_secs: u64,
+    /// A process server or master target silent for this long gets no new work, and the items of a
+    /// silent process server move to another one.
+    #[serde(default = "default_timeout")]
+    pub component_timeout_secs: u64,
     /// Alerts are POSTed as JSON here (`host:port/path`), besides the event log.
     #[serde(default)]
     pub alert_webhook: Option<String>,
@@ -26,10 +30,20 @@ fn default_ttl() -> u64 {
     DEFAULT_KEY_TTL_SECS
 }
 
+pub const DEFAULT_COMPONENT_TIMEOUT_SECS: u64 = 10;
+
+fn default_timeout() -> u64 {
+    DEFAULT_COMPONENT_TIMEOUT_SECS
+}
+
 impl CsConfig {
     pub fn load(path: &std::path::Path) -> anyhow::Result<CsConfig> {
         let cfg: CsConfig = sr_common::config::load(path, ENV_PREFIX)?;
-        let CsConfig { data_dir: _, listen: _, registration_key_ttl_secs, alert_webhook } = &cfg;
+        let CsConfig { data_dir: _, listen: _, registration_key_ttl_secs, alert_webhook, component_timeout_secs } =
+            &cfg;
+        if *component_timeout_secs < 2 {
+            anyhow::bail!("config file {}: key component_timeout_secs: must be at least 2", path.display());
+        }
         if let Some(h) = alert_webhook {
             let addr = h.split_once('/').map_or(h.as_str(), |(a, _)| a);
             if addr.parse::<std::net::SocketAddr>().is_err() {

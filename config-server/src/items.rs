@@ -23,9 +23,6 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use std::sync::Arc;
 
-/// A component that has not reported for this long is not offered new work.
-pub const LIVE_SECS: u64 = 30;
-
 const ENABLE_STEPS: &[&str] = &[
     "check prerequisites",
     "choose a process server and a master target",
@@ -62,8 +59,18 @@ pub struct Enable {
     policy: String,
 }
 
-fn live(c: &Component) -> bool {
-    !c.revoked && c.address.is_some() && c.last_heartbeat.is_some_and(|t| now().saturating_sub(t) <= LIVE_SECS)
+fn live(c: &Component, timeout: u64) -> bool {
+    !c.revoked && c.address.is_some() && c.last_heartbeat.is_some_and(|t| now().saturating_sub(t) <= timeout)
+}
+
+/// The least-loaded live process server other than `except`.
+fn pick_process_server(comps: &[Component], items: &[Item], timeout: u64, except: Option<&str>) -> Option<Component> {
+    let assigned = |name: &str| items.iter().filter(|i| i.process_server.as_deref() == Some(name)).count();
+    comps
+        .iter()
+        .filter(|c| c.role == ComponentRole::ProcessServer && live(c, timeout) && Some(c.name.as_str()) != except)
+        .min_by_key(|c| (c.load.cache_bytes, assigned(&c.name), c.name.clone()))
+        .cloned()
 }
 
 /// Checks prerequisites and picks the least-loaded process server and a master target with room.
@@ -81,7 +88,8 @@ fn place(cs: &Cs, machine: &str) -> Result<(Machine, Component, Component), Stri
         .get(MACHINES, machine)
         .map_err(err)?
         .ok_or_else(|| format!("the agent of {machine} has not reported its disks yet (is it running?)"))?;
-    if now().saturating_sub(m.last_heartbeat) > LIVE_SECS {
+    let timeout = cs.cfg.component_timeout_secs;
+    if now().saturating_sub(m.last_heartbeat) > timeout * 3 {
         return Err(format!(
             "the agent of {machine} has not reported for {} s",
             now().saturating_sub(m.last_heartbeat)
@@ -92,15 +100,11 @@ fn place(cs: &Cs, machine: &str) -> Result<(Machine, Component, Component), Stri
     }
     let comps: Vec<Component> = store.list(COMPONENTS).map_err(err)?;
     let items: Vec<Item> = store.list(ITEMS).map_err(err)?;
-    let assigned = |name: &str| items.iter().filter(|i| i.process_server.as_deref() == Some(name)).count();
-    let ps = comps
-        .iter()
-        .filter(|c| c.role == ComponentRole::ProcessServer && live(c))
-        .min_by_key(|c| (c.load.cache_bytes, assigned(&c.name), c.name.clone()))
-        .cloned()
+    let ps = pick_process_server(&comps, &items, timeout, None)
         .ok_or("no process server is available: register one and make sure it reports")?;
     let need: u64 = m.disks.iter().map(|d| d.size).sum();
-    let mts: Vec<&Component> = comps.iter().filter(|c| c.role == ComponentRole::MasterTarget && live(c)).collect();
+    let mts: Vec<&Component> =
+        comps.iter().filter(|c| c.role == ComponentRole::MasterTarget && live(c, timeout)).collect();
     if mts.is_empty() {
         return Err("no master target is available: register one and make sure it reports".into());
     }
@@ -236,7 +240,29 @@ pub async fn assignments(AxState(cs): AxState<Arc<Cs>>, h: HeaderMap) -> R<Value
 pub async fn evaluate(cs: &Cs) -> Result<(), crate::store::StoreError> {
     let store = cs.store();
     let _g = cs.items_lock.lock().await;
-    for mut item in store.list::<Item>(ITEMS)? {
+    let timeout = cs.cfg.component_timeout_secs;
+    let comps: Vec<Component> = store.list(COMPONENTS)?;
+    let all: Vec<Item> = store.list(ITEMS)?;
+    for mut item in all.clone() {
+        // Scale-out: an item whose process server went silent moves to the least-loaded live one. The
+        // agent keeps every change until the master target applied it, so nothing cached only on the
+        // silent server is lost: the new one is sent it again.
+        if item.state.replicating() {
+            if let Some(ps) = item.process_server.clone() {
+                let alive = comps.iter().find(|c| c.name == ps).is_some_and(|c| live(c, timeout));
+                if !alive {
+                    if let Some(next) = pick_process_server(&comps, &all, timeout, Some(&ps)) {
+                        item.process_server = Some(next.name.clone());
+                        store.put(ITEMS, &id_key(item.id), &item)?;
+                        cs.alert(
+                            &item.machine,
+                            &format!("item {}: process server {ps} stopped reporting; moved to {}", item.id, next.name),
+                        )
+                        .await?;
+                    }
+                }
+            }
+        }
         let Some(machine) = store.get::<Machine>(MACHINES, &item.machine)? else { continue };
         let before = item.clone();
         let applied = |disk: u64| -> Result<(u64, u64), crate::store::StoreError> {

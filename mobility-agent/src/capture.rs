@@ -42,6 +42,7 @@ pub struct ProtectedDisk {
     /// Wakes the shipper when a change is appended.
     pub appended: tokio::sync::Notify,
     acked: AtomicU64,
+    applied: AtomicU64,
     copy: Mutex<CopyState>,
     copy_path: PathBuf,
     metrics: DiskMetrics,
@@ -136,6 +137,7 @@ impl ProtectedDisk {
             journal: Mutex::new(journal),
             appended: tokio::sync::Notify::new(),
             acked: AtomicU64::new(0),
+            applied: AtomicU64::new(0),
             copy: Mutex::new(copy),
             copy_path,
             metrics: DiskMetrics::new(name),
@@ -188,15 +190,27 @@ impl ProtectedDisk {
         *self.copy.lock().expect("copy lock poisoned")
     }
 
-    /// The process server holds everything through `through` durably: drop it from the journal.
-    pub fn on_durable_ack(&self, through: Seq) -> Result<(), JournalError> {
+    /// The process server holds everything through `through` durably (this paces shipping).
+    pub fn on_durable_ack(&self, through: Seq) {
         self.acked.fetch_max(through.0, Ordering::Relaxed);
+        self.publish();
+    }
+
+    /// The master target applied everything through `through`: drop it from the journal. Changes are
+    /// kept until then, not only until a process server cached them, so that losing a process server
+    /// (and its cache) loses nothing: the next one is sent them again from here.
+    pub fn on_applied_ack(&self, through: Seq) -> Result<(), JournalError> {
+        self.applied.fetch_max(through.0, Ordering::Relaxed);
         let freed = self.lock().trim_through(through)?;
         if freed > 0 {
             tracing::debug!(disk = self.name, freed, through = through.0, "journal trimmed");
         }
         self.publish();
         Ok(())
+    }
+
+    pub fn applied(&self) -> Seq {
+        Seq(self.applied.load(Ordering::Relaxed))
     }
 
     fn after_append(&self) {

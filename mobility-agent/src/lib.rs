@@ -176,6 +176,7 @@ fn status(node: &str, disks: &[Arc<ProtectedDisk>]) -> serde_json::Value {
                 "first_seq": d.first_seq().0,
                 "last_seq": d.last_seq().0,
                 "acked_seq": d.acked().0,
+                "applied_seq": d.applied().0,
                 "journal_bytes": d.journal_bytes(),
                 "initial_copy": {
                     "done": c.done,

@@ -3,7 +3,8 @@
 //! ```text
 //! connect (mTLS, server must be a process server) --> Hello --> Open{item,disk,size} --> Resume{next}
 //!   sender: journal records from `next` --> Batch (<= batch_bytes) --> stream, at most window_bytes unacked
-//!   receiver: DurableAck{through} --> journal.trim_through(through) --> opens the window
+//!   receiver: DurableAck{through} --> opens the window
+//!             AppliedAck{through} (relayed from the master target) --> journal.trim_through(through)
 //! any error --> drop the connection --> back off (jittered) --> reconnect; the server's Resume says where
 //! ```
 
@@ -108,7 +109,7 @@ async fn session(
              the replica has a gap and the disk needs a resync"
         );
     }
-    disk.on_durable_ack(Seq(next.0 - 1))?;
+    disk.on_durable_ack(Seq(next.0 - 1));
     connected.set(1.0);
     tracing::info!(disk = disk.name, next = next.0, last = last.0, "shipping to the process server");
 
@@ -118,9 +119,10 @@ async fn session(
         loop {
             match wire::read_msg(&mut recv).await? {
                 Some(Message::DurableAck { through }) => {
-                    ack_disk.on_durable_ack(through)?;
+                    ack_disk.on_durable_ack(through);
                     let _ = acked_tx.send(through);
                 }
+                Some(Message::AppliedAck { through }) => ack_disk.on_applied_ack(through)?,
                 Some(other) => bail!("unexpected {} from the process server", other.kind()),
                 None => bail!("process server closed the stream"),
             }

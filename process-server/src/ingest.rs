@@ -49,6 +49,12 @@ pub async fn connection(server: Arc<Server>, conn: quinn::Connection) {
     }
 }
 
+/// Writes a message on a send stream shared by the session and its applied-position relay.
+async fn send_msg(send: &tokio::sync::Mutex<&mut quinn::SendStream>, msg: &Message) -> anyhow::Result<()> {
+    wire::write_msg(&mut **send.lock().await, msg).await?;
+    Ok(())
+}
+
 async fn session(
     server: &Arc<Server>,
     send: &mut quinn::SendStream,
@@ -96,9 +102,31 @@ async fn session(
     let mut next = stream.next();
     tracing::info!(%key, node, next = next.0, "agent stream open");
     wire::write_msg(send, &Message::Resume { next }).await?;
+    wire::write_msg(send, &Message::AppliedAck { through: stream.applied() }).await?;
+    let send = tokio::sync::Mutex::new(send);
+    // Relays the master target's applied position to the agent, which trims its journal on it.
+    let relay = async {
+        let mut told = stream.applied();
+        loop {
+            let freed = stream.freed.notified();
+            let applied = stream.applied();
+            if applied > told {
+                send_msg(&send, &Message::AppliedAck { through: applied }).await?;
+                told = applied;
+            }
+            tokio::select! {
+                _ = freed => {}
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            }
+        }
+    };
+    tokio::pin!(relay);
     loop {
+        // `read_msg` is not cancel-safe: the relay runs beside it and never interrupts a frame.
+        // Only the relay or a cancellation can interrupt it, and both end the session.
         let msg = tokio::select! {
             m = wire::read_msg(&mut recv) => m?,
+            r = &mut relay => return r,
             _ = token.cancelled() => bail!("{key}: a newer session of the same agent disk took over"),
         };
         let mut batch = match msg {
@@ -115,7 +143,7 @@ async fn session(
         metrics::counter!(m::BATCHES_IN).increment(1);
         if batch.last < next {
             metrics::counter!(m::DUPLICATES).increment(1);
-            wire::write_msg(send, &Message::DurableAck { through: Seq(next.0 - 1) }).await?;
+            send_msg(&send, &Message::DurableAck { through: Seq(next.0 - 1) }).await?;
             continue;
         }
         if batch.first > next {
@@ -144,7 +172,7 @@ async fn session(
         metrics::gauge!(m::CACHE_BYTES).set(server.cache_total.load(Ordering::Relaxed) as f64);
         stream.cached_through(last);
         next = last.next();
-        wire::write_msg(send, &Message::DurableAck { through: last }).await?;
+        send_msg(&send, &Message::DurableAck { through: last }).await?;
     }
 }
 

@@ -399,3 +399,178 @@ fn a_revoked_agent_is_refused_by_its_process_server() {
     let ps_log = std::fs::read_to_string(local.log(Component::ProcessServer)).unwrap();
     assert!(ps_log.to_lowercase().contains("revoked"), "the process server says why: {ps_log}");
 }
+
+/// Adds a component to a managed deployment by registering it and deriving its config from a sibling's:
+/// `from` (e.g. "ps") becomes `to_file` with every `(old, new)` replacement applied.
+fn add_component(
+    local: &Local,
+    api: SocketAddr,
+    admin: &str,
+    c: Component,
+    name: &str,
+    from: &str,
+    replace: &[(String, String)],
+) -> std::path::PathBuf {
+    let role = if c == Component::Agent { "agent" } else { "process-server" };
+    let key = new_key(api, admin, role, None);
+    let mut cmd = Command::new(bin_dir().join(c.binary()));
+    cmd.args(["register", "--server", &api.to_string(), "--key", &key, "--name", name, "--dir"]).arg(&local.certs);
+    for (old, new) in replace {
+        if old == "ADDRESS" {
+            cmd.args(["--address", new]);
+        }
+    }
+    let out = cmd.output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let mut text = std::fs::read_to_string(local.root.join(format!("{from}.toml"))).unwrap();
+    for (old, new) in replace.iter().filter(|(o, _)| o != "ADDRESS") {
+        assert!(text.contains(old.as_str()), "{old} not in {from}.toml");
+        text = text.replace(old.as_str(), new);
+    }
+    let path = local.root.join(format!("{name}.toml"));
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn item_of(api: SocketAddr, admin_file: &std::path::Path, machine: &str) -> Value {
+    let items: Value =
+        serde_json::from_slice(&srctl(api, admin_file, &["--output", "json", "items", "list"]).stdout).unwrap();
+    items.as_array().unwrap().iter().find(|i| i["machine"] == machine).cloned().unwrap_or_default()
+}
+
+fn applied_at_mt(local: &Local, item: u64) -> u64 {
+    let s = sr_common::http::get_json(local.addrs.mt_http, "/v1/status").unwrap();
+    s["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["item"] == item)
+        .and_then(|r| r["applied_seq"].as_u64())
+        .unwrap_or(0)
+}
+
+#[test]
+fn two_process_servers_spread_items_and_take_over_when_one_dies() {
+    let dir = test_dir();
+    let cp = ControlPlane::create(&dir.path().join("cp")).unwrap();
+    let _cs = cp.start().unwrap();
+    let admin = cp.admin_token().unwrap();
+    let admin_file = dir.path().join("cp").join("cs").join("admin.token");
+    let (disk_a, disk_b) = (dir.path().join("a.img"), dir.path().join("b.img"));
+    make_disk(&disk_a, 32 << 20).unwrap();
+    make_disk(&disk_b, 32 << 20).unwrap();
+    let opts = Options { batch_bytes: 256 << 10, ..Options::default() };
+    let mut local = Local::managed(
+        &dir.path().join("dep"),
+        vec![DiskSpec { id: 1, name: "disk0".into(), path: disk_a.clone() }],
+        &opts,
+        cp.api,
+        &admin,
+    )
+    .unwrap();
+    let (ps2_http, ps2_quic) = (sr_common::local::free_tcp(), sr_common::local::free_udp());
+    let ps2 = add_component(
+        &local,
+        cp.api,
+        &admin,
+        Component::ProcessServer,
+        "ps-2",
+        "ps",
+        &[
+            ("ADDRESS".into(), ps2_quic.to_string()),
+            ("node = \"ps-1\"".into(), "node = \"ps-2\"".into()),
+            (local.addrs.ps_http.to_string(), ps2_http.to_string()),
+            (local.addrs.ps_quic.to_string(), ps2_quic.to_string()),
+            (local.root.join("ps").display().to_string(), local.root.join("ps2").display().to_string()),
+            ("ps-1.".into(), "ps-2.".into()),
+        ],
+    );
+    let (b_http, b_nbd) = (sr_common::local::free_tcp(), sr_common::local::free_tcp());
+    let agent_b = add_component(
+        &local,
+        cp.api,
+        &admin,
+        Component::Agent,
+        "agent-2",
+        "agent",
+        &[
+            ("node = \"agent-1\"".into(), "node = \"agent-2\"".into()),
+            (local.addrs.agent_http.to_string(), b_http.to_string()),
+            (local.addrs.agent_nbd.to_string(), b_nbd.to_string()),
+            (local.addrs.agent_unix.display().to_string(), dir.path().join("b.sock").display().to_string()),
+            (local.root.join("agent").display().to_string(), local.root.join("agent2").display().to_string()),
+            ("agent-1.".into(), "agent-2.".into()),
+            (disk_a.display().to_string(), disk_b.display().to_string()),
+        ],
+    );
+    let logs = local.root.join("logs");
+    let _mt = local.start(Component::MasterTarget).unwrap();
+    let ps1 = local.start(Component::ProcessServer).unwrap();
+    let _ps2 = sr_common::local::spawn(Component::ProcessServer, &ps2, &logs.join("ps2.log"), ps2_http).unwrap();
+    let _a = local.start(Component::Agent).unwrap();
+    let _b = sr_common::local::spawn(Component::Agent, &agent_b, &logs.join("agent2.log"), b_http).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let m = String::from_utf8_lossy(&srctl(cp.api, &admin_file, &["machines"]).stdout).to_string();
+        if m.contains("agent-1") && m.contains("agent-2") {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the agents never reported: {m}");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    assert!(srctl(cp.api, &admin_file, &["policies", "create", "--name", "p"]).status.success());
+    for m in ["agent-1", "agent-2"] {
+        let out = srctl(cp.api, &admin_file, &["protect", "--machine", m, "--policy", "p", "--watch"]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    let (ia, ib) = (item_of(cp.api, &admin_file, "agent-1"), item_of(cp.api, &admin_file, "agent-2"));
+    assert_ne!(ia["process_server"], ib["process_server"], "two items spread over two process servers: {ia} {ib}");
+    local.item = ia["id"].as_u64().unwrap();
+    let item_b = ib["id"].as_u64().unwrap();
+    let victim = if ia["process_server"] == "ps-1" { "agent-1" } else { "agent-2" };
+
+    // Writes stream through both while ps-1 is killed.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writers: Vec<_> = [local.agent_uri("disk0"), format!("nbd://{b_nbd}/disk0")]
+        .into_iter()
+        .map(|uri| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut i = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let cmd = format!("write -P {} {}k 300k", (i % 200) + 1, (i * 613) % 30000);
+                    run("qemu-io", &["-f", "raw", "-c", &cmd, "-c", "flush", &uri]).unwrap();
+                    i += 1;
+                }
+                i
+            })
+        })
+        .collect();
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    ps1.kill();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(40);
+    while item_of(cp.api, &admin_file, victim)["process_server"] != "ps-2" {
+        assert!(std::time::Instant::now() < deadline, "the item of {victim} never moved to ps-2");
+        std::thread::sleep(std::time::Duration::from_millis(300));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for w in writers {
+        assert!(w.join().unwrap() > 0);
+    }
+    // Both replicas end identical to their sources.
+    wait_caught_up(&local, std::time::Duration::from_secs(90)).unwrap();
+    compare(disk_a.to_str().unwrap(), &local.replica_uri(1)).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(90);
+    loop {
+        let st = sr_common::http::get_json(b_http, "/v1/status").unwrap();
+        if applied_at_mt(&local, item_b) >= st["disks"][0]["last_seq"].as_u64().unwrap() {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "disk B never caught up");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    compare(disk_b.to_str().unwrap(), &format!("nbd://{}/item-{item_b}-disk-1", local.addrs.mt_nbd)).unwrap();
+    let events = String::from_utf8_lossy(&srctl(cp.api, &admin_file, &["events"]).stdout).to_string();
+    assert!(events.contains("stopped reporting; moved to ps-2"), "{events}");
+}
