@@ -379,9 +379,15 @@ pub struct ControlPlane {
 
 impl ControlPlane {
     pub fn create(root: &Path) -> anyhow::Result<ControlPlane> {
+        Self::create_with(root, "")
+    }
+
+    /// [`ControlPlane::create`] with extra lines for the config file.
+    pub fn create_with(root: &Path, extra_toml: &str) -> anyhow::Result<ControlPlane> {
         std::fs::create_dir_all(root.join("logs")).with_context(|| format!("creating {}", root.display()))?;
         let api = free_tcp();
-        let text = format!("data_dir = {:?}\nlisten = \"{api}\"\ncomponent_timeout_secs = 5\n", root.join("cs"));
+        let text =
+            format!("data_dir = {:?}\nlisten = \"{api}\"\ncomponent_timeout_secs = 5\n{extra_toml}", root.join("cs"));
         crate::crashsafe::write_file(&root.join("cs.toml"), text.as_bytes())?;
         Ok(ControlPlane { root: root.to_path_buf(), api })
     }

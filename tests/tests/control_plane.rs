@@ -574,3 +574,78 @@ fn two_process_servers_spread_items_and_take_over_when_one_dies() {
     let events = String::from_utf8_lossy(&srctl(cp.api, &admin_file, &["events"]).stdout).to_string();
     assert!(events.contains("stopped reporting; moved to ps-2"), "{events}");
 }
+
+#[test]
+fn rpo_over_the_policy_raises_an_alert_to_the_event_log_and_the_webhook() {
+    use std::io::{Read, Write};
+    let dir = test_dir();
+    // A webhook receiver that records what it is sent.
+    let hook = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let hook_addr = hook.local_addr().unwrap();
+    let received = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let rec = received.clone();
+    std::thread::spawn(move || {
+        for s in hook.incoming() {
+            let Ok(mut s) = s else { return };
+            s.set_read_timeout(Some(std::time::Duration::from_secs(2))).unwrap();
+            let mut buf = vec![0u8; 65536];
+            let n = s.read(&mut buf).unwrap_or(0);
+            rec.lock().unwrap().push(String::from_utf8_lossy(&buf[..n]).to_string());
+            let _ = s.write_all(b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+        }
+    });
+    let cp = ControlPlane::create_with(&dir.path().join("cp"), &format!("alert_webhook = \"{hook_addr}/alerts\"\n"))
+        .unwrap();
+    let _cs = cp.start().unwrap();
+    let admin_file = dir.path().join("cp").join("cs").join("admin.token");
+    let disk = dir.path().join("source.img");
+    make_disk(&disk, 16 << 20).unwrap();
+    let mut local = Local::managed(
+        &dir.path().join("dep"),
+        vec![DiskSpec { id: 1, name: "disk0".into(), path: disk.clone() }],
+        &Options::default(),
+        cp.api,
+        &cp.admin_token().unwrap(),
+    )
+    .unwrap();
+    let mt = local.start(Component::MasterTarget).unwrap();
+    let _ps = local.start(Component::ProcessServer).unwrap();
+    let _agent = local.start(Component::Agent).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !String::from_utf8_lossy(&srctl(cp.api, &admin_file, &["machines"]).stdout).contains("disk0") {
+        assert!(std::time::Instant::now() < deadline, "the agent never reported");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    assert!(srctl(cp.api, &admin_file, &["policies", "create", "--name", "tight", "--rpo-secs", "2"]).status.success());
+    let out = srctl(cp.api, &admin_file, &["protect", "--machine", "agent-1", "--policy", "tight", "--watch"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    local.item = item_of(cp.api, &admin_file, "agent-1")["id"].as_u64().unwrap();
+
+    // The master target stops; writes go on; the recovery point ages past the policy.
+    mt.stop().unwrap();
+    run("qemu-io", &["-f", "raw", "-c", "write -P 0x41 0 1M", "-c", "flush", &local.agent_uri("disk0")]).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !item_of(cp.api, &admin_file, "agent-1")["rpo_alert"].as_bool().unwrap_or(false) {
+        assert!(std::time::Instant::now() < deadline, "no RPO alert: {}", item_of(cp.api, &admin_file, "agent-1"));
+        std::thread::sleep(std::time::Duration::from_millis(300));
+    }
+    let item = item_of(cp.api, &admin_file, "agent-1");
+    assert!(item["rpo_seconds"].as_u64().unwrap() > 2, "{item}");
+    let events = String::from_utf8_lossy(&srctl(cp.api, &admin_file, &["events"]).stdout).to_string();
+    assert!(events.contains("over the policy's 2 s"), "{events}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !received.lock().unwrap().iter().any(|r| r.starts_with("POST /alerts") && r.contains("over the policy")) {
+        assert!(std::time::Instant::now() < deadline, "the webhook got nothing: {:?}", received.lock().unwrap());
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+
+    // The master target returns: the replica catches up and the alert clears.
+    let _mt = local.start(Component::MasterTarget).unwrap();
+    wait_caught_up(&local, std::time::Duration::from_secs(60)).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while item_of(cp.api, &admin_file, "agent-1")["rpo_alert"].as_bool().unwrap_or(true) {
+        assert!(std::time::Instant::now() < deadline, "the alert never cleared");
+        std::thread::sleep(std::time::Duration::from_millis(300));
+    }
+    compare(disk.to_str().unwrap(), &local.replica_uri(1)).unwrap();
+}
