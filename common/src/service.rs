@@ -63,3 +63,47 @@ pub fn tune_allocator() {
         libc::mallopt(libc::M_ARENA_MAX, 2);
     }
 }
+
+/// The command line every data-path service binary takes.
+#[derive(clap::Parser)]
+#[command(version)]
+pub enum ServiceCli {
+    /// Runs the service with a configuration file.
+    Run {
+        #[arg(long, short)]
+        config: std::path::PathBuf,
+    },
+    /// Trades a one-time registration key for this component's certificate.
+    Register(crate::register::RegisterArgs),
+}
+
+/// The whole `main` of a data-path service: parse the command line, then register, or load the config
+/// (exit code 2 and the config error when it is bad) and [`main`] the service.
+pub fn cli_main<C, F, Fut>(
+    name: &'static str,
+    about: &'static str,
+    role: crate::wire::Role,
+    load: impl FnOnce(&std::path::Path) -> anyhow::Result<C>,
+    run: F,
+) -> ExitCode
+where
+    F: FnOnce(C, CancellationToken) -> Fut,
+    Fut: Future<Output = anyhow::Result<()>>,
+{
+    use clap::{CommandFactory, FromArgMatches};
+    crate::telemetry::init_logging();
+    let matches = ServiceCli::command().name(name).about(about).get_matches();
+    let cli = ServiceCli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    let config = match cli {
+        ServiceCli::Run { config } => config,
+        ServiceCli::Register(a) => return crate::register::main(role, &a),
+    };
+    let cfg = match load(&config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    main(|shutdown| run(cfg, shutdown))
+}

@@ -344,49 +344,71 @@ fn configuration_server_killed_during_initial_replication_comes_back_and_the_job
     compare(disk.to_str().unwrap(), &local.replica_uri(1)).unwrap();
 }
 
+/// A configuration server and a managed deployment of one disk, started, with the agent reported.
+struct Managed {
+    cp: ControlPlane,
+    admin_file: std::path::PathBuf,
+    local: Local,
+    disk: std::path::PathBuf,
+    mt: Option<Proc>,
+    _cs: Proc,
+    _ps: Proc,
+    _agent: Proc,
+}
+
+impl Managed {
+    fn start(dir: &std::path::Path, disk_mib: u64, cs_extra: &str) -> Managed {
+        let cp = ControlPlane::create_with(&dir.join("cp"), cs_extra).unwrap();
+        let cs = cp.start().unwrap();
+        let admin_file = dir.join("cp").join("cs").join("admin.token");
+        let disk = dir.join("source.img");
+        make_disk(&disk, disk_mib << 20).unwrap();
+        let local = Local::managed(
+            &dir.join("dep"),
+            vec![DiskSpec { id: 1, name: "disk0".into(), path: disk.clone() }],
+            &Options::default(),
+            cp.api,
+            &cp.admin_token().unwrap(),
+        )
+        .unwrap();
+        let mt = local.start(Component::MasterTarget).unwrap();
+        let ps = local.start(Component::ProcessServer).unwrap();
+        let agent = local.start(Component::Agent).unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while !String::from_utf8_lossy(&srctl(cp.api, &admin_file, &["machines"]).stdout).contains("disk0") {
+            assert!(std::time::Instant::now() < deadline, "the agent never reported");
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+        Managed { cp, admin_file, local, disk, mt: Some(mt), _cs: cs, _ps: ps, _agent: agent }
+    }
+
+    /// Creates a policy with `policy_args` and protects the machine with it, waiting until protected.
+    fn protect(&mut self, policy_args: &[&str]) {
+        let mut args = vec!["policies", "create", "--name", "p"];
+        args.extend_from_slice(policy_args);
+        assert!(srctl(self.cp.api, &self.admin_file, &args).status.success());
+        let out =
+            srctl(self.cp.api, &self.admin_file, &["protect", "--machine", "agent-1", "--policy", "p", "--watch"]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        self.local.item = item_of(self.cp.api, &self.admin_file, "agent-1")["id"].as_u64().unwrap();
+    }
+}
+
 #[test]
 fn a_revoked_agent_is_refused_by_its_process_server() {
     let dir = test_dir();
-    let cp = ControlPlane::create(&dir.path().join("cp")).unwrap();
-    let _cs = cp.start().unwrap();
-    let admin_file = dir.path().join("cp").join("cs").join("admin.token");
-    let disk = dir.path().join("source.img");
-    make_disk(&disk, 32 << 20).unwrap();
-    let mut local = Local::managed(
-        &dir.path().join("dep"),
-        vec![DiskSpec { id: 1, name: "disk0".into(), path: disk.clone() }],
-        &Options::default(),
-        cp.api,
-        &cp.admin_token().unwrap(),
-    )
-    .unwrap();
-    let _mt = local.start(Component::MasterTarget).unwrap();
-    let _ps = local.start(Component::ProcessServer).unwrap();
-    let _agent = local.start(Component::Agent).unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while !String::from_utf8_lossy(&srctl(cp.api, &admin_file, &["machines"]).stdout).contains("disk0") {
-        assert!(std::time::Instant::now() < deadline, "the agent never reported");
-        std::thread::sleep(std::time::Duration::from_millis(200));
-    }
-    assert!(srctl(cp.api, &admin_file, &["policies", "create", "--name", "p"]).status.success());
-    let out = srctl(
-        cp.api,
-        &admin_file,
-        &["--output", "json", "protect", "--machine", "agent-1", "--policy", "p", "--watch"],
-    );
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let items: Value =
-        serde_json::from_slice(&srctl(cp.api, &admin_file, &["--output", "json", "items", "list"]).stdout).unwrap();
-    local.item = items[0]["id"].as_u64().unwrap();
+    let mut m = Managed::start(dir.path(), 32, "");
+    m.protect(&[]);
+    let (cp, admin_file, local) = (&m.cp, &m.admin_file, &m.local);
     let uri = local.agent_uri("disk0");
     run("qemu-io", &["-f", "raw", "-c", "write -P 0x61 0 1M", "-c", "flush", &uri]).unwrap();
-    let before = wait_caught_up(&local, std::time::Duration::from_secs(60)).unwrap()[0];
+    let before = wait_caught_up(local, std::time::Duration::from_secs(60)).unwrap()[0];
 
     let updates = || {
         std::fs::read_to_string(local.log(Component::ProcessServer)).unwrap().matches("revocation list updated").count()
     };
     let seen = updates();
-    assert!(srctl(cp.api, &admin_file, &["components", "revoke", "agent-1"]).status.success());
+    assert!(srctl(cp.api, admin_file, &["components", "revoke", "agent-1"]).status.success());
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     while updates() == seen {
         assert!(std::time::Instant::now() < deadline, "the process server never took the new revocation list");
@@ -588,50 +610,46 @@ fn rpo_over_the_policy_raises_an_alert_to_the_event_log_and_the_webhook() {
         for s in hook.incoming() {
             let Ok(mut s) = s else { return };
             s.set_read_timeout(Some(std::time::Duration::from_secs(2))).unwrap();
-            let mut buf = vec![0u8; 65536];
-            let n = s.read(&mut buf).unwrap_or(0);
-            rec.lock().unwrap().push(String::from_utf8_lossy(&buf[..n]).to_string());
+            // Read the head, then as many body bytes as Content-Length says.
+            let mut req = Vec::new();
+            let mut buf = [0u8; 4096];
+            loop {
+                let n = s.read(&mut buf).unwrap_or(0);
+                req.extend_from_slice(&buf[..n]);
+                let text = String::from_utf8_lossy(&req).to_string();
+                let done = text.split_once("\r\n\r\n").is_some_and(|(head, body)| {
+                    let len = head
+                        .lines()
+                        .find_map(|l| {
+                            l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().to_string())
+                        })
+                        .and_then(|v| v.parse::<usize>().ok())
+                        .unwrap_or(0);
+                    body.len() >= len
+                });
+                if done || n == 0 {
+                    break;
+                }
+            }
+            rec.lock().unwrap().push(String::from_utf8_lossy(&req).to_string());
             let _ = s.write_all(b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
         }
     });
-    let cp = ControlPlane::create_with(&dir.path().join("cp"), &format!("alert_webhook = \"{hook_addr}/alerts\"\n"))
-        .unwrap();
-    let _cs = cp.start().unwrap();
-    let admin_file = dir.path().join("cp").join("cs").join("admin.token");
-    let disk = dir.path().join("source.img");
-    make_disk(&disk, 16 << 20).unwrap();
-    let mut local = Local::managed(
-        &dir.path().join("dep"),
-        vec![DiskSpec { id: 1, name: "disk0".into(), path: disk.clone() }],
-        &Options::default(),
-        cp.api,
-        &cp.admin_token().unwrap(),
-    )
-    .unwrap();
-    let mt = local.start(Component::MasterTarget).unwrap();
-    let _ps = local.start(Component::ProcessServer).unwrap();
-    let _agent = local.start(Component::Agent).unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while !String::from_utf8_lossy(&srctl(cp.api, &admin_file, &["machines"]).stdout).contains("disk0") {
-        assert!(std::time::Instant::now() < deadline, "the agent never reported");
-        std::thread::sleep(std::time::Duration::from_millis(200));
-    }
-    assert!(srctl(cp.api, &admin_file, &["policies", "create", "--name", "tight", "--rpo-secs", "2"]).status.success());
-    let out = srctl(cp.api, &admin_file, &["protect", "--machine", "agent-1", "--policy", "tight", "--watch"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    local.item = item_of(cp.api, &admin_file, "agent-1")["id"].as_u64().unwrap();
-
+    let mut m = Managed::start(dir.path(), 16, &format!("alert_webhook = \"{hook_addr}/alerts\"\n"));
+    m.protect(&["--rpo-secs", "2"]);
+    let mt = m.mt.take().unwrap();
+    let (cp, admin_file, local, disk) = (&m.cp, &m.admin_file, &m.local, &m.disk);
     // The master target stops; writes go on; the recovery point ages past the policy.
     mt.stop().unwrap();
     run("qemu-io", &["-f", "raw", "-c", "write -P 0x41 0 1M", "-c", "flush", &local.agent_uri("disk0")]).unwrap();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while !item_of(cp.api, &admin_file, "agent-1")["rpo_alert"].as_bool().unwrap_or(false) {
-        assert!(std::time::Instant::now() < deadline, "no RPO alert: {}", item_of(cp.api, &admin_file, "agent-1"));
+    while !item_of(cp.api, admin_file, "agent-1")["rpo_alert"].as_bool().unwrap_or(false) {
+        assert!(std::time::Instant::now() < deadline, "no RPO alert: {}", item_of(cp.api, admin_file, "agent-1"));
         std::thread::sleep(std::time::Duration::from_millis(300));
     }
-    let item = item_of(cp.api, &admin_file, "agent-1");
+    let item = item_of(cp.api, admin_file, "agent-1");
     assert!(item["rpo_seconds"].as_u64().unwrap() > 2, "{item}");
-    let events = String::from_utf8_lossy(&srctl(cp.api, &admin_file, &["events"]).stdout).to_string();
+    let events = String::from_utf8_lossy(&srctl(cp.api, admin_file, &["events"]).stdout).to_string();
     assert!(events.contains("over the policy's 2 s"), "{events}");
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     while !received.lock().unwrap().iter().any(|r| r.starts_with("POST /alerts") && r.contains("over the policy")) {
@@ -641,9 +659,9 @@ fn rpo_over_the_policy_raises_an_alert_to_the_event_log_and_the_webhook() {
 
     // The master target returns: the replica catches up and the alert clears.
     let _mt = local.start(Component::MasterTarget).unwrap();
-    wait_caught_up(&local, std::time::Duration::from_secs(60)).unwrap();
+    wait_caught_up(local, std::time::Duration::from_secs(60)).unwrap();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while item_of(cp.api, &admin_file, "agent-1")["rpo_alert"].as_bool().unwrap_or(true) {
+    while item_of(cp.api, admin_file, "agent-1")["rpo_alert"].as_bool().unwrap_or(true) {
         assert!(std::time::Instant::now() < deadline, "the alert never cleared");
         std::thread::sleep(std::time::Duration::from_millis(300));
     }
