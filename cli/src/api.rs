@@ -189,12 +189,14 @@ pub fn components(c: &Client, cmd: ComponentsCmd, json_out: bool) -> anyhow::Res
     };
     let line = |c: &Value| {
         format!(
-            "{:<20} {:<15} address {:<22} revoked {} last heartbeat {}",
+            "{:<20} {:<15} {:<15} address {:<22} cache {} B, churn {} B/s, free {} B",
             c["name"].as_str().unwrap_or_default(),
             c["role"].as_str().unwrap_or_default(),
+            c["health"].as_str().unwrap_or_default(),
             c["address"].as_str().unwrap_or("-"),
-            c["revoked"],
-            c["last_heartbeat"]
+            c["load"]["cache_bytes"],
+            c["load"]["churn_bytes_per_sec"],
+            c["load"]["free_bytes"]
         )
     };
     print(&v, json_out, |v| if v.is_array() { rows(v, line) } else { line(v) });

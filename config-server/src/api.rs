@@ -241,16 +241,24 @@ async fn crl(State(cs): State<Arc<Cs>>) -> Result<String, ApiError> {
     Ok(pem)
 }
 
-fn public(c: &Component) -> Value {
+fn public(c: &Component, timeout: u64) -> Value {
+    let health = match c.last_heartbeat {
+        _ if c.revoked => "revoked",
+        None => "never reported",
+        Some(t) if now().saturating_sub(t) <= timeout => "healthy",
+        Some(_) => "unreachable",
+    };
     json!({
         "name": c.name, "role": c.role, "serial": c.serial, "registered_at": c.registered_at,
-        "last_heartbeat": c.last_heartbeat, "address": c.address, "revoked": c.revoked, "load": c.load,
+        "last_heartbeat": c.last_heartbeat, "health": health, "address": c.address, "revoked": c.revoked,
+        "load": c.load,
     })
 }
 
 async fn list_components(State(cs): State<Arc<Cs>>, h: HeaderMap) -> R<Value> {
     require(cs.store(), &h, ApiRole::Reader)?;
-    let v: Vec<Value> = cs.store().list::<Component>(COMPONENTS)?.iter().map(public).collect();
+    let t = cs.cfg.component_timeout_secs;
+    let v: Vec<Value> = cs.store().list::<Component>(COMPONENTS)?.iter().map(|c| public(c, t)).collect();
     Ok(Json(Value::Array(v)))
 }
 
@@ -266,7 +274,7 @@ async fn revoke(State(cs): State<Arc<Cs>>, h: HeaderMap, Path(name): Path<String
     let number = store.get::<u64>("meta", "crl_number")?.unwrap_or(1) + 1;
     store.put("meta", "crl_number", &number)?;
     cs.event("warning", &name, &format!("certificate of {name} (serial {}) revoked by {by}", c.serial))?;
-    Ok(Json(public(&c)))
+    Ok(Json(public(&c, cs.cfg.component_timeout_secs)))
 }
 
 #[derive(Deserialize)]

@@ -43,6 +43,8 @@ pub struct ProtectedDisk {
     pub appended: tokio::sync::Notify,
     acked: AtomicU64,
     applied: AtomicU64,
+    /// Bytes written or zeroed through the front end since start (churn).
+    changed_bytes: AtomicU64,
     copy: Mutex<CopyState>,
     copy_path: PathBuf,
     metrics: DiskMetrics,
@@ -138,6 +140,7 @@ impl ProtectedDisk {
             appended: tokio::sync::Notify::new(),
             acked: AtomicU64::new(0),
             applied: AtomicU64::new(0),
+            changed_bytes: AtomicU64::new(0),
             copy: Mutex::new(copy),
             copy_path,
             metrics: DiskMetrics::new(name),
@@ -207,6 +210,11 @@ impl ProtectedDisk {
         }
         self.publish();
         Ok(())
+    }
+
+    /// Bytes written or zeroed through the front end since the agent started.
+    pub fn changed_bytes(&self) -> u64 {
+        self.changed_bytes.load(Ordering::Relaxed)
     }
 
     pub fn applied(&self) -> Seq {
@@ -309,6 +317,7 @@ impl Backend for ProtectedDisk {
             (seq, j.bytes())
         };
         self.metrics.written.increment(data.len() as u64);
+        self.changed_bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
         self.after_append_with(last, bytes);
         if fua {
             self.flush()?;
@@ -322,6 +331,7 @@ impl Backend for ProtectedDisk {
             self.disk.zero(offset, len)?;
             (seq, j.bytes())
         };
+        self.changed_bytes.fetch_add(len, Ordering::Relaxed);
         self.after_append_with(last, bytes);
         if fua {
             self.flush()?;

@@ -114,8 +114,13 @@ async fn control_loop(
     route: tokio::sync::watch::Sender<Option<ship::Route>>,
     shutdown: CancellationToken,
 ) {
+    let mut last = (std::time::Instant::now(), 0u64);
     loop {
+        let changed: u64 = disks.iter().map(|d| d.changed_bytes()).sum();
+        let churn = (changed - last.1) as f64 / last.0.elapsed().as_secs_f64().max(0.001);
+        last = (std::time::Instant::now(), changed);
         let report = serde_json::json!({
+            "load": { "churn_bytes_per_sec": churn as u64 },
             "disks": disks.iter().map(|d| serde_json::json!({"id": d.id.0, "name": d.name, "size": d.size()})).collect::<Vec<_>>(),
             "progress": disks.iter().map(|d| {
                 let c = d.copy_state();

@@ -285,6 +285,16 @@ fn protect_a_disk_with_srctl_from_registration_keys_only() {
     let jobs = jobs.as_array().unwrap();
     assert!(jobs.iter().any(|j| j["state"] == "failed" && j["error"].as_str().unwrap().contains("nope")), "{jobs:?}");
     let ok = jobs.iter().find(|j| j["target"].as_str().and_then(|t| t.parse().ok()) == Some(local.item)).unwrap();
+    let comps: Value =
+        serde_json::from_slice(&srctl(cp.api, &admin_file, &["--output", "json", "components", "list"]).stdout)
+            .unwrap();
+    assert_eq!(comps.as_array().unwrap().len(), 3);
+    assert!(comps.as_array().unwrap().iter().all(|c| c["health"] == "healthy"), "{comps}");
+    assert!(comps
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|c| c["role"] == "master-target" && c["load"]["free_bytes"].as_u64() > Some(0)));
     assert_eq!(ok["state"], "succeeded", "{ok}");
     assert_eq!(ok["steps"].as_array().unwrap().len(), 6);
 }
