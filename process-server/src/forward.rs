@@ -23,7 +23,21 @@ use std::time::{Duration, Instant};
 
 pub async fn run(server: Arc<Server>, stream: Arc<Stream>) {
     let mut attempt = 0u32;
+    let mut idle_logged = false;
     loop {
+        // An item no longer assigned here (protection disabled, or moved to another process server)
+        // is not forwarded: its agent keeps every change until applied, so nothing waits on this cache.
+        if server.route(stream.key.item).is_none() {
+            if !idle_logged {
+                tracing::info!(key = %stream.key, "item not assigned to this process server; forwarding paused");
+                idle_logged = true;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                _ = server.shutdown.cancelled() => return,
+            }
+        }
+        idle_logged = false;
         let started = Instant::now();
         let res = tokio::select! {
             r = session(&server, &stream) => r,
