@@ -23,6 +23,7 @@ pub mod http;
 pub mod local;
 pub mod nbd;
 pub mod quic;
+pub mod ratelimit;
 pub mod register;
 pub mod seal;
 pub mod service;

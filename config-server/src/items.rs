@@ -217,6 +217,8 @@ pub async fn assignments(AxState(cs): AxState<Arc<Cs>>, h: HeaderMap) -> R<Value
     let address = |n: &Option<String>| {
         n.as_ref().and_then(|n| comps.iter().find(|c| &c.name == n && !c.revoked)).and_then(|c| c.address.clone())
     };
+    let policies: Vec<Policy> = store.list(POLICIES)?;
+    let policy = |id: &str| policies.iter().find(|p| p.id == id).cloned();
     let mine: Vec<Value> = items
         .iter()
         .filter(|i| i.state.replicating())
@@ -224,9 +226,14 @@ pub async fn assignments(AxState(cs): AxState<Arc<Cs>>, h: HeaderMap) -> R<Value
             ComponentRole::Agent if i.machine == name => {
                 Some(json!({ "item": i.id, "process_server": address(&i.process_server)? }))
             }
-            ComponentRole::ProcessServer if i.process_server.as_deref() == Some(name.as_str()) => Some(json!({
-                "item": i.id, "data_key": i.data_key, "master_target": address(&i.master_target)?,
-            })),
+            ComponentRole::ProcessServer if i.process_server.as_deref() == Some(name.as_str()) => {
+                let p = policy(&i.policy);
+                Some(json!({
+                    "item": i.id, "data_key": i.data_key, "master_target": address(&i.master_target)?,
+                    "compression_level": p.as_ref().map_or(sr_common::compress::DEFAULT_LEVEL, |p| p.compression_level),
+                    "bandwidth_limit_mbps": p.as_ref().map_or(0, |p| p.bandwidth_limit_mbps),
+                }))
+            }
             ComponentRole::MasterTarget if i.master_target.as_deref() == Some(name.as_str()) => {
                 Some(json!({ "item": i.id, "data_key": i.data_key }))
             }

@@ -101,7 +101,8 @@ async fn session(server: &Arc<Server>, stream: &Arc<Stream>) -> anyhow::Result<(
     let mut cursor = next;
     let mut inflight: VecDeque<(Seq, u64)> = VecDeque::new();
     let mut inflight_bytes = 0u64;
-    let level = server.cfg.compression_level;
+    let level = route.compression_level;
+    let mut limiter = sr_common::ratelimit::RateLimiter::new(route.bandwidth_bytes_per_sec, Instant::now());
     loop {
         let applied = *applied_rx.borrow_and_update();
         while inflight.front().is_some_and(|(l, _)| *l <= applied) {
@@ -144,6 +145,15 @@ async fn session(server: &Arc<Server>, stream: &Arc<Stream>) -> anyhow::Result<(
         })
         .await??;
         let last = sealed.last;
+        // The item's bandwidth limit, counted on what crosses the link.
+        if let Some(r) = server.route(key.item) {
+            limiter.set_rate(r.bandwidth_bytes_per_sec);
+        }
+        let wait = limiter.reserve(Instant::now(), sealed.ciphertext.len() as u64);
+        if !wait.is_zero() {
+            metrics::counter!(m::BANDWIDTH_WAIT_MS).increment(wait.as_millis() as u64);
+            tokio::time::sleep(wait).await;
+        }
         let frame_len =
             wire::write_msg(&mut send, &Message::Sealed(sealed)).await.context("sending a sealed batch")? as u64;
         metrics::counter!(m::BYTES_OUT).increment(frame_len);

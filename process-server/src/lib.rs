@@ -33,6 +33,10 @@ use tokio_util::sync::CancellationToken;
 pub struct Route {
     pub key: ItemKey,
     pub master_target: SocketAddr,
+    /// zstd level for this item (the policy's, or the server's default).
+    pub compression_level: i32,
+    /// Bytes per second towards the master target for this item; 0: unlimited.
+    pub bandwidth_bytes_per_sec: u64,
 }
 
 pub struct Server {
@@ -106,7 +110,9 @@ pub async fn run(cfg: PsConfig, shutdown: CancellationToken) -> anyhow::Result<(
     if let Some(mt) = cfg.master_target {
         for it in &cfg.items {
             let key = keys.get(ItemId(it.id)).expect("KeyRing::load loaded every item").clone();
-            routes.insert(ItemId(it.id), Route { key, master_target: mt });
+            let compression_level = cfg.compression_level;
+            routes
+                .insert(ItemId(it.id), Route { key, master_target: mt, compression_level, bandwidth_bytes_per_sec: 0 });
         }
     }
     let store: Arc<dyn StateStore> = Arc::new(RedbStore::open(&cfg.data_dir.join("state.redb"))?);
@@ -191,7 +197,12 @@ async fn control_loop(server: Arc<Server>, client: sr_common::control::ControlCl
                     .and_then(|k| k.try_into().ok())
                     .context("data_key is not 32 bytes of hex")?;
                 let master_target = a["master_target"].as_str().context("assignment without master_target")?.parse()?;
-                routes.insert(item, Route { key: ItemKey::from_bytes(&key), master_target });
+                let compression_level =
+                    a["compression_level"].as_i64().map_or(server.cfg.compression_level, |l| l.clamp(1, 19) as i32);
+                let bandwidth_bytes_per_sec = a["bandwidth_limit_mbps"].as_u64().unwrap_or(0) * 1_000_000 / 8;
+                let route =
+                    Route { key: ItemKey::from_bytes(&key), master_target, compression_level, bandwidth_bytes_per_sec };
+                routes.insert(item, route);
             }
             *server.routes.write().expect("routes lock poisoned") = routes;
             anyhow::Ok(())

@@ -13,3 +13,4 @@ pub const LAG_CHANGES: &str = "sr_process_server_replication_lag_changes";
 pub const BACKPRESSURE: &str = "sr_process_server_backpressure_waits_total";
 pub const DUPLICATES: &str = "sr_process_server_duplicate_batches_total";
 pub const ERRORS: &str = "sr_process_server_stream_errors_total";
+pub const BANDWIDTH_WAIT_MS: &str = "sr_process_server_bandwidth_wait_milliseconds_total";

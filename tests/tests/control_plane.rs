@@ -218,6 +218,14 @@ fn protect_a_disk_with_srctl_from_registration_keys_only() {
     make_disk(&disk, 48 << 20).unwrap();
     run("qemu-io", &["-f", "raw", "-c", "write -P 0x5c 0 8M", "-c", "write -P 0x5d 30M 2M", disk.to_str().unwrap()])
         .unwrap();
+    // 12 MiB that do not compress, so the bandwidth limit has bytes to hold back.
+    {
+        use rand::RngCore;
+        use std::os::unix::fs::FileExt;
+        let mut noise = vec![0u8; 12 << 20];
+        rand::thread_rng().fill_bytes(&mut noise);
+        std::fs::OpenOptions::new().write(true).open(&disk).unwrap().write_all_at(&noise, 12 << 20).unwrap();
+    }
     let mut local = Local::managed(
         &dir.path().join("dep"),
         vec![DiskSpec { id: 1, name: "disk0".into(), path: disk.clone() }],
@@ -247,7 +255,11 @@ fn protect_a_disk_with_srctl_from_registration_keys_only() {
     }
     assert_eq!(local.applied(1).unwrap(), 0);
 
-    let out = srctl(cp.api, &admin_file, &["policies", "create", "--name", "gold", "--rpo-secs", "120"]);
+    let out = srctl(
+        cp.api,
+        &admin_file,
+        &["policies", "create", "--name", "gold", "--rpo-secs", "120", "--bandwidth-limit-mbps", "40"],
+    );
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     // A machine that does not exist fails its prerequisites with the reason.
     let out = srctl(cp.api, &admin_file, &["protect", "--machine", "nope", "--policy", "gold"]);
@@ -276,6 +288,14 @@ fn protect_a_disk_with_srctl_from_registration_keys_only() {
     .unwrap();
     wait_caught_up(&local, std::time::Duration::from_secs(60)).unwrap();
     compare(disk.to_str().unwrap(), &local.replica_uri(1)).unwrap();
+    // The policy's bandwidth limit (5 MB/s) held the process server back on the 12 MiB of noise.
+    let (_, metrics) = sr_common::http::request(local.addrs.ps_http, "GET", "/metrics", None).unwrap();
+    let waited = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("sr_process_server_bandwidth_wait_milliseconds_total "))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .unwrap_or(0.0);
+    assert!(waited > 0.0, "no bandwidth waits:\n{metrics}");
     let out = srctl(cp.api, &admin_file, &["--output", "json", "items", "show", &local.item.to_string()]);
     let item: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(item["state_name"], "protected");
