@@ -31,6 +31,9 @@ pub struct CopyState {
     /// Sequence number of the initial-copy-done marker.
     #[serde(default)]
     pub done_seq: u64,
+    /// The protected item the journal belongs to, when the configuration server assigned one.
+    #[serde(default)]
+    pub item: Option<u64>,
 }
 
 pub struct ProtectedDisk {
@@ -45,6 +48,8 @@ pub struct ProtectedDisk {
     applied: AtomicU64,
     /// Bytes written or zeroed through the front end since start (churn).
     changed_bytes: AtomicU64,
+    /// Whether changes are journaled (the disk is protected, or may be: true until told otherwise).
+    journaling: std::sync::atomic::AtomicBool,
     copy: Mutex<CopyState>,
     copy_path: PathBuf,
     metrics: DiskMetrics,
@@ -120,7 +125,7 @@ impl ProtectedDisk {
             Ok(b) => serde_json::from_slice::<CopyState>(&b)
                 .with_context(|| format!("copy state {} is not valid", copy_path.display()))?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                CopyState { version: 1, disk_size: disk.size(), cursor: 0, done: false, done_seq: 0 }
+                CopyState { version: 1, disk_size: disk.size(), cursor: 0, done: false, done_seq: 0, item: None }
             }
             Err(e) => return Err(e).with_context(|| format!("reading {}", copy_path.display())),
         };
@@ -141,6 +146,7 @@ impl ProtectedDisk {
             acked: AtomicU64::new(0),
             applied: AtomicU64::new(0),
             changed_bytes: AtomicU64::new(0),
+            journaling: std::sync::atomic::AtomicBool::new(true),
             copy: Mutex::new(copy),
             copy_path,
             metrics: DiskMetrics::new(name),
@@ -212,6 +218,45 @@ impl ProtectedDisk {
         Ok(())
     }
 
+    pub fn journaling(&self) -> bool {
+        self.journaling.load(Ordering::Acquire)
+    }
+
+    /// The disk is protected as `item`: journal its changes and copy it, starting over (a fresh journal
+    /// from sequence number 1 and a new initial copy) unless it already was protected as that item.
+    pub fn protect(&self, item: u64) -> anyhow::Result<()> {
+        let st = self.copy_state();
+        if self.journaling() && st.item == Some(item) {
+            return Ok(());
+        }
+        tracing::info!(disk = self.name, item, "protection assigned: starting a fresh journal and initial copy");
+        let mut j = self.lock();
+        j.reset()?;
+        self.save_copy(CopyState { cursor: 0, done: false, done_seq: 0, item: Some(item), ..st })?;
+        self.journaling.store(true, Ordering::Release);
+        drop(j);
+        self.acked.store(0, Ordering::Relaxed);
+        self.applied.store(0, Ordering::Relaxed);
+        self.publish();
+        Ok(())
+    }
+
+    /// The disk is not protected: stop journaling and drop the journal and the copy's progress.
+    pub fn unprotect(&self) -> anyhow::Result<()> {
+        let st = self.copy_state();
+        if !self.journaling() && st.item.is_none() {
+            return Ok(());
+        }
+        tracing::info!(disk = self.name, "not protected: journaling stopped, journal dropped");
+        let mut j = self.lock();
+        self.journaling.store(false, Ordering::Release);
+        j.reset()?;
+        self.save_copy(CopyState { cursor: 0, done: false, done_seq: 0, item: None, ..st })?;
+        drop(j);
+        self.publish();
+        Ok(())
+    }
+
     /// Bytes written or zeroed through the front end since the agent started.
     pub fn changed_bytes(&self) -> u64 {
         self.changed_bytes.load(Ordering::Relaxed)
@@ -244,6 +289,9 @@ impl ProtectedDisk {
     pub fn initial_copy(&self, chunk: u64, backlog_limit: u64, stop: &dyn Fn() -> bool) -> anyhow::Result<()> {
         use anyhow::Context;
         let mut st = self.copy_state();
+        if !self.journaling() {
+            return Ok(());
+        }
         if st.done {
             self.metrics.copy_ratio.set(1.0);
             return Ok(());
@@ -252,6 +300,9 @@ impl ProtectedDisk {
         let mut buf = vec![0u8; chunk as usize];
         let mut last_save = std::time::Instant::now();
         tracing::info!(disk = self.name, from = st.cursor, size, "initial copy running");
+        // A new protection (another item) restarts the copy: this run must not save its cursor over it.
+        let item = st.item;
+        let stop = || stop() || !self.journaling() || self.copy_state().item != item;
         while let Some(data_at) = self.disk.next_data(st.cursor) {
             if stop() {
                 return Ok(());
@@ -266,6 +317,9 @@ impl ProtectedDisk {
             let len = chunk.min(size - pos) as usize;
             {
                 let mut j = self.lock();
+                if !self.journaling() {
+                    return Ok(());
+                }
                 self.disk.read_at(pos, &mut buf[..len]).with_context(|| format!("reading {} at {pos}", self.name))?;
                 if !sr_common::compress::is_zero(&buf[..len]) {
                     j.append_write(pos, &buf[..len])?;
@@ -279,6 +333,9 @@ impl ProtectedDisk {
                 self.save_copy(st)?;
                 last_save = std::time::Instant::now();
             }
+        }
+        if stop() {
+            return Ok(());
         }
         st.done_seq = self.mark(MarkerKind::InitialCopyDone)?.0;
         st.cursor = size;
@@ -312,6 +369,12 @@ impl Backend for ProtectedDisk {
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), BackendError> {
         let (last, bytes) = {
             let mut j = self.lock();
+            if !self.journaling() {
+                drop(j);
+                self.disk.write_at(offset, data)?;
+                self.changed_bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
+                return if fua { Ok(self.disk.sync()?) } else { Ok(()) };
+            }
             let seq = j.append_write(offset, data).map_err(to_backend)?;
             self.disk.write_at(offset, data)?;
             (seq, j.bytes())
@@ -327,6 +390,11 @@ impl Backend for ProtectedDisk {
     fn zero(&self, offset: u64, len: u64, fua: bool) -> Result<(), BackendError> {
         let (last, bytes) = {
             let mut j = self.lock();
+            if !self.journaling() {
+                drop(j);
+                self.disk.zero(offset, len)?;
+                return if fua { Ok(self.disk.sync()?) } else { Ok(()) };
+            }
             let seq = j.append(&Op::Zero { offset, len }).map_err(to_backend)?;
             self.disk.zero(offset, len)?;
             (seq, j.bytes())
@@ -341,6 +409,10 @@ impl Backend for ProtectedDisk {
     fn flush(&self) -> Result<(), BackendError> {
         let handle = {
             let mut j = self.lock();
+            if !self.journaling() {
+                drop(j);
+                return Ok(self.disk.sync()?);
+            }
             j.append(&Op::Marker { kind: MarkerKind::Flush }).map_err(to_backend)?;
             j.sync_handle()
         };

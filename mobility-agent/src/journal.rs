@@ -318,6 +318,21 @@ impl Journal {
         self.active.clone()
     }
 
+    /// Drops every record and starts again at sequence number 1 (a new protection of the disk).
+    pub fn reset(&mut self) -> Result<(), JournalError> {
+        for s in self.segments.drain(..) {
+            std::fs::remove_file(&s.path).map_err(io(&s.path))?;
+        }
+        let path = seg_path(&self.dir, Seq(1));
+        let f = OpenOptions::new().create(true).append(true).open(&path).map_err(io(&path))?;
+        sr_common::crashsafe::fsync_dir(&self.dir).map_err(io(&self.dir))?;
+        self.active = Arc::new(f);
+        self.segments.push(Segment { first: Seq(1), last: Seq(0), path, bytes: 0 });
+        self.next = Seq(1);
+        self.bytes = 0;
+        Ok(())
+    }
+
     /// Deletes closed segments whose records are all at or below `through`. Returns bytes freed.
     pub fn trim_through(&mut self, through: Seq) -> Result<u64, JournalError> {
         let mut freed = 0;
@@ -502,6 +517,21 @@ mod tests {
             seen.extend(b.into_iter().map(|r| r.seq.0));
         }
         assert_eq!(seen, (2..=40).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn reset_starts_over_at_one_and_survives_reopen() {
+        let d = tempfile::tempdir().unwrap();
+        let mut j = Journal::open(d.path()).unwrap();
+        for i in 0..12 {
+            j.append(&write(0, i, 4 << 20)).unwrap();
+        }
+        j.reset().unwrap();
+        assert_eq!((j.last_seq(), j.bytes(), j.segments().len()), (Seq(0), 0, 1));
+        assert_eq!(j.append(&write(0, 1, 10)).unwrap(), Seq(1));
+        drop(j);
+        let j = Journal::open(d.path()).unwrap();
+        assert_eq!(j.last_seq(), Seq(1));
     }
 
     #[test]

@@ -64,14 +64,19 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Resul
         let d = d.clone();
         let stop = shutdown.clone();
         let (chunk, backlog) = (cfg.copy.chunk_bytes, cfg.copy.backlog_bytes);
-        std::thread::Builder::new().name(format!("copy-{}", d.name)).spawn(move || {
-            if let Err(e) = d.initial_copy(chunk, backlog, &|| stop.is_cancelled()) {
-                tracing::error!(
-                    disk = d.name,
-                    error = format!("{e:#}"),
-                    "initial copy failed; restart the agent to resume it"
-                );
+        // Copies whenever the disk is protected and its copy is not done: at start, and again after
+        // each new protection.
+        std::thread::Builder::new().name(format!("copy-{}", d.name)).spawn(move || loop {
+            if stop.is_cancelled() {
+                return;
             }
+            if d.journaling() && !d.copy_state().done {
+                if let Err(e) = d.initial_copy(chunk, backlog, &|| stop.is_cancelled()) {
+                    tracing::error!(disk = d.name, error = format!("{e:#}"), "initial copy failed; retrying in 10 s");
+                    std::thread::sleep(std::time::Duration::from_secs(10));
+                }
+            }
+            std::thread::sleep(std::time::Duration::from_millis(200));
         })?;
     }
     let target = Arc::new(ship::ShipTarget {
@@ -148,6 +153,12 @@ async fn control_loop(
                         .context("process_server address")?,
                 }),
             };
+            for d in &disks {
+                match next {
+                    Some(r) => d.protect(r.item.0)?,
+                    None => d.unprotect()?,
+                }
+            }
             route.send_if_modified(|cur| {
                 let changed = *cur != next;
                 if changed {

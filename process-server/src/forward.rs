@@ -28,8 +28,11 @@ pub async fn run(server: Arc<Server>, stream: Arc<Stream>) {
         // An item no longer assigned here (protection disabled, or moved to another process server)
         // is not forwarded: its agent keeps every change until applied, so nothing waits on this cache.
         if server.route(stream.key.item).is_none() {
-            if !idle_logged {
-                tracing::info!(key = %stream.key, "item not assigned to this process server; forwarding paused");
+            if !idle_logged && server.routes_known.load(std::sync::atomic::Ordering::Acquire) {
+                // Its batches are not needed: the agent keeps every change until it is applied.
+                let s = stream.clone();
+                let freed = tokio::task::spawn_blocking(move || s.cache.drop_through(Seq(u64::MAX))).await;
+                tracing::info!(key = %stream.key, ?freed, "item not assigned to this process server; forwarding stopped, cache dropped");
                 idle_logged = true;
             }
             tokio::select! {

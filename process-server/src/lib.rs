@@ -43,6 +43,8 @@ pub struct Server {
     pub cfg: PsConfig,
     /// Items this server may carry, from the static config or the configuration server's assignments.
     routes: RwLock<HashMap<ItemId, Route>>,
+    /// Whether `routes` is authoritative yet (static config, or assignments fetched at least once).
+    pub routes_known: std::sync::atomic::AtomicBool,
     pub endpoint: quinn::Endpoint,
     /// The endpoint agents connect to (its TLS configuration changes with the revocation list).
     pub listener: quinn::Endpoint,
@@ -119,8 +121,10 @@ pub async fn run(cfg: PsConfig, shutdown: CancellationToken) -> anyhow::Result<(
     let listener = sr_common::quic::server(&identity, cfg.listen)?;
     let endpoint = sr_common::quic::client(&identity)?;
     let cache_total = Arc::new(AtomicU64::new(0));
+    let static_routes = cfg.control.is_none();
     let server = Arc::new(Server {
         cfg,
+        routes_known: std::sync::atomic::AtomicBool::new(static_routes),
         routes: RwLock::new(routes),
         endpoint,
         listener: listener.clone(),
@@ -205,6 +209,7 @@ async fn control_loop(server: Arc<Server>, client: sr_common::control::ControlCl
                 routes.insert(item, route);
             }
             *server.routes.write().expect("routes lock poisoned") = routes;
+            server.routes_known.store(true, std::sync::atomic::Ordering::Release);
             anyhow::Ok(())
         }
         .await;

@@ -258,7 +258,7 @@ fn protect_a_disk_with_srctl_from_registration_keys_only() {
     let out = srctl(
         cp.api,
         &admin_file,
-        &["policies", "create", "--name", "gold", "--rpo-secs", "120", "--bandwidth-limit-mbps", "40"],
+        &["policies", "create", "--name", "gold", "--rpo-secs", "120", "--bandwidth-limit-mbps", "16"],
     );
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     // A machine that does not exist fails its prerequisites with the reason.
@@ -288,7 +288,7 @@ fn protect_a_disk_with_srctl_from_registration_keys_only() {
     .unwrap();
     wait_caught_up(&local, std::time::Duration::from_secs(60)).unwrap();
     compare(disk.to_str().unwrap(), &local.replica_uri(1)).unwrap();
-    // The policy's bandwidth limit (5 MB/s) held the process server back on the 12 MiB of noise.
+    // The policy's bandwidth limit (2 MB/s) held the process server back on the 12 MiB of noise.
     let (_, metrics) = sr_common::http::request(local.addrs.ps_http, "GET", "/metrics", None).unwrap();
     let waited = metrics
         .lines()
@@ -487,7 +487,7 @@ fn add_component(
 fn item_of(api: SocketAddr, admin_file: &std::path::Path, machine: &str) -> Value {
     let items: Value =
         serde_json::from_slice(&srctl(api, admin_file, &["--output", "json", "items", "list"]).stdout).unwrap();
-    items.as_array().unwrap().iter().find(|i| i["machine"] == machine).cloned().unwrap_or_default()
+    items.as_array().unwrap().iter().rev().find(|i| i["machine"] == machine).cloned().unwrap_or_default()
 }
 
 fn applied_at_mt(local: &Local, item: u64) -> u64 {
@@ -696,4 +696,43 @@ fn rpo_over_the_policy_raises_an_alert_to_the_event_log_and_the_webhook() {
         std::thread::sleep(std::time::Duration::from_millis(300));
     }
     compare(disk.to_str().unwrap(), &local.replica_uri(1)).unwrap();
+}
+
+#[test]
+fn disable_stops_journaling_and_protecting_again_starts_a_fresh_replica() {
+    let dir = test_dir();
+    let mut m = Managed::start(dir.path(), 24, "");
+    m.protect(&[]);
+    let uri = m.local.agent_uri("disk0");
+    run("qemu-io", &["-f", "raw", "-c", "write -P 0x21 0 2M", "-c", "flush", &uri]).unwrap();
+    wait_caught_up(&m.local, std::time::Duration::from_secs(60)).unwrap();
+    let first = m.local.item;
+
+    let out = srctl(m.cp.api, &m.admin_file, &["unprotect", &first.to_string()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(item_of(m.cp.api, &m.admin_file, "agent-1")["state_name"], "unprotected");
+    // The agent learns it within a poll: no more journaling, the journal is dropped.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        run("qemu-io", &["-f", "raw", "-c", "write -P 0x22 4M 1M", "-c", "flush", &uri]).unwrap();
+        let st = m.local.agent_status().unwrap();
+        if st["disks"][0]["journal_bytes"] == 0 && st["disks"][0]["last_seq"] == 0 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the agent still journals: {st}");
+        std::thread::sleep(std::time::Duration::from_millis(300));
+    }
+    let applied_then = applied_at_mt(&m.local, first);
+
+    // Protecting again makes a new item with a full initial copy: its replica equals the source,
+    // including what was written while unprotected; the old replica was left as it was.
+    let out = srctl(m.cp.api, &m.admin_file, &["protect", "--machine", "agent-1", "--policy", "p", "--watch"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let second = item_of(m.cp.api, &m.admin_file, "agent-1")["id"].as_u64().unwrap();
+    assert_ne!(second, first);
+    m.local.item = second;
+    run("qemu-io", &["-f", "raw", "-c", "write -P 0x23 8M 1M", "-c", "flush", &uri]).unwrap();
+    wait_caught_up(&m.local, std::time::Duration::from_secs(60)).unwrap();
+    compare(m.disk.to_str().unwrap(), &m.local.replica_uri(1)).unwrap();
+    assert_eq!(applied_at_mt(&m.local, first), applied_then, "nothing more reached the disabled item's replica");
 }
