@@ -224,7 +224,8 @@ pub fn run(a: Args, json: bool) -> anyhow::Result<()> {
     let job = v["job"].as_u64().context("no job id")?;
     let bar = ui.bar(100, "  {msg:24} [{bar:40}] {pos}%");
     let copy_started = Instant::now();
-    let mut seen = Vec::new();
+    // The item passed through Enabling protection while the request ran its first job steps.
+    let mut seen = vec![format!("enabling protection (job {job})")];
     loop {
         let item = api.call("GET", &format!("/v1/items/{}", local.item), None)?;
         let state = item["state_name"].as_str().unwrap_or_default().replace('_', " ");
