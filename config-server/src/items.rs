@@ -221,7 +221,9 @@ pub async fn assignments(AxState(cs): AxState<Arc<Cs>>, h: HeaderMap) -> R<Value
     let policy = |id: &str| policies.iter().find(|p| p.id == id).cloned();
     let mine: Vec<Value> = items
         .iter()
-        .filter(|i| i.state.replicating())
+        // Every item with a placement, whatever its state (Critical, failing over, ...): an agent told
+        // nothing would stop journaling and drop its journal. Disable withdraws the placement.
+        .filter(|i| i.state != State::Unprotected && i.process_server.is_some())
         .filter_map(|i| match role {
             ComponentRole::Agent if i.machine == name => {
                 Some(json!({ "item": i.id, "process_server": address(&i.process_server)? }))
