@@ -305,6 +305,11 @@ impl Local {
         spawn(c, &self.config(c), &self.log(c), self.http(c))
     }
 
+    /// [`Local::start`] with extra environment variables.
+    pub fn start_env(&self, c: Component, env: &[(&str, &str)]) -> anyhow::Result<Proc> {
+        spawn_env(c, &self.config(c), &self.log(c), self.http(c), env)
+    }
+
     pub fn agent_status(&self) -> anyhow::Result<serde_json::Value> {
         http::get_json(self.addrs.agent_http, "/v1/status")
     }
@@ -340,6 +345,17 @@ impl Local {
 /// Starts `c`'s binary with `config`, logging to `log` (appended), and waits until `/healthz` on `http`
 /// answers.
 pub fn spawn(c: Component, config: &Path, log_path: &Path, http_addr: SocketAddr) -> anyhow::Result<Proc> {
+    spawn_env(c, config, log_path, http_addr, &[])
+}
+
+/// [`spawn`] with extra environment variables for the process.
+pub fn spawn_env(
+    c: Component,
+    config: &Path,
+    log_path: &Path,
+    http_addr: SocketAddr,
+    env: &[(&str, &str)],
+) -> anyhow::Result<Proc> {
     let bin = bin_dir().join(c.binary());
     if !bin.exists() {
         bail!("{} not found: build the workspace first (cargo build --workspace)", bin.display());
@@ -350,6 +366,7 @@ pub fn spawn(c: Component, config: &Path, log_path: &Path, http_addr: SocketAddr
         .arg("--config")
         .arg(config)
         .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info,quinn=warn,rustls=warn".into()))
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)

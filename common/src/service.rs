@@ -32,7 +32,10 @@ where
         tracing::info!("stopping");
         stop.cancel();
     });
-    match rt.block_on(run(shutdown)) {
+    let res = rt.block_on(run(shutdown));
+    drop(rt);
+    crate::telemetry::shutdown();
+    match res {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
@@ -91,7 +94,7 @@ where
     Fut: Future<Output = anyhow::Result<()>>,
 {
     use clap::{CommandFactory, FromArgMatches};
-    crate::telemetry::init_logging();
+    crate::telemetry::init_logging_for(name);
     let matches = ServiceCli::command().name(name).about(about).get_matches();
     let cli = ServiceCli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     let config = match cli {

@@ -13,7 +13,7 @@ enum Cli {
 }
 
 fn main() -> std::process::ExitCode {
-    sr_common::telemetry::init_logging();
+    sr_common::telemetry::init_logging_for("config-server");
     let Cli::Run { config } = Cli::parse();
     let cfg = match config_server::config::CsConfig::load(&config) {
         Ok(c) => c,

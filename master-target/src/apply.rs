@@ -119,7 +119,16 @@ async fn session(
         let r = replica.clone();
         let store = server.store.clone();
         let started = std::time::Instant::now();
+        let span = tracing::info_span!(
+            "apply_batch",
+            item = key.item.0,
+            disk = key.disk.0,
+            first = sealed.first.0,
+            last = sealed.last.0,
+            ciphertext_bytes = sealed.ciphertext.len()
+        );
         let bytes = tokio::task::spawn_blocking(move || -> anyhow::Result<u64> {
+            let _in = span.enter();
             let batch = compress::decompress(&plain).inspect_err(|_| reject("malformed"))?;
             if batch.item != sealed.item
                 || batch.disk != sealed.disk

@@ -128,9 +128,11 @@ async fn session(server: &Arc<Server>, stream: &Arc<Stream>) -> anyhow::Result<(
                 entry.first
             );
         }
+        let span = tracing::info_span!("seal_batch", item = key.item.0, disk = key.disk.0, from = cursor.0);
         let (sealed, raw_bytes) = tokio::task::spawn_blocking({
             let item_key = item_key.clone();
             move || -> anyhow::Result<_> {
+                let _in = span.enter();
                 let mut batch = StreamCache::read(&entry)?;
                 if batch.first < cursor {
                     let skip = (cursor.0 - batch.first.0) as usize;

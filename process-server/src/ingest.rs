@@ -165,7 +165,14 @@ async fn session(
         }
         let last = batch.last;
         let s = stream.clone();
-        tokio::task::spawn_blocking(move || s.cache.put(&batch))
+        let span = tracing::info_span!(
+            "cache_batch",
+            item = key.item.0,
+            disk = key.disk.0,
+            first = batch.first.0,
+            last = last.0
+        );
+        tokio::task::spawn_blocking(move || span.in_scope(|| s.cache.put(&batch)))
             .await
             .context("cache writer panicked")?
             .with_context(|| format!("{key}: writing batch ..={last} to the cache"))?;
