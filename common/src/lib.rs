@@ -25,6 +25,7 @@ pub mod nbd;
 pub mod quic;
 pub mod ratelimit;
 pub mod register;
+pub mod retry;
 pub mod seal;
 pub mod service;
 pub mod state;

@@ -272,6 +272,17 @@ pub async fn evaluate(cs: &Cs) -> Result<(), crate::store::StoreError> {
                 }
             }
         }
+        // A revoked agent cannot be retried into working: the item turns Critical, with an alert.
+        let agent_revoked = comps.iter().any(|c| c.name == item.machine && c.revoked);
+        if agent_revoked && !matches!(item.state, State::Critical { .. }) {
+            let reason = format!("the certificate of agent {} was revoked", item.machine);
+            if let Ok(next) = item.state.on(&Event::FatalError { reason: reason.clone() }) {
+                item.state = next;
+                store.put(ITEMS, &id_key(item.id), &item)?;
+                cs.alert(&item.machine, &format!("item {} is critical: {reason}; re-register the agent", item.id))
+                    .await?;
+            }
+        }
         let Some(machine) = store.get::<Machine>(MACHINES, &item.machine)? else { continue };
         let before = item.clone();
         let applied = |disk: u64| -> Result<(u64, u64), crate::store::StoreError> {

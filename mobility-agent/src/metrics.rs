@@ -11,3 +11,6 @@ pub const COPY_RATIO: &str = "sr_agent_initial_copy_progress_ratio";
 pub const COPY_BYTES: &str = "sr_agent_initial_copy_bytes_total";
 pub const RECONNECTS: &str = "sr_agent_reconnects_total";
 pub const CONNECTED: &str = "sr_agent_connected";
+pub const NEXT_ATTEMPT: &str = "sr_agent_next_attempt_timestamp_seconds";
+/// 1 while shipping is stopped on an error that retrying cannot fix.
+pub const FATAL: &str = "sr_agent_shipping_fatal";

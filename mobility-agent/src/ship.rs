@@ -63,6 +63,18 @@ pub async fn run(
         };
         connected.set(0.0);
         if let Err(e) = res {
+            if let sr_common::retry::ErrorClass::Fatal(reason) = sr_common::retry::classify(&e) {
+                // Retrying cannot help: wait for a new assignment (or a restart with new credentials).
+                tracing::error!(disk = disk.name, reason, "shipping stopped and not retrying; an operator must act");
+                metrics::gauge!(m::FATAL, "disk" => disk.name.clone()).set(1.0);
+                tokio::select! {
+                    c = route.changed() => if c.is_err() { return },
+                    _ = shutdown.cancelled() => return,
+                }
+                metrics::gauge!(m::FATAL, "disk" => disk.name.clone()).set(0.0);
+                attempt = 0;
+                continue;
+            }
             tracing::warn!(
                 disk = disk.name,
                 error = format!("{e:#}"),
@@ -75,6 +87,9 @@ pub async fn run(
         }
         let delay = RECONNECT.delay_random(attempt);
         attempt = attempt.saturating_add(1);
+        let next = std::time::SystemTime::now() + delay;
+        let next = next.duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs_f64();
+        metrics::gauge!(m::NEXT_ATTEMPT, "disk" => disk.name.clone()).set(next);
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
             _ = shutdown.cancelled() => return,

@@ -450,6 +450,19 @@ fn a_revoked_agent_is_refused_by_its_process_server() {
     assert_eq!(local.applied(1).unwrap(), before, "nothing from a revoked agent is applied");
     let ps_log = std::fs::read_to_string(local.log(Component::ProcessServer)).unwrap();
     assert!(ps_log.to_lowercase().contains("revoked"), "the process server says why: {ps_log}");
+    // The item is Critical with the reason, an alert fired, and the agent stopped retrying.
+    let item = item_of(cp.api, admin_file, "agent-1");
+    assert_eq!(item["state_name"], "critical", "{item}");
+    assert!(item["state"]["reason"].as_str().unwrap().contains("revoked"), "{item}");
+    let events = String::from_utf8_lossy(&srctl(cp.api, admin_file, &["events"]).stdout).to_string();
+    assert!(events.contains("is critical"), "{events}");
+    let agent_log = std::fs::read_to_string(local.log(Component::Agent)).unwrap();
+    assert!(agent_log.contains("not retrying"), "{agent_log}");
+    let refusals =
+        || std::fs::read_to_string(local.log(Component::ProcessServer)).unwrap().matches("handshake failed").count();
+    let before = refusals();
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    assert_eq!(refusals(), before, "no reconnect storm from a revoked agent");
 }
 
 /// Adds a component to a managed deployment by registering it and deriving its config from a sibling's:

@@ -1,0 +1,102 @@
+//! Which failures are worth retrying, and when.
+//!
+//! Recoverable errors (network, a peer restarting, low disk or memory) retry after 1, 2, 4, 8 and 10
+//! minutes, then every 30 minutes, each delay jittered by ±20% so a fleet never retries in step. The
+//! whole schedule scales by one factor so tests run it in seconds. Non-recoverable errors
+//! (authentication, authorisation, a broken replica chain, an unknown item) are not retried: they
+//! need an operator, and the item turns Critical.
+
+use std::time::Duration;
+
+/// Minutes of the first retries; then [`STEADY_MINUTES`] forever.
+pub const SCHEDULE_MINUTES: [u64; 5] = [1, 2, 4, 8, 10];
+pub const STEADY_MINUTES: u64 = 30;
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RetryPolicy {
+    /// Multiplies every delay: 1.0 in production, for example 0.001 in tests.
+    pub scale: f64,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy { scale: 1.0 }
+    }
+}
+
+impl RetryPolicy {
+    /// The delay before retry number `attempt` (0-based), before jitter.
+    pub fn nominal(&self, attempt: u32) -> Duration {
+        let minutes = SCHEDULE_MINUTES.get(attempt as usize).copied().unwrap_or(STEADY_MINUTES);
+        Duration::from_secs_f64(minutes as f64 * 60.0 * self.scale)
+    }
+
+    /// The delay with `jitter` in [0, 1) spread over 80%..120% of nominal.
+    pub fn delay(&self, attempt: u32, jitter: f64) -> Duration {
+        self.nominal(attempt).mul_f64(0.8 + 0.4 * jitter.clamp(0.0, 1.0))
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ErrorClass {
+    Recoverable,
+    /// Retrying cannot help; the reason is for the operator.
+    Fatal(String),
+}
+
+/// Sorts an error by its whole cause chain.
+pub fn classify(err: &anyhow::Error) -> ErrorClass {
+    let text = format!("{err:#}");
+    const FATAL: &[(&str, &str)] = &[
+        ("Revoked", "the certificate was revoked"),
+        ("UnknownIssuer", "the peer's certificate is not from this deployment's CA"),
+        ("BadSignature", "a certificate signature is invalid"),
+        ("Expired", "a certificate expired"),
+        ("does not name the", "a certificate does not name the expected role"),
+        ("not assigned to", "the item is not assigned to that process server"),
+        ("is not configured on", "the item is not configured on the peer"),
+        ("needs a resync", "the replica chain is broken and needs a resync"),
+    ];
+    FATAL
+        .iter()
+        .find(|(needle, _)| text.contains(needle))
+        .map_or(ErrorClass::Recoverable, |(_, why)| ErrorClass::Fatal(format!("{why}: {text}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schedule_in_virtual_time() {
+        let p = RetryPolicy::default();
+        let minutes: Vec<u64> = (0..8).map(|a| p.nominal(a).as_secs() / 60).collect();
+        assert_eq!(minutes, [1, 2, 4, 8, 10, 30, 30, 30]);
+        // Summed as a clock would advance: the first hour of failures costs 25 minutes of waiting,
+        // then one attempt per half hour.
+        let total: Duration = (0..5).map(|a| p.nominal(a)).sum();
+        assert_eq!(total, Duration::from_secs(25 * 60));
+        let fast = RetryPolicy { scale: 0.001 };
+        assert_eq!(fast.nominal(0), Duration::from_millis(60));
+        assert_eq!(fast.nominal(99), Duration::from_millis(1800));
+    }
+
+    #[test]
+    fn jitter_stays_within_a_fifth() {
+        let p = RetryPolicy::default();
+        assert_eq!(p.delay(0, 0.0), Duration::from_secs(48));
+        assert_eq!(p.delay(0, 1.0), Duration::from_secs(72));
+        assert_eq!(p.delay(0, 0.5), Duration::from_secs(60));
+        assert_eq!(p.delay(3, 7.0), p.delay(3, 1.0), "jitter is clamped");
+    }
+
+    #[test]
+    fn classification() {
+        let revoked = anyhow::anyhow!("handshake failed: invalid peer certificate: Revoked").context("connecting");
+        assert!(matches!(classify(&revoked), ErrorClass::Fatal(r) if r.contains("revoked")));
+        let net = anyhow::anyhow!("timed out").context("connecting to process-server at 10.0.0.1:7443");
+        assert_eq!(classify(&net), ErrorClass::Recoverable);
+        let gap = anyhow::anyhow!("item 1 disk 1: gap: expected seq 9, batch starts at 12; the disk needs a resync");
+        assert!(matches!(classify(&gap), ErrorClass::Fatal(_)));
+    }
+}
