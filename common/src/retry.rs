@@ -37,6 +37,19 @@ impl RetryPolicy {
     }
 }
 
+/// Quick reconnects ride out a peer's restart; after this many the schedule above takes over.
+pub const QUICK_ATTEMPTS: u32 = 10;
+
+/// The delay before reconnect attempt `attempt` (0-based) after a recoverable error: quick, jittered
+/// back-off up to 5 s for the first [`QUICK_ATTEMPTS`] (about 30 s in all), then `policy`'s schedule.
+pub fn reconnect_delay(attempt: u32, policy: &RetryPolicy, jitter: f64) -> Duration {
+    if attempt < QUICK_ATTEMPTS {
+        crate::backoff::RECONNECT.delay(attempt, jitter)
+    } else {
+        policy.delay(attempt - QUICK_ATTEMPTS, jitter)
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ErrorClass {
     Recoverable,
@@ -88,6 +101,16 @@ mod tests {
         assert_eq!(p.delay(0, 1.0), Duration::from_secs(72));
         assert_eq!(p.delay(0, 0.5), Duration::from_secs(60));
         assert_eq!(p.delay(3, 7.0), p.delay(3, 1.0), "jitter is clamped");
+    }
+
+    #[test]
+    fn quick_reconnects_then_the_schedule() {
+        let p = RetryPolicy::default();
+        assert_eq!(reconnect_delay(0, &p, 0.5), Duration::from_millis(100));
+        let quick: Duration = (0..QUICK_ATTEMPTS).map(|a| reconnect_delay(a, &p, 0.5)).sum();
+        assert!(quick < Duration::from_secs(40), "{quick:?}");
+        assert_eq!(reconnect_delay(QUICK_ATTEMPTS, &p, 0.5), Duration::from_secs(60));
+        assert_eq!(reconnect_delay(QUICK_ATTEMPTS + 6, &p, 0.5), Duration::from_secs(1800));
     }
 
     #[test]

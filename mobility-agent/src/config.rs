@@ -51,11 +51,13 @@ pub struct ShipConfig {
     pub batch_bytes: u64,
     /// At most this many bytes are sent and not yet acknowledged as durable.
     pub window_bytes: u64,
+    /// Scales the retry schedule (1, 2, 4, 8, 10, then 30 minutes) that follows the quick reconnects.
+    pub retry_scale: f64,
 }
 
 impl Default for ShipConfig {
     fn default() -> Self {
-        ShipConfig { batch_bytes: DEFAULT_BATCH_BYTES, window_bytes: DEFAULT_WINDOW_BYTES }
+        ShipConfig { batch_bytes: DEFAULT_BATCH_BYTES, window_bytes: DEFAULT_WINDOW_BYTES, retry_scale: 1.0 }
     }
 }
 
@@ -118,7 +120,10 @@ impl AgentConfig {
         if nbd_tcp.is_none() && nbd_unix.is_none() {
             return Err("set nbd_tcp or nbd_unix (or both): the agent needs an NBD front end".into());
         }
-        let ShipConfig { batch_bytes, window_bytes } = ship;
+        let ShipConfig { batch_bytes, window_bytes, retry_scale } = ship;
+        if !(*retry_scale > 0.0 && *retry_scale <= 1.0) {
+            return Err(format!("key ship.retry_scale: {retry_scale} must be in (0, 1]"));
+        }
         if *batch_bytes == 0 || *batch_bytes > 16 << 20 {
             return Err(format!("key ship.batch_bytes: {batch_bytes} is outside 1..=16777216"));
         }

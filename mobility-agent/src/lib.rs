@@ -85,6 +85,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Resul
         node: cfg.node.clone(),
         batch_bytes: cfg.ship.batch_bytes,
         window_bytes: cfg.ship.window_bytes,
+        retry: sr_common::retry::RetryPolicy { scale: cfg.ship.retry_scale },
     });
     let fixed =
         cfg.item.zip(cfg.process_server).map(|(item, ps)| ship::Route { item: ItemId(item), process_server: ps });

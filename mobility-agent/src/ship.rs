@@ -12,7 +12,6 @@ use crate::capture::ProtectedDisk;
 use crate::journal::{self, Cursor};
 use crate::metrics as m;
 use anyhow::{bail, Context};
-use sr_common::backoff::RECONNECT;
 use sr_common::types::{ItemId, Seq};
 use sr_common::wire::{self, Batch, Change, Message, Role};
 use std::collections::VecDeque;
@@ -28,6 +27,8 @@ pub struct ShipTarget {
     pub node: String,
     pub batch_bytes: u64,
     pub window_bytes: u64,
+    /// After the quick reconnects, the retry schedule (scaled in tests).
+    pub retry: sr_common::retry::RetryPolicy,
 }
 
 /// Where a disk's changes go: the item they belong to and the process server that takes them.
@@ -58,7 +59,12 @@ pub async fn run(
         let started = Instant::now();
         let res = tokio::select! {
             r = session(&disk, &target, r, &connected) => r,
-            _ = route.changed() => Err(anyhow::anyhow!("assignment changed")),
+            // A new assignment: go to it at once.
+            _ = route.changed() => {
+                connected.set(0.0);
+                attempt = 0;
+                continue;
+            }
             _ = shutdown.cancelled() => return,
         };
         connected.set(0.0);
@@ -85,7 +91,7 @@ pub async fn run(
         if started.elapsed() > Duration::from_secs(10) {
             attempt = 0;
         }
-        let delay = RECONNECT.delay_random(attempt);
+        let delay = sr_common::retry::reconnect_delay(attempt, &target.retry, rand::random());
         attempt = attempt.saturating_add(1);
         let next = std::time::SystemTime::now() + delay;
         let next = next.duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs_f64();

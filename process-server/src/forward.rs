@@ -13,7 +13,6 @@ use crate::metrics as m;
 use crate::stream::Stream;
 use crate::Server;
 use anyhow::{bail, Context};
-use sr_common::backoff::RECONNECT;
 use sr_common::compress;
 use sr_common::types::Seq;
 use sr_common::wire::{self, Message, Role};
@@ -53,7 +52,8 @@ pub async fn run(server: Arc<Server>, stream: Arc<Stream>) {
         if started.elapsed() > Duration::from_secs(10) {
             attempt = 0;
         }
-        let delay = RECONNECT.delay_random(attempt);
+        let delay =
+            sr_common::retry::reconnect_delay(attempt, &sr_common::retry::RetryPolicy::default(), rand::random());
         attempt = attempt.saturating_add(1);
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
