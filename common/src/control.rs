@@ -101,3 +101,52 @@ pub fn free_bytes(path: &std::path::Path) -> u64 {
         s.f_bavail as u64 * s.f_frsize as u64
     }
 }
+
+impl ControlClient {
+    /// Runs `step` now and then every poll interval until `shutdown`. A failed step is logged and
+    /// changes nothing: the component keeps what the last good one set.
+    pub async fn every_poll<F, Fut>(&self, shutdown: &tokio_util::sync::CancellationToken, mut step: F)
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = anyhow::Result<()>>,
+    {
+        loop {
+            if let Err(e) = step().await {
+                tracing::warn!(
+                    error = format!("{e:#}"),
+                    "configuration server unreachable; keeping the last assignments"
+                );
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(self.poll) => {}
+                _ = shutdown.cancelled() => return,
+            }
+        }
+    }
+
+    /// Fetches the revocation list into `id`; when it changed and this component serves, makes its
+    /// `server` endpoint check new handshakes against it and closes the `open` connections.
+    pub async fn refresh_crl(
+        &self,
+        id: &crate::tls::Identity,
+        server: Option<(&quinn::Endpoint, &std::sync::Mutex<Vec<quinn::Connection>>)>,
+    ) -> anyhow::Result<()> {
+        if id.set_crl_pem(&self.crl().await?)? {
+            tracing::info!("revocation list updated; peers reconnect and are checked again");
+            if let Some((endpoint, open)) = server {
+                crate::quic::apply_crl(id, Some(endpoint), open)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The item and its data key from one assignment.
+pub fn assigned_key(a: &serde_json::Value) -> anyhow::Result<(crate::types::ItemId, crate::seal::ItemKey)> {
+    let item = a["item"].as_u64().context("assignment without item")?;
+    let key: [u8; 32] = hex::decode(a["data_key"].as_str().context("assignment without data_key")?)
+        .ok()
+        .and_then(|k| k.try_into().ok())
+        .context("data_key is not 32 bytes of hex")?;
+    Ok((crate::types::ItemId(item), crate::seal::ItemKey::from_bytes(&key)))
+}

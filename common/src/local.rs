@@ -283,6 +283,15 @@ impl Local {
         Ok(())
     }
 
+    /// Certificate paths of the component whose files are named `name` in this deployment.
+    pub fn tls(&self, name: &str) -> crate::tls::TlsPaths {
+        crate::tls::TlsPaths {
+            ca: self.certs.join("ca.pem"),
+            cert: self.certs.join(format!("{name}.pem")),
+            key: self.certs.join(format!("{name}.key")),
+        }
+    }
+
     pub fn config(&self, c: Component) -> PathBuf {
         self.root.join(format!("{}.toml", c.short()))
     }

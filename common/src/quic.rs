@@ -130,3 +130,59 @@ pub fn require_peer_role(conn: &quinn::Connection, role: Role) -> anyhow::Result
         _ => bail!("peer {} is not a {}: its certificate does not name that role", conn.remote_address(), role.name()),
     }
 }
+
+/// One stream's session, boxed so servers of different services share [`serve`].
+pub type Session<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = anyhow::Result<()>> + Send + 'a>>;
+
+/// Accepts connections on `listener` until `shutdown`. A peer must hold a certificate for `role`
+/// (else its connection is closed with the reason); accepted connections are passed to `track`; each
+/// bidirectional stream runs `session`, whose error is logged and sent to the peer as an `Error`
+/// message before the stream is finished.
+pub async fn serve<T, H>(
+    listener: &quinn::Endpoint,
+    role: Role,
+    shutdown: &tokio_util::sync::CancellationToken,
+    track: T,
+    session: H,
+) where
+    T: Fn(&quinn::Connection) + Send + Sync + 'static,
+    H: for<'a> Fn(&'a mut quinn::SendStream, quinn::RecvStream) -> Session<'a> + Send + Sync + 'static,
+{
+    let handlers = Arc::new((track, session));
+    loop {
+        let incoming = tokio::select! {
+            i = listener.accept() => i,
+            _ = shutdown.cancelled() => return,
+        };
+        let Some(incoming) = incoming else { return };
+        let handlers = handlers.clone();
+        tokio::spawn(async move {
+            let conn = match incoming.await {
+                Ok(c) => c,
+                Err(e) => return tracing::warn!(error = %e, "{} handshake failed", role.name()),
+            };
+            let peer = conn.remote_address();
+            if let Err(e) = require_peer_role(&conn, role) {
+                tracing::warn!(%peer, error = %e, "refusing connection");
+                conn.close(1u32.into(), format!("certificate does not name the {} role", role.name()).as_bytes());
+                return;
+            }
+            (handlers.0)(&conn);
+            loop {
+                let (mut send, recv) = match conn.accept_bi().await {
+                    Ok(s) => s,
+                    Err(e) => return tracing::debug!(%peer, error = %e, "{} connection ended", role.name()),
+                };
+                let handlers = handlers.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = (handlers.1)(&mut send, recv).await {
+                        tracing::warn!(%peer, error = format!("{e:#}"), "stream from the {} refused", role.name());
+                        let msg = crate::wire::Message::Error { message: format!("{e:#}") };
+                        let _ = crate::wire::write_msg(&mut send, &msg).await;
+                        let _ = send.finish();
+                    }
+                });
+            }
+        });
+    }
+}

@@ -16,39 +16,11 @@ use sr_common::types::StreamKey;
 use sr_common::wire::{self, Message, Role};
 use std::sync::Arc;
 
-pub async fn connection(server: Arc<Server>, conn: quinn::Connection) {
-    let peer = conn.remote_address();
-    if let Err(e) = sr_common::quic::require_peer_role(&conn, Role::ProcessServer) {
-        tracing::warn!(%peer, error = %e, "refusing connection");
-        conn.close(1u32.into(), b"certificate does not name the process-server role");
-        return;
-    }
-    sr_common::quic::track(&server.conns, &conn);
-    loop {
-        let (send, recv) = match conn.accept_bi().await {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::debug!(%peer, error = %e, "process server connection ended");
-                return;
-            }
-        };
-        let server = server.clone();
-        tokio::spawn(async move {
-            let mut send = send;
-            if let Err(e) = session(&server, &mut send, recv).await {
-                tracing::error!(%peer, error = format!("{e:#}"), "stream from the process server refused");
-                let _ = wire::write_msg(&mut send, &Message::Error { message: format!("{e:#}") }).await;
-                let _ = send.finish();
-            }
-        });
-    }
-}
-
 fn reject(reason: &'static str) {
     metrics::counter!(m::REJECTED, "reason" => reason).increment(1);
 }
 
-async fn session(
+pub async fn session(
     server: &Arc<Server>,
     send: &mut quinn::SendStream,
     mut recv: quinn::RecvStream,

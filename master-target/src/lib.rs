@@ -157,20 +157,18 @@ pub async fn run(cfg: MtConfig, shutdown: CancellationToken) -> anyhow::Result<(
     let router = export::routes(server.clone());
     let http = sr_common::telemetry::serve_http(server.cfg.http, router, shutdown.clone()).await?;
     tracing::info!(%http, quic = %server.cfg.listen, "master target listening");
-    loop {
-        let incoming = tokio::select! {
-            i = listener.accept() => i,
-            _ = shutdown.cancelled() => break,
-        };
-        let Some(incoming) = incoming else { break };
-        let server = server.clone();
-        tokio::spawn(async move {
-            match incoming.await {
-                Ok(conn) => apply::connection(server, conn).await,
-                Err(e) => tracing::warn!(error = %e, "process server handshake failed"),
-            }
-        });
-    }
+    let (tracker, sessions) = (server.clone(), server.clone());
+    sr_common::quic::serve(
+        &listener,
+        sr_common::wire::Role::ProcessServer,
+        &shutdown,
+        move |conn| sr_common::quic::track(&tracker.conns, conn),
+        move |send, recv| {
+            let server = sessions.clone();
+            Box::pin(async move { apply::session(&server, send, recv).await })
+        },
+    )
+    .await;
     listener.close(0u32.into(), b"master target stopping");
     // Let the close frames reach the peers so they reconnect at once instead of timing out.
     let _ = tokio::time::timeout(std::time::Duration::from_secs(2), listener.wait_idle()).await;
@@ -179,44 +177,29 @@ pub async fn run(cfg: MtConfig, shutdown: CancellationToken) -> anyhow::Result<(
 
 /// Reports address, free space and applied positions; takes the keys of the items assigned here.
 async fn control_loop(server: Arc<Server>, client: sr_common::control::ControlClient, shutdown: CancellationToken) {
-    loop {
-        let applied: Vec<serde_json::Value> = server
-            .replicas
-            .lock()
-            .expect("replicas lock poisoned")
-            .values()
-            .map(|r| serde_json::json!({"item": r.key.item.0, "disk": r.key.disk.0, "seq": r.applied().0}))
-            .collect();
-        let report = serde_json::json!({
-            "address": server.cfg.listen.to_string(),
-            "load": { "free_bytes": sr_common::control::free_bytes(&server.cfg.data_dir) },
-            "applied": applied,
-        });
-        let res = async {
-            client.heartbeat(report).await?;
-            if server.identity.set_crl_pem(&client.crl().await?)? {
-                tracing::info!("revocation list updated; process servers reconnect and are checked again");
-                sr_common::quic::apply_crl(&server.identity, Some(&server.listener), &server.conns)?;
-            }
+    let (srv, cl) = (&server, &client);
+    client
+        .every_poll(&shutdown, move || async move {
+            let applied: Vec<serde_json::Value> = srv
+                .replicas
+                .lock()
+                .expect("replicas lock poisoned")
+                .values()
+                .map(|r| serde_json::json!({"item": r.key.item.0, "disk": r.key.disk.0, "seq": r.applied().0}))
+                .collect();
+            cl.heartbeat(serde_json::json!({
+                "address": srv.cfg.listen.to_string(),
+                "load": { "free_bytes": sr_common::control::free_bytes(&srv.cfg.data_dir) },
+                "applied": applied,
+            }))
+            .await?;
+            cl.refresh_crl(&srv.identity, Some((&srv.listener, &srv.conns))).await?;
             let mut items = Vec::new();
-            for a in client.assignments().await? {
-                let id = a["item"].as_u64().context("assignment without item")?;
-                let key: [u8; 32] = hex::decode(a["data_key"].as_str().context("assignment without data_key")?)
-                    .ok()
-                    .and_then(|k| k.try_into().ok())
-                    .context("data_key is not 32 bytes of hex")?;
-                items.push((sr_common::types::ItemId(id), sr_common::seal::ItemKey::from_bytes(&key)));
+            for a in cl.assignments().await? {
+                items.push(sr_common::control::assigned_key(&a)?);
             }
-            *server.keys.write().expect("keys lock poisoned") = KeyRing::from_keys(items);
-            anyhow::Ok(())
-        }
+            *srv.keys.write().expect("keys lock poisoned") = KeyRing::from_keys(items);
+            Ok(())
+        })
         .await;
-        if let Err(e) = res {
-            tracing::warn!(error = format!("{e:#}"), "configuration server unreachable; keeping the last assignments");
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(client.poll) => {}
-            _ = shutdown.cancelled() => return,
-        }
-    }
 }

@@ -120,65 +120,57 @@ async fn control_loop(
     route: tokio::sync::watch::Sender<Option<ship::Route>>,
     shutdown: CancellationToken,
 ) {
+    let (cl, id, disks, route) = (&client, &identity, &disks, &route);
     let mut last = (std::time::Instant::now(), 0u64);
-    loop {
-        let changed: u64 = disks.iter().map(|d| d.changed_bytes()).sum();
-        let churn = (changed - last.1) as f64 / last.0.elapsed().as_secs_f64().max(0.001);
-        last = (std::time::Instant::now(), changed);
-        let report = serde_json::json!({
-            "load": { "churn_bytes_per_sec": churn as u64 },
-            "disks": disks.iter().map(|d| serde_json::json!({"id": d.id.0, "name": d.name, "size": d.size()})).collect::<Vec<_>>(),
-            "progress": disks.iter().map(|d| {
-                let c = d.copy_state();
-                serde_json::json!({
-                    "id": d.id.0,
-                    "copy_percent": if c.done { 100.0 } else { 100.0 * c.cursor as f64 / d.size().max(1) as f64 },
-                    "copy_done": c.done, "done_seq": c.done_seq, "last_seq": d.last_seq().0,
-                })
-            }).collect::<Vec<_>>(),
-        });
-        let res = async {
-            client.heartbeat(report).await?;
-            if identity.set_crl_pem(&client.crl().await?)? {
-                tracing::info!("revocation list updated");
-            }
-            let items = client.assignments().await?;
-            let next = match items.first() {
-                None => None,
-                Some(a) => Some(ship::Route {
-                    item: ItemId(a["item"].as_u64().context("assignment without item")?),
-                    process_server: a["process_server"]
-                        .as_str()
-                        .context("assignment without process_server")?
-                        .parse()
-                        .context("process_server address")?,
-                }),
-            };
-            for d in &disks {
-                match next {
-                    Some(r) => d.protect(r.item.0)?,
-                    None => d.unprotect()?,
-                }
-            }
-            route.send_if_modified(|cur| {
-                let changed = *cur != next;
-                if changed {
-                    tracing::info!(?next, "assignment changed");
-                }
-                *cur = next;
-                changed
+    client
+        .every_poll(&shutdown, move || {
+            let changed: u64 = disks.iter().map(|d| d.changed_bytes()).sum();
+            let churn = (changed - last.1) as f64 / last.0.elapsed().as_secs_f64().max(0.001);
+            last = (std::time::Instant::now(), changed);
+            let report = serde_json::json!({
+                "load": { "churn_bytes_per_sec": churn as u64 },
+                "disks": disks.iter().map(|d| serde_json::json!({"id": d.id.0, "name": d.name, "size": d.size()})).collect::<Vec<_>>(),
+                "progress": disks.iter().map(|d| {
+                    let c = d.copy_state();
+                    serde_json::json!({
+                        "id": d.id.0,
+                        "copy_percent": if c.done { 100.0 } else { 100.0 * c.cursor as f64 / d.size().max(1) as f64 },
+                        "copy_done": c.done, "done_seq": c.done_seq, "last_seq": d.last_seq().0,
+                    })
+                }).collect::<Vec<_>>(),
             });
-            anyhow::Ok(())
-        }
+            async move {
+                cl.heartbeat(report).await?;
+                cl.refresh_crl(id, None).await?;
+                let next = match cl.assignments().await?.first() {
+                    None => None,
+                    Some(a) => Some(ship::Route {
+                        item: ItemId(a["item"].as_u64().context("assignment without item")?),
+                        process_server: a["process_server"]
+                            .as_str()
+                            .context("assignment without process_server")?
+                            .parse()
+                            .context("process_server address")?,
+                    }),
+                };
+                for d in disks {
+                    match next {
+                        Some(r) => d.protect(r.item.0)?,
+                        None => d.unprotect()?,
+                    }
+                }
+                route.send_if_modified(|cur| {
+                    let changed = *cur != next;
+                    if changed {
+                        tracing::info!(?next, "assignment changed");
+                    }
+                    *cur = next;
+                    changed
+                });
+                Ok(())
+            }
+        })
         .await;
-        if let Err(e) = res {
-            tracing::warn!(error = format!("{e:#}"), "configuration server unreachable; keeping the last assignment");
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(client.poll) => {}
-            _ = shutdown.cancelled() => return,
-        }
-    }
 }
 
 fn status(node: &str, disks: &[Arc<ProtectedDisk>]) -> serde_json::Value {

@@ -20,42 +20,13 @@ use std::time::Duration;
 /// How long an agent waits for a new stream's replica position before it is told to retry.
 const POSITION_WAIT: Duration = Duration::from_secs(20);
 
-pub async fn connection(server: Arc<Server>, conn: quinn::Connection) {
-    let peer = conn.remote_address();
-    if let Err(e) = sr_common::quic::require_peer_role(&conn, Role::Agent) {
-        tracing::warn!(%peer, error = %e, "refusing connection");
-        conn.close(1u32.into(), b"certificate does not name the agent role");
-        return;
-    }
-    sr_common::quic::track(&server.conns, &conn);
-    loop {
-        let (send, recv) = match conn.accept_bi().await {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::debug!(%peer, error = %e, "agent connection ended");
-                return;
-            }
-        };
-        let server = server.clone();
-        tokio::spawn(async move {
-            let mut send = send;
-            if let Err(e) = session(&server, &mut send, recv).await {
-                metrics::counter!(m::ERRORS, "side" => "agent").increment(1);
-                tracing::warn!(%peer, error = format!("{e:#}"), "agent stream closed");
-                let _ = wire::write_msg(&mut send, &Message::Error { message: format!("{e:#}") }).await;
-                let _ = send.finish();
-            }
-        });
-    }
-}
-
 /// Writes a message on a send stream shared by the session and its applied-position relay.
 async fn send_msg(send: &tokio::sync::Mutex<&mut quinn::SendStream>, msg: &Message) -> anyhow::Result<()> {
     wire::write_msg(&mut **send.lock().await, msg).await?;
     Ok(())
 }
 
-async fn session(
+pub async fn session(
     server: &Arc<Server>,
     send: &mut quinn::SendStream,
     mut recv: quinn::RecvStream,

@@ -157,20 +157,24 @@ pub async fn run(cfg: PsConfig, shutdown: CancellationToken) -> anyhow::Result<(
         tokio::spawn(control_loop(server.clone(), client, shutdown.clone()));
     }
     tracing::info!(%http, quic = %server.cfg.listen, "process server listening");
-    loop {
-        let incoming = tokio::select! {
-            i = listener.accept() => i,
-            _ = shutdown.cancelled() => break,
-        };
-        let Some(incoming) = incoming else { break };
-        let server = server.clone();
-        tokio::spawn(async move {
-            match incoming.await {
-                Ok(conn) => ingest::connection(server, conn).await,
-                Err(e) => tracing::warn!(error = %e, "agent handshake failed"),
-            }
-        });
-    }
+    let (tracker, sessions) = (server.clone(), server.clone());
+    sr_common::quic::serve(
+        &listener,
+        sr_common::wire::Role::Agent,
+        &shutdown,
+        move |conn| sr_common::quic::track(&tracker.conns, conn),
+        move |send, recv| {
+            let server = sessions.clone();
+            Box::pin(async move {
+                let r = ingest::session(&server, send, recv).await;
+                if r.is_err() {
+                    ::metrics::counter!(crate::metrics::ERRORS, "side" => "agent").increment(1);
+                }
+                r
+            })
+        },
+    )
+    .await;
     listener.close(0u32.into(), b"process server stopping");
     server.endpoint.close(0u32.into(), b"process server stopping");
     // Let the close frames reach the peers so they reconnect at once instead of timing out.
@@ -184,41 +188,27 @@ pub async fn run(cfg: PsConfig, shutdown: CancellationToken) -> anyhow::Result<(
 
 /// Reports address and load to the configuration server and takes the items assigned to this server.
 async fn control_loop(server: Arc<Server>, client: sr_common::control::ControlClient, shutdown: CancellationToken) {
-    loop {
-        let cache = server.cache_total.load(std::sync::atomic::Ordering::Relaxed);
-        let report = serde_json::json!({ "address": server.cfg.listen.to_string(), "load": { "cache_bytes": cache } });
-        let res = async {
-            client.heartbeat(report).await?;
-            if server.identity.set_crl_pem(&client.crl().await?)? {
-                tracing::info!("revocation list updated; agents reconnect and are checked again");
-                sr_common::quic::apply_crl(&server.identity, Some(&server.listener), &server.conns)?;
-            }
+    let (srv, cl) = (&server, &client);
+    client
+        .every_poll(&shutdown, move || async move {
+            let cache = srv.cache_total.load(std::sync::atomic::Ordering::Relaxed);
+            cl.heartbeat(
+                serde_json::json!({ "address": srv.cfg.listen.to_string(), "load": { "cache_bytes": cache } }),
+            )
+            .await?;
+            cl.refresh_crl(&srv.identity, Some((&srv.listener, &srv.conns))).await?;
             let mut routes = HashMap::new();
-            for a in client.assignments().await? {
-                let item = ItemId(a["item"].as_u64().context("assignment without item")?);
-                let key: [u8; 32] = hex::decode(a["data_key"].as_str().context("assignment without data_key")?)
-                    .ok()
-                    .and_then(|k| k.try_into().ok())
-                    .context("data_key is not 32 bytes of hex")?;
+            for a in cl.assignments().await? {
+                let (item, key) = sr_common::control::assigned_key(&a)?;
                 let master_target = a["master_target"].as_str().context("assignment without master_target")?.parse()?;
                 let compression_level =
-                    a["compression_level"].as_i64().map_or(server.cfg.compression_level, |l| l.clamp(1, 19) as i32);
+                    a["compression_level"].as_i64().map_or(srv.cfg.compression_level, |l| l.clamp(1, 19) as i32);
                 let bandwidth_bytes_per_sec = a["bandwidth_limit_mbps"].as_u64().unwrap_or(0) * 1_000_000 / 8;
-                let route =
-                    Route { key: ItemKey::from_bytes(&key), master_target, compression_level, bandwidth_bytes_per_sec };
-                routes.insert(item, route);
+                routes.insert(item, Route { key, master_target, compression_level, bandwidth_bytes_per_sec });
             }
-            *server.routes.write().expect("routes lock poisoned") = routes;
-            server.routes_known.store(true, std::sync::atomic::Ordering::Release);
-            anyhow::Ok(())
-        }
+            *srv.routes.write().expect("routes lock poisoned") = routes;
+            srv.routes_known.store(true, std::sync::atomic::Ordering::Release);
+            Ok(())
+        })
         .await;
-        if let Err(e) = res {
-            tracing::warn!(error = format!("{e:#}"), "configuration server unreachable; keeping the last assignments");
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(client.poll) => {}
-            _ = shutdown.cancelled() => return,
-        }
-    }
 }

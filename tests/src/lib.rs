@@ -3,8 +3,10 @@
 
 use anyhow::{bail, Context};
 pub use sr_common::local::{Component, DiskSpec, Local, Options, Proc};
+use std::io::{Read, Write};
 use std::path::Path;
 use std::process::Command;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// Runs a tool and returns its stdout; a failure carries the command, status and output.
@@ -108,4 +110,45 @@ pub fn test_dir() -> TestDir {
         return TestDir { _tmp: None, path };
     }
     TestDir { path: d.path().to_path_buf(), _tmp: Some(d) }
+}
+
+/// A stand-in HTTP endpoint (webhook, OTLP collector): accepts requests on loopback, answers 200 and
+/// keeps each whole request (head and body, as Content-Length says) as raw bytes.
+pub fn http_receiver() -> (std::net::SocketAddr, Arc<Mutex<Vec<Vec<u8>>>>) {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("binding a loopback port");
+    let addr = l.local_addr().expect("bound address");
+    let got = Arc::new(Mutex::new(Vec::new()));
+    let g = got.clone();
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { return };
+            let g = g.clone();
+            std::thread::spawn(move || {
+                let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+                let mut req = Vec::new();
+                let mut buf = [0u8; 65536];
+                loop {
+                    let n = s.read(&mut buf).unwrap_or(0);
+                    req.extend_from_slice(&buf[..n]);
+                    let text = String::from_utf8_lossy(&req).to_string();
+                    let need = text.split_once("\r\n\r\n").map(|(head, _)| {
+                        let len = head
+                            .lines()
+                            .find_map(|l| {
+                                l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().to_string())
+                            })
+                            .and_then(|v| v.parse::<usize>().ok())
+                            .unwrap_or(0);
+                        head.len() + 4 + len
+                    });
+                    if n == 0 || need.is_some_and(|need| req.len() >= need) {
+                        break;
+                    }
+                }
+                g.lock().expect("receiver lock").push(req);
+                let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+            });
+        }
+    });
+    (addr, got)
 }

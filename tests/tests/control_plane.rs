@@ -642,42 +642,12 @@ fn two_process_servers_spread_items_and_take_over_when_one_dies() {
 
 #[test]
 fn rpo_over_the_policy_raises_an_alert_to_the_event_log_and_the_webhook() {
-    use std::io::{Read, Write};
     let dir = test_dir();
     // A webhook receiver that records what it is sent.
-    let hook = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let hook_addr = hook.local_addr().unwrap();
-    let received = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
-    let rec = received.clone();
-    std::thread::spawn(move || {
-        for s in hook.incoming() {
-            let Ok(mut s) = s else { return };
-            s.set_read_timeout(Some(std::time::Duration::from_secs(2))).unwrap();
-            // Read the head, then as many body bytes as Content-Length says.
-            let mut req = Vec::new();
-            let mut buf = [0u8; 4096];
-            loop {
-                let n = s.read(&mut buf).unwrap_or(0);
-                req.extend_from_slice(&buf[..n]);
-                let text = String::from_utf8_lossy(&req).to_string();
-                let done = text.split_once("\r\n\r\n").is_some_and(|(head, body)| {
-                    let len = head
-                        .lines()
-                        .find_map(|l| {
-                            l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().to_string())
-                        })
-                        .and_then(|v| v.parse::<usize>().ok())
-                        .unwrap_or(0);
-                    body.len() >= len
-                });
-                if done || n == 0 {
-                    break;
-                }
-            }
-            rec.lock().unwrap().push(String::from_utf8_lossy(&req).to_string());
-            let _ = s.write_all(b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
-        }
-    });
+    let (hook_addr, received) = http_receiver();
+    let received = move || -> Vec<String> {
+        received.lock().unwrap().iter().map(|r| String::from_utf8_lossy(r).to_string()).collect()
+    };
     let mut m = Managed::start(dir.path(), 16, &format!("alert_webhook = \"{hook_addr}/alerts\"\n"));
     m.protect(&["--rpo-secs", "2"]);
     let mt = m.mt.take().unwrap();
@@ -695,8 +665,8 @@ fn rpo_over_the_policy_raises_an_alert_to_the_event_log_and_the_webhook() {
     let events = String::from_utf8_lossy(&srctl(cp.api, admin_file, &["events"]).stdout).to_string();
     assert!(events.contains("over the policy's 2 s"), "{events}");
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while !received.lock().unwrap().iter().any(|r| r.starts_with("POST /alerts") && r.contains("over the policy")) {
-        assert!(std::time::Instant::now() < deadline, "the webhook got nothing: {:?}", received.lock().unwrap());
+    while !received().iter().any(|r| r.starts_with("POST /alerts") && r.contains("over the policy")) {
+        assert!(std::time::Instant::now() < deadline, "the webhook got nothing: {:?}", received());
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
 

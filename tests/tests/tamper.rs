@@ -6,7 +6,7 @@
 #![allow(clippy::unwrap_used)]
 
 use sr_common::seal::ItemKey;
-use sr_common::tls::{Identity, TlsPaths};
+use sr_common::tls::Identity;
 use sr_common::types::{DiskId, ItemId, Seq};
 use sr_common::wire::{self, Batch, Change, Message, Op, Role, SealedBatch};
 use sr_tests::*;
@@ -64,24 +64,20 @@ async fn refused(ep: &quinn::Endpoint, local: &Local, frame: &[u8], what: &str) 
     assert_eq!(local.applied(1).unwrap(), 0, "{what}: nothing may be applied");
 }
 
+/// A static deployment of which only the master target will run.
+fn master_target_only(dir: &std::path::Path) -> Local {
+    let disk = dir.join("unused.img");
+    make_disk(&disk, SIZE).unwrap();
+    Local::create(&dir.join("dep"), vec![DiskSpec { id: 1, name: "d".into(), path: disk }], &Options::default())
+        .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn altered_truncated_replayed_and_reordered_frames_are_refused() {
     let dir = test_dir();
-    let disk = dir.path().join("unused.img");
-    make_disk(&disk, SIZE).unwrap();
-    let local = Local::create(
-        &dir.path().join("dep"),
-        vec![DiskSpec { id: 1, name: "d".into(), path: disk }],
-        &Options::default(),
-    )
-    .unwrap();
+    let local = master_target_only(dir.path());
     let mt = tokio::task::block_in_place(|| local.start(Component::MasterTarget)).unwrap();
-    let id = Identity::load(&TlsPaths {
-        ca: local.certs.join("ca.pem"),
-        cert: local.certs.join("ps.pem"),
-        key: local.certs.join("ps.key"),
-    })
-    .unwrap();
+    let id = Identity::load(&local.tls("ps")).unwrap();
     let ep = sr_common::quic::client(&id).unwrap();
     let key = ItemKey::load(&local.key_file).unwrap();
     let b1 = seal(&key, &batch(1, 3));
@@ -165,26 +161,14 @@ async fn altered_truncated_replayed_and_reordered_frames_are_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn foreign_ca_and_wrong_role_are_refused() {
     let dir = test_dir();
-    let disk = dir.path().join("unused.img");
-    make_disk(&disk, SIZE).unwrap();
-    let local = Local::create(
-        &dir.path().join("dep"),
-        vec![DiskSpec { id: 1, name: "d".into(), path: disk }],
-        &Options::default(),
-    )
-    .unwrap();
+    let local = master_target_only(dir.path());
     let _mt = tokio::task::block_in_place(|| local.start(Component::MasterTarget)).unwrap();
     // A certificate from another CA fails the handshake.
     let other = sr_common::tls::generate_deployment(&dir.path().join("other"), &[("ps", Role::ProcessServer)]).unwrap();
     let ep = sr_common::quic::client(&Identity::load(&other[0]).unwrap()).unwrap();
     assert!(sr_common::quic::connect(&ep, local.addrs.mt_quic, Role::MasterTarget).await.is_err());
     // An agent certificate of this deployment is not a process server: the connection is closed.
-    let agent = Identity::load(&TlsPaths {
-        ca: local.certs.join("ca.pem"),
-        cert: local.certs.join("agent.pem"),
-        key: local.certs.join("agent.key"),
-    })
-    .unwrap();
+    let agent = Identity::load(&local.tls("agent")).unwrap();
     let ep = sr_common::quic::client(&agent).unwrap();
     let conn = sr_common::quic::connect(&ep, local.addrs.mt_quic, Role::MasterTarget).await.unwrap();
     let closed = tokio::time::timeout(std::time::Duration::from_secs(10), conn.closed()).await.unwrap();

@@ -5,49 +5,7 @@
 #![allow(clippy::unwrap_used)]
 
 use sr_tests::*;
-use std::io::{Read, Write};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
-
-/// Accepts HTTP requests and keeps their raw bytes.
-fn receiver() -> (std::net::SocketAddr, Arc<Mutex<Vec<Vec<u8>>>>) {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = l.local_addr().unwrap();
-    let got = Arc::new(Mutex::new(Vec::new()));
-    let g = got.clone();
-    std::thread::spawn(move || {
-        for s in l.incoming() {
-            let Ok(mut s) = s else { return };
-            let g = g.clone();
-            std::thread::spawn(move || {
-                s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-                let mut req = Vec::new();
-                let mut buf = [0u8; 65536];
-                loop {
-                    let n = s.read(&mut buf).unwrap_or(0);
-                    req.extend_from_slice(&buf[..n]);
-                    let text = String::from_utf8_lossy(&req).to_string();
-                    let need = text.split_once("\r\n\r\n").map(|(head, _)| {
-                        let len = head
-                            .lines()
-                            .find_map(|l| {
-                                l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().to_string())
-                            })
-                            .and_then(|v| v.parse::<usize>().ok())
-                            .unwrap_or(0);
-                        head.len() + 4 + len
-                    });
-                    if n == 0 || need.is_some_and(|need| req.len() >= need) {
-                        break;
-                    }
-                }
-                g.lock().unwrap().push(req);
-                let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
-            });
-        }
-    });
-    (addr, got)
-}
 
 #[test]
 fn master_target_spans_reach_an_otlp_receiver() {
@@ -60,7 +18,7 @@ fn master_target_spans_reach_an_otlp_receiver() {
         &Options::default(),
     )
     .unwrap();
-    let (addr, got) = receiver();
+    let (addr, got) = http_receiver();
     let endpoint = format!("http://{addr}");
     let mt = local
         .start_env(

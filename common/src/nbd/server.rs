@@ -265,8 +265,49 @@ fn errno(e: &BackendError) -> u32 {
     }
 }
 
+/// Request counters, resolved once per connection rather than looked up on every request.
+struct Counters {
+    read: metrics::Counter,
+    write: metrics::Counter,
+    flush: metrics::Counter,
+    trim: metrics::Counter,
+    write_zeroes: metrics::Counter,
+    read_bytes: metrics::Counter,
+    write_bytes: metrics::Counter,
+}
+
+impl Counters {
+    fn new() -> Counters {
+        let req = |cmd: &'static str| metrics::counter!("sr_nbd_requests_total", "cmd" => cmd);
+        Counters {
+            read: req("read"),
+            write: req("write"),
+            flush: req("flush"),
+            trim: req("trim"),
+            write_zeroes: req("write_zeroes"),
+            read_bytes: metrics::counter!("sr_nbd_read_bytes_total"),
+            write_bytes: metrics::counter!("sr_nbd_write_bytes_total"),
+        }
+    }
+}
+
+/// Whether a WRITE, TRIM or WRITE_ZEROES may go to the backend: the NBD error to answer if not,
+/// `Ok(false)` when there is nothing to do (zero length), `Ok(true)` to proceed.
+fn may_change(bad_flags: bool, read_only: bool, in_range: bool, len: u32) -> std::result::Result<bool, u32> {
+    if bad_flags {
+        Err(EINVAL)
+    } else if read_only {
+        Err(EPERM)
+    } else if !in_range {
+        Err(ENOSPC)
+    } else {
+        Ok(len > 0)
+    }
+}
+
 fn transmission<R: Read, W: Write>(r: &mut BufReader<R>, w: &mut W, b: &dyn Backend) -> Result<()> {
     let size = b.size();
+    let counters = Counters::new();
     let mut buf: Vec<u8> = Vec::new();
     loop {
         let mut h = [0u8; 28];
@@ -289,14 +330,14 @@ fn transmission<R: Read, W: Write>(r: &mut BufReader<R>, w: &mut W, b: &dyn Back
         let bad_flags = flags & !KNOWN_CMD_FLAGS != 0;
         match cmd {
             CMD_READ => {
-                metrics::counter!("sr_nbd_requests_total", "cmd" => "read").increment(1);
+                counters.read.increment(1);
                 if len > MAX_REQUEST || !in_range || bad_flags {
                     reply(w, EINVAL, cookie, None)?;
                 } else {
                     buf.resize(len as usize, 0);
                     match b.read(offset, &mut buf) {
                         Ok(()) => {
-                            metrics::counter!("sr_nbd_read_bytes_total").increment(len as u64);
+                            counters.read_bytes.increment(len as u64);
                             reply(w, 0, cookie, Some(&buf))?
                         }
                         Err(e) => {
@@ -307,7 +348,7 @@ fn transmission<R: Read, W: Write>(r: &mut BufReader<R>, w: &mut W, b: &dyn Back
                 }
             }
             CMD_WRITE => {
-                metrics::counter!("sr_nbd_requests_total", "cmd" => "write").increment(1);
+                counters.write.increment(1);
                 if len > MAX_REQUEST {
                     // The payload cannot be skipped safely: refuse and close.
                     reply(w, EINVAL, cookie, None)?;
@@ -316,27 +357,22 @@ fn transmission<R: Read, W: Write>(r: &mut BufReader<R>, w: &mut W, b: &dyn Back
                 }
                 buf.resize(len as usize, 0);
                 r.read_exact(&mut buf)?;
-                let res = if bad_flags {
-                    Err(EINVAL)
-                } else if b.read_only() {
-                    Err(EPERM)
-                } else if !in_range {
-                    Err(ENOSPC)
-                } else if len == 0 {
-                    Ok(())
-                } else {
+                let res = may_change(bad_flags, b.read_only(), in_range, len).and_then(|go| {
+                    if !go {
+                        return Ok(());
+                    }
                     b.write(offset, &buf, fua).map_err(|e| {
                         tracing::warn!(offset, len, error = %e, "NBD write failed");
                         errno(&e)
                     })
-                };
+                });
                 if res.is_ok() {
-                    metrics::counter!("sr_nbd_write_bytes_total").increment(len as u64);
+                    counters.write_bytes.increment(len as u64);
                 }
                 reply(w, res.err().unwrap_or(0), cookie, None)?;
             }
             CMD_FLUSH => {
-                metrics::counter!("sr_nbd_requests_total", "cmd" => "flush").increment(1);
+                counters.flush.increment(1);
                 let err = match b.flush() {
                     Ok(()) => 0,
                     Err(e) => {
@@ -347,22 +383,16 @@ fn transmission<R: Read, W: Write>(r: &mut BufReader<R>, w: &mut W, b: &dyn Back
                 reply(w, err, cookie, None)?;
             }
             CMD_TRIM | CMD_WRITE_ZEROES => {
-                metrics::counter!("sr_nbd_requests_total", "cmd" => if cmd == CMD_TRIM { "trim" } else { "write_zeroes" })
-                    .increment(1);
-                let res = if bad_flags {
-                    Err(EINVAL)
-                } else if b.read_only() {
-                    Err(EPERM)
-                } else if !in_range {
-                    Err(ENOSPC)
-                } else if len == 0 {
-                    Ok(())
-                } else {
+                if cmd == CMD_TRIM { &counters.trim } else { &counters.write_zeroes }.increment(1);
+                let res = may_change(bad_flags, b.read_only(), in_range, len).and_then(|go| {
+                    if !go {
+                        return Ok(());
+                    }
                     b.zero(offset, len as u64, fua).map_err(|e| {
                         tracing::warn!(offset, len, error = %e, "NBD zero failed");
                         errno(&e)
                     })
-                };
+                });
                 reply(w, res.err().unwrap_or(0), cookie, None)?;
             }
             CMD_CACHE => reply(w, if in_range { 0 } else { EINVAL }, cookie, None)?,
