@@ -13,7 +13,11 @@ const BATCH: usize = 4 << 20;
 
 fn batch(mut data_of: impl FnMut(usize) -> Vec<u8>) -> Batch {
     let changes: Vec<Change> = (0..64)
-        .map(|i| Change { seq: Seq(i as u64 + 1), op: Op::Write { offset: (i * 65536) as u64, data: data_of(i) } })
+        .map(|i| Change {
+            seq: Seq(i as u64 + 1),
+            at: 0,
+            op: Op::Write { offset: (i * 65536) as u64, data: data_of(i) },
+        })
         .collect();
     Batch { item: ItemId(1), disk: DiskId(1), disk_size: 1 << 30, first: Seq(1), last: Seq(64), changes }
 }

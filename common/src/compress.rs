@@ -113,7 +113,7 @@ mod tests {
             disk_size: 1 << 30,
             first: Seq(1),
             last: Seq(1),
-            changes: vec![Change { seq: Seq(1), op: Op::Write { offset: 0, data } }],
+            changes: vec![Change { seq: Seq(1), at: 0, op: Op::Write { offset: 0, data } }],
         }
     }
 

@@ -61,3 +61,8 @@ impl fmt::Display for StreamKey {
         write!(f, "item {} disk {}", self.item, self.disk)
     }
 }
+
+/// Microseconds since the Unix epoch, the clock recovery points are named by.
+pub fn now_micros() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(0)
+}

@@ -29,7 +29,7 @@ use rkyv::util::AlignedVec;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// Version of this protocol. A peer with another version is refused at hello.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 /// Largest frame either side accepts (a batch holds at most a few MiB of changes).
 pub const MAX_FRAME: usize = 64 * 1024 * 1024;
 /// Largest single write carried in one change.
@@ -64,6 +64,9 @@ pub enum MarkerKind {
     AppConsistent { tag: String },
     /// Initial replication finished: from here on the replica is a consistent copy.
     InitialCopyDone,
+    /// A named crash-consistent point, set on every disk of a machine at one moment (the policy's
+    /// crash-consistency interval, or an app-consistent point whose pre-hook failed).
+    Bookmark { tag: String },
 }
 
 /// One change of a disk, in journal order.
@@ -86,6 +89,8 @@ pub enum Op {
 #[derive(Debug, Clone, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub struct Change {
     pub seq: Seq,
+    /// When the source captured the change, in µs since the Unix epoch: recovery points by time.
+    pub at: u64,
     pub op: Op,
 }
 
@@ -328,9 +333,9 @@ mod tests {
             first: Seq(5),
             last: Seq(7),
             changes: vec![
-                Change { seq: Seq(5), op: Op::Write { offset: 0, data: vec![1; 4096] } },
-                Change { seq: Seq(6), op: Op::Zero { offset: 4096, len: 8192 } },
-                Change { seq: Seq(7), op: Op::Marker { kind: MarkerKind::Flush } },
+                Change { seq: Seq(5), at: 1, op: Op::Write { offset: 0, data: vec![1; 4096] } },
+                Change { seq: Seq(6), at: 2, op: Op::Zero { offset: 4096, len: 8192 } },
+                Change { seq: Seq(7), at: 3, op: Op::Marker { kind: MarkerKind::Flush } },
             ],
         }
     }

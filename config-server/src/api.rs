@@ -207,6 +207,7 @@ async fn register(State(cs): State<Arc<Cs>>, b: Body<Registration>) -> R<Value> 
         registered_at: now(),
         last_heartbeat: None,
         address: req.address,
+        http: None,
         revoked: false,
         token_hash: auth::hash(&token),
         load: Load::default(),
@@ -290,6 +291,9 @@ struct Heartbeat {
     applied: Option<Vec<AppliedSeq>>,
     #[serde(default)]
     load: Option<Load>,
+    /// The component's HTTP address (a master target's recovery points and views are there).
+    #[serde(default)]
+    http: Option<String>,
 }
 
 async fn heartbeat(State(cs): State<Arc<Cs>>, h: HeaderMap, b: Body<Heartbeat>) -> R<Value> {
@@ -300,6 +304,9 @@ async fn heartbeat(State(cs): State<Arc<Cs>>, h: HeaderMap, b: Body<Heartbeat>) 
     c.last_heartbeat = Some(now());
     if req.address.is_some() {
         c.address = req.address;
+    }
+    if req.http.is_some() {
+        c.http = req.http;
     }
     if let Some(load) = req.load {
         c.load = load;

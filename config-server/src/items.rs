@@ -237,7 +237,11 @@ pub async fn assignments(AxState(cs): AxState<Arc<Cs>>, h: HeaderMap) -> R<Value
                 }))
             }
             ComponentRole::MasterTarget if i.master_target.as_deref() == Some(name.as_str()) => {
-                Some(json!({ "item": i.id, "data_key": i.data_key }))
+                let p = policy(&i.policy);
+                Some(json!({
+                    "item": i.id, "data_key": i.data_key,
+                    "retention_secs": p.as_ref().map_or(0, |p| p.retention_hours * 3600),
+                }))
             }
             _ => None,
         })

@@ -84,6 +84,9 @@ pub struct Component {
     pub last_heartbeat: Option<u64>,
     /// Where peers reach it (QUIC), when it serves.
     pub address: Option<String>,
+    /// Its HTTP address, for the master target's recovery points and views.
+    #[serde(default)]
+    pub http: Option<String>,
     pub revoked: bool,
     /// SHA-256 of the component's API token, hex.
     pub token_hash: String,

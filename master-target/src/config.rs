@@ -26,6 +26,29 @@ pub struct MtConfig {
     pub control: Option<sr_common::control::ControlConfig>,
     #[serde(rename = "item", default)]
     pub items: Vec<ItemKeyConfig>,
+    #[serde(default)]
+    pub points: PointsConfig,
+}
+
+/// Recovery points: how long they are kept and how the undo journal is cut into segments.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PointsConfig {
+    /// Points older than this expire, for items whose policy (from the configuration server) does not
+    /// say otherwise.
+    pub retention_secs: u64,
+    /// A new undo segment starts past this size...
+    pub segment_bytes: u64,
+    /// ...or when the active one's first record is this old; space is reclaimed a segment at a time.
+    pub segment_secs: u64,
+    /// How often expired points are looked for.
+    pub expiry_interval_secs: u64,
+}
+
+impl Default for PointsConfig {
+    fn default() -> Self {
+        PointsConfig { retention_secs: 24 * 3600, segment_bytes: 64 << 20, segment_secs: 600, expiry_interval_secs: 30 }
+    }
 }
 
 impl MtConfig {
@@ -36,9 +59,20 @@ impl MtConfig {
     }
 
     pub fn validate(&self) -> Result<(), String> {
-        let MtConfig { node, data_dir: _, http: _, listen: _, nbd_tcp: _, tls: _, control: _, items } = self;
+        let MtConfig { node, data_dir: _, http: _, listen: _, nbd_tcp: _, tls: _, control: _, items, points } = self;
         if node.is_empty() {
             return Err("key node: must not be empty".into());
+        }
+        let PointsConfig { retention_secs, segment_bytes, segment_secs, expiry_interval_secs } = points;
+        for (key, v) in [
+            ("points.retention_secs", retention_secs),
+            ("points.segment_bytes", segment_bytes),
+            ("points.segment_secs", segment_secs),
+            ("points.expiry_interval_secs", expiry_interval_secs),
+        ] {
+            if *v == 0 {
+                return Err(format!("key {key}: must be greater than 0"));
+            }
         }
         for (i, it) in items.iter().enumerate() {
             if items[..i].iter().any(|o| o.id == it.id) {

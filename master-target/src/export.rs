@@ -1,5 +1,7 @@
-//! HTTP routes of the master target: status, the apply record, and export of a replica to a raw image.
+//! HTTP routes of the master target: status, the apply record, recovery points and views (see
+//! [`crate::points`]), and export of a replica at a point to a raw image.
 
+use crate::points::PointSpec;
 use crate::Server;
 use axum::extract::{Query, State};
 use axum::http::StatusCode;
@@ -20,6 +22,24 @@ pub struct ExportRequest {
     disk: u64,
     /// Where to write the raw image; must not exist yet.
     path: std::path::PathBuf,
+    /// The point to export; the latest applied state when left out.
+    #[serde(default)]
+    point: Option<PointSpec>,
+}
+
+#[derive(serde::Deserialize)]
+pub struct ItemQuery {
+    item: u64,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ViewRequest {
+    name: String,
+    item: u64,
+    point: PointSpec,
+    #[serde(default)]
+    writable: bool,
 }
 
 type ApiError = (StatusCode, Json<serde_json::Value>);
@@ -33,6 +53,9 @@ pub fn routes(server: Arc<Server>) -> axum::Router {
         .route("/v1/status", axum::routing::get(status))
         .route("/v1/apply-log", axum::routing::get(apply_log))
         .route("/v1/export", axum::routing::post(export))
+        .route("/v1/points", axum::routing::get(points))
+        .route("/v1/views", axum::routing::get(list_views).post(create_view))
+        .route("/v1/views/{name}", axum::routing::delete(delete_view))
         .with_state(server)
 }
 
@@ -50,8 +73,49 @@ async fn apply_log(
     Ok(Json(serde_json::json!({ "item": q.item, "disk": q.disk, "batches": rows })))
 }
 
-/// Copies the replica's latest applied state to a new raw image file, holes kept as holes. Applying
-/// waits while the copy runs, so the image is the source at exactly one applied sequence number.
+fn code(c: u16) -> StatusCode {
+    StatusCode::from_u16(c).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
+}
+
+async fn points(State(s): State<Arc<Server>>, Query(q): Query<ItemQuery>) -> Result<Json<serde_json::Value>, ApiError> {
+    s.points_json(ItemId(q.item))
+        .map(Json)
+        .ok_or_else(|| api_err(StatusCode::NOT_FOUND, format!("item {} has no replica on this master target", q.item)))
+}
+
+async fn list_views(State(s): State<Arc<Server>>) -> Json<serde_json::Value> {
+    let views: Vec<_> = s.views.lock().expect("views lock poisoned").values().cloned().collect();
+    let mut v: Vec<_> = views.iter().map(|v| s.view_json(v)).collect();
+    v.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
+    Json(serde_json::json!({ "views": v }))
+}
+
+async fn create_view(
+    State(s): State<Arc<Server>>,
+    body: Result<Json<ViewRequest>, axum::extract::rejection::JsonRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let Json(req) = body.map_err(|e| api_err(StatusCode::BAD_REQUEST, e.body_text()))?;
+    let started = std::time::Instant::now();
+    let s2 = s.clone();
+    let v = tokio::task::spawn_blocking(move || s2.create_view(req.name, ItemId(req.item), req.point, req.writable))
+        .await
+        .map_err(|e| api_err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+        .map_err(|(c, m)| api_err(code(c), m))?;
+    let mut j = s.view_json(&v);
+    j["ready_ms"] = serde_json::json!(started.elapsed().as_secs_f64() * 1000.0);
+    Ok(Json(j))
+}
+
+async fn delete_view(
+    State(s): State<Arc<Server>>,
+    axum::extract::Path(name): axum::extract::Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let rec = s.delete_view(&name).map_err(|e| api_err(StatusCode::NOT_FOUND, e))?;
+    Ok(Json(serde_json::json!({ "deleted": rec.name })))
+}
+
+/// Copies one disk at a point (the latest applied state by default) to a new raw image file, holes
+/// kept as holes. The point is held by a view while the copy runs, so replication goes on.
 async fn export(
     State(s): State<Arc<Server>>,
     body: Result<Json<ExportRequest>, axum::extract::rejection::JsonRejection>,
@@ -62,38 +126,47 @@ async fn export(
         return Err(api_err(StatusCode::NOT_FOUND, format!("no replica for {key} on this master target")));
     };
     let path = req.path.clone();
+    let s2 = s.clone();
     let res = tokio::task::spawn_blocking(move || -> anyhow::Result<(u64, u64)> {
         use anyhow::Context;
+        use sr_common::nbd::Backend;
         use std::os::unix::fs::FileExt;
         let out = std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
             .open(&path)
             .with_context(|| format!("creating {} (it must not exist yet)", path.display()))?;
-        let _g = r.gate.read().expect("replica gate poisoned");
+        let seq = match &req.point {
+            None => r.applied(),
+            Some(spec) => {
+                let chosen = crate::points::resolve(&s2, key.item, spec).map_err(anyhow::Error::msg)?;
+                let c = chosen.iter().find(|c| c.disk == key.disk.0).context("disk not in the item")?;
+                sr_common::types::Seq(c.seq)
+            }
+        };
+        let view = r.open_view(seq, None)?;
         let size = r.disk.size();
         out.set_len(size)?;
         let mut buf = vec![0u8; 1 << 20];
         let mut pos = 0;
         let mut copied = 0;
-        while let Some(at) = r.disk.next_data(pos) {
-            let at = at / 4096 * 4096;
-            let n = (buf.len() as u64).min(size - at) as usize;
-            r.disk.read_at(at, &mut buf[..n])?;
+        while pos < size {
+            let n = (buf.len() as u64).min(size - pos) as usize;
+            view.read(pos, &mut buf[..n]).map_err(|e| anyhow::anyhow!("reading {key} at {pos}: {e}"))?;
             if !sr_common::compress::is_zero(&buf[..n]) {
-                out.write_all_at(&buf[..n], at)?;
+                out.write_all_at(&buf[..n], pos)?;
                 copied += n as u64;
             }
-            pos = at + n as u64;
+            pos += n as u64;
         }
         out.sync_all()?;
-        Ok((r.applied().0, copied))
+        Ok((seq.0, copied))
     })
     .await
     .map_err(|e| api_err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
     match res {
-        Ok((applied, copied)) => Ok(Json(serde_json::json!({
-            "path": req.path, "applied_seq": applied, "bytes_copied": copied,
+        Ok((seq, copied)) => Ok(Json(serde_json::json!({
+            "path": req.path, "applied_seq": seq, "seq": seq, "bytes_copied": copied,
         }))),
         Err(e) => Err(api_err(StatusCode::BAD_REQUEST, format!("{e:#}"))),
     }

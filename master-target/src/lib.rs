@@ -11,7 +11,10 @@ pub mod apply;
 pub mod config;
 pub mod export;
 pub mod metrics;
+pub mod points;
 pub mod replica;
+pub mod undo;
+pub mod view;
 
 use anyhow::Context;
 use config::MtConfig;
@@ -39,6 +42,10 @@ pub struct Server {
     /// Streams whose replica cannot be used, with the reason; sessions for them are refused.
     broken: Mutex<HashMap<StreamKey, String>>,
     exports: Arc<Exports>,
+    /// Open views of recovery points, by name.
+    views: Mutex<HashMap<String, Arc<points::OpenView>>>,
+    /// Retention per item from the configuration server's policies.
+    retention: RwLock<HashMap<sr_common::types::ItemId, u64>>,
 }
 
 /// NBD export name of a replica.
@@ -59,7 +66,11 @@ impl Server {
         let path = self.replica_path(key);
         let disk = DiskFile::open_or_create(&path, disk_size)
             .with_context(|| format!("opening replica {}", path.display()))?;
-        let r = Arc::new(Replica::new(key, disk, applied));
+        let p = &self.cfg.points;
+        let dir = self.cfg.data_dir.join("undo").join(export_name(key));
+        let undo = undo::Undo::open(&dir, p.segment_bytes, p.segment_secs, applied, &disk)
+            .with_context(|| format!("opening the undo journal of {key}"))?;
+        let r = Arc::new(Replica::new(key, disk, applied, undo));
         self.exports.insert(&export_name(key), Arc::new(ReplicaExport(r.clone())));
         Ok(r)
     }
@@ -82,6 +93,16 @@ impl Server {
         let r = self.add(key, disk_size, Seq::ZERO)?;
         g.insert(key, r.clone());
         Ok(r)
+    }
+
+    pub fn all_replicas(&self) -> Vec<Arc<Replica>> {
+        self.replicas.lock().expect("replicas lock poisoned").values().cloned().collect()
+    }
+
+    /// How long points of `item` are kept: its policy's retention, else the configured default.
+    pub fn retention_secs(&self, item: sr_common::types::ItemId) -> u64 {
+        let policy = self.retention.read().expect("retention lock poisoned").get(&item).copied();
+        policy.unwrap_or(self.cfg.points.retention_secs)
     }
 
     pub fn get(&self, key: StreamKey) -> Option<Arc<Replica>> {
@@ -123,6 +144,8 @@ pub async fn run(cfg: MtConfig, shutdown: CancellationToken) -> anyhow::Result<(
         conns: Mutex::new(Vec::new()),
         broken: Mutex::new(HashMap::new()),
         exports: Exports::new(),
+        views: Mutex::new(HashMap::new()),
+        retention: RwLock::new(HashMap::new()),
     });
     for (key, rec) in store.streams()? {
         let path = server.replica_path(key);
@@ -145,6 +168,20 @@ pub async fn run(cfg: MtConfig, shutdown: CancellationToken) -> anyhow::Result<(
             }
         }
     }
+    server.reopen_views();
+    let expiry = server.clone();
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        let every = std::time::Duration::from_secs(expiry.cfg.points.expiry_interval_secs);
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(every) => {}
+                _ = stop.cancelled() => return,
+            }
+            let s = expiry.clone();
+            let _ = tokio::task::spawn_blocking(move || s.expire_points()).await;
+        }
+    });
     if let Some(addr) = server.cfg.nbd_tcp {
         let l = std::net::TcpListener::bind(addr).with_context(|| format!("binding NBD on {addr}"))?;
         sr_common::nbd::serve_tcp(l, server.exports.clone());
@@ -191,13 +228,20 @@ async fn control_loop(server: Arc<Server>, client: sr_common::control::ControlCl
                 "address": srv.cfg.listen.to_string(),
                 "load": { "free_bytes": sr_common::control::free_bytes(&srv.cfg.data_dir) },
                 "applied": applied,
+                "http": srv.cfg.http.to_string(),
             }))
             .await?;
             cl.refresh_crl(&srv.identity, Some((&srv.listener, &srv.conns))).await?;
             let mut items = Vec::new();
+            let mut retention = HashMap::new();
             for a in cl.assignments().await? {
-                items.push(sr_common::control::assigned_key(&a)?);
+                let (item, key) = sr_common::control::assigned_key(&a)?;
+                if let Some(secs) = a["retention_secs"].as_u64().filter(|s| *s > 0) {
+                    retention.insert(item, secs);
+                }
+                items.push((item, key));
             }
+            *srv.retention.write().expect("retention lock poisoned") = retention;
             *srv.keys.write().expect("keys lock poisoned") = KeyRing::from_keys(items);
             Ok(())
         })

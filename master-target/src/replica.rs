@@ -1,9 +1,12 @@
-//! One replica disk: the latest applied state of a protected disk, and its applied position.
+//! One replica disk: the latest applied state of a protected disk, its applied position, its undo
+//! journal (the recovery points) and the views open on those points.
 //!
-//! Applying a batch takes the write side of `gate`; NBD reads and exports take the read side, so a
-//! reader never sees half of a batch: what it reads is the source at some applied sequence number.
+//! Applying a batch takes the write side of `gate`; NBD reads, views and exports take the read side,
+//! so a reader never sees half of a batch: what it reads is the source at some applied sequence number.
 
 use crate::metrics as m;
+use crate::undo::Undo;
+use crate::view::{Overlay, PointView, ViewMap};
 use sr_common::disk::DiskFile;
 use sr_common::nbd::{Backend, BackendError};
 use sr_common::state::StateStore;
@@ -11,7 +14,7 @@ use sr_common::types::{Seq, StreamKey};
 use sr_common::wire::{Batch, Op};
 use std::os::unix::fs::MetadataExt;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock, Weak};
 use tokio_util::sync::CancellationToken;
 
 pub struct Replica {
@@ -20,6 +23,9 @@ pub struct Replica {
     /// Excludes readers while a batch is being applied.
     pub gate: RwLock<()>,
     applied: AtomicU64,
+    pub undo: Mutex<Undo>,
+    /// Open views; each gets the records of every batch applied after it was opened.
+    views: Mutex<Vec<Weak<PointView>>>,
     /// Cancels the current process-server session when a newer one for this disk arrives.
     pub session: Mutex<Option<CancellationToken>>,
     applied_gauge: metrics::Gauge,
@@ -28,13 +34,15 @@ pub struct Replica {
 }
 
 impl Replica {
-    pub fn new(key: StreamKey, disk: DiskFile, applied: Seq) -> Replica {
+    pub fn new(key: StreamKey, disk: DiskFile, applied: Seq, undo: Undo) -> Replica {
         let (item, d) = (key.item.to_string(), key.disk.to_string());
         let r = Replica {
             key,
             disk,
             gate: RwLock::new(()),
             applied: AtomicU64::new(applied.0),
+            undo: Mutex::new(undo),
+            views: Mutex::new(Vec::new()),
             session: Mutex::new(None),
             applied_gauge: metrics::gauge!(m::APPLIED_SEQ, "item" => item.clone(), "disk" => d.clone()),
             allocated: metrics::gauge!(m::REPLICA_BYTES, "item" => item.clone(), "disk" => d.clone()),
@@ -42,6 +50,11 @@ impl Replica {
         };
         r.applied_gauge.set(applied.0 as f64);
         r
+    }
+
+    /// Bytes the replica file takes on disk.
+    pub fn allocated_bytes(&self) -> u64 {
+        self.disk.file().metadata().map(|m| m.blocks() * 512).unwrap_or(0)
     }
 
     pub fn applied(&self) -> Seq {
@@ -65,6 +78,10 @@ impl Replica {
                 batch.first,
                 batch.last
             );
+            let mut undo = self.undo.lock().expect("undo lock poisoned");
+            let pending = undo
+                .record_batch(batch, &self.disk)
+                .with_context(|| format!("{}: recording old contents before seq {}", self.key, batch.first))?;
             for c in &batch.changes {
                 match &c.op {
                     Op::Write { offset, data } => {
@@ -84,14 +101,53 @@ impl Replica {
             self.disk.sync().with_context(|| format!("{}: syncing the replica", self.key))?;
             store.record_apply(self.key, batch.first, batch.last)?;
             self.applied.store(batch.last.0, Ordering::Release);
+            let recs = undo.commit(pending);
+            let mut views = self.views.lock().expect("views lock poisoned");
+            views.retain(|v| v.strong_count() > 0);
+            for v in views.iter().filter_map(Weak::upgrade) {
+                let mut map = v.map.lock().expect("view map poisoned");
+                recs.iter().for_each(|r| map.add(r));
+            }
         }
         self.applied_gauge.set(batch.last.0 as f64);
-        if let Ok(meta) = self.disk.file().metadata() {
-            self.allocated.set((meta.blocks() * 512) as f64);
-        }
+        self.allocated.set(self.allocated_bytes() as f64);
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
         self.last_apply.set(now.as_secs_f64());
         Ok(bytes)
+    }
+}
+
+impl Replica {
+    /// Opens a view of the state at `point`, writable through `overlay` when given.
+    pub fn open_view(self: &Arc<Self>, point: Seq, overlay: Option<Overlay>) -> anyhow::Result<Arc<PointView>> {
+        let _r = self.gate.read().expect("replica gate poisoned");
+        let undo = self.undo.lock().expect("undo lock poisoned");
+        let applied = self.applied();
+        let Some(oldest) = undo.oldest() else {
+            anyhow::bail!("{}: no recovery points yet: the initial copy has not finished", self.key);
+        };
+        anyhow::ensure!(
+            point >= oldest && point <= applied,
+            "{}: point {point} is outside the retained range {oldest}..={applied}",
+            self.key
+        );
+        let mut map = ViewMap::default();
+        undo.after(point).for_each(|r| map.add(r));
+        let view = Arc::new(PointView { replica: self.clone(), point, map: Mutex::new(map), overlay });
+        self.views.lock().expect("views lock poisoned").push(Arc::downgrade(&view));
+        Ok(view)
+    }
+
+    /// The oldest point an open view needs, if any view is open.
+    pub fn pinned(&self) -> Option<Seq> {
+        let views = self.views.lock().expect("views lock poisoned");
+        views.iter().filter_map(Weak::upgrade).map(|v| v.point).min()
+    }
+
+    /// Drops undo segments no longer needed by points at or after `keep` (nor by open views).
+    pub fn expire(&self, keep: Seq) -> anyhow::Result<u64> {
+        let keep = self.pinned().map_or(keep, |p| p.min(keep));
+        Ok(self.undo.lock().expect("undo lock poisoned").expire_through(keep)?)
     }
 }
 
@@ -117,5 +173,234 @@ impl Backend for ReplicaExport {
     }
     fn flush(&self) -> Result<(), BackendError> {
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+    use sr_common::nbd::Backend;
+    use sr_common::state::MemStore;
+    use sr_common::types::{DiskId, ItemId};
+    use sr_common::wire::{Change, MarkerKind};
+    use std::io::Write;
+
+    const SIZE: u64 = 1 << 20;
+    const KEY: StreamKey = StreamKey { item: ItemId(1), disk: DiskId(1) };
+
+    struct Rig {
+        dir: tempfile::TempDir,
+        store: MemStore,
+        replica: Arc<Replica>,
+        /// The source's contents after each applied sequence number.
+        states: Vec<(Seq, Vec<u8>)>,
+        source: Vec<u8>,
+        next: u64,
+    }
+
+    fn open(dir: &std::path::Path, applied: Seq, segment_bytes: u64) -> Arc<Replica> {
+        let disk = DiskFile::open_or_create(&dir.join("replica.img"), SIZE).unwrap();
+        let undo = Undo::open(&dir.join("undo"), segment_bytes, 3600, applied, &disk).unwrap();
+        Arc::new(Replica::new(KEY, disk, applied, undo))
+    }
+
+    impl Rig {
+        fn new(segment_bytes: u64) -> Rig {
+            let dir = tempfile::tempdir().unwrap();
+            let replica = open(dir.path(), Seq::ZERO, segment_bytes);
+            let store = MemStore::default();
+            store.put_stream(KEY, sr_common::state::StreamRecord { disk_size: SIZE, applied: Seq::ZERO }).unwrap();
+            Rig { dir, store, replica, states: Vec::new(), source: vec![0; SIZE as usize], next: 1 }
+        }
+
+        /// Builds a batch of `ops`, applies it to the source model and the replica.
+        fn batch(&mut self, ops: Vec<Op>) -> Batch {
+            let first = Seq(self.next);
+            let mut changes = Vec::new();
+            for op in ops {
+                match &op {
+                    Op::Write { offset, data } => {
+                        self.source[*offset as usize..*offset as usize + data.len()].copy_from_slice(data)
+                    }
+                    Op::Zero { offset, len } => self.source[*offset as usize..(*offset + *len) as usize].fill(0),
+                    Op::Marker { .. } => {}
+                }
+                changes.push(Change { seq: Seq(self.next), at: self.next * 1000, op });
+                self.states.push((Seq(self.next), self.source.clone()));
+                self.next += 1;
+            }
+            Batch { item: KEY.item, disk: KEY.disk, disk_size: SIZE, first, last: Seq(self.next - 1), changes }
+        }
+
+        fn apply(&mut self, ops: Vec<Op>) {
+            let b = self.batch(ops);
+            self.replica.apply(&b, &self.store).unwrap();
+        }
+
+        fn read_point(&self, seq: Seq) -> Vec<u8> {
+            let v = self.replica.open_view(seq, None).unwrap();
+            let mut buf = vec![0u8; SIZE as usize];
+            // Odd-sized reads so pieces are split at every kind of boundary.
+            let mut pos = 0;
+            while pos < SIZE {
+                let n = 7919.min(SIZE - pos) as usize;
+                v.read(pos, &mut buf[pos as usize..pos as usize + n]).unwrap();
+                pos += n as u64;
+            }
+            buf
+        }
+
+        fn state_at(&self, seq: Seq) -> &Vec<u8> {
+            &self.states.iter().rfind(|(s, _)| *s <= seq).unwrap().1
+        }
+    }
+
+    fn random_ops(rng: &mut rand::rngs::StdRng, n: usize) -> Vec<Op> {
+        (0..n)
+            .map(|_| {
+                let offset = rng.gen_range(0..SIZE - 70_000);
+                match rng.gen_range(0..10) {
+                    0 => Op::Zero { offset, len: rng.gen_range(1..70_000) },
+                    1 => Op::Marker { kind: MarkerKind::Flush },
+                    _ => {
+                        let len = rng.gen_range(1..20_000);
+                        let b: u8 = rng.gen();
+                        Op::Write { offset, data: (0..len).map(|i| b.wrapping_add(i as u8) | 1).collect() }
+                    }
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn every_point_reads_as_the_source_did_then() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let mut rig = Rig::new(64 << 20);
+        // Changes before the initial copy finished keep no points.
+        rig.apply(random_ops(&mut rng, 5));
+        assert!(rig.replica.open_view(Seq(3), None).is_err());
+        let mut ops = random_ops(&mut rng, 3);
+        ops.push(Op::Marker { kind: MarkerKind::InitialCopyDone });
+        ops.extend(random_ops(&mut rng, 3));
+        rig.apply(ops);
+        let oldest = rig.replica.undo.lock().unwrap().oldest().unwrap();
+        assert_eq!(oldest, Seq(8));
+        // A view opened now must stay at its point while later batches land.
+        let early = rig.replica.open_view(Seq(10), None).unwrap();
+        for _ in 0..20 {
+            let n = rng.gen_range(1..12);
+            rig.apply(random_ops(&mut rng, n));
+        }
+        let applied = rig.replica.applied();
+        for seq in (oldest.0..=applied.0).step_by(3).chain([applied.0]) {
+            assert!(rig.read_point(Seq(seq)) == *rig.state_at(Seq(seq)), "point {seq} differs from the source");
+        }
+        let mut buf = vec![0u8; SIZE as usize];
+        early.read(0, &mut buf).unwrap();
+        assert!(buf == *rig.state_at(Seq(10)), "an open view moved with replication");
+        // The latest point is the replica itself.
+        let mut base = vec![0u8; SIZE as usize];
+        rig.replica.disk.read_at(0, &mut base).unwrap();
+        assert!(base == rig.source);
+        // Reopened after a restart, the same points are there.
+        drop(early);
+        let reopened = open(rig.dir.path(), applied, 64 << 20);
+        rig.replica = reopened;
+        for seq in [oldest.0, oldest.0 + 5, applied.0 - 2] {
+            assert!(rig.read_point(Seq(seq)) == *rig.state_at(Seq(seq)), "point {seq} after reopening");
+        }
+    }
+
+    #[test]
+    fn a_batch_cut_short_is_rolled_back_on_open() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+        let mut rig = Rig::new(64 << 20);
+        rig.apply(vec![Op::Marker { kind: MarkerKind::InitialCopyDone }]);
+        for _ in 0..5 {
+            rig.apply(random_ops(&mut rng, 6));
+        }
+        let applied = rig.replica.applied();
+        let committed = rig.source.clone();
+        // The next batch: undo written, half of it applied, then a crash before the commit.
+        let b = rig.batch(random_ops(&mut rng, 8));
+        let pending = rig.replica.undo.lock().unwrap().record_batch(&b, &rig.replica.disk).unwrap();
+        assert!(!pending.is_empty());
+        for c in &b.changes[..4] {
+            if let Op::Write { offset, data } = &c.op {
+                rig.replica.disk.write_at(*offset, data).unwrap();
+            }
+        }
+        // A torn record at the end, as a crash mid-append leaves.
+        let seg = std::fs::read_dir(rig.dir.path().join("undo")).unwrap().last().unwrap().unwrap().path();
+        std::fs::OpenOptions::new().append(true).open(&seg).unwrap().write_all(b"SRU1 torn").unwrap();
+        let replica = open(rig.dir.path(), applied, 64 << 20);
+        let mut base = vec![0u8; SIZE as usize];
+        replica.disk.read_at(0, &mut base).unwrap();
+        assert!(base == committed, "the replica was not rolled back to the committed state");
+        rig.replica = replica;
+        rig.states.truncate(applied.0 as usize);
+        rig.source = committed;
+        rig.next = applied.0 + 1;
+        // The same batch applies again and every point is still right.
+        rig.apply(b.changes.iter().map(|c| c.op.clone()).collect());
+        for seq in 1..=rig.replica.applied().0 {
+            assert!(rig.read_point(Seq(seq)) == *rig.state_at(Seq(seq)), "point {seq}");
+        }
+    }
+
+    #[test]
+    fn expiry_drops_old_segments_and_keeps_newer_points_exact() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        let mut rig = Rig::new(64 << 10);
+        rig.apply(vec![Op::Marker { kind: MarkerKind::InitialCopyDone }]);
+        for _ in 0..30 {
+            rig.apply(random_ops(&mut rng, 4));
+        }
+        let before = rig.replica.undo.lock().unwrap().bytes();
+        let pinned = rig.replica.open_view(Seq(40), None).unwrap();
+        let keep = Seq(100);
+        let freed = rig.replica.expire(keep).unwrap();
+        assert!(freed > 0 && rig.replica.undo.lock().unwrap().bytes() < before);
+        // The open view at 40 held its records.
+        let oldest = rig.replica.undo.lock().unwrap().oldest().unwrap();
+        assert!(oldest <= Seq(40));
+        drop(pinned);
+        rig.replica.expire(keep).unwrap();
+        let oldest = rig.replica.undo.lock().unwrap().oldest().unwrap();
+        assert!(oldest > Seq(40) && oldest <= keep, "oldest {oldest}");
+        assert!(rig.replica.open_view(Seq(oldest.0 - 1), None).is_err());
+        for seq in oldest.0..=rig.replica.applied().0 {
+            assert!(rig.read_point(Seq(seq)) == *rig.state_at(Seq(seq)), "point {seq}");
+        }
+    }
+
+    #[test]
+    fn writable_view_keeps_writes_in_its_overlay() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+        let mut rig = Rig::new(64 << 20);
+        rig.apply(vec![Op::Marker { kind: MarkerKind::InitialCopyDone }]);
+        rig.apply(random_ops(&mut rng, 10));
+        let point = rig.replica.applied();
+        let ov = crate::view::Overlay::open(rig.dir.path().join("v.overlay"), SIZE).unwrap();
+        let v = rig.replica.open_view(point, Some(ov)).unwrap();
+        let mut expect = rig.source.clone();
+        v.write(1000, &[0xab; 5000], false).unwrap();
+        expect[1000..6000].fill(0xab);
+        v.zero(9000, 3, true).unwrap();
+        expect[9000..9003].fill(0);
+        rig.apply(random_ops(&mut rng, 10));
+        let mut buf = vec![0u8; SIZE as usize];
+        v.read(0, &mut buf).unwrap();
+        assert!(buf == expect, "the writable view lost its writes or moved with replication");
+        let mut base = vec![0u8; SIZE as usize];
+        rig.replica.disk.read_at(0, &mut base).unwrap();
+        assert!(base == rig.source, "a write to the view reached the replica");
+        // Its writes survive a reopen of the overlay.
+        drop(v);
+        let ov = crate::view::Overlay::open(rig.dir.path().join("v.overlay"), SIZE).unwrap();
+        let v = rig.replica.open_view(point, Some(ov)).unwrap();
+        v.read(0, &mut buf).unwrap();
+        assert!(buf == expect);
     }
 }

@@ -5,8 +5,9 @@
 //! journal/
 //!   00000000000000000001.seg   records seq 1..=k       (closed, fsynced at rotation)
 //!   0000000000000000000k+1.seg records seq k+1..       (active, appended)
-//! record = header (40 bytes, little endian) + payload
-//!   magic "SRJ1" | crc32c(header[8..] + payload) | seq | offset | arg | kind | pad | payload length
+//! record = header (48 bytes, little endian) + payload
+//!   magic "SRJ2" | crc32c(header[8..] + payload) | seq | offset | arg | kind | pad | payload length
+//!   | capture time (µs since the Unix epoch)
 //! ```
 //!
 //! A segment's name is the sequence number of its first record, so the next sequence number survives
@@ -21,8 +22,8 @@ use std::io::{BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-const MAGIC: u32 = u32::from_le_bytes(*b"SRJ1");
-const HEADER: usize = 40;
+const MAGIC: u32 = u32::from_le_bytes(*b"SRJ2");
+const HEADER: usize = 48;
 /// A segment is closed and a new one started past this size.
 pub const SEGMENT_BYTES: u64 = 32 << 20;
 const MAX_PAYLOAD: u32 = sr_common::wire::MAX_WRITE as u32;
@@ -32,6 +33,7 @@ const KIND_ZERO: u8 = 2;
 const KIND_FLUSH: u8 = 3;
 const KIND_APP: u8 = 4;
 const KIND_COPY_DONE: u8 = 5;
+const KIND_BOOKMARK: u8 = 6;
 
 #[derive(Debug, thiserror::Error)]
 pub enum JournalError {
@@ -48,6 +50,8 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> JournalError + '_ {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Record {
     pub seq: Seq,
+    /// When the change was captured, in µs since the Unix epoch (the source's clock).
+    pub at: u64,
     pub op: Op,
 }
 
@@ -57,20 +61,27 @@ impl Record {
         HEADER as u64
             + match &self.op {
                 Op::Write { data, .. } => data.len() as u64,
-                Op::Marker { kind: MarkerKind::AppConsistent { tag } } => tag.len() as u64,
+                Op::Marker { kind: MarkerKind::AppConsistent { tag } | MarkerKind::Bookmark { tag } } => {
+                    tag.len() as u64
+                }
                 _ => 0,
             }
     }
 }
 
-fn encode(seq: Seq, op: &Op) -> Vec<u8> {
-    match op {
-        Op::Write { offset, data } => encode_parts(seq, KIND_WRITE, *offset, data.len() as u64, data),
-        Op::Zero { offset, len } => encode_parts(seq, KIND_ZERO, *offset, *len, &[]),
-        Op::Marker { kind: MarkerKind::Flush } => encode_parts(seq, KIND_FLUSH, 0, 0, &[]),
-        Op::Marker { kind: MarkerKind::AppConsistent { tag } } => encode_parts(seq, KIND_APP, 0, 0, tag.as_bytes()),
-        Op::Marker { kind: MarkerKind::InitialCopyDone } => encode_parts(seq, KIND_COPY_DONE, 0, 0, &[]),
-    }
+fn encode(seq: Seq, at: u64, op: &Op) -> Vec<u8> {
+    let (kind, offset, arg, payload): (u8, u64, u64, &[u8]) = match op {
+        Op::Write { offset, data } => (KIND_WRITE, *offset, data.len() as u64, data),
+        Op::Zero { offset, len } => (KIND_ZERO, *offset, *len, &[]),
+        Op::Marker { kind: MarkerKind::Flush } => (KIND_FLUSH, 0, 0, &[]),
+        Op::Marker { kind: MarkerKind::AppConsistent { tag } } => (KIND_APP, 0, 0, tag.as_bytes()),
+        Op::Marker { kind: MarkerKind::Bookmark { tag } } => (KIND_BOOKMARK, 0, 0, tag.as_bytes()),
+        Op::Marker { kind: MarkerKind::InitialCopyDone } => (KIND_COPY_DONE, 0, 0, &[]),
+    };
+    let mut out = Vec::with_capacity(HEADER + payload.len());
+    out.extend_from_slice(&encode_header(seq, at, kind, offset, arg, payload));
+    out.extend_from_slice(payload);
+    out
 }
 
 /// Writes `head` then `tail` with as few `writev` calls as the kernel allows.
@@ -88,8 +99,8 @@ fn write_all_vectored(f: &File, mut head: &[u8], mut tail: &[u8]) -> std::io::Re
     Ok(())
 }
 
-/// The 40-byte header of a record whose payload is `payload` (checksummed, not copied).
-fn encode_header(seq: Seq, kind: u8, offset: u64, arg: u64, payload: &[u8]) -> [u8; HEADER] {
+/// The header of a record whose payload is `payload` (checksummed, not copied).
+fn encode_header(seq: Seq, at: u64, kind: u8, offset: u64, arg: u64, payload: &[u8]) -> [u8; HEADER] {
     let mut h = [0u8; HEADER];
     h[0..4].copy_from_slice(&MAGIC.to_le_bytes());
     h[8..16].copy_from_slice(&seq.0.to_le_bytes());
@@ -97,16 +108,10 @@ fn encode_header(seq: Seq, kind: u8, offset: u64, arg: u64, payload: &[u8]) -> [
     h[24..32].copy_from_slice(&arg.to_le_bytes());
     h[32] = kind;
     h[36..40].copy_from_slice(&(payload.len() as u32).to_le_bytes());
+    h[40..48].copy_from_slice(&at.to_le_bytes());
     let crc = crc32c::crc32c_append(crc32c::crc32c(&h[8..]), payload);
     h[4..8].copy_from_slice(&crc.to_le_bytes());
     h
-}
-
-fn encode_parts(seq: Seq, kind: u8, offset: u64, arg: u64, payload: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(HEADER + payload.len());
-    out.extend_from_slice(&encode_header(seq, kind, offset, arg, payload));
-    out.extend_from_slice(payload);
-    out
 }
 
 /// Outcome of reading a segment from some byte offset.
@@ -164,11 +169,14 @@ pub fn scan(
             KIND_APP => {
                 Op::Marker { kind: MarkerKind::AppConsistent { tag: String::from_utf8_lossy(&payload).into_owned() } }
             }
+            KIND_BOOKMARK => {
+                Op::Marker { kind: MarkerKind::Bookmark { tag: String::from_utf8_lossy(&payload).into_owned() } }
+            }
             KIND_COPY_DONE => Op::Marker { kind: MarkerKind::InitialCopyDone },
             _ => return Ok(ScanEnd { good_end: pos, error: Some(format!("unknown record kind {kind}")) }),
         };
         pos += HEADER as u64 + plen as u64;
-        if !f(Record { seq, op }, pos) {
+        if !f(Record { seq, at: word(40), op }, pos) {
             return Ok(ScanEnd { good_end: pos, error: None });
         }
     }
@@ -267,14 +275,15 @@ impl Journal {
     /// Appends one change and returns its sequence number. The bytes are in the kernel when this returns;
     /// they are durable after the next [`Journal::sync_handle`] fsync.
     pub fn append(&mut self, op: &Op) -> Result<Seq, JournalError> {
-        let rec = encode(self.next, op);
+        let rec = encode(self.next, sr_common::types::now_micros(), op);
         self.append_encoded(rec)
     }
 
     /// [`Journal::append`] of a write: the header and the caller's data go out in one `writev`,
     /// without copying the data.
     pub fn append_write(&mut self, offset: u64, data: &[u8]) -> Result<Seq, JournalError> {
-        let header = encode_header(self.next, KIND_WRITE, offset, data.len() as u64, data);
+        let header =
+            encode_header(self.next, sr_common::types::now_micros(), KIND_WRITE, offset, data.len() as u64, data);
         self.append_parts(&header, data)
     }
 

@@ -182,7 +182,7 @@ async fn session(
         }
         let first = records[0].seq;
         let last = records[records.len() - 1].seq;
-        let changes: Vec<Change> = records.into_iter().map(|r| Change { seq: r.seq, op: r.op }).collect();
+        let changes: Vec<Change> = records.into_iter().map(|r| Change { seq: r.seq, at: r.at, op: r.op }).collect();
         let batch = Batch { item: route.item, disk: disk.id, disk_size: disk.size(), first, last, changes };
         let bytes = batch.payload_bytes();
         let frame_len = wire::write_msg(&mut send, &Message::Batch(batch)).await.context("sending a batch")? as u64;

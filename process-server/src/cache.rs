@@ -157,7 +157,7 @@ mod tests {
             first: Seq(first),
             last: Seq(last),
             changes: (first..=last)
-                .map(|s| Change { seq: Seq(s), op: Op::Write { offset: s * 512, data: vec![s as u8; 512] } })
+                .map(|s| Change { seq: Seq(s), at: s, op: Op::Write { offset: s * 512, data: vec![s as u8; 512] } })
                 .collect(),
         }
     }

@@ -21,7 +21,7 @@ fn batch(first: u64, last: u64) -> Batch {
         first: Seq(first),
         last: Seq(last),
         changes: (first..=last)
-            .map(|s| Change { seq: Seq(s), op: Op::Write { offset: s * 65536, data: vec![s as u8; 4096] } })
+            .map(|s| Change { seq: Seq(s), at: s, op: Op::Write { offset: s * 65536, data: vec![s as u8; 4096] } })
             .collect(),
     }
 }

@@ -19,6 +19,9 @@ impl Exports {
     pub fn insert(&self, name: &str, backend: Arc<dyn Backend>) {
         self.map.write().expect("exports lock poisoned").insert(name.to_string(), backend);
     }
+    pub fn remove(&self, name: &str) {
+        self.map.write().expect("exports lock poisoned").remove(name);
+    }
     fn get(&self, name: &str) -> Option<Arc<dyn Backend>> {
         self.map.read().expect("exports lock poisoned").get(name).cloned()
     }

@@ -1,0 +1,343 @@
+//! Recovery points of the replicas on this master target: listing, choosing one point for all disks
+//! of an item, views (read-only or writable disks at a point, served over NBD), image export at a
+//! point, and expiry.
+//!
+//! ```text
+//! GET    /v1/points?item=I                   retained range, named points, undo bytes per disk
+//! POST   /v1/views {name,item,point,writable} every disk of the item at one point, as NBD exports
+//! GET    /v1/views                            open views
+//! DELETE /v1/views/{name}                     close a view and discard its overlay
+//! POST   /v1/export {item,disk,path,point?}   a sparse raw image of one disk at a point
+//! ```
+//!
+//! A view is recorded in `data_dir/views/NAME.json` (its overlay files beside it) and reopened after a
+//! restart; while it is open, expiry keeps every point it needs.
+
+use crate::replica::Replica;
+use crate::undo::{fmt_time, PointKind};
+use crate::view::{Overlay, PointView};
+use crate::Server;
+use serde::{Deserialize, Serialize};
+use sr_common::types::{DiskId, ItemId, Seq, StreamKey};
+use std::sync::Arc;
+
+/// Which point of an item to use.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub enum PointSpec {
+    /// The newest point every disk of the item has reached.
+    Latest,
+    /// The newest app-consistent point present on every disk.
+    LatestAppConsistent,
+    /// The newest named point (app- or crash-consistent bookmark) present on every disk.
+    LatestBookmark,
+    /// The state at this instant (µs since the Unix epoch): the last change captured at or before it.
+    TimeUs(u64),
+    /// The state at this instant (RFC 3339).
+    Time(String),
+    /// A sequence number; only for an item with a single disk.
+    Seq(u64),
+    /// A named point (its tag).
+    Tag(String),
+}
+
+/// The point chosen for each disk of an item.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Chosen {
+    pub disk: u64,
+    pub seq: u64,
+    /// Capture time of the last change at the point (µs), if known.
+    pub at_us: Option<u64>,
+}
+
+fn replicas_of(server: &Server, item: ItemId) -> Vec<Arc<Replica>> {
+    let mut v: Vec<_> = server.all_replicas().into_iter().filter(|r| r.key.item == item).collect();
+    v.sort_by_key(|r| r.key.disk);
+    v
+}
+
+/// Resolves `spec` to one point per disk of `item`, consistent across the disks.
+pub fn resolve(server: &Server, item: ItemId, spec: &PointSpec) -> Result<Vec<Chosen>, String> {
+    let disks = replicas_of(server, item);
+    if disks.is_empty() {
+        return Err(format!("item {item} has no replica on master target {}", server.cfg.node));
+    }
+    let time_us = match spec {
+        PointSpec::TimeUs(t) => Some(*t),
+        PointSpec::Time(s) => {
+            let t = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
+                .map_err(|e| format!("time {s:?} is not RFC 3339 (like 2026-11-28T10:00:00Z): {e}"))?;
+            Some((t.unix_timestamp_nanos() / 1000).max(0) as u64)
+        }
+        PointSpec::Latest if disks.len() > 1 => {
+            // Every disk carries the machine's bookmarks, so each has a change at least that recent.
+            let newest = disks.iter().map(|r| r.undo.lock().expect("undo lock poisoned").time_range().map(|t| t.1));
+            let t = newest.collect::<Option<Vec<u64>>>().ok_or("a disk of the item has no recovery point yet")?;
+            Some(t.into_iter().min().unwrap_or(0))
+        }
+        _ => None,
+    };
+    let mut out = Vec::new();
+    for r in &disks {
+        let undo = r.undo.lock().expect("undo lock poisoned");
+        let applied = r.applied();
+        let named = |want: &dyn Fn(&crate::undo::Mark) -> bool| {
+            undo.marks().filter(|m| want(m)).last().map(|m| (m.seq, m.tag.clone()))
+        };
+        let seq = match (spec, time_us) {
+            (_, Some(t)) => undo.point_at(t, applied).map_err(|e| format!("disk {}: {e}", r.key.disk))?,
+            (PointSpec::Latest, None) => {
+                undo.oldest().ok_or_else(|| format!("disk {}: no recovery points yet", r.key.disk))?;
+                applied
+            }
+            (PointSpec::Seq(s), None) => {
+                if disks.len() > 1 {
+                    return Err(
+                        "a sequence number names a point of one disk; this item has several: use a time or a tag"
+                            .into(),
+                    );
+                }
+                Seq(*s)
+            }
+            (PointSpec::Tag(tag), None) => {
+                named(&|m| &m.tag == tag).ok_or_else(|| format!("disk {}: no point named {tag:?}", r.key.disk))?.0
+            }
+            (PointSpec::LatestAppConsistent | PointSpec::LatestBookmark, None) => {
+                let app = *spec == PointSpec::LatestAppConsistent;
+                // The newest tag present on every disk.
+                let mine: Vec<String> = undo
+                    .marks()
+                    .filter(|m| m.kind != PointKind::InitialCopyDone && (!app || m.kind == PointKind::AppConsistent))
+                    .map(|m| m.tag.clone())
+                    .collect();
+                drop(undo);
+                let tag = mine
+                    .iter()
+                    .rev()
+                    .find(|t| {
+                        disks.iter().all(|d| d.undo.lock().expect("undo lock poisoned").marks().any(|m| &m.tag == *t))
+                    })
+                    .ok_or_else(|| {
+                        format!(
+                            "no {} point common to every disk of item {item}",
+                            if app { "app-consistent" } else { "named" }
+                        )
+                    })?;
+                return resolve(server, item, &PointSpec::Tag(tag.clone()));
+            }
+            (PointSpec::TimeUs(_) | PointSpec::Time(_), None) => unreachable!("times resolved above"),
+        };
+        let at_us = undo.time_of(seq);
+        out.push(Chosen { disk: r.key.disk.0, seq: seq.0, at_us });
+    }
+    Ok(out)
+}
+
+/// A view as recorded on disk.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ViewRecord {
+    pub name: String,
+    pub item: u64,
+    pub writable: bool,
+    pub spec: PointSpec,
+    pub disks: Vec<Chosen>,
+    pub created_us: u64,
+}
+
+/// An open view: its record and one NBD export per disk.
+pub struct OpenView {
+    pub record: ViewRecord,
+    pub disks: Vec<(String, Arc<PointView>)>,
+}
+
+pub fn view_export_name(view: &str, disk: u64) -> String {
+    format!("{view}-disk-{disk}")
+}
+
+pub fn valid_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-')
+        && !name.starts_with("item-");
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("view name {name:?}: 1 to 64 characters of a-z, 0-9 and '-', not starting with '-' or 'item-'"))
+    }
+}
+
+impl Server {
+    fn views_dir(&self) -> std::path::PathBuf {
+        self.cfg.data_dir.join("views")
+    }
+
+    /// Opens the disks of `rec` at their points and exports them over NBD.
+    fn open_recorded(&self, rec: ViewRecord) -> anyhow::Result<Arc<OpenView>> {
+        let mut disks = Vec::new();
+        for c in &rec.disks {
+            let key = StreamKey { item: ItemId(rec.item), disk: DiskId(c.disk) };
+            let r = self.get(key).ok_or_else(|| anyhow::anyhow!("{key}: no replica"))?;
+            let overlay = if rec.writable {
+                let path = self.views_dir().join(format!("{}.overlay", view_export_name(&rec.name, c.disk)));
+                Some(Overlay::open(path, r.disk.size())?)
+            } else {
+                None
+            };
+            disks.push((view_export_name(&rec.name, c.disk), r.open_view(Seq(c.seq), overlay)?));
+        }
+        for (name, v) in &disks {
+            self.exports.insert(name, v.clone());
+        }
+        Ok(Arc::new(OpenView { record: rec, disks }))
+    }
+
+    /// Creates a view of every disk of `item` at one point.
+    pub fn create_view(
+        &self,
+        name: String,
+        item: ItemId,
+        spec: PointSpec,
+        writable: bool,
+    ) -> Result<Arc<OpenView>, (u16, String)> {
+        valid_name(&name).map_err(|e| (400, e))?;
+        let mut views = self.views.lock().expect("views lock poisoned");
+        if views.contains_key(&name) {
+            return Err((409, format!("a view named {name} is already open; delete it first")));
+        }
+        let disks = resolve(self, item, &spec).map_err(|e| (409, e))?;
+        let rec = ViewRecord {
+            name: name.clone(),
+            item: item.0,
+            writable,
+            spec,
+            disks,
+            created_us: sr_common::types::now_micros(),
+        };
+        let dir = self.views_dir();
+        let save = std::fs::create_dir_all(&dir).and_then(|_| {
+            let json = serde_json::to_vec_pretty(&rec).expect("view record serializes");
+            sr_common::crashsafe::write_file(&dir.join(format!("{name}.json")), &json)
+        });
+        save.map_err(|e| (500, format!("recording view {name} in {}: {e}", dir.display())))?;
+        match self.open_recorded(rec) {
+            Ok(v) => {
+                views.insert(name, v.clone());
+                Ok(v)
+            }
+            Err(e) => {
+                let _ = std::fs::remove_file(dir.join(format!("{name}.json")));
+                Err((409, format!("{e:#}")))
+            }
+        }
+    }
+
+    /// Closes a view: its exports go away and its overlay is discarded.
+    pub fn delete_view(&self, name: &str) -> Result<ViewRecord, String> {
+        let v = self.views.lock().expect("views lock poisoned").remove(name).ok_or(format!("no view named {name}"))?;
+        for (export, pv) in &v.disks {
+            self.exports.remove(export);
+            if let Some(ov) = &pv.overlay {
+                ov.remove();
+            }
+        }
+        let _ = std::fs::remove_file(self.views_dir().join(format!("{name}.json")));
+        Ok(v.record.clone())
+    }
+
+    /// Reopens the views recorded before a restart.
+    pub fn reopen_views(&self) {
+        let Ok(entries) = std::fs::read_dir(self.views_dir()) else { return };
+        for e in entries.flatten() {
+            let path = e.path();
+            if path.extension().and_then(|x| x.to_str()) != Some("json") {
+                continue;
+            }
+            let rec = std::fs::read(&path)
+                .map_err(anyhow::Error::from)
+                .and_then(|b| serde_json::from_slice::<ViewRecord>(&b).map_err(anyhow::Error::from));
+            match rec.and_then(|rec| self.open_recorded(rec)) {
+                Ok(v) => {
+                    tracing::info!(view = v.record.name, "view reopened");
+                    self.views.lock().expect("views lock poisoned").insert(v.record.name.clone(), v);
+                }
+                Err(e) => {
+                    tracing::error!(path = %path.display(), error = format!("{e:#}"), "view could not be reopened")
+                }
+            }
+        }
+    }
+
+    pub fn view_json(&self, v: &OpenView) -> serde_json::Value {
+        let nbd = self.cfg.nbd_tcp.map(|a| a.to_string());
+        let disks: Vec<_> = v
+            .record
+            .disks
+            .iter()
+            .zip(&v.disks)
+            .map(|(c, (export, pv))| {
+                serde_json::json!({
+                    "disk": c.disk, "seq": c.seq, "time": c.at_us.map(fmt_time), "at_us": c.at_us,
+                    "export": export, "size": pv.replica.disk.size(),
+                    "uri": nbd.as_ref().map(|a| format!("nbd://{a}/{export}")),
+                })
+            })
+            .collect();
+        serde_json::json!({
+            "name": v.record.name, "item": v.record.item, "writable": v.record.writable,
+            "point": v.record.spec, "created": fmt_time(v.record.created_us), "disks": disks,
+        })
+    }
+
+    /// Recovery points of an item's disks.
+    pub fn points_json(&self, item: ItemId) -> Option<serde_json::Value> {
+        let disks = replicas_of(self, item);
+        if disks.is_empty() {
+            return None;
+        }
+        let rows: Vec<_> = disks
+            .iter()
+            .map(|r| {
+                let undo = r.undo.lock().expect("undo lock poisoned");
+                let range = undo.time_range();
+                let marks: Vec<_> = undo
+                    .marks()
+                    .map(|m| serde_json::json!({"seq": m.seq.0, "time": fmt_time(m.at_us), "at_us": m.at_us, "kind": m.kind, "tag": m.tag}))
+                    .collect();
+                serde_json::json!({
+                    "disk": r.key.disk.0,
+                    "oldest_seq": undo.oldest().map(|s| s.0),
+                    "latest_seq": r.applied().0,
+                    "oldest_time": range.map(|t| fmt_time(t.0)),
+                    "latest_time": range.map(|t| fmt_time(t.1)),
+                    "oldest_us": range.map(|t| t.0),
+                    "latest_us": range.map(|t| t.1),
+                    "named": marks,
+                    "undo_bytes": undo.bytes(),
+                    "replica_bytes": r.allocated_bytes(),
+                })
+            })
+            .collect();
+        Some(serde_json::json!({ "item": item.0, "disks": rows }))
+    }
+
+    /// Expires points older than each item's retention window.
+    pub fn expire_points(&self) {
+        let now = sr_common::types::now_micros();
+        for r in self.all_replicas() {
+            let retention = self.retention_secs(r.key.item);
+            let cutoff = now.saturating_sub(retention * 1_000_000);
+            let keep = {
+                let undo = r.undo.lock().expect("undo lock poisoned");
+                // Points at or after the one in force at the cutoff stay.
+                undo.point_at(cutoff, r.applied()).ok()
+            };
+            let Some(keep) = keep else { continue };
+            match r.expire(keep) {
+                Ok(0) => {}
+                Ok(freed) => tracing::info!(key = %r.key, freed, keep = keep.0, "expired old recovery points"),
+                Err(e) => tracing::error!(key = %r.key, error = format!("{e:#}"), "expiring recovery points failed"),
+            }
+        }
+    }
+}
