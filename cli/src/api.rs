@@ -128,6 +128,44 @@ pub enum ItemsCmd {
     Show { id: u64 },
 }
 
+/// Which recovery point: the latest when no flag is given.
+#[derive(clap::Args, Debug, Default)]
+pub struct PointArgs {
+    /// The newest app-consistent point common to every disk.
+    #[arg(long, conflicts_with_all = ["time", "tag", "seq", "latest_bookmark"])]
+    pub latest_app: bool,
+    /// The newest named point (app- or crash-consistent bookmark).
+    #[arg(long, conflicts_with_all = ["time", "tag", "seq"])]
+    pub latest_bookmark: bool,
+    /// The state at this instant (RFC 3339, like 2026-11-28T10:00:00Z).
+    #[arg(long, conflicts_with_all = ["tag", "seq"])]
+    pub time: Option<String>,
+    /// A named point.
+    #[arg(long, conflicts_with = "seq")]
+    pub tag: Option<String>,
+    /// A sequence number (items with one disk).
+    #[arg(long)]
+    pub seq: Option<u64>,
+}
+
+impl PointArgs {
+    pub fn spec(&self) -> Value {
+        if self.latest_app {
+            json!("latest-app-consistent")
+        } else if self.latest_bookmark {
+            json!("latest-bookmark")
+        } else if let Some(t) = &self.time {
+            json!({ "time": t })
+        } else if let Some(t) = &self.tag {
+            json!({ "tag": t })
+        } else if let Some(s) = self.seq {
+            json!({ "seq": s })
+        } else {
+            json!("latest")
+        }
+    }
+}
+
 #[derive(Subcommand)]
 pub enum JobsCmd {
     List {
@@ -416,6 +454,89 @@ pub fn events(c: &Client, json_out: bool) -> anyhow::Result<()> {
                 e["message"].as_str().unwrap_or_default()
             )
         })
+    });
+    Ok(())
+}
+
+pub fn points(c: &Client, item: u64, json_out: bool) -> anyhow::Result<()> {
+    let v = c.call("GET", &format!("/v1/items/{item}/points"), None)?;
+    print(&v, json_out, |v| {
+        let mut out = Vec::new();
+        for d in v["disks"].as_array().into_iter().flatten() {
+            out.push(format!(
+                "disk {}: points from {} (seq {}) to {} (seq {}); undo journal {} MiB",
+                d["disk"],
+                d["oldest_time"].as_str().unwrap_or("-"),
+                d["oldest_seq"],
+                d["latest_time"].as_str().unwrap_or("-"),
+                d["latest_seq"],
+                d["undo_bytes"].as_u64().unwrap_or(0) >> 20
+            ));
+            for m in d["named"].as_array().into_iter().flatten() {
+                out.push(format!(
+                    "  {:<28} {:<18} {:<30} seq {}",
+                    m["time"].as_str().unwrap_or("-"),
+                    m["kind"].as_str().unwrap_or("-"),
+                    m["tag"].as_str().unwrap_or("-"),
+                    m["seq"]
+                ));
+            }
+        }
+        out.join("\n")
+    });
+    Ok(())
+}
+
+pub fn test_failover(c: &Client, item: u64, point: &PointArgs, cleanup: bool, json_out: bool) -> anyhow::Result<()> {
+    if cleanup {
+        let v = c.call("POST", &format!("/v1/items/{item}/test-failover/cleanup"), None)?;
+        print(&v, json_out, |v| format!("test failover of item {item} cleaned up (job {})", v["job"]));
+        return Ok(());
+    }
+    let v = c.call("POST", &format!("/v1/items/{item}/test-failover"), Some(json!({ "point": point.spec() })))?;
+    print(&v, json_out, |v| {
+        let m = &v["machine"];
+        let mut out = vec![format!(
+            "test failover of item {item} is up (job {}): {} with {} CPUs, {} MiB",
+            v["job"],
+            m["name"].as_str().unwrap_or("-"),
+            m["cpus"],
+            m["memory_bytes"].as_u64().unwrap_or(0) >> 20
+        )];
+        for d in m["disks"].as_array().into_iter().flatten() {
+            out.push(format!(
+                "  disk {} {:<12} {}  at {} (seq {})",
+                d["id"],
+                d["name"].as_str().unwrap_or("-"),
+                d["uri"].as_str().unwrap_or("-"),
+                d["point_time"].as_str().unwrap_or("-"),
+                d["point_seq"]
+            ));
+        }
+        for n in m["network_interfaces"].as_array().into_iter().flatten() {
+            out.push(format!(
+                "  nic {} {} {}",
+                n["name"].as_str().unwrap_or("-"),
+                n["mac"].as_str().unwrap_or("-"),
+                n["addresses"]
+            ));
+        }
+        out.join("\n")
+    });
+    Ok(())
+}
+
+pub fn export(c: &Client, item: u64, disk: u64, path: &str, point: &PointArgs, json_out: bool) -> anyhow::Result<()> {
+    let body = json!({ "disk": disk, "path": path, "point": point.spec() });
+    let v = c.call("POST", &format!("/v1/items/{item}/export"), Some(body))?;
+    print(&v, json_out, |v| {
+        format!(
+            "disk {disk} of item {item} at seq {} written to {} ({} MiB of data; job {})",
+            v["export"]["seq"],
+            path,
+            v["export"]["bytes_copied"].as_u64().unwrap_or(0) >> 20,
+            v["job"]
+        )
     });
     Ok(())
 }

@@ -77,6 +77,28 @@ enum Cmd {
     /// Protected items with their state and RPO.
     #[command(subcommand)]
     Items(api::ItemsCmd),
+    /// Recovery points of an item: the retained range and the named points.
+    Points { item: u64 },
+    /// Brings an item's disks up, writable, at a recovery point while replication goes on, and prints
+    /// the machine description (disks as NBD URIs, CPUs, memory, NICs). `--cleanup` discards them.
+    TestFailover {
+        item: u64,
+        #[command(flatten)]
+        point: api::PointArgs,
+        /// Discard the test failover's disks instead.
+        #[arg(long)]
+        cleanup: bool,
+    },
+    /// Writes one disk of an item at a recovery point to a raw image (a path on the master target's host).
+    Export {
+        item: u64,
+        #[arg(long)]
+        disk: u64,
+        #[arg(long)]
+        path: String,
+        #[command(flatten)]
+        point: api::PointArgs,
+    },
     /// Jobs: list, show, watch.
     #[command(subcommand)]
     Jobs(api::JobsCmd),
@@ -103,6 +125,13 @@ fn main() -> ExitCode {
         }
         Cmd::Unprotect { item } => api::Client::new(&cli.conn).and_then(|cl| api::unprotect(&cl, item, json)),
         Cmd::Items(c) => api::Client::new(&cli.conn).and_then(|cl| api::items(&cl, c, json)),
+        Cmd::Points { item } => api::Client::new(&cli.conn).and_then(|cl| api::points(&cl, item, json)),
+        Cmd::TestFailover { item, point, cleanup } => {
+            api::Client::new(&cli.conn).and_then(|cl| api::test_failover(&cl, item, &point, cleanup, json))
+        }
+        Cmd::Export { item, disk, path, point } => {
+            api::Client::new(&cli.conn).and_then(|cl| api::export(&cl, item, disk, &path, &point, json))
+        }
         Cmd::Jobs(c) => api::Client::new(&cli.conn).and_then(|cl| api::jobs(&cl, c, json)),
         Cmd::Events => api::Client::new(&cli.conn).and_then(|cl| api::events(&cl, json)),
         Cmd::Status { endpoint } => sr_common::http::get_json(endpoint, "/v1/status").map(|v| {

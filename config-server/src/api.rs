@@ -72,6 +72,10 @@ pub fn routes(cs: Arc<Cs>) -> Router {
         .route("/v1/policies/{id}", get(get_policy).put(put_policy).delete(delete_policy))
         .route("/v1/items", get(crate::items::list).post(crate::items::enable))
         .route("/v1/items/{id}", get(crate::items::get).delete(crate::items::disable))
+        .route("/v1/items/{id}/points", get(crate::recovery::points))
+        .route("/v1/items/{id}/test-failover", post(crate::recovery::test_failover))
+        .route("/v1/items/{id}/test-failover/cleanup", post(crate::recovery::test_failover_cleanup))
+        .route("/v1/items/{id}/export", post(crate::recovery::export))
         .route("/v1/assignments", get(crate::items::assignments))
         .route("/v1/jobs", get(list_jobs))
         .route("/v1/jobs/{id}", get(get_job))
@@ -294,6 +298,18 @@ struct Heartbeat {
     /// The component's HTTP address (a master target's recovery points and views are there).
     #[serde(default)]
     http: Option<String>,
+    #[serde(default)]
+    system: Option<SystemInfo>,
+    /// What the component has to tell operators (a failed hook, ...).
+    #[serde(default)]
+    events: Vec<ComponentEvent>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ComponentEvent {
+    severity: String,
+    message: String,
 }
 
 async fn heartbeat(State(cs): State<Arc<Cs>>, h: HeaderMap, b: Body<Heartbeat>) -> R<Value> {
@@ -308,6 +324,13 @@ async fn heartbeat(State(cs): State<Arc<Cs>>, h: HeaderMap, b: Body<Heartbeat>) 
     if req.http.is_some() {
         c.http = req.http;
     }
+    for e in req.events.iter().take(100) {
+        if !matches!(e.severity.as_str(), "info" | "warning" | "critical") {
+            return Err(ApiError::bad("events[].severity: info, warning or critical"));
+        }
+        let message: String = e.message.chars().take(4000).collect();
+        cs.event(&e.severity, &name, &message)?;
+    }
     if let Some(load) = req.load {
         c.load = load;
     }
@@ -317,7 +340,8 @@ async fn heartbeat(State(cs): State<Arc<Cs>>, h: HeaderMap, b: Body<Heartbeat>) 
             return Err(ApiError::bad("only agents report disks"));
         }
         let progress = req.progress.unwrap_or_default();
-        store.put(MACHINES, &name, &Machine { name: name.clone(), disks, last_heartbeat: now(), progress })?;
+        let m = Machine { name: name.clone(), disks, last_heartbeat: now(), progress, system: req.system };
+        store.put(MACHINES, &name, &m)?;
     }
     if let Some(applied) = req.applied {
         if role != ComponentRole::MasterTarget {

@@ -37,6 +37,7 @@ fn public(i: &Item) -> Value {
         "id": i.id, "machine": i.machine, "policy": i.policy, "state": i.state, "state_name": i.state.name(),
         "process_server": i.process_server, "master_target": i.master_target, "job": i.job, "created": i.created,
         "rpo_seconds": i.caught_up_at.map(|t| now().saturating_sub(t)), "rpo_alert": i.rpo_alert,
+        "test_failover": i.test_failover,
     })
 }
 
@@ -144,6 +145,7 @@ pub async fn enable(AxState(cs): AxState<Arc<Cs>>, h: HeaderMap, b: Body<Enable>
         created: now(),
         caught_up_at: None,
         rpo_alert: false,
+        test_failover: None,
     };
     store.put(ITEMS, &id_key(id), &item)?;
     job.step(0)?;
@@ -226,7 +228,12 @@ pub async fn assignments(AxState(cs): AxState<Arc<Cs>>, h: HeaderMap) -> R<Value
         .filter(|i| i.state != State::Unprotected && i.process_server.is_some())
         .filter_map(|i| match role {
             ComponentRole::Agent if i.machine == name => {
-                Some(json!({ "item": i.id, "process_server": address(&i.process_server)? }))
+                let p = policy(&i.policy);
+                Some(json!({
+                    "item": i.id, "process_server": address(&i.process_server)?,
+                    "crash_interval_secs": p.as_ref().map(|p| p.crash_consistent_interval_secs),
+                    "app_interval_secs": p.as_ref().map(|p| p.app_consistent_interval_secs),
+                }))
             }
             ComponentRole::ProcessServer if i.process_server.as_deref() == Some(name.as_str()) => {
                 let p = policy(&i.policy);

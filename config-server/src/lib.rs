@@ -15,6 +15,7 @@ pub mod jobs;
 pub mod lifecycle;
 pub mod model;
 pub mod openapi;
+pub mod recovery;
 pub mod store;
 
 use anyhow::Context;

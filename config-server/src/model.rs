@@ -109,6 +109,29 @@ pub struct Machine {
     pub last_heartbeat: u64,
     #[serde(default)]
     pub progress: Vec<DiskProgress>,
+    /// CPUs, memory and network interfaces, for the machine description a failover produces.
+    #[serde(default)]
+    pub system: Option<SystemInfo>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SystemInfo {
+    pub cpus: u32,
+    pub memory_bytes: u64,
+    #[serde(default)]
+    pub nics: Vec<Nic>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Nic {
+    pub name: String,
+    #[serde(default)]
+    pub mac: String,
+    /// Addresses with prefix length ("10.0.0.5/24").
+    #[serde(default)]
+    pub addresses: Vec<String>,
 }
 
 pub const DEFAULT_RPO_SECS: u64 = 300;
@@ -217,6 +240,9 @@ pub struct Item {
     /// Whether an RPO alert is open (fired, not yet cleared).
     #[serde(default)]
     pub rpo_alert: bool,
+    /// The running test failover: its view on the master target and the machine description.
+    #[serde(default)]
+    pub test_failover: Option<serde_json::Value>,
 }
 
 /// Replication progress of one disk, as its agent reports it.

@@ -40,6 +40,22 @@ pub const ROUTES: &[(&str, &str, &str, &str, &str)] = &[
     ("post", "/v1/items", "Enable protection of a machine under a policy (a job)", "operator", "Enable"),
     ("get", "/v1/items/{id}", "One protected item", "reader", ""),
     ("delete", "/v1/items/{id}", "Disable protection of an item (a job)", "operator", ""),
+    ("get", "/v1/items/{id}/points", "Recovery points of an item's disks (from its master target)", "reader", ""),
+    (
+        "post",
+        "/v1/items/{id}/test-failover",
+        "Bring the item's disks up, writable, at a recovery point while replication goes on (a job)",
+        "operator",
+        "TestFailover",
+    ),
+    ("post", "/v1/items/{id}/test-failover/cleanup", "Discard the test failover's disks (a job)", "operator", ""),
+    (
+        "post",
+        "/v1/items/{id}/export",
+        "Write one disk at a recovery point to a raw image (a job)",
+        "operator",
+        "Export",
+    ),
     ("get", "/v1/assignments", "What the calling component should carry: items, peers, keys", "component", ""),
     ("get", "/v1/jobs", "Jobs, filtered by state, kind and target", "reader", ""),
     ("get", "/v1/jobs/{id}", "One job with its steps and progress", "reader", ""),
@@ -64,6 +80,10 @@ fn schemas() -> Value {
                 "id": {"type": "integer"}, "name": {"type": "string"}, "size": {"type": "integer"}}}},
             "load": {"type": "object", "properties": {"cache_bytes": {"type": "integer"},
                 "churn_bytes_per_sec": {"type": "integer"}, "free_bytes": {"type": "integer"}}}}},
+        "TestFailover": {"type": "object", "additionalProperties": false, "properties": {
+            "point": {"description": "\"latest\", \"latest-app-consistent\", \"latest-bookmark\", {\"time\": RFC 3339}, {\"time-us\": n}, {\"tag\": name} or {\"seq\": n}", "default": "latest"}}},
+        "Export": {"type": "object", "required": ["disk", "path"], "additionalProperties": false, "properties": {
+            "disk": {"type": "integer"}, "path": {"type": "string"}, "point": {"description": "as in TestFailover; latest when left out"}}},
         "Enable": {"type": "object", "required": ["machine", "policy"], "additionalProperties": false, "properties": {
             "machine": {"type": "string"}, "policy": {"type": "string", "description": "policy id or name"}}},
         "Policy": {"type": "object", "required": ["name"], "additionalProperties": false, "properties": {

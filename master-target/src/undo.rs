@@ -101,6 +101,9 @@ pub struct Undo {
     /// (seq, capture time made non-decreasing) of every retained change, in sequence order.
     times: VecDeque<(Seq, u64)>,
     marks: VecDeque<Mark>,
+    /// Capture time of the newest change that expiry dropped: from then until the first retained
+    /// change, the state is the oldest point's.
+    floor_at: Option<u64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -247,6 +250,7 @@ impl Undo {
             recs: VecDeque::new(),
             times: VecDeque::new(),
             marks: VecDeque::new(),
+            floor_at: None,
         };
         let count = firsts.len();
         let mut tail: Vec<(Header, Vec<u8>)> = Vec::new();
@@ -545,6 +549,9 @@ impl Undo {
         }
         let i = self.times.partition_point(|(_, t)| *t <= at_us);
         if i == 0 {
+            if self.floor_at.is_some_and(|f| at_us >= f) {
+                return self.oldest().ok_or_else(|| "no recovery points".to_string());
+            }
             let first = self.times.front().map_or(0, |(_, t)| *t);
             return Err(format!("{} is before the oldest retained point ({})", fmt_time(at_us), fmt_time(first)));
         }
@@ -583,7 +590,7 @@ impl Undo {
                 self.recs.pop_front();
             }
             while self.times.front().is_some_and(|(s, _)| *s < next_first) {
-                self.times.pop_front();
+                self.floor_at = self.times.pop_front().map(|(_, t)| t);
             }
             while self.marks.front().is_some_and(|m| m.seq < next_first) {
                 self.marks.pop_front();

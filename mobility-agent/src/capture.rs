@@ -266,6 +266,16 @@ impl ProtectedDisk {
         Seq(self.applied.load(Ordering::Relaxed))
     }
 
+    /// The journal, locked: for markers that must land on several disks at one moment.
+    pub fn lock_journal(&self) -> std::sync::MutexGuard<'_, Journal> {
+        self.lock()
+    }
+
+    /// To call after appending through [`Self::lock_journal`].
+    pub fn after_marker(&self) {
+        self.after_append();
+    }
+
     fn after_append(&self) {
         self.appended.notify_one();
         self.publish();

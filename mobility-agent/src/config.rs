@@ -40,6 +40,8 @@ pub struct AgentConfig {
     pub ship: ShipConfig,
     #[serde(default)]
     pub copy: CopyConfig,
+    #[serde(default)]
+    pub points: crate::consistency::PointsConfig,
     #[serde(rename = "disk")]
     pub disks: Vec<DiskConfig>,
 }
@@ -106,6 +108,7 @@ impl AgentConfig {
             tls: _,
             ship,
             copy,
+            points,
             disks,
         } = self;
         if control.is_none() && (item.is_none() || process_server.is_none()) {
@@ -133,6 +136,21 @@ impl AgentConfig {
         let CopyConfig { chunk_bytes, backlog_bytes: _ } = copy;
         if *chunk_bytes < 4096 || *chunk_bytes > 16 << 20 || chunk_bytes % 4096 != 0 {
             return Err(format!("key copy.chunk_bytes: {chunk_bytes} must be a multiple of 4096 up to 16 MiB"));
+        }
+        let crate::consistency::PointsConfig {
+            crash_interval_secs,
+            app_interval_secs,
+            pre_hook: _,
+            post_hook,
+            hook_timeout_secs,
+        } = points;
+        if *crash_interval_secs == 0 || *app_interval_secs == 0 || *hook_timeout_secs == 0 {
+            return Err(
+                "keys points.crash_interval_secs, app_interval_secs, hook_timeout_secs: must be at least 1".into()
+            );
+        }
+        if post_hook.is_some() && points.pre_hook.is_none() {
+            return Err("key points.post_hook: set only with points.pre_hook".into());
         }
         if disks.is_empty() {
             return Err("no [[disk]] entries: nothing to protect".into());

@@ -9,9 +9,11 @@
 
 pub mod capture;
 pub mod config;
+pub mod consistency;
 pub mod journal;
 pub mod metrics;
 pub mod ship;
+pub mod system;
 
 use anyhow::Context;
 use capture::ProtectedDisk;
@@ -94,9 +96,19 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Resul
     for d in &disks {
         tasks.spawn(ship::run(d.clone(), target.clone(), route_rx.clone(), shutdown.clone()));
     }
+    let (intervals_tx, intervals_rx) = tokio::sync::watch::channel(None);
+    let events = consistency::Events::default();
+    tasks.spawn(consistency::run(disks.clone(), cfg.points.clone(), intervals_rx, events.clone(), shutdown.clone()));
     if let Some(control) = &cfg.control {
         let client = sr_common::control::ControlClient::new(control)?;
-        tasks.spawn(control_loop(client, identity.clone(), disks.clone(), route_tx, shutdown.clone()));
+        let to_cs = Control {
+            identity: identity.clone(),
+            disks: disks.clone(),
+            route: route_tx,
+            intervals: intervals_tx,
+            events,
+        };
+        tasks.spawn(control_loop(client, to_cs, shutdown.clone()));
     }
     tasks.close();
     shutdown.cancelled().await;
@@ -112,23 +124,31 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Resul
     Ok(())
 }
 
-/// Reports disks and progress to the configuration server and follows its assignment.
-async fn control_loop(
-    client: sr_common::control::ControlClient,
+/// What the control loop reports from and acts on.
+struct Control {
     identity: Arc<sr_common::tls::Identity>,
     disks: Vec<Arc<ProtectedDisk>>,
     route: tokio::sync::watch::Sender<Option<ship::Route>>,
-    shutdown: CancellationToken,
-) {
-    let (cl, id, disks, route) = (&client, &identity, &disks, &route);
+    /// The policy's (crash, app) consistency intervals.
+    intervals: tokio::sync::watch::Sender<Option<(u64, u64)>>,
+    events: consistency::Events,
+}
+
+/// Reports disks and progress to the configuration server and follows its assignment.
+async fn control_loop(client: sr_common::control::ControlClient, c: Control, shutdown: CancellationToken) {
+    let (cl, id, disks, route, intervals) = (&client, &c.identity, &c.disks, &c.route, &c.intervals);
+    let events = &c.events;
     let mut last = (std::time::Instant::now(), 0u64);
     client
         .every_poll(&shutdown, move || {
             let changed: u64 = disks.iter().map(|d| d.changed_bytes()).sum();
             let churn = (changed - last.1) as f64 / last.0.elapsed().as_secs_f64().max(0.001);
             last = (std::time::Instant::now(), changed);
+            let pending: Vec<(String, String)> = std::mem::take(&mut *events.lock().expect("events lock poisoned"));
             let report = serde_json::json!({
+                "events": pending.iter().map(|(level, message)| serde_json::json!({"severity": level, "message": message})).collect::<Vec<_>>(),
                 "load": { "churn_bytes_per_sec": churn as u64 },
+                "system": system::info(),
                 "disks": disks.iter().map(|d| serde_json::json!({"id": d.id.0, "name": d.name, "size": d.size()})).collect::<Vec<_>>(),
                 "progress": disks.iter().map(|d| {
                     let c = d.copy_state();
@@ -140,9 +160,17 @@ async fn control_loop(
                 }).collect::<Vec<_>>(),
             });
             async move {
-                cl.heartbeat(report).await?;
+                if let Err(e) = cl.heartbeat(report).await {
+                    // Keep the events for the next heartbeat.
+                    events.lock().expect("events lock poisoned").extend(pending);
+                    return Err(e);
+                }
                 cl.refresh_crl(id, None).await?;
-                let next = match cl.assignments().await?.first() {
+                let assignments = cl.assignments().await?;
+                let first = assignments.first();
+                let policy = first.and_then(|a| Some((a["crash_interval_secs"].as_u64()?, a["app_interval_secs"].as_u64()?)));
+                intervals.send_if_modified(|cur| std::mem::replace(cur, policy) != policy);
+                let next = match first {
                     None => None,
                     Some(a) => Some(ship::Route {
                         item: ItemId(a["item"].as_u64().context("assignment without item")?),

@@ -1,0 +1,255 @@
+//! Recovery points, test failover and image export of protected items. The points live on the
+//! item's master target; the configuration server asks it over its HTTP API and records what it did.
+//!
+//! ```text
+//! GET  /v1/items/{id}/points                  --> master target GET /v1/points?item=
+//! POST /v1/items/{id}/test-failover {point}    --> job: choose point -> writable views -> machine description
+//! POST /v1/items/{id}/test-failover/cleanup    --> job: delete the views (their overlays are discarded)
+//! POST /v1/items/{id}/export {disk,path,point} --> master target POST /v1/export
+//! ```
+//! Replication goes on during a test failover: the test disks stay at their point and their writes go
+//! to overlays on the master target, never to the replica.
+
+use crate::api::{body, ApiError, Body, R};
+use crate::auth::require;
+use crate::jobs::JobHandle;
+use crate::lifecycle::State;
+use crate::model::*;
+use crate::store::Docs;
+use crate::Cs;
+use axum::extract::{Path, State as AxState};
+use axum::http::HeaderMap;
+use axum::Json;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use std::sync::Arc;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TestFailover {
+    /// "latest", "latest-app-consistent", "latest-bookmark", {"time": RFC 3339}, {"time-us": n},
+    /// {"tag": name} or {"seq": n} (single-disk items).
+    #[serde(default = "latest")]
+    point: Value,
+}
+
+fn latest() -> Value {
+    json!("latest")
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Export {
+    disk: u64,
+    /// Where the master target writes the raw image (a path on the master target's host).
+    path: String,
+    #[serde(default)]
+    point: Option<Value>,
+}
+
+fn load_item(cs: &Cs, id: u64) -> Result<Item, ApiError> {
+    cs.store().get::<Item>(ITEMS, &id_key(id))?.ok_or_else(|| ApiError::not_found(&format!("no item {id}")))
+}
+
+/// The HTTP address of the item's master target.
+fn master_target(cs: &Cs, item: &Item) -> Result<(String, std::net::SocketAddr), ApiError> {
+    let name = item.master_target.clone().ok_or_else(|| {
+        ApiError::conflict(&format!("item {} has no master target (state {})", item.id, item.state.name()))
+    })?;
+    let c: Component = cs
+        .store()
+        .get(COMPONENTS, &name)?
+        .ok_or_else(|| ApiError::conflict(&format!("master target {name} is not registered")))?;
+    let addr =
+        c.http.as_deref().and_then(|a| a.parse().ok()).ok_or_else(|| {
+            ApiError::conflict(&format!("master target {name} has not reported its HTTP address yet"))
+        })?;
+    Ok((name, addr))
+}
+
+/// Calls the master target; its JSON error is passed on with the master target named.
+async fn mt_call(
+    mt: &(String, std::net::SocketAddr),
+    method: &str,
+    path: &str,
+    body: Option<Value>,
+) -> Result<Value, String> {
+    let (name, addr) = mt.clone();
+    let (method, path) = (method.to_string(), path.to_string());
+    let res = tokio::task::spawn_blocking(move || {
+        let body = body.map(|b| b.to_string());
+        sr_common::http::request(addr, &method, &path, body.as_deref())
+    })
+    .await
+    .map_err(|e| e.to_string())?;
+    let (code, text) = res.map_err(|e| format!("master target {name} at {addr}: {e:#}"))?;
+    let v: Value = serde_json::from_str(&text).unwrap_or(Value::String(text));
+    if code != 200 {
+        let msg = v["error"].as_str().map(str::to_string).unwrap_or_else(|| v.to_string());
+        return Err(format!("master target {name}: {msg}"));
+    }
+    Ok(v)
+}
+
+pub async fn points(AxState(cs): AxState<Arc<Cs>>, h: HeaderMap, Path(id): Path<u64>) -> R<Value> {
+    require(cs.store(), &h, ApiRole::Reader)?;
+    let item = load_item(&cs, id)?;
+    let mt = master_target(&cs, &item)?;
+    let v = mt_call(&mt, "GET", &format!("/v1/points?item={id}"), None).await.map_err(|e| ApiError::conflict(&e))?;
+    Ok(Json(v))
+}
+
+fn view_name(id: u64) -> String {
+    format!("tfo-item-{id}")
+}
+
+const TFO_STEPS: &[&str] = &["choose the point", "bring up the disks", "describe the machine"];
+
+pub async fn test_failover(
+    AxState(cs): AxState<Arc<Cs>>,
+    h: HeaderMap,
+    Path(id): Path<u64>,
+    b: Body<TestFailover>,
+) -> R<Value> {
+    let by = require(cs.store(), &h, ApiRole::Operator)?;
+    let req = body(b)?;
+    let _g = cs.items_lock.lock().await;
+    let store = cs.store();
+    let mut item = load_item(&cs, id)?;
+    if let Some(tf) = &item.test_failover {
+        return Err(ApiError::conflict(&format!(
+            "item {id} already has a test failover ({}); clean it up first",
+            tf["view"].as_str().unwrap_or("?")
+        )));
+    }
+    if matches!(item.state, State::Unprotected | State::EnablingProtection | State::InitialReplication { .. }) {
+        return Err(ApiError::conflict(&format!(
+            "item {id} is {}: test failover needs a protected item with recovery points",
+            item.state.name()
+        )));
+    }
+    let mt = master_target(&cs, &item)?;
+    let mut job = JobHandle::start(store, "test failover", &id.to_string(), TFO_STEPS)?;
+    job.step(0)?;
+    job.step_done(0)?;
+    job.step(1)?;
+    let view = view_name(id);
+    let created = mt_call(
+        &mt,
+        "POST",
+        "/v1/views",
+        Some(json!({ "name": view, "item": id, "point": req.point, "writable": true })),
+    )
+    .await;
+    let created = match created {
+        Ok(v) => v,
+        Err(e) => {
+            let job = job.fail(&e)?;
+            cs.event("warning", &item.machine, &format!("test failover of item {id} failed: {e}"))?;
+            return Err(ApiError::conflict(&format!("test failover failed (job {}): {e}", job.id)));
+        }
+    };
+    job.step_done(1)?;
+    job.step(2)?;
+    let machine: Option<Machine> = store.get(MACHINES, &item.machine)?;
+    let description = describe(&item, machine.as_ref(), &created);
+    item.test_failover = Some(json!({ "view": view, "master_target": mt.0, "machine": description.clone() }));
+    store.put(ITEMS, &id_key(id), &item)?;
+    job.step_done(2)?;
+    let job = job.succeed()?;
+    cs.event(
+        "info",
+        &item.machine,
+        &format!("test failover of {} (item {id}) by {by}: disks up at the chosen point on {}", item.machine, mt.0),
+    )?;
+    Ok(Json(json!({ "job": job.id, "machine": description })))
+}
+
+/// What a hypervisor hook needs to boot the machine: its disks as NBD URIs, CPUs, memory, NICs.
+fn describe(item: &Item, machine: Option<&Machine>, view: &Value) -> Value {
+    let names = |disk: u64| {
+        machine.and_then(|m| m.disks.iter().find(|d| d.id == disk)).map(|d| d.name.clone()).unwrap_or_default()
+    };
+    let disks: Vec<Value> = view["disks"]
+        .as_array()
+        .map(|ds| {
+            ds.iter()
+                .map(|d| {
+                    let id = d["disk"].as_u64().unwrap_or(0);
+                    json!({
+                        "id": id, "name": names(id), "size": d["size"], "uri": d["uri"], "export": d["export"],
+                        "point_seq": d["seq"], "point_time": d["time"], "writable": true,
+                    })
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let system = machine.and_then(|m| m.system.clone()).unwrap_or_default();
+    json!({
+        "name": format!("{}-test", item.machine),
+        "source_machine": item.machine,
+        "item": item.id,
+        "purpose": "test-failover",
+        "cpus": system.cpus,
+        "memory_bytes": system.memory_bytes,
+        "network_interfaces": system.nics,
+        "disks": disks,
+    })
+}
+
+pub async fn test_failover_cleanup(AxState(cs): AxState<Arc<Cs>>, h: HeaderMap, Path(id): Path<u64>) -> R<Value> {
+    let by = require(cs.store(), &h, ApiRole::Operator)?;
+    let _g = cs.items_lock.lock().await;
+    let store = cs.store();
+    let mut item = load_item(&cs, id)?;
+    let Some(tf) = item.test_failover.clone() else {
+        return Err(ApiError::conflict(&format!("item {id} has no test failover to clean up")));
+    };
+    let mut job = JobHandle::start(store, "test failover cleanup", &id.to_string(), &["discard the test disks"])?;
+    job.step(0)?;
+    let view = tf["view"].as_str().unwrap_or_default().to_string();
+    if let Ok(mt) = master_target(&cs, &item) {
+        if let Err(e) = mt_call(&mt, "DELETE", &format!("/v1/views/{view}"), None).await {
+            // Already gone (a master target that lost it) is fine; anything else fails the job.
+            if !e.contains("no view named") {
+                let job = job.fail(&e)?;
+                return Err(ApiError::conflict(&format!("cleanup failed (job {}): {e}", job.id)));
+            }
+        }
+    }
+    item.test_failover = None;
+    store.put(ITEMS, &id_key(id), &item)?;
+    job.step_done(0)?;
+    let job = job.succeed()?;
+    cs.event("info", &item.machine, &format!("test failover of item {id} cleaned up by {by}"))?;
+    Ok(Json(json!({ "job": job.id })))
+}
+
+pub async fn export(AxState(cs): AxState<Arc<Cs>>, h: HeaderMap, Path(id): Path<u64>, b: Body<Export>) -> R<Value> {
+    let by = require(cs.store(), &h, ApiRole::Operator)?;
+    let req = body(b)?;
+    let item = load_item(&cs, id)?;
+    let mt = master_target(&cs, &item)?;
+    let mut job = JobHandle::start(cs.store(), "export", &id.to_string(), &["write the image"])?;
+    job.step(0)?;
+    let mut call = json!({ "item": id, "disk": req.disk, "path": req.path });
+    if let Some(p) = req.point {
+        call["point"] = p;
+    }
+    match mt_call(&mt, "POST", "/v1/export", Some(call)).await {
+        Ok(v) => {
+            job.step_done(0)?;
+            let job = job.succeed()?;
+            cs.event(
+                "info",
+                &item.machine,
+                &format!("disk {} of item {id} exported to {} by {by}", req.disk, req.path),
+            )?;
+            Ok(Json(json!({ "job": job.id, "export": v })))
+        }
+        Err(e) => {
+            let job = job.fail(&e)?;
+            Err(ApiError::conflict(&format!("export failed (job {}): {e}", job.id)))
+        }
+    }
+}
