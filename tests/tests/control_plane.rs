@@ -383,7 +383,7 @@ struct Managed {
     mt: Option<Proc>,
     _cs: Proc,
     _ps: Proc,
-    _agent: Proc,
+    agent: Option<Proc>,
 }
 
 impl Managed {
@@ -409,7 +409,7 @@ impl Managed {
             assert!(std::time::Instant::now() < deadline, "the agent never reported");
             std::thread::sleep(std::time::Duration::from_millis(200));
         }
-        Managed { cp, admin_file, local, disk, mt: Some(mt), _cs: cs, _ps: ps, _agent: agent }
+        Managed { cp, admin_file, local, disk, mt: Some(mt), _cs: cs, _ps: ps, agent: Some(agent) }
     }
 
     /// Creates a policy with `policy_args` and protects the machine with it, waiting until protected.
@@ -718,4 +718,95 @@ fn disable_stops_journaling_and_protecting_again_starts_a_fresh_replica() {
     wait_caught_up(&m.local, std::time::Duration::from_secs(60)).unwrap();
     compare(m.disk.to_str().unwrap(), &m.local.replica_uri(1)).unwrap();
     assert_eq!(applied_at_mt(&m.local, first), applied_then, "nothing more reached the disabled item's replica");
+}
+
+#[test]
+fn test_failover_with_srctl_while_replication_goes_on_and_hook_failures_reach_the_event_log() {
+    let dir = test_dir();
+    let mut m = Managed::start(dir.path(), 32, "");
+    m.protect(&["--app-interval-secs", "1", "--crash-interval-secs", "3600"]);
+    // An agent whose pre hook fails: crash-consistent points instead, and a warning event.
+    drop(m.agent.take());
+    let hook = [("SR_AGENT__POINTS__PRE_HOOK", "echo quiesce refused >&2; exit 4")];
+    m.agent = Some(m.local.start_env(Component::Agent, &hook).unwrap());
+    let (cp, admin_file, local) = (&m.cp, &m.admin_file, &m.local);
+    let item = local.item.to_string();
+    let uri = local.agent_uri("disk0");
+    run("qemu-io", &["-f", "raw", "-c", "write -P 0x31 0 4M", "-c", "flush", &uri]).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let events = String::from_utf8_lossy(&srctl(cp.api, admin_file, &["events"]).stdout).to_string();
+        if events.contains("quiesce refused") {
+            assert!(events.contains("crash-consistent"), "{events}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no event about the failing hook: {events}");
+        std::thread::sleep(std::time::Duration::from_millis(300));
+    }
+    wait_caught_up(local, std::time::Duration::from_secs(60)).unwrap();
+    let out = srctl(cp.api, admin_file, &["--output", "json", "points", &item]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let points: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let named = points["disks"][0]["named"].as_array().unwrap();
+    assert!(named.iter().any(|p| p["kind"] == "crash-consistent"), "{points}");
+    assert!(!named.iter().any(|p| p["kind"] == "app-consistent"), "{points}");
+
+    // Churn on the source during the whole test failover.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let churn = {
+        let (stop, uri) = (stop.clone(), uri.clone());
+        std::thread::spawn(move || {
+            let mut i = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let cmd = format!("write -P {} {}M 1M", 0x40 + i % 100, (i * 7) % 30);
+                run("qemu-io", &["-f", "raw", "-c", &cmd, "-c", "flush", &uri]).unwrap();
+                i += 1;
+            }
+        })
+    };
+    let out = srctl(cp.api, admin_file, &["--output", "json", "test-failover", &item]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let tfo: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let machine = &tfo["machine"];
+    assert!(machine["cpus"].as_u64().unwrap() >= 1 && machine["memory_bytes"].as_u64().unwrap() > 0, "{tfo}");
+    assert!(machine["network_interfaces"].is_array(), "{tfo}");
+    let test_disk = machine["disks"][0]["uri"].as_str().unwrap().to_string();
+    assert_eq!(machine["disks"][0]["name"], "disk0");
+    // A second test failover of the same item is refused while one runs.
+    assert!(!srctl(cp.api, admin_file, &["test-failover", &item]).status.success());
+    let before = dir.path().join("tfo-before.img");
+    run("nbdcopy", &[&test_disk, before.to_str().unwrap()]).unwrap();
+    let writes = ["write -P 0xab 5M 2M", "write -z 9M 64k"];
+    let mut args = vec!["-f", "raw"];
+    writes.iter().for_each(|w| args.extend(["-c", w]));
+    let mut on_test = args.clone();
+    on_test.push(&test_disk);
+    run("qemu-io", &on_test).unwrap();
+    let expected = before.to_str().unwrap();
+    let mut on_copy = args.clone();
+    on_copy.push(expected);
+    run("qemu-io", &on_copy).unwrap();
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    compare(expected, &test_disk).unwrap();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    churn.join().unwrap();
+    // Replication kept up; the replica is the source, without the test disk's writes.
+    wait_caught_up(local, std::time::Duration::from_secs(60)).unwrap();
+    compare(m.disk.to_str().unwrap(), &local.replica_uri(1)).unwrap();
+    compare(expected, &test_disk).unwrap();
+    let shown = item_of(cp.api, admin_file, "agent-1");
+    assert_eq!(shown["test_failover"]["machine"]["disks"][0]["uri"], test_disk.as_str(), "{shown}");
+    let out = srctl(cp.api, admin_file, &["test-failover", &item, "--cleanup"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(run("nbdinfo", &[&test_disk]).is_err(), "the test disk outlived its cleanup");
+    let again = srctl(cp.api, admin_file, &["test-failover", &item, "--cleanup"]);
+    assert!(String::from_utf8_lossy(&again.stderr).contains("no test failover"));
+    let jobs = String::from_utf8_lossy(&srctl(cp.api, admin_file, &["jobs", "list", "--kind", "test failover"]).stdout)
+        .to_string();
+    assert!(jobs.contains("succeeded"), "{jobs}");
+    // Export through the API writes the latest point.
+    let image = dir.path().join("exported.img");
+    let out = srctl(cp.api, admin_file, &["export", &item, "--disk", "1", "--path", image.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    compare(m.disk.to_str().unwrap(), image.to_str().unwrap()).unwrap();
 }
