@@ -526,8 +526,16 @@ pub fn test_failover(c: &Client, item: u64, point: &PointArgs, cleanup: bool, js
     Ok(())
 }
 
-pub fn export(c: &Client, item: u64, disk: u64, path: &str, point: &PointArgs, json_out: bool) -> anyhow::Result<()> {
-    let body = json!({ "disk": disk, "path": path, "point": point.spec() });
+pub fn export(
+    c: &Client,
+    item: u64,
+    disk: u64,
+    path: &str,
+    format: &str,
+    point: &PointArgs,
+    json_out: bool,
+) -> anyhow::Result<()> {
+    let body = json!({ "disk": disk, "path": path, "point": point.spec(), "format": format });
     let v = c.call("POST", &format!("/v1/items/{item}/export"), Some(body))?;
     print(&v, json_out, |v| {
         format!(

@@ -96,6 +96,9 @@ enum Cmd {
         disk: u64,
         #[arg(long)]
         path: String,
+        /// raw (sparse) or qcow2.
+        #[arg(long, default_value = "raw", value_parser = ["raw", "qcow2"])]
+        format: String,
         #[command(flatten)]
         point: api::PointArgs,
     },
@@ -129,8 +132,8 @@ fn main() -> ExitCode {
         Cmd::TestFailover { item, point, cleanup } => {
             api::Client::new(&cli.conn).and_then(|cl| api::test_failover(&cl, item, &point, cleanup, json))
         }
-        Cmd::Export { item, disk, path, point } => {
-            api::Client::new(&cli.conn).and_then(|cl| api::export(&cl, item, disk, &path, &point, json))
+        Cmd::Export { item, disk, path, format, point } => {
+            api::Client::new(&cli.conn).and_then(|cl| api::export(&cl, item, disk, &path, &format, &point, json))
         }
         Cmd::Jobs(c) => api::Client::new(&cli.conn).and_then(|cl| api::jobs(&cl, c, json)),
         Cmd::Events => api::Client::new(&cli.conn).and_then(|cl| api::events(&cl, json)),

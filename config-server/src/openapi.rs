@@ -83,7 +83,8 @@ fn schemas() -> Value {
         "TestFailover": {"type": "object", "additionalProperties": false, "properties": {
             "point": {"description": "\"latest\", \"latest-app-consistent\", \"latest-bookmark\", {\"time\": RFC 3339}, {\"time-us\": n}, {\"tag\": name} or {\"seq\": n}", "default": "latest"}}},
         "Export": {"type": "object", "required": ["disk", "path"], "additionalProperties": false, "properties": {
-            "disk": {"type": "integer"}, "path": {"type": "string"}, "point": {"description": "as in TestFailover; latest when left out"}}},
+            "disk": {"type": "integer"}, "path": {"type": "string"}, "point": {"description": "as in TestFailover; latest when left out"},
+            "format": {"type": "string", "enum": ["raw", "qcow2"], "default": "raw"}}},
         "Enable": {"type": "object", "required": ["machine", "policy"], "additionalProperties": false, "properties": {
             "machine": {"type": "string"}, "policy": {"type": "string", "description": "policy id or name"}}},
         "Policy": {"type": "object", "required": ["name"], "additionalProperties": false, "properties": {

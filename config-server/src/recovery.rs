@@ -45,6 +45,9 @@ pub struct Export {
     path: String,
     #[serde(default)]
     point: Option<Value>,
+    /// "raw" (default) or "qcow2".
+    #[serde(default)]
+    format: Option<String>,
 }
 
 fn load_item(cs: &Cs, id: u64) -> Result<Item, ApiError> {
@@ -235,6 +238,9 @@ pub async fn export(AxState(cs): AxState<Arc<Cs>>, h: HeaderMap, Path(id): Path<
     let mut call = json!({ "item": id, "disk": req.disk, "path": req.path });
     if let Some(p) = req.point {
         call["point"] = p;
+    }
+    if let Some(f) = req.format {
+        call["format"] = json!(f);
     }
     match mt_call(&mt, "POST", "/v1/export", Some(call)).await {
         Ok(v) => {

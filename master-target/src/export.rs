@@ -25,6 +25,18 @@ pub struct ExportRequest {
     /// The point to export; the latest applied state when left out.
     #[serde(default)]
     point: Option<PointSpec>,
+    #[serde(default)]
+    format: ImageFormat,
+}
+
+#[derive(serde::Deserialize, Default, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ImageFormat {
+    /// Sparse raw image: holes where the disk reads zeroes.
+    #[default]
+    Raw,
+    /// qcow2 (version 3): only clusters holding data are stored.
+    Qcow2,
 }
 
 #[derive(serde::Deserialize)]
@@ -40,6 +52,11 @@ pub struct ViewRequest {
     point: PointSpec,
     #[serde(default)]
     writable: bool,
+}
+
+enum Sink {
+    Raw(std::fs::File),
+    Qcow2(crate::qcow2::Qcow2Writer),
 }
 
 type ApiError = (StatusCode, Json<serde_json::Value>);
@@ -146,20 +163,37 @@ async fn export(
         };
         let view = r.open_view(seq, None)?;
         let size = r.disk.size();
-        out.set_len(size)?;
-        let mut buf = vec![0u8; 1 << 20];
+        let mut sink = match req.format {
+            ImageFormat::Raw => {
+                out.set_len(size)?;
+                Sink::Raw(out)
+            }
+            ImageFormat::Qcow2 => Sink::Qcow2(crate::qcow2::Qcow2Writer::new(out, size)),
+        };
+        let chunk = crate::qcow2::Qcow2Writer::CLUSTER as usize;
+        let mut buf = vec![0u8; 16 * chunk];
         let mut pos = 0;
         let mut copied = 0;
         while pos < size {
             let n = (buf.len() as u64).min(size - pos) as usize;
             view.read(pos, &mut buf[..n]).map_err(|e| anyhow::anyhow!("reading {key} at {pos}: {e}"))?;
-            if !sr_common::compress::is_zero(&buf[..n]) {
-                out.write_all_at(&buf[..n], pos)?;
-                copied += n as u64;
+            for (i, piece) in buf[..n].chunks(chunk).enumerate() {
+                if sr_common::compress::is_zero(piece) {
+                    continue;
+                }
+                let at = pos + (i * chunk) as u64;
+                match &mut sink {
+                    Sink::Qcow2(q) => q.write_cluster(at, piece)?,
+                    Sink::Raw(f) => f.write_all_at(piece, at)?,
+                }
+                copied += piece.len() as u64;
             }
             pos += n as u64;
         }
-        out.sync_all()?;
+        match sink {
+            Sink::Qcow2(q) => q.finish()?,
+            Sink::Raw(f) => f.sync_all()?,
+        }
         Ok((seq.0, copied))
     })
     .await

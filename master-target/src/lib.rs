@@ -12,6 +12,7 @@ pub mod config;
 pub mod export;
 pub mod metrics;
 pub mod points;
+pub mod qcow2;
 pub mod replica;
 pub mod undo;
 pub mod view;

@@ -9,3 +9,7 @@ pub const LAST_APPLY_TIME: &str = "sr_master_target_last_apply_timestamp_seconds
 pub const REJECTED: &str = "sr_master_target_rejected_batches_total";
 pub const DUPLICATES: &str = "sr_master_target_duplicate_batches_total";
 pub const APPLY_SECONDS: &str = "sr_master_target_apply_seconds";
+pub const UNDO_BYTES: &str = "sr_master_target_undo_bytes";
+pub const OLDEST_POINT_AGE: &str = "sr_master_target_oldest_point_age_seconds";
+pub const EXPIRED_BYTES: &str = "sr_master_target_expired_undo_bytes_total";
+pub const VIEWS_OPEN: &str = "sr_master_target_views_open";

@@ -223,6 +223,7 @@ impl Server {
         match self.open_recorded(rec) {
             Ok(v) => {
                 views.insert(name, v.clone());
+                metrics::gauge!(crate::metrics::VIEWS_OPEN).set(views.len() as f64);
                 Ok(v)
             }
             Err(e) => {
@@ -234,7 +235,10 @@ impl Server {
 
     /// Closes a view: its exports go away and its overlay is discarded.
     pub fn delete_view(&self, name: &str) -> Result<ViewRecord, String> {
-        let v = self.views.lock().expect("views lock poisoned").remove(name).ok_or(format!("no view named {name}"))?;
+        let mut views = self.views.lock().expect("views lock poisoned");
+        let v = views.remove(name).ok_or(format!("no view named {name}"))?;
+        metrics::gauge!(crate::metrics::VIEWS_OPEN).set(views.len() as f64);
+        drop(views);
         for (export, pv) in &v.disks {
             self.exports.remove(export);
             if let Some(ov) = &pv.overlay {
@@ -332,11 +336,25 @@ impl Server {
                 // Points at or after the one in force at the cutoff stay.
                 undo.point_at(cutoff, r.applied()).ok()
             };
-            let Some(keep) = keep else { continue };
-            match r.expire(keep) {
-                Ok(0) => {}
-                Ok(freed) => tracing::info!(key = %r.key, freed, keep = keep.0, "expired old recovery points"),
-                Err(e) => tracing::error!(key = %r.key, error = format!("{e:#}"), "expiring recovery points failed"),
+            if let Some(keep) = keep {
+                match r.expire(keep) {
+                    Ok(0) => {}
+                    Ok(freed) => {
+                        metrics::counter!(crate::metrics::EXPIRED_BYTES).increment(freed);
+                        tracing::info!(key = %r.key, freed, keep = keep.0, "expired old recovery points");
+                    }
+                    Err(e) => {
+                        tracing::error!(key = %r.key, error = format!("{e:#}"), "expiring recovery points failed")
+                    }
+                }
+            }
+            let (item, disk) = (r.key.item.to_string(), r.key.disk.to_string());
+            let undo = r.undo.lock().expect("undo lock poisoned");
+            metrics::gauge!(crate::metrics::UNDO_BYTES, "item" => item.clone(), "disk" => disk.clone())
+                .set(undo.bytes() as f64);
+            if let Some((oldest, _)) = undo.time_range() {
+                let age = now.saturating_sub(oldest) as f64 / 1e6;
+                metrics::gauge!(crate::metrics::OLDEST_POINT_AGE, "item" => item, "disk" => disk).set(age);
             }
         }
     }

@@ -162,6 +162,19 @@ fn any_instant_reads_back_as_the_source_was_then() {
     let body = json!({ "item": s.local.item, "disk": 1, "path": out, "point": { "time-us": marks[2].0 } });
     http::post_json(s.local.addrs.mt_http, "/v1/export", &body).unwrap();
     compare(marks[2].1.to_str().unwrap(), out.to_str().unwrap()).unwrap();
+    // And as qcow2, which qemu-img checks and reads back as the same disk.
+    let q = s.dir.path().join("export-t3.qcow2");
+    let body =
+        json!({ "item": s.local.item, "disk": 1, "path": q, "point": { "time-us": marks[3].0 }, "format": "qcow2" });
+    http::post_json(s.local.addrs.mt_http, "/v1/export", &body).unwrap();
+    run("qemu-img", &["check", "-f", "qcow2", q.to_str().unwrap()]).unwrap();
+    run("qemu-img", &["compare", "-f", "raw", "-F", "qcow2", marks[3].1.to_str().unwrap(), q.to_str().unwrap()])
+        .unwrap();
+    assert!(run(
+        "qemu-img",
+        &["compare", "-f", "raw", "-F", "qcow2", marks[1].1.to_str().unwrap(), q.to_str().unwrap()]
+    )
+    .is_err());
 }
 
 #[test]
@@ -238,6 +251,14 @@ fn retention_expires_old_points_reclaims_space_and_keeps_the_rest_exact() {
     assert!(left < peak / 2, "space was not reclaimed: {left} bytes left of a peak of {peak}: {p}");
     let last = marks.last().unwrap();
     check_equal(&s, "last", last.0, &last.1);
+    let (_, metrics) = http::request(s.local.addrs.mt_http, "GET", "/metrics", None).unwrap();
+    for name in [
+        "sr_master_target_undo_bytes{",
+        "sr_master_target_expired_undo_bytes_total",
+        "sr_master_target_oldest_point_age_seconds{",
+    ] {
+        assert!(metrics.contains(name), "{name} missing from the metrics");
+    }
 }
 
 #[test]
