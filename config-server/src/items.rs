@@ -233,6 +233,7 @@ pub async fn assignments(AxState(cs): AxState<Arc<Cs>>, h: HeaderMap) -> R<Value
                     "item": i.id, "process_server": address(&i.process_server)?,
                     "crash_interval_secs": p.as_ref().map(|p| p.crash_consistent_interval_secs),
                     "app_interval_secs": p.as_ref().map(|p| p.app_consistent_interval_secs),
+                    "journal_limit_percent": p.as_ref().map(|p| p.journal_limit_percent),
                 }))
             }
             ComponentRole::ProcessServer if i.process_server.as_deref() == Some(name.as_str()) => {

@@ -256,6 +256,12 @@ pub struct DiskProgress {
     #[serde(default)]
     pub done_seq: u64,
     pub last_seq: u64,
+    /// Bytes of blocks the replica may lack (journal overflow or a checksum comparison).
+    #[serde(default)]
+    pub dirty_bytes: u64,
+    /// The journal is over its limit: changes are tracked in the dirty map.
+    #[serde(default)]
+    pub overflow: bool,
 }
 
 /// A disk's applied position, as its master target reports it.

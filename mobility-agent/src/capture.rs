@@ -5,10 +5,14 @@
 //! NBD WRITE --> lock --> journal.append (in kernel) --> disk.pwrite --> unlock --> wake shipper --> reply
 //! NBD FLUSH --> lock --> journal.append(Flush marker) --> unlock --> fsync journal, fsync disk --> reply
 //! initial copy --> lock --> pread chunk --> journal.append (unless zero) --> unlock
+//! journal over its limit --> writes mark the dirty map (durably) instead of the journal, until the
+//!              journal drained to half its limit; then the dirty blocks are copied into the journal
+//!              like the initial copy (lock --> pread --> append --> clear bit --> unlock)
 //! start-up --> redo every journaled change onto the disk (the journal is written first, so the disk
 //!              may lack the last change when the agent was killed between the two)
 //! ```
 
+use crate::dirty::DirtyMap;
 use crate::journal::{self, Journal, JournalError};
 use crate::metrics as m;
 use serde::{Deserialize, Serialize};
@@ -52,6 +56,12 @@ pub struct ProtectedDisk {
     journaling: std::sync::atomic::AtomicBool,
     copy: Mutex<CopyState>,
     copy_path: PathBuf,
+    /// Blocks the replica may lack; locked inside the journal's lock.
+    dirty: Mutex<DirtyMap>,
+    /// Writes go to the dirty map instead of the journal (the journal reached its limit).
+    overflow: std::sync::atomic::AtomicBool,
+    /// The journal's limit in bytes.
+    limit: AtomicU64,
     metrics: DiskMetrics,
 }
 
@@ -64,6 +74,9 @@ struct DiskMetrics {
     written: metrics::Counter,
     copy_ratio: metrics::Gauge,
     copy_bytes: metrics::Counter,
+    dirty_bytes: metrics::Gauge,
+    overflow: metrics::Gauge,
+    resync_bytes: metrics::Counter,
 }
 
 impl DiskMetrics {
@@ -76,7 +89,10 @@ impl DiskMetrics {
             lag: metrics::gauge!(m::LAG_CHANGES, "disk" => d.clone()),
             written: metrics::counter!(m::WRITTEN_BYTES, "disk" => d.clone()),
             copy_ratio: metrics::gauge!(m::COPY_RATIO, "disk" => d.clone()),
-            copy_bytes: metrics::counter!(m::COPY_BYTES, "disk" => d),
+            copy_bytes: metrics::counter!(m::COPY_BYTES, "disk" => d.clone()),
+            dirty_bytes: metrics::gauge!(m::DIRTY_BYTES, "disk" => d.clone()),
+            overflow: metrics::gauge!(m::OVERFLOW, "disk" => d.clone()),
+            resync_bytes: metrics::counter!(m::RESYNC_BYTES, "disk" => d),
         }
     }
 }
@@ -93,7 +109,14 @@ fn to_backend(e: JournalError) -> BackendError {
 
 impl ProtectedDisk {
     /// Opens the disk and its journal under `state_dir`, and redoes journaled changes onto the disk.
-    pub fn open(id: DiskId, name: &str, path: &Path, state_dir: &Path) -> anyhow::Result<ProtectedDisk> {
+    /// `dirty_block` is the dirty map's block size.
+    pub fn open(
+        id: DiskId,
+        name: &str,
+        path: &Path,
+        state_dir: &Path,
+        dirty_block: u64,
+    ) -> anyhow::Result<ProtectedDisk> {
         use anyhow::Context;
         let disk = DiskFile::open(path, true).with_context(|| format!("opening protected disk {}", path.display()))?;
         let jdir = state_dir.join(format!("journal-{}", id.0));
@@ -137,6 +160,10 @@ impl ProtectedDisk {
                 copy.disk_size
             );
         }
+        let dirty = DirtyMap::open(&state_dir.join(format!("dirty-{}.map", id.0)), disk.size(), dirty_block)?;
+        if dirty.count() > 0 {
+            tracing::info!(disk = name, dirty_bytes = dirty.dirty_bytes(), "dirty blocks left to copy");
+        }
         let pd = ProtectedDisk {
             id,
             name: name.to_string(),
@@ -149,6 +176,9 @@ impl ProtectedDisk {
             journaling: std::sync::atomic::AtomicBool::new(true),
             copy: Mutex::new(copy),
             copy_path,
+            dirty: Mutex::new(dirty),
+            overflow: std::sync::atomic::AtomicBool::new(false),
+            limit: AtomicU64::new(u64::MAX),
             metrics: DiskMetrics::new(name),
         };
         pd.publish();
@@ -168,6 +198,8 @@ impl ProtectedDisk {
 
     fn publish_with(&self, last: Seq, bytes: u64) {
         let acked = self.acked.load(Ordering::Relaxed);
+        self.metrics.dirty_bytes.set(self.dirty_bytes() as f64);
+        self.metrics.overflow.set(if self.overflowed() { 1.0 } else { 0.0 });
         self.metrics.journal_bytes.set(bytes as f64);
         self.metrics.last_seq.set(last.0 as f64);
         self.metrics.acked.set(acked as f64);
@@ -210,7 +242,13 @@ impl ProtectedDisk {
     /// (and its cache) loses nothing: the next one is sent them again from here.
     pub fn on_applied_ack(&self, through: Seq) -> Result<(), JournalError> {
         self.applied.fetch_max(through.0, Ordering::Relaxed);
-        let freed = self.lock().trim_through(through)?;
+        let mut j = self.lock();
+        let freed = j.trim_through(through)?;
+        if self.overflowed() {
+            // Journaling resumes once the journal drained to half its limit.
+            self.journal_takes(&j, 0);
+        }
+        drop(j);
         if freed > 0 {
             tracing::debug!(disk = self.name, freed, through = through.0, "journal trimmed");
         }
@@ -232,6 +270,7 @@ impl ProtectedDisk {
         tracing::info!(disk = self.name, item, "protection assigned: starting a fresh journal and initial copy");
         let mut j = self.lock();
         j.reset()?;
+        self.clear_dirty()?;
         self.save_copy(CopyState { cursor: 0, done: false, done_seq: 0, item: Some(item), ..st })?;
         self.journaling.store(true, Ordering::Release);
         drop(j);
@@ -251,10 +290,82 @@ impl ProtectedDisk {
         let mut j = self.lock();
         self.journaling.store(false, Ordering::Release);
         j.reset()?;
+        self.clear_dirty()?;
         self.save_copy(CopyState { cursor: 0, done: false, done_seq: 0, item: None, ..st })?;
         drop(j);
         self.publish();
         Ok(())
+    }
+
+    fn clear_dirty(&self) -> std::io::Result<()> {
+        let mut d = self.dirty.lock().expect("dirty lock poisoned");
+        let n = d.count();
+        if n > 0 {
+            let blocks = self.size().div_ceil(d.block());
+            d.clear(0, blocks);
+            d.persist()?;
+        }
+        self.overflow.store(false, Ordering::Release);
+        Ok(())
+    }
+
+    /// Sets the journal's limit in bytes.
+    pub fn set_limit(&self, bytes: u64) {
+        self.limit.store(bytes.max(1), Ordering::Relaxed);
+    }
+
+    /// Bytes of journal the master target has not applied yet.
+    pub fn pending_bytes(&self) -> u64 {
+        self.lock().bytes_after(self.applied())
+    }
+
+    pub fn overflowed(&self) -> bool {
+        self.overflow.load(Ordering::Acquire)
+    }
+
+    pub fn dirty_bytes(&self) -> u64 {
+        self.dirty.lock().expect("dirty lock poisoned").dirty_bytes()
+    }
+
+    /// Marks the whole disk dirty: its history is lost, every block is copied again.
+    pub fn mark_all_dirty(&self) -> std::io::Result<()> {
+        let _j = self.lock();
+        self.dirty.lock().expect("dirty lock poisoned").mark_all()
+    }
+
+    /// Marks ranges dirty (the result of a checksum comparison).
+    pub fn mark_dirty(&self, ranges: &[(u64, u64)]) -> std::io::Result<()> {
+        let _j = self.lock();
+        let mut d = self.dirty.lock().expect("dirty lock poisoned");
+        for (o, l) in ranges {
+            d.mark(*o, *l)?;
+        }
+        Ok(())
+    }
+
+    /// Decides, under the journal's lock, whether a change of `len` bytes goes to the journal (true) or
+    /// to the dirty map: the journal past its limit hands over to the map until it drained to half.
+    fn journal_takes(&self, j: &Journal, len: u64) -> bool {
+        let limit = self.limit.load(Ordering::Relaxed);
+        let pending = j.bytes_after(self.applied());
+        if self.overflowed() {
+            if pending > limit / 2 {
+                return false;
+            }
+            self.overflow.store(false, Ordering::Release);
+            tracing::info!(disk = self.name, "journal drained: journaling again, dirty blocks follow");
+            return true;
+        }
+        if pending.saturating_add(len) > limit {
+            self.overflow.store(true, Ordering::Release);
+            tracing::warn!(
+                disk = self.name,
+                limit,
+                "journal reached its limit: tracking changed blocks in the dirty map; they are resynchronized later"
+            );
+            return false;
+        }
+        true
     }
 
     /// Bytes written or zeroed through the front end since the agent started.
@@ -356,6 +467,69 @@ impl ProtectedDisk {
         Ok(())
     }
 
+    /// Copies the dirty blocks into the journal (zeroes as zero changes), clearing them as it goes.
+    /// Runs while journaling and not overflowed; stops early when `stop` returns true. Returns the
+    /// bytes copied.
+    pub fn copy_dirty(&self, chunk: u64, backlog_limit: u64, stop: &dyn Fn() -> bool) -> anyhow::Result<u64> {
+        use anyhow::Context;
+        let block = self.dirty.lock().expect("dirty lock poisoned").block();
+        let max_blocks = (chunk / block).max(1);
+        let mut buf = vec![0u8; (max_blocks * block) as usize];
+        let mut cursor = 0u64;
+        let mut copied = 0u64;
+        let mut last_persist = std::time::Instant::now();
+        let size = self.size();
+        let persist = |this: &Self| -> anyhow::Result<()> {
+            // The copies must be durable in the journal before their bits are cleared on disk.
+            let handle = this.lock().sync_handle();
+            handle.sync_data()?;
+            this.dirty.lock().expect("dirty lock poisoned").persist()?;
+            Ok(())
+        };
+        loop {
+            if stop() || !self.journaling() || self.overflowed() {
+                persist(self)?;
+                return Ok(copied);
+            }
+            // Leave the journal room: what the dirty map holds never pushes it back over its limit.
+            let room = backlog_limit.min(self.limit.load(Ordering::Relaxed) / 2);
+            while self.pending_bytes() > room {
+                if stop() || self.overflowed() {
+                    persist(self)?;
+                    return Ok(copied);
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            {
+                let mut j = self.lock();
+                let mut d = self.dirty.lock().expect("dirty lock poisoned");
+                let Some((first, n)) = d.next_run(cursor, max_blocks) else {
+                    drop(d);
+                    drop(j);
+                    persist(self)?;
+                    return Ok(copied);
+                };
+                let pos = first * block;
+                let len = (n * block).min(size - pos) as usize;
+                self.disk.read_at(pos, &mut buf[..len]).with_context(|| format!("reading {} at {pos}", self.name))?;
+                if sr_common::compress::is_zero(&buf[..len]) {
+                    j.append(&Op::Zero { offset: pos, len: len as u64 })?;
+                } else {
+                    j.append_write(pos, &buf[..len])?;
+                }
+                d.clear(first, n);
+                cursor = first + n;
+                copied += len as u64;
+                self.metrics.resync_bytes.increment(len as u64);
+            }
+            self.after_append();
+            if last_persist.elapsed() > std::time::Duration::from_millis(500) {
+                persist(self)?;
+                last_persist = std::time::Instant::now();
+            }
+        }
+    }
+
     fn save_copy(&self, st: CopyState) -> anyhow::Result<()> {
         use anyhow::Context;
         let bytes = serde_json::to_vec(&st).expect("copy state serializes");
@@ -385,6 +559,15 @@ impl Backend for ProtectedDisk {
                 self.changed_bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
                 return if fua { Ok(self.disk.sync()?) } else { Ok(()) };
             }
+            if !self.journal_takes(&j, data.len() as u64) {
+                self.dirty.lock().expect("dirty lock poisoned").mark(offset, data.len() as u64)?;
+                self.disk.write_at(offset, data)?;
+                drop(j);
+                self.metrics.written.increment(data.len() as u64);
+                self.changed_bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
+                self.publish();
+                return if fua { Ok(self.disk.sync()?) } else { Ok(()) };
+            }
             let seq = j.append_write(offset, data).map_err(to_backend)?;
             self.disk.write_at(offset, data)?;
             (seq, j.bytes())
@@ -405,6 +588,14 @@ impl Backend for ProtectedDisk {
                 self.disk.zero(offset, len)?;
                 return if fua { Ok(self.disk.sync()?) } else { Ok(()) };
             }
+            if !self.journal_takes(&j, 0) {
+                self.dirty.lock().expect("dirty lock poisoned").mark(offset, len)?;
+                self.disk.zero(offset, len)?;
+                drop(j);
+                self.changed_bytes.fetch_add(len, Ordering::Relaxed);
+                self.publish();
+                return if fua { Ok(self.disk.sync()?) } else { Ok(()) };
+            }
             let seq = j.append(&Op::Zero { offset, len }).map_err(to_backend)?;
             self.disk.zero(offset, len)?;
             (seq, j.bytes())
@@ -419,7 +610,7 @@ impl Backend for ProtectedDisk {
     fn flush(&self) -> Result<(), BackendError> {
         let handle = {
             let mut j = self.lock();
-            if !self.journaling() {
+            if !self.journaling() || self.overflowed() {
                 drop(j);
                 return Ok(self.disk.sync()?);
             }

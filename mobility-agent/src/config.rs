@@ -42,6 +42,8 @@ pub struct AgentConfig {
     pub copy: CopyConfig,
     #[serde(default)]
     pub points: crate::consistency::PointsConfig,
+    #[serde(default)]
+    pub journal: JournalConfig,
     #[serde(rename = "disk")]
     pub disks: Vec<DiskConfig>,
 }
@@ -60,6 +62,23 @@ pub struct ShipConfig {
 impl Default for ShipConfig {
     fn default() -> Self {
         ShipConfig { batch_bytes: DEFAULT_BATCH_BYTES, window_bytes: DEFAULT_WINDOW_BYTES, retry_scale: 1.0 }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JournalConfig {
+    /// The journal may hold this share of the disk's size (the policy's journal limit overrides it)...
+    pub limit_percent: u8,
+    /// ...or this many bytes, when set (overrides both).
+    pub limit_bytes: Option<u64>,
+    /// Block size of the dirty map that takes over past the limit, and of checksum comparisons.
+    pub dirty_block_bytes: u64,
+}
+
+impl Default for JournalConfig {
+    fn default() -> Self {
+        JournalConfig { limit_percent: 50, limit_bytes: None, dirty_block_bytes: 4096 }
     }
 }
 
@@ -109,6 +128,7 @@ impl AgentConfig {
             ship,
             copy,
             points,
+            journal,
             disks,
         } = self;
         if control.is_none() && (item.is_none() || process_server.is_none()) {
@@ -151,6 +171,15 @@ impl AgentConfig {
         }
         if post_hook.is_some() && points.pre_hook.is_none() {
             return Err("key points.post_hook: set only with points.pre_hook".into());
+        }
+        let JournalConfig { limit_percent, limit_bytes, dirty_block_bytes } = journal;
+        if !(1..=100).contains(limit_percent) || *limit_bytes == Some(0) {
+            return Err("keys journal.limit_percent (1 to 100) and journal.limit_bytes (> 0)".into());
+        }
+        if *dirty_block_bytes < 512 || !dirty_block_bytes.is_power_of_two() || *dirty_block_bytes > 1 << 20 {
+            return Err(format!(
+                "key journal.dirty_block_bytes: {dirty_block_bytes} must be a power of two from 512 to 1 MiB"
+            ));
         }
         if disks.is_empty() {
             return Err("no [[disk]] entries: nothing to protect".into());

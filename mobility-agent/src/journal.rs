@@ -198,7 +198,14 @@ pub struct Journal {
     active: Arc<File>,
     next: Seq,
     bytes: u64,
+    /// Bytes appended since the journal was opened or reset (those present at open included).
+    logical: u64,
+    /// (seq, `logical` just after it), about every [`MARK_EVERY`] bytes: how much follows a position.
+    marks: std::collections::VecDeque<(Seq, u64)>,
 }
+
+/// Spacing of the position marks that measure how many bytes follow a sequence number.
+const MARK_EVERY: u64 = 64 << 10;
 
 fn seg_path(dir: &Path, first: Seq) -> PathBuf {
     dir.join(format!("{:020}.seg", first.0))
@@ -225,15 +232,23 @@ impl Journal {
         }
         let mut segments = Vec::new();
         let count = firsts.len();
+        let mut logical = 0u64;
+        let mut marks = std::collections::VecDeque::new();
         for (i, first) in firsts.into_iter().enumerate() {
             let path = seg_path(dir, first);
             let len = std::fs::metadata(&path).map_err(io(&path))?.len();
             let mut expect = first;
             let mut seq_error = None;
-            let end = scan(&path, 0, len, |rec, _| {
+            let before = logical;
+            let mut last_mark = marks.back().map_or(0, |m: &(Seq, u64)| m.1);
+            let end = scan(&path, 0, len, |rec, after| {
                 if rec.seq != expect {
                     seq_error = Some(format!("record has seq {} where {} was expected", rec.seq, expect));
                     return false;
+                }
+                if before + after - last_mark >= MARK_EVERY {
+                    last_mark = before + after;
+                    marks.push_back((rec.seq, last_mark));
                 }
                 expect = expect.next();
                 true
@@ -264,12 +279,16 @@ impl Journal {
                 }
             }
             segments.push(Segment { first, last: Seq(expect.0 - 1), path, bytes: good });
+            logical += good;
+            while marks.back().is_some_and(|m| m.1 > logical) {
+                marks.pop_back();
+            }
         }
         let last = segments.last().expect("at least one segment");
         let active = OpenOptions::new().append(true).open(&last.path).map_err(io(&last.path))?;
         let next = last.last.next();
         let bytes = segments.iter().map(|s| s.bytes).sum();
-        Ok(Journal { dir: dir.to_path_buf(), segments, active: Arc::new(active), next, bytes })
+        Ok(Journal { dir: dir.to_path_buf(), segments, active: Arc::new(active), next, bytes, logical, marks })
     }
 
     /// Appends one change and returns its sequence number. The bytes are in the kernel when this returns;
@@ -303,6 +322,10 @@ impl Journal {
         active.bytes += len;
         active.last = seq;
         self.bytes += len;
+        self.logical += len;
+        if self.logical - self.marks.back().map_or(0, |m| m.1) >= MARK_EVERY {
+            self.marks.push_back((seq, self.logical));
+        }
         self.next = seq.next();
         if active.bytes >= SEGMENT_BYTES {
             self.rotate()?;
@@ -339,6 +362,8 @@ impl Journal {
         self.segments.push(Segment { first: Seq(1), last: Seq(0), path, bytes: 0 });
         self.next = Seq(1);
         self.bytes = 0;
+        self.logical = 0;
+        self.marks.clear();
         Ok(())
     }
 
@@ -351,7 +376,22 @@ impl Journal {
             freed += s.bytes;
         }
         self.bytes -= freed;
+        // Keep the newest mark at or below `through`: it measures what follows the applied position.
+        while self.marks.len() > 1 && self.marks[1].0 <= through {
+            self.marks.pop_front();
+        }
         Ok(freed)
+    }
+
+    /// About how many bytes of records follow `after` (never fewer than there are; at most
+    /// [`MARK_EVERY`] more).
+    pub fn bytes_after(&self, after: Seq) -> u64 {
+        if after >= self.last_seq() {
+            return 0;
+        }
+        let i = self.marks.partition_point(|m| m.0 <= after);
+        let base = if i == 0 { self.logical - self.bytes.min(self.logical) } else { self.marks[i - 1].1 };
+        self.logical.saturating_sub(base)
     }
 
     pub fn segments(&self) -> Vec<Segment> {
@@ -541,6 +581,25 @@ mod tests {
         drop(j);
         let j = Journal::open(d.path()).unwrap();
         assert_eq!(j.last_seq(), Seq(1));
+    }
+
+    #[test]
+    fn bytes_after_a_position_are_measured_across_reopen() {
+        let d = tempfile::tempdir().unwrap();
+        let mut j = Journal::open(d.path()).unwrap();
+        for i in 0..100 {
+            j.append(&write(0, i, 10_000)).unwrap();
+        }
+        let rec = 10_000 + HEADER as u64;
+        let all = j.bytes_after(Seq(0));
+        assert_eq!(all, 100 * rec);
+        let after_50 = j.bytes_after(Seq(50));
+        assert!(after_50 >= 50 * rec && after_50 <= 50 * rec + MARK_EVERY, "{after_50}");
+        assert_eq!(j.bytes_after(Seq(100)), 0);
+        drop(j);
+        let j = Journal::open(d.path()).unwrap();
+        let again = j.bytes_after(Seq(50));
+        assert!(again >= 50 * rec && again <= 50 * rec + MARK_EVERY, "{again}");
     }
 
     #[test]

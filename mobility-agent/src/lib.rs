@@ -10,6 +10,7 @@
 pub mod capture;
 pub mod config;
 pub mod consistency;
+pub mod dirty;
 pub mod journal;
 pub mod metrics;
 pub mod ship;
@@ -32,7 +33,14 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Resul
     let exports = Exports::new();
     let mut disks = Vec::new();
     for d in &cfg.disks {
-        let pd = Arc::new(ProtectedDisk::open(DiskId(d.id), &d.name, &d.path, &cfg.data_dir)?);
+        let pd = Arc::new(ProtectedDisk::open(
+            DiskId(d.id),
+            &d.name,
+            &d.path,
+            &cfg.data_dir,
+            cfg.journal.dirty_block_bytes,
+        )?);
+        pd.set_limit(journal_limit(&cfg.journal, None, pd.size()));
         exports.insert(&d.name, pd.clone());
         disks.push(pd);
     }
@@ -77,6 +85,19 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Resul
                     tracing::error!(disk = d.name, error = format!("{e:#}"), "initial copy failed; retrying in 10 s");
                     std::thread::sleep(std::time::Duration::from_secs(10));
                 }
+            } else if d.journaling() && !d.overflowed() && d.dirty_bytes() > 0 {
+                match d.copy_dirty(chunk, backlog, &|| stop.is_cancelled()) {
+                    Ok(n) if n > 0 => tracing::info!(disk = d.name, bytes = n, "dirty blocks copied into the journal"),
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::error!(
+                            disk = d.name,
+                            error = format!("{e:#}"),
+                            "copying dirty blocks failed; retrying in 10 s"
+                        );
+                        std::thread::sleep(std::time::Duration::from_secs(10));
+                    }
+                }
             }
             std::thread::sleep(std::time::Duration::from_millis(200));
         })?;
@@ -107,6 +128,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Resul
             route: route_tx,
             intervals: intervals_tx,
             events,
+            journal: cfg.journal.clone(),
         };
         tasks.spawn(control_loop(client, to_cs, shutdown.clone()));
     }
@@ -132,12 +154,14 @@ struct Control {
     /// The policy's (crash, app) consistency intervals.
     intervals: tokio::sync::watch::Sender<Option<(u64, u64)>>,
     events: consistency::Events,
+    journal: config::JournalConfig,
 }
 
 /// Reports disks and progress to the configuration server and follows its assignment.
 async fn control_loop(client: sr_common::control::ControlClient, c: Control, shutdown: CancellationToken) {
     let (cl, id, disks, route, intervals) = (&client, &c.identity, &c.disks, &c.route, &c.intervals);
     let events = &c.events;
+    let journal_cfg = &c.journal;
     let mut last = (std::time::Instant::now(), 0u64);
     client
         .every_poll(&shutdown, move || {
@@ -156,6 +180,7 @@ async fn control_loop(client: sr_common::control::ControlClient, c: Control, shu
                         "id": d.id.0,
                         "copy_percent": if c.done { 100.0 } else { 100.0 * c.cursor as f64 / d.size().max(1) as f64 },
                         "copy_done": c.done, "done_seq": c.done_seq, "last_seq": d.last_seq().0,
+                        "dirty_bytes": d.dirty_bytes(), "overflow": d.overflowed(),
                     })
                 }).collect::<Vec<_>>(),
             });
@@ -170,6 +195,10 @@ async fn control_loop(client: sr_common::control::ControlClient, c: Control, shu
                 let first = assignments.first();
                 let policy = first.and_then(|a| Some((a["crash_interval_secs"].as_u64()?, a["app_interval_secs"].as_u64()?)));
                 intervals.send_if_modified(|cur| std::mem::replace(cur, policy) != policy);
+                let percent = first.and_then(|a| a["journal_limit_percent"].as_u64()).map(|p| p.clamp(1, 100) as u8);
+                for d in disks {
+                    d.set_limit(journal_limit(journal_cfg, percent, d.size()));
+                }
                 let next = match first {
                     None => None,
                     Some(a) => Some(ship::Route {
@@ -201,6 +230,12 @@ async fn control_loop(client: sr_common::control::ControlClient, c: Control, shu
         .await;
 }
 
+/// The journal's limit in bytes for a disk of `size` bytes: the config's absolute limit, else the
+/// policy's share, else the config's share.
+pub fn journal_limit(cfg: &config::JournalConfig, policy_percent: Option<u8>, size: u64) -> u64 {
+    cfg.limit_bytes.unwrap_or_else(|| size / 100 * u64::from(policy_percent.unwrap_or(cfg.limit_percent)))
+}
+
 fn status(node: &str, disks: &[Arc<ProtectedDisk>]) -> serde_json::Value {
     let disks: Vec<serde_json::Value> = disks
         .iter()
@@ -215,6 +250,8 @@ fn status(node: &str, disks: &[Arc<ProtectedDisk>]) -> serde_json::Value {
                 "acked_seq": d.acked().0,
                 "applied_seq": d.applied().0,
                 "journal_bytes": d.journal_bytes(),
+                "dirty_bytes": d.dirty_bytes(),
+                "overflow": d.overflowed(),
                 "initial_copy": {
                     "done": c.done,
                     "cursor": c.cursor,

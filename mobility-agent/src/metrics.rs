@@ -14,3 +14,7 @@ pub const CONNECTED: &str = "sr_agent_connected";
 pub const NEXT_ATTEMPT: &str = "sr_agent_next_attempt_timestamp_seconds";
 /// 1 while shipping is stopped on an error that retrying cannot fix.
 pub const FATAL: &str = "sr_agent_shipping_fatal";
+pub const DIRTY_BYTES: &str = "sr_agent_dirty_bytes";
+/// 1 while the journal is over its limit and changes are tracked in the dirty map.
+pub const OVERFLOW: &str = "sr_agent_journal_overflow";
+pub const RESYNC_BYTES: &str = "sr_agent_resync_copied_bytes_total";

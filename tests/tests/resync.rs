@@ -1,0 +1,85 @@
+//! Resynchronization: the journal reaching its limit hands over to the dirty map, which survives a
+//! SIGKILL of the agent and later ships just the dirty blocks; the replica ends byte-identical.
+
+// Test code: a failed unwrap is a failed test, with its message.
+#![allow(clippy::unwrap_used)]
+
+use rand::{Rng, SeedableRng};
+use sr_tests::*;
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+const MIB: u64 = 1 << 20;
+
+fn metric(addr: std::net::SocketAddr, name: &str) -> f64 {
+    let (_, text) = sr_common::http::request(addr, "GET", "/metrics", None).unwrap();
+    text.lines().filter(|l| l.starts_with(name)).filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum()
+}
+
+fn random_writes(rng: &mut rand::rngs::StdRng, size: u64, n: usize, blocks: &mut BTreeSet<u64>) -> Vec<String> {
+    let mut cmds = Vec::new();
+    for i in 0..n {
+        let off = rng.gen_range(0..size / 4096) * 4096;
+        blocks.insert(off / 4096);
+        cmds.push(format!("write -P {} {off} 4k", (i % 200) + 1));
+    }
+    cmds.push("flush".into());
+    cmds
+}
+
+fn qemu_io(uri: &str, cmds: &[String]) {
+    let mut args: Vec<&str> = vec!["-f", "raw"];
+    for c in cmds {
+        args.push("-c");
+        args.push(c);
+    }
+    args.push(uri);
+    run("qemu-io", &args).unwrap();
+}
+
+#[test]
+fn journal_overflow_falls_back_to_the_dirty_map_survives_sigkill_and_ships_only_dirty_blocks() {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(17);
+    let dir = test_dir();
+    let size = 64 * MIB;
+    let disk = dir.path().join("source.img");
+    make_disk(&disk, size).unwrap();
+    run("qemu-io", &["-f", "raw", "-c", "write -P 0x42 0 8M", disk.to_str().unwrap()]).unwrap();
+    let opts = Options { batch_bytes: 256 << 10, ..Options::default() };
+    let local =
+        Local::create(&dir.path().join("dep"), vec![DiskSpec { id: 1, name: "d".into(), path: disk.clone() }], &opts)
+            .unwrap();
+    let env = [("SR_AGENT__JOURNAL__LIMIT_BYTES", "1048576")];
+    let _mt = local.start(Component::MasterTarget).unwrap();
+    let ps = local.start(Component::ProcessServer).unwrap();
+    let agent = local.start_env(Component::Agent, &env).unwrap();
+    wait_caught_up(&local, Duration::from_secs(60)).unwrap();
+    // The process server is gone: the journal cannot drain and soon reaches its 1 MiB limit.
+    ps.kill();
+    let uri = local.agent_uri("d");
+    let mut blocks = BTreeSet::new();
+    qemu_io(&uri, &random_writes(&mut rng, size, 600, &mut blocks));
+    let st = local.agent_status().unwrap();
+    assert_eq!(st["disks"][0]["overflow"], true, "{st}");
+    let dirty = st["disks"][0]["dirty_bytes"].as_u64().unwrap();
+    assert!(dirty > 0 && dirty <= blocks.len() as u64 * 4096, "{st}");
+    // Killed in that mode and restarted: the dirty map is still there, and more writes join it.
+    agent.kill();
+    let _agent = local.start_env(Component::Agent, &env).unwrap();
+    let st = local.agent_status().unwrap();
+    assert!(st["disks"][0]["dirty_bytes"].as_u64().unwrap() >= dirty, "{st}");
+    qemu_io(&uri, &random_writes(&mut rng, size, 300, &mut blocks));
+    qemu_io(&uri, &["write -P 0x99 40M 3M".to_string(), "discard 50M 1M".to_string(), "flush".to_string()]);
+    (40 * MIB / 4096..43 * MIB / 4096).chain(50 * MIB / 4096..51 * MIB / 4096).for_each(|b| {
+        blocks.insert(b);
+    });
+    // The process server is back: the journal drains, then the dirty blocks follow.
+    let _ps = local.start(Component::ProcessServer).unwrap();
+    wait_caught_up(&local, Duration::from_secs(120)).unwrap();
+    compare(disk.to_str().unwrap(), &local.replica_uri(1)).unwrap();
+    check_apply_log(&local, 1).unwrap();
+    let resynced = metric(local.addrs.agent_http, "sr_agent_resync_copied_bytes_total") as u64;
+    let touched = blocks.len() as u64 * 4096;
+    assert!(resynced > 0, "nothing was resynchronized from the dirty map");
+    assert!(resynced <= touched, "{resynced} bytes resynchronized, but only {touched} bytes of blocks were written");
+}
