@@ -21,6 +21,7 @@ pub mod crashsafe;
 pub mod disk;
 pub mod http;
 pub mod local;
+pub mod merkle;
 pub mod nbd;
 pub mod quic;
 pub mod ratelimit;

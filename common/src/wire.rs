@@ -120,14 +120,49 @@ pub struct SealedBatch {
 
 #[derive(Debug, Clone, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub enum Message {
-    Hello { version: u32, role: Role, node: String },
-    Open { item: ItemId, disk: DiskId, disk_size: u64 },
-    Resume { next: Seq },
+    Hello {
+        version: u32,
+        role: Role,
+        node: String,
+    },
+    Open {
+        item: ItemId,
+        disk: DiskId,
+        disk_size: u64,
+    },
+    Resume {
+        next: Seq,
+    },
     Batch(Batch),
     Sealed(SealedBatch),
-    DurableAck { through: Seq },
-    AppliedAck { through: Seq },
-    Error { message: String },
+    DurableAck {
+        through: Seq,
+    },
+    AppliedAck {
+        through: Seq,
+    },
+    Error {
+        message: String,
+    },
+    /// Starts a checksum comparison of a disk's replica (agent to master target, relayed by the process
+    /// server), with blocks of `block` bytes; answered by `TreeHashes` with no hashes when ready.
+    TreeOpen {
+        item: ItemId,
+        disk: DiskId,
+        disk_size: u64,
+        block: u32,
+    },
+    /// Nodes `first..first+count` of `level` of the checksum tree of region `offset..offset+len`.
+    TreeQuery {
+        offset: u64,
+        len: u64,
+        level: u8,
+        first: u64,
+        count: u64,
+    },
+    TreeHashes {
+        hashes: Vec<[u8; 16]>,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -161,6 +196,9 @@ impl Message {
             Message::DurableAck { .. } => "DurableAck",
             Message::AppliedAck { .. } => "AppliedAck",
             Message::Error { .. } => "Error",
+            Message::TreeOpen { .. } => "TreeOpen",
+            Message::TreeQuery { .. } => "TreeQuery",
+            Message::TreeHashes { .. } => "TreeHashes",
         }
     }
 }
@@ -171,6 +209,7 @@ impl Message {
         256 + match self {
             Message::Batch(b) => b.size_hint(),
             Message::Sealed(s) => s.ciphertext.len(),
+            Message::TreeHashes { hashes } => hashes.len() * 16,
             _ => 0,
         }
     }

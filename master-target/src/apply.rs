@@ -33,7 +33,10 @@ pub async fn session(
     .await?;
     let (item, disk, disk_size) = match wire::expect_msg(&mut recv).await? {
         Message::Open { item, disk, disk_size } => (item, disk, disk_size),
-        other => bail!("expected Open, got {}", other.kind()),
+        Message::TreeOpen { item, disk, disk_size, block } => {
+            return crate::tree::session(server, send, recv, StreamKey { item, disk }, disk_size, block).await;
+        }
+        other => bail!("expected Open or TreeOpen, got {}", other.kind()),
     };
     let Some(item_key) = server.item_key(item) else {
         bail!("item {item} is not configured on master target {}: add its key to the [[item]] list", server.cfg.node);

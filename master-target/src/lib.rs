@@ -14,6 +14,7 @@ pub mod metrics;
 pub mod points;
 pub mod qcow2;
 pub mod replica;
+pub mod tree;
 pub mod undo;
 pub mod view;
 

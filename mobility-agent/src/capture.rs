@@ -24,6 +24,26 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
+/// A checksum comparison with the replica: asked for by `requested` (a growing id), finished when `done`
+/// reaches it; `cursor` is how far it got (persisted after the differing blocks found before it are in
+/// the dirty map), so an interrupted comparison resumes there.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ResyncState {
+    pub requested: u64,
+    pub done: u64,
+    pub cursor: u64,
+    /// Bytes of blocks found to differ so far.
+    pub differing_bytes: u64,
+    /// Bytes compared so far in this comparison, over all its runs.
+    pub compared_bytes: u64,
+}
+
+impl ResyncState {
+    pub fn active(&self) -> bool {
+        self.requested > self.done
+    }
+}
+
 /// Progress of the initial copy, persisted so a restart resumes where it stopped.
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct CopyState {
@@ -56,6 +76,8 @@ pub struct ProtectedDisk {
     journaling: std::sync::atomic::AtomicBool,
     copy: Mutex<CopyState>,
     copy_path: PathBuf,
+    resync: Mutex<ResyncState>,
+    resync_path: PathBuf,
     /// Blocks the replica may lack; locked inside the journal's lock.
     dirty: Mutex<DirtyMap>,
     /// Writes go to the dirty map instead of the journal (the journal reached its limit).
@@ -161,6 +183,13 @@ impl ProtectedDisk {
             );
         }
         let dirty = DirtyMap::open(&state_dir.join(format!("dirty-{}.map", id.0)), disk.size(), dirty_block)?;
+        let resync_path = state_dir.join(format!("resync-{}.json", id.0));
+        let resync = match std::fs::read(&resync_path) {
+            Ok(b) => serde_json::from_slice::<ResyncState>(&b)
+                .with_context(|| format!("resync state {} is not valid", resync_path.display()))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => ResyncState::default(),
+            Err(e) => return Err(e).with_context(|| format!("reading {}", resync_path.display())),
+        };
         if dirty.count() > 0 {
             tracing::info!(disk = name, dirty_bytes = dirty.dirty_bytes(), "dirty blocks left to copy");
         }
@@ -177,6 +206,8 @@ impl ProtectedDisk {
             copy: Mutex::new(copy),
             copy_path,
             dirty: Mutex::new(dirty),
+            resync: Mutex::new(resync),
+            resync_path,
             overflow: std::sync::atomic::AtomicBool::new(false),
             limit: AtomicU64::new(u64::MAX),
             metrics: DiskMetrics::new(name),
@@ -307,6 +338,46 @@ impl ProtectedDisk {
         }
         self.overflow.store(false, Ordering::Release);
         Ok(())
+    }
+
+    pub fn resync_state(&self) -> ResyncState {
+        *self.resync.lock().expect("resync lock poisoned")
+    }
+
+    pub fn save_resync(&self, st: ResyncState) -> anyhow::Result<()> {
+        use anyhow::Context;
+        let bytes = serde_json::to_vec(&st).expect("resync state serializes");
+        sr_common::crashsafe::write_file(&self.resync_path, &bytes)
+            .with_context(|| format!("saving {}", self.resync_path.display()))?;
+        *self.resync.lock().expect("resync lock poisoned") = st;
+        Ok(())
+    }
+
+    /// Asks for a checksum comparison with the replica (request `id`, larger than any before); a
+    /// comparison already running for a smaller id starts over.
+    pub fn request_resync(&self, id: u64) -> anyhow::Result<bool> {
+        let st = self.resync_state();
+        if id <= st.requested {
+            return Ok(false);
+        }
+        tracing::info!(disk = self.name, id, "resync requested: comparing checksums with the replica");
+        self.save_resync(ResyncState { requested: id, done: st.done, ..ResyncState::default() })?;
+        Ok(true)
+    }
+
+    /// Reads `buf` at `offset` under the journal's lock: the disk at one sequence number.
+    pub fn read_consistent(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        let _j = self.lock();
+        self.disk.read_at(offset, buf)
+    }
+
+    /// Block size of the dirty map and of checksum comparisons.
+    pub fn dirty_block(&self) -> u64 {
+        self.dirty.lock().expect("dirty lock poisoned").block()
+    }
+
+    pub fn disk_file(&self) -> &DiskFile {
+        &self.disk
     }
 
     /// Sets the journal's limit in bytes.

@@ -44,6 +44,8 @@ pub struct AgentConfig {
     pub points: crate::consistency::PointsConfig,
     #[serde(default)]
     pub journal: JournalConfig,
+    #[serde(default)]
+    pub resync: crate::resync::ResyncConfig,
     #[serde(rename = "disk")]
     pub disks: Vec<DiskConfig>,
 }
@@ -129,6 +131,7 @@ impl AgentConfig {
             copy,
             points,
             journal,
+            resync: _,
             disks,
         } = self;
         if control.is_none() && (item.is_none() || process_server.is_none()) {

@@ -13,6 +13,7 @@ pub mod consistency;
 pub mod dirty;
 pub mod journal;
 pub mod metrics;
+pub mod resync;
 pub mod ship;
 pub mod system;
 
@@ -60,13 +61,22 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Resul
     }
     let status_disks = disks.clone();
     let node = cfg.node.clone();
-    let router = axum::Router::new().route(
-        "/v1/status",
-        axum::routing::get(move || {
-            let body = status(&node, &status_disks);
-            std::future::ready(axum::Json(body))
-        }),
-    );
+    let resync_disks = disks.clone();
+    let router = axum::Router::new()
+        .route(
+            "/v1/status",
+            axum::routing::get(move || {
+                let body = status(&node, &status_disks);
+                std::future::ready(axum::Json(body))
+            }),
+        )
+        .route(
+            "/v1/resync",
+            axum::routing::post(move || {
+                let disks = resync_disks.clone();
+                async move { request_resync(&disks) }
+            }),
+        );
     let http = sr_common::telemetry::serve_http(cfg.http, router, shutdown.clone()).await?;
     tracing::info!(%http, "operations endpoint listening");
 
@@ -116,6 +126,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Resul
     let tasks = tokio_util::task::TaskTracker::new();
     for d in &disks {
         tasks.spawn(ship::run(d.clone(), target.clone(), route_rx.clone(), shutdown.clone()));
+        tasks.spawn(resync::run(d.clone(), target.clone(), route_rx.clone(), cfg.resync.clone(), shutdown.clone()));
     }
     let (intervals_tx, intervals_rx) = tokio::sync::watch::channel(None);
     let events = consistency::Events::default();
@@ -230,10 +241,33 @@ async fn control_loop(client: sr_common::control::ControlClient, c: Control, shu
         .await;
 }
 
+/// Starts a checksum comparison of every disk with its replica (a local "resync now").
+fn request_resync(
+    disks: &[Arc<ProtectedDisk>],
+) -> Result<axum::Json<serde_json::Value>, (axum::http::StatusCode, String)> {
+    let mut started = Vec::new();
+    for d in disks {
+        let st = d.resync_state();
+        let id = st.requested.max(st.done) + 1;
+        d.request_resync(id).map_err(|e| (axum::http::StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")))?;
+        started.push(serde_json::json!({ "disk": d.id.0, "request": id }));
+    }
+    Ok(axum::Json(serde_json::json!({ "resync": started })))
+}
+
 /// The journal's limit in bytes for a disk of `size` bytes: the config's absolute limit, else the
 /// policy's share, else the config's share.
 pub fn journal_limit(cfg: &config::JournalConfig, policy_percent: Option<u8>, size: u64) -> u64 {
     cfg.limit_bytes.unwrap_or_else(|| size / 100 * u64::from(policy_percent.unwrap_or(cfg.limit_percent)))
+}
+
+fn resync_json(d: &ProtectedDisk) -> serde_json::Value {
+    let r = d.resync_state();
+    serde_json::json!({
+        "active": r.active(), "requested": r.requested, "done": r.done, "cursor": r.cursor,
+        "compare_percent": if r.active() { 100.0 * r.cursor as f64 / d.size().max(1) as f64 } else { 100.0 },
+        "differing_bytes": r.differing_bytes, "compared_bytes": r.compared_bytes,
+    })
 }
 
 fn status(node: &str, disks: &[Arc<ProtectedDisk>]) -> serde_json::Value {
@@ -252,6 +286,7 @@ fn status(node: &str, disks: &[Arc<ProtectedDisk>]) -> serde_json::Value {
                 "journal_bytes": d.journal_bytes(),
                 "dirty_bytes": d.dirty_bytes(),
                 "overflow": d.overflowed(),
+                "resync": resync_json(d),
                 "initial_copy": {
                     "done": c.done,
                     "cursor": c.cursor,

@@ -18,3 +18,4 @@ pub const DIRTY_BYTES: &str = "sr_agent_dirty_bytes";
 /// 1 while the journal is over its limit and changes are tracked in the dirty map.
 pub const OVERFLOW: &str = "sr_agent_journal_overflow";
 pub const RESYNC_BYTES: &str = "sr_agent_resync_copied_bytes_total";
+pub const RESYNC_COMPARED_RATIO: &str = "sr_agent_resync_compared_ratio";

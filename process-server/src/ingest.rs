@@ -39,7 +39,10 @@ pub async fn session(
     .await?;
     let (item, disk, disk_size) = match wire::expect_msg(&mut recv).await? {
         Message::Open { item, disk, disk_size } => (item, disk, disk_size),
-        other => bail!("expected Open, got {}", other.kind()),
+        Message::TreeOpen { item, disk, disk_size, block } => {
+            return crate::relay::session(server, send, recv, (item, disk, disk_size, block)).await;
+        }
+        other => bail!("expected Open or TreeOpen, got {}", other.kind()),
     };
     if server.route(item).is_none() {
         bail!(

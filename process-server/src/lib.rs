@@ -12,6 +12,7 @@ pub mod config;
 pub mod forward;
 pub mod ingest;
 pub mod metrics;
+pub mod relay;
 pub mod stream;
 
 use anyhow::Context;

@@ -14,3 +14,5 @@ pub const BACKPRESSURE: &str = "sr_process_server_backpressure_waits_total";
 pub const DUPLICATES: &str = "sr_process_server_duplicate_batches_total";
 pub const ERRORS: &str = "sr_process_server_stream_errors_total";
 pub const BANDWIDTH_WAIT_MS: &str = "sr_process_server_bandwidth_wait_milliseconds_total";
+/// Bytes of checksum queries and answers relayed for resyncs (both ways).
+pub const CHECKSUM_BYTES: &str = "sr_process_server_checksum_bytes_total";

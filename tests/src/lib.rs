@@ -59,7 +59,11 @@ fn caught_up(local: &Local) -> anyhow::Result<Option<Vec<u64>>> {
     for d in st["disks"].as_array().context("status has no disks")? {
         let id = d["id"].as_u64().context("disk id")?;
         let last = d["last_seq"].as_u64().context("last_seq")?;
-        if d["initial_copy"]["done"] != true || d["dirty_bytes"].as_u64().unwrap_or(0) > 0 || d["overflow"] == true {
+        if d["initial_copy"]["done"] != true
+            || d["dirty_bytes"].as_u64().unwrap_or(0) > 0
+            || d["overflow"] == true
+            || d["resync"]["active"] == true
+        {
             return Ok(None);
         }
         let applied = local.applied(id)?;

@@ -16,6 +16,40 @@ fn metric(addr: std::net::SocketAddr, name: &str) -> f64 {
     text.lines().filter(|l| l.starts_with(name)).filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum()
 }
 
+/// A disk of `size` bytes whose first `data` bytes are random (incompressible).
+fn random_disk(path: &std::path::Path, size: u64, data: u64, seed: u64) {
+    use rand::RngCore;
+    use std::os::unix::fs::FileExt;
+    make_disk(path, size).unwrap();
+    let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut buf = vec![0u8; MIB as usize];
+    for i in 0..data / MIB {
+        rng.fill_bytes(&mut buf);
+        f.write_all_at(&buf, i * MIB).unwrap();
+    }
+}
+
+/// Overwrites `share` of the 4 KiB blocks of `path` at random with junk; returns the blocks.
+fn diverge(path: &std::path::Path, size: u64, share: f64, seed: u64) -> BTreeSet<u64> {
+    use rand::RngCore;
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let n = ((size / 4096) as f64 * share) as usize;
+    let mut blocks = BTreeSet::new();
+    let mut junk = [0u8; 4096];
+    while blocks.len() < n {
+        let b = rng.gen_range(0..size / 4096);
+        if blocks.insert(b) {
+            rng.fill_bytes(&mut junk);
+            f.write_all_at(&junk, b * 4096).unwrap();
+        }
+    }
+    f.sync_all().unwrap();
+    blocks
+}
+
 fn random_writes(rng: &mut rand::rngs::StdRng, size: u64, n: usize, blocks: &mut BTreeSet<u64>) -> Vec<String> {
     let mut cmds = Vec::new();
     for i in 0..n {
@@ -82,4 +116,42 @@ fn journal_overflow_falls_back_to_the_dirty_map_survives_sigkill_and_ships_only_
     let touched = blocks.len() as u64 * 4096;
     assert!(resynced > 0, "nothing was resynchronized from the dirty map");
     assert!(resynced <= touched, "{resynced} bytes resynchronized, but only {touched} bytes of blocks were written");
+}
+
+#[test]
+fn a_diverged_replica_is_resynced_by_checksums_shipping_only_what_differs() {
+    let dir = test_dir();
+    let size = 128 * MIB;
+    let disk = dir.path().join("source.img");
+    random_disk(&disk, size, 96 * MIB, 1);
+    let local = Local::create(
+        &dir.path().join("dep"),
+        vec![DiskSpec { id: 1, name: "d".into(), path: disk.clone() }],
+        &Options::default(),
+    )
+    .unwrap();
+    let mt = local.start(Component::MasterTarget).unwrap();
+    let _ps = local.start(Component::ProcessServer).unwrap();
+    let _agent = local.start(Component::Agent).unwrap();
+    wait_caught_up(&local, Duration::from_secs(120)).unwrap();
+    // 1% of the replica's blocks overwritten while the master target is stopped.
+    mt.kill();
+    let blocks = diverge(&local.replica_path(1), size, 0.01, 2);
+    let _mt = local.start(Component::MasterTarget).unwrap();
+    assert!(compare(disk.to_str().unwrap(), &local.replica_uri(1)).is_err(), "the replica did not diverge");
+    let ps = local.addrs.ps_http;
+    let (in_before, sums_before) =
+        (metric(ps, "sr_process_server_received_bytes_total"), metric(ps, "sr_process_server_checksum_bytes_total"));
+    let v = sr_common::http::post_json(local.addrs.agent_http, "/v1/resync", &serde_json::json!({})).unwrap();
+    assert_eq!(v["resync"][0]["disk"], 1, "{v}");
+    wait_caught_up(&local, Duration::from_secs(120)).unwrap();
+    compare(disk.to_str().unwrap(), &local.replica_uri(1)).unwrap();
+    let st = local.agent_status().unwrap();
+    let differing = blocks.len() as u64 * 4096;
+    assert_eq!(st["disks"][0]["resync"]["differing_bytes"].as_u64().unwrap(), differing, "{st}");
+    let shipped = metric(ps, "sr_process_server_received_bytes_total") - in_before;
+    let sums = metric(ps, "sr_process_server_checksum_bytes_total") - sums_before;
+    eprintln!("differing {differing} bytes, shipped {shipped}, checksum traffic {sums}");
+    assert!(shipped <= 1.1 * differing as f64, "{shipped} bytes shipped for {differing} differing bytes");
+    assert!(sums > 0.0 && sums < size as f64 / 20.0, "checksum traffic of {sums} bytes");
 }

@@ -1,0 +1,158 @@
+//! Resynchronization by checksum comparison: the disk and its replica are compared region by region
+//! as trees of block checksums (through the process server, which relays to the master target), and
+//! the blocks that differ go into the dirty map, from where they are copied into the journal and
+//! shipped like any change. Unchanged regions cost one hash each on the wire.
+//!
+//! ```text
+//! request (API, assignment) --> ResyncState{requested} --> connect PS --TreeOpen--> ready
+//! for each region from the persisted cursor:
+//!   own tree (disk read under the journal's lock) <--TreeQuery/TreeHashes, top down--> replica's tree
+//!   differing blocks --> dirty map (durable) --> cursor saved
+//! done --> the copy thread ships the dirty blocks --> Protected
+//! ```
+//! Interrupted (any component killed, the network gone), it retries with back-off and resumes at the
+//! saved cursor. Writes during the comparison are journaled as usual, so a block the comparison
+//! finds equal is right once the journal is applied.
+
+use crate::capture::ProtectedDisk;
+use crate::ship::{Route, ShipTarget};
+use anyhow::{bail, Context};
+use serde::Deserialize;
+use sr_common::merkle::{self, Tree, REGION};
+use sr_common::wire::{self, Message, Role};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ResyncConfig {
+    /// Reading the disk for checksums is held to this rate, so production I/O keeps its share;
+    /// 0: unlimited.
+    pub max_read_mbps: u64,
+}
+
+/// Runs comparisons for `disk` whenever one is requested, until `shutdown`.
+pub async fn run(
+    disk: Arc<ProtectedDisk>,
+    target: Arc<ShipTarget>,
+    route: tokio::sync::watch::Receiver<Option<Route>>,
+    cfg: ResyncConfig,
+    shutdown: CancellationToken,
+) {
+    let mut attempt = 0u32;
+    let progress = metrics::gauge!(crate::metrics::RESYNC_COMPARED_RATIO, "disk" => disk.name.clone());
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(300)) => {}
+            _ = shutdown.cancelled() => return,
+        }
+        let st = disk.resync_state();
+        let r = *route.borrow();
+        let Some(r) = r.filter(|_| st.active() && disk.journaling() && disk.copy_state().done) else {
+            continue;
+        };
+        let res = tokio::select! {
+            r = compare(&disk, &target, r, &cfg, &progress) => r,
+            _ = shutdown.cancelled() => return,
+        };
+        match res {
+            Ok(()) => attempt = 0,
+            Err(e) => {
+                attempt += 1;
+                let delay = sr_common::retry::reconnect_delay(attempt, &target.retry, rand::random());
+                tracing::warn!(disk = disk.name, error = format!("{e:#}"), retry_in = ?delay, "checksum comparison interrupted; it resumes where it stopped");
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = shutdown.cancelled() => return,
+                }
+            }
+        }
+    }
+}
+
+async fn ask(
+    send: &mut quinn::SendStream,
+    recv: &mut quinn::RecvStream,
+    q: Message,
+) -> anyhow::Result<Vec<merkle::Hash>> {
+    wire::write_msg(send, &q).await?;
+    match wire::expect_msg(recv).await? {
+        Message::TreeHashes { hashes } => Ok(hashes),
+        Message::Error { message } => bail!("the master target refused: {message}"),
+        other => bail!("expected TreeHashes, got {}", other.kind()),
+    }
+}
+
+/// The replica's tree of one region, through the process server.
+struct Remote<'a> {
+    send: &'a mut quinn::SendStream,
+    recv: &'a mut quinn::RecvStream,
+    offset: u64,
+    len: u64,
+}
+
+impl merkle::Fetch for Remote<'_> {
+    async fn fetch(&mut self, level: usize, first: u64, count: u64) -> anyhow::Result<Vec<merkle::Hash>> {
+        let q = Message::TreeQuery { offset: self.offset, len: self.len, level: level as u8, first, count };
+        ask(self.send, self.recv, q).await
+    }
+}
+
+async fn compare(
+    disk: &Arc<ProtectedDisk>,
+    target: &ShipTarget,
+    route: Route,
+    cfg: &ResyncConfig,
+    progress: &metrics::Gauge,
+) -> anyhow::Result<()> {
+    let size = disk.size();
+    let block = disk.dirty_block();
+    let conn =
+        sr_common::quic::connect_checked(&target.endpoint, &target.identity, route.process_server, Role::ProcessServer)
+            .await?;
+    let (mut send, mut recv) = conn.open_bi().await.context("opening a stream to the process server")?;
+    wire::write_msg(
+        &mut send,
+        &Message::Hello { version: wire::PROTOCOL_VERSION, role: Role::Agent, node: target.node.clone() },
+    )
+    .await?;
+    wire::check_hello(wire::expect_msg(&mut recv).await?, Role::ProcessServer)?;
+    let open = Message::TreeOpen { item: route.item, disk: disk.id, disk_size: size, block: block as u32 };
+    ask(&mut send, &mut recv, open).await.context("opening the comparison")?;
+    let mut st = disk.resync_state();
+    tracing::info!(disk = disk.name, from = st.cursor, size, "checksum comparison running");
+    let mut limiter = (cfg.max_read_mbps > 0)
+        .then(|| sr_common::ratelimit::RateLimiter::new(cfg.max_read_mbps * 1_000_000, Instant::now()));
+    while st.cursor < size {
+        let (offset, len) = (st.cursor, REGION.min(size - st.cursor));
+        if let Some(l) = limiter.as_mut() {
+            tokio::time::sleep(l.reserve(Instant::now(), len)).await;
+        }
+        let d = disk.clone();
+        let mine = tokio::task::spawn_blocking(move || {
+            Tree::build(d.disk_file(), offset, len, block, &|o, buf| d.read_consistent(o, buf))
+        })
+        .await??;
+        let mut remote = Remote { send: &mut send, recv: &mut recv, offset, len };
+        let differing = merkle::diff(&mine, &mut remote).await?;
+        let ranges: Vec<(u64, u64)> =
+            differing.iter().map(|i| (offset + i * block, block.min(offset + len - (offset + i * block)))).collect();
+        let d = disk.clone();
+        tokio::task::spawn_blocking(move || d.mark_dirty(&ranges)).await??;
+        st.differing_bytes += differing.len() as u64 * block;
+        st.compared_bytes += len;
+        st.cursor = offset + len;
+        disk.save_resync(st)?;
+        progress.set(st.cursor as f64 / size.max(1) as f64);
+    }
+    let _ = send.finish();
+    st.done = st.requested;
+    disk.save_resync(st)?;
+    tracing::info!(
+        disk = disk.name,
+        differing_bytes = st.differing_bytes,
+        "checksum comparison finished; differing blocks follow"
+    );
+    Ok(())
+}
