@@ -131,7 +131,7 @@ impl AgentConfig {
             copy,
             points,
             journal,
-            resync: _,
+            resync,
             disks,
         } = self;
         if control.is_none() && (item.is_none() || process_server.is_none()) {
@@ -182,6 +182,12 @@ impl AgentConfig {
         if *dirty_block_bytes < 512 || !dirty_block_bytes.is_power_of_two() || *dirty_block_bytes > 1 << 20 {
             return Err(format!(
                 "key journal.dirty_block_bytes: {dirty_block_bytes} must be a power of two from 512 to 1 MiB"
+            ));
+        }
+        let region = resync.region_bytes;
+        if region < 1 << 20 || region > 1 << 30 || region % *dirty_block_bytes != 0 {
+            return Err(format!(
+                "key resync.region_bytes: {region} must be 1 MiB to 1 GiB and a multiple of journal.dirty_block_bytes"
             ));
         }
         if disks.is_empty() {

@@ -24,12 +24,20 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ResyncConfig {
     /// Reading the disk for checksums is held to this rate, so production I/O keeps its share;
     /// 0: unlimited.
     pub max_read_mbps: u64,
+    /// The comparison goes a region of this size at a time; progress is saved after each.
+    pub region_bytes: u64,
+}
+
+impl Default for ResyncConfig {
+    fn default() -> Self {
+        ResyncConfig { max_read_mbps: 0, region_bytes: REGION }
+    }
 }
 
 /// Runs comparisons for `disk` whenever one is requested, until `shutdown`.
@@ -125,7 +133,7 @@ async fn compare(
     let mut limiter = (cfg.max_read_mbps > 0)
         .then(|| sr_common::ratelimit::RateLimiter::new(cfg.max_read_mbps * 1_000_000, Instant::now()));
     while st.cursor < size {
-        let (offset, len) = (st.cursor, REGION.min(size - st.cursor));
+        let (offset, len) = (st.cursor, cfg.region_bytes.min(size - st.cursor));
         if let Some(l) = limiter.as_mut() {
             tokio::time::sleep(l.reserve(Instant::now(), len)).await;
         }

@@ -155,3 +155,62 @@ fn a_diverged_replica_is_resynced_by_checksums_shipping_only_what_differs() {
     assert!(shipped <= 1.1 * differing as f64, "{shipped} bytes shipped for {differing} differing bytes");
     assert!(sums > 0.0 && sums < size as f64 / 20.0, "checksum traffic of {sums} bytes");
 }
+
+#[test]
+fn a_resync_interrupted_by_sigkill_of_each_service_resumes_where_it_stopped() {
+    let dir = test_dir();
+    let size = 256 * MIB;
+    let disk = dir.path().join("source.img");
+    random_disk(&disk, size, 8 * MIB, 3);
+    let local =
+        Local::create(&dir.path().join("dep"), vec![DiskSpec { id: 1, name: "d".into(), path: disk.clone() }], &Options::default())
+            .unwrap();
+    // A slow comparison (32 MB/s, 16 MiB regions) so every kill lands in the middle of it.
+    let env = [("SR_AGENT__RESYNC__MAX_READ_MBPS", "32"), ("SR_AGENT__RESYNC__REGION_BYTES", "16777216")];
+    let mut mt = Some(local.start(Component::MasterTarget).unwrap());
+    let mut ps = Some(local.start(Component::ProcessServer).unwrap());
+    let mut agent = Some(local.start_env(Component::Agent, &env).unwrap());
+    wait_caught_up(&local, Duration::from_secs(120)).unwrap();
+    mt.take().unwrap().kill();
+    let blocks = diverge(&local.replica_path(1), size, 0.01, 4);
+    mt = Some(local.start(Component::MasterTarget).unwrap());
+    sr_common::http::post_json(local.addrs.agent_http, "/v1/resync", &serde_json::json!({})).unwrap();
+    let cursor = || local.agent_status().unwrap()["disks"][0]["resync"]["cursor"].as_u64().unwrap();
+    let mut last = 0;
+    for victim in [Component::Agent, Component::ProcessServer, Component::MasterTarget] {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while cursor() <= last {
+            assert!(std::time::Instant::now() < deadline, "the comparison made no progress after {victim:?}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let before = cursor();
+        assert!(before < size, "the comparison finished before {victim:?} was killed");
+        match victim {
+            Component::Agent => {
+                agent.take().unwrap().kill();
+                agent = Some(local.start_env(Component::Agent, &env).unwrap());
+            }
+            Component::ProcessServer => {
+                ps.take().unwrap().kill();
+                std::thread::sleep(Duration::from_millis(300));
+                ps = Some(local.start(Component::ProcessServer).unwrap());
+            }
+            _ => {
+                mt.take().unwrap().kill();
+                std::thread::sleep(Duration::from_millis(300));
+                mt = Some(local.start(Component::MasterTarget).unwrap());
+            }
+        }
+        let after = cursor();
+        assert!(after >= before && after > 0, "{victim:?}: the comparison went back from {before} to {after}");
+        eprintln!("{victim:?} killed at {before} of {size}; resumed at {after}");
+        last = after;
+    }
+    wait_caught_up(&local, Duration::from_secs(120)).unwrap();
+    compare(disk.to_str().unwrap(), &local.replica_uri(1)).unwrap();
+    let st = local.agent_status().unwrap();
+    let differing = blocks.len() as u64 * 4096;
+    assert_eq!(st["disks"][0]["resync"]["differing_bytes"].as_u64().unwrap(), differing, "{st}");
+    assert!(st["disks"][0]["resync"]["compared_bytes"].as_u64().unwrap() < 2 * size, "{st}");
+    drop((mt, ps, agent));
+}
