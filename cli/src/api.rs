@@ -116,6 +116,9 @@ pub enum PoliciesCmd {
         compression_level: Option<i32>,
         #[arg(long)]
         bandwidth_limit_mbps: Option<u64>,
+        /// Automatic resyncs run only in this UTC window, like 22:00-06:00.
+        #[arg(long)]
+        resync_window: Option<String>,
     },
     Delete {
         id: String,
@@ -275,6 +278,7 @@ pub fn policies(c: &Client, cmd: PoliciesCmd, json_out: bool) -> anyhow::Result<
             journal_limit_percent,
             compression_level,
             bandwidth_limit_mbps,
+            resync_window,
         } => {
             let mut b = json!({ "name": name });
             let mut set = |k: &str, v: Option<Value>| {
@@ -289,6 +293,7 @@ pub fn policies(c: &Client, cmd: PoliciesCmd, json_out: bool) -> anyhow::Result<
             set("journal_limit_percent", journal_limit_percent.map(Value::from));
             set("compression_level", compression_level.map(Value::from));
             set("bandwidth_limit_mbps", bandwidth_limit_mbps.map(Value::from));
+            set("resync_window", resync_window.map(Value::from));
             c.call("POST", "/v1/policies", Some(b))?
         }
         PoliciesCmd::Delete { id } => c.call("DELETE", &format!("/v1/policies/{id}"), None)?,
@@ -342,6 +347,19 @@ pub fn protect(c: &Client, machine: &str, policy: &str, watch: bool, json_out: b
         println!("item {item}: enabling protection (job {job})");
     }
     follow(c, job, Some(item), json_out)
+}
+
+pub fn resync(c: &Client, item: u64, watch: bool, json_out: bool) -> anyhow::Result<()> {
+    let v = c.call("POST", &format!("/v1/items/{item}/resync"), None)?;
+    let job = v["job"].as_u64().context("answer without job id")?;
+    if !watch {
+        print(&v, json_out, |v| format!("{}\njob {job}", item_line(&v["item"])));
+        return Ok(());
+    }
+    if !json_out {
+        println!("item {item}: resynchronizing (job {job})");
+    }
+    follow(c, job, None, json_out)
 }
 
 pub fn unprotect(c: &Client, item: u64, json_out: bool) -> anyhow::Result<()> {

@@ -74,6 +74,14 @@ enum Cmd {
     },
     /// Disables protection of an item.
     Unprotect { item: u64 },
+    /// Resynchronizes an item now: checksums of its disks and replicas are compared and the blocks that
+    /// differ are shipped.
+    Resync {
+        item: u64,
+        /// Follow the job with a progress bar until the item is protected again.
+        #[arg(long)]
+        watch: bool,
+    },
     /// Protected items with their state and RPO.
     #[command(subcommand)]
     Items(api::ItemsCmd),
@@ -127,6 +135,7 @@ fn main() -> ExitCode {
             api::Client::new(&cli.conn).and_then(|cl| api::protect(&cl, &machine, &policy, watch, json))
         }
         Cmd::Unprotect { item } => api::Client::new(&cli.conn).and_then(|cl| api::unprotect(&cl, item, json)),
+        Cmd::Resync { item, watch } => api::Client::new(&cli.conn).and_then(|cl| api::resync(&cl, item, watch, json)),
         Cmd::Items(c) => api::Client::new(&cli.conn).and_then(|cl| api::items(&cl, c, json)),
         Cmd::Points { item } => api::Client::new(&cli.conn).and_then(|cl| api::points(&cl, item, json)),
         Cmd::TestFailover { item, point, cleanup } => {

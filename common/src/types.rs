@@ -66,3 +66,45 @@ impl fmt::Display for StreamKey {
 pub fn now_micros() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(0)
 }
+
+/// Parses a daily window "HH:MM-HH:MM" (UTC; it may wrap past midnight) into minutes of the day.
+pub fn parse_daily_window(w: &str) -> Result<(u32, u32), String> {
+    let bad = || format!("{w:?}: write HH:MM-HH:MM (UTC), like 22:00-06:00");
+    let (a, b) = w.split_once('-').ok_or_else(bad)?;
+    let minutes = |t: &str| -> Result<u32, String> {
+        let (h, m) = t.trim().split_once(':').ok_or_else(bad)?;
+        let (h, m): (u32, u32) = (h.parse().map_err(|_| bad())?, m.parse().map_err(|_| bad())?);
+        if h > 23 || m > 59 {
+            return Err(bad());
+        }
+        Ok(h * 60 + m)
+    };
+    let (s, e) = (minutes(a)?, minutes(b)?);
+    if s == e {
+        return Err(bad());
+    }
+    Ok((s, e))
+}
+
+/// Whether `minute` of the day lies in the window `(start, end)` (which may wrap past midnight).
+pub fn in_daily_window(window: (u32, u32), minute: u32) -> bool {
+    let (start, end) = window;
+    if start < end {
+        (start..end).contains(&minute)
+    } else {
+        minute >= start || minute < end
+    }
+}
+
+#[cfg(test)]
+mod window_tests {
+    use super::*;
+
+    #[test]
+    fn windows_parse_and_wrap() {
+        assert_eq!(parse_daily_window("22:00-06:30"), Ok((1320, 390)));
+        assert!(parse_daily_window("25:00-01:00").is_err() && parse_daily_window("1-2").is_err());
+        assert!(in_daily_window((1320, 390), 1400) && in_daily_window((1320, 390), 10));
+        assert!(!in_daily_window((1320, 390), 600) && in_daily_window((60, 120), 90));
+    }
+}

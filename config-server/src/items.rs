@@ -146,6 +146,8 @@ pub async fn enable(AxState(cs): AxState<Arc<Cs>>, h: HeaderMap, b: Body<Enable>
         caught_up_at: None,
         rpo_alert: false,
         test_failover: None,
+        resync_request: 0,
+        resync_job: None,
     };
     store.put(ITEMS, &id_key(id), &item)?;
     job.step(0)?;
@@ -210,6 +212,31 @@ pub async fn disable(AxState(cs): AxState<Arc<Cs>>, h: HeaderMap, Path(id): Path
     Ok(Json(json!({ "item": public(&item), "job": job.id })))
 }
 
+const RESYNC_STEPS: &[&str] = &["compare checksums", "ship the differing blocks", "protected"];
+
+/// An operator's resync: compare checksums of every disk with its replica now, ship what differs.
+pub async fn resync(AxState(cs): AxState<Arc<Cs>>, h: HeaderMap, Path(id): Path<u64>) -> R<Value> {
+    let by = require(cs.store(), &h, ApiRole::Operator)?;
+    let store = cs.store();
+    let _g = cs.items_lock.lock().await;
+    let Some(mut item) = store.get::<Item>(ITEMS, &id_key(id))? else {
+        return Err(ApiError::not_found(&format!("no item {id}")));
+    };
+    let reason = format!("resync requested by {by}");
+    item.state = match &item.state {
+        State::ResyncRequired { .. } | State::Resynchronizing { .. } => item.state.clone(),
+        s => s.on(&Event::ResyncNeeded { reason: reason.clone() }).map_err(|e| ApiError::conflict(&e.to_string()))?,
+    };
+    // Ids grow with time, so they stay above any the agent numbered itself.
+    item.resync_request = sr_common::types::now_micros().max(item.resync_request + 1);
+    let mut job = JobHandle::start(store, "resync", &id.to_string(), RESYNC_STEPS)?;
+    job.step(0)?;
+    item.resync_job = Some(job.job.id);
+    store.put(ITEMS, &id_key(id), &item)?;
+    cs.event("info", &item.machine, &format!("item {id}: {reason}"))?;
+    Ok(Json(json!({ "item": public(&item), "job": job.job.id })))
+}
+
 /// What the calling component should do now.
 pub async fn assignments(AxState(cs): AxState<Arc<Cs>>, h: HeaderMap) -> R<Value> {
     let (name, role) = require_component(cs.store(), &h)?;
@@ -234,6 +261,8 @@ pub async fn assignments(AxState(cs): AxState<Arc<Cs>>, h: HeaderMap) -> R<Value
                     "crash_interval_secs": p.as_ref().map(|p| p.crash_consistent_interval_secs),
                     "app_interval_secs": p.as_ref().map(|p| p.app_consistent_interval_secs),
                     "journal_limit_percent": p.as_ref().map(|p| p.journal_limit_percent),
+                    "resync_request": i.resync_request,
+                    "resync_window": p.as_ref().map(|p| p.resync_window.clone()).filter(|w| !w.is_empty()),
                 }))
             }
             ComponentRole::ProcessServer if i.process_server.as_deref() == Some(name.as_str()) => {
@@ -317,6 +346,75 @@ pub async fn evaluate(cs: &Cs) -> Result<(), crate::store::StoreError> {
                     item.state = item.state.on(&Event::Progress { percent: pct }).unwrap_or(item.state.clone());
                 }
             }
+            State::Protected { .. }
+                if machine.progress.iter().any(|d| d.overflow || d.dirty_bytes > 0 || d.resync_active) =>
+            {
+                let reason = if machine.progress.iter().any(|d| d.overflow || (d.dirty_bytes > 0 && !d.resync_active)) {
+                    "the journal reached its limit; changed blocks are tracked for a resync".to_string()
+                } else {
+                    "a checksum comparison with the replica was started".to_string()
+                };
+                item.state =
+                    item.state.on(&Event::ResyncNeeded { reason: reason.clone() }).unwrap_or(item.state.clone());
+                cs.event("warning", &item.machine, &format!("item {}: resync required: {reason}", item.id))?;
+            }
+            State::ResyncRequired { .. } | State::Resynchronizing { .. } => {
+                let p = &machine.progress;
+                let comparing = p.iter().any(|d| d.resync_active);
+                let copying = p.iter().any(|d| d.dirty_bytes > 0 && !d.overflow && !d.resync_waiting);
+                // An operator's request is done only once every disk compared for it.
+                let requested = p.iter().all(|d| d.resync_done >= item.resync_request);
+                let mut caught_up =
+                    !p.is_empty() && requested && !comparing && p.iter().all(|d| d.dirty_bytes == 0 && !d.overflow);
+                for d in p {
+                    caught_up &= applied(d.id)?.0 >= d.last_seq;
+                }
+                if matches!(item.state, State::ResyncRequired { .. }) && (comparing || copying || caught_up) {
+                    item.state = item.state.on(&Event::ResyncStarted).unwrap_or(item.state.clone());
+                }
+                if caught_up {
+                    item.state = item.state.on(&Event::ResyncDone).unwrap_or(item.state.clone());
+                    item.caught_up_at = Some(machine.last_heartbeat);
+                } else {
+                    let n = p.len().max(1) as f64;
+                    let compared =
+                        p.iter().map(|d| if d.resync_active { d.compare_percent } else { 100.0 }).sum::<f64>() / n;
+                    let pct = if comparing {
+                        0.8 * compared
+                    } else if copying {
+                        80.0
+                    } else {
+                        95.0
+                    };
+                    item.state = item.state.on(&Event::Progress { percent: pct as u8 }).unwrap_or(item.state.clone());
+                }
+                if let (Some(job_id), true) = (item.resync_job, item.state != before.state) {
+                    if let Some(mut job) = JobHandle::load(store, job_id)? {
+                        match &item.state {
+                            State::Protected { .. } => {
+                                for i in 0..3 {
+                                    job.step_done(i)?;
+                                }
+                                job.succeed()?;
+                                item.resync_job = None;
+                                cs.event(
+                                    "info",
+                                    &item.machine,
+                                    &format!("item {} is resynchronized and protected", item.id),
+                                )?;
+                            }
+                            State::Resynchronizing { percent, .. } => {
+                                if !comparing && job.job.steps.first().is_some_and(|s| s.state != JobState::Succeeded) {
+                                    job.step_done(0)?;
+                                    job.step(1)?;
+                                }
+                                job.progress(*percent)?;
+                            }
+                            _ => {}
+                        }
+                    }
+                }
+            }
             State::Protected { .. } => {
                 let mut caught_up = !machine.progress.is_empty();
                 for d in &machine.progress {
@@ -362,7 +460,10 @@ pub async fn evaluate(cs: &Cs) -> Result<(), crate::store::StoreError> {
                 }
             }
         }
-        if item.state != before.state || item.caught_up_at != before.caught_up_at || item.rpo_alert != before.rpo_alert
+        if item.state != before.state
+            || item.caught_up_at != before.caught_up_at
+            || item.rpo_alert != before.rpo_alert
+            || item.resync_job != before.resync_job
         {
             store.put(ITEMS, &id_key(item.id), &item)?;
         }

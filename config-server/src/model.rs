@@ -183,6 +183,10 @@ pub struct Policy {
     /// 0: unlimited.
     #[serde(default)]
     pub bandwidth_limit_mbps: u64,
+    /// Automatic resyncs (after the journal reached its limit) run only in this window, "HH:MM-HH:MM"
+    /// UTC (it may wrap past midnight); empty: at once. An operator's resync always runs at once.
+    #[serde(default)]
+    pub resync_window: String,
 }
 
 impl Policy {
@@ -197,7 +201,11 @@ impl Policy {
             journal_limit_percent,
             compression_level,
             bandwidth_limit_mbps: _,
+            resync_window,
         } = self;
+        if !resync_window.is_empty() {
+            sr_common::types::parse_daily_window(resync_window).map_err(|e| format!("resync_window: {e}"))?;
+        }
         if name.trim().is_empty() || name.len() > 128 {
             return Err("name: 1 to 128 characters".into());
         }
@@ -243,6 +251,11 @@ pub struct Item {
     /// The running test failover: its view on the master target and the machine description.
     #[serde(default)]
     pub test_failover: Option<serde_json::Value>,
+    /// The latest resync the operator asked for (an increasing id; 0: none), and its job.
+    #[serde(default)]
+    pub resync_request: u64,
+    #[serde(default)]
+    pub resync_job: Option<u64>,
 }
 
 /// Replication progress of one disk, as its agent reports it.
@@ -259,6 +272,17 @@ pub struct DiskProgress {
     /// Bytes of blocks the replica may lack (journal overflow or a checksum comparison).
     #[serde(default)]
     pub dirty_bytes: u64,
+    /// A checksum comparison is running, and how far it got.
+    #[serde(default)]
+    pub resync_active: bool,
+    #[serde(default)]
+    pub compare_percent: f64,
+    /// Dirty blocks wait for the policy's resync window.
+    #[serde(default)]
+    pub resync_waiting: bool,
+    /// The latest resync request the agent finished comparing for.
+    #[serde(default)]
+    pub resync_done: u64,
     /// The journal is over its limit: changes are tracked in the dirty map.
     #[serde(default)]
     pub overflow: bool,

@@ -40,6 +40,13 @@ pub const ROUTES: &[(&str, &str, &str, &str, &str)] = &[
     ("post", "/v1/items", "Enable protection of a machine under a policy (a job)", "operator", "Enable"),
     ("get", "/v1/items/{id}", "One protected item", "reader", ""),
     ("delete", "/v1/items/{id}", "Disable protection of an item (a job)", "operator", ""),
+    (
+        "post",
+        "/v1/items/{id}/resync",
+        "Resynchronize now: compare checksums of disks and replicas, ship what differs (a job)",
+        "operator",
+        "",
+    ),
     ("get", "/v1/items/{id}/points", "Recovery points of an item's disks (from its master target)", "reader", ""),
     (
         "post",
@@ -95,7 +102,8 @@ fn schemas() -> Value {
             "app_consistent_interval_secs": {"type": "integer", "minimum": 1, "default": 3600},
             "journal_limit_percent": {"type": "integer", "minimum": 1, "maximum": 100, "default": 50},
             "compression_level": {"type": "integer", "minimum": 1, "maximum": 19, "default": 1},
-            "bandwidth_limit_mbps": {"type": "integer", "minimum": 0, "default": 0}}}
+            "bandwidth_limit_mbps": {"type": "integer", "minimum": 0, "default": 0},
+            "resync_window": {"type": "string", "description": "HH:MM-HH:MM UTC; empty: at once", "default": ""}}}
     })
 }
 

@@ -78,6 +78,10 @@ pub struct ProtectedDisk {
     copy_path: PathBuf,
     resync: Mutex<ResyncState>,
     resync_path: PathBuf,
+    /// Automatic resyncs copy dirty blocks only in this window (minutes of the UTC day), unless
+    /// `resync_now` says an operator asked.
+    window: Mutex<Option<(u32, u32)>>,
+    resync_now: std::sync::atomic::AtomicBool,
     /// Blocks the replica may lack; locked inside the journal's lock.
     dirty: Mutex<DirtyMap>,
     /// Writes go to the dirty map instead of the journal (the journal reached its limit).
@@ -208,6 +212,8 @@ impl ProtectedDisk {
             dirty: Mutex::new(dirty),
             resync: Mutex::new(resync),
             resync_path,
+            window: Mutex::new(None),
+            resync_now: std::sync::atomic::AtomicBool::new(false),
             overflow: std::sync::atomic::AtomicBool::new(false),
             limit: AtomicU64::new(u64::MAX),
             metrics: DiskMetrics::new(name),
@@ -365,6 +371,25 @@ impl ProtectedDisk {
         Ok(true)
     }
 
+    pub fn set_resync_window(&self, w: Option<(u32, u32)>) {
+        *self.window.lock().expect("window lock poisoned") = w;
+    }
+
+    /// Dirty blocks are copied now, whatever the window (until the dirty map is empty).
+    pub fn resync_now(&self) {
+        self.resync_now.store(true, Ordering::Release);
+    }
+
+    /// Whether dirty blocks may be copied now: no window, inside it, or an operator asked.
+    pub fn copy_allowed(&self) -> bool {
+        if self.resync_now.load(Ordering::Acquire) {
+            return true;
+        }
+        let Some(window) = *self.window.lock().expect("window lock poisoned") else { return true };
+        let now = (sr_common::types::now_micros() / 60_000_000 % (24 * 60)) as u32;
+        sr_common::types::in_daily_window(window, now)
+    }
+
     /// Reads `buf` at `offset` under the journal's lock: the disk at one sequence number.
     pub fn read_consistent(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
         let _j = self.lock();
@@ -383,6 +408,15 @@ impl ProtectedDisk {
     /// Sets the journal's limit in bytes.
     pub fn set_limit(&self, bytes: u64) {
         self.limit.store(bytes.max(1), Ordering::Relaxed);
+    }
+
+    /// Ends the dirty map's turn once the journal drained to half its limit (also when no change
+    /// arrives to notice it).
+    pub fn recheck_overflow(&self) {
+        if self.overflowed() {
+            let j = self.lock();
+            self.journal_takes(&j, 0);
+        }
     }
 
     /// Bytes of journal the master target has not applied yet.
@@ -578,6 +612,9 @@ impl ProtectedDisk {
                     drop(d);
                     drop(j);
                     persist(self)?;
+                    if !self.resync_state().active() {
+                        self.resync_now.store(false, Ordering::Release);
+                    }
                     return Ok(copied);
                 };
                 let pos = first * block;

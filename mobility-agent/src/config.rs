@@ -185,7 +185,7 @@ impl AgentConfig {
             ));
         }
         let region = resync.region_bytes;
-        if region < 1 << 20 || region > 1 << 30 || region % *dirty_block_bytes != 0 {
+        if !(1 << 20..=1 << 30).contains(&region) || region % *dirty_block_bytes != 0 {
             return Err(format!(
                 "key resync.region_bytes: {region} must be 1 MiB to 1 GiB and a multiple of journal.dirty_block_bytes"
             ));

@@ -90,12 +90,13 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Resul
             if stop.is_cancelled() {
                 return;
             }
+            d.recheck_overflow();
             if d.journaling() && !d.copy_state().done {
                 if let Err(e) = d.initial_copy(chunk, backlog, &|| stop.is_cancelled()) {
                     tracing::error!(disk = d.name, error = format!("{e:#}"), "initial copy failed; retrying in 10 s");
                     std::thread::sleep(std::time::Duration::from_secs(10));
                 }
-            } else if d.journaling() && !d.overflowed() && d.dirty_bytes() > 0 {
+            } else if d.journaling() && !d.overflowed() && d.dirty_bytes() > 0 && d.copy_allowed() {
                 match d.copy_dirty(chunk, backlog, &|| stop.is_cancelled()) {
                     Ok(n) if n > 0 => tracing::info!(disk = d.name, bytes = n, "dirty blocks copied into the journal"),
                     Ok(_) => {}
@@ -192,6 +193,9 @@ async fn control_loop(client: sr_common::control::ControlClient, c: Control, shu
                         "copy_percent": if c.done { 100.0 } else { 100.0 * c.cursor as f64 / d.size().max(1) as f64 },
                         "copy_done": c.done, "done_seq": c.done_seq, "last_seq": d.last_seq().0,
                         "dirty_bytes": d.dirty_bytes(), "overflow": d.overflowed(),
+                        "resync_active": d.resync_state().active(), "resync_done": d.resync_state().done,
+                        "resync_waiting": d.dirty_bytes() > 0 && !d.copy_allowed(),
+                        "compare_percent": 100.0 * d.resync_state().cursor as f64 / d.size().max(1) as f64,
                     })
                 }).collect::<Vec<_>>(),
             });
@@ -207,8 +211,15 @@ async fn control_loop(client: sr_common::control::ControlClient, c: Control, shu
                 let policy = first.and_then(|a| Some((a["crash_interval_secs"].as_u64()?, a["app_interval_secs"].as_u64()?)));
                 intervals.send_if_modified(|cur| std::mem::replace(cur, policy) != policy);
                 let percent = first.and_then(|a| a["journal_limit_percent"].as_u64()).map(|p| p.clamp(1, 100) as u8);
+                let resync = first.and_then(|a| a["resync_request"].as_u64()).unwrap_or(0);
+                let window = first.and_then(|a| a["resync_window"].as_str()).and_then(|w| sr_common::types::parse_daily_window(w).ok());
                 for d in disks {
                     d.set_limit(journal_limit(journal_cfg, percent, d.size()));
+                    d.set_resync_window(window);
+                    if resync > 0 && d.request_resync(resync)? {
+                        // The operator's resync runs now, whatever the window.
+                        d.resync_now();
+                    }
                 }
                 let next = match first {
                     None => None,
@@ -250,6 +261,7 @@ fn request_resync(
         let st = d.resync_state();
         let id = st.requested.max(st.done) + 1;
         d.request_resync(id).map_err(|e| (axum::http::StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")))?;
+        d.resync_now();
         started.push(serde_json::json!({ "disk": d.id.0, "request": id }));
     }
     Ok(axum::Json(serde_json::json!({ "resync": started })))

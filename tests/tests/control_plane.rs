@@ -199,8 +199,11 @@ fn tokens_roles_bodies_registration_revocation_and_restart() {
     assert_eq!(jobs_after.as_array().unwrap().len(), jobs.len());
 }
 
+/// Runs srctl; killed after two minutes so a job that never ends fails the test instead of hanging it.
 fn srctl(api: SocketAddr, token_file: &std::path::Path, args: &[&str]) -> std::process::Output {
-    Command::new(bin_dir().join("srctl"))
+    Command::new("timeout")
+        .arg("120")
+        .arg(bin_dir().join("srctl"))
         .args(["--server", &api.to_string(), "--token-file"])
         .arg(token_file)
         .args(args)
@@ -809,4 +812,70 @@ fn test_failover_with_srctl_while_replication_goes_on_and_hook_failures_reach_th
     let out = srctl(cp.api, admin_file, &["export", &item, "--disk", "1", "--path", image.to_str().unwrap()]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     compare(m.disk.to_str().unwrap(), image.to_str().unwrap()).unwrap();
+}
+
+/// Overwrites 1% of a file's 4 KiB blocks with junk.
+fn diverge_file(path: &std::path::Path, size: u64) {
+    use rand::{Rng, RngCore};
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    let mut rng = rand::thread_rng();
+    let mut junk = [0u8; 4096];
+    for _ in 0..size / 4096 / 100 {
+        rng.fill_bytes(&mut junk);
+        f.write_all_at(&junk, rng.gen_range(0..size / 4096) * 4096).unwrap();
+    }
+    f.sync_all().unwrap();
+}
+
+#[test]
+fn overflow_waits_for_the_resync_window_and_srctl_resync_brings_the_item_back() {
+    let dir = test_dir();
+    let mut m = Managed::start(dir.path(), 32, "");
+    // A window an hour from now: the automatic resync must wait; a 1% journal limit (about 330 KiB).
+    let now_min = (sr_common::types::now_micros() / 60_000_000 % 1440) as u32;
+    let (s, e) = ((now_min + 60) % 1440, (now_min + 61) % 1440);
+    let window = format!("{:02}:{:02}-{:02}:{:02}", s / 60, s % 60, e / 60, e % 60);
+    m.protect(&["--journal-limit-percent", "1", "--resync-window", &window]);
+    let (cp, admin_file, local) = (&m.cp, &m.admin_file, &m.local);
+    let item = local.item.to_string();
+    let uri = local.agent_uri("disk0");
+    run("qemu-io", &["-f", "raw", "-c", "write -P 0x71 1M 4M", "-c", "flush", &uri]).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let i = item_of(cp.api, admin_file, "agent-1");
+        if i["state_name"] == "resync_required" {
+            assert!(i["state"]["reason"].as_str().unwrap().contains("limit"), "{i}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the item never needed a resync: {i}");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    // Outside the window nothing is copied: the dirty blocks stay.
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    let st = local.agent_status().unwrap();
+    assert!(st["disks"][0]["dirty_bytes"].as_u64().unwrap() > 0, "{st}");
+    assert_eq!(item_of(cp.api, admin_file, "agent-1")["state_name"], "resync_required");
+    // The operator says now: checksums are compared too, and the item is protected again.
+    let out = srctl(cp.api, admin_file, &["resync", &item, "--watch"]);
+    assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    wait_caught_up(local, std::time::Duration::from_secs(60)).unwrap();
+    compare(m.disk.to_str().unwrap(), &local.replica_uri(1)).unwrap();
+    assert_eq!(item_of(cp.api, admin_file, "agent-1")["state_name"], "protected");
+
+    // A replica that diverged while its master target was down: srctl resync repairs it.
+    m.mt.take().unwrap().kill();
+    diverge_file(&m.local.replica_path(1), 32 << 20);
+    m.mt = Some(m.local.start(Component::MasterTarget).unwrap());
+    let (cp, admin_file, local) = (&m.cp, &m.admin_file, &m.local);
+    assert!(compare(m.disk.to_str().unwrap(), &local.replica_uri(1)).is_err());
+    let out = srctl(cp.api, admin_file, &["resync", &item, "--watch"]);
+    assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    wait_caught_up(local, std::time::Duration::from_secs(60)).unwrap();
+    compare(m.disk.to_str().unwrap(), &local.replica_uri(1)).unwrap();
+    let jobs =
+        String::from_utf8_lossy(&srctl(cp.api, admin_file, &["jobs", "list", "--kind", "resync"]).stdout).to_string();
+    assert_eq!(jobs.matches("succeeded").count(), 2, "{jobs}");
+    let events = String::from_utf8_lossy(&srctl(cp.api, admin_file, &["events"]).stdout).to_string();
+    assert!(events.contains("resync required") && events.contains("resynchronized"), "{events}");
 }

@@ -162,9 +162,12 @@ fn a_resync_interrupted_by_sigkill_of_each_service_resumes_where_it_stopped() {
     let size = 256 * MIB;
     let disk = dir.path().join("source.img");
     random_disk(&disk, size, 8 * MIB, 3);
-    let local =
-        Local::create(&dir.path().join("dep"), vec![DiskSpec { id: 1, name: "d".into(), path: disk.clone() }], &Options::default())
-            .unwrap();
+    let local = Local::create(
+        &dir.path().join("dep"),
+        vec![DiskSpec { id: 1, name: "d".into(), path: disk.clone() }],
+        &Options::default(),
+    )
+    .unwrap();
     // A slow comparison (32 MB/s, 16 MiB regions) so every kill lands in the middle of it.
     let env = [("SR_AGENT__RESYNC__MAX_READ_MBPS", "32"), ("SR_AGENT__RESYNC__REGION_BYTES", "16777216")];
     let mut mt = Some(local.start(Component::MasterTarget).unwrap());
