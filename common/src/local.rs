@@ -83,11 +83,18 @@ pub struct Options {
     pub batch_bytes: u64,
     pub ps_cache_limit_bytes: u64,
     pub copy_chunk_bytes: u64,
+    /// Capture the disks by scanning at this interval instead of through NBD.
+    pub scan_interval_secs: Option<u64>,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Options { batch_bytes: 4 << 20, ps_cache_limit_bytes: 1 << 30, copy_chunk_bytes: 1 << 20 }
+        Options {
+            batch_bytes: 4 << 20,
+            ps_cache_limit_bytes: 1 << 30,
+            copy_chunk_bytes: 1 << 20,
+            scan_interval_secs: None,
+        }
     }
 }
 
@@ -276,6 +283,9 @@ impl Local {
         );
         for d in &self.disks {
             agent.push_str(&format!("[[disk]]\nid = {}\nname = {:?}\npath = {:?}\n", d.id, d.name, d.path));
+            if let Some(i) = opts.scan_interval_secs {
+                agent.push_str(&format!("mode = \"scan\"\nscan_interval_secs = {i}\n"));
+            }
         }
         for (name, text) in [("mt", mt), ("ps", ps), ("agent", agent)] {
             crate::crashsafe::write_file(&root.join(format!("{name}.toml")), text.as_bytes())?;

@@ -16,7 +16,8 @@ pub const REGION: u64 = 64 << 20;
 
 pub type Hash = [u8; 16];
 
-fn digest(data: &[u8]) -> Hash {
+/// The block checksum: SHA-256 truncated to 16 bytes.
+pub fn digest(data: &[u8]) -> Hash {
     let d = ring::digest::digest(&ring::digest::SHA256, data);
     d.as_ref()[..16].try_into().expect("16 bytes")
 }

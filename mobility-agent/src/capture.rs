@@ -15,6 +15,7 @@
 use crate::dirty::DirtyMap;
 use crate::journal::{self, Journal, JournalError};
 use crate::metrics as m;
+use crate::scan::ScanMap;
 use serde::{Deserialize, Serialize};
 use sr_common::disk::DiskFile;
 use sr_common::nbd::{Backend, BackendError};
@@ -82,6 +83,9 @@ pub struct ProtectedDisk {
     /// `resync_now` says an operator asked.
     window: Mutex<Option<(u32, u32)>>,
     resync_now: std::sync::atomic::AtomicBool,
+    /// Scan capture: checksums of what was shipped, and how often to scan (seconds).
+    scan: Option<Mutex<ScanMap>>,
+    pub scan_interval: AtomicU64,
     /// Blocks the replica may lack; locked inside the journal's lock.
     dirty: Mutex<DirtyMap>,
     /// Writes go to the dirty map instead of the journal (the journal reached its limit).
@@ -142,6 +146,7 @@ impl ProtectedDisk {
         path: &Path,
         state_dir: &Path,
         dirty_block: u64,
+        scan: Option<(u64, u64)>,
     ) -> anyhow::Result<ProtectedDisk> {
         use anyhow::Context;
         let disk = DiskFile::open(path, true).with_context(|| format!("opening protected disk {}", path.display()))?;
@@ -186,7 +191,15 @@ impl ProtectedDisk {
                 copy.disk_size
             );
         }
+        // A scanned disk tracks dirty blocks at its scan block size.
+        let dirty_block = scan.map_or(dirty_block, |(block, _)| block);
         let dirty = DirtyMap::open(&state_dir.join(format!("dirty-{}.map", id.0)), disk.size(), dirty_block)?;
+        let scan_map = match scan {
+            Some((block, _)) => {
+                Some(Mutex::new(ScanMap::open(&state_dir.join(format!("scan-{}.map", id.0)), disk.size(), block)?))
+            }
+            None => None,
+        };
         let resync_path = state_dir.join(format!("resync-{}.json", id.0));
         let resync = match std::fs::read(&resync_path) {
             Ok(b) => serde_json::from_slice::<ResyncState>(&b)
@@ -210,6 +223,8 @@ impl ProtectedDisk {
             copy: Mutex::new(copy),
             copy_path,
             dirty: Mutex::new(dirty),
+            scan: scan_map,
+            scan_interval: AtomicU64::new(scan.map_or(0, |(_, i)| i)),
             resync: Mutex::new(resync),
             resync_path,
             window: Mutex::new(None),
@@ -382,12 +397,85 @@ impl ProtectedDisk {
 
     /// Whether dirty blocks may be copied now: no window, inside it, or an operator asked.
     pub fn copy_allowed(&self) -> bool {
-        if self.resync_now.load(Ordering::Acquire) {
+        if self.resync_now.load(Ordering::Acquire) || self.scanned() {
             return true;
         }
         let Some(window) = *self.window.lock().expect("window lock poisoned") else { return true };
         let now = (sr_common::types::now_micros() / 60_000_000 % (24 * 60)) as u32;
         sr_common::types::in_daily_window(window, now)
+    }
+
+    /// Whether changes are captured by scanning (no NBD front end).
+    pub fn scanned(&self) -> bool {
+        self.scan.is_some()
+    }
+
+    /// Scan capture: compares every block's checksum with what was last shipped and marks those that
+    /// changed dirty. Returns the bytes marked.
+    pub fn scan_once(&self, stop: &dyn Fn() -> bool) -> anyhow::Result<u64> {
+        use anyhow::Context;
+        let Some(scan) = &self.scan else { return Ok(0) };
+        let size = self.size();
+        let block = scan.lock().expect("scan lock poisoned").block;
+        let chunk = (1u64 << 20).max(block);
+        let mut buf = vec![0u8; chunk as usize];
+        let mut marked = 0;
+        let mut pos = 0;
+        while pos < size && !stop() {
+            let n = chunk.min(size - pos);
+            let hole = self.disk.next_data(pos).is_none_or(|d| d >= pos + n);
+            let b = &mut buf[..n as usize];
+            let j = self.lock();
+            if hole {
+                b.fill(0);
+            } else {
+                self.disk.read_at(pos, b).with_context(|| format!("reading {} at {pos}", self.name))?;
+            }
+            let map = scan.lock().expect("scan lock poisoned");
+            let first = (pos / block) as usize;
+            let changed: Vec<(u64, u64)> = b
+                .chunks(block as usize)
+                .enumerate()
+                .filter(|(i, c)| map.sums[first + i] != crate::scan::checksum(c))
+                .map(|(i, c)| (pos + i as u64 * block, c.len() as u64))
+                .collect();
+            drop(map);
+            let mut d = self.dirty.lock().expect("dirty lock poisoned");
+            for (o, l) in &changed {
+                d.mark(*o, *l)?;
+                marked += l;
+            }
+            drop(d);
+            drop(j);
+            pos += n;
+        }
+        self.publish();
+        Ok(marked)
+    }
+
+    /// Scan capture's initial copy: a first scan against a map of zeroes, its blocks shipped, then the
+    /// initial-copy-done marker.
+    pub fn scan_initial_copy(&self, chunk: u64, backlog: u64, stop: &dyn Fn() -> bool) -> anyhow::Result<()> {
+        let mut st = self.copy_state();
+        if !self.journaling() || st.done {
+            return Ok(());
+        }
+        if st.cursor == 0 {
+            let marked = self.scan_once(stop)?;
+            tracing::info!(disk = self.name, bytes = marked, "scan capture: first scan done, copying");
+            st.cursor = self.size();
+            self.save_copy(st)?;
+        }
+        self.copy_dirty(chunk, backlog, stop)?;
+        if self.dirty_bytes() > 0 || stop() {
+            return Ok(());
+        }
+        st.done_seq = self.mark(MarkerKind::InitialCopyDone)?.0;
+        st.done = true;
+        self.save_copy(st)?;
+        self.metrics.copy_ratio.set(1.0);
+        tracing::info!(disk = self.name, "initial copy finished (scan capture)");
+        Ok(())
     }
 
     /// Reads `buf` at `offset` under the journal's lock: the disk at one sequence number.
@@ -534,7 +622,9 @@ impl ProtectedDisk {
                 return Ok(());
             }
             let pos = (data_at / chunk * chunk).max(st.cursor);
-            while self.journal_bytes() > backlog_limit {
+            // The copy leaves the journal room for the disk's own writes (half its limit).
+            let room = backlog_limit.min(self.limit.load(Ordering::Relaxed) / 2);
+            while self.pending_bytes() > room {
                 if stop() {
                     return Ok(());
                 }
@@ -589,6 +679,9 @@ impl ProtectedDisk {
             let handle = this.lock().sync_handle();
             handle.sync_data()?;
             this.dirty.lock().expect("dirty lock poisoned").persist()?;
+            if let Some(scan) = &this.scan {
+                scan.lock().expect("scan lock poisoned").persist()?;
+            }
             Ok(())
         };
         loop {
@@ -609,6 +702,11 @@ impl ProtectedDisk {
                 let mut j = self.lock();
                 let mut d = self.dirty.lock().expect("dirty lock poisoned");
                 let Some((first, n)) = d.next_run(cursor, max_blocks) else {
+                    if d.count() > 0 {
+                        // Blocks marked behind the cursor meanwhile (a comparison, a scan): go round.
+                        cursor = 0;
+                        continue;
+                    }
                     drop(d);
                     drop(j);
                     persist(self)?;
@@ -624,6 +722,9 @@ impl ProtectedDisk {
                     j.append(&Op::Zero { offset: pos, len: len as u64 })?;
                 } else {
                     j.append_write(pos, &buf[..len])?;
+                }
+                if let Some(scan) = &self.scan {
+                    scan.lock().expect("scan lock poisoned").record(pos, &buf[..len]);
                 }
                 d.clear(first, n);
                 cursor = first + n;

@@ -106,6 +106,33 @@ pub struct DiskConfig {
     pub name: String,
     /// The protected disk: an image file or a block device.
     pub path: PathBuf,
+    /// How changes are captured: `nbd` (every write through the agent's NBD front end, journaled in
+    /// order) or `scan` (for a disk that cannot be fronted: block checksums compared at an interval,
+    /// changed blocks shipped; the interval is the recovery point objective).
+    #[serde(default)]
+    pub mode: CaptureMode,
+    /// Scan mode: how often (the policy's crash-consistency interval overrides it).
+    #[serde(default = "default_scan_interval")]
+    pub scan_interval_secs: u64,
+    /// Scan mode: block size of the checksums (the map of a 64 GiB disk at 64 KiB is 16 MiB).
+    #[serde(default = "default_scan_block")]
+    pub scan_block_bytes: u64,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CaptureMode {
+    #[default]
+    Nbd,
+    Scan,
+}
+
+fn default_scan_interval() -> u64 {
+    300
+}
+
+fn default_scan_block() -> u64 {
+    64 << 10
 }
 
 impl AgentConfig {
@@ -194,7 +221,13 @@ impl AgentConfig {
             return Err("no [[disk]] entries: nothing to protect".into());
         }
         for (i, d) in disks.iter().enumerate() {
-            let DiskConfig { id, name, path: _ } = d;
+            let DiskConfig { id, name, path: _, mode: _, scan_interval_secs, scan_block_bytes } = d;
+            if *scan_interval_secs == 0 {
+                return Err(format!("disk[{i}].scan_interval_secs: must be at least 1"));
+            }
+            if !(4096..=1 << 20).contains(scan_block_bytes) || !scan_block_bytes.is_power_of_two() {
+                return Err(format!("disk[{i}].scan_block_bytes: a power of two from 4096 to 1 MiB"));
+            }
             if name.is_empty() || name.len() > 256 {
                 return Err(format!("disk[{i}].name: must be 1 to 256 bytes"));
             }

@@ -14,6 +14,7 @@ pub mod dirty;
 pub mod journal;
 pub mod metrics;
 pub mod resync;
+pub mod scan;
 pub mod ship;
 pub mod system;
 
@@ -40,9 +41,12 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Resul
             &d.path,
             &cfg.data_dir,
             cfg.journal.dirty_block_bytes,
+            (d.mode == config::CaptureMode::Scan).then_some((d.scan_block_bytes, d.scan_interval_secs)),
         )?);
         pd.set_limit(journal_limit(&cfg.journal, None, pd.size()));
-        exports.insert(&d.name, pd.clone());
+        if !pd.scanned() {
+            exports.insert(&d.name, pd.clone());
+        }
         disks.push(pd);
     }
     if let Some(addr) = cfg.nbd_tcp {
@@ -86,17 +90,42 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Resul
         let (chunk, backlog) = (cfg.copy.chunk_bytes, cfg.copy.backlog_bytes);
         // Copies whenever the disk is protected and its copy is not done: at start, and again after
         // each new protection.
+        let mut last_scan = std::time::Instant::now();
         std::thread::Builder::new().name(format!("copy-{}", d.name)).spawn(move || loop {
             if stop.is_cancelled() {
                 return;
             }
             d.recheck_overflow();
-            if d.journaling() && !d.copy_state().done {
+            if d.scanned() && d.journaling() {
+                let r = if d.copy_state().done {
+                    let due =
+                        last_scan.elapsed().as_secs() >= d.scan_interval.load(std::sync::atomic::Ordering::Relaxed);
+                    if due {
+                        last_scan = std::time::Instant::now();
+                        d.scan_once(&|| stop.is_cancelled()).map(|_| ())
+                    } else {
+                        Ok(())
+                    }
+                } else {
+                    d.scan_initial_copy(chunk, backlog, &|| stop.is_cancelled())
+                };
+                if let Err(e) = r {
+                    tracing::error!(disk = d.name, error = format!("{e:#}"), "scan capture failed; retrying in 10 s");
+                    std::thread::sleep(std::time::Duration::from_secs(10));
+                }
+            }
+            // A scanned disk's initial copy is its first scan (above); later it copies dirty blocks below.
+            if !d.scanned() && d.journaling() && !d.copy_state().done {
                 if let Err(e) = d.initial_copy(chunk, backlog, &|| stop.is_cancelled()) {
                     tracing::error!(disk = d.name, error = format!("{e:#}"), "initial copy failed; retrying in 10 s");
                     std::thread::sleep(std::time::Duration::from_secs(10));
                 }
-            } else if d.journaling() && !d.overflowed() && d.dirty_bytes() > 0 && d.copy_allowed() {
+            } else if d.journaling()
+                && d.copy_state().done
+                && !d.overflowed()
+                && d.dirty_bytes() > 0
+                && d.copy_allowed()
+            {
                 match d.copy_dirty(chunk, backlog, &|| stop.is_cancelled()) {
                     Ok(n) if n > 0 => tracing::info!(disk = d.name, bytes = n, "dirty blocks copied into the journal"),
                     Ok(_) => {}

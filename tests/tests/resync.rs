@@ -217,3 +217,44 @@ fn a_resync_interrupted_by_sigkill_of_each_service_resumes_where_it_stopped() {
     assert!(st["disks"][0]["resync"]["compared_bytes"].as_u64().unwrap() < 2 * size, "{st}");
     drop((mt, ps, agent));
 }
+
+#[test]
+fn scan_capture_ships_changes_written_straight_into_the_disk_file_within_the_interval() {
+    use std::os::unix::fs::FileExt;
+    let dir = test_dir();
+    let size = 64 * MIB;
+    let disk = dir.path().join("source.img");
+    random_disk(&disk, size, 4 * MIB, 5);
+    let opts = Options { scan_interval_secs: Some(1), ..Options::default() };
+    let local =
+        Local::create(&dir.path().join("dep"), vec![DiskSpec { id: 1, name: "d".into(), path: disk.clone() }], &opts)
+            .unwrap();
+    let _mt = local.start(Component::MasterTarget).unwrap();
+    let _ps = local.start(Component::ProcessServer).unwrap();
+    let _agent = local.start(Component::Agent).unwrap();
+    wait_caught_up(&local, Duration::from_secs(60)).unwrap();
+    compare(disk.to_str().unwrap(), &local.replica_uri(1)).unwrap();
+    assert!(run("nbdinfo", &[&local.agent_uri("d")]).is_err(), "a scanned disk is not served over NBD");
+    // Another program writes the file directly: no NBD, no journal.
+    let f = std::fs::OpenOptions::new().write(true).open(&disk).unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(6);
+    let mut changed = 0u64;
+    for _ in 0..40 {
+        let off = rng.gen_range(0..size - 8192);
+        f.write_all_at(&[rng.gen::<u8>() | 1; 5000], off).unwrap();
+        changed += 5000;
+    }
+    f.write_all_at(&vec![0u8; 2 << 20], 0).unwrap(); // zeroes over data
+    f.sync_all().unwrap();
+    let copied_before = metric(local.addrs.agent_http, "sr_agent_resync_copied_bytes_total");
+    // Within the interval (1 s) plus shipping, the replica has the changes.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while compare(disk.to_str().unwrap(), &local.replica_uri(1)).is_err() {
+        assert!(std::time::Instant::now() < deadline, "the scanned changes never reached the replica");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let copied = metric(local.addrs.agent_http, "sr_agent_resync_copied_bytes_total") - copied_before;
+    // Changed 64 KiB blocks only: at most two per write, plus the 2 MiB of zeroes.
+    assert!(copied <= (40 * 2 * 65536 + (2 << 20)) as f64, "{copied} bytes shipped for {changed} changed bytes");
+    check_apply_log(&local, 1).unwrap();
+}
