@@ -2,7 +2,7 @@
 //! while exchanging one hash per unchanged subtree.
 //!
 //! ```text
-//! level 0: hash(block 0) hash(block 1) ... (16-byte truncated SHA-256 of each block)
+//! level 0: hash(block 0) hash(block 1) ... (XXH3-128 of each block, as rsync uses for its checksums)
 //! level k: hash(FANOUT hashes of level k-1)             ... up to one root
 //! ```
 //! Holes (found with SEEK_DATA) are not read: they hash as blocks of zeroes. Both sides build the same
@@ -16,10 +16,20 @@ pub const REGION: u64 = 64 << 20;
 
 pub type Hash = [u8; 16];
 
-/// The block checksum: SHA-256 truncated to 16 bytes.
+/// The block checksum: XXH3-128. It finds changed blocks, not forgeries: both sides belong to one
+/// deployment, and what travels is authenticated by TLS and sealed by the item's key.
 pub fn digest(data: &[u8]) -> Hash {
-    let d = ring::digest::digest(&ring::digest::SHA256, data);
-    d.as_ref()[..16].try_into().expect("16 bytes")
+    xxhash_rust::xxh3::xxh3_128(data).to_le_bytes()
+}
+
+/// The level holding the root of a tree over `leaves` leaves.
+pub fn top_level(leaves: u64) -> usize {
+    let (mut n, mut level) = (leaves.max(1), 0);
+    while n > 1 {
+        n = n.div_ceil(FANOUT);
+        level += 1;
+    }
+    level
 }
 
 pub struct Tree {
@@ -183,5 +193,7 @@ mod tests {
         let tb = Tree::build(&fb, 0, 8 << 20, 4096, &|o, buf| fb.read_at(o, buf)).unwrap();
         let got = diff(&ta, &mut &tb).await.unwrap();
         assert_eq!(got, vec![(5 << 20) / 4096]);
+        assert_eq!(top_level(((8 << 20) / 4096) as u64), ta.top());
+        assert_eq!((top_level(1), top_level(16), top_level(17)), (0, 1, 2));
     }
 }

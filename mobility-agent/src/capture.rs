@@ -79,6 +79,8 @@ pub struct ProtectedDisk {
     copy_path: PathBuf,
     resync: Mutex<ResyncState>,
     resync_path: PathBuf,
+    /// Wakes the comparison task when a resync is requested.
+    pub resync_wake: tokio::sync::Notify,
     /// Automatic resyncs copy dirty blocks only in this window (minutes of the UTC day), unless
     /// `resync_now` says an operator asked.
     window: Mutex<Option<(u32, u32)>>,
@@ -227,6 +229,7 @@ impl ProtectedDisk {
             scan_interval: AtomicU64::new(scan.map_or(0, |(_, i)| i)),
             resync: Mutex::new(resync),
             resync_path,
+            resync_wake: tokio::sync::Notify::new(),
             window: Mutex::new(None),
             resync_now: std::sync::atomic::AtomicBool::new(false),
             overflow: std::sync::atomic::AtomicBool::new(false),
@@ -383,6 +386,7 @@ impl ProtectedDisk {
         }
         tracing::info!(disk = self.name, id, "resync requested: comparing checksums with the replica");
         self.save_resync(ResyncState { requested: id, done: st.done, ..ResyncState::default() })?;
+        self.resync_wake.notify_one();
         Ok(true)
     }
 

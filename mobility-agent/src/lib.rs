@@ -239,6 +239,10 @@ async fn control_loop(client: sr_common::control::ControlClient, c: Control, shu
                 let first = assignments.first();
                 let policy = first.and_then(|a| Some((a["crash_interval_secs"].as_u64()?, a["app_interval_secs"].as_u64()?)));
                 intervals.send_if_modified(|cur| std::mem::replace(cur, policy) != policy);
+                if let Some((crash, _)) = policy {
+                    // A scanned disk's interval is its recovery point objective: the policy's crash interval.
+                    disks.iter().filter(|d| d.scanned()).for_each(|d| d.scan_interval.store(crash, std::sync::atomic::Ordering::Relaxed));
+                }
                 let percent = first.and_then(|a| a["journal_limit_percent"].as_u64()).map(|p| p.clamp(1, 100) as u8);
                 let resync = first.and_then(|a| a["resync_request"].as_u64()).unwrap_or(0);
                 let window = first.and_then(|a| a["resync_window"].as_str()).and_then(|w| sr_common::types::parse_daily_window(w).ok());

@@ -52,7 +52,8 @@ pub async fn run(
     let progress = metrics::gauge!(crate::metrics::RESYNC_COMPARED_RATIO, "disk" => disk.name.clone());
     loop {
         tokio::select! {
-            _ = tokio::time::sleep(Duration::from_millis(300)) => {}
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            _ = disk.resync_wake.notified() => {}
             _ = shutdown.cancelled() => return,
         }
         let st = disk.resync_state();
@@ -98,10 +99,17 @@ struct Remote<'a> {
     recv: &'a mut quinn::RecvStream,
     offset: u64,
     len: u64,
+    /// The root, asked for before this side's tree was built.
+    root: Option<Vec<merkle::Hash>>,
 }
 
 impl merkle::Fetch for Remote<'_> {
     async fn fetch(&mut self, level: usize, first: u64, count: u64) -> anyhow::Result<Vec<merkle::Hash>> {
+        if first == 0 && count == 1 {
+            if let Some(root) = self.root.take() {
+                return Ok(root);
+            }
+        }
         let q = Message::TreeQuery { offset: self.offset, len: self.len, level: level as u8, first, count };
         ask(self.send, self.recv, q).await
     }
@@ -137,12 +145,22 @@ async fn compare(
         if let Some(l) = limiter.as_mut() {
             tokio::time::sleep(l.reserve(Instant::now(), len)).await;
         }
+        // Ask for the replica's root first, so the master target checksums its side while this side
+        // checksums the disk.
+        let top = merkle::top_level(len.div_ceil(block));
+        let root_query = Message::TreeQuery { offset, len, level: top as u8, first: 0, count: 1 };
+        wire::write_msg(&mut send, &root_query).await?;
         let d = disk.clone();
         let mine = tokio::task::spawn_blocking(move || {
             Tree::build(d.disk_file(), offset, len, block, &|o, buf| d.read_consistent(o, buf))
         })
         .await??;
-        let mut remote = Remote { send: &mut send, recv: &mut recv, offset, len };
+        let root = match wire::expect_msg(&mut recv).await? {
+            Message::TreeHashes { hashes } => hashes,
+            Message::Error { message } => bail!("the master target refused: {message}"),
+            other => bail!("expected TreeHashes, got {}", other.kind()),
+        };
+        let mut remote = Remote { send: &mut send, recv: &mut recv, offset, len, root: Some(root) };
         let differing = merkle::diff(&mine, &mut remote).await?;
         let ranges: Vec<(u64, u64)> =
             differing.iter().map(|i| (offset + i * block, block.min(offset + len - (offset + i * block)))).collect();
