@@ -326,6 +326,7 @@ impl ProtectedDisk {
         let mut j = self.lock();
         j.reset()?;
         self.clear_dirty()?;
+        self.end_resync()?;
         self.save_copy(CopyState { cursor: 0, done: false, done_seq: 0, item: Some(item), ..st })?;
         self.journaling.store(true, Ordering::Release);
         drop(j);
@@ -346,6 +347,7 @@ impl ProtectedDisk {
         self.journaling.store(false, Ordering::Release);
         j.reset()?;
         self.clear_dirty()?;
+        self.end_resync()?;
         self.save_copy(CopyState { cursor: 0, done: false, done_seq: 0, item: None, ..st })?;
         drop(j);
         self.publish();
@@ -479,6 +481,15 @@ impl ProtectedDisk {
         self.save_copy(st)?;
         self.metrics.copy_ratio.set(1.0);
         tracing::info!(disk = self.name, "initial copy finished (scan capture)");
+        Ok(())
+    }
+
+    /// Drops a comparison in progress (a new protection starts with a full initial copy anyway).
+    fn end_resync(&self) -> anyhow::Result<()> {
+        let st = self.resync_state();
+        if st.active() {
+            self.save_resync(ResyncState { done: st.requested, ..st })?;
+        }
         Ok(())
     }
 

@@ -27,6 +27,27 @@ pub fn run(program: &str, args: &[&str]) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// Runs `qemu-io` on a raw image or NBD URI with one `-c` per command; its output, or why it failed.
+pub fn qemu_io(uri: &str, cmds: &[String]) -> anyhow::Result<String> {
+    let mut args: Vec<&str> = vec!["-f", "raw"];
+    for c in cmds {
+        args.push("-c");
+        args.push(c);
+    }
+    args.push(uri);
+    run("qemu-io", &args)
+}
+
+/// The sum of a Prometheus metric's samples (all label sets) at a service's `/metrics`.
+pub fn metric(addr: std::net::SocketAddr, name: &str) -> anyhow::Result<f64> {
+    let (_, text) = sr_common::http::request(addr, "GET", "/metrics", None)?;
+    Ok(text
+        .lines()
+        .filter(|l| l.split(['{', ' ']).next() == Some(name))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum())
+}
+
 /// A sparse disk image of `size` bytes.
 pub fn make_disk(path: &Path, size: u64) -> anyhow::Result<()> {
     let f = std::fs::File::create(path)?;

@@ -32,16 +32,6 @@ fn writes(rng: &mut rand::rngs::StdRng, size: u64, n: usize) -> Vec<String> {
         .collect()
 }
 
-fn qemu_io(uri: &str, cmds: &[String]) -> anyhow::Result<String> {
-    let mut args: Vec<&str> = vec!["-f", "raw"];
-    for c in cmds {
-        args.push("-c");
-        args.push(c);
-    }
-    args.push(uri);
-    run("qemu-io", &args)
-}
-
 fn kill_and_restart(victim: Component) {
     let seed: u64 = std::env::var("SR_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(rand::random);
     eprintln!("{victim:?}: seed {seed} (set SR_TEST_SEED to replay)");

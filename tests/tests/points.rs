@@ -17,16 +17,6 @@ use std::time::Duration;
 
 const MIB: u64 = 1 << 20;
 
-fn qemu_io(uri: &str, cmds: &[String]) {
-    let mut args: Vec<&str> = vec!["-f", "raw"];
-    for c in cmds {
-        args.push("-c");
-        args.push(c);
-    }
-    args.push(uri);
-    run("qemu-io", &args).unwrap();
-}
-
 /// A round of overlapping writes, zeroes and discards, then a flush.
 fn round(rng: &mut rand::rngs::StdRng, size: u64, pattern: u8) -> Vec<String> {
     let mut cmds = Vec::new();
@@ -129,7 +119,7 @@ fn any_instant_reads_back_as_the_source_was_then() {
     let uri = s.local.agent_uri("d");
     let mut marks = Vec::new();
     for k in 0..5u8 {
-        qemu_io(&uri, &round(&mut rng, s.size, 0x10 + k));
+        qemu_io(&uri, &round(&mut rng, s.size, 0x10 + k)).unwrap();
         marks.push(s.mark(&format!("t{k}")));
         std::thread::sleep(Duration::from_millis(300));
     }
@@ -182,7 +172,7 @@ fn a_writable_view_stays_at_its_point_and_never_touches_the_replica() {
     let mut rng = rand::rngs::StdRng::seed_from_u64(5);
     let s = setup(32 * MIB, &[], &[]);
     let uri = s.local.agent_uri("d");
-    qemu_io(&uri, &round(&mut rng, s.size, 0x21));
+    qemu_io(&uri, &round(&mut rng, s.size, 0x21)).unwrap();
     let (t, copy) = s.mark("before");
     let test_disk = s.open_view("tf", json!({ "time-us": t }), true);
     // Churn on the source while the test disk is written to.
@@ -193,17 +183,17 @@ fn a_writable_view_stays_at_its_point_and_never_touches_the_replica() {
             let mut rng = rand::rngs::StdRng::seed_from_u64(9);
             let mut k = 0u8;
             while !stop.load(Ordering::Relaxed) {
-                qemu_io(&uri, &round(&mut rng, size, 0x30 + k % 50));
+                qemu_io(&uri, &round(&mut rng, size, 0x30 + k % 50)).unwrap();
                 k = k.wrapping_add(1);
             }
         })
     };
     let writes =
         ["write -P 0xee 1M 1M".to_string(), "write -z 5M 8k".to_string(), "write -P 0xdd 777 1000".to_string()];
-    qemu_io(&test_disk, &writes);
+    qemu_io(&test_disk, &writes).unwrap();
     let expected = s.dir.path().join("expected.img");
     std::fs::copy(&copy, &expected).unwrap();
-    qemu_io(expected.to_str().unwrap(), &writes);
+    qemu_io(expected.to_str().unwrap(), &writes).unwrap();
     std::thread::sleep(Duration::from_secs(2));
     compare(expected.to_str().unwrap(), &test_disk).unwrap();
     stop.store(true, Ordering::Relaxed);
@@ -229,7 +219,7 @@ fn retention_expires_old_points_reclaims_space_and_keeps_the_rest_exact() {
     let mut marks = Vec::new();
     let mut peak = 0;
     for k in 0..12u8 {
-        qemu_io(&uri, &round(&mut rng, s.size, 0x50 + k));
+        qemu_io(&uri, &round(&mut rng, s.size, 0x50 + k)).unwrap();
         marks.push(s.mark(&format!("r{k}")));
         peak = peak.max(s.points()["disks"][0]["undo_bytes"].as_u64().unwrap());
         std::thread::sleep(Duration::from_millis(600));
@@ -284,7 +274,7 @@ fn master_target_killed_during_apply_expiry_and_test_failover_keeps_every_point(
                 let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
                 let mut n = 0u8;
                 while !stop.load(Ordering::Relaxed) {
-                    qemu_io(&uri, &round(&mut rng, size, 0x70 + n % 40));
+                    qemu_io(&uri, &round(&mut rng, size, 0x70 + n % 40)).unwrap();
                     n = n.wrapping_add(1);
                 }
             })
@@ -303,10 +293,10 @@ fn master_target_killed_during_apply_expiry_and_test_failover_keeps_every_point(
             let (uri, seq) =
                 (v["disks"][0]["uri"].as_str().unwrap().to_string(), v["disks"][0]["seq"].as_u64().unwrap());
             let writes = ["write -P 0xcc 2M 300k".to_string()];
-            qemu_io(&uri, &writes);
+            qemu_io(&uri, &writes).unwrap();
             let expected = s.dir.path().join("tf-expected.img");
             std::fs::copy(&marks[2].1, &expected).unwrap();
-            qemu_io(expected.to_str().unwrap(), &writes);
+            qemu_io(expected.to_str().unwrap(), &writes).unwrap();
             test_disk = Some((uri, expected, seq));
         }
     }
@@ -337,7 +327,7 @@ fn app_consistent_points_come_from_the_hooks_and_a_failing_hook_gives_a_crash_co
     ];
     let mut s = setup_in(dir, 16 * MIB, &[], &agent_env);
     let uri = s.local.agent_uri("d");
-    qemu_io(&uri, &["write -P 0x61 0 1M".to_string(), "flush".to_string()]);
+    qemu_io(&uri, &["write -P 0x61 0 1M".to_string(), "flush".to_string()]).unwrap();
     std::thread::sleep(Duration::from_millis(2500));
     wait_caught_up(&s.local, Duration::from_secs(60)).unwrap();
     let p = s.points();
@@ -356,7 +346,7 @@ fn app_consistent_points_come_from_the_hooks_and_a_failing_hook_gives_a_crash_co
         ("SR_AGENT__POINTS__PRE_HOOK", "echo database busy >&2; exit 3"),
     ];
     s._agent = s.local.start_env(Component::Agent, &failing).unwrap();
-    qemu_io(&uri, &["write -P 0x62 1M 1M".to_string(), "flush".to_string()]);
+    qemu_io(&uri, &["write -P 0x62 1M 1M".to_string(), "flush".to_string()]).unwrap();
     std::thread::sleep(Duration::from_millis(2500));
     wait_caught_up(&s.local, Duration::from_secs(60)).unwrap();
     let p = s.points();

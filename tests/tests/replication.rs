@@ -50,16 +50,6 @@ fn workload(seed: u64, size: u64, n: usize) -> Vec<String> {
     cmds
 }
 
-fn qemu_io(uri: &str, cmds: &[String]) {
-    let mut args: Vec<&str> = vec!["-f", "raw"];
-    for c in cmds {
-        args.push("-c");
-        args.push(c);
-    }
-    args.push(uri);
-    run("qemu-io", &args).unwrap();
-}
-
 #[test]
 fn replica_equals_source_after_mixed_writes() {
     let dir = test_dir();
@@ -70,11 +60,12 @@ fn replica_equals_source_after_mixed_writes() {
     let _agent = local.start(Component::Agent).unwrap();
     let uri = local.agent_uri("disk0");
     for round in 0..4 {
-        qemu_io(&uri, &workload(round + 1, size, 60));
+        qemu_io(&uri, &workload(round + 1, size, 60)).unwrap();
     }
     // The same export over the agent's Unix socket.
     let unix = format!("nbd+unix:///disk0?socket={}", local.addrs.agent_unix.display());
-    qemu_io(&unix, &["write -P 0x77 33M 3M".to_string(), "flush".to_string(), "read -P 0x77 33M 3M".to_string()]);
+    qemu_io(&unix, &["write -P 0x77 33M 3M".to_string(), "flush".to_string(), "read -P 0x77 33M 3M".to_string()])
+        .unwrap();
     let nbdinfo = run("nbdinfo", &["--size", &uri]).unwrap();
     assert_eq!(nbdinfo.trim(), size.to_string());
     // nbdcopy reads the whole export, then writes a whole image through it with several connections
@@ -100,8 +91,8 @@ fn replica_equals_source_after_mixed_writes() {
     )
     .unwrap();
     run("nbdcopy", &["--flush", "--connections=4", payload.to_str().unwrap(), &uri]).unwrap();
-    qemu_io(&uri, &workload(99, size, 40));
-    qemu_io(&uri, &["flush".to_string()]);
+    qemu_io(&uri, &workload(99, size, 40)).unwrap();
+    qemu_io(&uri, &["flush".to_string()]).unwrap();
     wait_caught_up(&local, Duration::from_secs(120)).unwrap();
     let source = local.disks[0].path.to_str().unwrap().to_string();
     compare(&source, &local.replica_uri(1)).unwrap();
@@ -177,7 +168,7 @@ fn full_cache_is_backpressure_not_loss() {
     let uri = local.agent_uri("disk0");
     let mut cmds: Vec<String> = (0..30).map(|i| format!("write -P {} {}M 1M", 0x31 + i, i * 2)).collect();
     cmds.push("flush".into());
-    qemu_io(&uri, &cmds);
+    qemu_io(&uri, &cmds).unwrap();
     // The journal holds what the process server could not take.
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     let journal = loop {
@@ -212,7 +203,7 @@ fn a_lost_replica_is_refused_not_silently_recreated() {
     mt.stop().unwrap();
     std::fs::remove_file(local.replica_path(1)).unwrap();
     let _mt = local.start(Component::MasterTarget).unwrap();
-    qemu_io(&local.agent_uri("disk0"), &["write -P 0x44 0 1M".to_string(), "flush".to_string()]);
+    qemu_io(&local.agent_uri("disk0"), &["write -P 0x44 0 1M".to_string(), "flush".to_string()]).unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
         let ps_log = std::fs::read_to_string(local.log(Component::ProcessServer)).unwrap();

@@ -11,11 +11,6 @@ use std::time::Duration;
 
 const MIB: u64 = 1 << 20;
 
-fn metric(addr: std::net::SocketAddr, name: &str) -> f64 {
-    let (_, text) = sr_common::http::request(addr, "GET", "/metrics", None).unwrap();
-    text.lines().filter(|l| l.starts_with(name)).filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum()
-}
-
 /// A disk of `size` bytes whose first `data` bytes are random (incompressible).
 fn random_disk(path: &std::path::Path, size: u64, data: u64, seed: u64) {
     use rand::RngCore;
@@ -61,16 +56,6 @@ fn random_writes(rng: &mut rand::rngs::StdRng, size: u64, n: usize, blocks: &mut
     cmds
 }
 
-fn qemu_io(uri: &str, cmds: &[String]) {
-    let mut args: Vec<&str> = vec!["-f", "raw"];
-    for c in cmds {
-        args.push("-c");
-        args.push(c);
-    }
-    args.push(uri);
-    run("qemu-io", &args).unwrap();
-}
-
 #[test]
 fn journal_overflow_falls_back_to_the_dirty_map_survives_sigkill_and_ships_only_dirty_blocks() {
     let mut rng = rand::rngs::StdRng::seed_from_u64(17);
@@ -92,7 +77,7 @@ fn journal_overflow_falls_back_to_the_dirty_map_survives_sigkill_and_ships_only_
     ps.kill();
     let uri = local.agent_uri("d");
     let mut blocks = BTreeSet::new();
-    qemu_io(&uri, &random_writes(&mut rng, size, 600, &mut blocks));
+    qemu_io(&uri, &random_writes(&mut rng, size, 600, &mut blocks)).unwrap();
     let st = local.agent_status().unwrap();
     assert_eq!(st["disks"][0]["overflow"], true, "{st}");
     let dirty = st["disks"][0]["dirty_bytes"].as_u64().unwrap();
@@ -102,8 +87,8 @@ fn journal_overflow_falls_back_to_the_dirty_map_survives_sigkill_and_ships_only_
     let _agent = local.start_env(Component::Agent, &env).unwrap();
     let st = local.agent_status().unwrap();
     assert!(st["disks"][0]["dirty_bytes"].as_u64().unwrap() >= dirty, "{st}");
-    qemu_io(&uri, &random_writes(&mut rng, size, 300, &mut blocks));
-    qemu_io(&uri, &["write -P 0x99 40M 3M".to_string(), "discard 50M 1M".to_string(), "flush".to_string()]);
+    qemu_io(&uri, &random_writes(&mut rng, size, 300, &mut blocks)).unwrap();
+    qemu_io(&uri, &["write -P 0x99 40M 3M".to_string(), "discard 50M 1M".to_string(), "flush".to_string()]).unwrap();
     (40 * MIB / 4096..43 * MIB / 4096).chain(50 * MIB / 4096..51 * MIB / 4096).for_each(|b| {
         blocks.insert(b);
     });
@@ -112,7 +97,7 @@ fn journal_overflow_falls_back_to_the_dirty_map_survives_sigkill_and_ships_only_
     wait_caught_up(&local, Duration::from_secs(120)).unwrap();
     compare(disk.to_str().unwrap(), &local.replica_uri(1)).unwrap();
     check_apply_log(&local, 1).unwrap();
-    let resynced = metric(local.addrs.agent_http, "sr_agent_resync_copied_bytes_total") as u64;
+    let resynced = metric(local.addrs.agent_http, "sr_agent_resync_copied_bytes_total").unwrap() as u64;
     let touched = blocks.len() as u64 * 4096;
     assert!(resynced > 0, "nothing was resynchronized from the dirty map");
     assert!(resynced <= touched, "{resynced} bytes resynchronized, but only {touched} bytes of blocks were written");
@@ -140,8 +125,10 @@ fn a_diverged_replica_is_resynced_by_checksums_shipping_only_what_differs() {
     let _mt = local.start(Component::MasterTarget).unwrap();
     assert!(compare(disk.to_str().unwrap(), &local.replica_uri(1)).is_err(), "the replica did not diverge");
     let ps = local.addrs.ps_http;
-    let (in_before, sums_before) =
-        (metric(ps, "sr_process_server_received_bytes_total"), metric(ps, "sr_process_server_checksum_bytes_total"));
+    let (in_before, sums_before) = (
+        metric(ps, "sr_process_server_received_bytes_total").unwrap(),
+        metric(ps, "sr_process_server_checksum_bytes_total").unwrap(),
+    );
     let v = sr_common::http::post_json(local.addrs.agent_http, "/v1/resync", &serde_json::json!({})).unwrap();
     assert_eq!(v["resync"][0]["disk"], 1, "{v}");
     wait_caught_up(&local, Duration::from_secs(120)).unwrap();
@@ -149,8 +136,8 @@ fn a_diverged_replica_is_resynced_by_checksums_shipping_only_what_differs() {
     let st = local.agent_status().unwrap();
     let differing = blocks.len() as u64 * 4096;
     assert_eq!(st["disks"][0]["resync"]["differing_bytes"].as_u64().unwrap(), differing, "{st}");
-    let shipped = metric(ps, "sr_process_server_received_bytes_total") - in_before;
-    let sums = metric(ps, "sr_process_server_checksum_bytes_total") - sums_before;
+    let shipped = metric(ps, "sr_process_server_received_bytes_total").unwrap() - in_before;
+    let sums = metric(ps, "sr_process_server_checksum_bytes_total").unwrap() - sums_before;
     eprintln!("differing {differing} bytes, shipped {shipped}, checksum traffic {sums}");
     assert!(shipped <= 1.1 * differing as f64, "{shipped} bytes shipped for {differing} differing bytes");
     assert!(sums > 0.0 && sums < size as f64 / 20.0, "checksum traffic of {sums} bytes");
@@ -246,14 +233,14 @@ fn scan_capture_ships_changes_written_straight_into_the_disk_file_within_the_int
     }
     f.write_all_at(&vec![0u8; 2 << 20], 0).unwrap(); // zeroes over data
     f.sync_all().unwrap();
-    let copied_before = metric(local.addrs.agent_http, "sr_agent_resync_copied_bytes_total");
+    let copied_before = metric(local.addrs.agent_http, "sr_agent_resync_copied_bytes_total").unwrap();
     // Within the interval (1 s) plus shipping, the replica has the changes.
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     while compare(disk.to_str().unwrap(), &local.replica_uri(1)).is_err() {
         assert!(std::time::Instant::now() < deadline, "the scanned changes never reached the replica");
         std::thread::sleep(Duration::from_millis(250));
     }
-    let copied = metric(local.addrs.agent_http, "sr_agent_resync_copied_bytes_total") - copied_before;
+    let copied = metric(local.addrs.agent_http, "sr_agent_resync_copied_bytes_total").unwrap() - copied_before;
     // Changed 64 KiB blocks only: at most two per write, plus the 2 MiB of zeroes.
     assert!(copied <= (40 * 2 * 65536 + (2 << 20)) as f64, "{copied} bytes shipped for {changed} changed bytes");
     check_apply_log(&local, 1).unwrap();
