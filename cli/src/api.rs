@@ -555,14 +555,9 @@ pub fn export(
 ) -> anyhow::Result<()> {
     let body = json!({ "disk": disk, "path": path, "point": point.spec(), "format": format });
     let v = c.call("POST", &format!("/v1/items/{item}/export"), Some(body))?;
-    print(&v, json_out, |v| {
-        format!(
-            "disk {disk} of item {item} at seq {} written to {} ({} MiB of data; job {})",
-            v["export"]["seq"],
-            path,
-            v["export"]["bytes_copied"].as_u64().unwrap_or(0) >> 20,
-            v["job"]
-        )
-    });
-    Ok(())
+    let job = v["job"].as_u64().context("answer without job id")?;
+    if !json_out {
+        println!("exporting disk {disk} of item {item} to {path} (job {job})");
+    }
+    follow(c, job, None, json_out)
 }

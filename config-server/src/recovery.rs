@@ -235,27 +235,51 @@ pub async fn export(AxState(cs): AxState<Arc<Cs>>, h: HeaderMap, Path(id): Path<
     let mt = master_target(&cs, &item)?;
     let mut job = JobHandle::start(cs.store(), "export", &id.to_string(), &["write the image"])?;
     job.step(0)?;
-    let mut call = json!({ "item": id, "disk": req.disk, "path": req.path });
+    let mut call = json!({ "item": id, "disk": req.disk, "path": req.path, "wait": false });
     if let Some(p) = req.point {
         call["point"] = p;
     }
     if let Some(f) = req.format {
         call["format"] = json!(f);
     }
-    match mt_call(&mt, "POST", "/v1/export", Some(call)).await {
-        Ok(v) => {
-            job.step_done(0)?;
-            let job = job.succeed()?;
-            cs.event(
-                "info",
-                &item.machine,
-                &format!("disk {} of item {id} exported to {} by {by}", req.disk, req.path),
-            )?;
-            Ok(Json(json!({ "job": job.id, "export": v })))
-        }
+    let export_id = match mt_call(&mt, "POST", "/v1/export", Some(call)).await {
+        Ok(v) => v["export_id"].as_u64().unwrap_or(0),
         Err(e) => {
             let job = job.fail(&e)?;
-            Err(ApiError::conflict(&format!("export failed (job {}): {e}", job.id)))
+            return Err(ApiError::conflict(&format!("export failed (job {}): {e}", job.id)));
         }
-    }
+    };
+    let job_id = job.job.id;
+    let (cs2, machine, path, disk) = (cs.clone(), item.machine.clone(), req.path.clone(), req.disk);
+    // The job follows the master target's progress until the image is written.
+    tokio::spawn(async move {
+        let store = cs2.store();
+        loop {
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            let Ok(Some(mut job)) = JobHandle::load(store, job_id) else { return };
+            let v = match mt_call(&mt, "GET", &format!("/v1/exports/{export_id}"), None).await {
+                Ok(v) => v,
+                Err(e) => {
+                    let _ = job.fail(&format!("following the export on the master target: {e}"));
+                    return;
+                }
+            };
+            match v["state"].as_str() {
+                Some("done") => {
+                    let _ = job.step_done(0).and_then(|_| job.succeed());
+                    let _ =
+                        cs2.event("info", &machine, &format!("disk {disk} of item {id} exported to {path} by {by}"));
+                    return;
+                }
+                Some("failed") => {
+                    let _ = job.fail(v["error"].as_str().unwrap_or("the master target gave no reason"));
+                    return;
+                }
+                _ => {
+                    let _ = job.progress(v["percent"].as_f64().unwrap_or(0.0) as u8);
+                }
+            }
+        }
+    });
+    Ok(Json(json!({ "job": job_id, "export_id": export_id })))
 }

@@ -27,6 +27,25 @@ pub struct ExportRequest {
     point: Option<PointSpec>,
     #[serde(default)]
     format: ImageFormat,
+    /// Answer when the image is written (default), or at once with an id to follow at
+    /// `GET /v1/exports/{id}`.
+    #[serde(default = "yes")]
+    wait: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// Progress of an export, kept for `GET /v1/exports/{id}`.
+#[derive(Default, Clone, serde::Serialize)]
+pub struct ExportJob {
+    pub id: u64,
+    pub path: std::path::PathBuf,
+    pub state: &'static str,
+    pub percent: f64,
+    pub result: Option<serde_json::Value>,
+    pub error: Option<String>,
 }
 
 #[derive(serde::Deserialize, Default, Clone, Copy, PartialEq, Eq)]
@@ -70,6 +89,7 @@ pub fn routes(server: Arc<Server>) -> axum::Router {
         .route("/v1/status", axum::routing::get(status))
         .route("/v1/apply-log", axum::routing::get(apply_log))
         .route("/v1/export", axum::routing::post(export))
+        .route("/v1/exports/{id}", axum::routing::get(export_progress))
         .route("/v1/points", axum::routing::get(points))
         .route("/v1/views", axum::routing::get(list_views).post(create_view))
         .route("/v1/views/{name}", axum::routing::delete(delete_view))
@@ -144,7 +164,14 @@ async fn export(
     };
     let path = req.path.clone();
     let s2 = s.clone();
-    let res = tokio::task::spawn_blocking(move || -> anyhow::Result<(u64, u64)> {
+    let id = s.next_export.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+    let job =
+        Arc::new(std::sync::Mutex::new(ExportJob { id, path: path.clone(), state: "running", ..Default::default() }));
+    s.export_jobs.lock().expect("export jobs lock poisoned").insert(id, job.clone());
+    let progress = job.clone();
+    let wait = req.wait;
+    let out_path = req.path.clone();
+    let task = tokio::task::spawn_blocking(move || -> anyhow::Result<(u64, u64)> {
         use anyhow::Context;
         use sr_common::nbd::Backend;
         use std::os::unix::fs::FileExt;
@@ -189,19 +216,44 @@ async fn export(
                 copied += piece.len() as u64;
             }
             pos += n as u64;
+            progress.lock().expect("export job lock poisoned").percent = 100.0 * pos as f64 / size.max(1) as f64;
         }
         match sink {
             Sink::Qcow2(q) => q.finish()?,
             Sink::Raw(f) => f.sync_all()?,
         }
         Ok((seq.0, copied))
-    })
-    .await
-    .map_err(|e| api_err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
-    match res {
-        Ok((seq, copied)) => Ok(Json(serde_json::json!({
-            "path": req.path, "applied_seq": seq, "seq": seq, "bytes_copied": copied,
-        }))),
-        Err(e) => Err(api_err(StatusCode::BAD_REQUEST, format!("{e:#}"))),
+    });
+    let finish = async move {
+        let res = task.await.map_err(|e| anyhow::anyhow!("export task failed: {e}")).and_then(|r| r);
+        let mut j = job.lock().expect("export job lock poisoned");
+        match res {
+            Ok((seq, copied)) => {
+                let v = serde_json::json!({
+                    "path": out_path, "applied_seq": seq, "seq": seq, "bytes_copied": copied, "export_id": id,
+                });
+                (j.state, j.percent, j.result) = ("done", 100.0, Some(v.clone()));
+                Ok(v)
+            }
+            Err(e) => {
+                (j.state, j.error) = ("failed", Some(format!("{e:#}")));
+                Err(format!("{e:#}"))
+            }
+        }
+    };
+    if !wait {
+        tokio::spawn(finish);
+        return Ok(Json(serde_json::json!({ "export_id": id, "state": "running" })));
     }
+    finish.await.map(Json).map_err(|e| api_err(StatusCode::BAD_REQUEST, e))
+}
+
+async fn export_progress(
+    State(s): State<Arc<Server>>,
+    axum::extract::Path(id): axum::extract::Path<u64>,
+) -> Result<Json<ExportJob>, ApiError> {
+    let jobs = s.export_jobs.lock().expect("export jobs lock poisoned");
+    let j = jobs.get(&id).ok_or_else(|| api_err(StatusCode::NOT_FOUND, format!("no export {id}")))?;
+    let j = j.lock().expect("export job lock poisoned").clone();
+    Ok(Json(j))
 }

@@ -46,6 +46,9 @@ pub struct Server {
     exports: Arc<Exports>,
     /// Open views of recovery points, by name.
     views: Mutex<HashMap<String, Arc<points::OpenView>>>,
+    /// Exports running or finished since start, by id, for their progress.
+    pub export_jobs: Mutex<HashMap<u64, Arc<Mutex<export::ExportJob>>>>,
+    pub next_export: std::sync::atomic::AtomicU64,
     /// Retention per item from the configuration server's policies.
     retention: RwLock<HashMap<sr_common::types::ItemId, u64>>,
 }
@@ -147,6 +150,8 @@ pub async fn run(cfg: MtConfig, shutdown: CancellationToken) -> anyhow::Result<(
         broken: Mutex::new(HashMap::new()),
         exports: Exports::new(),
         views: Mutex::new(HashMap::new()),
+        export_jobs: Mutex::new(HashMap::new()),
+        next_export: std::sync::atomic::AtomicU64::new(0),
         retention: RwLock::new(HashMap::new()),
     });
     for (key, rec) in store.streams()? {

@@ -152,6 +152,25 @@ fn any_instant_reads_back_as_the_source_was_then() {
     let body = json!({ "item": s.local.item, "disk": 1, "path": out, "point": { "time-us": marks[2].0 } });
     http::post_json(s.local.addrs.mt_http, "/v1/export", &body).unwrap();
     compare(marks[2].1.to_str().unwrap(), out.to_str().unwrap()).unwrap();
+    // Without waiting: the export's progress is followed until it is done.
+    let out = s.dir.path().join("export-t4.img");
+    let body =
+        json!({ "item": s.local.item, "disk": 1, "path": out, "point": { "time-us": marks[4].0 }, "wait": false });
+    let started = http::post_json(s.local.addrs.mt_http, "/v1/export", &body).unwrap();
+    let id = started["export_id"].as_u64().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let p = http::get_json(s.local.addrs.mt_http, &format!("/v1/exports/{id}")).unwrap();
+        assert!(p["percent"].as_f64().unwrap() <= 100.0);
+        if p["state"] == "done" {
+            assert_eq!(p["percent"], 100.0);
+            break;
+        }
+        assert_eq!(p["state"], "running", "{p}");
+        assert!(std::time::Instant::now() < deadline, "the export never finished: {p}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    compare(marks[4].1.to_str().unwrap(), out.to_str().unwrap()).unwrap();
     // And as qcow2, which qemu-img checks and reads back as the same disk.
     let q = s.dir.path().join("export-t3.qcow2");
     let body =
