@@ -19,14 +19,48 @@ use std::time::{Duration, Instant};
 
 pub const ITEM: u64 = 1;
 
+/// Ports are picked below the kernel's ephemeral range (32768 and up on Linux), where outgoing
+/// connections of the services and tests take theirs, so a port picked here is not taken by a client
+/// socket before the service binds it.
+const PORTS: std::ops::Range<u16> = 20000..32000;
+
+/// A port nobody listens on, claimed for ten minutes in a directory all test and local processes on
+/// this host share, so two processes never pick the same port while one of them is between picking it
+/// and binding it (or between a service's kill and its restart).
+fn pick_port(bindable: impl Fn(u16) -> bool) -> u16 {
+    use rand::Rng;
+    let claims = std::env::temp_dir().join("sr-port-claims");
+    let _ = std::fs::create_dir_all(&claims);
+    let mut rng = rand::thread_rng();
+    for _ in 0..2000 {
+        let port = rng.gen_range(PORTS);
+        if !bindable(port) {
+            continue;
+        }
+        let claim = claims.join(port.to_string());
+        let stale = std::fs::metadata(&claim)
+            .and_then(|m| m.modified())
+            .is_ok_and(|t| t.elapsed().is_ok_and(|age| age > Duration::from_secs(600)));
+        if stale {
+            let _ = std::fs::remove_dir(&claim);
+        }
+        if std::fs::create_dir(&claim).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port in {PORTS:?}");
+}
+
 /// A free loopback TCP port (bound, then released).
 pub fn free_tcp() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("binding a loopback TCP port")
+    let port = pick_port(|p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok());
+    SocketAddr::from(([127, 0, 0, 1], port))
 }
 
 /// A free loopback UDP port (bound, then released).
 pub fn free_udp() -> SocketAddr {
-    std::net::UdpSocket::bind("127.0.0.1:0").and_then(|s| s.local_addr()).expect("binding a loopback UDP port")
+    let port = pick_port(|p| std::net::UdpSocket::bind(("127.0.0.1", p)).is_ok());
+    SocketAddr::from(([127, 0, 0, 1], port))
 }
 
 /// Directory of the service binaries: `SR_BIN_DIR`, else the directory of the running executable if

@@ -62,14 +62,12 @@ pub async fn run(server: Arc<Server>, stream: Arc<Stream>) {
     }
 }
 
-async fn session(server: &Arc<Server>, stream: &Arc<Stream>) -> anyhow::Result<()> {
-    let key = stream.key;
-    let route =
-        server.route(key.item).with_context(|| format!("item {} is not assigned to this process server", key.item))?;
-    let item_key = route.key.clone();
-    let conn =
-        sr_common::quic::connect_checked(&server.endpoint, &server.identity, route.master_target, Role::MasterTarget)
-            .await?;
+/// A stream to a master target (its certificate and role checked), past the Hello exchange.
+pub async fn open_to_master_target(
+    server: &Server,
+    addr: std::net::SocketAddr,
+) -> anyhow::Result<(quinn::SendStream, quinn::RecvStream)> {
+    let conn = sr_common::quic::connect_checked(&server.endpoint, &server.identity, addr, Role::MasterTarget).await?;
     let (mut send, mut recv) = conn.open_bi().await.context("opening a stream to the master target")?;
     wire::write_msg(
         &mut send,
@@ -77,6 +75,15 @@ async fn session(server: &Arc<Server>, stream: &Arc<Stream>) -> anyhow::Result<(
     )
     .await?;
     wire::check_hello(wire::expect_msg(&mut recv).await?, Role::MasterTarget)?;
+    Ok((send, recv))
+}
+
+async fn session(server: &Arc<Server>, stream: &Arc<Stream>) -> anyhow::Result<()> {
+    let key = stream.key;
+    let route =
+        server.route(key.item).with_context(|| format!("item {} is not assigned to this process server", key.item))?;
+    let item_key = route.key.clone();
+    let (mut send, mut recv) = open_to_master_target(server, route.master_target).await?;
     wire::write_msg(&mut send, &Message::Open { item: key.item, disk: key.disk, disk_size: stream.disk_size }).await?;
     let next = match wire::expect_msg(&mut recv).await? {
         Message::Resume { next } => next,

@@ -11,7 +11,7 @@ use crate::metrics as m;
 use crate::Server;
 use anyhow::{bail, Context};
 use sr_common::types::{DiskId, ItemId};
-use sr_common::wire::{self, Message, Role};
+use sr_common::wire::{self, Message};
 use std::sync::Arc;
 
 pub async fn session(
@@ -27,16 +27,7 @@ pub async fn session(
             server.cfg.node
         )
     })?;
-    let conn =
-        sr_common::quic::connect_checked(&server.endpoint, &server.identity, route.master_target, Role::MasterTarget)
-            .await?;
-    let (mut mt_send, mut mt_recv) = conn.open_bi().await.context("opening a stream to the master target")?;
-    wire::write_msg(
-        &mut mt_send,
-        &Message::Hello { version: wire::PROTOCOL_VERSION, role: Role::ProcessServer, node: server.cfg.node.clone() },
-    )
-    .await?;
-    wire::check_hello(wire::expect_msg(&mut mt_recv).await?, Role::MasterTarget)?;
+    let (mut mt_send, mut mt_recv) = crate::forward::open_to_master_target(server, route.master_target).await?;
     wire::write_msg(&mut mt_send, &Message::TreeOpen { item, disk, disk_size, block }).await?;
     let relayed = metrics::counter!(m::CHECKSUM_BYTES);
     let mut answer = wire::expect_msg(&mut mt_recv).await?;
