@@ -708,7 +708,16 @@ fn disable_stops_journaling_and_protecting_again_starts_a_fresh_replica() {
         assert!(std::time::Instant::now() < deadline, "the agent still journals: {st}");
         std::thread::sleep(std::time::Duration::from_millis(300));
     }
-    let applied_then = applied_at_mt(&m.local, first);
+    // A batch already on its way when protection was disabled may still land: wait until it did.
+    let mut applied_then = applied_at_mt(&m.local, first);
+    loop {
+        std::thread::sleep(std::time::Duration::from_secs(1));
+        let now = applied_at_mt(&m.local, first);
+        if now == applied_then {
+            break;
+        }
+        applied_then = now;
+    }
 
     // Protecting again makes a new item with a full initial copy: its replica equals the source,
     // including what was written while unprotected; the old replica was left as it was.
