@@ -111,6 +111,38 @@ enum Cmd {
         point: api::PointArgs,
     },
     /// Jobs: list, show, watch.
+    /// Fail an item over to the recovery site: planned (the source is stopped and drained first: no data
+    /// loss) or unplanned at a point (the latest by default). Follows the job.
+    Failover {
+        item: u64,
+        #[arg(long)]
+        planned: bool,
+        #[command(flatten)]
+        point: api::PointArgs,
+        /// Before commit: bring the failed-over disks up at this other point instead (their writes are
+        /// discarded).
+        #[arg(long)]
+        change_point: bool,
+    },
+    /// Make a failover final: the failed-over disks become plain files on the recovery site.
+    Commit { item: u64 },
+    /// Replicate back from the failed-over disks (only blocks changed since the failover). Follows the job.
+    Reprotect {
+        item: u64,
+        /// The agent fronting the failed-over disks (after a failback: the original machine).
+        #[arg(long)]
+        machine: Option<String>,
+        #[arg(long)]
+        master_target: Option<String>,
+        #[arg(long)]
+        process_server: Option<String>,
+    },
+    /// Planned failover back to the primary site, then reprotect forward. Follows the job.
+    Failback { item: u64 },
+    #[command(subcommand)]
+    Plans(api::PlansCmd),
+    #[command(subcommand)]
+    NetworkMappings(api::NetMapCmd),
     #[command(subcommand)]
     Jobs(api::JobsCmd),
     /// The event log.
@@ -144,6 +176,15 @@ fn main() -> ExitCode {
         Cmd::Export { item, disk, path, format, point } => {
             api::Client::new(&cli.conn).and_then(|cl| api::export(&cl, item, disk, &path, &format, &point, json))
         }
+        Cmd::Failover { item, planned, point, change_point } => {
+            api::Client::new(&cli.conn).and_then(|cl| api::failover(&cl, item, planned, &point, change_point, json))
+        }
+        Cmd::Commit { item } => api::Client::new(&cli.conn).and_then(|cl| api::commit(&cl, item, json)),
+        Cmd::Reprotect { item, machine, master_target, process_server } => api::Client::new(&cli.conn)
+            .and_then(|cl| api::reprotect(&cl, item, machine, master_target, process_server, json)),
+        Cmd::Failback { item } => api::Client::new(&cli.conn).and_then(|cl| api::failback(&cl, item, json)),
+        Cmd::Plans(c) => api::Client::new(&cli.conn).and_then(|cl| api::plans(&cl, c, json)),
+        Cmd::NetworkMappings(c) => api::Client::new(&cli.conn).and_then(|cl| api::netmaps(&cl, c, json)),
         Cmd::Jobs(c) => api::Client::new(&cli.conn).and_then(|cl| api::jobs(&cl, c, json)),
         Cmd::Events => api::Client::new(&cli.conn).and_then(|cl| api::events(&cl, json)),
         Cmd::Status { endpoint } => sr_common::http::get_json(endpoint, "/v1/status").map(|v| {

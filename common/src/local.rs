@@ -168,6 +168,8 @@ pub struct Local {
     pub disks: Vec<DiskSpec>,
     pub key_file: PathBuf,
     pub certs: PathBuf,
+    /// Prefix of the node names ("" or, for a second site's components, "dr-").
+    pub site: String,
 }
 
 fn tls_toml(certs: &Path, name: &str) -> String {
@@ -192,7 +194,15 @@ impl Local {
         let (key, _) = crate::seal::ItemKey::generate();
         let key_file = certs.join(format!("item-{ITEM}.key"));
         crate::crashsafe::write_file(&key_file, hex::encode(key).as_bytes())?;
-        let local = Local { item: ITEM, root: root.to_path_buf(), addrs: Addrs::new(root), disks, key_file, certs };
+        let local = Local {
+            item: ITEM,
+            root: root.to_path_buf(),
+            addrs: Addrs::new(root),
+            disks,
+            key_file,
+            certs,
+            site: String::new(),
+        };
         local.write_configs(opts, None)?;
         Ok(local)
     }
@@ -207,6 +217,18 @@ impl Local {
         api: SocketAddr,
         admin_token: &str,
     ) -> anyhow::Result<Local> {
+        Local::managed_site(root, disks, opts, api, admin_token, "")
+    }
+
+    /// [`Local::managed`] for another site of the same deployment: node names start with `site`.
+    pub fn managed_site(
+        root: &Path,
+        disks: Vec<DiskSpec>,
+        opts: &Options,
+        api: SocketAddr,
+        admin_token: &str,
+        site: &str,
+    ) -> anyhow::Result<Local> {
         std::fs::create_dir_all(root.join("logs")).with_context(|| format!("creating {}", root.display()))?;
         let certs = root.join("certs");
         let local = Local {
@@ -216,6 +238,7 @@ impl Local {
             disks,
             key_file: PathBuf::new(),
             certs,
+            site: site.to_string(),
         };
         for c in [Component::MasterTarget, Component::ProcessServer, Component::Agent] {
             let role = match c {
@@ -236,7 +259,7 @@ impl Local {
             let key: serde_json::Value = serde_json::from_str(&body)?;
             let key = key["key"].as_str().context("no key in the answer")?.to_string();
             let mut cmd = Command::new(bin_dir().join(c.binary()));
-            cmd.args(["register", "--server", &api.to_string(), "--key", &key, "--name", local.node(c), "--dir"]);
+            cmd.args(["register", "--server", &api.to_string(), "--key", &key, "--name", &local.node(c), "--dir"]);
             cmd.arg(&local.certs);
             match c {
                 Component::ProcessServer => cmd.args(["--address", &local.addrs.ps_quic.to_string()]),
@@ -253,19 +276,20 @@ impl Local {
     }
 
     /// Node name of a component in this deployment.
-    pub fn node(&self, c: Component) -> &'static str {
-        match c {
+    pub fn node(&self, c: Component) -> String {
+        let name = match c {
             Component::Agent => "agent-1",
             Component::ProcessServer => "ps-1",
             Component::MasterTarget => "mt-1",
             Component::ConfigServer => "cs",
-        }
+        };
+        format!("{}{name}", self.site)
     }
 
     fn write_configs(&self, opts: &Options, control_api: Option<SocketAddr>) -> anyhow::Result<()> {
         let (root, addrs, certs) = (&self.root, &self.addrs, &self.certs);
         // Static deployments name certificates by role; registered ones by node name.
-        let cert_name = |c: Component| if control_api.is_some() { self.node(c) } else { c.short() };
+        let cert_name = |c: Component| if control_api.is_some() { self.node(c) } else { c.short().to_string() };
         let control = |c: Component| match control_api {
             Some(api) => format!(
                 "[control]\nserver = \"{api}\"\ntoken_file = {:?}\npoll_secs = 1\n",
@@ -279,23 +303,25 @@ impl Local {
             format!("[[item]]\nid = {ITEM}\nkey_file = {:?}\n", self.key_file)
         };
         let mt = format!(
-            "node = \"mt-1\"\ndata_dir = {:?}\nhttp = \"{}\"\nlisten = \"{}\"\nnbd_tcp = \"{}\"\n{}\n{}{item}",
+            "node = \"{}\"\ndata_dir = {:?}\nhttp = \"{}\"\nlisten = \"{}\"\nnbd_tcp = \"{}\"\n{}\n{}{item}",
+            self.node(Component::MasterTarget),
             root.join("mt"),
             addrs.mt_http,
             addrs.mt_quic,
             addrs.mt_nbd,
-            tls_toml(certs, cert_name(Component::MasterTarget)),
+            tls_toml(certs, &cert_name(Component::MasterTarget)),
             control(Component::MasterTarget),
         );
         let static_mt =
             if control_api.is_some() { String::new() } else { format!("master_target = \"{}\"\n", addrs.mt_quic) };
         let ps = format!(
-            "node = \"ps-1\"\ndata_dir = {:?}\nhttp = \"{}\"\nlisten = \"{}\"\n{static_mt}cache_limit_bytes = {}\n{}\n{}{item}",
+            "node = \"{}\"\ndata_dir = {:?}\nhttp = \"{}\"\nlisten = \"{}\"\n{static_mt}cache_limit_bytes = {}\n{}\n{}{item}",
+            self.node(Component::ProcessServer),
             root.join("ps"),
             addrs.ps_http,
             addrs.ps_quic,
             opts.ps_cache_limit_bytes,
-            tls_toml(certs, cert_name(Component::ProcessServer)),
+            tls_toml(certs, &cert_name(Component::ProcessServer)),
             control(Component::ProcessServer),
         );
         let static_agent = if control_api.is_some() {
@@ -304,12 +330,13 @@ impl Local {
             format!("item = {ITEM}\nprocess_server = \"{}\"\n", addrs.ps_quic)
         };
         let mut agent = format!(
-            "node = \"agent-1\"\n{static_agent}data_dir = {:?}\nhttp = \"{}\"\nnbd_tcp = \"{}\"\nnbd_unix = {:?}\n{}\n{}[ship]\nbatch_bytes = {}\nwindow_bytes = {}\n[copy]\nchunk_bytes = {}\n",
+            "node = \"{}\"\n{static_agent}data_dir = {:?}\nhttp = \"{}\"\nnbd_tcp = \"{}\"\nnbd_unix = {:?}\n{}\n{}[ship]\nbatch_bytes = {}\nwindow_bytes = {}\n[copy]\nchunk_bytes = {}\n",
+            self.node(Component::Agent),
             root.join("agent"),
             addrs.agent_http,
             addrs.agent_nbd,
             addrs.agent_unix,
-            tls_toml(certs, cert_name(Component::Agent)),
+            tls_toml(certs, &cert_name(Component::Agent)),
             control(Component::Agent),
             opts.batch_bytes,
             (opts.batch_bytes * 8).max(32 << 20),

@@ -31,6 +31,8 @@ pub trait StateStore: Send + Sync {
     fn record_apply(&self, key: StreamKey, first: Seq, last: Seq) -> Result<(), StateError>;
     /// Every logged batch of a stream, by first sequence number.
     fn apply_log(&self, key: StreamKey) -> Result<Vec<(Seq, Seq)>, StateError>;
+    /// Forgets a stream and its apply log (its replica was handed over at a failover commit).
+    fn remove_stream(&self, key: StreamKey) -> Result<(), StateError>;
 }
 
 const STREAMS: TableDefinition<(u64, u64), (u64, u64)> = TableDefinition::new("streams");
@@ -109,6 +111,18 @@ impl StateStore for RedbStore {
         }
         Ok(out)
     }
+
+    fn remove_stream(&self, key: StreamKey) -> Result<(), StateError> {
+        let tx = self.db.begin_write().map_err(err("begin write"))?;
+        {
+            let mut t = tx.open_table(STREAMS).map_err(err("open streams"))?;
+            t.remove((key.item.0, key.disk.0)).map_err(err("remove stream"))?;
+            let mut log = tx.open_table(APPLY_LOG).map_err(err("open apply_log"))?;
+            let range = (key.item.0, key.disk.0, 0)..=(key.item.0, key.disk.0, u64::MAX);
+            log.retain_in(range, |_, _| false).map_err(err("remove apply_log"))?;
+        }
+        tx.commit().map_err(err("commit"))
+    }
 }
 
 /// In-memory [`StateStore`] for tests.
@@ -141,6 +155,12 @@ impl StateStore for MemStore {
         let g = self.inner.lock().expect("poisoned");
         Ok(g.1.iter().filter(|((k, _), _)| *k == key).map(|((_, f), l)| (*f, *l)).collect())
     }
+    fn remove_stream(&self, key: StreamKey) -> Result<(), StateError> {
+        let mut g = self.inner.lock().expect("poisoned");
+        g.0.remove(&key);
+        g.1.retain(|(k, _), _| *k != key);
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -162,6 +182,13 @@ mod tests {
         assert_eq!(streams[1], (b, StreamRecord { disk_size: 20, applied: Seq(1) }));
         assert_eq!(s.apply_log(a).unwrap(), vec![(Seq(1), Seq(5)), (Seq(6), Seq(9))]);
         assert_eq!(s.apply_log(b).unwrap(), vec![(Seq(1), Seq(1))]);
+        let c = StreamKey { item: ItemId(3), disk: DiskId(1) };
+        s.put_stream(c, StreamRecord { disk_size: 5, applied: Seq(0) }).unwrap();
+        s.record_apply(c, Seq(1), Seq(3)).unwrap();
+        s.remove_stream(c).unwrap();
+        assert_eq!(s.streams().unwrap().len(), 2);
+        assert!(s.apply_log(c).unwrap().is_empty());
+        assert_eq!(s.apply_log(a).unwrap().len(), 2, "other streams keep their log");
     }
 
     #[test]

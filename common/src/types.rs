@@ -63,6 +63,11 @@ impl fmt::Display for StreamKey {
 }
 
 /// Microseconds since the Unix epoch, the clock recovery points are named by.
+/// The tag of a planned failover's final bookmark on every disk of the machine.
+pub fn stop_tag(generation: u64) -> String {
+    format!("failover-{generation}")
+}
+
 pub fn now_micros() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(0)
 }

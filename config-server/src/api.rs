@@ -77,6 +77,18 @@ pub fn routes(cs: Arc<Cs>) -> Router {
         .route("/v1/items/{id}/test-failover", post(crate::recovery::test_failover))
         .route("/v1/items/{id}/test-failover/cleanup", post(crate::recovery::test_failover_cleanup))
         .route("/v1/items/{id}/export", post(crate::recovery::export))
+        .route("/v1/items/{id}/failover", post(crate::failover::failover))
+        .route("/v1/items/{id}/failover/point", post(crate::failover::change_point))
+        .route("/v1/items/{id}/commit", post(crate::failover::commit))
+        .route("/v1/items/{id}/reprotect", post(crate::failover::reprotect))
+        .route("/v1/items/{id}/failback", post(crate::failover::failback))
+        .route("/v1/plans", get(crate::plans::list).post(crate::plans::create))
+        .route("/v1/plans/{id}", get(crate::plans::get).delete(crate::plans::delete))
+        .route("/v1/plans/{id}/failover", post(crate::plans::run))
+        .route("/v1/plans/{id}/resume", post(crate::plans::resume))
+        .route("/v1/plans/{id}/consistency-point", post(crate::plans::consistency_point))
+        .route("/v1/network-mappings", get(crate::netmap::list).post(crate::netmap::create))
+        .route("/v1/network-mappings/{id}", axum::routing::delete(crate::netmap::delete))
         .route("/v1/assignments", get(crate::items::assignments))
         .route("/v1/jobs", get(list_jobs))
         .route("/v1/jobs/{id}", get(get_job))
@@ -348,9 +360,10 @@ async fn heartbeat(State(cs): State<Arc<Cs>>, h: HeaderMap, b: Body<Heartbeat>) 
         if role != ComponentRole::MasterTarget {
             return Err(ApiError::bad("only master targets report applied positions"));
         }
+        let items: Vec<Item> = if applied.is_empty() { Vec::new() } else { store.list(ITEMS)? };
         for a in applied {
-            // Only the master target an item is assigned to speaks for it.
-            let item: Option<Item> = store.get(ITEMS, &id_key(a.item))?;
+            // Only the master target an item is assigned to speaks for it; it names the item's stream.
+            let item = items.iter().find(|i| i.wire_id() == a.item);
             if item.is_some_and(|i| i.master_target.as_deref() == Some(name.as_str())) {
                 store.put(APPLIED, &format!("{}-{}", a.item, a.disk), &(a.seq, now()))?;
             }

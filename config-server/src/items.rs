@@ -32,12 +32,13 @@ const ENABLE_STEPS: &[&str] = &[
     "protected",
 ];
 
-fn public(i: &Item) -> Value {
+pub fn public(i: &Item) -> Value {
     json!({
         "id": i.id, "machine": i.machine, "policy": i.policy, "state": i.state, "state_name": i.state.name(),
         "process_server": i.process_server, "master_target": i.master_target, "job": i.job, "created": i.created,
         "rpo_seconds": i.caught_up_at.map(|t| now().saturating_sub(t)), "rpo_alert": i.rpo_alert,
-        "test_failover": i.test_failover,
+        "test_failover": i.test_failover, "stream": i.wire_id(), "failover": i.failover,
+        "reprotect": i.reprotect, "previous_machine": i.previous_machine,
     })
 }
 
@@ -148,6 +149,11 @@ pub async fn enable(AxState(cs): AxState<Arc<Cs>>, h: HeaderMap, b: Body<Enable>
         test_failover: None,
         resync_request: 0,
         resync_job: None,
+        stream: None,
+        failover: None,
+        reprotect: None,
+        previous_machine: None,
+        previous_master_target: None,
     };
     store.put(ITEMS, &id_key(id), &item)?;
     job.step(0)?;
@@ -256,8 +262,12 @@ pub async fn assignments(AxState(cs): AxState<Arc<Cs>>, h: HeaderMap) -> R<Value
         .filter_map(|i| match role {
             ComponentRole::Agent if i.machine == name => {
                 let p = policy(&i.policy);
+                let stop =
+                    i.failover.as_ref().filter(|f| f["planned"] == json!(true)).and_then(|f| f["generation"].as_u64());
+                let baseline = i.reprotect.as_ref().and_then(|r| r["baseline"].as_u64());
                 Some(json!({
-                    "item": i.id, "process_server": address(&i.process_server)?,
+                    "item": i.wire_id(), "process_server": address(&i.process_server)?,
+                    "stop": stop, "baseline": baseline,
                     "crash_interval_secs": p.as_ref().map(|p| p.crash_consistent_interval_secs),
                     "app_interval_secs": p.as_ref().map(|p| p.app_consistent_interval_secs),
                     "journal_limit_percent": p.as_ref().map(|p| p.journal_limit_percent),
@@ -268,7 +278,7 @@ pub async fn assignments(AxState(cs): AxState<Arc<Cs>>, h: HeaderMap) -> R<Value
             ComponentRole::ProcessServer if i.process_server.as_deref() == Some(name.as_str()) => {
                 let p = policy(&i.policy);
                 Some(json!({
-                    "item": i.id, "data_key": i.data_key, "master_target": address(&i.master_target)?,
+                    "item": i.wire_id(), "data_key": i.data_key, "master_target": address(&i.master_target)?,
                     "compression_level": p.as_ref().map_or(sr_common::compress::DEFAULT_LEVEL, |p| p.compression_level),
                     "bandwidth_limit_mbps": p.as_ref().map_or(0, |p| p.bandwidth_limit_mbps),
                 }))
@@ -276,8 +286,9 @@ pub async fn assignments(AxState(cs): AxState<Arc<Cs>>, h: HeaderMap) -> R<Value
             ComponentRole::MasterTarget if i.master_target.as_deref() == Some(name.as_str()) => {
                 let p = policy(&i.policy);
                 Some(json!({
-                    "item": i.id, "data_key": i.data_key,
+                    "item": i.wire_id(), "data_key": i.data_key,
                     "retention_secs": p.as_ref().map_or(0, |p| p.retention_hours * 3600),
+                    "adopt": i.reprotect.as_ref().map(|r| r["adopt"].clone()),
                 }))
             }
             _ => None,
@@ -326,10 +337,14 @@ pub async fn evaluate(cs: &Cs) -> Result<(), crate::store::StoreError> {
         }
         let Some(machine) = store.get::<Machine>(MACHINES, &item.machine)? else { continue };
         let before = item.clone();
+        let wire = item.wire_id();
         let applied = |disk: u64| -> Result<(u64, u64), crate::store::StoreError> {
-            Ok(store.get::<(u64, u64)>(APPLIED, &format!("{}-{disk}", item.id))?.unwrap_or((0, 0)))
+            Ok(store.get::<(u64, u64)>(APPLIED, &format!("{wire}-{disk}"))?.unwrap_or((0, 0)))
         };
         match &item.state {
+            State::Reprotecting { .. } => {
+                crate::failover::evaluate_reprotect(cs, &mut item, &machine, &|d| Ok(applied(d)?.0))?;
+            }
             State::InitialReplication { percent } => {
                 let p = &machine.progress;
                 let n = machine.disks.len().max(1) as f64;
@@ -464,6 +479,7 @@ pub async fn evaluate(cs: &Cs) -> Result<(), crate::store::StoreError> {
             || item.caught_up_at != before.caught_up_at
             || item.rpo_alert != before.rpo_alert
             || item.resync_job != before.resync_job
+            || item.reprotect != before.reprotect
         {
             store.put(ITEMS, &id_key(item.id), &item)?;
         }

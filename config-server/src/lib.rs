@@ -10,11 +10,14 @@
 pub mod api;
 pub mod auth;
 pub mod config;
+pub mod failover;
 pub mod items;
 pub mod jobs;
 pub mod lifecycle;
 pub mod model;
+pub mod netmap;
 pub mod openapi;
+pub mod plans;
 pub mod recovery;
 pub mod store;
 
@@ -34,6 +37,10 @@ pub struct Cs {
     pub registration: tokio::sync::Mutex<()>,
     /// Serializes changes to items (enable, disable, evaluation).
     pub items_lock: tokio::sync::Mutex<()>,
+    /// Plans waiting at a manual action, by plan id: resuming sends who resumed.
+    pub plan_waits: std::sync::Mutex<std::collections::HashMap<String, tokio::sync::oneshot::Sender<String>>>,
+    /// Each plan's latest consistency point (its tag), the default point of an unplanned plan failover.
+    pub plan_points: std::sync::Mutex<std::collections::HashMap<String, String>>,
 }
 
 impl Cs {
@@ -113,6 +120,8 @@ pub async fn run(cfg: CsConfig, shutdown: CancellationToken) -> anyhow::Result<(
         ca,
         registration: tokio::sync::Mutex::new(()),
         items_lock: tokio::sync::Mutex::new(()),
+        plan_waits: Default::default(),
+        plan_points: Default::default(),
     });
     let ev = cs.clone();
     let stop = shutdown.clone();

@@ -11,6 +11,12 @@ pub const POLICIES: &str = "policies";
 pub const ITEMS: &str = "items";
 pub const JOBS: &str = "jobs";
 pub const EVENTS: &str = "events";
+pub const PLANS: &str = "plans";
+pub const NETWORK_MAPPINGS: &str = "network_mappings";
+/// Counter of the ids replication streams carry on the wire (one per direction of an item).
+pub const STREAMS: &str = "streams";
+/// Stream ids start here, above any item id, so the two never meet.
+pub const STREAM_BASE: u64 = 1 << 32;
 /// Applied positions by "item-disk", from master-target heartbeats.
 pub const APPLIED: &str = "applied";
 
@@ -99,6 +105,9 @@ pub struct DiskInfo {
     pub id: u64,
     pub name: String,
     pub size: u64,
+    /// Where the disk lives on its machine (a reprotect replicates back into it).
+    #[serde(default)]
+    pub path: Option<String>,
 }
 
 /// A protected-machine candidate: what its agent reported.
@@ -256,6 +265,98 @@ pub struct Item {
     pub resync_request: u64,
     #[serde(default)]
     pub resync_job: Option<u64>,
+    /// The id the item's data carries on the wire; each reprotect starts a new one (None: the item id).
+    #[serde(default)]
+    pub stream: Option<u64>,
+    /// The failover under way or done: generation, planned, view, point, machine description, and after
+    /// the commit the disks' paths.
+    #[serde(default)]
+    pub failover: Option<serde_json::Value>,
+    /// The running reprotect: baseline generation, whether both sides' history is known, the disks the
+    /// master target replicates into, its job.
+    #[serde(default)]
+    pub reprotect: Option<serde_json::Value>,
+    /// The machine on the other site (the source before the last reprotect).
+    #[serde(default)]
+    pub previous_machine: Option<String>,
+    /// The master target on the other site (the target before the last reprotect).
+    #[serde(default)]
+    pub previous_master_target: Option<String>,
+}
+
+impl Item {
+    /// The id its data carries on the wire.
+    pub fn wire_id(&self) -> u64 {
+        self.stream.unwrap_or(self.id)
+    }
+}
+
+/// A recovery plan: machines (protected items) in ordered groups, with actions before and after each.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Plan {
+    #[serde(default)]
+    pub id: String,
+    pub name: String,
+    pub groups: Vec<PlanGroup>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PlanGroup {
+    /// Item ids, brought up together.
+    pub items: Vec<u64>,
+    #[serde(default)]
+    pub pre: Vec<PlanAction>,
+    #[serde(default)]
+    pub post: Vec<PlanAction>,
+}
+
+/// A script run with `sh -c` on the configuration server's host (killed after its timeout; a failure
+/// fails the plan's job with its output), or a manual step the plan waits at until resumed.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub enum PlanAction {
+    Script {
+        command: String,
+        #[serde(default = "d_script_timeout")]
+        timeout_secs: u64,
+    },
+    Manual {
+        instruction: String,
+    },
+}
+
+fn d_script_timeout() -> u64 {
+    300
+}
+
+/// Source network to target network, with address rules, applied to the machine descriptions that
+/// failovers produce.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkMapping {
+    #[serde(default)]
+    pub id: String,
+    pub name: String,
+    /// CIDR of the source network ("10.0.0.0/24").
+    pub source: String,
+    /// CIDR of the target network; an address keeps its host part in it unless a rule says otherwise.
+    pub target: String,
+    /// The target network's name for the hypervisor (a port group, a bridge, a VLAN).
+    #[serde(default)]
+    pub target_network: String,
+    #[serde(default)]
+    pub gateway: Option<String>,
+    #[serde(default)]
+    pub rules: Vec<AddressRule>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AddressRule {
+    pub source: String,
+    pub target: String,
 }
 
 /// Replication progress of one disk, as its agent reports it.
@@ -286,6 +387,14 @@ pub struct DiskProgress {
     /// The journal is over its limit: changes are tracked in the dirty map.
     #[serde(default)]
     pub overflow: bool,
+    /// The failover generation the disk parted at (0: none), whether a planned failover stopped it, and
+    /// the sequence number of its final marker.
+    #[serde(default)]
+    pub generation: u64,
+    #[serde(default)]
+    pub stopped: bool,
+    #[serde(default)]
+    pub stop_seq: u64,
 }
 
 /// A disk's applied position, as its master target reports it.

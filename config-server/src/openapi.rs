@@ -63,6 +63,63 @@ pub const ROUTES: &[(&str, &str, &str, &str, &str)] = &[
         "operator",
         "Export",
     ),
+    (
+        "post",
+        "/v1/items/{id}/failover",
+        "Fail over: planned (stop the source, drain, final point: no data loss) or unplanned at a point (a job)",
+        "operator",
+        "Failover",
+    ),
+    (
+        "post",
+        "/v1/items/{id}/failover/point",
+        "Before commit: bring the failed-over disks up at another point (their writes are discarded; a job)",
+        "operator",
+        "PointChoice",
+    ),
+    ("post", "/v1/items/{id}/commit", "Make the failover final: the disks become plain files (a job)", "operator", ""),
+    (
+        "post",
+        "/v1/items/{id}/reprotect",
+        "Replicate back from the failed-over disks into the other site's disks, changed blocks only (a job)",
+        "operator",
+        "Reprotect",
+    ),
+    (
+        "post",
+        "/v1/items/{id}/failback",
+        "Planned failover back to the primary site, commit there, reprotect forward (a job)",
+        "operator",
+        "",
+    ),
+    ("get", "/v1/plans", "Recovery plans", "reader", ""),
+    (
+        "post",
+        "/v1/plans",
+        "Create a recovery plan: ordered groups of items with pre and post actions",
+        "operator",
+        "Plan",
+    ),
+    ("get", "/v1/plans/{id}", "One recovery plan (id or name)", "reader", ""),
+    ("delete", "/v1/plans/{id}", "Delete a recovery plan", "operator", ""),
+    (
+        "post",
+        "/v1/plans/{id}/failover",
+        "Test, planned or unplanned failover of a whole plan, group by group (a job)",
+        "operator",
+        "PlanRun",
+    ),
+    ("post", "/v1/plans/{id}/resume", "Continue a plan waiting at a manual action", "operator", ""),
+    (
+        "post",
+        "/v1/plans/{id}/consistency-point",
+        "Mark every machine of the plan at one consistent moment now",
+        "operator",
+        "",
+    ),
+    ("get", "/v1/network-mappings", "Network mappings applied to failover machine descriptions", "reader", ""),
+    ("post", "/v1/network-mappings", "Map a source network to a target network", "operator", "NetworkMapping"),
+    ("delete", "/v1/network-mappings/{id}", "Delete a network mapping", "operator", ""),
     ("get", "/v1/assignments", "What the calling component should carry: items, peers, keys", "component", ""),
     ("get", "/v1/jobs", "Jobs, filtered by state, kind and target", "reader", ""),
     ("get", "/v1/jobs/{id}", "One job with its steps and progress", "reader", ""),
@@ -92,6 +149,34 @@ fn schemas() -> Value {
         "Export": {"type": "object", "required": ["disk", "path"], "additionalProperties": false, "properties": {
             "disk": {"type": "integer"}, "path": {"type": "string"}, "point": {"description": "as in TestFailover; latest when left out"},
             "format": {"type": "string", "enum": ["raw", "qcow2"], "default": "raw"}}},
+        "Failover": {"type": "object", "additionalProperties": false, "properties": {
+            "planned": {"type": "boolean", "default": false},
+            "point": {"description": "unplanned only; as in TestFailover", "default": "latest"}}},
+        "PointChoice": {"type": "object", "required": ["point"], "additionalProperties": false, "properties": {
+            "point": {"description": "as in TestFailover"}}},
+        "Reprotect": {"type": "object", "additionalProperties": false, "properties": {
+            "machine": {"type": "string", "description": "the agent fronting the failed-over disks"},
+            "master_target": {"type": "string"}, "process_server": {"type": "string"}}},
+        "Plan": {"type": "object", "required": ["name", "groups"], "additionalProperties": false, "properties": {
+            "id": {"type": "string", "readOnly": true}, "name": {"type": "string"},
+            "groups": {"type": "array", "items": {"type": "object", "required": ["items"], "additionalProperties": false, "properties": {
+                "items": {"type": "array", "items": {"type": "integer"}},
+                "pre": {"type": "array", "items": {"$ref": "#/components/schemas/PlanAction"}},
+                "post": {"type": "array", "items": {"$ref": "#/components/schemas/PlanAction"}}}}}}},
+        "PlanAction": {"oneOf": [
+            {"type": "object", "required": ["script"], "properties": {"script": {"type": "object", "required": ["command"], "properties": {
+                "command": {"type": "string"}, "timeout_secs": {"type": "integer", "minimum": 1, "default": 300}}}}},
+            {"type": "object", "required": ["manual"], "properties": {"manual": {"type": "object", "required": ["instruction"], "properties": {
+                "instruction": {"type": "string"}}}}}]},
+        "PlanRun": {"type": "object", "required": ["kind"], "additionalProperties": false, "properties": {
+            "kind": {"type": "string", "enum": ["test", "planned", "unplanned"]},
+            "point": {"description": "unplanned only; default: the plan's latest consistency point"}}},
+        "NetworkMapping": {"type": "object", "required": ["name", "source", "target"], "additionalProperties": false, "properties": {
+            "id": {"type": "string", "readOnly": true}, "name": {"type": "string"},
+            "source": {"type": "string", "description": "CIDR"}, "target": {"type": "string", "description": "CIDR"},
+            "target_network": {"type": "string"}, "gateway": {"type": "string"},
+            "rules": {"type": "array", "items": {"type": "object", "required": ["source", "target"], "properties": {
+                "source": {"type": "string"}, "target": {"type": "string"}}}}}},
         "Enable": {"type": "object", "required": ["machine", "policy"], "additionalProperties": false, "properties": {
             "machine": {"type": "string"}, "policy": {"type": "string", "description": "policy id or name"}}},
         "Policy": {"type": "object", "required": ["name"], "additionalProperties": false, "properties": {

@@ -50,12 +50,12 @@ pub struct Export {
     format: Option<String>,
 }
 
-fn load_item(cs: &Cs, id: u64) -> Result<Item, ApiError> {
+pub fn load_item(cs: &Cs, id: u64) -> Result<Item, ApiError> {
     cs.store().get::<Item>(ITEMS, &id_key(id))?.ok_or_else(|| ApiError::not_found(&format!("no item {id}")))
 }
 
 /// The HTTP address of the item's master target.
-fn master_target(cs: &Cs, item: &Item) -> Result<(String, std::net::SocketAddr), ApiError> {
+pub fn master_target(cs: &Cs, item: &Item) -> Result<(String, std::net::SocketAddr), ApiError> {
     let name = item.master_target.clone().ok_or_else(|| {
         ApiError::conflict(&format!("item {} has no master target (state {})", item.id, item.state.name()))
     })?;
@@ -71,7 +71,7 @@ fn master_target(cs: &Cs, item: &Item) -> Result<(String, std::net::SocketAddr),
 }
 
 /// Calls the master target; its JSON error is passed on with the master target named.
-async fn mt_call(
+pub async fn mt_call(
     mt: &(String, std::net::SocketAddr),
     method: &str,
     path: &str,
@@ -98,7 +98,9 @@ pub async fn points(AxState(cs): AxState<Arc<Cs>>, h: HeaderMap, Path(id): Path<
     require(cs.store(), &h, ApiRole::Reader)?;
     let item = load_item(&cs, id)?;
     let mt = master_target(&cs, &item)?;
-    let v = mt_call(&mt, "GET", &format!("/v1/points?item={id}"), None).await.map_err(|e| ApiError::conflict(&e))?;
+    let v = mt_call(&mt, "GET", &format!("/v1/points?item={}", item.wire_id()), None)
+        .await
+        .map_err(|e| ApiError::conflict(&e))?;
     Ok(Json(v))
 }
 
@@ -116,9 +118,14 @@ pub async fn test_failover(
 ) -> R<Value> {
     let by = require(cs.store(), &h, ApiRole::Operator)?;
     let req = body(b)?;
+    Ok(Json(test_failover_item(&cs, id, req.point, &by).await?))
+}
+
+/// Brings up the disks of item `id` at `point` as writable views, with the machine description.
+pub async fn test_failover_item(cs: &Arc<Cs>, id: u64, point: Value, by: &str) -> Result<Value, ApiError> {
     let _g = cs.items_lock.lock().await;
     let store = cs.store();
-    let mut item = load_item(&cs, id)?;
+    let mut item = load_item(cs, id)?;
     if let Some(tf) = &item.test_failover {
         return Err(ApiError::conflict(&format!(
             "item {id} already has a test failover ({}); clean it up first",
@@ -131,7 +138,7 @@ pub async fn test_failover(
             item.state.name()
         )));
     }
-    let mt = master_target(&cs, &item)?;
+    let mt = master_target(cs, &item)?;
     let mut job = JobHandle::start(store, "test failover", &id.to_string(), TFO_STEPS)?;
     job.step(0)?;
     job.step_done(0)?;
@@ -141,7 +148,7 @@ pub async fn test_failover(
         &mt,
         "POST",
         "/v1/views",
-        Some(json!({ "name": view, "item": id, "point": req.point, "writable": true })),
+        Some(json!({ "name": view, "item": item.wire_id(), "point": point, "writable": true })),
     )
     .await;
     let created = match created {
@@ -155,7 +162,8 @@ pub async fn test_failover(
     job.step_done(1)?;
     job.step(2)?;
     let machine: Option<Machine> = store.get(MACHINES, &item.machine)?;
-    let description = describe(&item, machine.as_ref(), &created);
+    let maps: Vec<NetworkMapping> = store.list(NETWORK_MAPPINGS)?;
+    let description = describe(&item, machine.as_ref(), &created, "test-failover", &maps);
     item.test_failover = Some(json!({ "view": view, "master_target": mt.0, "machine": description.clone() }));
     store.put(ITEMS, &id_key(id), &item)?;
     job.step_done(2)?;
@@ -165,11 +173,11 @@ pub async fn test_failover(
         &item.machine,
         &format!("test failover of {} (item {id}) by {by}: disks up at the chosen point on {}", item.machine, mt.0),
     )?;
-    Ok(Json(json!({ "job": job.id, "machine": description })))
+    Ok(json!({ "job": job.id, "machine": description }))
 }
 
 /// What a hypervisor hook needs to boot the machine: its disks as NBD URIs, CPUs, memory, NICs.
-fn describe(item: &Item, machine: Option<&Machine>, view: &Value) -> Value {
+pub fn describe(item: &Item, machine: Option<&Machine>, view: &Value, purpose: &str, maps: &[NetworkMapping]) -> Value {
     let names = |disk: u64| {
         machine.and_then(|m| m.disks.iter().find(|d| d.id == disk)).map(|d| d.name.clone()).unwrap_or_default()
     };
@@ -188,14 +196,15 @@ fn describe(item: &Item, machine: Option<&Machine>, view: &Value) -> Value {
         })
         .unwrap_or_default();
     let system = machine.and_then(|m| m.system.clone()).unwrap_or_default();
+    let name = if purpose == "test-failover" { format!("{}-test", item.machine) } else { item.machine.clone() };
     json!({
-        "name": format!("{}-test", item.machine),
+        "name": name,
         "source_machine": item.machine,
         "item": item.id,
-        "purpose": "test-failover",
+        "purpose": purpose,
         "cpus": system.cpus,
         "memory_bytes": system.memory_bytes,
-        "network_interfaces": system.nics,
+        "network_interfaces": crate::netmap::map_nics(&system.nics, maps),
         "disks": disks,
     })
 }
@@ -235,7 +244,7 @@ pub async fn export(AxState(cs): AxState<Arc<Cs>>, h: HeaderMap, Path(id): Path<
     let mt = master_target(&cs, &item)?;
     let mut job = JobHandle::start(cs.store(), "export", &id.to_string(), &["write the image"])?;
     job.step(0)?;
-    let mut call = json!({ "item": id, "disk": req.disk, "path": req.path, "wait": false });
+    let mut call = json!({ "item": item.wire_id(), "disk": req.disk, "path": req.path, "wait": false });
     if let Some(p) = req.point {
         call["point"] = p;
     }

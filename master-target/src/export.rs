@@ -93,6 +93,7 @@ pub fn routes(server: Arc<Server>) -> axum::Router {
         .route("/v1/points", axum::routing::get(points))
         .route("/v1/views", axum::routing::get(list_views).post(create_view))
         .route("/v1/views/{name}", axum::routing::delete(delete_view))
+        .route("/v1/commit", axum::routing::post(commit))
         .with_state(server)
 }
 
@@ -141,6 +142,28 @@ async fn create_view(
     let mut j = s.view_json(&v);
     j["ready_ms"] = serde_json::json!(started.elapsed().as_secs_f64() * 1000.0);
     Ok(Json(j))
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CommitRequest {
+    /// The failover's writable view.
+    view: String,
+    /// The configuration server's id of the failover, recorded with each disk.
+    generation: u64,
+}
+
+/// Makes a failover final: the view's disks become plain files here (see [`crate::commit`]).
+async fn commit(
+    State(s): State<Arc<Server>>,
+    body: Result<Json<CommitRequest>, axum::extract::rejection::JsonRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let Json(req) = body.map_err(|e| api_err(StatusCode::BAD_REQUEST, e.body_text()))?;
+    tokio::task::spawn_blocking(move || s.commit_view(&req.view, req.generation))
+        .await
+        .map_err(|e| api_err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+        .map(Json)
+        .map_err(|(c, m)| api_err(code(c), m))
 }
 
 async fn delete_view(

@@ -8,6 +8,7 @@
 //! ```
 
 pub mod apply;
+pub mod commit;
 pub mod config;
 pub mod export;
 pub mod metrics;
@@ -63,7 +64,7 @@ impl Server {
         self.keys.read().expect("keys lock poisoned").get(item).cloned()
     }
 
-    fn replica_path(&self, key: StreamKey) -> std::path::PathBuf {
+    pub(crate) fn replica_path(&self, key: StreamKey) -> std::path::PathBuf {
         self.cfg.data_dir.join("replicas").join(format!("{}.img", export_name(key)))
     }
 
@@ -154,6 +155,7 @@ pub async fn run(cfg: MtConfig, shutdown: CancellationToken) -> anyhow::Result<(
         next_export: std::sync::atomic::AtomicU64::new(0),
         retention: RwLock::new(HashMap::new()),
     });
+    server.load_ended();
     for (key, rec) in store.streams()? {
         let path = server.replica_path(key);
         let r = if rec.applied > Seq::ZERO && !path.exists() {
@@ -243,6 +245,13 @@ async fn control_loop(server: Arc<Server>, client: sr_common::control::ControlCl
             let mut retention = HashMap::new();
             for a in cl.assignments().await? {
                 let (item, key) = sr_common::control::assigned_key(&a)?;
+                for d in a["adopt"].as_array().into_iter().flatten() {
+                    let (Some(disk), Some(path)) = (d["disk"].as_u64(), d["path"].as_str()) else { continue };
+                    let key = StreamKey { item, disk: sr_common::types::DiskId(disk) };
+                    if let Err(e) = srv.adopt(key, std::path::Path::new(path)) {
+                        tracing::error!(error = format!("{e:#}"), "cannot replicate into the assigned disk");
+                    }
+                }
                 if let Some(secs) = a["retention_secs"].as_u64().filter(|s| *s > 0) {
                     retention.insert(item, secs);
                 }

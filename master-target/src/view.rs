@@ -65,6 +65,11 @@ impl ViewMap {
         self.pieces.len()
     }
 
+    /// The (offset, length) ranges where the point differs from the replica.
+    pub fn ranges(&self) -> Vec<(u64, u64)> {
+        self.pieces.iter().map(|(s, (e, _))| (*s, e - s)).collect()
+    }
+
     /// Reads `buf` at `offset` from the pieces, and from `base` where none covers.
     pub fn read(
         &self,
@@ -99,7 +104,7 @@ impl ViewMap {
     }
 }
 
-const BLOCK: u64 = 4096;
+pub const BLOCK: u64 = 4096;
 
 /// Writes of a writable view: whole 4 KiB blocks in a sparse file, and which blocks are there.
 pub struct Overlay {
@@ -136,6 +141,24 @@ impl Overlay {
         let bytes: Vec<u8> = map.iter().flat_map(|w| w.to_le_bytes()).collect();
         drop(map);
         sr_common::crashsafe::write_file(&self.map_path, &bytes)
+    }
+
+    /// The 4 KiB blocks written, by index.
+    pub fn blocks(&self) -> Vec<u64> {
+        let map = self.written.lock().expect("overlay lock poisoned");
+        let mut out = Vec::new();
+        for (w, word) in map.iter().enumerate() {
+            let mut bits = *word;
+            while bits != 0 {
+                out.push(w as u64 * 64 + u64::from(bits.trailing_zeros()));
+                bits &= bits - 1;
+            }
+        }
+        out
+    }
+
+    pub fn read_block(&self, block: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        self.file.read_exact_at(buf, block * BLOCK)
     }
 
     pub fn remove(&self) {

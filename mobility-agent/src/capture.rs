@@ -59,6 +59,16 @@ pub struct CopyState {
     /// The protected item the journal belongs to, when the configuration server assigned one.
     #[serde(default)]
     pub item: Option<u64>,
+    /// The failover generation this disk parted from its peer at (0: none). While it is set and the
+    /// disk is not protected, writes are tracked in the dirty map so a reprotect ships only them.
+    #[serde(default)]
+    pub generation: u64,
+    /// A planned failover stopped the disk: writes are refused until it is protected again.
+    #[serde(default)]
+    pub stopped: bool,
+    /// Sequence number of the final marker the stop put in the journal.
+    #[serde(default)]
+    pub stop_seq: u64,
 }
 
 pub struct ProtectedDisk {
@@ -92,6 +102,12 @@ pub struct ProtectedDisk {
     dirty: Mutex<DirtyMap>,
     /// Writes go to the dirty map instead of the journal (the journal reached its limit).
     overflow: std::sync::atomic::AtomicBool,
+    /// Writes are refused (a planned failover stopped the disk); checked under the journal lock.
+    stopped: std::sync::atomic::AtomicBool,
+    /// Front-end writes take the read side; a recovery plan's consistency point holds the write side on
+    /// every disk of the machine, so no write completes meanwhile. Only NBD threads wait on it, never the
+    /// async runtime.
+    hold_gate: std::sync::RwLock<()>,
     /// The journal's limit in bytes.
     limit: AtomicU64,
     metrics: DiskMetrics,
@@ -181,10 +197,26 @@ impl ProtectedDisk {
             Ok(b) => serde_json::from_slice::<CopyState>(&b)
                 .with_context(|| format!("copy state {} is not valid", copy_path.display()))?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                CopyState { version: 1, disk_size: disk.size(), cursor: 0, done: false, done_seq: 0, item: None }
+                CopyState { version: 1, disk_size: disk.size(), ..CopyState::default() }
             }
             Err(e) => return Err(e).with_context(|| format!("reading {}", copy_path.display())),
         };
+        let mut copy = copy;
+        if copy.generation == 0 && copy.item.is_none() {
+            // A disk a failover commit handed over: from now on its writes are what a reprotect ships.
+            match sr_common::split::Split::read(path, disk.size()) {
+                Ok(Some(s)) => {
+                    tracing::info!(
+                        disk = name,
+                        generation = s.generation,
+                        "failed-over disk: tracking writes since the failover"
+                    );
+                    copy.generation = s.generation;
+                }
+                Ok(None) => {}
+                Err(e) => tracing::error!(disk = name, error = e, "ignoring the disk's split record"),
+            }
+        }
         if copy.disk_size != disk.size() {
             anyhow::bail!(
                 "disk {} is now {} bytes but was {} when protection began; resize needs a new protection",
@@ -233,6 +265,8 @@ impl ProtectedDisk {
             window: Mutex::new(None),
             resync_now: std::sync::atomic::AtomicBool::new(false),
             overflow: std::sync::atomic::AtomicBool::new(false),
+            stopped: std::sync::atomic::AtomicBool::new(copy.stopped),
+            hold_gate: std::sync::RwLock::new(()),
             limit: AtomicU64::new(u64::MAX),
             metrics: DiskMetrics::new(name),
         };
@@ -327,7 +361,17 @@ impl ProtectedDisk {
         j.reset()?;
         self.clear_dirty()?;
         self.end_resync()?;
-        self.save_copy(CopyState { cursor: 0, done: false, done_seq: 0, item: Some(item), ..st })?;
+        self.save_copy(CopyState {
+            cursor: 0,
+            done: false,
+            done_seq: 0,
+            item: Some(item),
+            generation: 0,
+            stopped: false,
+            stop_seq: 0,
+            ..st
+        })?;
+        self.stopped.store(false, Ordering::Release);
         self.journaling.store(true, Ordering::Release);
         drop(j);
         self.acked.store(0, Ordering::Relaxed);
@@ -342,11 +386,21 @@ impl ProtectedDisk {
         if !self.journaling() && st.item.is_none() {
             return Ok(());
         }
-        tracing::info!(disk = self.name, "not protected: journaling stopped, journal dropped");
         let mut j = self.lock();
         self.journaling.store(false, Ordering::Release);
         j.reset()?;
-        self.clear_dirty()?;
+        if st.generation == 0 {
+            tracing::info!(disk = self.name, "not protected: journaling stopped, journal dropped");
+            self.clear_dirty()?;
+        } else {
+            // Parted from its peer at a failover: what changes from now on is what a reprotect ships.
+            tracing::info!(
+                disk = self.name,
+                generation = st.generation,
+                "not protected: journal dropped, writes tracked since the failover"
+            );
+            self.overflow.store(false, Ordering::Release);
+        }
         self.end_resync()?;
         self.save_copy(CopyState { cursor: 0, done: false, done_seq: 0, item: None, ..st })?;
         drop(j);
@@ -544,6 +598,11 @@ impl ProtectedDisk {
     /// Marks ranges dirty (the result of a checksum comparison).
     pub fn mark_dirty(&self, ranges: &[(u64, u64)]) -> std::io::Result<()> {
         let _j = self.lock();
+        self.mark_dirty_locked(ranges)
+    }
+
+    /// [`Self::mark_dirty`] for a caller that holds the journal's lock.
+    fn mark_dirty_locked(&self, ranges: &[(u64, u64)]) -> std::io::Result<()> {
         let mut d = self.dirty.lock().expect("dirty lock poisoned");
         for (o, l) in ranges {
             d.mark(*o, *l)?;
@@ -764,6 +823,124 @@ impl ProtectedDisk {
     }
 }
 
+impl ProtectedDisk {
+    /// Called under the journal lock before a write is accepted.
+    fn refuse_if_stopped(&self) -> Result<(), BackendError> {
+        if self.stopped.load(Ordering::Acquire) {
+            return Err(BackendError::Shutdown(format!(
+                "disk {} was stopped for a failover; it runs on the other site now",
+                self.name
+            )));
+        }
+        Ok(())
+    }
+
+    /// An unprotected write: marked in the dirty map when the disk parted from a peer at a failover.
+    fn track(&self, offset: u64, len: u64) -> Result<(), BackendError> {
+        if self.copy_state().generation != 0 {
+            self.dirty.lock().expect("dirty lock poisoned").mark(offset, len)?;
+        }
+        Ok(())
+    }
+
+    /// Holds every front-end write of this disk until the guard is dropped.
+    pub fn hold_writes(&self) -> std::sync::RwLockWriteGuard<'_, ()> {
+        self.hold_gate.write().expect("hold gate poisoned")
+    }
+
+    fn gate(&self) -> std::sync::RwLockReadGuard<'_, ()> {
+        self.hold_gate.read().expect("hold gate poisoned")
+    }
+
+    pub fn stopped(&self) -> bool {
+        self.stopped.load(Ordering::Acquire)
+    }
+
+    pub fn path(&self) -> &Path {
+        self.disk.path()
+    }
+
+    /// Planned failover: refuse writes from now on, and put a final FLUSH and a bookmark tagged with the
+    /// generation in the journal (after every accepted write). Returns the bookmark's sequence number;
+    /// asking again for the same generation returns the same one.
+    pub fn stop(&self, generation: u64) -> anyhow::Result<Seq> {
+        use anyhow::Context;
+        let st = self.copy_state();
+        if st.stopped && st.generation == generation {
+            return Ok(Seq(st.stop_seq));
+        }
+        let mut j = self.lock();
+        self.stopped.store(true, Ordering::Release);
+        let seq = if self.journaling() {
+            j.append(&Op::Marker { kind: MarkerKind::Flush })?;
+            let seq =
+                j.append(&Op::Marker { kind: MarkerKind::Bookmark { tag: sr_common::types::stop_tag(generation) } })?;
+            j.sync_handle().sync_data().context("syncing the journal")?;
+            seq
+        } else {
+            Seq::ZERO
+        };
+        self.disk.sync().context("syncing the disk")?;
+        self.save_copy(CopyState { generation, stopped: true, stop_seq: seq.0, ..st })?;
+        drop(j);
+        self.after_append();
+        tracing::info!(disk = self.name, generation, seq = seq.0, "stopped for a planned failover: writes refused");
+        Ok(seq)
+    }
+
+    /// Reprotect: the disk becomes the source of `item` whose replica equals this disk as it was at
+    /// `baseline` except for known blocks. No initial copy: the blocks changed since (tracked here, and
+    /// those a commit wrote, from the disk's split record) go to the dirty map and ship from there. When
+    /// neither this disk nor its split record knows the baseline, a checksum comparison finds them.
+    /// Returns whether the history was known.
+    pub fn reprotect(&self, item: u64, baseline: u64) -> anyhow::Result<bool> {
+        use anyhow::Context;
+        let st = self.copy_state();
+        if self.journaling() && st.item == Some(item) {
+            return Ok(true);
+        }
+        let split = sr_common::split::Split::read(self.disk.path(), self.size()).map_err(anyhow::Error::msg)?;
+        let from_split = split.as_ref().is_some_and(|s| s.generation == baseline);
+        let known = from_split || st.generation == baseline;
+        let mut j = self.lock();
+        j.reset()?;
+        if let Some(s) = split.filter(|_| from_split) {
+            self.mark_dirty_locked(&s.changed).context("marking the commit's ranges dirty")?;
+        }
+        self.overflow.store(false, Ordering::Release);
+        let done = j.append(&Op::Marker { kind: MarkerKind::InitialCopyDone })?;
+        j.sync_handle().sync_data().context("syncing the journal")?;
+        self.end_resync()?;
+        self.save_copy(CopyState {
+            cursor: self.size(),
+            done: true,
+            done_seq: done.0,
+            item: Some(item),
+            generation: 0,
+            stopped: false,
+            stop_seq: 0,
+            ..st
+        })?;
+        self.stopped.store(false, Ordering::Release);
+        self.journaling.store(true, Ordering::Release);
+        drop(j);
+        self.acked.store(0, Ordering::Relaxed);
+        self.applied.store(0, Ordering::Relaxed);
+        if !known {
+            tracing::warn!(
+                disk = self.name,
+                baseline,
+                "the disk's history since the failover is not known here: comparing checksums with the replica"
+            );
+            self.request_resync(sr_common::types::now_micros())?;
+        }
+        self.resync_now();
+        tracing::info!(disk = self.name, item, baseline, known, dirty_bytes = self.dirty_bytes(), "reprotected");
+        self.after_append();
+        Ok(known)
+    }
+}
+
 impl Backend for ProtectedDisk {
     fn size(&self) -> u64 {
         self.disk.size()
@@ -775,9 +952,12 @@ impl Backend for ProtectedDisk {
         Ok(self.disk.read_at(offset, buf)?)
     }
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), BackendError> {
+        let _gate = self.gate();
         let (last, bytes) = {
             let mut j = self.lock();
+            self.refuse_if_stopped()?;
             if !self.journaling() {
+                self.track(offset, data.len() as u64)?;
                 drop(j);
                 self.disk.write_at(offset, data)?;
                 self.changed_bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
@@ -805,9 +985,12 @@ impl Backend for ProtectedDisk {
         Ok(())
     }
     fn zero(&self, offset: u64, len: u64, fua: bool) -> Result<(), BackendError> {
+        let _gate = self.gate();
         let (last, bytes) = {
             let mut j = self.lock();
+            self.refuse_if_stopped()?;
             if !self.journaling() {
+                self.track(offset, len)?;
                 drop(j);
                 self.disk.zero(offset, len)?;
                 return if fua { Ok(self.disk.sync()?) } else { Ok(()) };

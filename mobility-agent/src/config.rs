@@ -192,6 +192,7 @@ impl AgentConfig {
             app_interval_secs,
             pre_hook: _,
             post_hook,
+            shutdown_hook: _,
             hook_timeout_secs,
         } = points;
         if *crash_interval_secs == 0 || *app_interval_secs == 0 || *hook_timeout_secs == 0 {

@@ -27,6 +27,9 @@ pub struct PointsConfig {
     pub pre_hook: Option<String>,
     /// Run after the point, whether the pre hook succeeded or not (`fsfreeze -u /data`).
     pub post_hook: Option<String>,
+    /// Run with `sh -c` when a planned failover stops the machine's disks, before writes are refused
+    /// (stop the applications cleanly). A failure is reported; the disks are stopped anyway.
+    pub shutdown_hook: Option<String>,
     pub hook_timeout_secs: u64,
 }
 
@@ -37,6 +40,7 @@ impl Default for PointsConfig {
             app_interval_secs: 3600,
             pre_hook: None,
             post_hook: None,
+            shutdown_hook: None,
             hook_timeout_secs: 60,
         }
     }
@@ -62,35 +66,7 @@ pub fn mark_all(disks: &[Arc<ProtectedDisk>], kind: &MarkerKind) -> anyhow::Resu
 
 /// Runs `cmd` with `sh -c`, killed after `timeout`. Returns its output, or why it failed.
 pub fn run_hook(cmd: &str, timeout: Duration) -> Result<String, String> {
-    let mut child = std::process::Command::new("sh")
-        .arg("-c")
-        .arg(cmd)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("starting `{cmd}`: {e}"))?;
-    let started = Instant::now();
-    loop {
-        match child.try_wait() {
-            Ok(Some(_)) => break,
-            Ok(None) if started.elapsed() >= timeout => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(format!("`{cmd}` did not finish within {} s and was killed", timeout.as_secs()));
-            }
-            Ok(None) => std::thread::sleep(Duration::from_millis(20)),
-            Err(e) => return Err(format!("waiting for `{cmd}`: {e}")),
-        }
-    }
-    let out = child.wait_with_output().map_err(|e| format!("reading the output of `{cmd}`: {e}"))?;
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    let text = text.trim().chars().take(2000).collect::<String>();
-    if out.status.success() {
-        Ok(text)
-    } else {
-        Err(format!("`{cmd}` failed with {}: {text}", out.status))
-    }
+    sr_common::hook::run(cmd, timeout, &[])
 }
 
 fn tag(prefix: &str) -> String {

@@ -11,6 +11,7 @@ pub mod capture;
 pub mod config;
 pub mod consistency;
 pub mod dirty;
+pub mod failover;
 pub mod journal;
 pub mod metrics;
 pub mod resync;
@@ -66,7 +67,40 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Resul
     let status_disks = disks.clone();
     let node = cfg.node.clone();
     let resync_disks = disks.clone();
+    let holder = Arc::new(failover::Holder::default());
+    let (hold_disks, hold_h, release_h) = (disks.clone(), holder.clone(), holder.clone());
     let router = axum::Router::new()
+        .route(
+            "/v1/hold",
+            axum::routing::post(move |body: axum::body::Bytes| {
+                let (disks, holder) = (hold_disks.clone(), hold_h.clone());
+                async move {
+                    let req: HoldRequest = parse(&body)?;
+                    let timeout = std::time::Duration::from_millis(req.timeout_ms.clamp(100, 30_000));
+                    tokio::task::spawn_blocking(move || holder.hold(&disks, &req.tag, timeout))
+                        .await
+                        .map_err(|e| (axum::http::StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+                        .map_err(|e| (axum::http::StatusCode::CONFLICT, e))?;
+                    Ok::<_, (axum::http::StatusCode, String)>(axum::Json(serde_json::json!({ "held": true })))
+                }
+            }),
+        )
+        .route(
+            "/v1/release",
+            axum::routing::post(move |body: axum::body::Bytes| {
+                let holder = release_h.clone();
+                async move {
+                    let req: ReleaseRequest = parse(&body)?;
+                    let marks = tokio::task::spawn_blocking(move || holder.release(&req.tag, req.mark))
+                        .await
+                        .map_err(|e| (axum::http::StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+                        .map_err(|e| (axum::http::StatusCode::CONFLICT, e))?;
+                    let marks: Vec<_> =
+                        marks.iter().map(|(disk, seq)| serde_json::json!({ "disk": disk, "seq": seq })).collect();
+                    Ok::<_, (axum::http::StatusCode, String)>(axum::Json(serde_json::json!({ "marks": marks })))
+                }
+            }),
+        )
         .route(
             "/v1/status",
             axum::routing::get(move || {
@@ -170,6 +204,8 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Resul
             intervals: intervals_tx,
             events,
             journal: cfg.journal.clone(),
+            points: cfg.points.clone(),
+            http,
         };
         tasks.spawn(control_loop(client, to_cs, shutdown.clone()));
     }
@@ -196,6 +232,33 @@ struct Control {
     intervals: tokio::sync::watch::Sender<Option<(u64, u64)>>,
     events: consistency::Events,
     journal: config::JournalConfig,
+    points: consistency::PointsConfig,
+    http: std::net::SocketAddr,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HoldRequest {
+    tag: String,
+    /// The hold ends by itself after this long (100 ms to 30 s).
+    #[serde(default = "default_hold_ms")]
+    timeout_ms: u64,
+}
+
+fn default_hold_ms() -> u64 {
+    5000
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReleaseRequest {
+    tag: String,
+    #[serde(default)]
+    mark: bool,
+}
+
+fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, (axum::http::StatusCode, String)> {
+    serde_json::from_slice(body).map_err(|e| (axum::http::StatusCode::BAD_REQUEST, format!("request body: {e}")))
 }
 
 /// Reports disks and progress to the configuration server and follows its assignment.
@@ -203,6 +266,7 @@ async fn control_loop(client: sr_common::control::ControlClient, c: Control, shu
     let (cl, id, disks, route, intervals) = (&client, &c.identity, &c.disks, &c.route, &c.intervals);
     let events = &c.events;
     let journal_cfg = &c.journal;
+    let (points_cfg, http) = (&c.points, c.http);
     let mut last = (std::time::Instant::now(), 0u64);
     client
         .every_poll(&shutdown, move || {
@@ -211,10 +275,11 @@ async fn control_loop(client: sr_common::control::ControlClient, c: Control, shu
             last = (std::time::Instant::now(), changed);
             let pending: Vec<(String, String)> = std::mem::take(&mut *events.lock().expect("events lock poisoned"));
             let report = serde_json::json!({
+                "http": http.to_string(),
                 "events": pending.iter().map(|(level, message)| serde_json::json!({"severity": level, "message": message})).collect::<Vec<_>>(),
                 "load": { "churn_bytes_per_sec": churn as u64 },
                 "system": system::info(),
-                "disks": disks.iter().map(|d| serde_json::json!({"id": d.id.0, "name": d.name, "size": d.size()})).collect::<Vec<_>>(),
+                "disks": disks.iter().map(|d| serde_json::json!({"id": d.id.0, "name": d.name, "size": d.size(), "path": d.path()})).collect::<Vec<_>>(),
                 "progress": disks.iter().map(|d| {
                     let c = d.copy_state();
                     serde_json::json!({
@@ -225,6 +290,7 @@ async fn control_loop(client: sr_common::control::ControlClient, c: Control, shu
                         "resync_active": d.resync_state().active(), "resync_done": d.resync_state().done,
                         "resync_waiting": d.dirty_bytes() > 0 && !d.copy_allowed(),
                         "compare_percent": 100.0 * d.resync_state().cursor as f64 / d.size().max(1) as f64,
+                        "generation": c.generation, "stopped": c.stopped, "stop_seq": c.stop_seq,
                     })
                 }).collect::<Vec<_>>(),
             });
@@ -254,6 +320,8 @@ async fn control_loop(client: sr_common::control::ControlClient, c: Control, shu
                         d.resync_now();
                     }
                 }
+                let stop = first.and_then(|a| a["stop"].as_u64()).filter(|g| *g > 0);
+                let baseline = first.and_then(|a| a["baseline"].as_u64()).filter(|g| *g > 0);
                 let next = match first {
                     None => None,
                     Some(a) => Some(ship::Route {
@@ -266,10 +334,18 @@ async fn control_loop(client: sr_common::control::ControlClient, c: Control, shu
                     }),
                 };
                 for d in disks {
-                    match next {
-                        Some(r) => d.protect(r.item.0)?,
-                        None => d.unprotect()?,
+                    match (next, baseline) {
+                        (Some(r), Some(b)) => {
+                            d.reprotect(r.item.0, b)?;
+                        }
+                        (Some(r), None) => d.protect(r.item.0)?,
+                        (None, _) => d.unprotect()?,
                     }
+                }
+                if let Some(generation) = stop {
+                    let (d, p, e) = (disks.clone(), points_cfg.clone(), events.clone());
+                    let seqs = tokio::task::spawn_blocking(move || failover::stop_all(&d, generation, &p, &e)).await??;
+                    tracing::debug!(generation, ?seqs, "disks stopped for the planned failover");
                 }
                 route.send_if_modified(|cur| {
                     let changed = *cur != next;

@@ -48,8 +48,17 @@ pub async fn run(
 ) {
     let mut attempt = 0u32;
     let connected = metrics::gauge!(m::CONNECTED, "disk" => disk.name.clone());
+    // When the current assignment arrived: a process server learns of a new item at its next poll of
+    // the configuration server, so for a while "not assigned" means "not yet".
+    let mut assigned_at = Instant::now();
+    let mut last = None;
     loop {
-        let Some(r) = *route.borrow_and_update() else {
+        let current = *route.borrow_and_update();
+        if current != last {
+            assigned_at = Instant::now();
+            last = current;
+        }
+        let Some(r) = current else {
             tokio::select! {
                 c = route.changed() => if c.is_err() { return },
                 _ = shutdown.cancelled() => return,
@@ -69,7 +78,10 @@ pub async fn run(
         };
         connected.set(0.0);
         if let Err(e) = res {
-            if let sr_common::retry::ErrorClass::Fatal(reason) = sr_common::retry::classify(&e) {
+            let fresh = assigned_at.elapsed() < Duration::from_secs(15);
+            let class = sr_common::retry::classify(&e);
+            let not_yet = matches!(&class, sr_common::retry::ErrorClass::Fatal(r) if r.contains("not assigned"));
+            if let (sr_common::retry::ErrorClass::Fatal(reason), false) = (class, fresh && not_yet) {
                 // Retrying cannot help: wait for a new assignment (or a restart with new credentials).
                 tracing::error!(disk = disk.name, reason, "shipping stopped and not retrying; an operator must act");
                 metrics::gauge!(m::FATAL, "disk" => disk.name.clone()).set(1.0);

@@ -177,3 +177,35 @@ pub fn http_receiver() -> (std::net::SocketAddr, Arc<Mutex<Vec<Vec<u8>>>>) {
     });
     (addr, got)
 }
+
+/// Calls the configuration server's API; the answer's status and JSON body (a string when not JSON).
+pub fn call(
+    api: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<serde_json::Value>,
+    token: Option<&str>,
+) -> (u16, serde_json::Value) {
+    let b = body.map(|v| v.to_string());
+    let (code, text) = sr_common::http::request_with(api, method, path, b.as_deref(), token).expect("API call");
+    (code, serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)))
+}
+
+/// Runs srctl; killed after two minutes so a job that never ends fails the test instead of hanging it.
+pub fn srctl(api: std::net::SocketAddr, token_file: &Path, args: &[&str]) -> std::process::Output {
+    Command::new("timeout")
+        .arg("120")
+        .arg(sr_common::local::bin_dir().join("srctl"))
+        .args(["--server", &api.to_string(), "--token-file"])
+        .arg(token_file)
+        .args(args)
+        .output()
+        .expect("running srctl")
+}
+
+/// The newest item of `machine`, as `srctl items list` shows it (null when there is none).
+pub fn item_of(api: std::net::SocketAddr, admin_file: &Path, machine: &str) -> serde_json::Value {
+    let out = srctl(api, admin_file, &["--output", "json", "items", "list"]).stdout;
+    let items: serde_json::Value = serde_json::from_slice(&out).unwrap_or_default();
+    items.as_array().into_iter().flatten().rev().find(|i| i["machine"] == machine).cloned().unwrap_or_default()
+}

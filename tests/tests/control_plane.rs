@@ -12,12 +12,6 @@ use sr_tests::*;
 use std::net::SocketAddr;
 use std::process::Command;
 
-fn call(api: SocketAddr, method: &str, path: &str, body: Option<Value>, token: Option<&str>) -> (u16, Value) {
-    let b = body.map(|v| v.to_string());
-    let (code, text) = request_with(api, method, path, b.as_deref(), token).unwrap();
-    (code, serde_json::from_str(&text).unwrap_or(Value::String(text)))
-}
-
 fn raw(api: SocketAddr, method: &str, path: &str, body: &str, token: &str) -> (u16, Value) {
     let (code, text) = request_with(api, method, path, Some(body), Some(token)).unwrap();
     (code, serde_json::from_str(&text).unwrap_or(Value::String(text)))
@@ -197,18 +191,6 @@ fn tokens_roles_bodies_registration_revocation_and_restart() {
     assert_eq!(comps.as_array().unwrap().len(), 3);
     let (_, jobs_after) = call(api, "GET", "/v1/jobs?kind=register", None, Some(&reader));
     assert_eq!(jobs_after.as_array().unwrap().len(), jobs.len());
-}
-
-/// Runs srctl; killed after two minutes so a job that never ends fails the test instead of hanging it.
-fn srctl(api: SocketAddr, token_file: &std::path::Path, args: &[&str]) -> std::process::Output {
-    Command::new("timeout")
-        .arg("120")
-        .arg(bin_dir().join("srctl"))
-        .args(["--server", &api.to_string(), "--token-file"])
-        .arg(token_file)
-        .args(args)
-        .output()
-        .unwrap()
 }
 
 #[test]
@@ -498,12 +480,6 @@ fn add_component(
     let path = local.root.join(format!("{name}.toml"));
     std::fs::write(&path, text).unwrap();
     path
-}
-
-fn item_of(api: SocketAddr, admin_file: &std::path::Path, machine: &str) -> Value {
-    let items: Value =
-        serde_json::from_slice(&srctl(api, admin_file, &["--output", "json", "items", "list"]).stdout).unwrap();
-    items.as_array().unwrap().iter().rev().find(|i| i["machine"] == machine).cloned().unwrap_or_default()
 }
 
 fn applied_at_mt(local: &Local, item: u64) -> u64 {

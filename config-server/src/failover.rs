@@ -1,0 +1,640 @@
+//! Failover, commit, reprotect and failback of protected items. Each is a job; the steps that wait on
+//! components (the source stopping, the journal draining, the changed blocks shipping back) follow
+//! their heartbeats.
+//!
+//! ```text
+//! planned failover:   agent told "stop <gen>" --> writes refused, final FLUSH + bookmark failover-<gen>
+//!                     --> journal drains (applied >= stop seq) --> writable view at the bookmark --> machine
+//! unplanned failover: stream cut off --> writable view at the chosen point --> machine
+//! change point:       view deleted (its writes discarded) --> new view at the new point
+//! commit:             master target writes the point and the writes into the replica, hands the files over
+//!                     with a split record (generation, ranges it rewrote)
+//! reprotect:          new stream: source = agent fronting the failed-over disks (baseline <gen>: ships
+//!                     the blocks changed since, no copy), target = the old source's disks, adopted in
+//!                     place by a master target there; unknown history --> checksum comparison
+//! failback:           planned failover of the reverse stream + commit on the primary site + reprotect
+//! ```
+
+use crate::api::{body, ApiError, Body, R};
+use crate::auth::require;
+use crate::items::public;
+use crate::jobs::JobHandle;
+use crate::lifecycle::{Direction, Event, State};
+use crate::model::*;
+use crate::recovery::{describe, load_item, master_target, mt_call};
+use crate::store::Docs;
+use crate::Cs;
+use axum::extract::{Path, State as AxState};
+use axum::http::HeaderMap;
+use axum::Json;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// How long a planned failover waits for the source's agent to stop its disks.
+const STOP_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long it waits for the journal to drain once stopped.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(1800);
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FailoverReq {
+    /// Shut the source down through its agent and drain first (no data loss), or fail over without it.
+    #[serde(default)]
+    pub planned: bool,
+    /// Unplanned only: the point (see test failover); the latest by default.
+    #[serde(default)]
+    pub point: Option<Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PointReq {
+    pub point: Value,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ReprotectReq {
+    /// The agent that fronts the failed-over disks (after a failover); after a failback, the original
+    /// machine by default.
+    #[serde(default)]
+    pub machine: Option<String>,
+    #[serde(default)]
+    pub master_target: Option<String>,
+    #[serde(default)]
+    pub process_server: Option<String>,
+}
+
+fn failover_view(id: u64) -> String {
+    format!("failover-item-{id}")
+}
+
+const PLANNED_STEPS: &[&str] =
+    &["stop the source machine", "drain the journal", "bring up the disks at the final point", "describe the machine"];
+const UNPLANNED_STEPS: &[&str] =
+    &["cut off the source", "bring up the disks at the chosen point", "describe the machine"];
+const FAILBACK_STEPS: &[&str] = &[
+    "stop the machine on the recovery site",
+    "drain the journal",
+    "bring up the disks at the final point",
+    "commit on the primary site",
+    "reprotect in the forward direction",
+];
+
+/// Waits until `check` gives a value, polling every 200 ms; `progress` gets a fraction when known.
+async fn wait_for<T>(
+    timeout: Duration,
+    what: &str,
+    mut check: impl FnMut() -> Result<(Option<T>, Option<f64>), String>,
+    mut progress: impl FnMut(f64),
+) -> Result<T, String> {
+    let start = Instant::now();
+    loop {
+        let (v, p) = check()?;
+        if let Some(v) = v {
+            return Ok(v);
+        }
+        if let Some(p) = p {
+            progress(p);
+        }
+        if start.elapsed() > timeout {
+            return Err(format!("{what} did not happen within {} s", timeout.as_secs()));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+pub async fn failover(
+    AxState(cs): AxState<Arc<Cs>>,
+    h: HeaderMap,
+    Path(id): Path<u64>,
+    b: Body<FailoverReq>,
+) -> R<Value> {
+    let by = require(cs.store(), &h, ApiRole::Operator)?;
+    let req = body(b)?;
+    let job = begin_failover(&cs, id, req.planned, req.point, false, &by).await?;
+    let cs2 = cs.clone();
+    tokio::spawn(async move {
+        let _ = run_failover(cs2, id, job).await;
+    });
+    Ok(Json(json!({ "job": job })))
+}
+
+pub async fn failback(AxState(cs): AxState<Arc<Cs>>, h: HeaderMap, Path(id): Path<u64>) -> R<Value> {
+    let by = require(cs.store(), &h, ApiRole::Operator)?;
+    let job = begin_failover(&cs, id, true, None, true, &by).await?;
+    let cs2 = cs.clone();
+    tokio::spawn(async move {
+        let _ = run_failover(cs2, id, job).await;
+    });
+    Ok(Json(json!({ "job": job })))
+}
+
+/// Checks and records the start of a failover (or failback); returns its job.
+pub async fn begin_failover(
+    cs: &Arc<Cs>,
+    id: u64,
+    planned: bool,
+    point: Option<Value>,
+    failback: bool,
+    by: &str,
+) -> Result<u64, ApiError> {
+    let _g = cs.items_lock.lock().await;
+    let store = cs.store();
+    let mut item = load_item(cs, id)?;
+    master_target(cs, &item)?;
+    if planned && point.is_some() {
+        return Err(ApiError::bad("point: a planned failover always ends at the source's final write"));
+    }
+    let event = if failback {
+        if item.state != (State::Protected { direction: Direction::Reverse }) {
+            return Err(ApiError::conflict(&format!(
+                "item {id} is {}: failback needs the item protected in the reverse direction (reprotect first)",
+                item.state.name()
+            )));
+        }
+        Event::FailbackRequested
+    } else {
+        if planned && !matches!(item.state, State::Protected { .. }) {
+            return Err(ApiError::conflict(&format!(
+                "item {id} is {}: a planned failover needs a protected item (an unplanned one works from any state with recovery points)",
+                item.state.name()
+            )));
+        }
+        Event::FailoverRequested { planned }
+    };
+    let next = item.state.on(&event).map_err(|e| ApiError::conflict(&e.to_string()))?;
+    if planned && item.process_server.is_none() {
+        return Err(ApiError::conflict(&format!("item {id} has no process server: use an unplanned failover")));
+    }
+    let generation = sr_common::types::now_micros();
+    let (kind, steps) = match (failback, planned) {
+        (true, _) => ("failback", FAILBACK_STEPS),
+        (false, true) => ("planned failover", PLANNED_STEPS),
+        (false, false) => ("unplanned failover", UNPLANNED_STEPS),
+    };
+    let job = JobHandle::start(store, kind, &id.to_string(), steps)?;
+    item.state = next;
+    item.failover = Some(json!({
+        "generation": generation, "planned": planned, "failback": failback, "point": point.unwrap_or(json!("latest")),
+        "job": job.job.id, "by": by, "from_machine": item.machine, "master_target": item.master_target,
+    }));
+    if !planned {
+        // Nothing more flows from the source: the replica stays where it is.
+        item.process_server = None;
+    }
+    store.put(ITEMS, &id_key(id), &item)?;
+    cs.event(
+        "info",
+        &item.machine,
+        &format!("{kind} of {} (item {id}) started by {by}: job {}", item.machine, job.job.id),
+    )?;
+    Ok(job.job.id)
+}
+
+/// Carries a failover (or failback) through to its end. Returns the machine description.
+pub async fn run_failover(cs: Arc<Cs>, id: u64, job_id: u64) -> Result<Value, String> {
+    let r = failover_steps(&cs, id, job_id).await;
+    if let Err(e) = &r {
+        let store = cs.store();
+        let _g = cs.items_lock.lock().await;
+        if let Ok(Some(job)) = JobHandle::load(store, job_id) {
+            let _ = job.fail(e);
+        }
+        if let Ok(mut item) = load_item(&cs, id) {
+            if let Ok(next) = item.state.on(&Event::FailoverFailed { reason: e.clone() }) {
+                item.state = next;
+                let _ = store.put(ITEMS, &id_key(id), &item);
+            }
+            let _ = cs.alert(&item.machine, &format!("failover of item {id} failed: {e}")).await;
+        }
+    }
+    r
+}
+
+async fn failover_steps(cs: &Arc<Cs>, id: u64, job_id: u64) -> Result<Value, String> {
+    let store = cs.store();
+    let s = |e: crate::store::StoreError| e.to_string();
+    let item = load_item(cs, id).map_err(|e| e.message)?;
+    let fo = item.failover.clone().ok_or("the item has no failover recorded")?;
+    let (generation, planned, failback) =
+        (fo["generation"].as_u64().unwrap_or(0), fo["planned"] == json!(true), fo["failback"] == json!(true));
+    let mut job = JobHandle::load(store, job_id).map_err(s)?.ok_or("the job is gone")?;
+    let mut step = 0;
+    let point = if planned {
+        job.step(0).map_err(s)?;
+        let machine = item.machine.clone();
+        let stop_seqs: Vec<(u64, u64)> = wait_for(
+            STOP_TIMEOUT,
+            &format!(
+                "the agent of {machine} stopping its disks (is it running? an unplanned failover does not need it)"
+            ),
+            || {
+                let m: Option<Machine> = store.get(MACHINES, &machine).map_err(s)?;
+                let Some(m) = m else { return Ok((None, None)) };
+                let all = !m.progress.is_empty()
+                    && m.progress.iter().all(|d| d.stopped && d.generation == generation && d.stop_seq > 0);
+                Ok((all.then(|| m.progress.iter().map(|d| (d.id, d.stop_seq)).collect()), None))
+            },
+            |_| {},
+        )
+        .await?;
+        job.step_done(0).map_err(s)?;
+        job.step(1).map_err(s)?;
+        let wire = item.wire_id();
+        let total: u64 = stop_seqs.iter().map(|x| x.1).sum();
+        let applied = |disk: u64| -> Result<u64, String> {
+            Ok(store.get::<(u64, u64)>(APPLIED, &format!("{wire}-{disk}")).map_err(s)?.unwrap_or((0, 0)).0)
+        };
+        let mut pct_job = JobHandle::load(store, job_id).map_err(s)?.ok_or("the job is gone")?;
+        wait_for(
+            DRAIN_TIMEOUT,
+            "the journal draining to the master target",
+            || {
+                let mut done = 0;
+                for (disk, seq) in &stop_seqs {
+                    done += applied(*disk)?.min(*seq);
+                }
+                Ok(((done >= total).then_some(()), Some(done as f64 / total.max(1) as f64)))
+            },
+            |f| {
+                let _ = pct_job.progress((25.0 + 25.0 * f) as u8);
+            },
+        )
+        .await?;
+        job.step_done(1).map_err(s)?;
+        step = 2;
+        json!({ "tag": sr_common::types::stop_tag(generation) })
+    } else {
+        job.step(0).map_err(s)?;
+        job.step_done(0).map_err(s)?;
+        step = step.max(1);
+        fo["point"].clone()
+    };
+    job.step(step).map_err(s)?;
+    let mt = master_target(cs, &item).map_err(|e| e.message)?;
+    let view = failover_view(id);
+    let created = mt_call(
+        &mt,
+        "POST",
+        "/v1/views",
+        Some(json!({ "name": view, "item": item.wire_id(), "point": point, "writable": true })),
+    )
+    .await?;
+    job.step_done(step).map_err(s)?;
+    step += 1;
+    job.step(step).map_err(s)?;
+    let machine: Option<Machine> = store.get(MACHINES, &item.machine).map_err(s)?;
+    let maps: Vec<NetworkMapping> = store.list(NETWORK_MAPPINGS).map_err(s)?;
+    let description =
+        describe(&item, machine.as_ref(), &created, if failback { "failback" } else { "failover" }, &maps);
+    {
+        let _g = cs.items_lock.lock().await;
+        let mut item = load_item(cs, id).map_err(|e| e.message)?;
+        let mut fo = item.failover.clone().unwrap_or_default();
+        fo["view"] = json!(view);
+        fo["master_target"] = json!(mt.0);
+        fo["machine"] = description.clone();
+        fo["point_chosen"] = point.clone();
+        item.failover = Some(fo);
+        // The stream has ended: the source's agent keeps its disks stopped and tracks nothing new.
+        item.process_server = None;
+        if !failback {
+            item.state = item.state.on(&Event::FailoverDone).map_err(|e| e.to_string())?;
+        }
+        store.put(ITEMS, &id_key(id), &item).map_err(s)?;
+    }
+    job.step_done(step).map_err(s)?;
+    if failback {
+        step += 1;
+        job.step(step).map_err(s)?;
+        commit_item(cs, id).await?;
+        job.step_done(step).map_err(s)?;
+        step += 1;
+        job.step(step).map_err(s)?;
+        let by = fo["by"].as_str().unwrap_or("?").to_string();
+        let rjob = begin_reprotect(cs, id, ReprotectReq::default(), &by).await.map_err(|e| e.message)?;
+        let mut pct_job = JobHandle::load(store, job_id).map_err(s)?.ok_or("the job is gone")?;
+        wait_for(
+            DRAIN_TIMEOUT,
+            "the forward reprotect",
+            || {
+                let j: Option<Job> = store.get(JOBS, &id_key(rjob)).map_err(s)?;
+                let j = j.ok_or("the reprotect job is gone")?;
+                match j.state {
+                    JobState::Succeeded => Ok((Some(()), None)),
+                    JobState::Failed => Err(format!("reprotect (job {rjob}) failed: {}", j.error.unwrap_or_default())),
+                    JobState::Running => Ok((None, Some(j.progress as f64 / 100.0))),
+                }
+            },
+            |f| {
+                let _ = pct_job.progress((80.0 + 20.0 * f) as u8);
+            },
+        )
+        .await?;
+        job.step_done(step).map_err(s)?;
+    }
+    let job = job.succeed().map_err(s)?;
+    let item = load_item(cs, id).map_err(|e| e.message)?;
+    cs.event("info", &item.machine, &format!("{} of item {id} done (job {}): disks up on {}", job.kind, job.id, mt.0))
+        .map_err(s)?;
+    Ok(description)
+}
+
+/// Unplanned failover only, before commit: bring the disks up at another point (their writes so far
+/// are discarded).
+pub async fn change_point(
+    AxState(cs): AxState<Arc<Cs>>,
+    h: HeaderMap,
+    Path(id): Path<u64>,
+    b: Body<PointReq>,
+) -> R<Value> {
+    let by = require(cs.store(), &h, ApiRole::Operator)?;
+    let req = body(b)?;
+    let _g = cs.items_lock.lock().await;
+    let store = cs.store();
+    let mut item = load_item(&cs, id)?;
+    if !matches!(item.state, State::FailedOver { .. }) {
+        return Err(ApiError::conflict(&format!(
+            "item {id} is {}: the point can change only after a failover and before its commit",
+            item.state.name()
+        )));
+    }
+    let mt = master_target(&cs, &item)?;
+    let mut job =
+        JobHandle::start(store, "change recovery point", &id.to_string(), &["bring up the disks at the new point"])?;
+    job.step(0)?;
+    let view = failover_view(id);
+    let r = async {
+        mt_call(&mt, "DELETE", &format!("/v1/views/{view}"), None).await?;
+        mt_call(
+            &mt,
+            "POST",
+            "/v1/views",
+            Some(json!({ "name": view, "item": item.wire_id(), "point": req.point, "writable": true })),
+        )
+        .await
+    }
+    .await;
+    let created = match r {
+        Ok(v) => v,
+        Err(e) => {
+            let job = job.fail(&e)?;
+            return Err(ApiError::conflict(&format!("changing the point failed (job {}): {e}", job.id)));
+        }
+    };
+    let machine: Option<Machine> = store.get(MACHINES, &item.machine)?;
+    let maps: Vec<NetworkMapping> = store.list(NETWORK_MAPPINGS)?;
+    let description = describe(&item, machine.as_ref(), &created, "failover", &maps);
+    let mut fo = item.failover.clone().unwrap_or_default();
+    fo["point_chosen"] = req.point.clone();
+    fo["machine"] = description.clone();
+    item.failover = Some(fo);
+    store.put(ITEMS, &id_key(id), &item)?;
+    job.step_done(0)?;
+    let job = job.succeed()?;
+    cs.event("info", &item.machine, &format!("item {id}: failover point changed by {by}"))?;
+    Ok(Json(json!({ "job": job.id, "machine": description })))
+}
+
+pub async fn commit(AxState(cs): AxState<Arc<Cs>>, h: HeaderMap, Path(id): Path<u64>) -> R<Value> {
+    let by = require(cs.store(), &h, ApiRole::Operator)?;
+    let item = load_item(&cs, id)?;
+    if !matches!(item.state, State::FailedOver { .. }) {
+        return Err(ApiError::conflict(&format!(
+            "item {id} is {}: only a failed-over item can be committed",
+            item.state.name()
+        )));
+    }
+    let mut job =
+        JobHandle::start(cs.store(), "commit failover", &id.to_string(), &["write the disks at the chosen point"])?;
+    job.step(0)?;
+    match commit_item(&cs, id).await {
+        Ok(v) => {
+            job.step_done(0)?;
+            let job = job.succeed()?;
+            cs.event("info", &item.machine, &format!("failover of item {id} committed by {by}"))?;
+            Ok(Json(json!({ "job": job.id, "disks": v["disks"] })))
+        }
+        Err(e) => {
+            let job = job.fail(&e)?;
+            Err(ApiError::conflict(&format!("commit failed (job {}): {e}", job.id)))
+        }
+    }
+}
+
+/// Has the master target write the failover disks into plain files, and records where they are.
+async fn commit_item(cs: &Arc<Cs>, id: u64) -> Result<Value, String> {
+    let item = load_item(cs, id).map_err(|e| e.message)?;
+    let fo = item.failover.clone().ok_or("the item has no failover")?;
+    let mt = master_target(cs, &item).map_err(|e| e.message)?;
+    let v =
+        mt_call(&mt, "POST", "/v1/commit", Some(json!({ "view": fo["view"], "generation": fo["generation"] }))).await?;
+    let _g = cs.items_lock.lock().await;
+    let mut item = load_item(cs, id).map_err(|e| e.message)?;
+    let mut fo = item.failover.clone().unwrap_or_default();
+    fo["committed"] = v["disks"].clone();
+    // The description now names files, for an agent (or a hypervisor) on this site to front.
+    if let Some(disks) = fo["machine"]["disks"].as_array_mut() {
+        for d in disks {
+            let path =
+                v["disks"].as_array().into_iter().flatten().find(|c| c["disk"] == d["id"]).map(|c| c["path"].clone());
+            d["path"] = path.unwrap_or(Value::Null);
+            d["uri"] = Value::Null;
+            d["export"] = Value::Null;
+        }
+    }
+    item.failover = Some(fo);
+    let event = if matches!(item.state, State::FailingBack) { Event::FailbackDone } else { Event::CommitRequested };
+    item.state = item.state.on(&event).map_err(|e| e.to_string())?;
+    cs.store().put(ITEMS, &id_key(id), &item).map_err(|e| e.to_string())?;
+    Ok(v)
+}
+
+pub async fn reprotect(
+    AxState(cs): AxState<Arc<Cs>>,
+    h: HeaderMap,
+    Path(id): Path<u64>,
+    b: Body<ReprotectReq>,
+) -> R<Value> {
+    let by = require(cs.store(), &h, ApiRole::Operator)?;
+    let req = body(b)?;
+    let job = begin_reprotect(&cs, id, req, &by).await?;
+    let item = load_item(&cs, id)?;
+    Ok(Json(json!({ "job": job, "item": public(&item) })))
+}
+
+/// Starts replication from the failed-over disks back into the disks of the other site.
+pub async fn begin_reprotect(cs: &Arc<Cs>, id: u64, req: ReprotectReq, by: &str) -> Result<u64, ApiError> {
+    let _g = cs.items_lock.lock().await;
+    let store = cs.store();
+    let mut item = load_item(cs, id)?;
+    let next = item.state.on(&Event::ReprotectRequested).map_err(|e| ApiError::conflict(&e.to_string()))?;
+    let fo =
+        item.failover.clone().ok_or_else(|| ApiError::conflict(&format!("item {id} has no committed failover")))?;
+    let generation = fo["generation"].as_u64().unwrap_or(0);
+    let source = match (&req.machine, &item.previous_machine, &item.state) {
+        (Some(m), _, _) => m.clone(),
+        (None, Some(p), State::FailedBack) => p.clone(),
+        _ => {
+            return Err(ApiError::bad(
+                "machine: name the agent that fronts the failed-over disks on the recovery site (see the item's failover.committed paths)",
+            ))
+        }
+    };
+    if source == item.machine {
+        return Err(ApiError::bad(&format!(
+            "machine: {source} is the machine that was failed over from; name the one on the other site"
+        )));
+    }
+    let timeout = cs.cfg.component_timeout_secs;
+    let comps: Vec<Component> = store.list(COMPONENTS)?;
+    let live = |c: &Component| {
+        !c.revoked && c.address.is_some() && c.last_heartbeat.is_some_and(|t| now().saturating_sub(t) <= timeout)
+    };
+    let new_m: Machine = store.get(MACHINES, &source)?.ok_or_else(|| {
+        ApiError::conflict(&format!("the agent of {source} has not reported its disks (is it running?)"))
+    })?;
+    let old_m: Machine = store
+        .get(MACHINES, &item.machine)?
+        .ok_or_else(|| ApiError::conflict(&format!("the disks of {} are not known", item.machine)))?;
+    let mut adopt = Vec::new();
+    for d in &old_m.disks {
+        let n = new_m.disks.iter().find(|x| x.id == d.id).ok_or_else(|| {
+            ApiError::conflict(&format!("{source} has no disk {} ({}) to replicate back from", d.id, d.name))
+        })?;
+        if n.size != d.size {
+            return Err(ApiError::conflict(&format!(
+                "disk {}: {source} has {} bytes, {} has {}",
+                d.id, n.size, item.machine, d.size
+            )));
+        }
+        let path = d.path.clone().ok_or_else(|| {
+            ApiError::conflict(&format!("the agent of {} did not report where disk {} lives", item.machine, d.id))
+        })?;
+        adopt.push(json!({ "disk": d.id, "path": path }));
+    }
+    let pick = |want: &Option<String>,
+                role: ComponentRole,
+                prefer: &Option<String>,
+                avoid: &Option<String>|
+     -> Result<String, ApiError> {
+        if let Some(w) = want {
+            return comps
+                .iter()
+                .find(|c| &c.name == w && c.role == role && live(c))
+                .map(|c| c.name.clone())
+                .ok_or_else(|| ApiError::conflict(&format!("{w} is not a live {role:?}")));
+        }
+        let cands: Vec<&Component> = comps.iter().filter(|c| c.role == role && live(c)).collect();
+        cands
+            .iter()
+            .find(|c| Some(&c.name) == prefer.as_ref())
+            .or_else(|| cands.iter().find(|c| Some(&c.name) != avoid.as_ref()))
+            .or_else(|| cands.first())
+            .map(|c| c.name.clone())
+            .ok_or_else(|| ApiError::conflict(&format!("no live {role:?} to reprotect with")))
+    };
+    let mt = pick(&req.master_target, ComponentRole::MasterTarget, &item.previous_master_target, &item.master_target)?;
+    let ps = pick(&req.process_server, ComponentRole::ProcessServer, &None, &None)?;
+    // The target side's history is known when a planned failover stopped it after its last write.
+    let known = fo["planned"] == json!(true);
+    let mut job = JobHandle::start(
+        store,
+        "reprotect",
+        &id.to_string(),
+        &["check both sites", "replicate the changed blocks back", "protected"],
+    )?;
+    job.step(0)?;
+    let stream = STREAM_BASE + store.next_id(STREAMS)?;
+    item.previous_machine = Some(item.machine.clone());
+    item.previous_master_target = item.master_target.clone();
+    item.machine = source.clone();
+    item.master_target = Some(mt.clone());
+    item.process_server = Some(ps.clone());
+    item.stream = Some(stream);
+    item.data_key = hex::encode(rand::random::<[u8; 32]>());
+    item.resync_request = if known { 0 } else { sr_common::types::now_micros() };
+    item.reprotect = Some(json!({
+        "baseline": generation, "known": known, "adopt": adopt, "job": job.job.id, "initial_dirty": 0,
+        "failover": fo,
+    }));
+    item.failover = None;
+    item.caught_up_at = None;
+    item.job = None;
+    item.test_failover = None;
+    item.state = next;
+    store.put(ITEMS, &id_key(id), &item)?;
+    job.step_done(0)?;
+    job.step(1)?;
+    let how = if known {
+        "only blocks changed since the failover are shipped"
+    } else {
+        "the history of the other site is not known (unplanned failover): checksums are compared"
+    };
+    cs.event(
+        "info",
+        &source,
+        &format!(
+            "reprotect of item {id} by {by}: {source} -> {mt} (through {ps}) into {}'s disks; {how}",
+            item.previous_machine.clone().unwrap_or_default()
+        ),
+    )?;
+    Ok(job.job.id)
+}
+
+/// Evaluation of a reprotecting item (called every second): done when every disk shipped its changed
+/// blocks (and compared, when that was needed) and the master target applied everything.
+pub fn evaluate_reprotect(
+    cs: &Cs,
+    item: &mut Item,
+    machine: &Machine,
+    applied: &dyn Fn(u64) -> Result<u64, crate::store::StoreError>,
+) -> Result<(), crate::store::StoreError> {
+    let State::Reprotecting { direction, .. } = item.state.clone() else { return Ok(()) };
+    let p = &machine.progress;
+    let dirty: u64 = p.iter().map(|d| d.dirty_bytes).sum();
+    let mut rp = item.reprotect.clone().unwrap_or_default();
+    let initial = rp["initial_dirty"].as_u64().unwrap_or(0).max(dirty);
+    rp["initial_dirty"] = json!(initial);
+    let copied = !p.is_empty() && machine.disks.iter().all(|d| p.iter().any(|x| x.id == d.id && x.copy_done));
+    let compared = p.iter().all(|d| d.resync_done >= item.resync_request && !d.resync_active);
+    let mut caught_up = copied && compared && dirty == 0 && p.iter().all(|d| !d.overflow && d.last_seq > 0);
+    for d in p {
+        caught_up &= applied(d.id)? >= d.last_seq;
+    }
+    let job_id = rp["job"].as_u64();
+    if caught_up {
+        item.state = item.state.on(&Event::ReprotectDone).unwrap_or(item.state.clone());
+        item.caught_up_at = Some(machine.last_heartbeat);
+        item.reprotect = None;
+        if let Some(mut job) = job_id.and_then(|j| JobHandle::load(cs.store(), j).ok().flatten()) {
+            job.step_done(1)?;
+            job.step(2)?;
+            job.step_done(2)?;
+            job.succeed()?;
+        }
+        let dir = if direction == Direction::Reverse { "reverse" } else { "forward" };
+        cs.event("info", &item.machine, &format!("item {} is reprotected: protected in the {dir} direction", item.id))?;
+        return Ok(());
+    }
+    let pct = if p.iter().any(|d| d.resync_active) {
+        0.5 * p.iter().map(|d| d.compare_percent).sum::<f64>() / p.len().max(1) as f64
+    } else if copied && initial > 0 {
+        50.0 + 45.0 * (1.0 - dirty as f64 / initial as f64)
+    } else if copied {
+        95.0
+    } else {
+        0.0
+    };
+    item.state = item.state.on(&Event::Progress { percent: pct as u8 }).unwrap_or(item.state.clone());
+    item.reprotect = Some(rp);
+    if let Some(mut job) = job_id.and_then(|j| JobHandle::load(cs.store(), j).ok().flatten()) {
+        if job.job.progress != pct as u8 {
+            job.progress(pct as u8)?;
+        }
+    }
+    Ok(())
+}
