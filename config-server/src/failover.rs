@@ -276,13 +276,8 @@ async fn failover_steps(cs: &Arc<Cs>, id: u64, job_id: u64) -> Result<Value, Str
     job.step(step).map_err(s)?;
     let mt = master_target(cs, &item).map_err(|e| e.message)?;
     let view = failover_view(id);
-    let created = mt_call(
-        &mt,
-        "POST",
-        "/v1/views",
-        Some(json!({ "name": view, "item": item.wire_id(), "point": point, "writable": true })),
-    )
-    .await?;
+    let created =
+        ensure_view(&mt, json!({ "name": view, "item": item.wire_id(), "point": point, "writable": true })).await?;
     job.step_done(step).map_err(s)?;
     step += 1;
     job.step(step).map_err(s)?;
@@ -341,6 +336,34 @@ async fn failover_steps(cs: &Arc<Cs>, id: u64, job_id: u64) -> Result<Value, Str
     cs.event("info", &item.machine, &format!("{} of item {id} done (job {}): disks up on {}", job.kind, job.id, mt.0))
         .map_err(s)?;
     Ok(description)
+}
+
+/// Creates the failover view, or finds it open already (a failover resumed after a restart).
+async fn ensure_view(mt: &(String, std::net::SocketAddr), body: Value) -> Result<Value, String> {
+    match mt_call(mt, "POST", "/v1/views", Some(body.clone())).await {
+        Ok(v) => Ok(v),
+        Err(e) if e.contains("already open") => {
+            let all = mt_call(mt, "GET", "/v1/views", None).await?;
+            all["views"].as_array().into_iter().flatten().find(|v| v["name"] == body["name"]).cloned().ok_or(e)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Carries on the failovers a restart of this server interrupted.
+pub fn resume_failovers(cs: &Arc<Cs>) {
+    let Ok(items) = cs.store().list::<Item>(ITEMS) else { return };
+    for item in items {
+        if !matches!(item.state, State::FailoverInProgress { .. } | State::FailingBack) {
+            continue;
+        }
+        let Some(job) = item.failover.as_ref().and_then(|f| f["job"].as_u64()) else { continue };
+        tracing::info!(item = item.id, job, "resuming the failover a restart interrupted");
+        let cs = cs.clone();
+        tokio::spawn(async move {
+            let _ = run_failover(cs, item.id, job).await;
+        });
+    }
 }
 
 /// Unplanned failover only, before commit: bring the disks up at another point (their writes so far

@@ -123,6 +123,7 @@ pub async fn run(cfg: CsConfig, shutdown: CancellationToken) -> anyhow::Result<(
         plan_waits: Default::default(),
         plan_points: Default::default(),
     });
+    failover::resume_failovers(&cs);
     let ev = cs.clone();
     let stop = shutdown.clone();
     tokio::spawn(async move {

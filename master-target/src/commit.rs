@@ -12,7 +12,6 @@
 //! from the undo journal, which materializing does not touch.
 
 use crate::export_name;
-use crate::points::ViewRecord;
 use crate::view::BLOCK;
 use crate::Server;
 use sr_common::split::{coalesce, Split};
@@ -20,23 +19,91 @@ use std::path::PathBuf;
 
 const CHUNK: u64 = 1 << 20;
 
+/// One disk's handover, recorded before any of it happens so a restart finishes it.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct HandOver {
+    item: u64,
+    disk: u64,
+    size: u64,
+    /// The replica's path in `replicas/` (a symlink when the disk was adopted from the other site).
+    link: PathBuf,
+    dest: PathBuf,
+    adopted: bool,
+    changed: Vec<(u64, u64)>,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct CommitRecord {
+    view: String,
+    generation: u64,
+    disks: Vec<HandOver>,
+    done: bool,
+}
+
+impl CommitRecord {
+    fn result(&self) -> serde_json::Value {
+        let disks: Vec<_> = self
+            .disks
+            .iter()
+            .map(|d| {
+                serde_json::json!({
+                    "disk": d.disk, "path": d.dest, "generation": self.generation,
+                    "changed_bytes": d.changed.iter().map(|c| c.1).sum::<u64>(), "size": d.size,
+                })
+            })
+            .collect();
+        serde_json::json!({ "view": self.view, "disks": disks })
+    }
+}
+
 impl Server {
-    /// Commits the failover view `name` as generation `generation`. Returns each disk's new path.
+    fn commit_path(&self, view: &str) -> PathBuf {
+        self.cfg.data_dir.join("commits").join(format!("{view}.json"))
+    }
+
+    fn save_commit(&self, rec: &CommitRecord) -> Result<(), (u16, String)> {
+        let path = self.commit_path(&rec.view);
+        let json = serde_json::to_vec_pretty(rec).expect("commit record serializes");
+        std::fs::create_dir_all(path.parent().expect("commits dir"))
+            .and_then(|_| sr_common::crashsafe::write_file(&path, &json))
+            .map_err(|e| (500, format!("recording the commit in {}: {e}", path.display())))
+    }
+
+    /// Commits the failover view `name` as generation `generation`. Returns each disk's new path. Asking
+    /// again (after an answer was lost, or a crash) gives the same answer.
     pub fn commit_view(&self, name: &str, generation: u64) -> Result<serde_json::Value, (u16, String)> {
         if generation == 0 {
             return Err((400, "generation: must be at least 1".into()));
+        }
+        crate::points::valid_name(name).map_err(|e| (400, e))?;
+        if let Ok(bytes) = std::fs::read(self.commit_path(name)) {
+            let mut rec: CommitRecord =
+                serde_json::from_slice(&bytes).map_err(|e| (500, format!("commit record of {name}: {e}")))?;
+            if rec.generation != generation {
+                return Err((
+                    409,
+                    format!("view {name} was committed as generation {}, not {generation}", rec.generation),
+                ));
+            }
+            if !rec.done {
+                self.hand_over(&mut rec)?;
+            }
+            return Ok(rec.result());
         }
         let view = self.views.lock().expect("views lock poisoned").get(name).cloned();
         let view = view.ok_or((404, format!("no view named {name}")))?;
         if !view.record.writable {
             return Err((409, format!("view {name} is read-only: only a writable (failover) view can be committed")));
         }
-        let mut done = Vec::new();
+        let mut disks = Vec::new();
         for (export, pv) in &view.disks {
             let r = &pv.replica;
             if let Some(t) = r.session.lock().expect("session lock poisoned").take() {
                 t.cancel();
             }
+            // No write reaches the failed-over disk from here on.
+            self.exports.remove(export);
+            pv.close();
             let _w = r.gate.write().expect("replica gate poisoned");
             let fail = |what: &str, e: std::io::Error| (500, format!("{}: {what}: {e}", r.key));
             let map = pv.map.lock().expect("view map poisoned");
@@ -66,45 +133,95 @@ impl Server {
             r.disk.sync().map_err(|e| fail("syncing", e))?;
             let changed = coalesce(changed);
             tracing::info!(key = %r.key, export, changed_bytes = changed.iter().map(|c| c.1).sum::<u64>(), "failover disk materialized");
-            done.push((r.clone(), changed));
-        }
-        // Every disk holds its committed contents now; hand the files over.
-        let mut out = Vec::new();
-        for (r, changed) in done {
             let key = r.key;
             let link = self.replica_path(key);
             let adopted = std::fs::symlink_metadata(&link).map(|m| m.file_type().is_symlink()).unwrap_or(false);
             let dest = if adopted {
                 std::fs::read_link(&link).map_err(|e| (500, format!("{key}: reading {}: {e}", link.display())))?
             } else {
-                let dir = self.cfg.data_dir.join("failed-over");
-                std::fs::create_dir_all(&dir).map_err(|e| (500, format!("creating {}: {e}", dir.display())))?;
-                dir.join(format!("{}.img", export_name(key)))
+                self.cfg.data_dir.join("failed-over").join(format!("{}.img", export_name(key)))
             };
-            let split = Split { version: sr_common::split::VERSION, generation, disk_size: r.disk.size(), changed };
-            split
-                .write(&dest)
-                .map_err(|e| (500, format!("{key}: writing the split record of {}: {e}", dest.display())))?;
-            self.store.remove_stream(key).map_err(|e| (500, format!("{key}: {e}")))?;
-            if adopted {
-                std::fs::remove_file(&link).map_err(|e| (500, format!("removing {}: {e}", link.display())))?;
-            } else {
-                std::fs::rename(&link, &dest)
-                    .map_err(|e| (500, format!("moving {} to {}: {e}", link.display(), dest.display())))?;
-            }
-            self.forget(key);
-            self.end_stream(key, &format!("its replica was handed over by a failover commit (now {})", dest.display()));
-            out.push(serde_json::json!({
-                "disk": key.disk.0, "path": dest, "generation": generation,
-                "changed_bytes": split.changed_bytes(), "size": r.disk.size(),
-            }));
+            disks.push(HandOver {
+                item: key.item.0,
+                disk: key.disk.0,
+                size: r.disk.size(),
+                link,
+                dest,
+                adopted,
+                changed,
+            });
         }
-        self.drop_view_record(&view.record);
-        Ok(serde_json::json!({ "view": name, "disks": out }))
+        // Every disk holds its committed contents now (the undo journal still has the point, so doing
+        // all of the above again gives the same bytes). From the record on, only the handover is left.
+        let mut rec = CommitRecord { view: name.to_string(), generation, disks, done: false };
+        self.save_commit(&rec)?;
+        if std::env::var_os("SR_TEST_CRASH_AFTER_COMMIT_RECORD").is_some() {
+            // Fault injection for the tests: die like a SIGKILL between the record and the handover.
+            std::process::abort();
+        }
+        self.hand_over(&mut rec)?;
+        Ok(rec.result())
     }
 
-    fn drop_view_record(&self, rec: &ViewRecord) {
-        if let Some(v) = self.views.lock().expect("views lock poisoned").remove(&rec.name) {
+    /// The handover steps of a commit; each is idempotent, so a restart may run them again.
+    fn hand_over(&self, rec: &mut CommitRecord) -> Result<(), (u16, String)> {
+        for d in &rec.disks {
+            let key = sr_common::types::StreamKey {
+                item: sr_common::types::ItemId(d.item),
+                disk: sr_common::types::DiskId(d.disk),
+            };
+            let err = |what: &str, e: std::io::Error| (500, format!("{key}: {what}: {e}"));
+            let split = Split {
+                version: sr_common::split::VERSION,
+                generation: rec.generation,
+                disk_size: d.size,
+                changed: d.changed.clone(),
+            };
+            if let Some(dir) = d.dest.parent() {
+                std::fs::create_dir_all(dir).map_err(|e| err(&format!("creating {}", dir.display()), e))?;
+            }
+            split.write(&d.dest).map_err(|e| err(&format!("writing the split record of {}", d.dest.display()), e))?;
+            self.store.remove_stream(key).map_err(|e| (500, format!("{key}: {e}")))?;
+            let link_there = std::fs::symlink_metadata(&d.link).is_ok();
+            if d.adopted && link_there {
+                std::fs::remove_file(&d.link).map_err(|e| err(&format!("removing {}", d.link.display()), e))?;
+            } else if link_there {
+                std::fs::rename(&d.link, &d.dest)
+                    .map_err(|e| err(&format!("moving {} to {}", d.link.display(), d.dest.display()), e))?;
+            }
+            self.forget(key);
+            self.end_stream(
+                key,
+                &format!("its replica was handed over by a failover commit (now {})", d.dest.display()),
+            );
+        }
+        self.drop_view_record(&rec.view);
+        rec.done = true;
+        self.save_commit(rec)
+    }
+
+    /// Finishes the handovers a crash interrupted; runs before streams and views are opened.
+    pub(crate) fn finish_commits(&self) {
+        let Ok(entries) = std::fs::read_dir(self.cfg.data_dir.join("commits")) else { return };
+        for e in entries.flatten() {
+            let rec = std::fs::read(e.path()).ok().and_then(|b| serde_json::from_slice::<CommitRecord>(&b).ok());
+            let Some(mut rec) = rec else {
+                tracing::error!(path = %e.path().display(), "unreadable commit record; left as it is");
+                continue;
+            };
+            if !rec.done {
+                match self.hand_over(&mut rec) {
+                    Ok(()) => tracing::info!(view = rec.view, "finished a failover commit interrupted by a restart"),
+                    Err((_, m)) => {
+                        tracing::error!(view = rec.view, error = m, "finishing an interrupted commit failed")
+                    }
+                }
+            }
+        }
+    }
+
+    fn drop_view_record(&self, name: &str) {
+        if let Some(v) = self.views.lock().expect("views lock poisoned").remove(name) {
             for (export, pv) in &v.disks {
                 self.exports.remove(export);
                 if let Some(ov) = &pv.overlay {
@@ -112,7 +229,17 @@ impl Server {
                 }
             }
         }
-        let _ = std::fs::remove_file(self.cfg.data_dir.join("views").join(format!("{}.json", rec.name)));
+        let views = self.cfg.data_dir.join("views");
+        let _ = std::fs::remove_file(views.join(format!("{name}.json")));
+        // Overlays of a view not open (a restart before it was reopened).
+        if let Ok(entries) = std::fs::read_dir(&views) {
+            for e in entries.flatten() {
+                let f = e.file_name().to_string_lossy().to_string();
+                if f.starts_with(&format!("{name}-disk-")) {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
     }
 
     /// Replication of `item` back into a disk of the other site: the replica of (item, disk) is the file

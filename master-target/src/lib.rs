@@ -155,6 +155,7 @@ pub async fn run(cfg: MtConfig, shutdown: CancellationToken) -> anyhow::Result<(
         next_export: std::sync::atomic::AtomicU64::new(0),
         retention: RwLock::new(HashMap::new()),
     });
+    server.finish_commits();
     server.load_ended();
     for (key, rec) in store.streams()? {
         let path = server.replica_path(key);

@@ -133,7 +133,13 @@ impl Replica {
         );
         let mut map = ViewMap::default();
         undo.after(point).for_each(|r| map.add(r));
-        let view = Arc::new(PointView { replica: self.clone(), point, map: Mutex::new(map), overlay });
+        let view = Arc::new(PointView {
+            replica: self.clone(),
+            point,
+            map: Mutex::new(map),
+            overlay,
+            closed: std::sync::atomic::AtomicBool::new(false),
+        });
         self.views.lock().expect("views lock poisoned").push(Arc::downgrade(&view));
         Ok(view)
     }

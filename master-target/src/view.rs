@@ -173,6 +173,8 @@ pub struct PointView {
     pub point: Seq,
     pub map: Mutex<ViewMap>,
     pub overlay: Option<Overlay>,
+    /// A commit took the view over: writes are refused.
+    pub closed: std::sync::atomic::AtomicBool,
 }
 
 impl PointView {
@@ -183,9 +185,18 @@ impl PointView {
         map.read(offset, buf, &|o, b| self.replica.disk.read_at(o, b))
     }
 
+    /// Refuses writes from now on; a write under way finishes first.
+    pub fn close(&self) {
+        let _in_flight = self.overlay.as_ref().map(|ov| ov.written.lock().expect("overlay lock poisoned"));
+        self.closed.store(true, std::sync::atomic::Ordering::Release);
+    }
+
     fn write_blocks(&self, offset: u64, data: Option<&[u8]>, len: u64) -> std::io::Result<()> {
         let ov = self.overlay.as_ref().expect("writable view");
         let mut map = ov.written.lock().expect("overlay lock poisoned");
+        if self.closed.load(std::sync::atomic::Ordering::Acquire) {
+            return Err(std::io::Error::other("the failover was committed: this disk is a plain file now"));
+        }
         let size = self.replica.disk.size();
         let (first, last) = (offset / BLOCK, (offset + len).div_ceil(BLOCK));
         let mut block = vec![0u8; BLOCK as usize];

@@ -18,7 +18,7 @@ struct Deployment {
     cp: ControlPlane,
     admin_file: PathBuf,
     admin: String,
-    _cs: Proc,
+    cs: Option<Proc>,
 }
 
 impl Deployment {
@@ -27,7 +27,7 @@ impl Deployment {
         let cs = cp.start().unwrap();
         let admin_file = dir.join("cp").join("cs").join("admin.token");
         let admin = cp.admin_token().unwrap();
-        Deployment { cp, admin_file, admin, _cs: cs }
+        Deployment { cp, admin_file, admin, cs: Some(cs) }
     }
 
     /// Registers a site's components (node names start with `site`) for one disk at `disk`.
@@ -41,6 +41,12 @@ impl Deployment {
             site,
         )
         .unwrap()
+    }
+
+    /// SIGKILLs the configuration server and starts it again.
+    fn restart_cs(&mut self) {
+        self.cs.take().unwrap().kill();
+        self.cs = Some(self.cp.start().unwrap());
     }
 
     fn srctl(&self, args: &[&str]) -> String {
@@ -123,7 +129,7 @@ fn wait_equal(a: &str, b: &str) {
 #[test]
 fn planned_failover_commit_reprotect_failback_and_forward_again() {
     let dir = test_dir();
-    let d = Deployment::start(dir.path());
+    let mut d = Deployment::start(dir.path());
     let source = dir.path().join("source.img");
     make_disk(&source, 64 * MIB).unwrap();
     io(s(&source), &["write -P 0x0a 0 16M"]).unwrap();
@@ -158,7 +164,7 @@ fn planned_failover_commit_reprotect_failback_and_forward_again() {
     let b = d.site(&dir.path().join("b"), "b-", &failed_over);
     let _bmt = b.start(Component::MasterTarget).unwrap();
     let _bps = b.start(Component::ProcessServer).unwrap();
-    let _bagent = b.start(Component::Agent).unwrap();
+    let bagent = b.start(Component::Agent).unwrap();
     d.wait_machine("b-agent-1");
     let dr_uri = b.agent_uri("disk0");
     io(&dr_uri, &["write -P 0x33 20M 3M", "flush"]).unwrap();
@@ -176,7 +182,17 @@ fn planned_failover_commit_reprotect_failback_and_forward_again() {
 
     // Failback: the recovery site stops, drains, the primary disk takes the final state, and replication
     // runs forward again.
-    d.srctl(&["failback", &id.to_string()]);
+    // The recovery site's agent and the configuration server are both SIGKILLed as the failback starts;
+    // once they are back, the failback carries on where it was.
+    bagent.kill();
+    let (code, v) = d.api("POST", &format!("/v1/items/{id}/failback"), None);
+    assert_eq!(code, 200, "{v}");
+    std::thread::sleep(Duration::from_millis(500));
+    d.restart_cs();
+    let _bagent = b.start(Component::Agent).unwrap();
+    d.wait_job(v["job"].as_u64().unwrap(), true);
+    let cs_log = std::fs::read_to_string(d.cp.log()).unwrap();
+    assert!(cs_log.contains("resuming the failover a restart interrupted"), "the restarted server took the job up");
     let item = d.item(id);
     assert_eq!(item["state_name"], "protected", "{item}");
     assert_eq!(item["state"]["direction"], "forward", "{item}");
@@ -206,7 +222,8 @@ fn unplanned_failover_with_the_agent_killed_comes_up_at_the_chosen_point_with_ma
     let source = dir.path().join("source.img");
     make_disk(&source, 32 * MIB).unwrap();
     let mut a = d.site(&dir.path().join("a"), "", &source);
-    let _mt = a.start(Component::MasterTarget).unwrap();
+    // The master target dies (as by SIGKILL) in the middle of the commit, once.
+    let mt = a.start_env(Component::MasterTarget, &[("SR_TEST_CRASH_AFTER_COMMIT_RECORD", "1")]).unwrap();
     let _ps = a.start(Component::ProcessServer).unwrap();
     let agent = a.start(Component::Agent).unwrap();
     let id = d.protect("agent-1");
@@ -275,9 +292,16 @@ fn unplanned_failover_with_the_agent_killed_comes_up_at_the_chosen_point_with_ma
     assert!(out.contains("new point"), "{out}");
     let fo_uri = d.item(id)["failover"]["machine"]["disks"][0]["uri"].as_str().unwrap().to_string();
     compare(s(&source), &fo_uri).unwrap();
+    let out = srctl(d.cp.api, &d.admin_file, &["commit", &id.to_string()]);
+    assert!(!out.status.success(), "the master target died during the commit");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("master target"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(d.item(id)["state_name"], "failed_over");
+    drop(mt);
+    let _mt = a.start(Component::MasterTarget).unwrap();
     d.srctl(&["commit", &id.to_string()]);
     let path = d.item(id)["failover"]["committed"][0]["path"].as_str().unwrap().to_string();
     compare(s(&source), &path).unwrap();
+    assert!(!a.replica_path(1).exists(), "the replica file was handed over, not copied");
     let split: Value = serde_json::from_slice(&std::fs::read(format!("{path}.srsplit")).unwrap()).unwrap();
     assert_eq!(split["generation"], d.item(id)["failover"]["generation"], "{split}");
 }
