@@ -7,7 +7,7 @@
 //!   -InitialReplicationDone-> Protected -ResyncNeeded-> ResyncRequired -ResyncStarted-> Resynchronizing(n%)
 //!   -ResyncDone-> Protected
 //! any replicating state -FatalError-> Critical -Recovered-> ResyncRequired
-//! Protected | Critical -FailoverRequested-> FailoverInProgress -FailoverDone-> FailedOver (commit pending)
+//! Protected | Critical (| ResyncRequired | Resynchronizing, unplanned) -FailoverRequested-> FailoverInProgress -FailoverDone-> FailedOver (commit pending)
 //!   -CommitRequested-> Committed -ReprotectRequested-> Reprotecting(n%) -ReprotectDone-> Protected (reverse)
 //! Protected (reverse) -FailbackRequested-> FailingBack -FailbackDone-> FailedBack -ReprotectRequested->
 //!   Reprotecting(n%) -ReprotectDone-> Protected (forward)
@@ -182,6 +182,11 @@ impl State {
             (S::Protected { direction } | S::Critical { direction, .. }, E::FailoverRequested { planned }) => {
                 S::FailoverInProgress { direction: *direction, planned: *planned }
             }
+            // A disaster does not wait for a resync to end: an unplanned failover to a retained point.
+            (
+                S::ResyncRequired { direction, .. } | S::Resynchronizing { direction, .. },
+                E::FailoverRequested { planned: false },
+            ) => S::FailoverInProgress { direction: *direction, planned: false },
             (S::FailoverInProgress { direction, .. }, E::FailoverDone) => S::FailedOver { direction: *direction },
             (S::FailoverInProgress { direction, .. }, E::FailoverFailed { reason }) => {
                 S::Critical { direction: *direction, reason: reason.clone() }
@@ -334,6 +339,9 @@ mod tests {
             }
             ("critical", E::Recovered) => S::ResyncRequired { direction: dir(s)?, reason: "recovered from: c".into() },
             ("protected" | "critical", E::FailoverRequested { .. }) => {
+                S::FailoverInProgress { direction: dir(s)?, planned: false }
+            }
+            ("resync_required" | "resynchronizing", E::FailoverRequested { planned: false }) => {
                 S::FailoverInProgress { direction: dir(s)?, planned: false }
             }
             ("failover_in_progress", E::FailoverDone) => S::FailedOver { direction: dir(s)? },

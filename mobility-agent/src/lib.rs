@@ -312,14 +312,6 @@ async fn control_loop(client: sr_common::control::ControlClient, c: Control, shu
                 let percent = first.and_then(|a| a["journal_limit_percent"].as_u64()).map(|p| p.clamp(1, 100) as u8);
                 let resync = first.and_then(|a| a["resync_request"].as_u64()).unwrap_or(0);
                 let window = first.and_then(|a| a["resync_window"].as_str()).and_then(|w| sr_common::types::parse_daily_window(w).ok());
-                for d in disks {
-                    d.set_limit(journal_limit(journal_cfg, percent, d.size()));
-                    d.set_resync_window(window);
-                    if resync > 0 && d.request_resync(resync)? {
-                        // The operator's resync runs now, whatever the window.
-                        d.resync_now();
-                    }
-                }
                 let stop = first.and_then(|a| a["stop"].as_u64()).filter(|g| *g > 0);
                 let baseline = first.and_then(|a| a["baseline"].as_u64()).filter(|g| *g > 0);
                 let next = match first {
@@ -340,6 +332,15 @@ async fn control_loop(client: sr_common::control::ControlClient, c: Control, shu
                         }
                         (Some(r), None) => d.protect(r.item.0)?,
                         (None, _) => d.unprotect()?,
+                    }
+                }
+                // After the protection, which ends a comparison left from an earlier one.
+                for d in disks {
+                    d.set_limit(journal_limit(journal_cfg, percent, d.size()));
+                    d.set_resync_window(window);
+                    if resync > 0 && d.request_resync(resync)? {
+                        // The operator's (or a reprotect's) resync runs now, whatever the window.
+                        d.resync_now();
                     }
                 }
                 if let Some(generation) = stop {

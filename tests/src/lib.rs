@@ -209,3 +209,98 @@ pub fn item_of(api: std::net::SocketAddr, admin_file: &Path, machine: &str) -> s
     let items: serde_json::Value = serde_json::from_slice(&out).unwrap_or_default();
     items.as_array().into_iter().flatten().rev().find(|i| i["machine"] == machine).cloned().unwrap_or_default()
 }
+
+/// A configuration server, and sites (agent, process server, master target) registered with it.
+pub struct Deployment {
+    pub cp: sr_common::local::ControlPlane,
+    pub admin_file: std::path::PathBuf,
+    pub admin: String,
+    cs: Option<Proc>,
+}
+
+impl Deployment {
+    pub fn start(dir: &Path) -> Deployment {
+        let cp = sr_common::local::ControlPlane::create(&dir.join("cp")).expect("control plane config");
+        let cs = cp.start().expect("starting the configuration server");
+        let admin_file = dir.join("cp").join("cs").join("admin.token");
+        let admin = cp.admin_token().expect("admin token");
+        Deployment { cp, admin_file, admin, cs: Some(cs) }
+    }
+
+    /// Registers a site's components (node names start with `site`) for one disk at `disk`.
+    pub fn site(&self, dir: &Path, site: &str, disk: &Path) -> Local {
+        Local::managed_site(
+            dir,
+            vec![DiskSpec { id: 1, name: "disk0".into(), path: disk.to_path_buf() }],
+            &Options::default(),
+            self.cp.api,
+            &self.admin,
+            site,
+        )
+        .expect("test deployment")
+    }
+
+    /// SIGKILLs the configuration server and starts it again.
+    pub fn restart_cs(&mut self) {
+        if let Some(cs) = self.cs.take() {
+            cs.kill();
+        };
+        self.cs = Some(self.cp.start().expect("starting the configuration server"));
+    }
+
+    pub fn srctl(&self, args: &[&str]) -> String {
+        let out = srctl(self.cp.api, &self.admin_file, args);
+        assert!(
+            out.status.success(),
+            "srctl {args:?} failed:\n{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    pub fn api(&self, method: &str, path: &str, body: Option<serde_json::Value>) -> (u16, serde_json::Value) {
+        call(self.cp.api, method, path, body, Some(&self.admin))
+    }
+
+    pub fn item(&self, id: u64) -> serde_json::Value {
+        self.api("GET", &format!("/v1/items/{id}"), None).1
+    }
+
+    pub fn wait_machine(&self, name: &str) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let (_, m) = self.api("GET", "/v1/machines", None);
+            if m.as_array().expect("test deployment").iter().any(|m| m["name"] == name) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "agent {name} never reported");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Protects `machine` under policy "p" (created on first use); returns the item id.
+    pub fn protect(&self, machine: &str) -> u64 {
+        self.wait_machine(machine);
+        let (_, policies) = self.api("GET", "/v1/policies", None);
+        if policies.as_array().expect("test deployment").is_empty() {
+            self.srctl(&["policies", "create", "--name", "p"]);
+        }
+        self.srctl(&["protect", "--machine", machine, "--policy", "p", "--watch"]);
+        item_of(self.cp.api, &self.admin_file, machine)["id"].as_u64().expect("test deployment")
+    }
+
+    /// Waits for a job to end; its record. Panics with the job's error when it failed and `ok` is set.
+    pub fn wait_job(&self, job: u64, ok: bool) -> serde_json::Value {
+        let deadline = Instant::now() + Duration::from_secs(180);
+        loop {
+            let (_, j) = self.api("GET", &format!("/v1/jobs/{job}"), None);
+            if j["state"] != "running" {
+                assert!(!ok || j["state"] == "succeeded", "job {job} did not succeed: {j}");
+                return j;
+            }
+            assert!(Instant::now() < deadline, "job {job} still running: {j}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
