@@ -537,6 +537,12 @@ pub async fn begin_reprotect(cs: &Arc<Cs>, id: u64, req: ReprotectReq, by: &str)
         let path = d.path.clone().ok_or_else(|| {
             ApiError::conflict(&format!("the agent of {} did not report where disk {} lives", item.machine, d.id))
         })?;
+        if !std::path::Path::new(&path).is_absolute() {
+            return Err(ApiError::conflict(&format!(
+                "the agent of {} reported disk {} at {path:?}, not an absolute path; give its [[disk]] an absolute path",
+                item.machine, d.id
+            )));
+        }
         adopt.push(json!({ "disk": d.id, "path": path }));
     }
     let pick = |want: &Option<String>,

@@ -247,10 +247,19 @@ impl Server {
     pub fn adopt(&self, key: sr_common::types::StreamKey, path: &std::path::Path) -> anyhow::Result<bool> {
         use anyhow::Context;
         let link: PathBuf = self.replica_path(key);
-        if self.get(key).is_some() || std::fs::symlink_metadata(&link).is_ok() {
+        anyhow::ensure!(path.is_absolute(), "{key}: disk path {} is not absolute", path.display());
+        if std::fs::symlink_metadata(&link).is_ok() {
+            // Adopted before, or a replica of its own: only the first may go on.
+            let target = std::fs::read_link(&link).ok();
+            anyhow::ensure!(
+                target.as_deref() == Some(path),
+                "{key}: {} exists and is not the disk {} to replicate into; remove it if it is left over",
+                link.display(),
+                path.display()
+            );
             return Ok(false);
         }
-        anyhow::ensure!(path.is_absolute(), "{key}: disk path {} is not absolute", path.display());
+        anyhow::ensure!(self.get(key).is_none(), "{key}: a replica is open already");
         let meta =
             std::fs::metadata(path).with_context(|| format!("{key}: disk to replicate into {}", path.display()))?;
         anyhow::ensure!(

@@ -54,6 +54,9 @@ pub struct Server {
     retention: RwLock<HashMap<sr_common::types::ItemId, u64>>,
 }
 
+/// Why a stream is refused while the disk it must replicate into cannot be used.
+const ADOPT_FAILED: &str = "cannot replicate into the assigned disk";
+
 /// NBD export name of a replica.
 pub fn export_name(key: StreamKey) -> String {
     format!("item-{}-disk-{}", key.item, key.disk)
@@ -249,8 +252,19 @@ async fn control_loop(server: Arc<Server>, client: sr_common::control::ControlCl
                 for d in a["adopt"].as_array().into_iter().flatten() {
                     let (Some(disk), Some(path)) = (d["disk"].as_u64(), d["path"].as_str()) else { continue };
                     let key = StreamKey { item, disk: sr_common::types::DiskId(disk) };
-                    if let Err(e) = srv.adopt(key, std::path::Path::new(path)) {
-                        tracing::error!(error = format!("{e:#}"), "cannot replicate into the assigned disk");
+                    // Until the disk is adopted its stream is refused: it must never go to a new file.
+                    let adopted = srv.adopt(key, std::path::Path::new(path));
+                    let mut broken = srv.broken.lock().expect("broken lock poisoned");
+                    match adopted {
+                        Ok(_) => {
+                            if broken.get(&key).is_some_and(|why| why.starts_with(ADOPT_FAILED)) {
+                                broken.remove(&key);
+                            }
+                        }
+                        Err(e) => {
+                            tracing::error!(error = format!("{e:#}"), "cannot replicate into the assigned disk");
+                            broken.insert(key, format!("{ADOPT_FAILED}: {e:#}"));
+                        }
                     }
                 }
                 if let Some(secs) = a["retention_secs"].as_u64().filter(|s| *s > 0) {

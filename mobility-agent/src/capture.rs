@@ -253,7 +253,9 @@ impl ProtectedDisk {
             acked: AtomicU64::new(0),
             applied: AtomicU64::new(0),
             changed_bytes: AtomicU64::new(0),
-            journaling: std::sync::atomic::AtomicBool::new(true),
+            // A disk parted from its peer at a failover and not protected since tracks its writes in the
+            // dirty map from the first one; any other starts journaling until told otherwise.
+            journaling: std::sync::atomic::AtomicBool::new(copy.generation == 0 || copy.item.is_some()),
             copy: Mutex::new(copy),
             copy_path,
             dirty: Mutex::new(dirty),
@@ -1028,5 +1030,57 @@ impl Backend for ProtectedDisk {
         handle.sync_data()?;
         self.disk.sync()?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn disk(dir: &Path, name: &str, size: u64) -> PathBuf {
+        let p = dir.join(name);
+        std::fs::File::create(&p).unwrap().set_len(size).unwrap();
+        p
+    }
+
+    #[test]
+    fn a_committed_disk_tracks_its_first_write_and_reprotect_ships_it_with_the_commits_ranges() {
+        let d = tempfile::tempdir().unwrap();
+        let path = disk(d.path(), "failed-over.img", 1 << 20);
+        let split =
+            sr_common::split::Split { version: 1, generation: 42, disk_size: 1 << 20, changed: vec![(0, 8192)] };
+        split.write(&path).unwrap();
+        let pd = ProtectedDisk::open(DiskId(1), "d", &path, &d.path().join("state"), 4096, None).unwrap();
+        // No assignment has arrived yet: the write is tracked at once, not journaled and dropped later.
+        pd.write(65536, &[7u8; 4096], false).unwrap();
+        assert_eq!(pd.dirty_bytes(), 4096);
+        pd.unprotect().unwrap();
+        assert_eq!(pd.dirty_bytes(), 4096, "unprotecting a parted disk keeps what it tracked");
+        assert!(pd.reprotect(9, 42).unwrap(), "the split record knows the baseline");
+        assert_eq!(pd.dirty_bytes(), 4096 + 8192, "the commit's ranges ship too");
+        assert!(pd.copy_state().done && pd.journaling() && !pd.stopped());
+        assert_eq!(pd.resync_state().requested, 0, "no checksum comparison when the history is known");
+    }
+
+    #[test]
+    fn a_stopped_disk_refuses_writes_after_its_final_marker_until_reprotected() {
+        let d = tempfile::tempdir().unwrap();
+        let path = disk(d.path(), "source.img", 1 << 20);
+        let state = d.path().join("state");
+        let pd = ProtectedDisk::open(DiskId(1), "d", &path, &state, 4096, None).unwrap();
+        pd.protect(3).unwrap();
+        pd.write(0, &[1u8; 4096], false).unwrap();
+        let seq = pd.stop(77).unwrap();
+        assert_eq!(pd.stop(77).unwrap(), seq, "stopping again for the same failover is the same stop");
+        assert_eq!(seq, pd.last_seq(), "the final bookmark comes after every accepted write");
+        assert!(matches!(pd.write(0, &[2u8; 4096], false), Err(BackendError::Shutdown(_))));
+        assert!(pd.zero(0, 4096, false).is_err());
+        drop(pd);
+        // Stopped survives a restart; a reprotect with an unknown baseline asks for a comparison.
+        let pd = ProtectedDisk::open(DiskId(1), "d", &path, &state, 4096, None).unwrap();
+        assert!(pd.write(0, &[2u8; 4096], false).is_err());
+        assert!(!pd.reprotect(4, 99).unwrap(), "baseline 99 is not this disk's history");
+        assert!(pd.resync_state().active());
+        pd.write(0, &[3u8; 4096], false).unwrap();
     }
 }

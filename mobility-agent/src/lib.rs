@@ -279,7 +279,7 @@ async fn control_loop(client: sr_common::control::ControlClient, c: Control, shu
                 "events": pending.iter().map(|(level, message)| serde_json::json!({"severity": level, "message": message})).collect::<Vec<_>>(),
                 "load": { "churn_bytes_per_sec": churn as u64 },
                 "system": system::info(),
-                "disks": disks.iter().map(|d| serde_json::json!({"id": d.id.0, "name": d.name, "size": d.size(), "path": d.path()})).collect::<Vec<_>>(),
+                "disks": disks.iter().map(|d| serde_json::json!({"id": d.id.0, "name": d.name, "size": d.size(), "path": std::fs::canonicalize(d.path()).unwrap_or_else(|_| d.path().to_path_buf())})).collect::<Vec<_>>(),
                 "progress": disks.iter().map(|d| {
                     let c = d.copy_state();
                     serde_json::json!({

@@ -95,8 +95,11 @@ fn main() {
     run("cp", &["--sparse=always", source.to_str().expect("path"), peer.to_str().expect("path")]).expect("cp");
     drop_caches();
     let t = Instant::now();
-    let stats = run("rsync", &["--inplace", "--no-whole-file", "--stats", &committed, peer.to_str().expect("path")])
-        .expect("rsync");
+    let stats = run(
+        "rsync",
+        &["--inplace", "--no-whole-file", "--ignore-times", "--stats", &committed, peer.to_str().expect("path")],
+    )
+    .expect("rsync");
     let rsync_secs = t.elapsed().as_secs_f64();
     let rsync_sent: u64 = stats
         .lines()
