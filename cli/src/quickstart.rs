@@ -60,7 +60,7 @@ impl Ui {
     fn step(&mut self, msg: &str) {
         self.step += 1;
         if !self.json {
-            println!("[{}/6] {msg}", self.step);
+            println!("[{}/7] {msg}", self.step);
         }
     }
     fn bar(&self, len: u64, template: &str) -> ProgressBar {
@@ -304,6 +304,19 @@ pub fn run(a: Args, json: bool) -> anyhow::Result<()> {
     let generation = tool("debugfs", &["-R", "cat /etc/generation", &export.display().to_string()]).unwrap_or_default();
     let identical = compare.is_ok();
     let fs_ok = fsck.is_ok() && generation.trim() == a.generations.to_string();
+
+    ui.step("Failover drill: the disks brought up at the latest point (a test failover), checked, discarded");
+    let drill_started = Instant::now();
+    let tf = api.call(
+        "POST",
+        &format!("/v1/items/{}/test-failover", local.item),
+        Some(serde_json::json!({ "point": "latest" })),
+    )?;
+    let drill_ms = drill_started.elapsed().as_secs_f64() * 1000.0;
+    let tf_uri = tf["machine"]["disks"][0]["uri"].as_str().unwrap_or_default().to_string();
+    let drill = tool("qemu-img", &["compare", "-f", "raw", "-F", "raw", &source.display().to_string(), &tf_uri]);
+    api.call("POST", &format!("/v1/items/{}/test-failover/cleanup", local.item), None)?;
+    let drill_ok = drill.is_ok();
     let summary = serde_json::json!({
         "identical": identical,
         "replica_filesystem_clean": fs_ok,
@@ -317,6 +330,8 @@ pub fn run(a: Args, json: bool) -> anyhow::Result<()> {
         "max_rpo_seconds": max_rpo,
         "item": local.item,
         "exported_image": exported["path"],
+        "test_failover_ms": drill_ms,
+        "test_failover_identical": drill_ok,
         "total_seconds": started.elapsed().as_secs_f64(),
         "dir": dir,
     });
@@ -340,9 +355,17 @@ pub fn run(a: Args, json: bool) -> anyhow::Result<()> {
             cp.api,
             cp.root.join("cs/admin.token").display()
         );
+        println!(
+            "  failover drill: disks up at the latest point in {drill_ms:.0} ms, identical to the source: {}",
+            if drill_ok { "yes" } else { "NO" }
+        );
         println!("  logs: {}", local.root.join("logs").display());
+        println!(
+            "  next: srctl ... failover {} --planned (stops the source; then commit, reprotect, failback: see README)",
+            local.item
+        );
     }
-    if a.keep_running && identical && fs_ok {
+    if a.keep_running && identical && fs_ok && drill_ok {
         println!("Services keep running; press Ctrl-C to stop them.");
         let (tx, rx) = std::sync::mpsc::channel();
         let _ = ctrlc_wait(tx);
@@ -359,6 +382,9 @@ pub fn run(a: Args, json: bool) -> anyhow::Result<()> {
     }
     if !fs_ok {
         bail!("the replica holds generation {:?}, expected {}", generation.trim(), a.generations);
+    }
+    if let Err(e) = drill {
+        bail!("the test failover's disk differs from the source: {e:#}");
     }
     Ok(())
 }

@@ -363,22 +363,20 @@ impl ProtectedDisk {
         j.reset()?;
         self.clear_dirty()?;
         self.end_resync()?;
-        self.save_copy(CopyState {
-            cursor: 0,
-            done: false,
-            done_seq: 0,
-            item: Some(item),
-            generation: 0,
-            stopped: false,
-            stop_seq: 0,
-            ..st
-        })?;
+        self.start_protection(j, CopyState { cursor: 0, done: false, done_seq: 0, item: Some(item), ..st })?;
+        self.publish();
+        Ok(())
+    }
+
+    /// Records `copy` as the new protection (no longer parted from a peer, nor stopped) and journals from
+    /// now on, releasing the journal lock `j` the caller took for the change.
+    fn start_protection(&self, j: std::sync::MutexGuard<'_, Journal>, copy: CopyState) -> anyhow::Result<()> {
+        self.save_copy(CopyState { generation: 0, stopped: false, stop_seq: 0, ..copy })?;
         self.stopped.store(false, Ordering::Release);
         self.journaling.store(true, Ordering::Release);
         drop(j);
         self.acked.store(0, Ordering::Relaxed);
         self.applied.store(0, Ordering::Relaxed);
-        self.publish();
         Ok(())
     }
 
@@ -913,21 +911,8 @@ impl ProtectedDisk {
         let done = j.append(&Op::Marker { kind: MarkerKind::InitialCopyDone })?;
         j.sync_handle().sync_data().context("syncing the journal")?;
         self.end_resync()?;
-        self.save_copy(CopyState {
-            cursor: self.size(),
-            done: true,
-            done_seq: done.0,
-            item: Some(item),
-            generation: 0,
-            stopped: false,
-            stop_seq: 0,
-            ..st
-        })?;
-        self.stopped.store(false, Ordering::Release);
-        self.journaling.store(true, Ordering::Release);
-        drop(j);
-        self.acked.store(0, Ordering::Relaxed);
-        self.applied.store(0, Ordering::Relaxed);
+        let copy = CopyState { cursor: self.size(), done: true, done_seq: done.0, item: Some(item), ..st };
+        self.start_protection(j, copy)?;
         if !known {
             tracing::warn!(
                 disk = self.name,
