@@ -226,17 +226,19 @@ async fn failover_steps(cs: &Arc<Cs>, id: u64, job_id: u64) -> Result<Value, Str
     let point = if planned {
         job.step(0).map_err(s)?;
         let machine = item.machine.clone();
-        let stop_seqs: Vec<(u64, u64)> = wait_for(
+        let progress = |machine: &str| -> Result<Vec<DiskProgress>, String> {
+            let m: Option<Machine> = store.get(MACHINES, machine).map_err(s)?;
+            Ok(m.map(|m| m.progress).unwrap_or_default())
+        };
+        wait_for(
             STOP_TIMEOUT,
             &format!(
                 "the agent of {machine} stopping its disks (is it running? an unplanned failover does not need it)"
             ),
             || {
-                let m: Option<Machine> = store.get(MACHINES, &machine).map_err(s)?;
-                let Some(m) = m else { return Ok((None, None)) };
-                let all = !m.progress.is_empty()
-                    && m.progress.iter().all(|d| d.stopped && d.generation == generation && d.stop_seq > 0);
-                Ok((all.then(|| m.progress.iter().map(|d| (d.id, d.stop_seq)).collect()), None))
+                let p = progress(&machine)?;
+                let all = !p.is_empty() && p.iter().all(|d| d.stopped && d.generation == generation);
+                Ok((all.then_some(()), None))
             },
             |_| {},
         )
@@ -244,18 +246,24 @@ async fn failover_steps(cs: &Arc<Cs>, id: u64, job_id: u64) -> Result<Value, Str
         job.step_done(0).map_err(s)?;
         job.step(1).map_err(s)?;
         let wire = item.wire_id();
-        let total: u64 = stop_seqs.iter().map(|x| x.1).sum();
         let applied = |disk: u64| -> Result<u64, String> {
             Ok(store.get::<(u64, u64)>(APPLIED, &format!("{wire}-{disk}")).map_err(s)?.unwrap_or((0, 0)).0)
         };
         let mut pct_job = JobHandle::load(store, job_id).map_err(s)?.ok_or("the job is gone")?;
+        // The final point is marked once dirty blocks left by the journal's limit are in the journal too;
+        // then everything through it must reach the master target.
         wait_for(
             DRAIN_TIMEOUT,
             "the journal draining to the master target",
             || {
-                let mut done = 0;
-                for (disk, seq) in &stop_seqs {
-                    done += applied(*disk)?.min(*seq);
+                let p = progress(&machine)?;
+                if p.is_empty() || p.iter().any(|d| d.stop_seq == 0) {
+                    return Ok((None, Some(0.0)));
+                }
+                let (mut done, mut total) = (0, 0);
+                for d in &p {
+                    done += applied(d.id)?.min(d.stop_seq);
+                    total += d.stop_seq;
                 }
                 Ok(((done >= total).then_some(()), Some(done as f64 / total.max(1) as f64)))
             },

@@ -861,17 +861,20 @@ impl ProtectedDisk {
     }
 
     /// Planned failover: refuse writes from now on, and put a final FLUSH and a bookmark tagged with the
-    /// generation in the journal (after every accepted write). Returns the bookmark's sequence number;
-    /// asking again for the same generation returns the same one.
+    /// generation in the journal, after every accepted write and after every dirty block (the journal
+    /// past its limit, or a comparison, left some): until those are copied into the journal the bookmark
+    /// waits, and this returns 0; call again. Returns the bookmark's sequence number, the same one each
+    /// time for one generation.
     pub fn stop(&self, generation: u64) -> anyhow::Result<Seq> {
         use anyhow::Context;
         let st = self.copy_state();
-        if st.stopped && st.generation == generation {
+        if st.stopped && st.generation == generation && st.stop_seq > 0 {
             return Ok(Seq(st.stop_seq));
         }
         let mut j = self.lock();
         self.stopped.store(true, Ordering::Release);
-        let seq = if self.journaling() {
+        let pending = self.overflowed() || self.dirty_bytes() > 0 || self.resync_state().active();
+        let seq = if self.journaling() && !pending {
             j.append(&Op::Marker { kind: MarkerKind::Flush })?;
             let seq =
                 j.append(&Op::Marker { kind: MarkerKind::Bookmark { tag: sr_common::types::stop_tag(generation) } })?;
@@ -881,10 +884,28 @@ impl ProtectedDisk {
             Seq::ZERO
         };
         self.disk.sync().context("syncing the disk")?;
-        self.save_copy(CopyState { generation, stopped: true, stop_seq: seq.0, ..st })?;
+        if !(st.stopped && st.generation == generation && seq == Seq::ZERO) {
+            self.save_copy(CopyState { generation, stopped: true, stop_seq: seq.0, ..st })?;
+        }
         drop(j);
-        self.after_append();
-        tracing::info!(disk = self.name, generation, seq = seq.0, "stopped for a planned failover: writes refused");
+        if pending {
+            // The dirty blocks go now, whatever the resync window says.
+            self.resync_now();
+            tracing::info!(
+                disk = self.name,
+                generation,
+                dirty_bytes = self.dirty_bytes(),
+                "stopped for a planned failover: writes refused; the final point follows the dirty blocks"
+            );
+        } else if seq > Seq::ZERO {
+            self.after_append();
+            tracing::info!(
+                disk = self.name,
+                generation,
+                seq = seq.0,
+                "stopped for a planned failover: writes refused, final point marked"
+            );
+        }
         Ok(seq)
     }
 
@@ -1045,6 +1066,33 @@ mod tests {
         assert_eq!(pd.dirty_bytes(), 4096 + 8192, "the commit's ranges ship too");
         assert!(pd.copy_state().done && pd.journaling() && !pd.stopped());
         assert_eq!(pd.resync_state().requested, 0, "no checksum comparison when the history is known");
+    }
+
+    #[test]
+    fn the_final_point_of_a_planned_failover_waits_for_dirty_blocks() {
+        let d = tempfile::tempdir().unwrap();
+        let path = disk(d.path(), "source.img", 1 << 20);
+        let pd = ProtectedDisk::open(DiskId(1), "d", &path, &d.path().join("state"), 4096, None).unwrap();
+        pd.protect(3).unwrap();
+        pd.initial_copy(1 << 20, 64 << 20, &|| false).unwrap();
+        pd.on_applied_ack(pd.last_seq()).unwrap();
+        pd.set_limit(8192);
+        for i in 0..4u8 {
+            pd.write(u64::from(i) * 65536, &[i + 1; 4096], false).unwrap();
+        }
+        assert!(pd.overflowed() && pd.dirty_bytes() > 0, "past the limit: writes went to the dirty map");
+        assert_eq!(pd.stop(5).unwrap(), Seq::ZERO, "no final point while blocks are only in the dirty map");
+        assert!(pd.write(0, &[9u8; 4096], false).is_err(), "but writes are refused at once");
+        // The journal drains (and has room again): the dirty blocks are copied into it.
+        pd.on_applied_ack(pd.last_seq()).unwrap();
+        pd.set_limit(1 << 20);
+        pd.recheck_overflow();
+        pd.copy_dirty(1 << 20, 64 << 20, &|| false).unwrap();
+        assert_eq!(pd.dirty_bytes(), 0);
+        let copied_through = pd.last_seq();
+        let seq = pd.stop(5).unwrap();
+        assert!(seq > copied_through, "the final point comes after the copied dirty blocks");
+        assert_eq!(pd.stop(5).unwrap(), seq);
     }
 
     #[test]
