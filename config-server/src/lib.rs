@@ -39,8 +39,8 @@ pub struct Cs {
     pub items_lock: tokio::sync::Mutex<()>,
     /// Plans waiting at a manual action, by plan id: resuming sends who resumed.
     pub plan_waits: std::sync::Mutex<std::collections::HashMap<String, tokio::sync::oneshot::Sender<String>>>,
-    /// Each plan's latest consistency point (its tag), the default point of an unplanned plan failover.
-    pub plan_points: std::sync::Mutex<std::collections::HashMap<String, String>>,
+    /// Plans taking a consistency point right now.
+    pub plan_busy: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 impl Cs {
@@ -121,7 +121,7 @@ pub async fn run(cfg: CsConfig, shutdown: CancellationToken) -> anyhow::Result<(
         registration: tokio::sync::Mutex::new(()),
         items_lock: tokio::sync::Mutex::new(()),
         plan_waits: Default::default(),
-        plan_points: Default::default(),
+        plan_busy: Default::default(),
     });
     failover::resume_failovers(&cs);
     let ev = cs.clone();
@@ -136,6 +136,7 @@ pub async fn run(cfg: CsConfig, shutdown: CancellationToken) -> anyhow::Result<(
             if let Err(e) = items::evaluate(&ev).await {
                 tracing::error!(error = %e, "evaluating items failed");
             }
+            plans::due_points(&ev);
         }
     });
     let http = sr_common::telemetry::serve_http(cs.cfg.listen, api::routes(cs.clone()), shutdown.clone()).await?;

@@ -299,6 +299,28 @@ pub struct Plan {
     pub id: String,
     pub name: String,
     pub groups: Vec<PlanGroup>,
+    /// A consistency point across every machine of the plan this often (0: only on demand and for a
+    /// test failover); an unplanned failover of the plan goes to the latest by default.
+    #[serde(default = "d_plan_interval")]
+    pub consistency_interval_secs: u64,
+}
+
+fn d_plan_interval() -> u64 {
+    300
+}
+
+/// A plan's latest consistency point, kept under the plan's id.
+pub const PLAN_POINTS: &str = "plan_points";
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PlanPoint {
+    /// Empty until one succeeded.
+    pub tag: String,
+    /// Unix seconds.
+    pub taken: u64,
+    /// The last scheduled attempt, failed or not (unix seconds).
+    #[serde(default)]
+    pub attempted: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -159,6 +159,7 @@ fn schemas() -> Value {
             "master_target": {"type": "string"}, "process_server": {"type": "string"}}},
         "Plan": {"type": "object", "required": ["name", "groups"], "additionalProperties": false, "properties": {
             "id": {"type": "string", "readOnly": true}, "name": {"type": "string"},
+            "consistency_interval_secs": {"type": "integer", "minimum": 0, "default": 300},
             "groups": {"type": "array", "items": {"type": "object", "required": ["items"], "additionalProperties": false, "properties": {
                 "items": {"type": "array", "items": {"type": "integer"}},
                 "pre": {"type": "array", "items": {"$ref": "#/components/schemas/PlanAction"}},

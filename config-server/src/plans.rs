@@ -86,7 +86,10 @@ pub async fn list(AxState(cs): AxState<Arc<Cs>>, h: HeaderMap) -> R<Value> {
 
 pub async fn get(AxState(cs): AxState<Arc<Cs>>, h: HeaderMap, Path(id): Path<String>) -> R<Value> {
     require(cs.store(), &h, ApiRole::Reader)?;
-    Ok(Json(json!(load_plan(&cs, &id)?)))
+    let p = load_plan(&cs, &id)?;
+    let mut v = json!(p);
+    v["latest_point"] = json!(cs.store().get::<PlanPoint>(PLAN_POINTS, &p.id)?.filter(|pt| !pt.tag.is_empty()));
+    Ok(Json(v))
 }
 
 pub async fn create(AxState(cs): AxState<Arc<Cs>>, h: HeaderMap, b: Body<Plan>) -> R<Value> {
@@ -291,12 +294,68 @@ async fn run_actions(
 
 /// The plan's latest consistency point, when one was taken.
 fn latest_plan_point(cs: &Cs, p: &Plan) -> Option<Value> {
-    let tag = cs.plan_points.lock().expect("plan points lock poisoned").get(&p.id).cloned()?;
-    Some(json!({ "tag": tag }))
+    let pt: PlanPoint = cs.store().get(PLAN_POINTS, &p.id).ok()??;
+    (!pt.tag.is_empty()).then(|| json!({ "tag": pt.tag }))
+}
+
+/// Starts the consistency points plans are due for (every second, from the evaluation loop). A plan
+/// whose machines are not all replicating waits; a failed point is logged and tried at the next interval.
+pub fn due_points(cs: &Arc<Cs>) {
+    let Ok(plans) = cs.store().list::<Plan>(PLANS) else { return };
+    for p in plans.into_iter().filter(|p| p.consistency_interval_secs > 0) {
+        let last = cs.store().get::<PlanPoint>(PLAN_POINTS, &p.id).ok().flatten();
+        let last = last.map_or(0, |pt| pt.taken.max(pt.attempted));
+        if now().saturating_sub(last) < p.consistency_interval_secs {
+            continue;
+        }
+        let all_replicating = p.groups.iter().flat_map(|g| &g.items).all(|id| {
+            cs.store().get::<Item>(ITEMS, &id_key(*id)).ok().flatten().is_some_and(|i| i.state.replicating())
+        });
+        if !all_replicating || cs.plan_busy.lock().expect("plan busy lock poisoned").contains(&p.id) {
+            continue;
+        }
+        let cs = cs.clone();
+        tokio::spawn(async move {
+            if let Err(e) = take_consistency_point(&cs, &p).await {
+                tracing::warn!(
+                    plan = p.name,
+                    error = e,
+                    "scheduled consistency point failed; trying again at the next interval"
+                );
+                let prev = cs.store().get::<PlanPoint>(PLAN_POINTS, &p.id).ok().flatten();
+                let prev = prev.unwrap_or(PlanPoint { tag: String::new(), taken: 0, attempted: 0 });
+                let _ = cs.store().put(PLAN_POINTS, &p.id, &PlanPoint { attempted: now(), ..prev });
+            }
+        });
+    }
+}
+
+/// Marks a plan as taking a consistency point until dropped (one at a time per plan).
+struct Busy<'a> {
+    cs: &'a Cs,
+    plan: String,
+}
+
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        self.cs.plan_busy.lock().expect("plan busy lock poisoned").remove(&self.plan);
+    }
+}
+
+async fn busy<'a>(cs: &'a Cs, plan: &str) -> Result<Busy<'a>, String> {
+    let start = std::time::Instant::now();
+    while !cs.plan_busy.lock().expect("plan busy lock poisoned").insert(plan.to_string()) {
+        if start.elapsed() > Duration::from_secs(30) {
+            return Err("another consistency point of this plan has not finished in 30 s".into());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(Busy { cs, plan: plan.to_string() })
 }
 
 /// Holds every agent of the plan, then marks and releases each: one cut across all machines.
 async fn take_consistency_point(cs: &Arc<Cs>, p: &Plan) -> Result<(String, Vec<Value>), String> {
+    let _busy = busy(cs, &p.id).await?;
     let store = cs.store();
     let tag = format!("plan-{}-{}", p.id.trim_start_matches('0'), sr_common::types::now_micros());
     let mut agents = Vec::new();
@@ -378,7 +437,8 @@ async fn take_consistency_point(cs: &Arc<Cs>, p: &Plan) -> Result<(String, Vec<V
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    cs.plan_points.lock().expect("plan points lock poisoned").insert(p.id.clone(), tag.clone());
+    let pt = PlanPoint { tag: tag.clone(), taken: now(), attempted: now() };
+    cs.store().put(PLAN_POINTS, &p.id, &pt).map_err(|e| e.to_string())?;
     cs.event("info", &p.name, &format!("plan {}: consistency point {tag} on {} machine(s)", p.name, agents.len()))
         .map_err(|e| e.to_string())?;
     Ok((tag, marks))

@@ -318,12 +318,13 @@ fn a_plan_fails_over_group_by_group_with_scripts_and_a_manual_pause() {
     let _ = &m.sites;
 }
 
-/// Byte 0 of an NBD export, read through nbdcopy.
-fn first_byte(uri: &str, tmp: &Path) -> u8 {
+/// The round number at the start of an NBD export (4 bytes, little-endian), read through nbdcopy.
+fn round_of(uri: &str, tmp: &Path) -> u32 {
     let f = tmp.join("first.img");
     let _ = std::fs::remove_file(&f);
     run("nbdcopy", &[uri, s(&f)]).unwrap();
-    std::fs::read(&f).unwrap()[0]
+    let b = std::fs::read(&f).unwrap();
+    u32::from_le_bytes(b[..4].try_into().unwrap())
 }
 
 #[test]
@@ -331,17 +332,22 @@ fn a_plan_consistency_point_never_holds_a_dependent_write_without_its_cause() {
     let dir = test_dir();
     let m = machines(dir.path(), 2);
     let (ua, ub) = (m.sites[0].agent_uri("disk0"), m.sites[1].agent_uri("disk0"));
-    let plan = json!({"name": "pair", "groups": [{"items": [m.items[0], m.items[1]]}]});
+    let plan = json!({"name": "pair", "groups": [{"items": [m.items[0], m.items[1]]}], "consistency_interval_secs": 1});
     assert_eq!(m.d.api("POST", "/v1/plans", Some(plan)).0, 200);
     // Machine B writes round i only after machine A's write of round i completed.
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let writer = {
-        let (ua, ub, stop) = (ua.clone(), ub.clone(), stop.clone());
+        let (ua, ub, stop, tmp) = (ua.clone(), ub.clone(), stop.clone(), dir.path().to_path_buf());
         std::thread::spawn(move || {
             let mut i = 1u32;
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) && i < 250 {
-                io(&ua, &[format!("write -P {i} 0 4k").as_str()]).unwrap();
-                io(&ub, &[format!("write -P {i} 0 4k").as_str()]).unwrap();
+            let buf = tmp.join("round.bin");
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let mut block = vec![0u8; 4096];
+                block[..4].copy_from_slice(&i.to_le_bytes());
+                std::fs::write(&buf, &block).unwrap();
+                let cmd = format!("write -s {} 0 4k", buf.display());
+                io(&ua, &[cmd.as_str()]).unwrap();
+                io(&ub, &[cmd.as_str()]).unwrap();
                 i += 1;
             }
             i
@@ -354,15 +360,33 @@ fn a_plan_consistency_point_never_holds_a_dependent_write_without_its_cause() {
         assert_eq!(code, 200, "{v}");
         m.d.wait_job(v["job"].as_u64().unwrap(), true);
         let uri = |id: u64| m.d.item(id)["test_failover"]["machine"]["disks"][0]["uri"].as_str().unwrap().to_string();
-        let (a, b) = (first_byte(&uri(m.items[0]), dir.path()), first_byte(&uri(m.items[1]), dir.path()));
+        let (a, b) = (round_of(&uri(m.items[0]), dir.path()), round_of(&uri(m.items[1]), dir.path()));
         assert!(b <= a, "at the plan's point B has round {b} but A only round {a}");
         seen.push((a, b));
         for id in &m.items {
             m.d.srctl(&["test-failover", &id.to_string(), "--cleanup"]);
         }
     }
+    // The plan also takes points by itself, every second here: an unplanned failover of the plan goes to
+    // one of those, taken while the machines wrote.
+    let latest = || m.d.api("GET", "/v1/plans/pair", None).1["latest_point"]["tag"].as_str().unwrap_or("").to_string();
+    let before = latest();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while latest() == before {
+        assert!(Instant::now() < deadline, "no scheduled consistency point");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let scheduled = latest();
+    assert!(!writer.is_finished(), "the scheduled point was taken while the machines wrote");
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let rounds = writer.join().unwrap();
     assert!(seen.iter().any(|(a, _)| *a > 0), "the points were taken while the machines wrote: {seen:?}");
-    assert!(seen.iter().all(|(a, _)| u32::from(*a) < rounds), "{seen:?}");
+    assert!(seen.iter().all(|(a, _)| *a < rounds), "{seen:?}");
+    let (code, v) =
+        m.d.api("POST", "/v1/plans/pair/failover", Some(json!({"kind": "unplanned", "point": {"tag": scheduled}})));
+    assert_eq!(code, 200, "{v}");
+    m.d.wait_job(v["job"].as_u64().unwrap(), true);
+    let uri = |id: u64| m.d.item(id)["failover"]["machine"]["disks"][0]["uri"].as_str().unwrap().to_string();
+    let (a, b) = (round_of(&uri(m.items[0]), dir.path()), round_of(&uri(m.items[1]), dir.path()));
+    assert!(b <= a, "at the scheduled point {scheduled} B has round {b} but A only round {a}");
 }
