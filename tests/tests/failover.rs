@@ -318,6 +318,47 @@ fn a_plan_fails_over_group_by_group_with_scripts_and_a_manual_pause() {
     let _ = &m.sites;
 }
 
+/// A qemu-io session on an NBD export, fed one command at a time.
+struct Session {
+    child: std::process::Child,
+    out: std::io::BufReader<std::process::ChildStdout>,
+}
+
+impl Session {
+    fn open(uri: &str) -> Session {
+        let mut child = std::process::Command::new("qemu-io")
+            .args(["-f", "raw", uri])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let out = std::io::BufReader::new(child.stdout.take().unwrap());
+        Session { child, out }
+    }
+
+    /// Runs a write command and returns once qemu-io reports it done.
+    fn run(&mut self, cmd: &str) {
+        use std::io::{BufRead, Write};
+        writeln!(self.child.stdin.as_mut().unwrap(), "{cmd}").unwrap();
+        let mut line = String::new();
+        loop {
+            line.clear();
+            assert!(self.out.read_line(&mut line).unwrap() > 0, "qemu-io ended");
+            assert!(!line.contains("error") && !line.contains("failed"), "{cmd}: {line}");
+            if line.contains("wrote ") {
+                return;
+            }
+        }
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// The round number at the start of an NBD export (4 bytes, little-endian), read through nbdcopy.
 fn round_of(uri: &str, tmp: &Path) -> u32 {
     let f = tmp.join("first.img");
@@ -334,20 +375,22 @@ fn a_plan_consistency_point_never_holds_a_dependent_write_without_its_cause() {
     let (ua, ub) = (m.sites[0].agent_uri("disk0"), m.sites[1].agent_uri("disk0"));
     let plan = json!({"name": "pair", "groups": [{"items": [m.items[0], m.items[1]]}], "consistency_interval_secs": 1});
     assert_eq!(m.d.api("POST", "/v1/plans", Some(plan)).0, 200);
-    // Machine B writes round i only after machine A's write of round i completed.
+    // Machine B writes round i only after machine A's write of round i completed; one qemu-io session per
+    // machine, so a round takes well under a millisecond and every point falls between many of them.
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let writer = {
         let (ua, ub, stop, tmp) = (ua.clone(), ub.clone(), stop.clone(), dir.path().to_path_buf());
         std::thread::spawn(move || {
+            let (mut qa, mut qb) = (Session::open(&ua), Session::open(&ub));
             let mut i = 1u32;
             let buf = tmp.join("round.bin");
+            let cmd = format!("write -s {} 0 4k", buf.display());
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 let mut block = vec![0u8; 4096];
                 block[..4].copy_from_slice(&i.to_le_bytes());
                 std::fs::write(&buf, &block).unwrap();
-                let cmd = format!("write -s {} 0 4k", buf.display());
-                io(&ua, &[cmd.as_str()]).unwrap();
-                io(&ub, &[cmd.as_str()]).unwrap();
+                qa.run(&cmd);
+                qb.run(&cmd);
                 i += 1;
             }
             i
