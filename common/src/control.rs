@@ -31,6 +31,9 @@ pub struct ControlClient {
     server: SocketAddr,
     token: String,
     pub poll: Duration,
+    /// Polls at once when notified (the configuration server asks after it changed this component's
+    /// assignment, e.g. to stop it for a planned failover), instead of at the next interval.
+    pub wake: std::sync::Arc<tokio::sync::Notify>,
 }
 
 impl ControlClient {
@@ -42,6 +45,7 @@ impl ControlClient {
             server: cfg.server,
             token: token.trim().to_string(),
             poll: Duration::from_secs(cfg.poll_secs.max(1)),
+            wake: Default::default(),
         })
     }
 
@@ -119,6 +123,7 @@ impl ControlClient {
             }
             tokio::select! {
                 _ = tokio::time::sleep(self.poll) => {}
+                _ = self.wake.notified() => {}
                 _ = shutdown.cancelled() => return,
             }
         }

@@ -64,12 +64,24 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Resul
         sr_common::nbd::serve_unix(l, exports.clone());
         tracing::info!(path = %path.display(), "NBD front end listening (Unix socket)");
     }
+    let client = cfg.control.as_ref().map(sr_common::control::ControlClient::new).transpose()?;
+    let wake = client.as_ref().map(|c| c.wake.clone());
     let status_disks = disks.clone();
     let node = cfg.node.clone();
     let resync_disks = disks.clone();
     let holder = Arc::new(failover::Holder::default());
     let (hold_disks, hold_h, release_h) = (disks.clone(), holder.clone(), holder.clone());
     let router = axum::Router::new()
+        .route(
+            "/v1/poll",
+            axum::routing::post(move || {
+                // Only makes the agent ask the configuration server for its assignment now.
+                if let Some(w) = &wake {
+                    w.notify_one();
+                }
+                std::future::ready(axum::Json(serde_json::json!({ "polling": wake.is_some() })))
+            }),
+        )
         .route(
             "/v1/hold",
             axum::routing::post(move |body: axum::body::Bytes| {
@@ -195,8 +207,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Resul
     let (intervals_tx, intervals_rx) = tokio::sync::watch::channel(None);
     let events = consistency::Events::default();
     tasks.spawn(consistency::run(disks.clone(), cfg.points.clone(), intervals_rx, events.clone(), shutdown.clone()));
-    if let Some(control) = &cfg.control {
-        let client = sr_common::control::ControlClient::new(control)?;
+    if let Some(client) = client {
         let to_cs = Control {
             identity: identity.clone(),
             disks: disks.clone(),
@@ -344,9 +355,16 @@ async fn control_loop(client: sr_common::control::ControlClient, c: Control, shu
                     }
                 }
                 if let Some(generation) = stop {
+                    let state = |ds: &[Arc<ProtectedDisk>]| -> Vec<(bool, u64)> {
+                        ds.iter().map(|d| (d.stopped(), d.copy_state().stop_seq)).collect()
+                    };
+                    let was = state(disks);
                     let (d, p, e) = (disks.clone(), points_cfg.clone(), events.clone());
-                    let seqs = tokio::task::spawn_blocking(move || failover::stop_all(&d, generation, &p, &e)).await??;
-                    tracing::debug!(generation, ?seqs, "disks stopped for the planned failover");
+                    tokio::task::spawn_blocking(move || failover::stop_all(&d, generation, &p, &e)).await??;
+                    if state(disks) != was {
+                        // Report the stop at once: the planned failover waits for it.
+                        cl.wake.notify_one();
+                    }
                 }
                 route.send_if_modified(|cur| {
                     let changed = *cur != next;
