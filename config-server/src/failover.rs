@@ -127,21 +127,22 @@ pub async fn failover(
     let by = require(cs.store(), &h, ApiRole::Operator)?;
     let req = body(b)?;
     let job = begin_failover(&cs, id, req.planned, req.point, false, &by).await?;
-    let cs2 = cs.clone();
+    Ok(Json(json!({ "job": spawn_failover(&cs, id, job) })))
+}
+
+/// Carries the failover on in the background; its job shows how it goes.
+fn spawn_failover(cs: &Arc<Cs>, id: u64, job: u64) -> u64 {
+    let cs = cs.clone();
     tokio::spawn(async move {
-        let _ = run_failover(cs2, id, job).await;
+        let _ = run_failover(cs, id, job).await;
     });
-    Ok(Json(json!({ "job": job })))
+    job
 }
 
 pub async fn failback(AxState(cs): AxState<Arc<Cs>>, h: HeaderMap, Path(id): Path<u64>) -> R<Value> {
     let by = require(cs.store(), &h, ApiRole::Operator)?;
     let job = begin_failover(&cs, id, true, None, true, &by).await?;
-    let cs2 = cs.clone();
-    tokio::spawn(async move {
-        let _ = run_failover(cs2, id, job).await;
-    });
-    Ok(Json(json!({ "job": job })))
+    Ok(Json(json!({ "job": spawn_failover(&cs, id, job) })))
 }
 
 /// Checks and records the start of a failover (or failback); returns its job.
@@ -304,10 +305,7 @@ async fn failover_steps(cs: &Arc<Cs>, id: u64, job_id: u64) -> Result<Value, Str
     job.step_done(step).map_err(s)?;
     step += 1;
     job.step(step).map_err(s)?;
-    let machine: Option<Machine> = store.get(MACHINES, &item.machine).map_err(s)?;
-    let maps: Vec<NetworkMapping> = store.list(NETWORK_MAPPINGS).map_err(s)?;
-    let description =
-        describe(&item, machine.as_ref(), &created, if failback { "failback" } else { "failover" }, &maps);
+    let description = describe(store, &item, &created, if failback { "failback" } else { "failover" }).map_err(s)?;
     {
         let _g = cs.items_lock.lock().await;
         let mut item = load_item(cs, id).map_err(|e| e.message)?;
@@ -382,10 +380,7 @@ pub fn resume_failovers(cs: &Arc<Cs>) {
         }
         let Some(job) = item.failover.as_ref().and_then(|f| f["job"].as_u64()) else { continue };
         tracing::info!(item = item.id, job, "resuming the failover a restart interrupted");
-        let cs = cs.clone();
-        tokio::spawn(async move {
-            let _ = run_failover(cs, item.id, job).await;
-        });
+        spawn_failover(cs, item.id, job);
     }
 }
 
@@ -431,9 +426,7 @@ pub async fn change_point(
             return Err(ApiError::conflict(&format!("changing the point failed (job {}): {e}", job.id)));
         }
     };
-    let machine: Option<Machine> = store.get(MACHINES, &item.machine)?;
-    let maps: Vec<NetworkMapping> = store.list(NETWORK_MAPPINGS)?;
-    let description = describe(&item, machine.as_ref(), &created, "failover", &maps);
+    let description = describe(store, &item, &created, "failover")?;
     let mut fo = item.failover.clone().unwrap_or_default();
     fo["point_chosen"] = req.point.clone();
     fo["machine"] = description.clone();

@@ -161,9 +161,7 @@ pub async fn test_failover_item(cs: &Arc<Cs>, id: u64, point: Value, by: &str) -
     };
     job.step_done(1)?;
     job.step(2)?;
-    let machine: Option<Machine> = store.get(MACHINES, &item.machine)?;
-    let maps: Vec<NetworkMapping> = store.list(NETWORK_MAPPINGS)?;
-    let description = describe(&item, machine.as_ref(), &created, "test-failover", &maps);
+    let description = describe(store, &item, &created, "test-failover")?;
     item.test_failover = Some(json!({ "view": view, "master_target": mt.0, "machine": description.clone() }));
     store.put(ITEMS, &id_key(id), &item)?;
     job.step_done(2)?;
@@ -177,7 +175,25 @@ pub async fn test_failover_item(cs: &Arc<Cs>, id: u64, point: Value, by: &str) -
 }
 
 /// What a hypervisor hook needs to boot the machine: its disks as NBD URIs, CPUs, memory, NICs.
-pub fn describe(item: &Item, machine: Option<&Machine>, view: &Value, purpose: &str, maps: &[NetworkMapping]) -> Value {
+/// Reads the machine's report and the network mappings from `store`.
+pub fn describe(
+    store: &dyn crate::store::ControlStore,
+    item: &Item,
+    view: &Value,
+    purpose: &str,
+) -> Result<Value, crate::store::StoreError> {
+    let machine: Option<Machine> = store.get(MACHINES, &item.machine)?;
+    let maps: Vec<NetworkMapping> = store.list(NETWORK_MAPPINGS)?;
+    Ok(describe_with(item, machine.as_ref(), view, purpose, &maps))
+}
+
+fn describe_with(
+    item: &Item,
+    machine: Option<&Machine>,
+    view: &Value,
+    purpose: &str,
+    maps: &[NetworkMapping],
+) -> Value {
     let names = |disk: u64| {
         machine.and_then(|m| m.disks.iter().find(|d| d.id == disk)).map(|d| d.name.clone()).unwrap_or_default()
     };
