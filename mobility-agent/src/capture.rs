@@ -8,13 +8,18 @@
 //! journal over its limit --> writes mark the dirty map (durably) instead of the journal, until the
 //!              journal drained to half its limit; then the dirty blocks are copied into the journal
 //!              like the initial copy (lock --> pread --> append --> clear bit --> unlock)
-//! start-up --> redo every journaled change onto the disk (the journal is written first, so the disk
-//!              may lack the last change when the agent was killed between the two)
+//! start-up --> redo the journaled changes after the redo mark onto the disk (the journal is written
+//!              first, so the disk may lack the last change when the agent was killed between the two)
 //! ```
+//!
+//! Which way a change goes is decided by one pure rule, [`crate::mode::route`], for WRITE,
+//! WRITE_ZEROES, TRIM and FLUSH alike; [`ProtectedDisk::change`] carries the decision out. The redo
+//! rule, which keeps a restart from writing older data over newer, is stated in `mode.rs`.
 
 use crate::dirty::DirtyMap;
 use crate::journal::{self, Journal, JournalError};
 use crate::metrics as m;
+use crate::mode::{self, Capture, JournalView, Mode, Operation, Route};
 use crate::scan::ScanMap;
 use serde::{Deserialize, Serialize};
 use sr_common::disk::DiskFile;
@@ -83,8 +88,9 @@ pub struct ProtectedDisk {
     applied: AtomicU64,
     /// Bytes written or zeroed through the front end since start (churn).
     changed_bytes: AtomicU64,
-    /// Whether changes are journaled (the disk is protected, or may be: true until told otherwise).
-    journaling: std::sync::atomic::AtomicBool,
+    /// The disk's [`Mode`] (stored as [`Mode::as_u8`]); changed only under the journal's lock, read
+    /// without it.
+    mode: std::sync::atomic::AtomicU8,
     copy: Mutex<CopyState>,
     copy_path: PathBuf,
     resync: Mutex<ResyncState>,
@@ -100,10 +106,6 @@ pub struct ProtectedDisk {
     pub scan_interval: AtomicU64,
     /// Blocks the replica may lack; locked inside the journal's lock.
     dirty: Mutex<DirtyMap>,
-    /// Writes go to the dirty map instead of the journal (the journal reached its limit).
-    overflow: std::sync::atomic::AtomicBool,
-    /// Writes are refused (a planned failover stopped the disk); checked under the journal lock.
-    stopped: std::sync::atomic::AtomicBool,
     /// Front-end writes take the read side; a recovery plan's consistency point holds the write side on
     /// every disk of the machine, so no write completes meanwhile. Only NBD threads wait on it, never the
     /// async runtime.
@@ -170,15 +172,18 @@ impl ProtectedDisk {
         let disk = DiskFile::open(path, true).with_context(|| format!("opening protected disk {}", path.display()))?;
         let jdir = state_dir.join(format!("journal-{}", id.0));
         let journal = Journal::open(&jdir).with_context(|| format!("opening journal {}", jdir.display()))?;
+        let capture = if scan.is_some() { Capture::Scan } else { Capture::Nbd };
         let mut redone = 0u64;
         let mut failed = None;
-        journal::read_from(&journal.segments(), journal.first_seq(), |rec| {
+        let redo = mode::redo_from(capture, journal.on_disk()).map(|from| from.max(journal.first_seq()));
+        let segments = if redo.is_some() { journal.segments() } else { Vec::new() };
+        journal::read_from(&segments, redo.unwrap_or(Seq::ZERO), |rec| {
             let r = match &rec.op {
                 Op::Write { offset, data } => disk.write_at(*offset, data),
                 Op::Zero { offset, len } => disk.zero(*offset, *len),
                 Op::Marker { .. } => Ok(()),
             };
-            redone += 1;
+            redone += u64::from(!matches!(rec.op, Op::Marker { .. }));
             if let Err(e) = r {
                 failed = Some(e);
                 return false;
@@ -190,7 +195,7 @@ impl ProtectedDisk {
         }
         disk.sync().with_context(|| format!("syncing {}", path.display()))?;
         if redone > 0 {
-            tracing::info!(disk = name, redone, "redid journaled changes onto the disk");
+            tracing::info!(disk = name, redone, after = journal.on_disk().0, "redid journaled changes onto the disk");
         }
         let copy_path = state_dir.join(format!("copy-{}.json", id.0));
         let copy = match std::fs::read(&copy_path) {
@@ -255,7 +260,15 @@ impl ProtectedDisk {
             changed_bytes: AtomicU64::new(0),
             // A disk parted from its peer at a failover and not protected since tracks its writes in the
             // dirty map from the first one; any other starts journaling until told otherwise.
-            journaling: std::sync::atomic::AtomicBool::new(copy.generation == 0 || copy.item.is_some()),
+            mode: std::sync::atomic::AtomicU8::new({
+                let protected = copy.generation == 0 || copy.item.is_some();
+                match (copy.stopped, protected) {
+                    (true, protected) => Mode::Stopped { protected },
+                    (false, true) => Mode::Journaling,
+                    (false, false) => Mode::Tracking,
+                }
+                .as_u8()
+            }),
             copy: Mutex::new(copy),
             copy_path,
             dirty: Mutex::new(dirty),
@@ -266,8 +279,6 @@ impl ProtectedDisk {
             resync_wake: tokio::sync::Notify::new(),
             window: Mutex::new(None),
             resync_now: std::sync::atomic::AtomicBool::new(false),
-            overflow: std::sync::atomic::AtomicBool::new(false),
-            stopped: std::sync::atomic::AtomicBool::new(copy.stopped),
             hold_gate: std::sync::RwLock::new(()),
             limit: AtomicU64::new(u64::MAX),
             metrics: DiskMetrics::new(name),
@@ -335,10 +346,7 @@ impl ProtectedDisk {
         self.applied.fetch_max(through.0, Ordering::Relaxed);
         let mut j = self.lock();
         let freed = j.trim_through(through)?;
-        if self.overflowed() {
-            // Journaling resumes once the journal drained to half its limit.
-            self.journal_takes(&j, 0);
-        }
+        self.drained(&j);
         drop(j);
         if freed > 0 {
             tracing::debug!(disk = self.name, freed, through = through.0, "journal trimmed");
@@ -347,8 +355,48 @@ impl ProtectedDisk {
         Ok(())
     }
 
+    /// Whether the disk is protected: its changes are journaled and shipped (also while the journal is
+    /// past its limit, and while a planned failover's stop drains it).
     pub fn journaling(&self) -> bool {
-        self.journaling.load(Ordering::Acquire)
+        self.mode().protected()
+    }
+
+    /// Every journal record up to this one is known to be on the disk (a restart redoes only later ones).
+    pub fn redo_mark(&self) -> Seq {
+        self.lock().on_disk()
+    }
+
+    pub fn mode(&self) -> Mode {
+        Mode::from_u8(self.mode.load(Ordering::Acquire))
+    }
+
+    /// Changes the mode; the journal's lock, held by the caller, orders it with every change.
+    fn set_mode(&self, _j: &Journal, m: Mode) {
+        let old = Mode::from_u8(self.mode.swap(m.as_u8(), Ordering::AcqRel));
+        if old == m {
+            return;
+        }
+        match (old, m) {
+            (Mode::Overflow, Mode::Journaling) => {
+                tracing::info!(disk = self.name, "journal drained: journaling again, dirty blocks follow")
+            }
+            (_, Mode::Overflow) => tracing::warn!(
+                disk = self.name,
+                limit = self.limit.load(Ordering::Relaxed),
+                "journal reached its limit (or its volume is full): tracking changed blocks in the dirty map; \
+                 they are resynchronized later"
+            ),
+            (old, new) => tracing::debug!(disk = self.name, from = old.name(), to = new.name(), "disk mode changed"),
+        }
+    }
+
+    /// Ends the dirty map's turn once the journal drained to half its limit.
+    fn drained(&self, j: &Journal) {
+        let m = self.mode();
+        let next = m.after_drain(j.bytes_after(self.applied()), self.limit.load(Ordering::Relaxed));
+        if next != m {
+            self.set_mode(j, next);
+        }
     }
 
     /// The disk is protected as `item`: journal its changes and copy it, starting over (a fresh journal
@@ -372,8 +420,7 @@ impl ProtectedDisk {
     /// now on, releasing the journal lock `j` the caller took for the change.
     fn start_protection(&self, j: std::sync::MutexGuard<'_, Journal>, copy: CopyState) -> anyhow::Result<()> {
         self.save_copy(CopyState { generation: 0, stopped: false, stop_seq: 0, ..copy })?;
-        self.stopped.store(false, Ordering::Release);
-        self.journaling.store(true, Ordering::Release);
+        self.set_mode(&j, Mode::Journaling);
         drop(j);
         self.acked.store(0, Ordering::Relaxed);
         self.applied.store(0, Ordering::Relaxed);
@@ -387,7 +434,12 @@ impl ProtectedDisk {
             return Ok(());
         }
         let mut j = self.lock();
-        self.journaling.store(false, Ordering::Release);
+        let next = match (self.mode(), st.generation) {
+            (Mode::Stopped { .. }, _) => Mode::Stopped { protected: false },
+            (_, 0) => Mode::Unprotected,
+            _ => Mode::Tracking,
+        };
+        self.set_mode(&j, next);
         j.reset()?;
         if st.generation == 0 {
             tracing::info!(disk = self.name, "not protected: journaling stopped, journal dropped");
@@ -399,7 +451,6 @@ impl ProtectedDisk {
                 generation = st.generation,
                 "not protected: journal dropped, writes tracked since the failover"
             );
-            self.overflow.store(false, Ordering::Release);
         }
         self.end_resync()?;
         self.save_copy(CopyState { cursor: 0, done: false, done_seq: 0, item: None, ..st })?;
@@ -408,6 +459,7 @@ impl ProtectedDisk {
         Ok(())
     }
 
+    /// Forgets every dirty block (a new protection copies the whole disk anyway).
     fn clear_dirty(&self) -> std::io::Result<()> {
         let mut d = self.dirty.lock().expect("dirty lock poisoned");
         let n = d.count();
@@ -416,7 +468,6 @@ impl ProtectedDisk {
             d.clear(0, blocks);
             d.persist()?;
         }
-        self.overflow.store(false, Ordering::Release);
         Ok(())
     }
 
@@ -572,7 +623,7 @@ impl ProtectedDisk {
     pub fn recheck_overflow(&self) {
         if self.overflowed() {
             let j = self.lock();
-            self.journal_takes(&j, 0);
+            self.drained(&j);
         }
     }
 
@@ -582,7 +633,7 @@ impl ProtectedDisk {
     }
 
     pub fn overflowed(&self) -> bool {
-        self.overflow.load(Ordering::Acquire)
+        self.mode() == Mode::Overflow
     }
 
     pub fn dirty_bytes(&self) -> u64 {
@@ -608,31 +659,6 @@ impl ProtectedDisk {
             d.mark(*o, *l)?;
         }
         Ok(())
-    }
-
-    /// Decides, under the journal's lock, whether a change of `len` bytes goes to the journal (true) or
-    /// to the dirty map: the journal past its limit hands over to the map until it drained to half.
-    fn journal_takes(&self, j: &Journal, len: u64) -> bool {
-        let limit = self.limit.load(Ordering::Relaxed);
-        let pending = j.bytes_after(self.applied());
-        if self.overflowed() {
-            if pending > limit / 2 {
-                return false;
-            }
-            self.overflow.store(false, Ordering::Release);
-            tracing::info!(disk = self.name, "journal drained: journaling again, dirty blocks follow");
-            return true;
-        }
-        if pending.saturating_add(len) > limit {
-            self.overflow.store(true, Ordering::Release);
-            tracing::warn!(
-                disk = self.name,
-                limit,
-                "journal reached its limit: tracking changed blocks in the dirty map; they are resynchronized later"
-            );
-            return false;
-        }
-        true
     }
 
     /// Bytes written or zeroed through the front end since the agent started.
@@ -824,25 +850,6 @@ impl ProtectedDisk {
 }
 
 impl ProtectedDisk {
-    /// Called under the journal lock before a write is accepted.
-    fn refuse_if_stopped(&self) -> Result<(), BackendError> {
-        if self.stopped.load(Ordering::Acquire) {
-            return Err(BackendError::Shutdown(format!(
-                "disk {} was stopped for a failover; it runs on the other site now",
-                self.name
-            )));
-        }
-        Ok(())
-    }
-
-    /// An unprotected write: marked in the dirty map when the disk parted from a peer at a failover.
-    fn track(&self, offset: u64, len: u64) -> Result<(), BackendError> {
-        if self.copy_state().generation != 0 {
-            self.dirty.lock().expect("dirty lock poisoned").mark(offset, len)?;
-        }
-        Ok(())
-    }
-
     /// Holds every front-end write of this disk until the guard is dropped.
     pub fn hold_writes(&self) -> std::sync::RwLockWriteGuard<'_, ()> {
         self.hold_gate.write().expect("hold gate poisoned")
@@ -853,7 +860,7 @@ impl ProtectedDisk {
     }
 
     pub fn stopped(&self) -> bool {
-        self.stopped.load(Ordering::Acquire)
+        matches!(self.mode(), Mode::Stopped { .. })
     }
 
     pub fn path(&self) -> &Path {
@@ -872,9 +879,10 @@ impl ProtectedDisk {
             return Ok(Seq(st.stop_seq));
         }
         let mut j = self.lock();
-        self.stopped.store(true, Ordering::Release);
+        let protected = self.journaling();
         let pending = self.overflowed() || self.dirty_bytes() > 0 || self.resync_state().active();
-        let seq = if self.journaling() && !pending {
+        self.set_mode(&j, Mode::Stopped { protected });
+        let seq = if protected && !pending {
             j.append(&Op::Marker { kind: MarkerKind::Flush })?;
             let seq =
                 j.append(&Op::Marker { kind: MarkerKind::Bookmark { tag: sr_common::types::stop_tag(generation) } })?;
@@ -928,7 +936,6 @@ impl ProtectedDisk {
         if let Some(s) = split.filter(|_| from_split) {
             self.mark_dirty_locked(&s.changed).context("marking the commit's ranges dirty")?;
         }
-        self.overflow.store(false, Ordering::Release);
         let done = j.append(&Op::Marker { kind: MarkerKind::InitialCopyDone })?;
         j.sync_handle().sync_data().context("syncing the journal")?;
         self.end_resync()?;
@@ -960,81 +967,120 @@ impl Backend for ProtectedDisk {
         Ok(self.disk.read_at(offset, buf)?)
     }
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), BackendError> {
-        let _gate = self.gate();
-        let (last, bytes) = {
-            let mut j = self.lock();
-            self.refuse_if_stopped()?;
-            if !self.journaling() {
-                self.track(offset, data.len() as u64)?;
-                drop(j);
-                self.disk.write_at(offset, data)?;
-                self.changed_bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
-                return if fua { Ok(self.disk.sync()?) } else { Ok(()) };
-            }
-            if !self.journal_takes(&j, data.len() as u64) {
-                self.dirty.lock().expect("dirty lock poisoned").mark(offset, data.len() as u64)?;
-                self.disk.write_at(offset, data)?;
-                drop(j);
-                self.metrics.written.increment(data.len() as u64);
-                self.changed_bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
-                self.publish();
-                return if fua { Ok(self.disk.sync()?) } else { Ok(()) };
-            }
-            let seq = j.append_write(offset, data).map_err(to_backend)?;
-            self.disk.write_at(offset, data)?;
-            (seq, j.bytes())
-        };
-        self.metrics.written.increment(data.len() as u64);
-        self.changed_bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
-        self.after_append_with(last, bytes);
-        if fua {
-            self.flush()?;
-        }
-        Ok(())
+        self.change(Operation::Write { len: data.len() as u64 }, offset, Some(data), fua)
     }
     fn zero(&self, offset: u64, len: u64, fua: bool) -> Result<(), BackendError> {
-        let _gate = self.gate();
-        let (last, bytes) = {
-            let mut j = self.lock();
-            self.refuse_if_stopped()?;
-            if !self.journaling() {
-                self.track(offset, len)?;
-                drop(j);
-                self.disk.zero(offset, len)?;
-                return if fua { Ok(self.disk.sync()?) } else { Ok(()) };
-            }
-            if !self.journal_takes(&j, 0) {
-                self.dirty.lock().expect("dirty lock poisoned").mark(offset, len)?;
-                self.disk.zero(offset, len)?;
-                drop(j);
-                self.changed_bytes.fetch_add(len, Ordering::Relaxed);
-                self.publish();
-                return if fua { Ok(self.disk.sync()?) } else { Ok(()) };
-            }
-            let seq = j.append(&Op::Zero { offset, len }).map_err(to_backend)?;
-            self.disk.zero(offset, len)?;
-            (seq, j.bytes())
+        self.change(Operation::WriteZeroes { len }, offset, None, fua)
+    }
+    fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<(), BackendError> {
+        self.change(Operation::Trim { len }, offset, None, fua)
+    }
+    fn flush(&self) -> Result<(), BackendError> {
+        self.change(Operation::Flush, 0, None, false)
+    }
+}
+
+impl ProtectedDisk {
+    /// Carries out [`mode::route`]'s decision for one front-end operation: `data` for a write, none for
+    /// zeroing, trimming (both make the range read as zeroes) and flushing.
+    fn change(&self, op: Operation, offset: u64, data: Option<&[u8]>, fua: bool) -> Result<(), BackendError> {
+        let len = match op {
+            Operation::Write { len } | Operation::WriteZeroes { len } | Operation::Trim { len } => len,
+            Operation::Flush => 0,
         };
+        let to_disk = |this: &Self| -> std::io::Result<()> {
+            match data {
+                Some(d) => this.disk.write_at(offset, d),
+                None => this.disk.zero(offset, len),
+            }
+        };
+        let _gate = (op != Operation::Flush).then(|| self.gate());
+        let mut j = self.lock();
+        let mut view = JournalView {
+            pending: j.bytes_after(self.applied()),
+            limit: self.limit.load(Ordering::Relaxed),
+            sealed: j.sealed(),
+            volume_full: false,
+        };
+        let appended = loop {
+            let d = mode::route(self.mode(), op, view);
+            self.set_mode(&j, d.mode);
+            if d.seal {
+                self.seal(&mut j)?;
+            }
+            match d.route {
+                Route::Refuse => {
+                    return Err(BackendError::Shutdown(format!(
+                        "disk {} was stopped for a failover; it runs on the other site now",
+                        self.name
+                    )))
+                }
+                Route::FlushDisk => {
+                    drop(j);
+                    return Ok(self.disk.sync()?);
+                }
+                Route::FlushJournal => {
+                    j.append(&Op::Marker { kind: MarkerKind::Flush }).map_err(to_backend)?;
+                    let (last, bytes, handle) = (j.last_seq(), j.bytes(), j.sync_handle());
+                    drop(j);
+                    self.after_append_with(last, bytes);
+                    handle.sync_data()?;
+                    return Ok(self.disk.sync()?);
+                }
+                Route::Disk | Route::Dirty => {
+                    if d.route == Route::Dirty {
+                        self.dirty.lock().expect("dirty lock poisoned").mark(offset, len)?;
+                    }
+                    to_disk(self)?;
+                    break false;
+                }
+                Route::Journal => {
+                    let r = match data {
+                        Some(d) => j.append_write(offset, d),
+                        None => j.append(&Op::Zero { offset, len }),
+                    };
+                    match r {
+                        Ok(_) => {}
+                        // The journal's volume is full: the dirty map takes the change, never refused.
+                        Err(JournalError::Io { source, .. }) if source.raw_os_error() == Some(libc::ENOSPC) => {
+                            view = JournalView { sealed: j.sealed(), volume_full: true, ..view };
+                            continue;
+                        }
+                        Err(e) => return Err(to_backend(e)),
+                    }
+                    if let Err(e) = to_disk(self) {
+                        // The journal holds a change the disk may not: have the disk's real contents
+                        // shipped after it, so the replica ends as the disk is.
+                        let _ = self.dirty.lock().expect("dirty lock poisoned").mark(offset, len);
+                        return Err(e.into());
+                    }
+                    break true;
+                }
+            }
+        };
+        let (last, bytes) = (j.last_seq(), j.bytes());
+        drop(j);
         self.changed_bytes.fetch_add(len, Ordering::Relaxed);
-        self.after_append_with(last, bytes);
+        if data.is_some() {
+            self.metrics.written.increment(len);
+        }
+        if appended {
+            self.after_append_with(last, bytes);
+        } else {
+            self.publish();
+        }
         if fua {
             self.flush()?;
         }
         Ok(())
     }
-    fn flush(&self) -> Result<(), BackendError> {
-        let handle = {
-            let mut j = self.lock();
-            if !self.journaling() || self.overflowed() {
-                drop(j);
-                return Ok(self.disk.sync()?);
-            }
-            j.append(&Op::Marker { kind: MarkerKind::Flush }).map_err(to_backend)?;
-            j.sync_handle()
-        };
-        self.after_append();
-        handle.sync_data()?;
+
+    /// The redo rule's seal (see `mode.rs`): the disk and the journal durable, and the redo mark at the
+    /// journal's newest record, before a change reaches the disk without a journal record.
+    fn seal(&self, j: &mut Journal) -> Result<(), BackendError> {
         self.disk.sync()?;
+        j.mark_on_disk().map_err(to_backend)?;
+        tracing::debug!(disk = self.name, through = j.on_disk().0, "journaled changes sealed onto the disk");
         Ok(())
     }
 }
@@ -1047,6 +1093,98 @@ mod tests {
         let p = dir.join(name);
         std::fs::File::create(&p).unwrap().set_len(size).unwrap();
         p
+    }
+
+    fn read(pd: &ProtectedDisk, offset: u64) -> Vec<u8> {
+        let mut b = vec![0u8; 4096];
+        pd.read(offset, &mut b).unwrap();
+        b
+    }
+
+    #[test]
+    fn a_restart_redoes_a_journaled_write_the_disk_lacks() {
+        let d = tempfile::tempdir().unwrap();
+        let path = disk(d.path(), "source.img", 1 << 20);
+        let state = d.path().join("state");
+        let pd = ProtectedDisk::open(DiskId(1), "d", &path, &state, 4096, None).unwrap();
+        pd.protect(3).unwrap();
+        // Killed between the journal append and the disk write.
+        pd.lock_journal().append_write(8192, &[5u8; 4096]).unwrap();
+        drop(pd);
+        let pd = ProtectedDisk::open(DiskId(1), "d", &path, &state, 4096, None).unwrap();
+        assert_eq!(read(&pd, 8192), vec![5u8; 4096], "the journal's change was redone");
+    }
+
+    #[test]
+    fn a_restart_never_redoes_a_record_overwritten_past_the_limit_or_while_tracking() {
+        let d = tempfile::tempdir().unwrap();
+        let path = disk(d.path(), "source.img", 1 << 20);
+        let state = d.path().join("state");
+        let pd = ProtectedDisk::open(DiskId(1), "d", &path, &state, 4096, None).unwrap();
+        pd.protect(3).unwrap();
+        pd.set_limit(64 << 10);
+        pd.write(0, &[1u8; 4096], false).unwrap();
+        pd.zero(4096, 4096, false).unwrap();
+        pd.flush().unwrap();
+        pd.write(65536, &[9u8; 65536], false).unwrap();
+        assert_eq!(pd.mode(), Mode::Overflow);
+        pd.write(0, &[2u8; 4096], false).unwrap();
+        pd.write(4096, &[3u8; 4096], false).unwrap();
+        pd.flush().unwrap();
+        drop(pd);
+        let pd = ProtectedDisk::open(DiskId(1), "d", &path, &state, 4096, None).unwrap();
+        assert_eq!(read(&pd, 0), vec![2u8; 4096], "a journaled write was redone over a newer one");
+        assert_eq!(read(&pd, 4096), vec![3u8; 4096], "a journaled zeroing was redone over a newer write");
+        // The journal drains: journaling again, a new record after the mark, then the journal overflows
+        // once more and the same block is written past it.
+        pd.set_limit(64 << 10);
+        pd.on_applied_ack(pd.last_seq()).unwrap();
+        pd.write(0, &[4u8; 4096], false).unwrap();
+        assert_eq!(pd.mode(), Mode::Journaling);
+        let mut at = 65536;
+        while pd.mode() == Mode::Journaling {
+            pd.write(at, &[8u8; 16 << 10], false).unwrap();
+            at += 16 << 10;
+        }
+        pd.write(0, &[5u8; 4096], false).unwrap();
+        assert_eq!(pd.mode(), Mode::Overflow);
+        pd.trim(0, 4096, false).unwrap();
+        assert_eq!(pd.mode(), Mode::Overflow);
+        drop(pd);
+        let pd = ProtectedDisk::open(DiskId(1), "d", &path, &state, 4096, None).unwrap();
+        assert_eq!(read(&pd, 0), vec![0u8; 4096], "the trim past the limit was undone by a redo");
+    }
+
+    #[test]
+    fn a_tracked_write_is_never_rolled_back_by_an_older_journal_record() {
+        let d = tempfile::tempdir().unwrap();
+        let path = disk(d.path(), "failed-over.img", 1 << 20);
+        let state = d.path().join("state");
+        sr_common::split::Split { version: 1, generation: 42, disk_size: 1 << 20, changed: vec![] }
+            .write(&path)
+            .unwrap();
+        let pd = ProtectedDisk::open(DiskId(1), "d", &path, &state, 4096, None).unwrap();
+        assert_eq!(pd.mode(), Mode::Tracking);
+        // A record left in the journal (for example by a protection cut short), then a tracked write.
+        pd.lock_journal().append_write(0, &[1u8; 4096]).unwrap();
+        pd.write(0, &[2u8; 4096], false).unwrap();
+        assert_eq!(pd.dirty_bytes(), 4096);
+        drop(pd);
+        let pd = ProtectedDisk::open(DiskId(1), "d", &path, &state, 4096, None).unwrap();
+        assert_eq!(read(&pd, 0), vec![2u8; 4096]);
+    }
+
+    #[test]
+    fn flush_on_a_stopped_disk_adds_nothing_after_the_final_point() {
+        let d = tempfile::tempdir().unwrap();
+        let path = disk(d.path(), "source.img", 1 << 20);
+        let pd = ProtectedDisk::open(DiskId(1), "d", &path, &d.path().join("state"), 4096, None).unwrap();
+        pd.protect(3).unwrap();
+        pd.write(0, &[1u8; 4096], false).unwrap();
+        let seq = pd.stop(5).unwrap();
+        pd.flush().unwrap();
+        assert_eq!(pd.last_seq(), seq, "the final bookmark stays the journal's last record");
+        assert!(matches!(pd.trim(0, 4096, false), Err(BackendError::Shutdown(_))));
     }
 
     #[test]

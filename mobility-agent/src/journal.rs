@@ -11,7 +11,11 @@
 //! ```
 //!
 //! A segment's name is the sequence number of its first record, so the next sequence number survives
-//! even when every record has been trimmed. Appends are one `write` each (the header and payload
+//! even when every record has been trimmed. Beside the segments, `redo.mark` holds the redo mark: every
+//! record up to it is known to be on the disk (see the redo rule in `mode.rs`). It is two fixed 32-byte
+//! slots written in place and alternately (magic "SRRM" | crc32c | generation | seq | pad), the valid
+//! one with the higher generation counting, so updating it never needs free space and a torn update
+//! leaves the previous mark. Appends are one `write` each (the header and payload
 //! together); a FLUSH fsyncs the active segment. On open, a torn or corrupt tail of the last segment
 //! (an append cut short by a crash) is cut off; corruption anywhere else is fatal, never skipped.
 
@@ -191,8 +195,77 @@ pub struct Segment {
     pub bytes: u64,
 }
 
+/// The redo mark's file: two slots, written alternately in place.
+struct RedoMark {
+    path: PathBuf,
+    file: File,
+    generation: u64,
+    seq: Seq,
+}
+
+const MARK_MAGIC: u32 = u32::from_le_bytes(*b"SRRM");
+const MARK_SLOT: usize = 32;
+
+impl RedoMark {
+    fn open(dir: &Path) -> Result<RedoMark, JournalError> {
+        use std::os::unix::fs::FileExt;
+        let path = dir.join("redo.mark");
+        let exists = path.exists();
+        let file =
+            OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path).map_err(io(&path))?;
+        if !exists {
+            let mut m = RedoMark { path, file, generation: 0, seq: Seq::ZERO };
+            m.file.set_len(2 * MARK_SLOT as u64).map_err(io(&m.path))?;
+            m.set(Seq::ZERO)?;
+            sr_common::crashsafe::fsync_dir(dir).map_err(io(dir))?;
+            return Ok(m);
+        }
+        let mut raw = [0u8; 2 * MARK_SLOT];
+        file.read_exact_at(&mut raw, 0).map_err(io(&path))?;
+        let best = raw.chunks_exact(MARK_SLOT).filter_map(decode_mark).max_by_key(|(generation, _)| *generation);
+        let Some((generation, seq)) = best else {
+            return Err(JournalError::Corrupt {
+                path,
+                offset: 0,
+                reason: "neither slot of the redo mark is valid".into(),
+            });
+        };
+        Ok(RedoMark { path, file, generation, seq })
+    }
+
+    /// Durably records that every record up to `seq` is on the disk.
+    fn set(&mut self, seq: Seq) -> Result<(), JournalError> {
+        use std::os::unix::fs::FileExt;
+        let generation = self.generation + 1;
+        let mut slot = [0u8; MARK_SLOT];
+        slot[0..4].copy_from_slice(&MARK_MAGIC.to_le_bytes());
+        slot[8..16].copy_from_slice(&generation.to_le_bytes());
+        slot[16..24].copy_from_slice(&seq.0.to_le_bytes());
+        let crc = crc32c::crc32c(&slot[8..]);
+        slot[4..8].copy_from_slice(&crc.to_le_bytes());
+        let at = (generation % 2) * MARK_SLOT as u64;
+        self.file.write_all_at(&slot, at).map_err(io(&self.path))?;
+        self.file.sync_data().map_err(io(&self.path))?;
+        self.generation = generation;
+        self.seq = seq;
+        Ok(())
+    }
+}
+
+/// A slot's (generation, seq), or `None` when it does not hold a valid mark.
+fn decode_mark(slot: &[u8]) -> Option<(u64, Seq)> {
+    let word = |a: usize| u64::from_le_bytes(slot[a..a + 8].try_into().expect("8 bytes"));
+    let magic = u32::from_le_bytes(slot[0..4].try_into().expect("4 bytes"));
+    let crc = u32::from_le_bytes(slot[4..8].try_into().expect("4 bytes"));
+    (magic == MARK_MAGIC && crc == crc32c::crc32c(&slot[8..])).then(|| (word(8), Seq(word(16))))
+}
+
 pub struct Journal {
     dir: PathBuf,
+    /// Every record up to this one is on the disk: a restart redoes only what follows.
+    mark: RedoMark,
+    /// The newest change record (a write or zeroing; markers change nothing on the disk).
+    last_change: Seq,
     segments: Vec<Segment>,
     /// The active segment, shared so a FLUSH can fsync it without holding the disk's lock.
     active: Arc<File>,
@@ -224,7 +297,13 @@ impl Journal {
             }
         }
         firsts.sort();
+        let mut mark = RedoMark::open(dir)?;
         if firsts.is_empty() {
+            // A new journal, or one a reset emptied before it could clear the mark: nothing is on the disk
+            // from it yet.
+            if mark.seq != Seq::ZERO {
+                mark.set(Seq::ZERO)?;
+            }
             let path = seg_path(dir, Seq(1));
             File::create(&path).map_err(io(&path))?;
             sr_common::crashsafe::fsync_dir(dir).map_err(io(dir))?;
@@ -234,6 +313,7 @@ impl Journal {
         let count = firsts.len();
         let mut logical = 0u64;
         let mut marks = std::collections::VecDeque::new();
+        let mut last_change = Seq::ZERO;
         for (i, first) in firsts.into_iter().enumerate() {
             let path = seg_path(dir, first);
             let len = std::fs::metadata(&path).map_err(io(&path))?.len();
@@ -249,6 +329,9 @@ impl Journal {
                 if before + after - last_mark >= MARK_EVERY {
                     last_mark = before + after;
                     marks.push_back((rec.seq, last_mark));
+                }
+                if matches!(rec.op, Op::Write { .. } | Op::Zero { .. }) {
+                    last_change = rec.seq;
                 }
                 expect = expect.next();
                 true
@@ -288,14 +371,32 @@ impl Journal {
         let active = OpenOptions::new().append(true).open(&last.path).map_err(io(&last.path))?;
         let next = last.last.next();
         let bytes = segments.iter().map(|s| s.bytes).sum();
-        Ok(Journal { dir: dir.to_path_buf(), segments, active: Arc::new(active), next, bytes, logical, marks })
+        if mark.seq > last.last {
+            return Err(JournalError::Corrupt {
+                path: mark.path.clone(),
+                offset: 0,
+                reason: format!("redo mark {} is past the journal's last record {}", mark.seq, last.last),
+            });
+        }
+        Ok(Journal {
+            dir: dir.to_path_buf(),
+            mark,
+            last_change,
+            segments,
+            active: Arc::new(active),
+            next,
+            bytes,
+            logical,
+            marks,
+        })
     }
 
     /// Appends one change and returns its sequence number. The bytes are in the kernel when this returns;
     /// they are durable after the next [`Journal::sync_handle`] fsync.
     pub fn append(&mut self, op: &Op) -> Result<Seq, JournalError> {
         let rec = encode(self.next, sr_common::types::now_micros(), op);
-        self.append_encoded(rec)
+        let change = matches!(op, Op::Write { .. } | Op::Zero { .. });
+        self.append_parts(&rec, &[], change)
     }
 
     /// [`Journal::append`] of a write: the header and the caller's data go out in one `writev`,
@@ -303,14 +404,10 @@ impl Journal {
     pub fn append_write(&mut self, offset: u64, data: &[u8]) -> Result<Seq, JournalError> {
         let header =
             encode_header(self.next, sr_common::types::now_micros(), KIND_WRITE, offset, data.len() as u64, data);
-        self.append_parts(&header, data)
+        self.append_parts(&header, data, true)
     }
 
-    fn append_encoded(&mut self, rec: Vec<u8>) -> Result<Seq, JournalError> {
-        self.append_parts(&rec, &[])
-    }
-
-    fn append_parts(&mut self, head: &[u8], tail: &[u8]) -> Result<Seq, JournalError> {
+    fn append_parts(&mut self, head: &[u8], tail: &[u8], change: bool) -> Result<Seq, JournalError> {
         let seq = self.next;
         let len = (head.len() + tail.len()) as u64;
         let active = self.segments.last_mut().expect("at least one segment");
@@ -321,6 +418,9 @@ impl Journal {
         }
         active.bytes += len;
         active.last = seq;
+        if change {
+            self.last_change = seq;
+        }
         self.bytes += len;
         self.logical += len;
         if self.logical - self.marks.back().map_or(0, |m| m.1) >= MARK_EVERY {
@@ -355,6 +455,11 @@ impl Journal {
         for s in self.segments.drain(..) {
             std::fs::remove_file(&s.path).map_err(io(&s.path))?;
         }
+        // The mark goes back to 0 before a record of the new journal exists (a crash before this line
+        // leaves no segment, and opening an empty journal clears the mark too).
+        sr_common::crashsafe::fsync_dir(&self.dir).map_err(io(&self.dir))?;
+        self.mark.set(Seq::ZERO)?;
+        self.last_change = Seq::ZERO;
         let path = seg_path(&self.dir, Seq(1));
         let f = OpenOptions::new().create(true).append(true).open(&path).map_err(io(&path))?;
         sr_common::crashsafe::fsync_dir(&self.dir).map_err(io(&self.dir))?;
@@ -365,6 +470,26 @@ impl Journal {
         self.logical = 0;
         self.marks.clear();
         Ok(())
+    }
+
+    /// Every record up to this one is known to be on the disk.
+    pub fn on_disk(&self) -> Seq {
+        self.mark.seq
+    }
+
+    /// Whether the redo mark covers every change record: a change may reach the disk without a journal
+    /// record and no restart will redo an older record over it.
+    pub fn sealed(&self) -> bool {
+        self.mark.seq >= self.last_change
+    }
+
+    /// Records durably that the disk holds every record in the journal (the caller made the disk
+    /// durable first, under the lock it holds for the journal). The journal is made durable too, so a
+    /// crash cannot keep the disk's copy of a change but lose the journal's.
+    pub fn mark_on_disk(&mut self) -> Result<(), JournalError> {
+        let active = self.segments.last().expect("at least one segment");
+        self.active.sync_data().map_err(io(&active.path))?;
+        self.mark.set(self.last_seq())
     }
 
     /// Deletes closed segments whose records are all at or below `through`. Returns bytes freed.
@@ -617,5 +742,58 @@ mod tests {
         let mut j = Journal::open(d.path()).unwrap();
         assert_eq!(j.last_seq(), last);
         assert_eq!(j.append(&write(0, 9, 1)).unwrap(), last.next());
+    }
+
+    #[test]
+    fn the_redo_mark_survives_reopen_resets_with_the_journal_and_a_torn_slot_keeps_the_older() {
+        let d = tempfile::tempdir().unwrap();
+        let mut j = Journal::open(d.path()).unwrap();
+        assert!(j.sealed(), "an empty journal holds nothing the disk lacks");
+        j.append(&write(0, 1, 4096)).unwrap();
+        assert!(!j.sealed());
+        j.mark_on_disk().unwrap();
+        j.append(&Op::Marker { kind: MarkerKind::Flush }).unwrap();
+        assert!(j.sealed(), "a marker changes nothing on the disk");
+        j.append(&write(0, 2, 4096)).unwrap();
+        j.mark_on_disk().unwrap();
+        assert_eq!(j.on_disk(), Seq(3));
+        drop(j);
+        let j = Journal::open(d.path()).unwrap();
+        assert_eq!(j.on_disk(), Seq(3));
+        assert!(j.sealed());
+        drop(j);
+        // The newest slot torn: the previous mark counts (redoing more is safe; less never happens).
+        use std::os::unix::fs::FileExt;
+        let f = OpenOptions::new().write(true).open(d.path().join("redo.mark")).unwrap();
+        let newest = (Journal::open(d.path()).unwrap().mark.generation % 2) * 32;
+        f.write_all_at(&[0xff; 8], newest + 16).unwrap();
+        let mut j = Journal::open(d.path()).unwrap();
+        assert_eq!(j.on_disk(), Seq(1));
+        j.reset().unwrap();
+        assert_eq!(j.on_disk(), Seq::ZERO, "a new journal starts unmarked");
+        j.append(&write(0, 3, 4096)).unwrap();
+        assert!(!j.sealed());
+        drop(j);
+        // Both slots bad is corruption, never a silent 'nothing to redo'.
+        f.write_all_at(&[0u8; 64], 0).unwrap();
+        assert!(matches!(Journal::open(d.path()), Err(JournalError::Corrupt { .. })));
+    }
+
+    #[test]
+    fn a_reset_cut_short_before_the_mark_was_cleared_starts_unmarked() {
+        let d = tempfile::tempdir().unwrap();
+        let mut j = Journal::open(d.path()).unwrap();
+        j.append(&write(0, 1, 4096)).unwrap();
+        j.mark_on_disk().unwrap();
+        drop(j);
+        // Every segment removed, the mark still at 1.
+        for e in std::fs::read_dir(d.path()).unwrap() {
+            let p = e.unwrap().path();
+            if p.extension().is_some_and(|x| x == "seg") {
+                std::fs::remove_file(p).unwrap();
+            }
+        }
+        let j = Journal::open(d.path()).unwrap();
+        assert_eq!(j.on_disk(), Seq::ZERO);
     }
 }

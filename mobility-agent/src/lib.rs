@@ -14,6 +14,7 @@ pub mod dirty;
 pub mod failover;
 pub mod journal;
 pub mod metrics;
+pub mod mode;
 pub mod resync;
 pub mod scan;
 pub mod ship;
@@ -426,6 +427,8 @@ fn status(node: &str, disks: &[Arc<ProtectedDisk>]) -> serde_json::Value {
                 "journal_bytes": d.journal_bytes(),
                 "dirty_bytes": d.dirty_bytes(),
                 "overflow": d.overflowed(),
+                "mode": d.mode().name(),
+                "redo_mark": d.redo_mark().0,
                 "resync": resync_json(d),
                 "initial_copy": {
                     "done": c.done,

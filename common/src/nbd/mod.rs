@@ -35,8 +35,13 @@ pub trait Backend: Send + Sync {
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), BackendError>;
     /// Writes `data` at `offset`; with `fua` the write is durable when this returns.
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), BackendError>;
-    /// Makes `offset..offset+len` read as zeroes (WRITE_ZEROES and TRIM).
+    /// Makes `offset..offset+len` read as zeroes (WRITE_ZEROES).
     fn zero(&self, offset: u64, len: u64, fua: bool) -> Result<(), BackendError>;
+    /// TRIM: the range's contents are no longer needed. Backends here make it read as zeroes, so that a
+    /// replica and its source always agree on what a trimmed range holds.
+    fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<(), BackendError> {
+        self.zero(offset, len, fua)
+    }
     /// Makes every completed write durable.
     fn flush(&self) -> Result<(), BackendError>;
 }

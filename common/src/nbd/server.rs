@@ -391,7 +391,9 @@ fn transmission<R: Read, W: Write>(r: &mut BufReader<R>, w: &mut W, b: &dyn Back
                     if !go {
                         return Ok(());
                     }
-                    b.zero(offset, len as u64, fua).map_err(|e| {
+                    let r =
+                        if cmd == CMD_TRIM { b.trim(offset, len as u64, fua) } else { b.zero(offset, len as u64, fua) };
+                    r.map_err(|e| {
                         tracing::warn!(offset, len, error = %e, "NBD zero failed");
                         errno(&e)
                     })

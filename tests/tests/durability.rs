@@ -1,0 +1,102 @@
+//! Data safety of the source disk: an agent restart never writes older data over newer, whichever way
+//! the newer data reached the disk (past the journal's limit through the dirty map, or written by the
+//! machine straight into a scanned disk).
+
+// Test code: a failed unwrap is a failed test, with its message.
+#![allow(clippy::unwrap_used)]
+
+use sr_tests::*;
+use std::os::unix::fs::FileExt;
+use std::time::{Duration, Instant};
+
+const MIB: u64 = 1 << 20;
+
+fn one_disk(dir: &std::path::Path, disk: &std::path::Path, opts: &Options) -> Local {
+    Local::create(&dir.join("dep"), vec![DiskSpec { id: 1, name: "d".into(), path: disk.to_path_buf() }], opts).unwrap()
+}
+
+fn read_at(path: &std::path::Path, offset: u64, len: usize) -> Vec<u8> {
+    let mut buf = vec![0u8; len];
+    std::fs::File::open(path).unwrap().read_exact_at(&mut buf, offset).unwrap();
+    buf
+}
+
+fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn an_agent_restart_keeps_a_block_rewritten_past_the_journal_limit() {
+    let dir = test_dir();
+    let size = 64 * MIB;
+    let disk = dir.path().join("source.img");
+    make_disk(&disk, size).unwrap();
+    let local = one_disk(dir.path(), &disk, &Options { batch_bytes: 256 << 10, ..Options::default() });
+    let env = [("SR_AGENT__JOURNAL__LIMIT_BYTES", "1048576")];
+    let _mt = local.start(Component::MasterTarget).unwrap();
+    let ps = local.start(Component::ProcessServer).unwrap();
+    let agent = local.start_env(Component::Agent, &env).unwrap();
+    wait_caught_up(&local, Duration::from_secs(60)).unwrap();
+    // The process server is gone: the journal cannot drain.
+    ps.kill();
+    let uri = local.agent_uri("d");
+    // The first version of block 0 is journaled and flushed...
+    qemu_io(&uri, &["write -P 0x11 0 4k".into(), "flush".into()]).unwrap();
+    // ...the journal then fills up to its limit and past it...
+    let fill: Vec<String> = (0..20).map(|i| format!("write -P 0x33 {} 64k", 8 * MIB + i * 65536)).collect();
+    qemu_io(&uri, &fill).unwrap();
+    let st = local.agent_status().unwrap();
+    assert_eq!(st["disks"][0]["overflow"], true, "{st}");
+    // ...and the second version of block 0 goes to the dirty map only, acknowledged and flushed.
+    qemu_io(&uri, &["write -P 0x22 0 4k".into(), "flush".into(), "write -z 8M 64k".into(), "flush".into()]).unwrap();
+    let st = local.agent_status().unwrap();
+    assert_eq!(st["disks"][0]["mode"], "overflow", "{st}");
+    agent.kill();
+    let _agent = local.start_env(Component::Agent, &env).unwrap();
+    // The restart redid nothing older over it: the disk holds what was acknowledged last.
+    qemu_io(&uri, &["read -P 0x22 0 4k".into(), "read -P 0 8M 64k".into(), "read -P 0x33 8256k 1216k".into()]).unwrap();
+    assert!(read_at(&disk, 0, 4096) == [0x22; 4096], "the restart rolled block 0 back");
+    // And the replica follows the disk, not the stale journal record.
+    let _ps = local.start(Component::ProcessServer).unwrap();
+    wait_caught_up(&local, Duration::from_secs(120)).unwrap();
+    compare(disk.to_str().unwrap(), &local.replica_uri(1)).unwrap();
+    check_apply_log(&local, 1).unwrap();
+}
+
+#[test]
+fn an_agent_restart_never_writes_a_scan_copy_over_a_newer_direct_write() {
+    let dir = test_dir();
+    let size = 16 * MIB;
+    let disk = dir.path().join("source.img");
+    make_disk(&disk, size).unwrap();
+    // A long interval: the second write below lands well before the next scan.
+    let local = one_disk(dir.path(), &disk, &Options { scan_interval_secs: Some(5), ..Options::default() });
+    let _mt = local.start(Component::MasterTarget).unwrap();
+    let ps = local.start(Component::ProcessServer).unwrap();
+    let agent = local.start(Component::Agent).unwrap();
+    wait_caught_up(&local, Duration::from_secs(60)).unwrap();
+    ps.kill();
+    let last_seq = || local.agent_status().unwrap()["disks"][0]["last_seq"].as_u64().unwrap();
+    let before = last_seq();
+    let f = std::fs::OpenOptions::new().write(true).open(&disk).unwrap();
+    // The machine writes the disk directly; a scan copies the block into the journal...
+    f.write_all_at(&[0xAA; 65536], 4 * MIB).unwrap();
+    f.sync_all().unwrap();
+    wait_for("the scan to journal the first write", Duration::from_secs(30), || last_seq() > before);
+    // ...then the machine writes it again, and the agent dies before its next scan.
+    f.write_all_at(&[0xBB; 65536], 4 * MIB).unwrap();
+    f.sync_all().unwrap();
+    agent.kill();
+    let _agent = local.start(Component::Agent).unwrap();
+    assert!(read_at(&disk, 4 * MIB, 65536) == [0xBB; 65536], "the restart wrote the journal's stale copy");
+    let _ps = local.start(Component::ProcessServer).unwrap();
+    // The next scans ship the newer block; the replica ends equal to the disk.
+    wait_for("the replica to equal the disk", Duration::from_secs(60), || {
+        compare(disk.to_str().unwrap(), &local.replica_uri(1)).is_ok()
+    });
+    check_apply_log(&local, 1).unwrap();
+}
