@@ -119,6 +119,8 @@ pub struct Options {
     pub copy_chunk_bytes: u64,
     /// Capture the disks by scanning at this interval instead of through NBD.
     pub scan_interval_secs: Option<u64>,
+    /// With `scan_interval_secs`: scan only these disks (by id); empty: every disk.
+    pub scan_disks: Vec<u64>,
 }
 
 impl Default for Options {
@@ -128,6 +130,7 @@ impl Default for Options {
             ps_cache_limit_bytes: 1 << 30,
             copy_chunk_bytes: 1 << 20,
             scan_interval_secs: None,
+            scan_disks: Vec::new(),
         }
     }
 }
@@ -344,7 +347,8 @@ impl Local {
         );
         for d in &self.disks {
             agent.push_str(&format!("[[disk]]\nid = {}\nname = {:?}\npath = {:?}\n", d.id, d.name, d.path));
-            if let Some(i) = opts.scan_interval_secs {
+            let scanned = opts.scan_disks.is_empty() || opts.scan_disks.contains(&d.id);
+            if let Some(i) = opts.scan_interval_secs.filter(|_| scanned) {
                 agent.push_str(&format!("mode = \"scan\"\nscan_interval_secs = {i}\n"));
             }
         }

@@ -91,6 +91,9 @@ pub struct ProtectedDisk {
     /// The disk's [`Mode`] (stored as [`Mode::as_u8`]); changed only under the journal's lock, read
     /// without it.
     mode: std::sync::atomic::AtomicU8,
+    /// An append failed (volume full, I/O error) and the journal has not freed space since: changes
+    /// go to the dirty map without trying the journal.
+    journal_trouble: std::sync::atomic::AtomicBool,
     copy: Mutex<CopyState>,
     copy_path: PathBuf,
     resync: Mutex<ResyncState>,
@@ -194,6 +197,14 @@ impl ProtectedDisk {
             return Err(e).with_context(|| format!("redoing journaled changes onto {}", path.display()));
         }
         disk.sync().with_context(|| format!("syncing {}", path.display()))?;
+        let mut journal = journal;
+        if capture == Capture::Scan && !journal.sealed() {
+            // A scanned disk's records are copies never newer than the disk: mark them as on it, so that
+            // capturing it through NBD later never redoes them over the machine's own writes.
+            journal
+                .mark_on_disk()
+                .with_context(|| format!("recording the journal of {} as on the disk", path.display()))?;
+        }
         if redone > 0 {
             tracing::info!(disk = name, redone, after = journal.on_disk().0, "redid journaled changes onto the disk");
         }
@@ -279,6 +290,7 @@ impl ProtectedDisk {
             resync_wake: tokio::sync::Notify::new(),
             window: Mutex::new(None),
             resync_now: std::sync::atomic::AtomicBool::new(false),
+            journal_trouble: std::sync::atomic::AtomicBool::new(false),
             hold_gate: std::sync::RwLock::new(()),
             limit: AtomicU64::new(u64::MAX),
             metrics: DiskMetrics::new(name),
@@ -346,6 +358,9 @@ impl ProtectedDisk {
         self.applied.fetch_max(through.0, Ordering::Relaxed);
         let mut j = self.lock();
         let freed = j.trim_through(through)?;
+        if freed > 0 {
+            self.journal_trouble.store(false, Ordering::Release);
+        }
         self.drained(&j);
         drop(j);
         if freed > 0 {
@@ -392,6 +407,9 @@ impl ProtectedDisk {
 
     /// Ends the dirty map's turn once the journal drained to half its limit.
     fn drained(&self, j: &Journal) {
+        if self.journal_trouble.load(Ordering::Acquire) {
+            return;
+        }
         let m = self.mode();
         let next = m.after_drain(j.bytes_after(self.applied()), self.limit.load(Ordering::Relaxed));
         if next != m {
@@ -892,6 +910,8 @@ impl ProtectedDisk {
             Seq::ZERO
         };
         self.disk.sync().context("syncing the disk")?;
+        // Everything journaled is on the disk now; whatever reaches it later (a failback) is newer.
+        j.mark_on_disk().context("recording the journal as on the disk")?;
         if !(st.stopped && st.generation == generation && seq == Seq::ZERO) {
             self.save_copy(CopyState { generation, stopped: true, stop_seq: seq.0, ..st })?;
         }
@@ -1000,14 +1020,14 @@ impl ProtectedDisk {
             pending: j.bytes_after(self.applied()),
             limit: self.limit.load(Ordering::Relaxed),
             sealed: j.sealed(),
-            volume_full: false,
+            append_failed: self.journal_trouble.load(Ordering::Acquire),
         };
         let appended = loop {
             let d = mode::route(self.mode(), op, view);
-            self.set_mode(&j, d.mode);
             if d.seal {
                 self.seal(&mut j)?;
             }
+            self.set_mode(&j, d.mode);
             match d.route {
                 Route::Refuse => {
                     return Err(BackendError::Shutdown(format!(
@@ -1020,7 +1040,11 @@ impl ProtectedDisk {
                     return Ok(self.disk.sync()?);
                 }
                 Route::FlushJournal => {
-                    j.append(&Op::Marker { kind: MarkerKind::Flush }).map_err(to_backend)?;
+                    if let Err(e) = j.append(&Op::Marker { kind: MarkerKind::Flush }) {
+                        self.journal_failed(&e);
+                        view = JournalView { sealed: j.sealed(), append_failed: true, ..view };
+                        continue;
+                    }
                     let (last, bytes, handle) = (j.last_seq(), j.bytes(), j.sync_handle());
                     drop(j);
                     self.after_append_with(last, bytes);
@@ -1039,14 +1063,12 @@ impl ProtectedDisk {
                         Some(d) => j.append_write(offset, d),
                         None => j.append(&Op::Zero { offset, len }),
                     };
-                    match r {
-                        Ok(_) => {}
-                        // The journal's volume is full: the dirty map takes the change, never refused.
-                        Err(JournalError::Io { source, .. }) if source.raw_os_error() == Some(libc::ENOSPC) => {
-                            view = JournalView { sealed: j.sealed(), volume_full: true, ..view };
-                            continue;
-                        }
-                        Err(e) => return Err(to_backend(e)),
+                    if let Err(e) = r {
+                        // The journal cannot take it (its volume is full, or it failed): the dirty map
+                        // does, and the change is never refused for it.
+                        self.journal_failed(&e);
+                        view = JournalView { sealed: j.sealed(), append_failed: true, ..view };
+                        continue;
                     }
                     if let Err(e) = to_disk(self) {
                         // The journal holds a change the disk may not: have the disk's real contents
@@ -1073,6 +1095,17 @@ impl ProtectedDisk {
             self.flush()?;
         }
         Ok(())
+    }
+
+    /// An append failed: changes go to the dirty map until the journal frees space.
+    fn journal_failed(&self, e: &JournalError) {
+        if !self.journal_trouble.swap(true, Ordering::AcqRel) {
+            tracing::error!(
+                disk = self.name,
+                error = %e,
+                "the journal cannot take changes: tracking them in the dirty map until it frees space"
+            );
+        }
     }
 
     /// The redo rule's seal (see `mode.rs`): the disk and the journal durable, and the redo mark at the

@@ -30,6 +30,8 @@ const MAGIC: u32 = u32::from_le_bytes(*b"SRJ2");
 const HEADER: usize = 48;
 /// A segment is closed and a new one started past this size.
 pub const SEGMENT_BYTES: u64 = 32 << 20;
+/// A fully applied active segment at least this large is closed and deleted at once.
+const RECLAIM_BYTES: u64 = 1 << 20;
 const MAX_PAYLOAD: u32 = sr_common::wire::MAX_WRITE as u32;
 
 const KIND_WRITE: u8 = 1;
@@ -210,16 +212,14 @@ impl RedoMark {
     fn open(dir: &Path) -> Result<RedoMark, JournalError> {
         use std::os::unix::fs::FileExt;
         let path = dir.join("redo.mark");
-        let exists = path.exists();
-        let file =
-            OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path).map_err(io(&path))?;
-        if !exists {
-            let mut m = RedoMark { path, file, generation: 0, seq: Seq::ZERO };
-            m.file.set_len(2 * MARK_SLOT as u64).map_err(io(&m.path))?;
-            m.set(Seq::ZERO)?;
-            sr_common::crashsafe::fsync_dir(dir).map_err(io(dir))?;
-            return Ok(m);
+        if !path.exists() {
+            // Born whole (both slots valid, through the crash-safe path), so a mark file without a valid
+            // slot is always damage, never a creation cut short.
+            let mut raw = encode_mark(0, Seq::ZERO).to_vec();
+            raw.extend_from_slice(&encode_mark(1, Seq::ZERO));
+            sr_common::crashsafe::write_file(&path, &raw).map_err(io(&path))?;
         }
+        let file = OpenOptions::new().read(true).write(true).open(&path).map_err(io(&path))?;
         let mut raw = [0u8; 2 * MARK_SLOT];
         file.read_exact_at(&mut raw, 0).map_err(io(&path))?;
         let best = raw.chunks_exact(MARK_SLOT).filter_map(decode_mark).max_by_key(|(generation, _)| *generation);
@@ -237,12 +237,7 @@ impl RedoMark {
     fn set(&mut self, seq: Seq) -> Result<(), JournalError> {
         use std::os::unix::fs::FileExt;
         let generation = self.generation + 1;
-        let mut slot = [0u8; MARK_SLOT];
-        slot[0..4].copy_from_slice(&MARK_MAGIC.to_le_bytes());
-        slot[8..16].copy_from_slice(&generation.to_le_bytes());
-        slot[16..24].copy_from_slice(&seq.0.to_le_bytes());
-        let crc = crc32c::crc32c(&slot[8..]);
-        slot[4..8].copy_from_slice(&crc.to_le_bytes());
+        let slot = encode_mark(generation, seq);
         let at = (generation % 2) * MARK_SLOT as u64;
         self.file.write_all_at(&slot, at).map_err(io(&self.path))?;
         self.file.sync_data().map_err(io(&self.path))?;
@@ -250,6 +245,16 @@ impl RedoMark {
         self.seq = seq;
         Ok(())
     }
+}
+
+fn encode_mark(generation: u64, seq: Seq) -> [u8; MARK_SLOT] {
+    let mut slot = [0u8; MARK_SLOT];
+    slot[0..4].copy_from_slice(&MARK_MAGIC.to_le_bytes());
+    slot[8..16].copy_from_slice(&generation.to_le_bytes());
+    slot[16..24].copy_from_slice(&seq.0.to_le_bytes());
+    let crc = crc32c::crc32c(&slot[8..]);
+    slot[4..8].copy_from_slice(&crc.to_le_bytes());
+    slot
 }
 
 /// A slot's (generation, seq), or `None` when it does not hold a valid mark.
@@ -262,6 +267,8 @@ fn decode_mark(slot: &[u8]) -> Option<(u64, Seq)> {
 
 pub struct Journal {
     dir: PathBuf,
+    /// Why the journal takes no more appends (a torn append that could not be cut off), until restart.
+    broken: Option<String>,
     /// Every record up to this one is on the disk: a restart redoes only what follows.
     mark: RedoMark,
     /// The newest change record (a write or zeroing; markers change nothing on the disk).
@@ -380,6 +387,7 @@ impl Journal {
         }
         Ok(Journal {
             dir: dir.to_path_buf(),
+            broken: None,
             mark,
             last_change,
             segments,
@@ -411,9 +419,22 @@ impl Journal {
         let seq = self.next;
         let len = (head.len() + tail.len()) as u64;
         let active = self.segments.last_mut().expect("at least one segment");
+        if let Some(reason) = &self.broken {
+            return Err(JournalError::Corrupt {
+                path: active.path.clone(),
+                offset: active.bytes,
+                reason: reason.clone(),
+            });
+        }
         if let Err(e) = write_all_vectored(&self.active, head, tail) {
-            // Undo a partial append so the segment stays a clean run of records.
-            let _ = self.active.set_len(active.bytes);
+            // Undo a partial append so the segment stays a clean run of records. If even that fails,
+            // nothing more may follow the torn bytes (a restart cuts them off, and would cut whatever
+            // followed too): the journal takes no more appends until then.
+            if let Err(t) = self.active.set_len(active.bytes) {
+                let reason = format!("a torn append could not be cut off ({t}); restart the agent to recover");
+                tracing::error!(path = %active.path.display(), error = %t, "journal append torn and not cut off");
+                self.broken = Some(reason);
+            }
             return Err(JournalError::Io { path: active.path.clone(), source: e });
         }
         active.bytes += len;
@@ -428,7 +449,10 @@ impl Journal {
         }
         self.next = seq.next();
         if active.bytes >= SEGMENT_BYTES {
-            self.rotate()?;
+            // The record is in; a rotation that fails is tried again at the next append.
+            if let Err(e) = self.rotate() {
+                tracing::warn!(error = %e, "journal segment rotation failed; retrying at the next append");
+            }
         }
         Ok(seq)
     }
@@ -452,9 +476,16 @@ impl Journal {
 
     /// Drops every record and starts again at sequence number 1 (a new protection of the disk).
     pub fn reset(&mut self) -> Result<(), JournalError> {
-        for s in self.segments.drain(..) {
+        // Oldest first, so a failure part way leaves a journal that still opens (a run of newer segments).
+        while let Some(s) = self.segments.first() {
             std::fs::remove_file(&s.path).map_err(io(&s.path))?;
+            if self.segments.len() == 1 {
+                break;
+            }
+            self.segments.remove(0);
         }
+        self.segments.clear();
+        self.broken = None;
         // The mark goes back to 0 before a record of the new journal exists (a crash before this line
         // leaves no segment, and opening an empty journal clears the mark too).
         sr_common::crashsafe::fsync_dir(&self.dir).map_err(io(&self.dir))?;
@@ -494,6 +525,12 @@ impl Journal {
 
     /// Deletes closed segments whose records are all at or below `through`. Returns bytes freed.
     pub fn trim_through(&mut self, through: Seq) -> Result<u64, JournalError> {
+        let active = self.segments.last().expect("at least one segment");
+        if through >= self.last_seq() && active.bytes >= RECLAIM_BYTES {
+            // Everything applied: close the active segment so its space returns now, not only once it
+            // grew to a full segment (a small journal volume would otherwise stay full for good).
+            self.rotate()?;
+        }
         let mut freed = 0;
         while self.segments.len() > 1 && self.segments[0].last <= through {
             let s = self.segments.remove(0);
@@ -777,6 +814,8 @@ mod tests {
         // Both slots bad is corruption, never a silent 'nothing to redo'.
         f.write_all_at(&[0u8; 64], 0).unwrap();
         assert!(matches!(Journal::open(d.path()), Err(JournalError::Corrupt { .. })));
+        f.write_all_at(&[0xa5; 64], 0).unwrap();
+        assert!(matches!(Journal::open(d.path()), Err(JournalError::Corrupt { .. })));
     }
 
     #[test]
@@ -795,5 +834,21 @@ mod tests {
         }
         let j = Journal::open(d.path()).unwrap();
         assert_eq!(j.on_disk(), Seq::ZERO);
+    }
+
+    #[test]
+    fn a_fully_applied_active_segment_returns_its_space_at_once() {
+        let d = tempfile::tempdir().unwrap();
+        let mut j = Journal::open(d.path()).unwrap();
+        for i in 0..3 {
+            j.append(&write(0, i, 1 << 20)).unwrap();
+        }
+        let last = j.last_seq();
+        assert!(j.trim_through(Seq(last.0 - 1)).unwrap() == 0, "a record not applied keeps the segment");
+        assert!(j.trim_through(last).unwrap() >= 3 << 20);
+        assert_eq!(j.bytes(), 0);
+        drop(j);
+        let mut j = Journal::open(d.path()).unwrap();
+        assert_eq!(j.append(&write(0, 9, 1)).unwrap(), last.next());
     }
 }

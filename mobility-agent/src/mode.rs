@@ -132,8 +132,9 @@ pub struct JournalView {
     /// The redo mark covers every change record in the journal: a change may bypass the journal without
     /// sealing first.
     pub sealed: bool,
-    /// An append failed because the journal's volume is full (the change being routed again).
-    pub volume_full: bool,
+    /// The journal cannot take an append: its volume is full, or an append failed, and no space has
+    /// been freed since. Changes then go to the dirty map, never refused.
+    pub append_failed: bool,
 }
 
 /// Where a change goes.
@@ -169,6 +170,7 @@ pub fn route(mode: Mode, op: Operation, j: JournalView) -> Decision {
     let keep = |route| Decision { mode, route, seal: false };
     if op == Operation::Flush {
         return match mode {
+            Mode::Journaling if j.append_failed => bypass(Mode::Overflow, Route::FlushDisk),
             Mode::Journaling => keep(Route::FlushJournal),
             _ => keep(Route::FlushDisk),
         };
@@ -177,12 +179,11 @@ pub fn route(mode: Mode, op: Operation, j: JournalView) -> Decision {
         Mode::Stopped { .. } => keep(Route::Refuse),
         Mode::Journaling | Mode::Overflow => {
             let mode = mode.after_drain(j.pending, j.limit);
-            if mode == Mode::Journaling && !j.volume_full && j.pending.saturating_add(op.journal_bytes()) <= j.limit {
-                Decision { mode, route: Route::Journal, seal: false }
-            } else if mode == Mode::Journaling && !j.volume_full && j.pending == 0 {
-                // A single change larger than the whole limit still goes through an empty journal.
+            if mode == Mode::Journaling && !j.append_failed && j.pending.saturating_add(op.journal_bytes()) <= j.limit {
                 Decision { mode, route: Route::Journal, seal: false }
             } else {
+                // A single change larger than the whole limit goes to the dirty map too: it is copied
+                // into the journal later in chunks the limit allows.
                 bypass(Mode::Overflow, Route::Dirty)
             }
         }
@@ -238,8 +239,8 @@ mod tests {
         let mut out = Vec::new();
         for pending in [0, LIMIT / 4, LIMIT * 3 / 4, LIMIT] {
             for sealed in [false, true] {
-                for volume_full in [false, true] {
-                    out.push(JournalView { pending, limit: LIMIT, sealed, volume_full });
+                for append_failed in [false, true] {
+                    out.push(JournalView { pending, limit: LIMIT, sealed, append_failed });
                 }
             }
         }
@@ -249,15 +250,16 @@ mod tests {
     /// The expected decision, written out case by case.
     fn expected(mode: Mode, op: Operation, j: JournalView) -> Decision {
         let change = op != Operation::Flush;
-        let fits = j.pending + op.journal_bytes() <= j.limit || j.pending == 0;
+        let fits = j.pending + op.journal_bytes() <= j.limit;
         let d = |mode, route, seal| Decision { mode, route, seal };
         match (mode, change) {
+            (Mode::Journaling, false) if j.append_failed => d(Mode::Overflow, Route::FlushDisk, !j.sealed),
             (Mode::Journaling, false) => d(mode, Route::FlushJournal, false),
             (_, false) => d(mode, Route::FlushDisk, false),
             (Mode::Stopped { .. }, true) => d(mode, Route::Refuse, false),
-            (Mode::Journaling, true) if fits && !j.volume_full => d(Mode::Journaling, Route::Journal, false),
+            (Mode::Journaling, true) if fits && !j.append_failed => d(Mode::Journaling, Route::Journal, false),
             (Mode::Journaling, true) => d(Mode::Overflow, Route::Dirty, !j.sealed),
-            (Mode::Overflow, true) if j.pending <= LIMIT / 2 && fits && !j.volume_full => {
+            (Mode::Overflow, true) if j.pending <= LIMIT / 2 && fits && !j.append_failed => {
                 d(Mode::Journaling, Route::Journal, false)
             }
             (Mode::Overflow, true) => d(Mode::Overflow, Route::Dirty, !j.sealed),
@@ -276,7 +278,8 @@ mod tests {
                     assert_eq!(got, expected(mode, op, j), "{mode:?} {op:?} {j:?}");
                     // The redo rule: a change that reaches the disk without a journal record seals first
                     // unless the mark already covers the journal; a journaled change never seals.
-                    let bypasses = matches!(got.route, Route::Dirty | Route::Disk);
+                    let bypasses = matches!(got.route, Route::Dirty | Route::Disk)
+                        || (got.mode == Mode::Overflow && mode == Mode::Journaling);
                     assert_eq!(got.seal, bypasses && !j.sealed, "{mode:?} {op:?} {j:?}");
                     // Protection never starts or ends by a front-end operation.
                     assert_eq!(got.mode.protected(), mode.protected(), "{mode:?} {op:?} {j:?}");
@@ -299,11 +302,13 @@ mod tests {
     }
 
     #[test]
-    fn a_full_journal_volume_never_refuses_a_write() {
+    fn a_full_journal_volume_never_refuses_a_write_or_a_flush() {
         for mode in [Mode::Journaling, Mode::Overflow] {
-            let j = JournalView { pending: 0, limit: LIMIT, sealed: false, volume_full: true };
+            let j = JournalView { pending: 0, limit: LIMIT, sealed: false, append_failed: true };
             let d = route(mode, Operation::Write { len: 4096 }, j);
             assert_eq!((d.mode, d.route, d.seal), (Mode::Overflow, Route::Dirty, true));
+            let d = route(mode, Operation::Flush, j);
+            assert_eq!((d.mode, d.route), (Mode::Overflow, Route::FlushDisk));
         }
     }
 

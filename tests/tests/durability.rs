@@ -100,3 +100,61 @@ fn an_agent_restart_never_writes_a_scan_copy_over_a_newer_direct_write() {
     });
     check_apply_log(&local, 1).unwrap();
 }
+
+/// A tmpfs of `size` mounted at `path` for the test's lifetime (the tests run as root, like CI).
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(path: &std::path::Path, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(path).unwrap();
+        run("mount", &["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs", path.to_str().unwrap()])
+            .expect("mounting a small tmpfs (the data-safety tests run as root)");
+        Tmpfs(path.to_path_buf())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = run("umount", &["-l", self.0.to_str().unwrap()]);
+    }
+}
+
+#[test]
+fn a_full_journal_volume_hands_writes_to_the_dirty_map_and_loses_none() {
+    let dir = test_dir();
+    let size = 64 * MIB;
+    let disk = dir.path().join("source.img");
+    make_disk(&disk, size).unwrap();
+    let local = one_disk(dir.path(), &disk, &Options { batch_bytes: 256 << 10, ..Options::default() });
+    // The agent's state (journal, dirty map) on a 3 MiB volume; its journal limit (half the disk) is far
+    // larger, so the volume fills first.
+    let _volume = Tmpfs::mount(&local.root.join("agent"), "3m");
+    let _mt = local.start(Component::MasterTarget).unwrap();
+    let ps = local.start(Component::ProcessServer).unwrap();
+    let agent = local.start(Component::Agent).unwrap();
+    wait_caught_up(&local, Duration::from_secs(60)).unwrap();
+    ps.kill();
+    let uri = local.agent_uri("d");
+    let writes = |first: u64, n: u64| -> Vec<String> {
+        let mut c: Vec<String> =
+            (first..first + n).map(|i| format!("write -P {} {} 96k", i % 250 + 1, i * 128 * 1024)).collect();
+        c.push("flush".into());
+        c
+    };
+    // 6 MiB of writes: the journal fills the volume part way; every write and flush still succeeds.
+    qemu_io(&uri, &writes(0, 64)).unwrap();
+    let st = local.agent_status().unwrap();
+    assert_eq!(st["disks"][0]["mode"], "overflow", "{st}");
+    assert!(st["disks"][0]["dirty_bytes"].as_u64().unwrap() > 0, "{st}");
+    // Killed and restarted on the full volume: it starts, and takes more writes.
+    agent.kill();
+    let _agent = local.start(Component::Agent).unwrap();
+    qemu_io(&uri, &writes(64, 64)).unwrap();
+    let reads: Vec<String> = (0..128).map(|i| format!("read -P {} {} 96k", i % 250 + 1, i * 128 * 1024)).collect();
+    qemu_io(&uri, &reads).unwrap();
+    // Space returns once the process server is back: the journal drains, the dirty blocks follow.
+    let _ps = local.start(Component::ProcessServer).unwrap();
+    wait_caught_up(&local, Duration::from_secs(120)).unwrap();
+    compare(disk.to_str().unwrap(), &local.replica_uri(1)).unwrap();
+    check_apply_log(&local, 1).unwrap();
+}
