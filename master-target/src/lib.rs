@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod points;
 pub mod qcow2;
 pub mod replica;
+pub mod retention;
 pub mod tree;
 pub mod undo;
 pub mod view;
@@ -50,8 +51,8 @@ pub struct Server {
     /// Exports running or finished since start, by id, for their progress.
     pub export_jobs: Mutex<HashMap<u64, Arc<Mutex<export::ExportJob>>>>,
     pub next_export: std::sync::atomic::AtomicU64,
-    /// Retention per item from the configuration server's policies.
-    retention: RwLock<HashMap<sr_common::types::ItemId, u64>>,
+    /// Retention per item from the configuration server's policies, persisted.
+    retention: retention::Retention,
 }
 
 /// Why a stream is refused while the disk it must replicate into cannot be used.
@@ -110,8 +111,7 @@ impl Server {
 
     /// How long points of `item` are kept: its policy's retention, else the configured default.
     pub fn retention_secs(&self, item: sr_common::types::ItemId) -> u64 {
-        let policy = self.retention.read().expect("retention lock poisoned").get(&item).copied();
-        policy.unwrap_or(self.cfg.points.retention_secs)
+        self.retention.get(item).unwrap_or(self.cfg.points.retention_secs)
     }
 
     pub fn get(&self, key: StreamKey) -> Option<Arc<Replica>> {
@@ -142,6 +142,7 @@ pub async fn run(cfg: MtConfig, shutdown: CancellationToken) -> anyhow::Result<(
     let identity = Arc::new(sr_common::tls::Identity::load(&cfg.tls)?);
     let keys = KeyRing::load(&cfg.items)?;
     let store: Arc<dyn StateStore> = Arc::new(RedbStore::open(&cfg.data_dir.join("state.redb"))?);
+    let retention = retention::Retention::load(&cfg.data_dir.join("retention.json"))?;
     let listener = sr_common::quic::server(&identity, cfg.listen)?;
     let server = Arc::new(Server {
         cfg,
@@ -156,7 +157,7 @@ pub async fn run(cfg: MtConfig, shutdown: CancellationToken) -> anyhow::Result<(
         views: Mutex::new(HashMap::new()),
         export_jobs: Mutex::new(HashMap::new()),
         next_export: std::sync::atomic::AtomicU64::new(0),
-        retention: RwLock::new(HashMap::new()),
+        retention,
     });
     server.finish_commits();
     server.load_ended();
@@ -246,7 +247,7 @@ async fn control_loop(server: Arc<Server>, client: sr_common::control::ControlCl
             .await?;
             cl.refresh_crl(&srv.identity, Some((&srv.listener, &srv.conns))).await?;
             let mut items = Vec::new();
-            let mut retention = HashMap::new();
+            let mut retention = Vec::new();
             for a in cl.assignments().await? {
                 let (item, key) = sr_common::control::assigned_key(&a)?;
                 for d in a["adopt"].as_array().into_iter().flatten() {
@@ -267,12 +268,10 @@ async fn control_loop(server: Arc<Server>, client: sr_common::control::ControlCl
                         }
                     }
                 }
-                if let Some(secs) = a["retention_secs"].as_u64().filter(|s| *s > 0) {
-                    retention.insert(item, secs);
-                }
+                retention.push((item, a["retention_secs"].as_u64().unwrap_or(0)));
                 items.push((item, key));
             }
-            *srv.retention.write().expect("retention lock poisoned") = retention;
+            srv.retention.update(&retention)?;
             *srv.keys.write().expect("keys lock poisoned") = KeyRing::from_keys(items);
             Ok(())
         })

@@ -357,5 +357,6 @@ impl Server {
                 metrics::gauge!(crate::metrics::OLDEST_POINT_AGE, "item" => item, "disk" => disk).set(age);
             }
         }
+        metrics::counter!(crate::metrics::EXPIRY_RUNS).increment(1);
     }
 }

@@ -864,3 +864,36 @@ fn overflow_waits_for_the_resync_window_and_srctl_resync_brings_the_item_back() 
     let events = String::from_utf8_lossy(&srctl(cp.api, admin_file, &["events"]).stdout).to_string();
     assert!(events.contains("resync required") && events.contains("resynchronized"), "{events}");
 }
+
+#[test]
+fn a_master_target_restarted_without_its_configuration_server_keeps_the_policys_retention() {
+    let dir = test_dir();
+    let mut m = Managed::start(dir.path(), 32, "");
+    // Undo segments close every second, so expiry has whole segments it could delete.
+    let segments = ("SR_MT__POINTS__SEGMENT_SECS", "1");
+    m.mt.take().unwrap().kill();
+    m.mt = Some(m.local.start_env(Component::MasterTarget, &[segments]).unwrap());
+    m.protect(&["--retention-hours", "2"]);
+    let uri = m.local.agent_uri("disk0");
+    for k in 0..4u8 {
+        run("qemu-io", &["-f", "raw", "-c", &format!("write -P {} 0 1M", 0x30 + k), "-c", "flush", &uri]).unwrap();
+        wait_caught_up(&m.local, std::time::Duration::from_secs(60)).unwrap();
+        // Spaced out so that each write lands in a later segment than the one before.
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+    }
+    let (mt_http, item) = (m.local.addrs.mt_http, m.local.item);
+    let points = || sr_common::http::get_json(mt_http, &format!("/v1/points?item={item}")).unwrap();
+    let before = points()["disks"][0]["oldest_us"].as_u64().unwrap();
+    // The configuration server is gone, and the master target restarts with a 1-second default.
+    m.mt.take().unwrap().kill();
+    m._cs.kill();
+    let env = [segments, ("SR_MT__POINTS__RETENTION_SECS", "1"), ("SR_MT__POINTS__EXPIRY_INTERVAL_SECS", "1")];
+    m.mt = Some(m.local.start_env(Component::MasterTarget, &env).unwrap());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while metric(mt_http, "sr_master_target_expiry_runs_total").unwrap() < 3.0 {
+        assert!(std::time::Instant::now() < deadline, "expiry never ran");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let p = points();
+    assert_eq!(p["disks"][0]["oldest_us"].as_u64().unwrap(), before, "points the policy keeps were expired: {p}");
+}
