@@ -407,17 +407,16 @@ pub async fn change_point(
     let mut job =
         JobHandle::start(store, "change recovery point", &id.to_string(), &["bring up the disks at the new point"])?;
     job.step(0)?;
-    let view = failover_view(id);
-    let r = async {
-        mt_call(&mt, "DELETE", &format!("/v1/views/{view}"), None).await?;
-        mt_call(
-            &mt,
-            "POST",
-            "/v1/views",
-            Some(json!({ "name": view, "item": item.wire_id(), "point": req.point, "writable": true })),
-        )
-        .await
-    }
+    // The disks at the new point come up beside the old ones, under a new name; only once they are up
+    // and recorded are the old ones discarded. A point that does not resolve leaves the failover as it was.
+    let old_view = item.failover.as_ref().and_then(|f| f["view"].as_str()).map(str::to_string);
+    let view = format!("{}-{}", failover_view(id), job.job.id);
+    let r = mt_call(
+        &mt,
+        "POST",
+        "/v1/views",
+        Some(json!({ "name": view, "item": item.wire_id(), "point": req.point, "writable": true })),
+    )
     .await;
     let created = match r {
         Ok(v) => v,
@@ -430,8 +429,14 @@ pub async fn change_point(
     let mut fo = item.failover.clone().unwrap_or_default();
     fo["point_chosen"] = req.point.clone();
     fo["machine"] = description.clone();
+    fo["view"] = json!(view);
     item.failover = Some(fo);
     store.put(ITEMS, &id_key(id), &item)?;
+    if let Some(old) = old_view.filter(|o| *o != view) {
+        if let Err(e) = mt_call(&mt, "DELETE", &format!("/v1/views/{old}"), None).await {
+            tracing::warn!(item = id, view = old, error = %e, "the disks at the previous point were not discarded");
+        }
+    }
     job.step_done(0)?;
     let job = job.succeed()?;
     cs.event("info", &item.machine, &format!("item {id}: failover point changed by {by}"))?;

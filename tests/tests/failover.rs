@@ -200,6 +200,12 @@ fn unplanned_failover_with_the_agent_killed_comes_up_at_the_chosen_point_with_ma
     // A planned failover is refused now; the point can still change until the commit.
     let (code, _) = d.api("POST", &format!("/v1/items/{id}/failover"), Some(json!({ "planned": true })));
     assert_eq!(code, 409);
+    // A point that does not resolve leaves the running failover as it was: its disks stay up, unchanged.
+    let (code, v) =
+        d.api("POST", &format!("/v1/items/{id}/failover/point"), Some(json!({ "point": { "tag": "no-such-point" } })));
+    assert_eq!(code, 409, "{v}");
+    assert_eq!(d.item(id)["failover"]["machine"]["disks"][0]["uri"], json!(fo_uri));
+    compare(s(&copy_then), &fo_uri).unwrap();
     let out = d.srctl(&["failover", &id.to_string(), "--change-point"]);
     assert!(out.contains("new point"), "{out}");
     let fo_uri = d.item(id)["failover"]["machine"]["disks"][0]["uri"].as_str().unwrap().to_string();
