@@ -48,13 +48,35 @@ fn err<E: std::fmt::Display>(what: &'static str) -> impl Fn(E) -> StateError {
 
 impl RedbStore {
     pub fn open(path: &Path) -> Result<RedbStore, StateError> {
-        let db = redb::Database::create(path)
+        let db = create_db(path, LOCK_WAIT)
             .map_err(|e| StateError { what: "open", message: format!("{}: {e}", path.display()) })?;
         let tx = db.begin_write().map_err(err("begin"))?;
         tx.open_table(STREAMS).map_err(err("create streams"))?;
         tx.open_table(APPLY_LOG).map_err(err("create apply_log"))?;
         tx.commit().map_err(err("commit"))?;
         Ok(RedbStore { db })
+    }
+}
+
+/// How long a starting service waits for a killed predecessor to let go of its state database.
+pub const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Opens (or creates) a redb database. While another process still holds it (a predecessor killed a
+/// moment ago and not yet gone), tries again for up to `wait` before giving up.
+pub fn create_db(path: &Path, wait: std::time::Duration) -> Result<redb::Database, redb::DatabaseError> {
+    let deadline = std::time::Instant::now() + wait;
+    let mut told = false;
+    loop {
+        match redb::Database::create(path) {
+            Err(redb::DatabaseError::DatabaseAlreadyOpen) if std::time::Instant::now() < deadline => {
+                if !told {
+                    tracing::warn!(path = %path.display(), ?wait, "state database still held by another process; waiting");
+                    told = true;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            r => return r,
+        }
     }
 }
 
@@ -160,6 +182,29 @@ impl StateStore for MemStore {
         g.0.remove(&key);
         g.1.retain(|(k, _), _| *k != key);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod lock_tests {
+    #[test]
+    fn a_database_still_held_is_waited_for_and_a_timeout_is_its_typed_error() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("state.redb");
+        let held = super::create_db(&path, std::time::Duration::ZERO).unwrap();
+        assert!(matches!(
+            super::create_db(&path, std::time::Duration::ZERO),
+            Err(redb::DatabaseError::DatabaseAlreadyOpen)
+        ));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let p = path.clone();
+        let waiter = std::thread::spawn(move || {
+            tx.send(()).unwrap();
+            super::create_db(&p, std::time::Duration::from_secs(60)).map(|_| ())
+        });
+        rx.recv().unwrap();
+        drop(held);
+        waiter.join().unwrap().unwrap();
     }
 }
 

@@ -70,7 +70,8 @@ fn be<E: std::fmt::Display>(e: E) -> StoreError {
 
 impl RedbControlStore {
     pub fn open(path: &Path) -> Result<Self, StoreError> {
-        let db = redb::Database::create(path).map_err(|e| StoreError::Backend(format!("{}: {e}", path.display())))?;
+        let db = sr_common::state::create_db(path, sr_common::state::LOCK_WAIT)
+            .map_err(|e| StoreError::Backend(format!("{}: {e}", path.display())))?;
         let tx = db.begin_write().map_err(be)?;
         tx.open_table(DOCS).map_err(be)?;
         tx.open_table(COUNTERS).map_err(be)?;

@@ -189,6 +189,13 @@ impl Server {
                 std::fs::rename(&d.link, &d.dest)
                     .map_err(|e| err(&format!("moving {} to {}", d.link.display(), d.dest.display()), e))?;
             }
+            // Both directories durable before the commit is recorded as done: a power loss must not
+            // undo the move after the record says it happened.
+            for dir in [d.link.parent(), d.dest.parent()].into_iter().flatten() {
+                if std::fs::symlink_metadata(dir).is_ok() {
+                    sr_common::crashsafe::fsync_dir(dir).map_err(|e| err(&format!("syncing {}", dir.display()), e))?;
+                }
+            }
             self.forget(key);
             self.end_stream(
                 key,

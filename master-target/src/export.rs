@@ -203,49 +203,65 @@ async fn export(
             .create_new(true)
             .open(&path)
             .with_context(|| format!("creating {} (it must not exist yet)", path.display()))?;
-        let seq = match &req.point {
-            None => r.applied(),
-            Some(spec) => {
-                let chosen = crate::points::resolve(&s2, key.item, spec).map_err(anyhow::Error::msg)?;
-                let c = chosen.iter().find(|c| c.disk == key.disk.0).context("disk not in the item")?;
-                sr_common::types::Seq(c.seq)
-            }
-        };
-        let view = r.open_view(seq, None)?;
-        let size = r.disk.size();
-        let mut sink = match req.format {
-            ImageFormat::Raw => {
-                out.set_len(size)?;
-                Sink::Raw(out)
-            }
-            ImageFormat::Qcow2 => Sink::Qcow2(crate::qcow2::Qcow2Writer::new(out, size)),
-        };
-        let chunk = crate::qcow2::Qcow2Writer::CLUSTER as usize;
-        let mut buf = vec![0u8; 16 * chunk];
-        let mut pos = 0;
-        let mut copied = 0;
-        while pos < size {
-            let n = (buf.len() as u64).min(size - pos) as usize;
-            view.read(pos, &mut buf[..n]).map_err(|e| anyhow::anyhow!("reading {key} at {pos}: {e}"))?;
-            for (i, piece) in buf[..n].chunks(chunk).enumerate() {
-                if sr_common::compress::is_zero(piece) {
-                    continue;
+        let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+        let written = (|| -> anyhow::Result<(u64, u64)> {
+            let seq = match &req.point {
+                None => r.applied(),
+                Some(spec) => {
+                    let chosen = crate::points::resolve(&s2, key.item, spec).map_err(anyhow::Error::msg)?;
+                    let c = chosen.iter().find(|c| c.disk == key.disk.0).context("disk not in the item")?;
+                    sr_common::types::Seq(c.seq)
                 }
-                let at = pos + (i * chunk) as u64;
-                match &mut sink {
-                    Sink::Qcow2(q) => q.write_cluster(at, piece)?,
-                    Sink::Raw(f) => f.write_all_at(piece, at)?,
+            };
+            let view = r.open_view(seq, None)?;
+            let size = r.disk.size();
+            let mut sink = match req.format {
+                ImageFormat::Raw => {
+                    out.set_len(size)?;
+                    Sink::Raw(out)
                 }
-                copied += piece.len() as u64;
+                ImageFormat::Qcow2 => Sink::Qcow2(crate::qcow2::Qcow2Writer::new(out, size)),
+            };
+            let chunk = crate::qcow2::Qcow2Writer::CLUSTER as usize;
+            let mut buf = vec![0u8; 16 * chunk];
+            let mut pos = 0;
+            let mut copied = 0;
+            while pos < size {
+                let n = (buf.len() as u64).min(size - pos) as usize;
+                view.read(pos, &mut buf[..n]).map_err(|e| anyhow::anyhow!("reading {key} at {pos}: {e}"))?;
+                for (i, piece) in buf[..n].chunks(chunk).enumerate() {
+                    if sr_common::compress::is_zero(piece) {
+                        continue;
+                    }
+                    let at = pos + (i * chunk) as u64;
+                    match &mut sink {
+                        Sink::Qcow2(q) => q.write_cluster(at, piece)?,
+                        Sink::Raw(f) => f.write_all_at(piece, at)?,
+                    }
+                    copied += piece.len() as u64;
+                }
+                pos += n as u64;
+                progress.lock().expect("export job lock poisoned").percent = 100.0 * pos as f64 / size.max(1) as f64;
             }
-            pos += n as u64;
-            progress.lock().expect("export job lock poisoned").percent = 100.0 * pos as f64 / size.max(1) as f64;
+            match sink {
+                Sink::Qcow2(q) => q.finish()?,
+                Sink::Raw(f) => f.sync_all()?,
+            }
+            Ok((seq.0, copied))
+        })();
+        match written {
+            // A partial image must never pass for an export: it goes, and the error says why.
+            Err(e) => {
+                if let Err(rm) = std::fs::remove_file(&path) {
+                    tracing::error!(path = %path.display(), error = %rm, "could not remove a failed export's partial file");
+                }
+                Err(e.context(format!("exporting to {} failed; the partial file was removed", path.display())))
+            }
+            Ok(v) => {
+                sr_common::crashsafe::fsync_dir(dir).with_context(|| format!("syncing {}", dir.display()))?;
+                Ok(v)
+            }
         }
-        match sink {
-            Sink::Qcow2(q) => q.finish()?,
-            Sink::Raw(f) => f.sync_all()?,
-        }
-        Ok((seq.0, copied))
     });
     let finish = async move {
         let res = task.await.map_err(|e| anyhow::anyhow!("export task failed: {e}")).and_then(|r| r);

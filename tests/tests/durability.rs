@@ -158,3 +158,29 @@ fn a_full_journal_volume_hands_writes_to_the_dirty_map_and_loses_none() {
     compare(disk.to_str().unwrap(), &local.replica_uri(1)).unwrap();
     check_apply_log(&local, 1).unwrap();
 }
+
+#[test]
+fn a_failed_export_leaves_no_partial_image() {
+    let dir = test_dir();
+    let size = 16 * MIB;
+    let disk = dir.path().join("source.img");
+    make_disk(&disk, size).unwrap();
+    run("qemu-io", &["-f", "raw", "-c", "write -P 0x42 0 6M", disk.to_str().unwrap()]).unwrap();
+    let local = one_disk(dir.path(), &disk, &Options::default());
+    let _mt = local.start(Component::MasterTarget).unwrap();
+    let _ps = local.start(Component::ProcessServer).unwrap();
+    let _agent = local.start(Component::Agent).unwrap();
+    wait_caught_up(&local, Duration::from_secs(60)).unwrap();
+    // The image's volume fills up part way through.
+    let _full = Tmpfs::mount(&dir.path().join("small"), "1m");
+    let out = dir.path().join("small").join("replica.img");
+    let body = serde_json::json!({ "item": local.item, "disk": 1, "path": out });
+    let err = sr_common::http::post_json(local.addrs.mt_http, "/v1/export", &body).unwrap_err();
+    assert!(format!("{err:#}").contains("partial file was removed"), "{err:#}");
+    assert!(!out.exists(), "a partial image was left behind");
+    // Where there is room the same export succeeds.
+    let out = dir.path().join("replica.img");
+    let body = serde_json::json!({ "item": local.item, "disk": 1, "path": out });
+    sr_common::http::post_json(local.addrs.mt_http, "/v1/export", &body).unwrap();
+    compare(disk.to_str().unwrap(), out.to_str().unwrap()).unwrap();
+}
