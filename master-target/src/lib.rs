@@ -11,6 +11,7 @@ pub mod apply;
 pub mod commit;
 pub mod config;
 pub mod export;
+pub mod failpoint;
 pub mod metrics;
 pub mod points;
 pub mod qcow2;

@@ -31,6 +31,8 @@ pub struct Replica {
     applied_gauge: metrics::Gauge,
     allocated: metrics::Gauge,
     last_apply: metrics::Gauge,
+    /// Why applying stopped (a failed apply that could not be rolled back in process); until a restart.
+    stopped: Mutex<Option<String>>,
 }
 
 impl Replica {
@@ -47,6 +49,7 @@ impl Replica {
             applied_gauge: metrics::gauge!(m::APPLIED_SEQ, "item" => item.clone(), "disk" => d.clone()),
             allocated: metrics::gauge!(m::REPLICA_BYTES, "item" => item.clone(), "disk" => d.clone()),
             last_apply: metrics::gauge!(m::LAST_APPLY_TIME, "item" => item, "disk" => d),
+            stopped: Mutex::new(None),
         };
         r.applied_gauge.set(applied.0 as f64);
         r
@@ -64,8 +67,44 @@ impl Replica {
     /// Applies a verified batch that starts right after the applied position, makes it durable, and
     /// records it. Blocking. Redoing a batch after a crash before the record is harmless: the same
     /// changes land on the same bytes in the same order.
-    pub fn apply(&self, batch: &Batch, store: &dyn StateStore) -> anyhow::Result<u64> {
+    /// Writes a batch's changes to the replica, syncs it and records the batch as applied.
+    fn write_batch(&self, batch: &Batch, store: &dyn StateStore, bytes: &mut u64) -> anyhow::Result<()> {
         use anyhow::Context;
+        for c in &batch.changes {
+            match &c.op {
+                Op::Write { offset, data } => {
+                    crate::failpoint::check("apply.write")
+                        .and_then(|_| self.disk.write_at(*offset, data))
+                        .with_context(|| format!("{}: writing seq {}", self.key, c.seq))?;
+                    *bytes += data.len() as u64;
+                }
+                Op::Zero { offset, len } => {
+                    self.disk.zero(*offset, *len).with_context(|| format!("{}: zeroing seq {}", self.key, c.seq))?;
+                }
+                Op::Marker { .. } => {}
+            }
+        }
+        crate::failpoint::check("apply.sync")
+            .and_then(|_| self.disk.sync())
+            .with_context(|| format!("{}: syncing the replica", self.key))?;
+        crate::failpoint::check("apply.record").map_err(anyhow::Error::new)?;
+        store.record_apply(self.key, batch.first, batch.last)?;
+        Ok(())
+    }
+
+    /// Stops applying: the replica or its undo journal may be half way through a batch, and only a
+    /// restart (its rollback at open) can tell. Every later batch is refused with `why`.
+    fn stop(&self, why: &str) {
+        tracing::error!(key = %self.key, why, "applying stopped until the master target restarts");
+        *self.stopped.lock().expect("stopped lock poisoned") = Some(why.to_string());
+    }
+
+    /// Why applying is stopped, if it is.
+    pub fn stopped(&self) -> Option<String> {
+        self.stopped.lock().expect("stopped lock poisoned").clone()
+    }
+
+    pub fn apply(&self, batch: &Batch, store: &dyn StateStore) -> anyhow::Result<u64> {
         let mut bytes = 0;
         {
             // Checked under the gate: two sessions of one disk can never both apply the same batch.
@@ -78,28 +117,38 @@ impl Replica {
                 batch.first,
                 batch.last
             );
-            let mut undo = self.undo.lock().expect("undo lock poisoned");
-            let pending = undo
-                .record_batch(batch, &self.disk)
-                .with_context(|| format!("{}: recording old contents before seq {}", self.key, batch.first))?;
-            for c in &batch.changes {
-                match &c.op {
-                    Op::Write { offset, data } => {
-                        self.disk
-                            .write_at(*offset, data)
-                            .with_context(|| format!("{}: writing seq {}", self.key, c.seq))?;
-                        bytes += data.len() as u64;
-                    }
-                    Op::Zero { offset, len } => {
-                        self.disk
-                            .zero(*offset, *len)
-                            .with_context(|| format!("{}: zeroing seq {}", self.key, c.seq))?;
-                    }
-                    Op::Marker { .. } => {}
-                }
+            if let Some(why) = self.stopped.lock().expect("stopped lock poisoned").clone() {
+                anyhow::bail!("{}: applying is stopped: {why}", self.key);
             }
-            self.disk.sync().with_context(|| format!("{}: syncing the replica", self.key))?;
-            store.record_apply(self.key, batch.first, batch.last)?;
+            let mut undo = self.undo.lock().expect("undo lock poisoned");
+            let pending = undo.record_batch(batch, &self.disk).map_err(|e| {
+                if matches!(e, crate::undo::UndoError::Io { .. }) {
+                    // record_batch leaves the journal as it was, unless even that failed: then only a
+                    // restart (which rolls back what it finds past the applied position) may go on.
+                    if undo.needs_restart() {
+                        self.stop(&format!("{e}"));
+                    }
+                }
+                anyhow::Error::new(e)
+                    .context(format!("{}: recording old contents before seq {}", self.key, batch.first))
+            })?;
+            let r = self.write_batch(batch, store, &mut bytes);
+            if let Err(e) = r {
+                return Err(match undo.abort(pending, &self.disk) {
+                    Ok(()) => e.context(format!(
+                        "{}: applying batch {}..={} failed and was rolled back; it is retried",
+                        self.key, batch.first, batch.last
+                    )),
+                    Err(ae) => {
+                        self.stop(&format!("a failed apply could not be rolled back: {ae}"));
+                        e.context(format!(
+                            "{}: applying batch {}..={} failed and could not be rolled back ({ae}); applying is \
+                             stopped until a restart of the master target rolls it back",
+                            self.key, batch.first, batch.last
+                        ))
+                    }
+                });
+            }
             self.applied.store(batch.last.0, Ordering::Release);
             let recs = undo.commit(pending);
             let mut views = self.views.lock().expect("views lock poisoned");
@@ -277,6 +326,85 @@ mod tests {
                 }
             })
             .collect()
+    }
+
+    fn base(r: &Replica) -> Vec<u8> {
+        let mut b = vec![0u8; SIZE as usize];
+        r.disk.read_at(0, &mut b).unwrap();
+        b
+    }
+
+    /// Every retained point of `r` reads as the model says.
+    fn check_points(rig: &Rig, r: &Arc<Replica>) {
+        let oldest = r.undo.lock().unwrap().oldest().unwrap();
+        for (seq, state) in rig.states.iter().filter(|(s, _)| *s >= oldest && *s <= r.applied()) {
+            let v = r.open_view(*seq, None).unwrap();
+            let mut buf = vec![0u8; SIZE as usize];
+            v.read(0, &mut buf).unwrap();
+            assert!(buf == *state, "point {seq} differs");
+        }
+    }
+
+    #[test]
+    fn a_failed_apply_at_any_step_is_rolled_back_in_process_and_a_retry_and_a_restart_both_find_it_whole() {
+        // (failpoint, which hit fails): mid-way through writing undo records, their fsync, mid-way
+        // through the replica writes, the replica's fsync, and recording the batch as applied.
+        let points = [("undo.write", 3), ("undo.sync", 1), ("apply.write", 2), ("apply.sync", 1), ("apply.record", 1)];
+        for (k, (point, nth)) in points.into_iter().enumerate() {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(40 + k as u64);
+            let mut rig = Rig::new(64 << 20);
+            rig.apply(vec![Op::Marker { kind: MarkerKind::InitialCopyDone }]);
+            for _ in 0..4 {
+                rig.apply(random_ops(&mut rng, 6));
+            }
+            let (applied, before) = (rig.replica.applied(), rig.source.clone());
+            let mut ops = random_ops(&mut rng, 8);
+            ops.push(Op::Write { offset: 0, data: vec![0xee; 9000] });
+            let b = rig.batch(ops);
+            crate::failpoint::arm(point, nth);
+            let e = rig.replica.apply(&b, &rig.store).unwrap_err();
+            assert!(format!("{e:#}").contains("failpoint"), "{point}: {e:#}");
+            assert_eq!(rig.replica.applied(), applied, "{point}");
+            assert!(base(&rig.replica) == before, "{point}: the replica kept part of the failed batch");
+            assert!(rig.replica.stopped().is_none(), "{point}: rolled back in process, not stopped");
+            check_points(&rig, &rig.replica);
+            // A restart now finds a consistent journal too.
+            let reopened = open(rig.dir.path(), applied, 64 << 20);
+            assert!(base(&reopened) == before, "{point}");
+            check_points(&rig, &reopened);
+            drop(reopened);
+            // And the retry applies it whole.
+            rig.replica.apply(&b, &rig.store).unwrap();
+            assert!(base(&rig.replica) == rig.source, "{point}");
+            rig.apply(random_ops(&mut rng, 4));
+            check_points(&rig, &rig.replica);
+            let reopened = open(rig.dir.path(), rig.replica.applied(), 64 << 20);
+            check_points(&rig, &reopened);
+        }
+    }
+
+    #[test]
+    fn an_apply_that_cannot_be_rolled_back_stops_until_a_restart_repairs_it() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(50);
+        let mut rig = Rig::new(64 << 20);
+        rig.apply(vec![Op::Marker { kind: MarkerKind::InitialCopyDone }]);
+        rig.apply(random_ops(&mut rng, 6));
+        let (applied, before) = (rig.replica.applied(), rig.source.clone());
+        let b = rig.batch(random_ops(&mut rng, 8));
+        crate::failpoint::arm("apply.sync", 1);
+        crate::failpoint::arm("undo.abort", 1);
+        let e = rig.replica.apply(&b, &rig.store).unwrap_err();
+        assert!(format!("{e:#}").contains("could not be rolled back"), "{e:#}");
+        assert!(rig.replica.stopped().is_some());
+        let e = rig.replica.apply(&b, &rig.store).unwrap_err();
+        assert!(format!("{e:#}").contains("applying is stopped"), "{e:#}");
+        // The restart rolls the half-applied batch back from the undo journal.
+        let reopened = open(rig.dir.path(), applied, 64 << 20);
+        assert!(base(&reopened) == before);
+        rig.replica = reopened;
+        rig.replica.apply(&b, &rig.store).unwrap();
+        assert!(base(&rig.replica) == rig.source);
+        check_points(&rig, &rig.replica);
     }
 
     #[test]

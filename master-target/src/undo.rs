@@ -93,6 +93,8 @@ struct Segment {
 
 pub struct Undo {
     dir: PathBuf,
+    /// Taking a failed batch's records back failed: nothing more may be appended until a restart.
+    stuck: bool,
     segment_bytes: u64,
     segment_secs: u64,
     segments: VecDeque<Segment>,
@@ -120,6 +122,22 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> UndoError + '_ {
 
 fn seg_path(dir: &Path, first: Seq) -> PathBuf {
     dir.join(format!("{:020}.undo", first.0))
+}
+
+/// The records of a batch written and fsynced but not yet committed, with what the active segment was
+/// before them, so that a failed apply can take them back ([`Undo::abort`]).
+pub struct PendingBatch {
+    records: Vec<Pending>,
+    /// The active segment before the batch: its bytes, last seq and first capture time.
+    before: (u64, Seq, u64),
+    /// The batch started the segment (it held nothing before).
+    created: bool,
+}
+
+impl PendingBatch {
+    pub fn is_empty(&self) -> bool {
+        self.records.is_empty()
+    }
 }
 
 /// A record written and fsynced but not yet part of a committed batch.
@@ -243,6 +261,7 @@ impl Undo {
         }
         firsts.sort();
         let mut u = Undo {
+            stuck: false,
             dir: dir.to_path_buf(),
             segment_bytes,
             segment_secs,
@@ -388,28 +407,35 @@ impl Undo {
     }
 
     /// Writes the undo records of `batch` (which follows the applied position) and makes them durable.
-    /// Once the batch is applied and committed, [`Undo::commit`] indexes them.
-    pub fn record_batch(&mut self, batch: &Batch, disk: &DiskFile) -> Result<Vec<Pending>, UndoError> {
+    /// Once the batch is applied and committed, [`Undo::commit`] indexes them; if applying it fails,
+    /// [`Undo::abort`] takes them back. A failure here leaves the journal as it was before the call.
+    pub fn record_batch(&mut self, batch: &Batch, disk: &DiskFile) -> Result<PendingBatch, UndoError> {
+        let none = PendingBatch { records: Vec::new(), before: (0, Seq::ZERO, 0), created: false };
         let start_at = if self.active() {
             0
         } else {
             match batch.changes.iter().position(|c| matches!(c.op, Op::Marker { kind: MarkerKind::InitialCopyDone })) {
                 Some(i) => i,
-                None => return Ok(Vec::new()),
+                None => return Ok(none),
             }
         };
         let first = &batch.changes[start_at];
+        let segments_before = self.segments.len();
         self.rotate_if_due(first.seq, first.at)?;
         let seg = self.segments.back().expect("active segment");
+        let created = self.segments.len() > segments_before;
+        let before = (seg.bytes, seg.last, seg.first_at);
         let (file, path, base) = (seg.file.clone(), seg.path.clone(), seg.bytes);
-        let (bytes, pending) = match self.write_records(batch, start_at, disk, &file, base) {
+        let written = self
+            .write_records(batch, start_at, disk, &file, base)
+            .and_then(|r| crate::failpoint::check("undo.sync").and_then(|_| file.sync_data()).map(|_| r));
+        let (bytes, pending) = match written {
             Ok(v) => v,
             Err(e) => {
-                let _ = file.set_len(base);
+                self.take_back(before, created)?;
                 return Err(io(&path)(e));
             }
         };
-        file.sync_data().map_err(io(&path))?;
         let seg = self.segments.back_mut().expect("active segment");
         seg.bytes = base + bytes;
         if let Some(p) = pending.last() {
@@ -418,12 +444,69 @@ impl Undo {
         if seg.first_at == 0 {
             seg.first_at = pending.first().map_or(0, |p| p.h.at.max(1));
         }
-        Ok(pending)
+        Ok(PendingBatch { records: pending, before, created })
     }
 
     /// Indexes the records of a committed batch; returns those holding old contents, for open views.
-    pub fn commit(&mut self, pending: Vec<Pending>) -> Vec<Rec> {
-        pending.into_iter().filter_map(|p| self.index(p)).collect()
+    pub fn commit(&mut self, pending: PendingBatch) -> Vec<Rec> {
+        pending.records.into_iter().filter_map(|p| self.index(p)).collect()
+    }
+
+    /// Applying a batch failed after its records were written: puts the old contents they hold back
+    /// onto the replica (newest first), makes it durable, and takes the records out of the journal, so
+    /// that a retry finds the replica and the journal as they were before the batch. An error here
+    /// leaves the records in place, which is what a restart rolls back from ([`Undo::open`]).
+    pub fn abort(&mut self, pending: PendingBatch, disk: &DiskFile) -> Result<(), UndoError> {
+        let Some(seg) = self.segments.back() else { return Ok(()) };
+        if pending.records.is_empty() {
+            return Ok(());
+        }
+        let path = seg.path.clone();
+        let mut buf = Vec::new();
+        for p in pending.records.iter().rev() {
+            match p.h.kind {
+                KIND_DATA => {
+                    buf.resize(p.h.plen as usize, 0);
+                    p.file.read_exact_at(&mut buf, p.payload_pos).map_err(io(&path))?;
+                    if crc32c::crc32c(&buf) != p.h.pcrc {
+                        return Err(UndoError::Corrupt {
+                            path,
+                            offset: p.payload_pos,
+                            reason: "an undo record read back for a rollback does not match its checksum".into(),
+                        });
+                    }
+                    disk.write_at(p.h.offset, &buf).map_err(io(disk.path()))?;
+                }
+                KIND_ZERO => disk.zero(p.h.offset, p.h.len).map_err(io(disk.path()))?,
+                _ => {}
+            }
+        }
+        crate::failpoint::check("undo.abort").and_then(|_| disk.sync()).map_err(io(disk.path()))?;
+        self.take_back(pending.before, pending.created)
+    }
+
+    /// Truncates the active segment back to `before` (bytes, last, first capture time), and removes it
+    /// when the batch had started it.
+    fn take_back(&mut self, before: (u64, Seq, u64), created: bool) -> Result<(), UndoError> {
+        // Cleared only when the journal is as it was again.
+        self.stuck = true;
+        let seg = self.segments.back_mut().expect("active segment");
+        seg.file.set_len(before.0).and_then(|_| seg.file.sync_data()).map_err(io(&seg.path))?;
+        (seg.bytes, seg.last, seg.first_at) = before;
+        if created && before.0 == 0 {
+            // An empty segment the batch started must not stay: its name claims where points begin.
+            let seg = self.segments.pop_back().expect("active segment");
+            std::fs::remove_file(&seg.path).map_err(io(&seg.path))?;
+            sr_common::crashsafe::fsync_dir(&self.dir).map_err(io(&self.dir))?;
+        }
+        self.stuck = false;
+        Ok(())
+    }
+
+    /// A batch's records could not be taken back: the journal may hold records past the applied
+    /// position, which only a restart's rollback removes.
+    pub fn needs_restart(&self) -> bool {
+        self.stuck
     }
 
     /// Starts a new segment (named `next`) when the active one is full or old, or when there is none.
@@ -467,6 +550,7 @@ impl Undo {
         let mut put = |h: Header, payload: &[u8], tag: String, w: &mut std::io::BufWriter<&File>| {
             w.write_all(&encode_header(&h))?;
             w.write_all(payload)?;
+            crate::failpoint::check("undo.write")?;
             let payload_pos = base + written + HEADER as u64;
             written += (HEADER + payload.len()) as u64;
             pending.push(Pending { h, payload_pos, tag, file: file.clone() });

@@ -184,3 +184,30 @@ fn a_failed_export_leaves_no_partial_image() {
     sr_common::http::post_json(local.addrs.mt_http, "/v1/export", &body).unwrap();
     compare(disk.to_str().unwrap(), out.to_str().unwrap()).unwrap();
 }
+
+#[test]
+fn a_full_master_target_volume_stops_apply_without_harm_and_it_resumes_when_space_returns() {
+    let dir = test_dir();
+    let size = 64 * MIB;
+    let disk = dir.path().join("source.img");
+    make_disk(&disk, size).unwrap();
+    let local = one_disk(dir.path(), &disk, &Options { batch_bytes: 1 << 20, ..Options::default() });
+    // The replica, its undo journal and the state store on a 20 MiB volume.
+    let volume = Tmpfs::mount(&local.root.join("mt"), "20m");
+    let _mt = local.start(Component::MasterTarget).unwrap();
+    let _ps = local.start(Component::ProcessServer).unwrap();
+    let _agent = local.start(Component::Agent).unwrap();
+    wait_caught_up(&local, Duration::from_secs(60)).unwrap();
+    // 40 MiB of new data (and the old contents the undo journal keeps) cannot fit.
+    let cmds: Vec<String> = (0..40).map(|i| format!("write -P {} {}M 1M", i + 1, i)).chain(["flush".into()]).collect();
+    qemu_io(&local.agent_uri("d"), &cmds).unwrap();
+    let log = local.log(Component::MasterTarget);
+    wait_for("an apply to fail on the full volume", Duration::from_secs(120), || {
+        std::fs::read_to_string(&log).unwrap_or_default().contains("rolled back")
+    });
+    // Space returns: the same batches apply, once each, and the replica equals the source.
+    run("mount", &["-o", "remount,size=256m", volume.0.to_str().unwrap()]).unwrap();
+    wait_caught_up(&local, Duration::from_secs(300)).unwrap();
+    compare(disk.to_str().unwrap(), &local.replica_uri(1)).unwrap();
+    check_apply_log(&local, 1).unwrap();
+}
