@@ -495,7 +495,26 @@ pub fn points(c: &Client, item: u64, json_out: bool) -> anyhow::Result<()> {
                 d["latest_seq"],
                 d["undo_bytes"].as_u64().unwrap_or(0) >> 20
             ));
-            for m in d["named"].as_array().into_iter().flatten() {
+            for w in d["inconsistent"].as_array().into_iter().flatten() {
+                out.push(format!(
+                    "  not crash-consistent after seq {} ({}) {} ({:.0} s): blocks copied in block order; \
+                     latest resolves to before it",
+                    w["begin_seq"],
+                    w["begin_time"].as_str().unwrap_or("-"),
+                    if w["open"] == true {
+                        "until now".to_string()
+                    } else {
+                        format!("until seq {} ({})", w["end_seq"], w["end_time"].as_str().unwrap_or("-"))
+                    },
+                    w["seconds"].as_f64().unwrap_or(0.0)
+                ));
+            }
+            for m in d["named"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|m| !matches!(m["kind"].as_str(), Some("inconsistent-begin" | "inconsistent-end")))
+            {
                 out.push(format!(
                     "  {:<28} {:<18} {:<30} seq {}",
                     m["time"].as_str().unwrap_or("-"),

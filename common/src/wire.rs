@@ -29,7 +29,7 @@ use rkyv::util::AlignedVec;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// Version of this protocol. A peer with another version is refused at hello.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 /// Largest frame either side accepts (a batch holds at most a few MiB of changes).
 pub const MAX_FRAME: usize = 64 * 1024 * 1024;
 /// Largest single write carried in one change.
@@ -67,6 +67,12 @@ pub enum MarkerKind {
     /// A named crash-consistent point, set on every disk of a machine at one moment (the policy's
     /// crash-consistency interval, or an app-consistent point whose pre-hook failed).
     Bookmark { tag: String },
+    /// From here the stream carries blocks in block order, not write order (changes that bypassed the
+    /// journal are being copied from the dirty map, or a resync's differing blocks): the points after
+    /// this marker and before the next [`MarkerKind::InconsistentEnd`] are not crash-consistent.
+    InconsistentBegin,
+    /// Every block the replica lacked has been copied: from here points are crash-consistent again.
+    InconsistentEnd,
 }
 
 /// One change of a disk, in journal order.

@@ -194,7 +194,7 @@ async fn export(
     let progress = job.clone();
     let wait = req.wait;
     let out_path = req.path.clone();
-    let task = tokio::task::spawn_blocking(move || -> anyhow::Result<(u64, u64)> {
+    let task = tokio::task::spawn_blocking(move || -> anyhow::Result<(u64, u64, Option<String>)> {
         use anyhow::Context;
         use sr_common::nbd::Backend;
         use std::os::unix::fs::FileExt;
@@ -204,13 +204,13 @@ async fn export(
             .open(&path)
             .with_context(|| format!("creating {} (it must not exist yet)", path.display()))?;
         let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
-        let written = (|| -> anyhow::Result<(u64, u64)> {
-            let seq = match &req.point {
-                None => r.applied(),
+        let written = (|| -> anyhow::Result<(u64, u64, Option<String>)> {
+            let (seq, warning) = match &req.point {
+                None => (r.applied(), None),
                 Some(spec) => {
                     let chosen = crate::points::resolve(&s2, key.item, spec).map_err(anyhow::Error::msg)?;
                     let c = chosen.iter().find(|c| c.disk == key.disk.0).context("disk not in the item")?;
-                    sr_common::types::Seq(c.seq)
+                    (sr_common::types::Seq(c.seq), c.warning.clone())
                 }
             };
             let view = r.open_view(seq, None)?;
@@ -247,7 +247,7 @@ async fn export(
                 Sink::Qcow2(q) => q.finish()?,
                 Sink::Raw(f) => f.sync_all()?,
             }
-            Ok((seq.0, copied))
+            Ok((seq.0, copied, warning))
         })();
         match written {
             // A partial image must never pass for an export: it goes, and the error says why.
@@ -267,9 +267,10 @@ async fn export(
         let res = task.await.map_err(|e| anyhow::anyhow!("export task failed: {e}")).and_then(|r| r);
         let mut j = job.lock().expect("export job lock poisoned");
         match res {
-            Ok((seq, copied)) => {
+            Ok((seq, copied, warning)) => {
                 let v = serde_json::json!({
                     "path": out_path, "applied_seq": seq, "seq": seq, "bytes_copied": copied, "export_id": id,
+                    "warning": warning,
                 });
                 (j.state, j.percent, j.result) = ("done", 100.0, Some(v.clone()));
                 Ok(v)

@@ -12,6 +12,8 @@ pub const APPLY_SECONDS: &str = "sr_master_target_apply_seconds";
 pub const UNDO_BYTES: &str = "sr_master_target_undo_bytes";
 pub const OLDEST_POINT_AGE: &str = "sr_master_target_oldest_point_age_seconds";
 pub const EXPIRED_BYTES: &str = "sr_master_target_expired_undo_bytes_total";
+/// How long the newest points have not been crash-consistent (an open block-order window), 0 if they are.
+pub const INCONSISTENT_SECONDS: &str = "sr_master_target_inconsistent_window_seconds";
 /// Runs of the retention expiry over every replica.
 pub const EXPIRY_RUNS: &str = "sr_master_target_expiry_runs_total";
 pub const VIEWS_OPEN: &str = "sr_master_target_views_open";

@@ -48,6 +48,35 @@ pub struct Chosen {
     pub seq: u64,
     /// Capture time of the last change at the point (µs), if known.
     pub at_us: Option<u64>,
+    /// Set when the point was named explicitly but is not crash-consistent (it lies where blocks were
+    /// copied in block order).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warning: Option<String>,
+}
+
+/// The newest instant at or before `t` whose state is crash-consistent on every disk: moved back to
+/// before the window a disk's state at `t` lies in, until none does. `None`: a window reaches back past
+/// the oldest retained point.
+fn consistent_at(disks: &[Arc<Replica>], mut t: u64) -> Result<u64, String> {
+    'again: for _ in 0..1000 {
+        for r in disks {
+            let undo = r.undo.lock().expect("undo lock poisoned");
+            let seq = undo.point_at(t, r.applied()).map_err(|e| format!("disk {}: {e}", r.key.disk))?;
+            if let Some(w) = undo.window_at(seq) {
+                let Some((_, begin_at)) = w.begin else {
+                    return Err(format!(
+                        "disk {}: no crash-consistent point is retained before the blocks being copied in block \
+                         order (a resync or the journal's overflow); name a point explicitly to use one anyway",
+                        r.key.disk
+                    ));
+                };
+                t = begin_at.saturating_sub(1);
+                continue 'again;
+            }
+        }
+        return Ok(t);
+    }
+    Err("could not find a crash-consistent point common to every disk".into())
 }
 
 fn replicas_of(server: &Server, item: ItemId) -> Vec<Arc<Replica>> {
@@ -73,7 +102,7 @@ pub fn resolve(server: &Server, item: ItemId, spec: &PointSpec) -> Result<Vec<Ch
             // Every disk carries the machine's bookmarks, so each has a change at least that recent.
             let newest = disks.iter().map(|r| r.undo.lock().expect("undo lock poisoned").time_range().map(|t| t.1));
             let t = newest.collect::<Option<Vec<u64>>>().ok_or("a disk of the item has no recovery point yet")?;
-            Some(t.into_iter().min().unwrap_or(0))
+            Some(consistent_at(&disks, t.into_iter().min().unwrap_or(0))?)
         }
         _ => None,
     };
@@ -88,7 +117,17 @@ pub fn resolve(server: &Server, item: ItemId, spec: &PointSpec) -> Result<Vec<Ch
             (_, Some(t)) => undo.point_at(t, applied).map_err(|e| format!("disk {}: {e}", r.key.disk))?,
             (PointSpec::Latest, None) => {
                 undo.oldest().ok_or_else(|| format!("disk {}: no recovery points yet", r.key.disk))?;
-                applied
+                // The newest crash-consistent point: before the window the applied state lies in.
+                match undo.window_at(applied) {
+                    None => applied,
+                    Some(w) => w.begin.map(|(b, _)| b).ok_or_else(|| {
+                        format!(
+                            "disk {}: no crash-consistent point is retained before the blocks being copied in block \
+                             order (a resync or the journal's overflow); name a point explicitly to use one anyway",
+                            r.key.disk
+                        )
+                    })?,
+                }
             }
             (PointSpec::Seq(s), None) => {
                 if disks.len() > 1 {
@@ -107,7 +146,8 @@ pub fn resolve(server: &Server, item: ItemId, spec: &PointSpec) -> Result<Vec<Ch
                 // The newest tag present on every disk.
                 let mine: Vec<String> = undo
                     .marks()
-                    .filter(|m| m.kind != PointKind::InitialCopyDone && (!app || m.kind == PointKind::AppConsistent))
+                    .filter(|m| m.kind.named() && (!app || m.kind == PointKind::AppConsistent))
+                    .filter(|m| undo.window_at(m.seq).is_none())
                     .map(|m| m.tag.clone())
                     .collect();
                 drop(undo);
@@ -128,7 +168,19 @@ pub fn resolve(server: &Server, item: ItemId, spec: &PointSpec) -> Result<Vec<Ch
             (PointSpec::TimeUs(_) | PointSpec::Time(_), None) => unreachable!("times resolved above"),
         };
         let at_us = undo.time_of(seq);
-        out.push(Chosen { disk: r.key.disk.0, seq: seq.0, at_us });
+        let warning = undo.window_at(seq).map(|w| {
+            format!(
+                "disk {}: the chosen point lies where blocks were copied in block order (after seq {}{}); it is \
+                 not crash-consistent and its file systems may need repair",
+                r.key.disk,
+                w.begin.map_or("before the oldest point".to_string(), |(b, _)| b.0.to_string()),
+                w.end.map_or(", still open".to_string(), |(e, _)| format!(", until seq {}", e.0)),
+            )
+        });
+        if let Some(w) = &warning {
+            tracing::warn!(item = %item, warning = w, "a point inside a block-order window was chosen");
+        }
+        out.push(Chosen { disk: r.key.disk.0, seq: seq.0, at_us, warning });
     }
     Ok(out)
 }
@@ -308,8 +360,22 @@ impl Server {
                     .marks()
                     .map(|m| serde_json::json!({"seq": m.seq.0, "time": fmt_time(m.at_us), "at_us": m.at_us, "kind": m.kind, "tag": m.tag}))
                     .collect();
+                let windows: Vec<_> = undo
+                    .windows()
+                    .iter()
+                    .map(|w| {
+                        let until = w.end.map_or(sr_common::types::now_micros(), |e| e.1);
+                        serde_json::json!({
+                            "begin_seq": w.begin.map(|b| b.0.0), "begin_time": w.begin.map(|b| fmt_time(b.1)),
+                            "end_seq": w.end.map(|e| e.0.0), "end_time": w.end.map(|e| fmt_time(e.1)),
+                            "open": w.end.is_none(),
+                            "seconds": w.begin.map(|b| until.saturating_sub(b.1) as f64 / 1e6),
+                        })
+                    })
+                    .collect();
                 serde_json::json!({
                     "disk": r.key.disk.0,
+                    "inconsistent": windows,
                     "oldest_seq": undo.oldest().map(|s| s.0),
                     "latest_seq": r.applied().0,
                     "oldest_time": range.map(|t| fmt_time(t.0)),
@@ -333,8 +399,12 @@ impl Server {
             let cutoff = now.saturating_sub(retention * 1_000_000);
             let keep = {
                 let undo = r.undo.lock().expect("undo lock poisoned");
-                // Points at or after the one in force at the cutoff stay.
-                undo.point_at(cutoff, r.applied()).ok()
+                // Points at or after the one in force at the cutoff stay, and a block-order window keeps
+                // its beginning (so that what lies inside is always known to be inside).
+                undo.point_at(cutoff, r.applied()).ok().map(|keep| match undo.window_at(keep) {
+                    Some(crate::undo::Window { begin: Some((b, _)), .. }) => Seq(b.0.saturating_sub(1)).min(keep),
+                    _ => keep,
+                })
             };
             if let Some(keep) = keep {
                 match r.expire(keep) {
@@ -354,8 +424,12 @@ impl Server {
                 .set(undo.bytes() as f64);
             if let Some((oldest, _)) = undo.time_range() {
                 let age = now.saturating_sub(oldest) as f64 / 1e6;
-                metrics::gauge!(crate::metrics::OLDEST_POINT_AGE, "item" => item, "disk" => disk).set(age);
+                metrics::gauge!(crate::metrics::OLDEST_POINT_AGE, "item" => item.clone(), "disk" => disk.clone())
+                    .set(age);
             }
+            let open = undo.windows().last().filter(|w| w.end.is_none()).and_then(|w| w.begin);
+            let secs = open.map_or(0.0, |(_, at)| now.saturating_sub(at) as f64 / 1e6);
+            metrics::gauge!(crate::metrics::INCONSISTENT_SECONDS, "item" => item, "disk" => disk).set(secs);
         }
         metrics::counter!(crate::metrics::EXPIRY_RUNS).increment(1);
     }

@@ -41,6 +41,8 @@ const KIND_ZERO: u8 = 2;
 const KIND_APP: u8 = 3;
 const KIND_BOOKMARK: u8 = 4;
 const KIND_COPY_DONE: u8 = 5;
+const KIND_INCONSISTENT_BEGIN: u8 = 6;
+const KIND_INCONSISTENT_END: u8 = 7;
 
 /// Where the old contents of one undo record are.
 #[derive(Clone)]
@@ -69,6 +71,33 @@ pub enum PointKind {
     AppConsistent,
     CrashConsistent,
     InitialCopyDone,
+    /// Blocks arrive in block order from here: not a point to use (see [`Undo::window_at`]).
+    InconsistentBegin,
+    /// Crash-consistent again from here.
+    InconsistentEnd,
+}
+
+impl PointKind {
+    /// A named point an operator may choose (not a window's edge or the initial copy's end).
+    pub fn named(self) -> bool {
+        matches!(self, PointKind::AppConsistent | PointKind::CrashConsistent)
+    }
+}
+
+/// A stretch of the stream whose points are not crash-consistent: changes after `begin` and before
+/// `end` were copied in block order. `begin` is `None` when it started before the oldest retained
+/// point; `end` is `None` while it is still open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Window {
+    pub begin: Option<(Seq, u64)>,
+    pub end: Option<(Seq, u64)>,
+}
+
+impl Window {
+    /// Whether the state at `seq` lies inside (the edges themselves are consistent).
+    pub fn contains(&self, seq: Seq) -> bool {
+        self.begin.is_none_or(|(b, _)| seq > b) && self.end.is_none_or(|(e, _)| seq < e)
+    }
 }
 
 /// A named point: a marker the agent put in the stream.
@@ -195,6 +224,7 @@ fn decode_header(b: &[u8; HEADER]) -> Result<Header, String> {
         KIND_DATA => h.plen as u64 == h.len && h.len <= CHUNK,
         KIND_ZERO => h.plen == 0,
         KIND_APP | KIND_BOOKMARK | KIND_COPY_DONE => h.len == 0 && h.plen <= 4096,
+        KIND_INCONSISTENT_BEGIN | KIND_INCONSISTENT_END => h.len == 0 && h.plen == 0,
         _ => false,
     };
     if !ok {
@@ -390,6 +420,8 @@ impl Undo {
                 let kind = match kind {
                     KIND_APP => PointKind::AppConsistent,
                     KIND_BOOKMARK => PointKind::CrashConsistent,
+                    KIND_INCONSISTENT_BEGIN => PointKind::InconsistentBegin,
+                    KIND_INCONSISTENT_END => PointKind::InconsistentEnd,
                     _ => PointKind::InitialCopyDone,
                 };
                 self.marks.push_back(Mark { seq: h.seq, at_us: h.at, kind, tag });
@@ -565,6 +597,8 @@ impl Undo {
                         MarkerKind::AppConsistent { tag } => (KIND_APP, tag.as_str()),
                         MarkerKind::Bookmark { tag } => (KIND_BOOKMARK, tag.as_str()),
                         MarkerKind::InitialCopyDone => (KIND_COPY_DONE, ""),
+                        MarkerKind::InconsistentBegin => (KIND_INCONSISTENT_BEGIN, ""),
+                        MarkerKind::InconsistentEnd => (KIND_INCONSISTENT_END, ""),
                         MarkerKind::Flush => continue,
                     };
                     let mut end = tag.len().min(4096);
@@ -652,6 +686,16 @@ impl Undo {
         self.marks.iter()
     }
 
+    /// The retained stretches whose points are not crash-consistent, oldest first.
+    pub fn windows(&self) -> Vec<Window> {
+        windows(self.marks.iter().map(|m| (m.kind, m.seq, m.at_us)))
+    }
+
+    /// The window the state at `seq` lies in, if any.
+    pub fn window_at(&self, seq: Seq) -> Option<Window> {
+        self.windows().into_iter().find(|w| w.contains(seq))
+    }
+
     /// Time range of the retained changes (oldest, newest), µs.
     pub fn time_range(&self) -> Option<(u64, u64)> {
         Some((self.times.front()?.1, self.times.back()?.1))
@@ -689,4 +733,51 @@ pub fn fmt_time(us: u64) -> String {
         .ok()
         .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
         .unwrap_or_else(|| format!("{us} µs"))
+}
+
+/// Pairs the window edges among `marks` (kind, seq, capture time, in stream order). A second begin
+/// inside an open window and an end without one are no-ops (the agent repeats them after a restart).
+/// Expiry never drops the beginning of a window whose end it keeps (see `expire_points`).
+pub fn windows(marks: impl Iterator<Item = (PointKind, Seq, u64)>) -> Vec<Window> {
+    let mut out = Vec::new();
+    let mut open: Option<Option<(Seq, u64)>> = None;
+    for (kind, seq, at) in marks {
+        match kind {
+            PointKind::InconsistentBegin if open.is_none() => open = Some(Some((seq, at))),
+            PointKind::InconsistentEnd => {
+                if let Some(begin) = open.take() {
+                    out.push(Window { begin, end: Some((seq, at)) });
+                }
+            }
+            _ => {}
+        }
+    }
+    if let Some(begin) = open {
+        out.push(Window { begin, end: None });
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn window_edges_pair_up_and_repeats_are_harmless() {
+        use PointKind::{AppConsistent as A, InconsistentBegin as B, InconsistentEnd as E};
+        let w = |b: Option<u64>, e: Option<u64>| Window {
+            begin: b.map(|s| (Seq(s), s * 10)),
+            end: e.map(|s| (Seq(s), s * 10)),
+        };
+        let run = |m: &[(PointKind, u64)]| windows(m.iter().map(|(k, s)| (*k, Seq(*s), s * 10)));
+        assert_eq!(run(&[(A, 1)]), vec![]);
+        assert_eq!(run(&[(B, 5), (A, 7), (E, 9)]), vec![w(Some(5), Some(9))]);
+        assert_eq!(run(&[(B, 5), (B, 6), (E, 9), (E, 12)]), vec![w(Some(5), Some(9))], "repeats after a restart");
+        assert_eq!(run(&[(E, 3), (B, 5)]), vec![w(Some(5), None)], "an end no one opened is nothing");
+        let open = w(Some(5), None);
+        assert!(!open.contains(Seq(5)) && open.contains(Seq(6)) && open.contains(Seq(1 << 40)));
+        let closed = w(Some(5), Some(9));
+        assert!(!closed.contains(Seq(5)) && closed.contains(Seq(8)) && !closed.contains(Seq(9)));
+        assert!(w(None, Some(3)).contains(Seq(1)));
+    }
 }

@@ -295,6 +295,16 @@ impl ProtectedDisk {
             limit: AtomicU64::new(u64::MAX),
             metrics: DiskMetrics::new(name),
         };
+        if pd.copy_state().done && pd.mode() == Mode::Journaling && !pd.scanned() {
+            // Whether a block-order window was open before the restart is not kept: it is open while
+            // blocks remain to copy in block order, and otherwise closed (an end no one opened is nothing).
+            let mut j = pd.lock();
+            if pd.dirty_bytes() > 0 || pd.resync_state().active() {
+                j.note_bypass();
+            } else {
+                j.end_window(true).with_context(|| format!("journaling a window's end for {}", path.display()))?;
+            }
+        }
         pd.publish();
         Ok(pd)
     }
@@ -660,18 +670,55 @@ impl ProtectedDisk {
 
     /// Marks the whole disk dirty: its history is lost, every block is copied again.
     pub fn mark_all_dirty(&self) -> std::io::Result<()> {
-        let _j = self.lock();
+        let mut j = self.lock();
+        self.note_bypass(&mut j);
         self.dirty.lock().expect("dirty lock poisoned").mark_all()
     }
 
     /// Marks ranges dirty (the result of a checksum comparison).
     pub fn mark_dirty(&self, ranges: &[(u64, u64)]) -> std::io::Result<()> {
-        let _j = self.lock();
-        self.mark_dirty_locked(ranges)
+        let mut j = self.lock();
+        self.mark_dirty_locked(&mut j, ranges)
+    }
+
+    /// Blocks the replica lacks will be copied in block order: the stream's points stop being
+    /// crash-consistent from the next record until they are all copied (a scanned disk's stream never
+    /// was, between scans, and carries no window).
+    fn note_bypass(&self, j: &mut Journal) {
+        if !self.scanned() {
+            j.note_bypass();
+        }
+    }
+
+    /// Closes the block-order window once nothing is left to copy in block order: no dirty block, no
+    /// comparison running, the journal taking changes again. Called periodically by the copy loop.
+    pub fn close_window_if_caught_up(&self) -> Result<(), JournalError> {
+        let m = self.mode();
+        if !m.protected() || m == Mode::Overflow || self.dirty_bytes() > 0 || self.resync_state().active() {
+            return Ok(());
+        }
+        let mut j = self.lock();
+        if !j.in_window() || self.dirty_bytes() > 0 || self.mode() == Mode::Overflow {
+            return Ok(());
+        }
+        let end = j.end_window(false)?;
+        drop(j);
+        if let Some(seq) = end {
+            tracing::info!(
+                disk = self.name,
+                seq = seq.0,
+                "every dirty block copied: points are crash-consistent again"
+            );
+            self.after_append();
+        }
+        Ok(())
     }
 
     /// [`Self::mark_dirty`] for a caller that holds the journal's lock.
-    fn mark_dirty_locked(&self, ranges: &[(u64, u64)]) -> std::io::Result<()> {
+    fn mark_dirty_locked(&self, j: &mut Journal, ranges: &[(u64, u64)]) -> std::io::Result<()> {
+        if !ranges.is_empty() {
+            self.note_bypass(j);
+        }
         let mut d = self.dirty.lock().expect("dirty lock poisoned");
         for (o, l) in ranges {
             d.mark(*o, *l)?;
@@ -954,9 +1001,16 @@ impl ProtectedDisk {
         let mut j = self.lock();
         j.reset()?;
         if let Some(s) = split.filter(|_| from_split) {
-            self.mark_dirty_locked(&s.changed).context("marking the commit's ranges dirty")?;
+            let mut d = self.dirty.lock().expect("dirty lock poisoned");
+            for (o, l) in &s.changed {
+                d.mark(*o, *l).context("marking the commit's ranges dirty")?;
+            }
         }
         let done = j.append(&Op::Marker { kind: MarkerKind::InitialCopyDone })?;
+        if self.dirty_bytes() > 0 {
+            // The points after the new stream's start wait for the blocks changed since the failover.
+            self.note_bypass(&mut j);
+        }
         j.sync_handle().sync_data().context("syncing the journal")?;
         self.end_resync()?;
         let copy = CopyState { cursor: self.size(), done: true, done_seq: done.0, item: Some(item), ..st };
@@ -1052,6 +1106,9 @@ impl ProtectedDisk {
                     return Ok(self.disk.sync()?);
                 }
                 Route::Disk | Route::Dirty => {
+                    if d.mode == Mode::Overflow {
+                        self.note_bypass(&mut j);
+                    }
                     if d.route == Route::Dirty {
                         self.dirty.lock().expect("dirty lock poisoned").mark(offset, len)?;
                     }
@@ -1186,6 +1243,56 @@ mod tests {
         drop(pd);
         let pd = ProtectedDisk::open(DiskId(1), "d", &path, &state, 4096, None).unwrap();
         assert_eq!(read(&pd, 0), vec![0u8; 4096], "the trim past the limit was undone by a redo");
+    }
+
+    /// The marker kinds in the journal from `from` on.
+    fn markers(pd: &ProtectedDisk, from: Seq) -> Vec<MarkerKind> {
+        let mut out = Vec::new();
+        journal::read_from(&pd.segments(), from, |r| {
+            if let Op::Marker { kind } = r.op {
+                out.push(kind);
+            }
+            true
+        })
+        .unwrap();
+        out
+    }
+
+    #[test]
+    fn a_bypass_opens_a_block_order_window_that_closes_once_the_dirty_blocks_are_copied() {
+        let d = tempfile::tempdir().unwrap();
+        let path = disk(d.path(), "source.img", 1 << 20);
+        let state = d.path().join("state");
+        let pd = ProtectedDisk::open(DiskId(1), "d", &path, &state, 4096, None).unwrap();
+        pd.protect(3).unwrap();
+        pd.initial_copy(1 << 20, 64 << 20, &|| false).unwrap();
+        pd.on_applied_ack(pd.last_seq()).unwrap();
+        let before = pd.last_seq();
+        pd.set_limit(8192);
+        for i in 0..4u8 {
+            pd.write(u64::from(i) * 65536, &[i + 1; 4096], false).unwrap();
+        }
+        assert_eq!(pd.mode(), Mode::Overflow);
+        pd.mark(MarkerKind::Bookmark { tag: "during".into() }).unwrap();
+        // A bookmark taken while blocks bypass the journal comes after the window's beginning.
+        let m = markers(&pd, before.next());
+        assert_eq!(m.last(), Some(&MarkerKind::Bookmark { tag: "during".into() }));
+        assert!(m.contains(&MarkerKind::InconsistentBegin), "{m:?}");
+        pd.close_window_if_caught_up().unwrap();
+        assert!(!markers(&pd, before.next()).contains(&MarkerKind::InconsistentEnd), "still dirty: stays open");
+        // A restart keeps it open while dirty blocks remain.
+        drop(pd);
+        let pd = ProtectedDisk::open(DiskId(1), "d", &path, &state, 4096, None).unwrap();
+        pd.set_limit(1 << 20);
+        pd.copy_dirty(1 << 20, 64 << 20, &|| false).unwrap();
+        assert_eq!(pd.dirty_bytes(), 0);
+        let copied_through = pd.last_seq();
+        pd.close_window_if_caught_up().unwrap();
+        let m = markers(&pd, before.next());
+        assert_eq!(m.last(), Some(&MarkerKind::InconsistentEnd), "{m:?}");
+        assert!(pd.last_seq() > copied_through, "the end follows every copied block");
+        pd.close_window_if_caught_up().unwrap();
+        assert_eq!(pd.last_seq(), copied_through.next(), "closed once");
     }
 
     #[test]

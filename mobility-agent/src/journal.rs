@@ -40,6 +40,8 @@ const KIND_FLUSH: u8 = 3;
 const KIND_APP: u8 = 4;
 const KIND_COPY_DONE: u8 = 5;
 const KIND_BOOKMARK: u8 = 6;
+const KIND_INCONSISTENT_BEGIN: u8 = 7;
+const KIND_INCONSISTENT_END: u8 = 8;
 
 #[derive(Debug, thiserror::Error)]
 pub enum JournalError {
@@ -83,6 +85,8 @@ fn encode(seq: Seq, at: u64, op: &Op) -> Vec<u8> {
         Op::Marker { kind: MarkerKind::AppConsistent { tag } } => (KIND_APP, 0, 0, tag.as_bytes()),
         Op::Marker { kind: MarkerKind::Bookmark { tag } } => (KIND_BOOKMARK, 0, 0, tag.as_bytes()),
         Op::Marker { kind: MarkerKind::InitialCopyDone } => (KIND_COPY_DONE, 0, 0, &[]),
+        Op::Marker { kind: MarkerKind::InconsistentBegin } => (KIND_INCONSISTENT_BEGIN, 0, 0, &[]),
+        Op::Marker { kind: MarkerKind::InconsistentEnd } => (KIND_INCONSISTENT_END, 0, 0, &[]),
     };
     let mut out = Vec::with_capacity(HEADER + payload.len());
     out.extend_from_slice(&encode_header(seq, at, kind, offset, arg, payload));
@@ -179,6 +183,8 @@ pub fn scan(
                 Op::Marker { kind: MarkerKind::Bookmark { tag: String::from_utf8_lossy(&payload).into_owned() } }
             }
             KIND_COPY_DONE => Op::Marker { kind: MarkerKind::InitialCopyDone },
+            KIND_INCONSISTENT_BEGIN => Op::Marker { kind: MarkerKind::InconsistentBegin },
+            KIND_INCONSISTENT_END => Op::Marker { kind: MarkerKind::InconsistentEnd },
             _ => return Ok(ScanEnd { good_end: pos, error: Some(format!("unknown record kind {kind}")) }),
         };
         pos += HEADER as u64 + plen as u64;
@@ -267,6 +273,11 @@ fn decode_mark(slot: &[u8]) -> Option<(u64, Seq)> {
 
 pub struct Journal {
     dir: PathBuf,
+    /// A change bypassed the journal (it went to the dirty map): whatever is appended next belongs to a
+    /// stretch the replica receives in block order, so an InconsistentBegin marker goes first.
+    window_pending: bool,
+    /// An InconsistentBegin marker was appended and its InconsistentEnd not yet.
+    window_open: bool,
     /// Why the journal takes no more appends (a torn append that could not be cut off), until restart.
     broken: Option<String>,
     /// Every record up to this one is on the disk: a restart redoes only what follows.
@@ -387,6 +398,8 @@ impl Journal {
         }
         Ok(Journal {
             dir: dir.to_path_buf(),
+            window_pending: false,
+            window_open: false,
             broken: None,
             mark,
             last_change,
@@ -402,6 +415,9 @@ impl Journal {
     /// Appends one change and returns its sequence number. The bytes are in the kernel when this returns;
     /// they are durable after the next [`Journal::sync_handle`] fsync.
     pub fn append(&mut self, op: &Op) -> Result<Seq, JournalError> {
+        if !matches!(op, Op::Marker { kind: MarkerKind::InconsistentEnd }) {
+            self.open_window_if_due()?;
+        }
         let rec = encode(self.next, sr_common::types::now_micros(), op);
         let change = matches!(op, Op::Write { .. } | Op::Zero { .. });
         self.append_parts(&rec, &[], change)
@@ -410,9 +426,22 @@ impl Journal {
     /// [`Journal::append`] of a write: the header and the caller's data go out in one `writev`,
     /// without copying the data.
     pub fn append_write(&mut self, offset: u64, data: &[u8]) -> Result<Seq, JournalError> {
+        self.open_window_if_due()?;
         let header =
             encode_header(self.next, sr_common::types::now_micros(), KIND_WRITE, offset, data.len() as u64, data);
         self.append_parts(&header, data, true)
+    }
+
+    /// The record after a bypass opens the window: its marker goes in before the caller's record
+    /// (which is encoded with its sequence number only after this).
+    fn open_window_if_due(&mut self) -> Result<(), JournalError> {
+        if self.window_pending && !self.window_open {
+            let begin =
+                encode(self.next, sr_common::types::now_micros(), &Op::Marker { kind: MarkerKind::InconsistentBegin });
+            self.append_parts(&begin, &[], false)?;
+            self.window_open = true;
+        }
+        Ok(())
     }
 
     fn append_parts(&mut self, head: &[u8], tail: &[u8], change: bool) -> Result<Seq, JournalError> {
@@ -486,6 +515,8 @@ impl Journal {
         }
         self.segments.clear();
         self.broken = None;
+        self.window_pending = false;
+        self.window_open = false;
         // The mark goes back to 0 before a record of the new journal exists (a crash before this line
         // leaves no segment, and opening an empty journal clears the mark too).
         sr_common::crashsafe::fsync_dir(&self.dir).map_err(io(&self.dir))?;
@@ -501,6 +532,30 @@ impl Journal {
         self.logical = 0;
         self.marks.clear();
         Ok(())
+    }
+
+    /// A change bypassed the journal: the next record opens a block-order window.
+    pub fn note_bypass(&mut self) {
+        self.window_pending = true;
+    }
+
+    /// Every block that bypassed the journal is in it again: closes the window (an InconsistentEnd
+    /// marker) if one is open, or when `force` (at start, when it may have been open before a restart;
+    /// a receiver treats an end without a beginning as nothing). Returns the marker's seq.
+    pub fn end_window(&mut self, force: bool) -> Result<Option<Seq>, JournalError> {
+        let open = self.window_open;
+        self.window_pending = false;
+        if !(open || force) {
+            return Ok(None);
+        }
+        let seq = self.append(&Op::Marker { kind: MarkerKind::InconsistentEnd })?;
+        self.window_open = false;
+        Ok(Some(seq))
+    }
+
+    /// Whether a block-order window is open or about to open.
+    pub fn in_window(&self) -> bool {
+        self.window_open || self.window_pending
     }
 
     /// Every record up to this one is known to be on the disk.

@@ -143,6 +143,9 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Resul
                 return;
             }
             d.recheck_overflow();
+            if let Err(e) = d.close_window_if_caught_up() {
+                tracing::warn!(disk = d.name, error = %e, "could not journal the end of a block-order window; retrying");
+            }
             if d.scanned() && d.journaling() {
                 let r = if d.copy_state().done {
                     let due =

@@ -211,3 +211,82 @@ fn a_full_master_target_volume_stops_apply_without_harm_and_it_resumes_when_spac
     compare(disk.to_str().unwrap(), &local.replica_uri(1)).unwrap();
     check_apply_log(&local, 1).unwrap();
 }
+
+/// An ext4 image of `size` bytes holding `files` files of random data made from `seed`.
+fn ext4_image(dir: &std::path::Path, name: &str, size: u64, files: usize, seed: u64) -> std::path::PathBuf {
+    use rand::{RngCore, SeedableRng};
+    let content = dir.join(format!("{name}.d"));
+    std::fs::create_dir_all(&content).unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    for i in 0..files {
+        let mut data = vec![0u8; 256 << 10];
+        rng.fill_bytes(&mut data);
+        std::fs::write(content.join(format!("f{i}")), data).unwrap();
+    }
+    let img = dir.join(format!("{name}.img"));
+    run(
+        "mke2fs",
+        &[
+            "-q",
+            "-F",
+            "-t",
+            "ext4",
+            "-d",
+            content.to_str().unwrap(),
+            img.to_str().unwrap(),
+            &format!("{}k", size >> 10),
+        ],
+    )
+    .unwrap();
+    img
+}
+
+#[test]
+fn primary_lost_during_a_dirty_copy_fails_over_to_the_last_crash_consistent_point() {
+    let dir = test_dir();
+    let size = 64 * MIB;
+    let gen1 = ext4_image(dir.path(), "gen1", size, 40, 1);
+    let gen2 = ext4_image(dir.path(), "gen2", size, 120, 2);
+    let disk = dir.path().join("source.img");
+    std::fs::copy(&gen1, &disk).unwrap();
+    // Small copy chunks and a small journal: the dirty copy takes many round trips.
+    let opts = Options { batch_bytes: 128 << 10, copy_chunk_bytes: 64 << 10, ..Options::default() };
+    let local = one_disk(dir.path(), &disk, &opts);
+    let env = [("SR_AGENT__JOURNAL__LIMIT_BYTES", "524288")];
+    let _mt = local.start(Component::MasterTarget).unwrap();
+    let ps = local.start(Component::ProcessServer).unwrap();
+    let agent = local.start_env(Component::Agent, &env).unwrap();
+    wait_caught_up(&local, Duration::from_secs(120)).unwrap();
+    // The new generation lands in one write past the journal's limit: it goes to the dirty map.
+    ps.kill();
+    let uri = local.agent_uri("d");
+    qemu_io(&uri, &[format!("write -s {} 0 {}", gen2.display(), size), "flush".into()]).unwrap();
+    assert_eq!(local.agent_status().unwrap()["disks"][0]["overflow"], true);
+    let _ps = local.start(Component::ProcessServer).unwrap();
+    // The dirty blocks reach the master target in block order; part way, the primary site is lost.
+    let points = || {
+        sr_common::http::get_json(local.addrs.mt_http, &format!("/v1/points?item={}", local.item)).unwrap()["disks"][0]
+            .clone()
+    };
+    wait_for("the dirty copy to be part way applied", Duration::from_secs(120), || {
+        let p = points();
+        let open = p["inconsistent"].as_array().and_then(|w| w.last()).filter(|w| w["open"] == true).cloned();
+        open.is_some_and(|w| p["latest_seq"].as_u64().unwrap() > w["begin_seq"].as_u64().unwrap() + 2)
+    });
+    agent.kill();
+    let p = points();
+    let window = p["inconsistent"].as_array().unwrap().last().unwrap().clone();
+    assert_eq!(window["open"], true, "the copy finished before the primary was lost: {p}");
+    assert!(window["seconds"].as_f64().unwrap() >= 0.0, "{p}");
+    // Failover to the latest point: the state before the window, a file system that checks clean.
+    let out = dir.path().join("failover.img");
+    let body = serde_json::json!({ "item": local.item, "disk": 1, "path": out, "point": "latest" });
+    sr_common::http::post_json(local.addrs.mt_http, "/v1/export", &body).unwrap();
+    compare(gen1.to_str().unwrap(), out.to_str().unwrap()).unwrap();
+    run("e2fsck", &["-fn", out.to_str().unwrap()]).unwrap();
+    // Naming the torn state explicitly still works, with a warning.
+    let body = serde_json::json!({ "item": local.item, "disk": 1, "path": dir.path().join("torn.img"),
+        "point": { "seq": p["latest_seq"] } });
+    let r = sr_common::http::post_json(local.addrs.mt_http, "/v1/export", &body).unwrap();
+    assert!(r.to_string().contains("not crash-consistent"), "{r}");
+}
