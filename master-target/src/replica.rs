@@ -408,6 +408,60 @@ mod tests {
     }
 
     #[test]
+    fn a_damaged_undo_payload_is_an_error_when_read_never_wrong_data() {
+        let mut rig = Rig::new(64 << 20);
+        rig.apply(vec![Op::Marker { kind: MarkerKind::InitialCopyDone }]);
+        rig.apply(vec![Op::Write { offset: 0, data: vec![0x11; 8192] }]);
+        let point = rig.replica.applied();
+        rig.apply(vec![Op::Write { offset: 0, data: vec![0x22; 8192] }]);
+        // One byte of the old contents (0x11) flipped on disk.
+        let seg = std::fs::read_dir(rig.dir.path().join("undo")).unwrap().last().unwrap().unwrap().path();
+        let mut raw = std::fs::read(&seg).unwrap();
+        let at = raw.windows(64).rposition(|w| w.iter().all(|b| *b == 0x11)).unwrap();
+        raw[at + 10] ^= 0xff;
+        std::fs::write(&seg, &raw).unwrap();
+        for replica in [rig.replica.clone(), open(rig.dir.path(), rig.replica.applied(), 64 << 20)] {
+            let v = replica.open_view(point, None).unwrap();
+            let mut buf = vec![0u8; 4096];
+            let e = v.read(4096, &mut buf).unwrap_err();
+            assert!(e.to_string().contains("does not match its checksum"), "{e}");
+        }
+    }
+
+    #[test]
+    fn damaged_undo_bytes_are_errors_never_panics() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(60);
+        let mut rig = Rig::new(64 << 20);
+        rig.apply(vec![Op::Marker { kind: MarkerKind::InitialCopyDone }]);
+        for _ in 0..6 {
+            rig.apply(random_ops(&mut rng, 5));
+        }
+        let applied = rig.replica.applied();
+        let seg = std::fs::read_dir(rig.dir.path().join("undo")).unwrap().last().unwrap().unwrap().path();
+        let good = std::fs::read(&seg).unwrap();
+        for _ in 0..300 {
+            let mut b = good.clone();
+            for _ in 0..rng.gen_range(1..5) {
+                let i = rng.gen_range(0..b.len());
+                b[i] = rng.gen();
+            }
+            let t = tempfile::tempdir().unwrap();
+            std::fs::create_dir_all(t.path().join("undo")).unwrap();
+            std::fs::write(t.path().join("undo").join(seg.file_name().unwrap()), &b).unwrap();
+            std::fs::copy(rig.dir.path().join("replica.img"), t.path().join("replica.img")).unwrap();
+            let disk = DiskFile::open_or_create(&t.path().join("replica.img"), SIZE).unwrap();
+            if let Ok(undo) = Undo::open(&t.path().join("undo"), 64 << 20, 3600, applied, &disk) {
+                let r = Arc::new(Replica::new(KEY, disk, applied, undo));
+                let oldest = r.undo.lock().unwrap().oldest();
+                if let Some(v) = oldest.and_then(|o| r.open_view(o, None).ok()) {
+                    let mut buf = vec![0u8; SIZE as usize];
+                    let _ = v.read(0, &mut buf);
+                }
+            }
+        }
+    }
+
+    #[test]
     fn every_point_reads_as_the_source_did_then() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(7);
         let mut rig = Rig::new(64 << 20);

@@ -48,11 +48,51 @@ const KIND_INCONSISTENT_END: u8 = 7;
 #[derive(Clone)]
 pub enum Old {
     Zero,
-    /// In `file` from byte `pos`.
+    /// In `file` from byte `pos`; `check` is the whole record's payload checksum.
     Data {
         file: Arc<File>,
         pos: u64,
+        check: Arc<PayloadCheck>,
     },
+}
+
+/// A record payload's checksum, checked the first time any part of it is read (then remembered), so
+/// that a point is never read from undo bytes that changed on disk.
+#[derive(Debug)]
+pub struct PayloadCheck {
+    /// Where the payload starts in its file, its length and its crc32c.
+    pub pos: u64,
+    pub len: u32,
+    pub crc: u32,
+    verified: std::sync::atomic::AtomicBool,
+}
+
+impl PayloadCheck {
+    pub fn new(pos: u64, len: u32, crc: u32) -> PayloadCheck {
+        PayloadCheck { pos, len, crc, verified: std::sync::atomic::AtomicBool::new(false) }
+    }
+
+    /// Reads the whole payload once and compares its checksum; an error says where it is corrupt.
+    pub fn verify(&self, file: &File) -> std::io::Result<()> {
+        use std::sync::atomic::Ordering;
+        if self.verified.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let mut buf = vec![0u8; self.len as usize];
+        file.read_exact_at(&mut buf, self.pos)?;
+        if crc32c::crc32c(&buf) != self.crc {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!(
+                    "undo record payload at offset {} does not match its checksum: this recovery point is damaged; \
+                     choose a later point, or resync the item",
+                    self.pos
+                ),
+            ));
+        }
+        self.verified.store(true, Ordering::Release);
+        Ok(())
+    }
 }
 
 /// One record's range and where its old contents are.
@@ -414,7 +454,9 @@ impl Undo {
             self.times.push_back((h.seq, at));
         }
         let old = match h.kind {
-            KIND_DATA => Old::Data { file, pos: payload_pos },
+            KIND_DATA => {
+                Old::Data { file, pos: payload_pos, check: Arc::new(PayloadCheck::new(payload_pos, h.plen, h.pcrc)) }
+            }
             KIND_ZERO => Old::Zero,
             kind => {
                 let kind = match kind {

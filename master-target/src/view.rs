@@ -30,7 +30,7 @@ pub struct ViewMap {
 fn advance(old: &Old, by: u64) -> Old {
     match old {
         Old::Zero => Old::Zero,
-        Old::Data { file, pos } => Old::Data { file: file.clone(), pos: pos + by },
+        Old::Data { file, pos, check } => Old::Data { file: file.clone(), pos: pos + by, check: check.clone() },
     }
 }
 
@@ -93,7 +93,10 @@ impl ViewMap {
             let dst = &mut buf[(cursor - offset) as usize..(to - offset) as usize];
             match old {
                 Old::Zero => dst.fill(0),
-                Old::Data { file, pos } => file.read_exact_at(dst, pos + (cursor - s))?,
+                Old::Data { file, pos, check } => {
+                    check.verify(file)?;
+                    file.read_exact_at(dst, pos + (cursor - s))?
+                }
             }
             cursor = to;
         }
@@ -287,7 +290,10 @@ mod tests {
     use super::*;
 
     fn rec(seq: u64, offset: u64, len: u64, pos: u64, file: &Arc<File>) -> Rec {
-        Rec { seq: Seq(seq), offset, len, old: Old::Data { file: file.clone(), pos } }
+        let mut payload = vec![0u8; len as usize];
+        file.read_exact_at(&mut payload, pos).unwrap();
+        let check = Arc::new(crate::undo::PayloadCheck::new(pos, len as u32, crc32c::crc32c(&payload)));
+        Rec { seq: Seq(seq), offset, len, old: Old::Data { file: file.clone(), pos, check } }
     }
 
     #[test]
