@@ -164,7 +164,10 @@ pub async fn serve<T, H>(
             let peer = conn.remote_address();
             if let Err(e) = require_peer_role(&conn, role) {
                 tracing::warn!(%peer, error = %e, "refusing connection");
-                conn.close(1u32.into(), format!("certificate does not name the {} role", role.name()).as_bytes());
+                conn.close(
+                    crate::wire::CLOSE_WRONG_ROLE.into(),
+                    format!("certificate does not name the {} role", role.name()).as_bytes(),
+                );
                 return;
             }
             (handlers.0)(&conn);
@@ -177,7 +180,8 @@ pub async fn serve<T, H>(
                 tokio::spawn(async move {
                     if let Err(e) = (handlers.1)(&mut send, recv).await {
                         tracing::warn!(%peer, error = format!("{e:#}"), "stream from the {} refused", role.name());
-                        let msg = crate::wire::Message::Error { message: format!("{e:#}") };
+                        let code = crate::wire::code_of(&e);
+                        let msg = crate::wire::Message::Error { code, message: format!("{e:#}") };
                         let _ = crate::wire::write_msg(&mut send, &msg).await;
                         let _ = send.finish();
                     }

@@ -53,27 +53,21 @@ pub fn reconnect_delay(attempt: u32, policy: &RetryPolicy, jitter: f64) -> Durat
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ErrorClass {
     Recoverable,
-    /// Retrying cannot help; the reason is for the operator.
-    Fatal(String),
+    /// Retrying cannot help: what kind of failure, and the reason for the operator.
+    Fatal {
+        code: crate::wire::ErrorCode,
+        reason: String,
+    },
 }
 
-/// Sorts an error by its whole cause chain.
+/// Sorts an error by the [`crate::wire::ErrorCode`] its cause chain carries (never by its text).
 pub fn classify(err: &anyhow::Error) -> ErrorClass {
-    let text = format!("{err:#}");
-    const FATAL: &[(&str, &str)] = &[
-        ("Revoked", "the certificate was revoked"),
-        ("UnknownIssuer", "the peer's certificate is not from this deployment's CA"),
-        ("BadSignature", "a certificate signature is invalid"),
-        ("Expired", "a certificate expired"),
-        ("does not name the", "a certificate does not name the expected role"),
-        ("not assigned to", "the item is not assigned to that process server"),
-        ("is not configured on", "the item is not configured on the peer"),
-        ("needs a resync", "the replica chain is broken and needs a resync"),
-    ];
-    FATAL
-        .iter()
-        .find(|(needle, _)| text.contains(needle))
-        .map_or(ErrorClass::Recoverable, |(_, why)| ErrorClass::Fatal(format!("{why}: {text}")))
+    let code = crate::wire::code_of(err);
+    if code.fatal() {
+        ErrorClass::Fatal { code, reason: format!("{}: {err:#}", code.describe()) }
+    } else {
+        ErrorClass::Recoverable
+    }
 }
 
 #[cfg(test)]
@@ -114,12 +108,26 @@ mod tests {
     }
 
     #[test]
-    fn classification() {
-        let revoked = anyhow::anyhow!("handshake failed: invalid peer certificate: Revoked").context("connecting");
-        assert!(matches!(classify(&revoked), ErrorClass::Fatal(r) if r.contains("revoked")));
+    fn classification_by_code_never_by_text() {
+        use crate::wire::{Coded, ErrorCode, WireError};
+        // Text that once meant "fatal" is just text now.
+        let worded = anyhow::anyhow!("the disk needs a resync; certificate Revoked; not assigned to");
+        assert_eq!(classify(&worded), ErrorClass::Recoverable);
+        let gap = anyhow::Error::new(Coded::new(ErrorCode::ChainBroken, "gap: expected seq 9")).context("shipping");
+        assert!(matches!(classify(&gap), ErrorClass::Fatal { code: ErrorCode::ChainBroken, .. }));
+        let peer = anyhow::Error::new(WireError::Peer { code: ErrorCode::NotAssigned, message: "x".into() });
+        assert!(matches!(classify(&peer), ErrorClass::Fatal { code: ErrorCode::NotAssigned, .. }));
+        let transient = anyhow::Error::new(WireError::Peer { code: ErrorCode::Transient, message: "x".into() });
+        assert_eq!(classify(&transient), ErrorClass::Recoverable);
+        // A QUIC connection closed with a certificate alert (0x100 + 44, certificate_revoked).
+        let closed = quinn::ConnectionError::ConnectionClosed(quinn::ConnectionClose {
+            error_code: quinn::TransportErrorCode::crypto(44),
+            frame_type: None,
+            reason: "invalid peer certificate".into(),
+        });
+        let revoked = anyhow::Error::new(closed).context("connecting");
+        assert!(matches!(classify(&revoked), ErrorClass::Fatal { code: ErrorCode::CertificateRejected, .. }));
         let net = anyhow::anyhow!("timed out").context("connecting to process-server at 10.0.0.1:7443");
         assert_eq!(classify(&net), ErrorClass::Recoverable);
-        let gap = anyhow::anyhow!("item 1 disk 1: gap: expected seq 9, batch starts at 12; the disk needs a resync");
-        assert!(matches!(classify(&gap), ErrorClass::Fatal(_)));
     }
 }

@@ -29,7 +29,7 @@ use rkyv::util::AlignedVec;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// Version of this protocol. A peer with another version is refused at hello.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 /// Largest frame either side accepts (a batch holds at most a few MiB of changes).
 pub const MAX_FRAME: usize = 64 * 1024 * 1024;
 /// Largest single write carried in one change.
@@ -147,7 +147,10 @@ pub enum Message {
     AppliedAck {
         through: Seq,
     },
+    /// The peer refused the stream: `code` says what kind of failure it is (whether retrying can help),
+    /// `message` what happened, for the operator.
     Error {
+        code: ErrorCode,
         message: String,
     },
     /// Starts a checksum comparison of a disk's replica (agent to master target, relayed by the process
@@ -171,6 +174,109 @@ pub enum Message {
     },
 }
 
+/// What kind of failure a refusal is: what a component decides on (retry, stop, raise Critical or
+/// Resync required), never the text of the message.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    rkyv::Archive,
+    rkyv::Serialize,
+    rkyv::Deserialize,
+    serde::Serialize,
+    serde::Deserialize,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// A failure retrying may get past (network, a peer restarting, disk full).
+    Transient,
+    /// The item is not assigned to the peer (not yet, or no longer).
+    NotAssigned,
+    /// The item is not configured on the peer (no key for it).
+    NotConfigured,
+    /// The peer's certificate does not name the role it must have.
+    WrongRole,
+    /// A certificate was refused: revoked, expired, or not from this deployment's CA.
+    CertificateRejected,
+    /// Sequence numbers have a gap, or a journal or cache is corrupt: the replica chain is broken and
+    /// only a resync repairs it.
+    ChainBroken,
+    /// The replica cannot be used (missing, or its disk cannot be adopted).
+    ReplicaUnusable,
+}
+
+impl ErrorCode {
+    /// Retrying cannot help: stop and raise it to the operator.
+    pub fn fatal(self) -> bool {
+        self != ErrorCode::Transient
+    }
+
+    /// What the operator is told the failure is.
+    pub fn describe(self) -> &'static str {
+        match self {
+            ErrorCode::Transient => "a transient failure",
+            ErrorCode::NotAssigned => "the item is not assigned to that peer",
+            ErrorCode::NotConfigured => "the item is not configured on the peer",
+            ErrorCode::WrongRole => "a certificate does not name the expected role",
+            ErrorCode::CertificateRejected => "a certificate was refused (revoked, expired or from another CA)",
+            ErrorCode::ChainBroken => "the replica chain is broken and needs a resync",
+            ErrorCode::ReplicaUnusable => "the replica cannot be used",
+        }
+    }
+}
+
+/// An error tagged with its [`ErrorCode`] where it arises, so that whoever handles it decides by the code.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct Coded {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl Coded {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Coded {
+        Coded { code, message: message.into() }
+    }
+}
+
+/// TLS alerts that mean a certificate was refused (RFC 8446 section 6.2).
+const CERTIFICATE_ALERTS: &[u8] = &[42, 43, 44, 45, 46, 48, 49, 51, 116];
+/// The application close code the accept loop uses for a certificate without the expected role.
+pub const CLOSE_WRONG_ROLE: u32 = 1;
+
+/// The code of an error: the first tagged cause in its chain (a [`Coded`] error, a peer's refusal, a
+/// QUIC connection closed for a certificate or role), else [`ErrorCode::Transient`].
+pub fn code_of(err: &anyhow::Error) -> ErrorCode {
+    for cause in err.chain() {
+        if let Some(c) = cause.downcast_ref::<Coded>() {
+            return c.code;
+        }
+        if let Some(WireError::Peer { code, .. }) = cause.downcast_ref::<WireError>() {
+            return *code;
+        }
+        if let Some(e) = cause.downcast_ref::<quinn::ConnectionError>() {
+            let transport = match e {
+                quinn::ConnectionError::TransportError(t) => Some(u64::from(t.code)),
+                quinn::ConnectionError::ConnectionClosed(c) => Some(u64::from(c.error_code)),
+                quinn::ConnectionError::ApplicationClosed(a) if a.error_code == CLOSE_WRONG_ROLE.into() => {
+                    return ErrorCode::WrongRole
+                }
+                _ => None,
+            };
+            // Crypto errors are 0x100 + the TLS alert.
+            if let Some(code) = transport.filter(|c| (0x100..0x200).contains(c)) {
+                if CERTIFICATE_ALERTS.contains(&((code - 0x100) as u8)) {
+                    return ErrorCode::CertificateRejected;
+                }
+            }
+        }
+    }
+    ErrorCode::Transient
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum WireError {
     #[error("connection closed by peer")]
@@ -185,8 +291,8 @@ pub enum WireError {
     Version { theirs: u32 },
     #[error("unexpected message: expected {expected}, got {got}")]
     Unexpected { expected: &'static str, got: String },
-    #[error("peer reported an error: {0}")]
-    Peer(String),
+    #[error("peer reported an error: {message}")]
+    Peer { code: ErrorCode, message: String },
     #[error("invalid batch: {0}")]
     InvalidBatch(String),
 }
@@ -292,8 +398,8 @@ pub async fn read_msg<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<Message>
     })?;
     let msg = rkyv::from_bytes::<Message, rancor::Error>(&body)
         .map_err(|e| WireError::Malformed { len, reason: e.to_string() })?;
-    if let Message::Error { message } = msg {
-        return Err(WireError::Peer(message));
+    if let Message::Error { code, message } = msg {
+        return Err(WireError::Peer { code, message });
     }
     Ok(Some(msg))
 }

@@ -361,13 +361,14 @@ async fn failover_steps(cs: &Arc<Cs>, id: u64, job_id: u64) -> Result<Value, Str
 
 /// Creates the failover view, or finds it open already (a failover resumed after a restart).
 async fn ensure_view(mt: &(String, std::net::SocketAddr), body: Value) -> Result<Value, String> {
-    match mt_call(mt, "POST", "/v1/views", Some(body.clone())).await {
+    match crate::recovery::mt_call_status(mt, "POST", "/v1/views", Some(body.clone())).await {
         Ok(v) => Ok(v),
-        Err(e) if e.contains("already open") => {
+        // 409: a view of that name is open already.
+        Err(e) if e.status == Some(409) => {
             let all = mt_call(mt, "GET", "/v1/views", None).await?;
-            all["views"].as_array().into_iter().flatten().find(|v| v["name"] == body["name"]).cloned().ok_or(e)
+            all["views"].as_array().into_iter().flatten().find(|v| v["name"] == body["name"]).cloned().ok_or(e.message)
         }
-        Err(e) => Err(e),
+        Err(e) => Err(e.message),
     }
 }
 

@@ -77,6 +77,24 @@ pub async fn mt_call(
     path: &str,
     body: Option<Value>,
 ) -> Result<Value, String> {
+    mt_call_status(mt, method, path, body).await.map_err(|e| e.message)
+}
+
+/// A master target's refusal: its HTTP status (none when it could not be reached) and message.
+#[derive(Debug)]
+pub struct MtError {
+    pub status: Option<u16>,
+    pub message: String,
+}
+
+/// [`mt_call`] keeping the HTTP status of a refusal, for callers that decide by it.
+pub async fn mt_call_status(
+    mt: &(String, std::net::SocketAddr),
+    method: &str,
+    path: &str,
+    body: Option<Value>,
+) -> Result<Value, MtError> {
+    let unreachable = |message: String| MtError { status: None, message };
     let (name, addr) = mt.clone();
     let (method, path) = (method.to_string(), path.to_string());
     let res = tokio::task::spawn_blocking(move || {
@@ -84,12 +102,12 @@ pub async fn mt_call(
         sr_common::http::request(addr, &method, &path, body.as_deref())
     })
     .await
-    .map_err(|e| e.to_string())?;
-    let (code, text) = res.map_err(|e| format!("master target {name} at {addr}: {e:#}"))?;
+    .map_err(|e| unreachable(e.to_string()))?;
+    let (code, text) = res.map_err(|e| unreachable(format!("master target {name} at {addr}: {e:#}")))?;
     let v: Value = serde_json::from_str(&text).unwrap_or(Value::String(text));
     if code != 200 {
         let msg = v["error"].as_str().map(str::to_string).unwrap_or_else(|| v.to_string());
-        return Err(format!("master target {name}: {msg}"));
+        return Err(MtError { status: Some(code), message: format!("master target {name}: {msg}") });
     }
     Ok(v)
 }
@@ -237,9 +255,11 @@ pub async fn test_failover_cleanup(AxState(cs): AxState<Arc<Cs>>, h: HeaderMap, 
     job.step(0)?;
     let view = tf["view"].as_str().unwrap_or_default().to_string();
     if let Ok(mt) = master_target(&cs, &item) {
-        if let Err(e) = mt_call(&mt, "DELETE", &format!("/v1/views/{view}"), None).await {
-            // Already gone (a master target that lost it) is fine; anything else fails the job.
-            if !e.contains("no view named") {
+        if let Err(MtError { status, message: e }) =
+            mt_call_status(&mt, "DELETE", &format!("/v1/views/{view}"), None).await
+        {
+            // Already gone (404: a master target that lost it) is fine; anything else fails the job.
+            if status != Some(404) {
                 let job = job.fail(&e)?;
                 return Err(ApiError::conflict(&format!("cleanup failed (job {}): {e}", job.id)));
             }

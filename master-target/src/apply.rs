@@ -39,7 +39,14 @@ pub async fn session(
         other => bail!("expected Open or TreeOpen, got {}", other.kind()),
     };
     let Some(item_key) = server.item_key(item) else {
-        bail!("item {item} is not configured on master target {}: add its key to the [[item]] list", server.cfg.node);
+        return Err(sr_common::wire::Coded::new(
+            sr_common::wire::ErrorCode::NotConfigured,
+            format!(
+                "item {item} is not configured on master target {}: add its key to the [[item]] list",
+                server.cfg.node
+            ),
+        )
+        .into());
     };
     let key = StreamKey { item, disk };
     let replica = server.replica(key, disk_size)?;

@@ -293,7 +293,10 @@ impl Server {
         if let Err(e) = r {
             tracing::warn!(%key, error = %e, "recording the end of the stream");
         }
-        self.broken.lock().expect("broken lock poisoned").insert(key, format!("the stream ended: {why}"));
+        self.broken
+            .lock()
+            .expect("broken lock poisoned")
+            .insert(key, crate::Broken::new(crate::BrokenKind::Ended, format!("the stream ended: {why}")));
     }
 
     /// Streams ended by a commit before a restart.
@@ -310,7 +313,10 @@ impl Server {
                 disk: sr_common::types::DiskId(disk),
             };
             let why = v["why"].as_str().unwrap_or("a failover commit").to_string();
-            self.broken.lock().expect("broken lock poisoned").insert(key, format!("the stream ended: {why}"));
+            self.broken
+                .lock()
+                .expect("broken lock poisoned")
+                .insert(key, crate::Broken::new(crate::BrokenKind::Ended, format!("the stream ended: {why}")));
         }
     }
 

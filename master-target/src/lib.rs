@@ -45,7 +45,7 @@ pub struct Server {
     /// Open process-server connections, closed when the revocation list changes.
     pub conns: Mutex<Vec<quinn::Connection>>,
     /// Streams whose replica cannot be used, with the reason; sessions for them are refused.
-    broken: Mutex<HashMap<StreamKey, String>>,
+    broken: Mutex<HashMap<StreamKey, Broken>>,
     exports: Arc<Exports>,
     /// Open views of recovery points, by name.
     views: Mutex<HashMap<String, Arc<points::OpenView>>>,
@@ -54,6 +54,31 @@ pub struct Server {
     pub next_export: std::sync::atomic::AtomicU64,
     /// Retention per item from the configuration server's policies, persisted.
     retention: retention::Retention,
+}
+
+/// Why a stream's replica cannot be used; its sessions are refused with [`ErrorCode::ReplicaUnusable`].
+///
+/// [`ErrorCode::ReplicaUnusable`]: sr_common::wire::ErrorCode::ReplicaUnusable
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum BrokenKind {
+    /// The replica file is missing although changes were applied to it.
+    Lost,
+    /// The assigned disk could not be adopted (cleared when a later adoption succeeds).
+    AdoptFailed,
+    /// A failover commit handed the replica over: the stream is over for good.
+    Ended,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct Broken {
+    kind: BrokenKind,
+    why: String,
+}
+
+impl Broken {
+    pub(crate) fn new(kind: BrokenKind, why: String) -> Broken {
+        Broken { kind, why }
+    }
 }
 
 /// Why a stream is refused while the disk it must replicate into cannot be used.
@@ -88,8 +113,12 @@ impl Server {
 
     /// The replica of `key`, created when it is new.
     pub fn replica(&self, key: StreamKey, disk_size: u64) -> anyhow::Result<Arc<Replica>> {
-        if let Some(why) = self.broken.lock().expect("broken lock poisoned").get(&key) {
-            anyhow::bail!("{key}: {why}");
+        if let Some(b) = self.broken.lock().expect("broken lock poisoned").get(&key) {
+            return Err(sr_common::wire::Coded::new(
+                sr_common::wire::ErrorCode::ReplicaUnusable,
+                format!("{key}: {}", b.why),
+            )
+            .into());
         }
         let mut g = self.replicas.lock().expect("replicas lock poisoned");
         if let Some(r) = g.get(&key) {
@@ -179,7 +208,11 @@ pub async fn run(cfg: MtConfig, shutdown: CancellationToken) -> anyhow::Result<(
             }
             Err(e) => {
                 tracing::error!(%key, error = format!("{e:#}"), "replica unusable; its stream is refused");
-                server.broken.lock().expect("broken lock poisoned").insert(key, format!("{e:#}"));
+                server
+                    .broken
+                    .lock()
+                    .expect("broken lock poisoned")
+                    .insert(key, Broken::new(BrokenKind::Lost, format!("{e:#}")));
             }
         }
     }
@@ -259,13 +292,13 @@ async fn control_loop(server: Arc<Server>, client: sr_common::control::ControlCl
                     let mut broken = srv.broken.lock().expect("broken lock poisoned");
                     match adopted {
                         Ok(_) => {
-                            if broken.get(&key).is_some_and(|why| why.starts_with(ADOPT_FAILED)) {
+                            if broken.get(&key).is_some_and(|b| b.kind == BrokenKind::AdoptFailed) {
                                 broken.remove(&key);
                             }
                         }
                         Err(e) => {
                             tracing::error!(error = format!("{e:#}"), "cannot replicate into the assigned disk");
-                            broken.insert(key, format!("{ADOPT_FAILED}: {e:#}"));
+                            broken.insert(key, Broken::new(BrokenKind::AdoptFailed, format!("{ADOPT_FAILED}: {e:#}")));
                         }
                     }
                 }

@@ -28,7 +28,11 @@ pub async fn session(
     block: u32,
 ) -> anyhow::Result<()> {
     if server.item_key(key.item).is_none() {
-        bail!("item {} is not assigned to master target {}", key.item, server.cfg.node);
+        return Err(sr_common::wire::Coded::new(
+            sr_common::wire::ErrorCode::NotAssigned,
+            format!("item {} is not assigned to master target {}", key.item, server.cfg.node),
+        )
+        .into());
     }
     let block = u64::from(block);
     if !(512..=1 << 20).contains(&block) || !block.is_power_of_two() {
@@ -47,7 +51,8 @@ pub async fn session(
         };
         if len == 0 || len > MAX_REGION || offset.checked_add(len).is_none_or(|e| e > disk_size) || count > MAX_NODES {
             let message = format!("{key}: query of {count} nodes of region {offset}+{len} is out of bounds");
-            wire::write_msg(send, &Message::Error { message: message.clone() }).await?;
+            wire::write_msg(send, &Message::Error { code: wire::ErrorCode::Transient, message: message.clone() })
+                .await?;
             bail!(message);
         }
         let tree = match &cached {

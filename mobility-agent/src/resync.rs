@@ -88,7 +88,7 @@ async fn ask(
     wire::write_msg(send, &q).await?;
     match wire::expect_msg(recv).await? {
         Message::TreeHashes { hashes } => Ok(hashes),
-        Message::Error { message } => bail!("the master target refused: {message}"),
+        Message::Error { message, .. } => bail!("the master target refused: {message}"),
         other => bail!("expected TreeHashes, got {}", other.kind()),
     }
 }
@@ -157,7 +157,7 @@ async fn compare(
         .await??;
         let root = match wire::expect_msg(&mut recv).await? {
             Message::TreeHashes { hashes } => hashes,
-            Message::Error { message } => bail!("the master target refused: {message}"),
+            Message::Error { message, .. } => bail!("the master target refused: {message}"),
             other => bail!("expected TreeHashes, got {}", other.kind()),
         };
         let mut remote = Remote { send: &mut send, recv: &mut recv, offset, len, root: Some(root) };

@@ -80,8 +80,9 @@ pub async fn run(
         if let Err(e) = res {
             let fresh = assigned_at.elapsed() < Duration::from_secs(15);
             let class = sr_common::retry::classify(&e);
-            let not_yet = matches!(&class, sr_common::retry::ErrorClass::Fatal(r) if r.contains("not assigned"));
-            if let (sr_common::retry::ErrorClass::Fatal(reason), false) = (class, fresh && not_yet) {
+            use sr_common::retry::ErrorClass;
+            let not_yet = matches!(&class, ErrorClass::Fatal { code: sr_common::wire::ErrorCode::NotAssigned, .. });
+            if let (ErrorClass::Fatal { reason, .. }, false) = (class, fresh && not_yet) {
                 // Retrying cannot help: wait for a new assignment (or a restart with new credentials).
                 tracing::error!(disk = disk.name, reason, "shipping stopped and not retrying; an operator must act");
                 metrics::gauge!(m::FATAL, "disk" => disk.name.clone()).set(1.0);
@@ -137,10 +138,14 @@ async fn session(
     };
     let (first, last) = (disk.first_seq(), disk.last_seq());
     if next < first || next.0 > last.0 + 1 {
-        bail!(
-            "process server asks for changes from seq {next} but the journal holds {first}..={last}; \
+        return Err(sr_common::wire::Coded::new(
+            sr_common::wire::ErrorCode::ChainBroken,
+            format!(
+                "process server asks for changes from seq {next} but the journal holds {first}..={last}; \
              the replica has a gap and the disk needs a resync"
-        );
+            ),
+        )
+        .into());
     }
     disk.on_durable_ack(Seq(next.0 - 1));
     connected.set(1.0);
@@ -182,7 +187,16 @@ async fn session(
         }
         let segments = disk.segments();
         let budget = t.batch_bytes.min(t.window_bytes - inflight_bytes).max(1);
-        let records = tokio::task::block_in_place(|| journal::read_batch(&segments, &mut cursor, budget))?;
+        let records = tokio::task::block_in_place(|| journal::read_batch(&segments, &mut cursor, budget)).map_err(
+            |e| match e {
+                // A damaged journal cannot be shipped past: the chain is broken until a resync.
+                journal::JournalError::Corrupt { .. } => anyhow::Error::new(sr_common::wire::Coded::new(
+                    sr_common::wire::ErrorCode::ChainBroken,
+                    e.to_string(),
+                )),
+                e => e.into(),
+            },
+        )?;
         if records.is_empty() {
             tokio::select! {
                 _ = disk.appended.notified() => {}

@@ -130,10 +130,14 @@ async fn session(server: &Arc<Server>, stream: &Arc<Stream>) -> anyhow::Result<(
             continue;
         };
         if entry.first > cursor {
-            bail!(
-                "{key}: the master target needs seq {cursor} but the cache starts at {}; the disk needs a resync",
-                entry.first
-            );
+            return Err(sr_common::wire::Coded::new(
+                sr_common::wire::ErrorCode::ChainBroken,
+                format!(
+                    "{key}: the master target needs seq {cursor} but the cache starts at {}; the disk needs a resync",
+                    entry.first
+                ),
+            )
+            .into());
         }
         let span = tracing::info_span!("seal_batch", item = key.item.0, disk = key.disk.0, from = cursor.0);
         let (sealed, raw_bytes) = tokio::task::spawn_blocking({

@@ -45,10 +45,14 @@ pub async fn session(
         other => bail!("expected Open or TreeOpen, got {}", other.kind()),
     };
     if server.route(item).is_none() {
-        bail!(
-            "item {item} is not assigned to process server {} (not in its [[item]] list or assignments)",
-            server.cfg.node
-        );
+        return Err(sr_common::wire::Coded::new(
+            sr_common::wire::ErrorCode::NotAssigned,
+            format!(
+                "item {item} is not assigned to process server {} (not in its [[item]] list or assignments)",
+                server.cfg.node
+            ),
+        )
+        .into());
     }
     let key = StreamKey { item, disk };
     let stream = server.stream(key, disk_size)?;
@@ -121,7 +125,11 @@ pub async fn session(
             continue;
         }
         if batch.first > next {
-            bail!("{key}: gap: expected seq {next}, batch starts at {}; the disk needs a resync", batch.first);
+            return Err(sr_common::wire::Coded::new(
+                sr_common::wire::ErrorCode::ChainBroken,
+                format!("{key}: gap: expected seq {next}, batch starts at {}; the disk needs a resync", batch.first),
+            )
+            .into());
         }
         if batch.first < next {
             let skip = (next.0 - batch.first.0) as usize;

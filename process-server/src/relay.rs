@@ -9,7 +9,7 @@
 
 use crate::metrics as m;
 use crate::Server;
-use anyhow::{bail, Context};
+use anyhow::bail;
 use sr_common::types::{DiskId, ItemId};
 use sr_common::wire::{self, Message};
 use std::sync::Arc;
@@ -21,10 +21,13 @@ pub async fn session(
     open: (ItemId, DiskId, u64, u32),
 ) -> anyhow::Result<()> {
     let (item, disk, disk_size, block) = open;
-    let route = server.route(item).with_context(|| {
-        format!(
-            "item {item} is not assigned to process server {} (not in its [[item]] list or assignments)",
-            server.cfg.node
+    let route = server.route(item).ok_or_else(|| {
+        sr_common::wire::Coded::new(
+            sr_common::wire::ErrorCode::NotAssigned,
+            format!(
+                "item {item} is not assigned to process server {} (not in its [[item]] list or assignments)",
+                server.cfg.node
+            ),
         )
     })?;
     let (mut mt_send, mut mt_recv) = crate::forward::open_to_master_target(server, route.master_target).await?;

@@ -58,7 +58,7 @@ async fn refused(ep: &quinn::Endpoint, local: &Local, frame: &[u8], what: &str) 
     s.send.write_all(frame).await.unwrap();
     let _ = s.send.finish();
     match wire::read_msg(&mut s.recv).await {
-        Err(wire::WireError::Peer(msg)) => eprintln!("{what}: refused: {msg}"),
+        Err(wire::WireError::Peer { message: msg, .. }) => eprintln!("{what}: refused: {msg}"),
         other => panic!("{what}: expected a refusal, got {other:?}"),
     }
     assert_eq!(local.applied(1).unwrap(), 0, "{what}: nothing may be applied");
