@@ -316,6 +316,9 @@ struct Heartbeat {
     /// What the component has to tell operators (a failed hook, ...).
     #[serde(default)]
     events: Vec<ComponentEvent>,
+    /// A master target's replicas that cannot take their streams.
+    #[serde(default)]
+    faults: Option<Vec<ReplicaFault>>,
 }
 
 #[derive(Deserialize)]
@@ -355,6 +358,13 @@ async fn heartbeat(State(cs): State<Arc<Cs>>, h: HeaderMap, b: Body<Heartbeat>) 
         let progress = req.progress.unwrap_or_default();
         let m = Machine { name: name.clone(), disks, last_heartbeat: now(), progress, system: req.system };
         store.put(MACHINES, &name, &m)?;
+    }
+    if let Some(faults) = req.faults {
+        if role != ComponentRole::MasterTarget {
+            return Err(ApiError::bad("only master targets report replica faults"));
+        }
+        let faults: Vec<ReplicaFault> = faults.into_iter().take(1000).collect();
+        store.put(FAULTS, &name, &faults)?;
     }
     if let Some(applied) = req.applied {
         if role != ComponentRole::MasterTarget {

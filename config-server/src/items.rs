@@ -336,6 +336,33 @@ pub async fn evaluate(cs: &Cs) -> Result<(), crate::store::StoreError> {
             }
         }
         let Some(machine) = store.get::<Machine>(MACHINES, &item.machine)? else { continue };
+        // A fault retrying cannot fix, reported by the item's agent or master target (never read from
+        // an error's text: each carries its code): the item turns Critical with the reason, and alerts.
+        let agent_fault = machine.progress.iter().filter_map(|d| d.fatal.as_ref().map(|f| (d.id, f))).find(|(_, f)| {
+            // Not assigned is the control plane catching up (a new assignment clears it), not a fault.
+            f.code != sr_common::wire::ErrorCode::NotAssigned
+        });
+        let mt_fault = match &item.master_target {
+            Some(mt) => store
+                .get::<Vec<ReplicaFault>>(FAULTS, mt)?
+                .unwrap_or_default()
+                .into_iter()
+                .find(|f| f.item == item.wire_id()),
+            None => None,
+        };
+        let fault = agent_fault.map(|(disk, f)| format!("agent {} disk {disk}: {}", item.machine, f.reason)).or(
+            mt_fault.map(|f| {
+                format!("master target {} disk {}: {}", item.master_target.as_deref().unwrap_or("?"), f.disk, f.reason)
+            }),
+        );
+        if let Some(reason) = fault.filter(|_| !matches!(item.state, State::Critical { .. })) {
+            if let Ok(next) = item.state.on(&Event::FatalError { reason: reason.clone() }) {
+                item.state = next;
+                store.put(ITEMS, &id_key(item.id), &item)?;
+                cs.alert(&item.machine, &format!("item {} is critical: {reason}", item.id)).await?;
+                continue;
+            }
+        }
         let before = item.clone();
         let wire = item.wire_id();
         let applied = |disk: u64| -> Result<(u64, u64), crate::store::StoreError> {

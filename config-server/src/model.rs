@@ -19,6 +19,26 @@ pub const STREAMS: &str = "streams";
 pub const STREAM_BASE: u64 = 1 << 32;
 /// Applied positions by "item-disk", from master-target heartbeats.
 pub const APPLIED: &str = "applied";
+/// Replica faults by master-target name (the whole list of its latest heartbeat).
+pub const FAULTS: &str = "faults";
+
+/// Something a component cannot get past by retrying, as it reports it: a typed code and the reason.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Fault {
+    pub code: sr_common::wire::ErrorCode,
+    pub reason: String,
+}
+
+/// A master target's fault of one replica (`item` is the stream's wire id).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ReplicaFault {
+    pub item: u64,
+    pub disk: u64,
+    pub code: sr_common::wire::ErrorCode,
+    pub reason: String,
+}
 
 /// What an API token may do. Each role may do everything the ones before it may.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
@@ -417,6 +437,9 @@ pub struct DiskProgress {
     pub stopped: bool,
     #[serde(default)]
     pub stop_seq: u64,
+    /// Shipping stopped for good, and why.
+    #[serde(default)]
+    pub fatal: Option<Fault>,
 }
 
 /// A disk's applied position, as its master target reports it.

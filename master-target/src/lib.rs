@@ -139,6 +139,31 @@ impl Server {
         self.replicas.lock().expect("replicas lock poisoned").values().cloned().collect()
     }
 
+    /// Replicas that cannot take their stream (lost, not adoptable, applying stopped), for the
+    /// configuration server: `{item, disk, code, reason}` each. A stream a commit ended is no fault.
+    pub fn faults(&self) -> Vec<serde_json::Value> {
+        use sr_common::wire::ErrorCode;
+        let mut out: Vec<serde_json::Value> = self
+            .broken
+            .lock()
+            .expect("broken lock poisoned")
+            .iter()
+            .filter(|(_, b)| b.kind != BrokenKind::Ended)
+            .map(|(k, b)| {
+                serde_json::json!({"item": k.item.0, "disk": k.disk.0, "code": ErrorCode::ReplicaUnusable, "reason": b.why})
+            })
+            .collect();
+        for r in self.all_replicas() {
+            if let Some(why) = r.stopped() {
+                out.push(serde_json::json!({
+                    "item": r.key.item.0, "disk": r.key.disk.0, "code": ErrorCode::ReplicaUnusable,
+                    "reason": format!("applying stopped: {why}; restart the master target"),
+                }));
+            }
+        }
+        out
+    }
+
     /// How long points of `item` are kept: its policy's retention, else the configured default.
     pub fn retention_secs(&self, item: sr_common::types::ItemId) -> u64 {
         self.retention.get(item).unwrap_or(self.cfg.points.retention_secs)
@@ -272,7 +297,9 @@ async fn control_loop(server: Arc<Server>, client: sr_common::control::ControlCl
                 .values()
                 .map(|r| serde_json::json!({"item": r.key.item.0, "disk": r.key.disk.0, "seq": r.applied().0}))
                 .collect();
+            let faults = srv.faults();
             cl.heartbeat(serde_json::json!({
+                "faults": faults,
                 "address": srv.cfg.listen.to_string(),
                 "load": { "free_bytes": sr_common::control::free_bytes(&srv.cfg.data_dir) },
                 "applied": applied,

@@ -147,22 +147,22 @@ pub fn resolve(server: &Server, item: ItemId, spec: &PointSpec) -> Result<Vec<Ch
                 let mine: Vec<String> = undo
                     .marks()
                     .filter(|m| m.kind.named() && (!app || m.kind == PointKind::AppConsistent))
-                    .filter(|m| undo.window_at(m.seq).is_none())
                     .map(|m| m.tag.clone())
                     .collect();
                 drop(undo);
-                let tag = mine
-                    .iter()
-                    .rev()
-                    .find(|t| {
-                        disks.iter().all(|d| d.undo.lock().expect("undo lock poisoned").marks().any(|m| &m.tag == *t))
-                    })
-                    .ok_or_else(|| {
-                        format!(
-                            "no {} point common to every disk of item {item}",
-                            if app { "app-consistent" } else { "named" }
-                        )
-                    })?;
+                // Present on every disk, and inside no block-order window on any of them.
+                let usable = |d: &Arc<Replica>, t: &String| {
+                    let u = d.undo.lock().expect("undo lock poisoned");
+                    let windows = u.windows();
+                    let found = u.marks().any(|m| &m.tag == t && !windows.iter().any(|w| w.contains(m.seq)));
+                    found
+                };
+                let tag = mine.iter().rev().find(|t| disks.iter().all(|d| usable(d, t))).ok_or_else(|| {
+                    format!(
+                        "no {} point common to every disk of item {item}",
+                        if app { "app-consistent" } else { "named" }
+                    )
+                })?;
                 return resolve(server, item, &PointSpec::Tag(tag.clone()));
             }
             (PointSpec::TimeUs(_) | PointSpec::Time(_), None) => unreachable!("times resolved above"),

@@ -68,7 +68,7 @@ impl Replica {
     /// records it. Blocking. Redoing a batch after a crash before the record is harmless: the same
     /// changes land on the same bytes in the same order.
     /// Writes a batch's changes to the replica, syncs it and records the batch as applied.
-    fn write_batch(&self, batch: &Batch, store: &dyn StateStore, bytes: &mut u64) -> anyhow::Result<()> {
+    fn write_batch(&self, batch: &Batch, bytes: &mut u64) -> anyhow::Result<()> {
         use anyhow::Context;
         for c in &batch.changes {
             match &c.op {
@@ -87,8 +87,6 @@ impl Replica {
         crate::failpoint::check("apply.sync")
             .and_then(|_| self.disk.sync())
             .with_context(|| format!("{}: syncing the replica", self.key))?;
-        crate::failpoint::check("apply.record").map_err(anyhow::Error::new)?;
-        store.record_apply(self.key, batch.first, batch.last)?;
         Ok(())
     }
 
@@ -132,7 +130,7 @@ impl Replica {
                 anyhow::Error::new(e)
                     .context(format!("{}: recording old contents before seq {}", self.key, batch.first))
             })?;
-            let r = self.write_batch(batch, store, &mut bytes);
+            let r = self.write_batch(batch, &mut bytes);
             if let Err(e) = r {
                 return Err(match undo.abort(pending, &self.disk) {
                     Ok(()) => e.context(format!(
@@ -148,6 +146,20 @@ impl Replica {
                         ))
                     }
                 });
+            }
+            // Recording the batch may fail after the store made it durable: its outcome is unknown
+            // here, so nothing is undone; applying stops and the restart decides from the store (a
+            // batch it did not record is rolled back from the undo journal, one it did stays).
+            let recorded = crate::failpoint::check("apply.record")
+                .map_err(anyhow::Error::new)
+                .and_then(|_| store.record_apply(self.key, batch.first, batch.last).map_err(anyhow::Error::new));
+            if let Err(e) = recorded {
+                self.stop(&format!("recording batch {}..={} as applied failed: {e:#}", batch.first, batch.last));
+                return Err(e.context(format!(
+                    "{}: recording batch {}..={} as applied failed; applying is stopped until a restart of the \
+                     master target settles it",
+                    self.key, batch.first, batch.last
+                )));
             }
             self.applied.store(batch.last.0, Ordering::Release);
             let recs = undo.commit(pending);
@@ -349,7 +361,7 @@ mod tests {
     fn a_failed_apply_at_any_step_is_rolled_back_in_process_and_a_retry_and_a_restart_both_find_it_whole() {
         // (failpoint, which hit fails): mid-way through writing undo records, their fsync, mid-way
         // through the replica writes, the replica's fsync, and recording the batch as applied.
-        let points = [("undo.write", 3), ("undo.sync", 1), ("apply.write", 2), ("apply.sync", 1), ("apply.record", 1)];
+        let points = [("undo.write", 3), ("undo.sync", 1), ("apply.write", 2), ("apply.sync", 1)];
         for (k, (point, nth)) in points.into_iter().enumerate() {
             let mut rng = rand::rngs::StdRng::seed_from_u64(40 + k as u64);
             let mut rig = Rig::new(64 << 20);
@@ -381,6 +393,26 @@ mod tests {
             let reopened = open(rig.dir.path(), rig.replica.applied(), 64 << 20);
             check_points(&rig, &reopened);
         }
+    }
+
+    #[test]
+    fn a_failure_to_record_a_batch_stops_applying_and_the_restart_settles_it_from_the_store() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(51);
+        let mut rig = Rig::new(64 << 20);
+        rig.apply(vec![Op::Marker { kind: MarkerKind::InitialCopyDone }]);
+        rig.apply(random_ops(&mut rng, 6));
+        let (applied, before) = (rig.replica.applied(), rig.source.clone());
+        let b = rig.batch(random_ops(&mut rng, 8));
+        crate::failpoint::arm("apply.record", 1);
+        rig.replica.apply(&b, &rig.store).unwrap_err();
+        assert!(rig.replica.stopped().is_some());
+        // Not recorded: the restart rolls the batch back, and it applies again.
+        let reopened = open(rig.dir.path(), applied, 64 << 20);
+        assert!(base(&reopened) == before);
+        rig.replica = reopened;
+        rig.replica.apply(&b, &rig.store).unwrap();
+        assert!(base(&rig.replica) == rig.source);
+        check_points(&rig, &rig.replica);
     }
 
     #[test]

@@ -778,21 +778,26 @@ pub fn fmt_time(us: u64) -> String {
 }
 
 /// Pairs the window edges among `marks` (kind, seq, capture time, in stream order). A second begin
-/// inside an open window and an end without one are no-ops (the agent repeats them after a restart).
-/// Expiry never drops the beginning of a window whose end it keeps (see `expire_points`).
+/// inside an open window is a no-op. The agent writes an end only after its beginning, so an end seen
+/// before any beginning means the window began before the oldest retained point (expiry dropped it).
 pub fn windows(marks: impl Iterator<Item = (PointKind, Seq, u64)>) -> Vec<Window> {
     let mut out = Vec::new();
     let mut open: Option<Option<(Seq, u64)>> = None;
+    let mut first_edge = true;
     for (kind, seq, at) in marks {
         match kind {
             PointKind::InconsistentBegin if open.is_none() => open = Some(Some((seq, at))),
+            PointKind::InconsistentEnd if open.is_none() && first_edge => {
+                out.push(Window { begin: None, end: Some((seq, at)) })
+            }
             PointKind::InconsistentEnd => {
                 if let Some(begin) = open.take() {
                     out.push(Window { begin, end: Some((seq, at)) });
                 }
             }
-            _ => {}
+            _ => continue,
         }
+        first_edge = false;
     }
     if let Some(begin) = open {
         out.push(Window { begin, end: None });
@@ -815,7 +820,8 @@ mod tests {
         assert_eq!(run(&[(A, 1)]), vec![]);
         assert_eq!(run(&[(B, 5), (A, 7), (E, 9)]), vec![w(Some(5), Some(9))]);
         assert_eq!(run(&[(B, 5), (B, 6), (E, 9), (E, 12)]), vec![w(Some(5), Some(9))], "repeats after a restart");
-        assert_eq!(run(&[(E, 3), (B, 5)]), vec![w(Some(5), None)], "an end no one opened is nothing");
+        assert_eq!(run(&[(E, 3), (B, 5)]), vec![w(None, Some(3)), w(Some(5), None)], "begun before the oldest point");
+        assert_eq!(run(&[(B, 2), (E, 3), (E, 4)]), vec![w(Some(2), Some(3))], "a repeated end is nothing");
         let open = w(Some(5), None);
         assert!(!open.contains(Seq(5)) && open.contains(Seq(6)) && open.contains(Seq(1 << 40)));
         let closed = w(Some(5), Some(9));

@@ -94,6 +94,8 @@ pub struct ProtectedDisk {
     /// An append failed (volume full, I/O error) and the journal has not freed space since: changes
     /// go to the dirty map without trying the journal.
     journal_trouble: std::sync::atomic::AtomicBool,
+    /// Why shipping stopped for good (a fatal error), reported to the configuration server.
+    fatal: Mutex<Option<(sr_common::wire::ErrorCode, String)>>,
     copy: Mutex<CopyState>,
     copy_path: PathBuf,
     resync: Mutex<ResyncState>,
@@ -291,18 +293,17 @@ impl ProtectedDisk {
             window: Mutex::new(None),
             resync_now: std::sync::atomic::AtomicBool::new(false),
             journal_trouble: std::sync::atomic::AtomicBool::new(false),
+            fatal: Mutex::new(None),
             hold_gate: std::sync::RwLock::new(()),
             limit: AtomicU64::new(u64::MAX),
             metrics: DiskMetrics::new(name),
         };
-        if pd.copy_state().done && pd.mode() == Mode::Journaling && !pd.scanned() {
-            // Whether a block-order window was open before the restart is not kept: it is open while
-            // blocks remain to copy in block order, and otherwise closed (an end no one opened is nothing).
+        if pd.copy_state().done && pd.mode().protected() && !pd.scanned() {
+            // Blocks left to copy in block order keep (or open) the window; the journal knows whether one
+            // was open before the restart, and the copy loop closes it once nothing is left.
             let mut j = pd.lock();
             if pd.dirty_bytes() > 0 || pd.resync_state().active() {
                 j.note_bypass();
-            } else {
-                j.end_window(true).with_context(|| format!("journaling a window's end for {}", path.display()))?;
             }
         }
         pd.publish();
@@ -368,7 +369,8 @@ impl ProtectedDisk {
         self.applied.fetch_max(through.0, Ordering::Relaxed);
         let mut j = self.lock();
         let freed = j.trim_through(through)?;
-        if freed > 0 {
+        if freed > 0 || through >= j.last_seq() {
+            // Space came back, or everything is applied: the journal is tried again.
             self.journal_trouble.store(false, Ordering::Release);
         }
         self.drained(&j);
@@ -384,6 +386,15 @@ impl ProtectedDisk {
     /// past its limit, and while a planned failover's stop drains it).
     pub fn journaling(&self) -> bool {
         self.mode().protected()
+    }
+
+    /// Shipping stopped for good (`Some`: its code and reason), or goes on (`None`).
+    pub fn set_fatal(&self, f: Option<(sr_common::wire::ErrorCode, String)>) {
+        *self.fatal.lock().expect("fatal lock poisoned") = f;
+    }
+
+    pub fn fatal(&self) -> Option<(sr_common::wire::ErrorCode, String)> {
+        self.fatal.lock().expect("fatal lock poisoned").clone()
     }
 
     /// Every journal record up to this one is known to be on the disk (a restart redoes only later ones).
@@ -521,6 +532,8 @@ impl ProtectedDisk {
         }
         tracing::info!(disk = self.name, id, "resync requested: comparing checksums with the replica");
         self.save_resync(ResyncState { requested: id, done: st.done, ..ResyncState::default() })?;
+        // The replica is suspected to differ: its points are not trusted until the comparison is over.
+        self.note_bypass(&mut self.lock());
         self.resync_wake.notify_one();
         Ok(true)
     }
@@ -698,10 +711,17 @@ impl ProtectedDisk {
             return Ok(());
         }
         let mut j = self.lock();
-        if !j.in_window() || self.dirty_bytes() > 0 || self.mode() == Mode::Overflow {
+        // Checked again under the lock: a comparison or a bypass may have begun meanwhile.
+        let m = self.mode();
+        if !j.in_window()
+            || self.dirty_bytes() > 0
+            || !m.protected()
+            || m == Mode::Overflow
+            || self.resync_state().active()
+        {
             return Ok(());
         }
-        let end = j.end_window(false)?;
+        let end = j.end_window()?;
         drop(j);
         if let Some(seq) = end {
             tracing::info!(
@@ -948,6 +968,8 @@ impl ProtectedDisk {
         let pending = self.overflowed() || self.dirty_bytes() > 0 || self.resync_state().active();
         self.set_mode(&j, Mode::Stopped { protected });
         let seq = if protected && !pending {
+            // Nothing is left to copy in block order: a window still open closes before the final point.
+            j.end_window()?;
             j.append(&Op::Marker { kind: MarkerKind::Flush })?;
             let seq =
                 j.append(&Op::Marker { kind: MarkerKind::Bookmark { tag: sr_common::types::stop_tag(generation) } })?;

@@ -209,6 +209,9 @@ struct RedoMark {
     file: File,
     generation: u64,
     seq: Seq,
+    /// A block-order window was opened (its InconsistentBegin is in the journal, or was shipped) and
+    /// not closed yet: kept here because the Begin record may be trimmed long before the End is due.
+    window: bool,
 }
 
 const MARK_MAGIC: u32 = u32::from_le_bytes(*b"SRRM");
@@ -221,54 +224,67 @@ impl RedoMark {
         if !path.exists() {
             // Born whole (both slots valid, through the crash-safe path), so a mark file without a valid
             // slot is always damage, never a creation cut short.
-            let mut raw = encode_mark(0, Seq::ZERO).to_vec();
-            raw.extend_from_slice(&encode_mark(1, Seq::ZERO));
+            let mut raw = encode_mark(0, Seq::ZERO, false).to_vec();
+            raw.extend_from_slice(&encode_mark(1, Seq::ZERO, false));
             sr_common::crashsafe::write_file(&path, &raw).map_err(io(&path))?;
         }
         let file = OpenOptions::new().read(true).write(true).open(&path).map_err(io(&path))?;
         let mut raw = [0u8; 2 * MARK_SLOT];
         file.read_exact_at(&mut raw, 0).map_err(io(&path))?;
-        let best = raw.chunks_exact(MARK_SLOT).filter_map(decode_mark).max_by_key(|(generation, _)| *generation);
-        let Some((generation, seq)) = best else {
+        let best = raw.chunks_exact(MARK_SLOT).filter_map(decode_mark).max_by_key(|(generation, _, _)| *generation);
+        let Some((generation, seq, window)) = best else {
             return Err(JournalError::Corrupt {
                 path,
                 offset: 0,
                 reason: "neither slot of the redo mark is valid".into(),
             });
         };
-        Ok(RedoMark { path, file, generation, seq })
+        Ok(RedoMark { path, file, generation, seq, window })
     }
 
     /// Durably records that every record up to `seq` is on the disk.
     fn set(&mut self, seq: Seq) -> Result<(), JournalError> {
+        self.write(seq, self.window)
+    }
+
+    fn set_window(&mut self, open: bool) -> Result<(), JournalError> {
+        if open == self.window {
+            return Ok(());
+        }
+        self.write(self.seq, open)
+    }
+
+    fn write(&mut self, seq: Seq, window: bool) -> Result<(), JournalError> {
         use std::os::unix::fs::FileExt;
         let generation = self.generation + 1;
-        let slot = encode_mark(generation, seq);
+        let slot = encode_mark(generation, seq, window);
         let at = (generation % 2) * MARK_SLOT as u64;
         self.file.write_all_at(&slot, at).map_err(io(&self.path))?;
         self.file.sync_data().map_err(io(&self.path))?;
         self.generation = generation;
         self.seq = seq;
+        self.window = window;
         Ok(())
     }
 }
 
-fn encode_mark(generation: u64, seq: Seq) -> [u8; MARK_SLOT] {
+fn encode_mark(generation: u64, seq: Seq, window: bool) -> [u8; MARK_SLOT] {
     let mut slot = [0u8; MARK_SLOT];
     slot[0..4].copy_from_slice(&MARK_MAGIC.to_le_bytes());
     slot[8..16].copy_from_slice(&generation.to_le_bytes());
     slot[16..24].copy_from_slice(&seq.0.to_le_bytes());
+    slot[24] = u8::from(window);
     let crc = crc32c::crc32c(&slot[8..]);
     slot[4..8].copy_from_slice(&crc.to_le_bytes());
     slot
 }
 
-/// A slot's (generation, seq), or `None` when it does not hold a valid mark.
-fn decode_mark(slot: &[u8]) -> Option<(u64, Seq)> {
+/// A slot's (generation, seq, window open), or `None` when it does not hold a valid mark.
+fn decode_mark(slot: &[u8]) -> Option<(u64, Seq, bool)> {
     let word = |a: usize| u64::from_le_bytes(slot[a..a + 8].try_into().expect("8 bytes"));
     let magic = u32::from_le_bytes(slot[0..4].try_into().expect("4 bytes"));
     let crc = u32::from_le_bytes(slot[4..8].try_into().expect("4 bytes"));
-    (magic == MARK_MAGIC && crc == crc32c::crc32c(&slot[8..])).then(|| (word(8), Seq(word(16))))
+    (magic == MARK_MAGIC && crc == crc32c::crc32c(&slot[8..])).then(|| (word(8), Seq(word(16)), slot[24] == 1))
 }
 
 pub struct Journal {
@@ -320,7 +336,7 @@ impl Journal {
             // A new journal, or one a reset emptied before it could clear the mark: nothing is on the disk
             // from it yet.
             if mark.seq != Seq::ZERO {
-                mark.set(Seq::ZERO)?;
+                mark.write(Seq::ZERO, false)?;
             }
             let path = seg_path(dir, Seq(1));
             File::create(&path).map_err(io(&path))?;
@@ -332,6 +348,8 @@ impl Journal {
         let mut logical = 0u64;
         let mut marks = std::collections::VecDeque::new();
         let mut last_change = Seq::ZERO;
+        // The last window edge still in the journal (it wins over the mark's flag, which follows it).
+        let mut last_edge = None;
         for (i, first) in firsts.into_iter().enumerate() {
             let path = seg_path(dir, first);
             let len = std::fs::metadata(&path).map_err(io(&path))?.len();
@@ -348,8 +366,11 @@ impl Journal {
                     last_mark = before + after;
                     marks.push_back((rec.seq, last_mark));
                 }
-                if matches!(rec.op, Op::Write { .. } | Op::Zero { .. }) {
-                    last_change = rec.seq;
+                match rec.op {
+                    Op::Write { .. } | Op::Zero { .. } => last_change = rec.seq,
+                    Op::Marker { kind: MarkerKind::InconsistentBegin } => last_edge = Some(true),
+                    Op::Marker { kind: MarkerKind::InconsistentEnd } => last_edge = Some(false),
+                    _ => {}
                 }
                 expect = expect.next();
                 true
@@ -399,7 +420,7 @@ impl Journal {
         Ok(Journal {
             dir: dir.to_path_buf(),
             window_pending: false,
-            window_open: false,
+            window_open: last_edge.unwrap_or(mark.window),
             broken: None,
             mark,
             last_change,
@@ -420,7 +441,13 @@ impl Journal {
         }
         let rec = encode(self.next, sr_common::types::now_micros(), op);
         let change = matches!(op, Op::Write { .. } | Op::Zero { .. });
-        self.append_parts(&rec, &[], change)
+        let seq = self.append_parts(&rec, &[], change)?;
+        if matches!(op, Op::Marker { kind: MarkerKind::InitialCopyDone }) && self.window_open {
+            // A replica keeps nothing before this marker: a window open across it begins again after it.
+            self.window_open = false;
+            self.window_pending = true;
+        }
+        Ok(seq)
     }
 
     /// [`Journal::append`] of a write: the header and the caller's data go out in one `writev`,
@@ -440,6 +467,7 @@ impl Journal {
                 encode(self.next, sr_common::types::now_micros(), &Op::Marker { kind: MarkerKind::InconsistentBegin });
             self.append_parts(&begin, &[], false)?;
             self.window_open = true;
+            self.mark.set_window(true)?;
         }
         Ok(())
     }
@@ -520,7 +548,7 @@ impl Journal {
         // The mark goes back to 0 before a record of the new journal exists (a crash before this line
         // leaves no segment, and opening an empty journal clears the mark too).
         sr_common::crashsafe::fsync_dir(&self.dir).map_err(io(&self.dir))?;
-        self.mark.set(Seq::ZERO)?;
+        self.mark.write(Seq::ZERO, false)?;
         self.last_change = Seq::ZERO;
         let path = seg_path(&self.dir, Seq(1));
         let f = OpenOptions::new().create(true).append(true).open(&path).map_err(io(&path))?;
@@ -540,16 +568,17 @@ impl Journal {
     }
 
     /// Every block that bypassed the journal is in it again: closes the window (an InconsistentEnd
-    /// marker) if one is open, or when `force` (at start, when it may have been open before a restart;
-    /// a receiver treats an end without a beginning as nothing). Returns the marker's seq.
-    pub fn end_window(&mut self, force: bool) -> Result<Option<Seq>, JournalError> {
-        let open = self.window_open;
+    /// marker) if one is open; the end of a window is only ever written after its beginning, so a
+    /// receiver may take an end whose beginning it no longer has as "inconsistent since before".
+    /// Returns the marker's seq.
+    pub fn end_window(&mut self) -> Result<Option<Seq>, JournalError> {
         self.window_pending = false;
-        if !(open || force) {
+        if !self.window_open {
             return Ok(None);
         }
         let seq = self.append(&Op::Marker { kind: MarkerKind::InconsistentEnd })?;
         self.window_open = false;
+        self.mark.set_window(false)?;
         Ok(Some(seq))
     }
 
@@ -947,5 +976,49 @@ mod tests {
                 assert_eq!(Seq(n), j.last_seq());
             }
         }
+    }
+
+    #[test]
+    fn an_open_window_survives_restarts_and_trimming_and_closes_once() {
+        let d = tempfile::tempdir().unwrap();
+        let mut j = Journal::open(d.path()).unwrap();
+        j.append(&write(0, 1, 4096)).unwrap();
+        j.note_bypass();
+        assert!(j.in_window());
+        let after = j.append(&write(0, 2, 1 << 20)).unwrap();
+        let kinds = |j: &Journal| {
+            let mut k = Vec::new();
+            read_from(&j.segments(), j.first_seq(), |r| {
+                if let Op::Marker { kind } = r.op {
+                    k.push((r.seq, kind));
+                }
+                true
+            })
+            .unwrap();
+            k
+        };
+        assert_eq!(kinds(&j), vec![(Seq(after.0 - 1), MarkerKind::InconsistentBegin)], "the begin goes first");
+        drop(j);
+        // Known open from the journal's own records...
+        let mut j = Journal::open(d.path()).unwrap();
+        assert!(j.in_window());
+        // ...and from the mark once they are trimmed away.
+        j.trim_through(j.last_seq()).unwrap();
+        drop(j);
+        let mut j = Journal::open(d.path()).unwrap();
+        assert!(j.in_window());
+        assert!(kinds(&j).is_empty());
+        let end = j.end_window().unwrap().unwrap();
+        assert_eq!(j.end_window().unwrap(), None, "closed once");
+        drop(j);
+        let mut j = Journal::open(d.path()).unwrap();
+        assert!(!j.in_window());
+        assert_eq!(kinds(&j).last(), Some(&(end, MarkerKind::InconsistentEnd)));
+        // Open across an initial copy's end: it begins again after it (a replica keeps nothing before).
+        j.note_bypass();
+        j.append(&write(0, 3, 4096)).unwrap();
+        let done = j.append(&Op::Marker { kind: MarkerKind::InitialCopyDone }).unwrap();
+        j.append(&write(0, 4, 4096)).unwrap();
+        assert_eq!(kinds(&j).last(), Some(&(done.next(), MarkerKind::InconsistentBegin)));
     }
 }

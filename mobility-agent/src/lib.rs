@@ -306,6 +306,7 @@ async fn control_loop(client: sr_common::control::ControlClient, c: Control, shu
                         "resync_waiting": d.dirty_bytes() > 0 && !d.copy_allowed(),
                         "compare_percent": 100.0 * d.resync_state().cursor as f64 / d.size().max(1) as f64,
                         "generation": c.generation, "stopped": c.stopped, "stop_seq": c.stop_seq,
+                        "fatal": d.fatal().map(|(code, reason)| serde_json::json!({ "code": code, "reason": reason })),
                     })
                 }).collect::<Vec<_>>(),
             });

@@ -82,15 +82,17 @@ pub async fn run(
             let class = sr_common::retry::classify(&e);
             use sr_common::retry::ErrorClass;
             let not_yet = matches!(&class, ErrorClass::Fatal { code: sr_common::wire::ErrorCode::NotAssigned, .. });
-            if let (ErrorClass::Fatal { reason, .. }, false) = (class, fresh && not_yet) {
+            if let (ErrorClass::Fatal { reason, code }, false) = (class, fresh && not_yet) {
                 // Retrying cannot help: wait for a new assignment (or a restart with new credentials).
                 tracing::error!(disk = disk.name, reason, "shipping stopped and not retrying; an operator must act");
                 metrics::gauge!(m::FATAL, "disk" => disk.name.clone()).set(1.0);
+                disk.set_fatal(Some((code, reason)));
                 tokio::select! {
                     c = route.changed() => if c.is_err() { return },
                     _ = shutdown.cancelled() => return,
                 }
                 metrics::gauge!(m::FATAL, "disk" => disk.name.clone()).set(0.0);
+                disk.set_fatal(None);
                 attempt = 0;
                 continue;
             }

@@ -897,3 +897,36 @@ fn a_master_target_restarted_without_its_configuration_server_keeps_the_policys_
     let p = points();
     assert_eq!(p["disks"][0]["oldest_us"].as_u64().unwrap(), before, "points the policy keeps were expired: {p}");
 }
+
+#[test]
+fn a_lost_replica_turns_its_item_critical_with_the_reason_and_an_alert() {
+    let dir = test_dir();
+    let mut m = Managed::start(dir.path(), 32, "");
+    m.protect(&[]);
+    let uri = m.local.agent_uri("disk0");
+    run("qemu-io", &["-f", "raw", "-c", "write -P 0x33 0 1M", "-c", "flush", &uri]).unwrap();
+    wait_caught_up(&m.local, std::time::Duration::from_secs(60)).unwrap();
+    // The master target's replica file is lost while it is down.
+    m.mt.take().unwrap().kill();
+    for e in std::fs::read_dir(m.local.root.join("mt").join("replicas")).unwrap() {
+        let p = e.unwrap().path();
+        if p.extension().is_some_and(|x| x == "img") {
+            std::fs::remove_file(p).unwrap();
+        }
+    }
+    m.mt = Some(m.local.start(Component::MasterTarget).unwrap());
+    // The master target reports it (a typed fault in its heartbeat): the item turns Critical by itself.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let item = loop {
+        let i = item_of(m.cp.api, &m.admin_file, "agent-1");
+        if i["state_name"] == "critical" {
+            break i;
+        }
+        assert!(std::time::Instant::now() < deadline, "the item never turned critical: {i}");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    let reason = item["state"]["reason"].as_str().unwrap();
+    assert!(reason.contains("master target mt-1") && reason.contains("missing"), "{item}");
+    let events = String::from_utf8_lossy(&srctl(m.cp.api, &m.admin_file, &["events"]).stdout).to_string();
+    assert!(events.contains("is critical"), "{events}");
+}
