@@ -354,8 +354,8 @@ pub fn protect(c: &Client, machine: &str, policy: &str, watch: bool, json_out: b
     follow(c, job, Some(item), json_out)
 }
 
-pub fn resync(c: &Client, item: u64, watch: bool, json_out: bool) -> anyhow::Result<()> {
-    let v = c.call("POST", &format!("/v1/items/{item}/resync"), None)?;
+pub fn resync(c: &Client, item: u64, watch: bool, full: bool, json_out: bool) -> anyhow::Result<()> {
+    let v = c.call("POST", &format!("/v1/items/{item}/resync{}", if full { "?full=true" } else { "" }), None)?;
     let job = v["job"].as_u64().context("answer without job id")?;
     if !watch {
         print(&v, json_out, |v| format!("{}\njob {job}", item_line(&v["item"])));

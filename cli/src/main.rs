@@ -81,6 +81,10 @@ enum Cmd {
         /// Follow the job with a progress bar until the item is protected again.
         #[arg(long)]
         watch: bool,
+        /// Copy the whole disk again into a new replica (a lost replica, a broken chain), instead of
+        /// comparing checksums with the existing one.
+        #[arg(long)]
+        full: bool,
     },
     /// Protected items with their state and RPO.
     #[command(subcommand)]
@@ -167,7 +171,9 @@ fn main() -> ExitCode {
             api::Client::new(&cli.conn).and_then(|cl| api::protect(&cl, &machine, &policy, watch, json))
         }
         Cmd::Unprotect { item } => api::Client::new(&cli.conn).and_then(|cl| api::unprotect(&cl, item, json)),
-        Cmd::Resync { item, watch } => api::Client::new(&cli.conn).and_then(|cl| api::resync(&cl, item, watch, json)),
+        Cmd::Resync { item, watch, full } => {
+            api::Client::new(&cli.conn).and_then(|cl| api::resync(&cl, item, watch, full, json))
+        }
         Cmd::Items(c) => api::Client::new(&cli.conn).and_then(|cl| api::items(&cl, c, json)),
         Cmd::Points { item } => api::Client::new(&cli.conn).and_then(|cl| api::points(&cl, item, json)),
         Cmd::TestFailover { item, point, cleanup } => {

@@ -221,18 +221,49 @@ pub async fn disable(AxState(cs): AxState<Arc<Cs>>, h: HeaderMap, Path(id): Path
 const RESYNC_STEPS: &[&str] = &["compare checksums", "ship the differing blocks", "protected"];
 
 /// An operator's resync: compare checksums of every disk with its replica now, ship what differs.
-pub async fn resync(AxState(cs): AxState<Arc<Cs>>, h: HeaderMap, Path(id): Path<u64>) -> R<Value> {
+/// `?full=true`: copy the whole disk again into a new replica (a new stream), for a replica that is
+/// lost or a chain that is broken, which comparing checksums cannot repair.
+#[derive(serde::Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ResyncQuery {
+    #[serde(default)]
+    full: bool,
+}
+
+pub async fn resync(
+    AxState(cs): AxState<Arc<Cs>>,
+    h: HeaderMap,
+    Path(id): Path<u64>,
+    q: Result<axum::extract::Query<ResyncQuery>, axum::extract::rejection::QueryRejection>,
+) -> R<Value> {
     let by = require(cs.store(), &h, ApiRole::Operator)?;
+    let full = q.map_err(|e| ApiError::bad(&e.body_text()))?.full;
     let store = cs.store();
     let _g = cs.items_lock.lock().await;
     let Some(mut item) = store.get::<Item>(ITEMS, &id_key(id))? else {
         return Err(ApiError::not_found(&format!("no item {id}")));
     };
-    let reason = format!("resync requested by {by}");
-    item.state = match &item.state {
-        State::ResyncRequired { .. } | State::Resynchronizing { .. } => item.state.clone(),
-        s => s.on(&Event::ResyncNeeded { reason: reason.clone() }).map_err(|e| ApiError::conflict(&e.to_string()))?,
+    let reason = format!("{} requested by {by}", if full { "full resync" } else { "resync" });
+    item.state = match (&item.state, full) {
+        (State::ResyncRequired { .. } | State::Resynchronizing { .. }, _) => item.state.clone(),
+        (State::Critical { reason: why, .. }, false) => {
+            return Err(ApiError::conflict(&format!(
+                "item {id} is critical ({why}): comparing checksums cannot repair its stream; \
+                 `srctl resync {id} --full` copies the whole disk again into a new replica"
+            )))
+        }
+        (s @ State::Critical { .. }, true) => {
+            s.on(&Event::Recovered).map_err(|e| ApiError::conflict(&e.to_string()))?
+        }
+        (s, _) => {
+            s.on(&Event::ResyncNeeded { reason: reason.clone() }).map_err(|e| ApiError::conflict(&e.to_string()))?
+        }
     };
+    if full {
+        // A new stream: the agent starts a fresh journal and copies the whole disk, the master target
+        // builds a new replica file for it; the lost one is never written into.
+        item.stream = Some(STREAM_BASE + store.next_id(STREAMS)?);
+    }
     // Ids grow with time, so they stay above any the agent numbered itself.
     item.resync_request = sr_common::types::now_micros().max(item.resync_request + 1);
     let mut job = JobHandle::start(store, "resync", &id.to_string(), RESYNC_STEPS)?;
@@ -406,8 +437,10 @@ pub async fn evaluate(cs: &Cs) -> Result<(), crate::store::StoreError> {
                 let copying = p.iter().any(|d| d.dirty_bytes > 0 && !d.overflow && !d.resync_waiting);
                 // An operator's request is done only once every disk compared for it.
                 let requested = p.iter().all(|d| d.resync_done >= item.resync_request);
-                let mut caught_up =
-                    !p.is_empty() && requested && !comparing && p.iter().all(|d| d.dirty_bytes == 0 && !d.overflow);
+                let mut caught_up = !p.is_empty()
+                    && requested
+                    && !comparing
+                    && p.iter().all(|d| d.copy_done && d.done_seq > 0 && d.dirty_bytes == 0 && !d.overflow);
                 for d in p {
                     caught_up &= applied(d.id)?.0 >= d.last_seq;
                 }

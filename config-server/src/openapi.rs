@@ -43,7 +43,8 @@ pub const ROUTES: &[(&str, &str, &str, &str, &str)] = &[
     (
         "post",
         "/v1/items/{id}/resync",
-        "Resynchronize now: compare checksums of disks and replicas, ship what differs (a job)",
+        "Resynchronize now: compare checksums of disks and replicas, ship what differs (a job); with \
+         ?full=true copy the whole disk again into a new replica (a lost replica, a broken chain)",
         "operator",
         "",
     ),

@@ -929,4 +929,17 @@ fn a_lost_replica_turns_its_item_critical_with_the_reason_and_an_alert() {
     assert!(reason.contains("master target mt-1") && reason.contains("missing"), "{item}");
     let events = String::from_utf8_lossy(&srctl(m.cp.api, &m.admin_file, &["events"]).stdout).to_string();
     assert!(events.contains("is critical"), "{events}");
+    // Comparing checksums cannot repair it, and says what can; a full resync copies the disk again into
+    // a new replica, never into the lost one's place as an empty file.
+    let id = m.local.item.to_string();
+    let out = srctl(m.cp.api, &m.admin_file, &["resync", &id]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--full"), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = srctl(m.cp.api, &m.admin_file, &["resync", &id, "--full", "--watch"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let item = item_of(m.cp.api, &m.admin_file, "agent-1");
+    assert_eq!(item["state_name"], "protected", "{item}");
+    let wire = item["stream"].as_u64().unwrap();
+    let replica = m.local.root.join("mt").join("replicas").join(format!("item-{wire}-disk-1.img"));
+    compare(m.disk.to_str().unwrap(), replica.to_str().unwrap()).unwrap();
 }
