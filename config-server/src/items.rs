@@ -38,7 +38,8 @@ pub fn public(i: &Item) -> Value {
         "process_server": i.process_server, "master_target": i.master_target, "job": i.job, "created": i.created,
         "rpo_seconds": i.caught_up_at.map(|t| now().saturating_sub(t)), "rpo_alert": i.rpo_alert,
         "test_failover": i.test_failover, "stream": i.wire_id(), "failover": i.failover,
-        "reprotect": i.reprotect, "previous_machine": i.previous_machine,
+        "reprotect": i.reprotect, "previous_machine": i.previous_machine, "problem": i.problem,
+        "chain_broken": i.chain_broken,
     })
 }
 
@@ -154,6 +155,8 @@ pub async fn enable(AxState(cs): AxState<Arc<Cs>>, h: HeaderMap, b: Body<Enable>
         reprotect: None,
         previous_machine: None,
         previous_master_target: None,
+        problem: None,
+        chain_broken: false,
     };
     store.put(ITEMS, &id_key(id), &item)?;
     job.step(0)?;
@@ -243,6 +246,8 @@ pub async fn resync(
     let Some(mut item) = store.get::<Item>(ITEMS, &id_key(id))? else {
         return Err(ApiError::not_found(&format!("no item {id}")));
     };
+    // A gap cannot be closed by comparing checksums under the same stream.
+    let full = full || item.chain_broken;
     let reason = format!("{} requested by {by}", if full { "full resync" } else { "resync" });
     item.state = match (&item.state, full) {
         (State::ResyncRequired { .. } | State::Resynchronizing { .. }, _) => item.state.clone(),
@@ -263,6 +268,7 @@ pub async fn resync(
         // A new stream: the agent starts a fresh journal and copies the whole disk, the master target
         // builds a new replica file for it; the lost one is never written into.
         item.stream = Some(STREAM_BASE + store.next_id(STREAMS)?);
+        item.chain_broken = false;
     }
     // Ids grow with time, so they stay above any the agent numbered itself.
     item.resync_request = sr_common::types::now_micros().max(item.resync_request + 1);
@@ -373,19 +379,51 @@ pub async fn evaluate(cs: &Cs) -> Result<(), crate::store::StoreError> {
             // Not assigned is the control plane catching up (a new assignment clears it), not a fault.
             f.code != sr_common::wire::ErrorCode::NotAssigned
         });
-        let mt_fault = match &item.master_target {
+        let mt_faults: Vec<ReplicaFault> = match &item.master_target {
             Some(mt) => store
                 .get::<Vec<ReplicaFault>>(FAULTS, mt)?
                 .unwrap_or_default()
                 .into_iter()
-                .find(|f| f.item == item.wire_id()),
-            None => None,
+                .filter(|f| f.item == item.wire_id())
+                .collect(),
+            None => Vec::new(),
         };
-        let fault = agent_fault.map(|(disk, f)| format!("agent {} disk {disk}: {}", item.machine, f.reason)).or(
-            mt_fault.map(|f| {
-                format!("master target {} disk {}: {}", item.master_target.as_deref().unwrap_or("?"), f.disk, f.reason)
-            }),
-        );
+        let mt_name = item.master_target.clone().unwrap_or_default();
+        // A transient problem (retried) is shown on the item, with an event when it starts and ends.
+        let problem = mt_faults
+            .iter()
+            .find(|f| !f.code.fatal())
+            .map(|f| format!("master target {mt_name} disk {}: {}", f.disk, f.reason));
+        if problem != item.problem {
+            match &problem {
+                Some(p) => cs.event("warning", &item.machine, &format!("item {}: {p}", item.id))?,
+                None => cs.event("info", &item.machine, &format!("item {}: replication goes on again", item.id))?,
+            }
+            item.problem = problem;
+            store.put(ITEMS, &id_key(item.id), &item)?;
+        }
+        let mt_fault = mt_faults.into_iter().find(|f| f.code.fatal());
+        let chain = sr_common::wire::ErrorCode::ChainBroken;
+        let broken_chain =
+            agent_fault.is_some_and(|(_, f)| f.code == chain) || mt_fault.as_ref().is_some_and(|f| f.code == chain);
+        if broken_chain && !item.chain_broken {
+            // A gap: Resync required by itself; the resync copies the whole disk into a new stream.
+            item.chain_broken = true;
+            let reason = "the stream has a gap (its chain is broken): the next resync copies the whole disk";
+            if let Ok(next) = item.state.on(&Event::ResyncNeeded { reason: reason.into() }) {
+                item.state = next;
+            }
+            store.put(ITEMS, &id_key(item.id), &item)?;
+            cs.alert(&item.machine, &format!("item {}: the replica chain is broken; a resync repairs it", item.id))
+                .await?;
+            continue;
+        }
+        let fault = agent_fault
+            .filter(|(_, f)| f.code != chain)
+            .map(|(disk, f)| format!("agent {} disk {disk}: {}", item.machine, f.reason))
+            .or(mt_fault
+                .filter(|f| f.code != chain)
+                .map(|f| format!("master target {mt_name} disk {}: {}", f.disk, f.reason)));
         if let Some(reason) = fault.filter(|_| !matches!(item.state, State::Critical { .. })) {
             if let Ok(next) = item.state.on(&Event::FatalError { reason: reason.clone() }) {
                 item.state = next;

@@ -302,6 +302,14 @@ pub struct Item {
     /// The master target on the other site (the target before the last reprotect).
     #[serde(default)]
     pub previous_master_target: Option<String>,
+    /// Why replication is held up for now though it retries (a master target's full volume), as its
+    /// components report it.
+    #[serde(default)]
+    pub problem: Option<String>,
+    /// A gap in the stream's sequence numbers was reported: the next resync copies the whole disk into
+    /// a new stream (comparing checksums cannot close a gap).
+    #[serde(default)]
+    pub chain_broken: bool,
 }
 
 impl Item {

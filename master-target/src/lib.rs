@@ -154,6 +154,12 @@ impl Server {
             })
             .collect();
         for r in self.all_replicas() {
+            if let Some(why) = r.failing() {
+                out.push(serde_json::json!({
+                    "item": r.key.item.0, "disk": r.key.disk.0, "code": ErrorCode::Transient,
+                    "reason": format!("applying fails and is retried: {why}"),
+                }));
+            }
             if let Some(why) = r.stopped() {
                 out.push(serde_json::json!({
                     "item": r.key.item.0, "disk": r.key.disk.0, "code": ErrorCode::ReplicaUnusable,

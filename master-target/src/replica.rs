@@ -33,6 +33,9 @@ pub struct Replica {
     last_apply: metrics::Gauge,
     /// Why applying stopped (a failed apply that could not be rolled back in process); until a restart.
     stopped: Mutex<Option<String>>,
+    /// Why the last apply failed and was rolled back (a full volume, an I/O error); cleared by the next
+    /// one that succeeds.
+    failing: Mutex<Option<String>>,
 }
 
 impl Replica {
@@ -50,6 +53,7 @@ impl Replica {
             allocated: metrics::gauge!(m::REPLICA_BYTES, "item" => item.clone(), "disk" => d.clone()),
             last_apply: metrics::gauge!(m::LAST_APPLY_TIME, "item" => item, "disk" => d),
             stopped: Mutex::new(None),
+            failing: Mutex::new(None),
         };
         r.applied_gauge.set(applied.0 as f64);
         r
@@ -97,6 +101,11 @@ impl Replica {
         *self.stopped.lock().expect("stopped lock poisoned") = Some(why.to_string());
     }
 
+    /// Why applying fails for now (it is retried), if it does.
+    pub fn failing(&self) -> Option<String> {
+        self.failing.lock().expect("failing lock poisoned").clone()
+    }
+
     /// Why applying is stopped, if it is.
     pub fn stopped(&self) -> Option<String> {
         self.stopped.lock().expect("stopped lock poisoned").clone()
@@ -133,10 +142,14 @@ impl Replica {
             let r = self.write_batch(batch, &mut bytes);
             if let Err(e) = r {
                 return Err(match undo.abort(pending, &self.disk) {
-                    Ok(()) => e.context(format!(
-                        "{}: applying batch {}..={} failed and was rolled back; it is retried",
-                        self.key, batch.first, batch.last
-                    )),
+                    Ok(()) => {
+                        // Retried; the configuration server shows it on the item meanwhile.
+                        *self.failing.lock().expect("failing lock poisoned") = Some(format!("{e:#}"));
+                        e.context(format!(
+                            "{}: applying batch {}..={} failed and was rolled back; it is retried",
+                            self.key, batch.first, batch.last
+                        ))
+                    }
                     Err(ae) => {
                         self.stop(&format!("a failed apply could not be rolled back: {ae}"));
                         e.context(format!(
@@ -162,6 +175,7 @@ impl Replica {
                 )));
             }
             self.applied.store(batch.last.0, Ordering::Release);
+            *self.failing.lock().expect("failing lock poisoned") = None;
             let recs = undo.commit(pending);
             let mut views = self.views.lock().expect("views lock poisoned");
             views.retain(|v| v.strong_count() > 0);

@@ -304,3 +304,24 @@ impl Deployment {
         }
     }
 }
+
+/// A tmpfs of `size` mounted at `path` for the test's lifetime (the tests run as root, like CI).
+pub struct Tmpfs(pub std::path::PathBuf);
+
+impl Tmpfs {
+    pub fn mount(path: &std::path::Path, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(path).expect("creating the mount point");
+        let at = path.to_str().expect("a UTF-8 test path");
+        run("mount", &["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs", at])
+            .expect("mounting a small tmpfs (the data-safety tests run as root)");
+        Tmpfs(path.to_path_buf())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        if let Some(at) = self.0.to_str() {
+            let _ = run("umount", &["-l", at]);
+        }
+    }
+}

@@ -943,3 +943,50 @@ fn a_lost_replica_turns_its_item_critical_with_the_reason_and_an_alert() {
     let replica = m.local.root.join("mt").join("replicas").join(format!("item-{wire}-disk-1.img"));
     compare(m.disk.to_str().unwrap(), replica.to_str().unwrap()).unwrap();
 }
+
+#[test]
+fn a_full_master_target_volume_shows_on_the_item_until_space_returns() {
+    let dir = test_dir();
+    let mut m = Managed::start(dir.path(), 16, "");
+    // The master target's data moves onto a 20 MiB volume: room for the replica, not for its history.
+    m.mt.take().unwrap().kill();
+    let data = m.local.root.join("mt");
+    let aside = dir.path().join("mt-aside");
+    std::fs::rename(&data, &aside).unwrap();
+    let volume = Tmpfs::mount(&data, "20m");
+    run("cp", &["-a", &format!("{}/.", aside.display()), data.to_str().unwrap()]).unwrap();
+    m.mt = Some(m.local.start(Component::MasterTarget).unwrap());
+    m.protect(&[]);
+    // The disk written whole, then whole again: the undo journal must keep the first 16 MiB.
+    let uri = m.local.agent_uri("disk0");
+    for pass in 0..2 {
+        let cmds: Vec<String> = (0..16).map(|i| format!("write -P {} {i}M 1M", pass * 16 + i + 1)).collect();
+        let mut args: Vec<&str> = vec!["-f", "raw"];
+        for c in &cmds {
+            args.extend(["-c", c.as_str()]);
+        }
+        args.extend(["-c", "flush", uri.as_str()]);
+        run("qemu-io", &args).unwrap();
+    }
+    // Applying fails for want of space (and is rolled back, retried): the item says so.
+    let wait = |what: &str, f: &dyn Fn(&serde_json::Value) -> bool| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+        loop {
+            let i = item_of(m.cp.api, &m.admin_file, "agent-1");
+            if f(&i) {
+                return i;
+            }
+            assert!(std::time::Instant::now() < deadline, "{what}: {i}");
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+    };
+    let item = wait("the item never showed the full volume", &|i| i["problem"].is_string());
+    assert!(item["problem"].as_str().unwrap().contains("No space left"), "{item}");
+    // Space returns: replication goes on by itself, the problem clears, the replica equals the source.
+    run("mount", &["-o", "remount,size=256m", volume.0.to_str().unwrap()]).unwrap();
+    wait("the problem never cleared", &|i| i["problem"].is_null());
+    wait_caught_up(&m.local, std::time::Duration::from_secs(180)).unwrap();
+    compare(m.disk.to_str().unwrap(), &m.local.replica_uri(1)).unwrap();
+    let events = String::from_utf8_lossy(&srctl(m.cp.api, &m.admin_file, &["events"]).stdout).to_string();
+    assert!(events.contains("replication goes on again"), "{events}");
+}

@@ -101,24 +101,6 @@ fn an_agent_restart_never_writes_a_scan_copy_over_a_newer_direct_write() {
     check_apply_log(&local, 1).unwrap();
 }
 
-/// A tmpfs of `size` mounted at `path` for the test's lifetime (the tests run as root, like CI).
-struct Tmpfs(std::path::PathBuf);
-
-impl Tmpfs {
-    fn mount(path: &std::path::Path, size: &str) -> Tmpfs {
-        std::fs::create_dir_all(path).unwrap();
-        run("mount", &["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs", path.to_str().unwrap()])
-            .expect("mounting a small tmpfs (the data-safety tests run as root)");
-        Tmpfs(path.to_path_buf())
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = run("umount", &["-l", self.0.to_str().unwrap()]);
-    }
-}
-
 #[test]
 fn a_full_journal_volume_hands_writes_to_the_dirty_map_and_loses_none() {
     let dir = test_dir();
