@@ -360,8 +360,8 @@ async fn heartbeat(State(cs): State<Arc<Cs>>, h: HeaderMap, b: Body<Heartbeat>) 
         store.put(MACHINES, &name, &m)?;
     }
     if let Some(faults) = req.faults {
-        if role != ComponentRole::MasterTarget {
-            return Err(ApiError::bad("only master targets report replica faults"));
+        if !matches!(role, ComponentRole::MasterTarget | ComponentRole::ProcessServer) {
+            return Err(ApiError::bad("only master targets and process servers report stream faults"));
         }
         let faults: Vec<ReplicaFault> = faults.into_iter().take(1000).collect();
         store.put(FAULTS, &name, &faults)?;

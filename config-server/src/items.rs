@@ -379,21 +379,19 @@ pub async fn evaluate(cs: &Cs) -> Result<(), crate::store::StoreError> {
             // Not assigned is the control plane catching up (a new assignment clears it), not a fault.
             f.code != sr_common::wire::ErrorCode::NotAssigned
         });
-        let mt_faults: Vec<ReplicaFault> = match &item.master_target {
-            Some(mt) => store
-                .get::<Vec<ReplicaFault>>(FAULTS, mt)?
-                .unwrap_or_default()
-                .into_iter()
-                .filter(|f| f.item == item.wire_id())
-                .collect(),
-            None => Vec::new(),
-        };
-        let mt_name = item.master_target.clone().unwrap_or_default();
+        // The item's master target and process server speak for its stream.
+        let mut mt_faults: Vec<ReplicaFault> = Vec::new();
+        for (role, name) in [("master target", &item.master_target), ("process server", &item.process_server)] {
+            let Some(name) = name else { continue };
+            for mut f in store.get::<Vec<ReplicaFault>>(FAULTS, name)?.unwrap_or_default() {
+                if f.item == item.wire_id() {
+                    f.reason = format!("{role} {name}: {}", f.reason);
+                    mt_faults.push(f);
+                }
+            }
+        }
         // A transient problem (retried) is shown on the item, with an event when it starts and ends.
-        let problem = mt_faults
-            .iter()
-            .find(|f| !f.code.fatal())
-            .map(|f| format!("master target {mt_name} disk {}: {}", f.disk, f.reason));
+        let problem = mt_faults.iter().find(|f| !f.code.fatal()).map(|f| format!("disk {}: {}", f.disk, f.reason));
         if problem != item.problem {
             match &problem {
                 Some(p) => cs.event("warning", &item.machine, &format!("item {}: {p}", item.id))?,
@@ -421,9 +419,7 @@ pub async fn evaluate(cs: &Cs) -> Result<(), crate::store::StoreError> {
         let fault = agent_fault
             .filter(|(_, f)| f.code != chain)
             .map(|(disk, f)| format!("agent {} disk {disk}: {}", item.machine, f.reason))
-            .or(mt_fault
-                .filter(|f| f.code != chain)
-                .map(|f| format!("master target {mt_name} disk {}: {}", f.disk, f.reason)));
+            .or(mt_fault.filter(|f| f.code != chain).map(|f| format!("disk {}: {}", f.disk, f.reason)));
         if let Some(reason) = fault.filter(|_| !matches!(item.state, State::Critical { .. })) {
             if let Ok(next) = item.state.on(&Event::FatalError { reason: reason.clone() }) {
                 item.state = next;

@@ -47,6 +47,8 @@ pub async fn run(server: Arc<Server>, stream: Arc<Stream>) {
         };
         if let Err(e) = res {
             metrics::counter!(m::ERRORS, "side" => "master-target").increment(1);
+            let code = sr_common::wire::code_of(&e);
+            *stream.fault.lock().expect("fault lock poisoned") = code.fatal().then(|| (code, format!("{e:#}")));
             tracing::warn!(key = %stream.key, error = format!("{e:#}"), "forwarding to the master target stopped; reconnecting");
         }
         if started.elapsed() > Duration::from_secs(10) {

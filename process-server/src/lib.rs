@@ -193,9 +193,19 @@ async fn control_loop(server: Arc<Server>, client: sr_common::control::ControlCl
     client
         .every_poll(&shutdown, move || async move {
             let cache = srv.cache_total.load(std::sync::atomic::Ordering::Relaxed);
-            cl.heartbeat(
-                serde_json::json!({ "address": srv.cfg.listen.to_string(), "load": { "cache_bytes": cache } }),
-            )
+            let faults: Vec<serde_json::Value> = srv
+                .streams
+                .lock()
+                .expect("streams lock poisoned")
+                .values()
+                .filter_map(|s| {
+                    let f = s.fault.lock().expect("fault lock poisoned").clone()?;
+                    Some(serde_json::json!({"item": s.key.item.0, "disk": s.key.disk.0, "code": f.0, "reason": f.1}))
+                })
+                .collect();
+            cl.heartbeat(serde_json::json!({
+                "address": srv.cfg.listen.to_string(), "load": { "cache_bytes": cache }, "faults": faults,
+            }))
             .await?;
             cl.refresh_crl(&srv.identity, Some((&srv.listener, &srv.conns))).await?;
             let mut routes = HashMap::new();

@@ -28,6 +28,9 @@ pub struct Stream {
     /// Cancels the current agent session when a newer one for the same disk arrives.
     pub session: Mutex<Option<CancellationToken>>,
     pub forwarder: std::sync::Once,
+    /// Why forwarding cannot go on by retrying (a fatal code and its reason), reported to the
+    /// configuration server; cleared by a session that forwards again.
+    pub fault: Mutex<Option<(sr_common::wire::ErrorCode, String)>>,
     store: Arc<dyn StateStore>,
     lag: metrics::Gauge,
     applied_gauge: metrics::Gauge,
@@ -56,6 +59,7 @@ impl Stream {
             freed: tokio::sync::Notify::new(),
             session: Mutex::new(None),
             forwarder: std::sync::Once::new(),
+            fault: Mutex::new(None),
             store,
             lag: metrics::gauge!(m::LAG_CHANGES, "item" => item.clone(), "disk" => disk.clone()),
             applied_gauge: metrics::gauge!(m::APPLIED_SEQ, "item" => item.clone(), "disk" => disk.clone()),

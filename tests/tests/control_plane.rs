@@ -990,3 +990,50 @@ fn a_full_master_target_volume_shows_on_the_item_until_space_returns() {
     let events = String::from_utf8_lossy(&srctl(m.cp.api, &m.admin_file, &["events"]).stdout).to_string();
     assert!(events.contains("replication goes on again"), "{events}");
 }
+
+#[test]
+fn a_gap_raises_resync_required_by_itself_and_the_resync_repairs_it() {
+    let dir = test_dir();
+    let mut m = Managed::start(dir.path(), 32, "");
+    m.protect(&[]);
+    let uri = m.local.agent_uri("disk0");
+    let write = |pattern: u8, at: u64| {
+        run("qemu-io", &["-f", "raw", "-c", &format!("write -P {pattern} {at}M 2M"), "-c", "flush", &uri]).unwrap();
+    };
+    write(0x41, 0);
+    wait_caught_up(&m.local, std::time::Duration::from_secs(60)).unwrap();
+    // The master target's state is saved, replication goes on, and then that old state comes back (a
+    // restore from backup): it now needs changes the process server and the agent dropped long ago.
+    let data = m.local.root.join("mt");
+    let saved = dir.path().join("mt-saved");
+    m.mt.take().unwrap().kill();
+    run("cp", &["-a", data.to_str().unwrap(), saved.to_str().unwrap()]).unwrap();
+    m.mt = Some(m.local.start(Component::MasterTarget).unwrap());
+    write(0x42, 4);
+    wait_caught_up(&m.local, std::time::Duration::from_secs(60)).unwrap();
+    m.mt.take().unwrap().kill();
+    std::fs::remove_dir_all(&data).unwrap();
+    std::fs::rename(&saved, &data).unwrap();
+    m.mt = Some(m.local.start(Component::MasterTarget).unwrap());
+    write(0x43, 8);
+    // The gap is reported typed (no one reads an error's text): Resync required, by itself.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let item = loop {
+        let i = item_of(m.cp.api, &m.admin_file, "agent-1");
+        if i["chain_broken"] == true {
+            break i;
+        }
+        assert!(std::time::Instant::now() < deadline, "the gap was never raised: {i}");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    assert_eq!(item["state_name"], "resync_required", "{item}");
+    // The resync repairs it: the whole disk into a new stream, protected again, replica equal to the disk.
+    let out = srctl(m.cp.api, &m.admin_file, &["resync", &m.local.item.to_string(), "--watch"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let item = item_of(m.cp.api, &m.admin_file, "agent-1");
+    assert_eq!(item["state_name"], "protected", "{item}");
+    assert_eq!(item["chain_broken"], false, "{item}");
+    let wire = item["stream"].as_u64().unwrap();
+    let replica = m.local.root.join("mt").join("replicas").join(format!("item-{wire}-disk-1.img"));
+    compare(m.disk.to_str().unwrap(), replica.to_str().unwrap()).unwrap();
+}
