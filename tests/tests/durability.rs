@@ -272,3 +272,32 @@ fn primary_lost_during_a_dirty_copy_fails_over_to_the_last_crash_consistent_poin
     let r = sr_common::http::post_json(local.addrs.mt_http, "/v1/export", &body).unwrap();
     assert!(r.to_string().contains("not crash-consistent"), "{r}");
 }
+
+#[test]
+fn a_full_process_server_cache_volume_holds_writes_back_and_loses_none() {
+    let dir = test_dir();
+    let size = 64 * MIB;
+    let disk = dir.path().join("source.img");
+    make_disk(&disk, size).unwrap();
+    let local = one_disk(dir.path(), &disk, &Options { batch_bytes: 256 << 10, ..Options::default() });
+    // The cache on a 3 MiB volume, far below its configured limit; the master target is away, so
+    // nothing leaves the cache.
+    let _volume = Tmpfs::mount(&local.root.join("ps"), "3m");
+    let mt = local.start(Component::MasterTarget).unwrap();
+    let _ps = local.start(Component::ProcessServer).unwrap();
+    let _agent = local.start(Component::Agent).unwrap();
+    wait_caught_up(&local, Duration::from_secs(60)).unwrap();
+    mt.kill();
+    let cmds: Vec<String> = (0..12).map(|i| format!("write -P {} {}M 1M", i + 1, i)).chain(["flush".into()]).collect();
+    qemu_io(&local.agent_uri("d"), &cmds).unwrap();
+    // The agent keeps what the cache cannot take: more journaled than the volume holds.
+    wait_for("the agent to hold the writes back", Duration::from_secs(60), || {
+        let st = local.agent_status().unwrap();
+        let d = &st["disks"][0];
+        d["last_seq"].as_u64().unwrap() > d["acked_seq"].as_u64().unwrap()
+    });
+    let _mt = local.start(Component::MasterTarget).unwrap();
+    wait_caught_up(&local, Duration::from_secs(180)).unwrap();
+    compare(disk.to_str().unwrap(), &local.replica_uri(1)).unwrap();
+    check_apply_log(&local, 1).unwrap();
+}
