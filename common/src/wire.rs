@@ -214,6 +214,16 @@ impl ErrorCode {
         self != ErrorCode::Transient
     }
 
+    /// Only an operator (or a resync) can clear it. The others that are fatal to a session (not
+    /// assigned, not configured) settle by themselves once the control plane's assignments reach
+    /// every component, so they never make an item Critical.
+    pub fn needs_operator(self) -> bool {
+        matches!(
+            self,
+            ErrorCode::WrongRole | ErrorCode::CertificateRejected | ErrorCode::ChainBroken | ErrorCode::ReplicaUnusable
+        )
+    }
+
     /// What the operator is told the failure is.
     pub fn describe(self) -> &'static str {
         match self {

@@ -375,10 +375,12 @@ pub async fn evaluate(cs: &Cs) -> Result<(), crate::store::StoreError> {
         let Some(machine) = store.get::<Machine>(MACHINES, &item.machine)? else { continue };
         // A fault retrying cannot fix, reported by the item's agent or master target (never read from
         // an error's text: each carries its code): the item turns Critical with the reason, and alerts.
-        let agent_fault = machine.progress.iter().filter_map(|d| d.fatal.as_ref().map(|f| (d.id, f))).find(|(_, f)| {
-            // Not assigned is the control plane catching up (a new assignment clears it), not a fault.
-            f.code != sr_common::wire::ErrorCode::NotAssigned
-        });
+        // Not assigned or not configured is the control plane catching up (its assignments clear it).
+        let agent_fault = machine
+            .progress
+            .iter()
+            .filter_map(|d| d.fatal.as_ref().map(|f| (d.id, f)))
+            .find(|(_, f)| f.code.needs_operator());
         // The item's master target and process server speak for its stream.
         let mut mt_faults: Vec<ReplicaFault> = Vec::new();
         for (role, name) in [("master target", &item.master_target), ("process server", &item.process_server)] {
@@ -400,7 +402,7 @@ pub async fn evaluate(cs: &Cs) -> Result<(), crate::store::StoreError> {
             item.problem = problem;
             store.put(ITEMS, &id_key(item.id), &item)?;
         }
-        let mt_fault = mt_faults.into_iter().find(|f| f.code.fatal());
+        let mt_fault = mt_faults.into_iter().find(|f| f.code.needs_operator());
         let chain = sr_common::wire::ErrorCode::ChainBroken;
         let broken_chain =
             agent_fault.is_some_and(|(_, f)| f.code == chain) || mt_fault.as_ref().is_some_and(|f| f.code == chain);
