@@ -368,6 +368,13 @@ impl ProtectedDisk {
     pub fn on_applied_ack(&self, through: Seq) -> Result<(), JournalError> {
         self.applied.fetch_max(through.0, Ordering::Relaxed);
         let mut j = self.lock();
+        j.set_urgent(self.journal_trouble.load(Ordering::Acquire));
+        if j.trims_anything(through) && j.on_disk() < through.min(j.last_seq()) {
+            // What leaves the journal must be on the disk for good: after a power loss a restart could
+            // no longer redo it, and the replica (which has it) would stay ahead of the disk.
+            self.disk.sync().map_err(|source| JournalError::Io { path: self.disk.path().to_path_buf(), source })?;
+            j.mark_on_disk()?;
+        }
         let freed = j.trim_through(through)?;
         if freed > 0 || through >= j.last_seq() {
             // Space came back, or everything is applied: the journal is tried again.
@@ -662,6 +669,13 @@ impl ProtectedDisk {
     /// Ends the dirty map's turn once the journal drained to half its limit (also when no change
     /// arrives to notice it).
     pub fn recheck_overflow(&self) {
+        if self.journal_trouble.load(Ordering::Acquire) {
+            // The journal's volume is full: give back what is applied now, not at the next
+            // acknowledgement (none may come while nothing new can be journaled).
+            if let Err(e) = self.on_applied_ack(self.applied()) {
+                tracing::warn!(disk = self.name, error = %e, "giving back applied journal space failed");
+            }
+        }
         if self.overflowed() {
             let j = self.lock();
             self.drained(&j);
@@ -823,7 +837,7 @@ impl ProtectedDisk {
                 }
                 self.disk.read_at(pos, &mut buf[..len]).with_context(|| format!("reading {} at {pos}", self.name))?;
                 if !sr_common::compress::is_zero(&buf[..len]) {
-                    j.append_write(pos, &buf[..len])?;
+                    j.append_write(pos, &buf[..len]).inspect_err(|e| self.journal_failed(e))?;
                     self.metrics.copy_bytes.increment(len as u64);
                 }
             }
@@ -904,9 +918,9 @@ impl ProtectedDisk {
                 let len = (n * block).min(size - pos) as usize;
                 self.disk.read_at(pos, &mut buf[..len]).with_context(|| format!("reading {} at {pos}", self.name))?;
                 if sr_common::compress::is_zero(&buf[..len]) {
-                    j.append(&Op::Zero { offset: pos, len: len as u64 })?;
+                    j.append(&Op::Zero { offset: pos, len: len as u64 }).inspect_err(|e| self.journal_failed(e))?;
                 } else {
-                    j.append_write(pos, &buf[..len])?;
+                    j.append_write(pos, &buf[..len]).inspect_err(|e| self.journal_failed(e))?;
                 }
                 if let Some(scan) = &self.scan {
                     scan.lock().expect("scan lock poisoned").record(pos, &buf[..len]);
@@ -1151,8 +1165,9 @@ impl ProtectedDisk {
                     }
                     if let Err(e) = to_disk(self) {
                         // The journal holds a change the disk may not: have the disk's real contents
-                        // shipped after it, so the replica ends as the disk is.
+                        // shipped after it (in block order), so the replica ends as the disk is.
                         let _ = self.dirty.lock().expect("dirty lock poisoned").mark(offset, len);
+                        self.note_bypass(&mut j);
                         return Err(e.into());
                     }
                     break true;
@@ -1315,6 +1330,23 @@ mod tests {
         assert!(pd.last_seq() > copied_through, "the end follows every copied block");
         pd.close_window_if_caught_up().unwrap();
         assert_eq!(pd.last_seq(), copied_through.next(), "closed once");
+    }
+
+    #[test]
+    fn nothing_leaves_the_journal_before_the_disk_holds_it_for_good() {
+        let d = tempfile::tempdir().unwrap();
+        let path = disk(d.path(), "source.img", 64 << 20);
+        let pd = ProtectedDisk::open(DiskId(1), "d", &path, &d.path().join("state"), 4096, None).unwrap();
+        pd.protect(3).unwrap();
+        // More than a segment: the first is closed, and goes once applied.
+        for i in 0..34u64 {
+            pd.write(i << 20, &[i as u8 + 1; 1 << 20], false).unwrap();
+        }
+        assert_eq!(pd.redo_mark(), Seq::ZERO);
+        let last = pd.last_seq();
+        pd.on_applied_ack(last).unwrap();
+        assert!(pd.journal_bytes() < 4 << 20, "applied records were trimmed");
+        assert!(pd.redo_mark() >= last, "trimmed before the redo mark said the disk holds them");
     }
 
     #[test]

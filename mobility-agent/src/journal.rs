@@ -30,8 +30,7 @@ const MAGIC: u32 = u32::from_le_bytes(*b"SRJ2");
 const HEADER: usize = 48;
 /// A segment is closed and a new one started past this size.
 pub const SEGMENT_BYTES: u64 = 32 << 20;
-/// A fully applied active segment at least this large is closed and deleted at once.
-const RECLAIM_BYTES: u64 = 1 << 20;
+
 const MAX_PAYLOAD: u32 = sr_common::wire::MAX_WRITE as u32;
 
 const KIND_WRITE: u8 = 1;
@@ -289,6 +288,8 @@ fn decode_mark(slot: &[u8]) -> Option<(u64, Seq, bool)> {
 
 pub struct Journal {
     dir: PathBuf,
+    /// The volume is full: applied space is given back as soon as possible ([`Journal::set_urgent`]).
+    urgent: bool,
     /// A change bypassed the journal (it went to the dirty map): whatever is appended next belongs to a
     /// stretch the replica receives in block order, so an InconsistentBegin marker goes first.
     window_pending: bool,
@@ -419,6 +420,7 @@ impl Journal {
         }
         Ok(Journal {
             dir: dir.to_path_buf(),
+            urgent: false,
             window_pending: false,
             window_open: last_edge.unwrap_or(mark.window),
             broken: None,
@@ -608,11 +610,25 @@ impl Journal {
     }
 
     /// Deletes closed segments whose records are all at or below `through`. Returns bytes freed.
-    pub fn trim_through(&mut self, through: Seq) -> Result<u64, JournalError> {
+    /// While the journal's volume is full (`urgent`), a fully applied active segment is closed and
+    /// deleted at once, not only once it grew to a full segment (a small volume would otherwise stay
+    /// full for good). Otherwise segments go when they are full, which costs no extra fsyncs.
+    pub fn set_urgent(&mut self, urgent: bool) {
+        self.urgent = urgent;
+    }
+
+    fn reclaims_active(&self, through: Seq) -> bool {
         let active = self.segments.last().expect("at least one segment");
-        if through >= self.last_seq() && active.bytes >= RECLAIM_BYTES {
-            // Everything applied: close the active segment so its space returns now, not only once it
-            // grew to a full segment (a small journal volume would otherwise stay full for good).
+        self.urgent && through >= self.last_seq() && active.bytes > 0
+    }
+
+    /// Whether [`Journal::trim_through`] would delete any record.
+    pub fn trims_anything(&self, through: Seq) -> bool {
+        self.reclaims_active(through) || (self.segments.len() > 1 && self.segments[0].last <= through)
+    }
+
+    pub fn trim_through(&mut self, through: Seq) -> Result<u64, JournalError> {
+        if self.reclaims_active(through) {
             self.rotate()?;
         }
         let mut freed = 0;
@@ -928,6 +944,8 @@ mod tests {
             j.append(&write(0, i, 1 << 20)).unwrap();
         }
         let last = j.last_seq();
+        assert_eq!(j.trim_through(last).unwrap(), 0, "the active segment stays while the volume has room");
+        j.set_urgent(true);
         assert!(j.trim_through(Seq(last.0 - 1)).unwrap() == 0, "a record not applied keeps the segment");
         assert!(j.trim_through(last).unwrap() >= 3 << 20);
         assert_eq!(j.bytes(), 0);
@@ -1003,6 +1021,7 @@ mod tests {
         let mut j = Journal::open(d.path()).unwrap();
         assert!(j.in_window());
         // ...and from the mark once they are trimmed away.
+        j.set_urgent(true);
         j.trim_through(j.last_seq()).unwrap();
         drop(j);
         let mut j = Journal::open(d.path()).unwrap();
