@@ -371,6 +371,17 @@ mod tests {
         }
     }
 
+    /// Reopens the replica as a restart does (at `applied`): it must read `before`; then `b` applies
+    /// whole and every point reads as the model says.
+    fn restart_and_apply_again(rig: &mut Rig, applied: Seq, before: &[u8], b: &Batch) {
+        let reopened = open(rig.dir.path(), applied, 64 << 20);
+        assert!(base(&reopened) == before, "the restart did not roll the batch back");
+        rig.replica = reopened;
+        rig.replica.apply(b, &rig.store).unwrap();
+        assert!(base(&rig.replica) == rig.source);
+        check_points(rig, &rig.replica);
+    }
+
     #[test]
     fn a_failed_apply_at_any_step_is_rolled_back_in_process_and_a_retry_and_a_restart_both_find_it_whole() {
         // (failpoint, which hit fails): mid-way through writing undo records, their fsync, mid-way
@@ -421,12 +432,7 @@ mod tests {
         rig.replica.apply(&b, &rig.store).unwrap_err();
         assert!(rig.replica.stopped().is_some());
         // Not recorded: the restart rolls the batch back, and it applies again.
-        let reopened = open(rig.dir.path(), applied, 64 << 20);
-        assert!(base(&reopened) == before);
-        rig.replica = reopened;
-        rig.replica.apply(&b, &rig.store).unwrap();
-        assert!(base(&rig.replica) == rig.source);
-        check_points(&rig, &rig.replica);
+        restart_and_apply_again(&mut rig, applied, &before, &b);
     }
 
     #[test]
@@ -445,12 +451,7 @@ mod tests {
         let e = rig.replica.apply(&b, &rig.store).unwrap_err();
         assert!(format!("{e:#}").contains("applying is stopped"), "{e:#}");
         // The restart rolls the half-applied batch back from the undo journal.
-        let reopened = open(rig.dir.path(), applied, 64 << 20);
-        assert!(base(&reopened) == before);
-        rig.replica = reopened;
-        rig.replica.apply(&b, &rig.store).unwrap();
-        assert!(base(&rig.replica) == rig.source);
-        check_points(&rig, &rig.replica);
+        restart_and_apply_again(&mut rig, applied, &before, &b);
     }
 
     #[test]

@@ -55,6 +55,16 @@ pub fn make_disk(path: &Path, size: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Waits until `f` holds, checking every 50 ms; panics naming `what` after `timeout`. The one place
+/// tests poll: every wait is on a condition, never a fixed sleep.
+pub fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// Waits until the initial copy is done and the master target has applied the agent's last change of
 /// every disk. Returns the applied sequence numbers.
 pub fn wait_caught_up(local: &Local, timeout: Duration) -> anyhow::Result<Vec<u64>> {

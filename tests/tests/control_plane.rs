@@ -61,6 +61,10 @@ fn tokens_roles_bodies_registration_revocation_and_restart() {
     let (code, v) = call(api, "POST", "/v1/policies", Some(json!({"name": "p"})), Some(&reader));
     assert_eq!(code, 403, "{v}");
     assert!(v["error"].as_str().unwrap().contains("Operator"), "{v}");
+    for path in ["/v1/items/1/resync", "/v1/items/1/resync?full=true"] {
+        assert_eq!(call(api, "POST", path, None, None).0, 401, "{path}");
+        assert_eq!(call(api, "POST", path, None, Some(&reader)).0, 403, "{path}");
+    }
     let (code, v) = call(api, "POST", "/v1/tokens", Some(json!({"name": "op", "role": "operator"})), Some(&admin));
     assert_eq!(code, 200);
     let operator = v["token"].as_str().unwrap().to_string();
@@ -865,6 +869,16 @@ fn overflow_waits_for_the_resync_window_and_srctl_resync_brings_the_item_back() 
     assert!(events.contains("resync required") && events.contains("resynchronized"), "{events}");
 }
 
+/// Waits until agent-1's item satisfies `f`; returns it.
+fn wait_item(m: &Managed, what: &str, f: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+    let mut item = serde_json::Value::Null;
+    wait_for(what, std::time::Duration::from_secs(120), || {
+        item = item_of(m.cp.api, &m.admin_file, "agent-1");
+        f(&item)
+    });
+    item
+}
+
 #[test]
 fn a_master_target_restarted_without_its_configuration_server_keeps_the_policys_retention() {
     let dir = test_dir();
@@ -875,25 +889,26 @@ fn a_master_target_restarted_without_its_configuration_server_keeps_the_policys_
     m.mt = Some(m.local.start_env(Component::MasterTarget, &[segments]).unwrap());
     m.protect(&["--retention-hours", "2"]);
     let uri = m.local.agent_uri("disk0");
+    let (mt_http, item) = (m.local.addrs.mt_http, m.local.item);
+    let points = || sr_common::http::get_json(mt_http, &format!("/v1/points?item={item}")).unwrap();
     for k in 0..4u8 {
         run("qemu-io", &["-f", "raw", "-c", &format!("write -P {} 0 1M", 0x30 + k), "-c", "flush", &uri]).unwrap();
         wait_caught_up(&m.local, std::time::Duration::from_secs(60)).unwrap();
-        // Spaced out so that each write lands in a later segment than the one before.
-        std::thread::sleep(std::time::Duration::from_millis(1100));
+        // The next write lands in a later segment once the newest change is over a second old.
+        wait_for("the newest change to age past the segment time", std::time::Duration::from_secs(30), || {
+            let latest = points()["disks"][0]["latest_us"].as_u64().unwrap_or(u64::MAX);
+            sr_common::types::now_micros().saturating_sub(latest) > 1_100_000
+        });
     }
-    let (mt_http, item) = (m.local.addrs.mt_http, m.local.item);
-    let points = || sr_common::http::get_json(mt_http, &format!("/v1/points?item={item}")).unwrap();
     let before = points()["disks"][0]["oldest_us"].as_u64().unwrap();
     // The configuration server is gone, and the master target restarts with a 1-second default.
     m.mt.take().unwrap().kill();
     m._cs.kill();
     let env = [segments, ("SR_MT__POINTS__RETENTION_SECS", "1"), ("SR_MT__POINTS__EXPIRY_INTERVAL_SECS", "1")];
     m.mt = Some(m.local.start_env(Component::MasterTarget, &env).unwrap());
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    while metric(mt_http, "sr_master_target_expiry_runs_total").unwrap() < 3.0 {
-        assert!(std::time::Instant::now() < deadline, "expiry never ran");
-        std::thread::sleep(std::time::Duration::from_millis(200));
-    }
+    wait_for("expiry to run three times", std::time::Duration::from_secs(60), || {
+        metric(mt_http, "sr_master_target_expiry_runs_total").unwrap() >= 3.0
+    });
     let p = points();
     assert_eq!(p["disks"][0]["oldest_us"].as_u64().unwrap(), before, "points the policy keeps were expired: {p}");
 }
@@ -916,15 +931,7 @@ fn a_lost_replica_turns_its_item_critical_with_the_reason_and_an_alert() {
     }
     m.mt = Some(m.local.start(Component::MasterTarget).unwrap());
     // The master target reports it (a typed fault in its heartbeat): the item turns Critical by itself.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    let item = loop {
-        let i = item_of(m.cp.api, &m.admin_file, "agent-1");
-        if i["state_name"] == "critical" {
-            break i;
-        }
-        assert!(std::time::Instant::now() < deadline, "the item never turned critical: {i}");
-        std::thread::sleep(std::time::Duration::from_millis(200));
-    };
+    let item = wait_item(&m, "the item to turn critical", |i| i["state_name"] == "critical");
     let reason = item["state"]["reason"].as_str().unwrap();
     assert!(reason.contains("master target mt-1") && reason.contains("missing"), "{item}");
     let events = String::from_utf8_lossy(&srctl(m.cp.api, &m.admin_file, &["events"]).stdout).to_string();
@@ -969,22 +976,11 @@ fn a_full_master_target_volume_shows_on_the_item_until_space_returns() {
         run("qemu-io", &args).unwrap();
     }
     // Applying fails for want of space (and is rolled back, retried): the item says so.
-    let wait = |what: &str, f: &dyn Fn(&serde_json::Value) -> bool| {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
-        loop {
-            let i = item_of(m.cp.api, &m.admin_file, "agent-1");
-            if f(&i) {
-                return i;
-            }
-            assert!(std::time::Instant::now() < deadline, "{what}: {i}");
-            std::thread::sleep(std::time::Duration::from_millis(200));
-        }
-    };
-    let item = wait("the item never showed the full volume", &|i| i["problem"].is_string());
+    let item = wait_item(&m, "the item to show the full volume", |i| i["problem"].is_string());
     assert!(item["problem"].as_str().unwrap().contains("No space left"), "{item}");
     // Space returns: replication goes on by itself, the problem clears, the replica equals the source.
     run("mount", &["-o", "remount,size=256m", volume.0.to_str().unwrap()]).unwrap();
-    wait("the problem never cleared", &|i| i["problem"].is_null());
+    wait_item(&m, "the problem to clear", |i| i["problem"].is_null());
     wait_caught_up(&m.local, std::time::Duration::from_secs(180)).unwrap();
     compare(m.disk.to_str().unwrap(), &m.local.replica_uri(1)).unwrap();
     let events = String::from_utf8_lossy(&srctl(m.cp.api, &m.admin_file, &["events"]).stdout).to_string();
@@ -1017,15 +1013,7 @@ fn a_gap_raises_resync_required_by_itself_and_the_resync_repairs_it() {
     m.mt = Some(m.local.start(Component::MasterTarget).unwrap());
     write(0x43, 8);
     // The gap is reported typed (no one reads an error's text): Resync required, by itself.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    let item = loop {
-        let i = item_of(m.cp.api, &m.admin_file, "agent-1");
-        if i["chain_broken"] == true {
-            break i;
-        }
-        assert!(std::time::Instant::now() < deadline, "the gap was never raised: {i}");
-        std::thread::sleep(std::time::Duration::from_millis(200));
-    };
+    let item = wait_item(&m, "the gap to be raised", |i| i["chain_broken"] == true);
     assert_eq!(item["state_name"], "resync_required", "{item}");
     // The resync repairs it: the whole disk into a new stream, protected again, replica equal to the disk.
     let out = srctl(m.cp.api, &m.admin_file, &["resync", &m.local.item.to_string(), "--watch"]);

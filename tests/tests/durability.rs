@@ -7,7 +7,7 @@
 
 use sr_tests::*;
 use std::os::unix::fs::FileExt;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const MIB: u64 = 1 << 20;
 
@@ -19,14 +19,6 @@ fn read_at(path: &std::path::Path, offset: u64, len: usize) -> Vec<u8> {
     let mut buf = vec![0u8; len];
     std::fs::File::open(path).unwrap().read_exact_at(&mut buf, offset).unwrap();
     buf
-}
-
-fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 #[test]

@@ -17,9 +17,9 @@ use rand::{Rng, SeedableRng};
 use sr_tests::*;
 use std::collections::{BTreeSet, HashMap};
 use std::os::unix::fs::FileExt;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const MIB: u64 = 1 << 20;
 const SECTOR: u64 = 512;
@@ -144,8 +144,13 @@ fn torture_random_kills_overflowing_journal_scan_disk_beside() {
     let mut overflowed = 0;
     for round in 0..rounds {
         let stop = Arc::new(AtomicBool::new(false));
+        // qemu-io sessions the writer started and those acknowledged: the round is paced by them.
+        let (started, acked, cut_off) =
+            (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        let nbd_addr = local.addrs.agent_nbd;
         let writer = {
             let (stop, uri, shadow) = (stop.clone(), uri.clone(), nbd_shadow.clone());
+            let (started, acked, cut_off) = (started.clone(), acked.clone(), cut_off.clone());
             let mut wrng = rand::rngs::StdRng::seed_from_u64(seed ^ u64::from(round + 1).wrapping_mul(0x9e37_79b9));
             std::thread::spawn(move || {
                 let (mut ok, mut cut) = (0, 0);
@@ -155,6 +160,7 @@ fn torture_random_kills_overflowing_journal_scan_disk_beside() {
                     if wrng.gen_bool(0.5) {
                         texts.push("flush".into());
                     }
+                    started.fetch_add(1, Ordering::SeqCst);
                     let done = qemu_io(&uri, &texts).is_ok();
                     let mut sh = shadow.lock().unwrap();
                     for c in &cmds {
@@ -167,17 +173,25 @@ fn torture_random_kills_overflowing_journal_scan_disk_beside() {
                     drop(sh);
                     if done {
                         ok += 1;
+                        acked.fetch_add(1, Ordering::SeqCst);
                     } else {
-                        // The agent is down: a machine's disk would stall; try again shortly.
+                        // The agent is down: a machine's disk would stall until it is back.
                         cut += 1;
-                        std::thread::sleep(Duration::from_millis(100));
+                        cut_off.fetch_add(1, Ordering::SeqCst);
+                        wait_for("the agent's NBD front end to come back", Duration::from_secs(120), || {
+                            stop.load(Ordering::Relaxed) || std::net::TcpStream::connect(nbd_addr).is_ok()
+                        });
                     }
                 }
                 (ok, cut)
             })
         };
-        let round_end = Instant::now() + Duration::from_millis(rng.gen_range(3000..6000));
-        while Instant::now() < round_end {
+        // Waits until the writer's `counter` moved `n` past where it is now.
+        let after = |counter: &AtomicU64, n: u64, what: &str| {
+            let target = counter.load(Ordering::SeqCst) + n;
+            wait_for(what, Duration::from_secs(120), || counter.load(Ordering::SeqCst) >= target);
+        };
+        for _ in 0..rng.gen_range(6..12) {
             // The machine writes its scanned disk directly.
             for _ in 0..rng.gen_range(1..8) {
                 let len = rng.gen_range(1..64) * SECTOR;
@@ -186,12 +200,18 @@ fn torture_random_kills_overflowing_journal_scan_disk_beside() {
                 scan_file.write_all_at(&vec![byte; len as usize], off).unwrap();
                 scan_shadow.acknowledged(off, len, byte);
             }
-            std::thread::sleep(Duration::from_millis(rng.gen_range(100..600)));
+            after(&acked, rng.gen_range(1..6), "the writer to make progress");
             if rng.gen_bool(0.35) {
                 let i = rng.gen_range(0..components.len());
                 eprintln!("round {round}: SIGKILL {:?}", components[i]);
                 procs[i].take().unwrap().kill();
-                std::thread::sleep(Duration::from_millis(rng.gen_range(50..1500)));
+                // Down until the writer felt it: its session cut off when the agent died, or a few more
+                // sessions started while the process server or master target is away.
+                if components[i] == Component::Agent {
+                    after(&cut_off, 1, "the writer to lose the agent");
+                } else {
+                    after(&started, rng.gen_range(1..4), "the writer to go on while a service is down");
+                }
                 if let Ok(st) = local.agent_status() {
                     overflowed += usize::from(st["disks"][0]["overflow"] == true);
                 }
@@ -210,11 +230,11 @@ fn torture_random_kills_overflowing_journal_scan_disk_beside() {
         compare(nbd_disk.to_str().unwrap(), &local.replica_uri(1))
             .map_err(|e| format!("round {round} (seed {seed}): NBD replica: {e:#}"))
             .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(120);
-        while let Err(e) = compare(scan_disk.to_str().unwrap(), &local.replica_uri(2)) {
-            assert!(Instant::now() < deadline, "round {round} (seed {seed}): scanned replica never caught up: {e:#}");
-            std::thread::sleep(Duration::from_millis(250));
-        }
+        wait_for(
+            &format!("round {round} (seed {seed}): the scanned replica to catch up"),
+            Duration::from_secs(120),
+            || compare(scan_disk.to_str().unwrap(), &local.replica_uri(2)).is_ok(),
+        );
         for disk in [1, 2] {
             check_apply_log(&local, disk).unwrap();
         }
