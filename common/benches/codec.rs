@@ -5,21 +5,15 @@ use rand::{RngCore, SeedableRng};
 use sr_common::compress;
 use sr_common::seal::ItemKey;
 use sr_common::types::{DiskId, ItemId, Seq};
-use sr_common::wire::{self, Batch, Change, Message, Op};
+use sr_common::wire::{self, Batch, Message, Op};
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 const BATCH: usize = 4 << 20;
 
 fn batch(mut data_of: impl FnMut(usize) -> Vec<u8>) -> Batch {
-    let changes: Vec<Change> = (0..64)
-        .map(|i| Change {
-            seq: Seq(i as u64 + 1),
-            at: 0,
-            op: Op::Write { offset: (i * 65536) as u64, data: data_of(i) },
-        })
-        .collect();
-    Batch { item: ItemId(1), disk: DiskId(1), disk_size: 1 << 30, first: Seq(1), last: Seq(64), changes }
+    let ops = (0..64).map(|i| (0, Op::Write { offset: (i * 65536) as u64, data: data_of(i) }));
+    Batch::numbered(ItemId(1), DiskId(1), 1 << 30, Seq(1), ops)
 }
 
 /// Runs `f` for about a second and prints the rate over `bytes` per call.

@@ -104,17 +104,9 @@ pub fn decompress(payload: &[u8]) -> Result<Batch, WireError> {
 mod tests {
     use super::*;
     use crate::types::{DiskId, ItemId, Seq};
-    use crate::wire::Change;
 
     fn batch(data: Vec<u8>) -> Batch {
-        Batch {
-            item: ItemId(1),
-            disk: DiskId(1),
-            disk_size: 1 << 30,
-            first: Seq(1),
-            last: Seq(1),
-            changes: vec![Change { seq: Seq(1), at: 0, op: Op::Write { offset: 0, data } }],
-        }
+        Batch::numbered(ItemId(1), DiskId(1), 1 << 30, Seq(1), [(0, Op::Write { offset: 0, data })])
     }
 
     #[test]

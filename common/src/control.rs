@@ -81,14 +81,17 @@ impl ControlClient {
         Ok(text)
     }
 
-    pub async fn heartbeat(&self, body: serde_json::Value) -> anyhow::Result<()> {
-        self.call("POST", "/v1/heartbeat", Some(body.to_string())).await.map(|_| ())
+    pub async fn heartbeat(&self, report: &crate::contract::Heartbeat) -> anyhow::Result<()> {
+        let body = serde_json::to_string(report).context("encoding the heartbeat")?;
+        self.call("POST", "/v1/heartbeat", Some(body)).await.map(|_| ())
     }
 
-    /// The `items` array of this component's assignments.
-    pub async fn assignments(&self) -> anyhow::Result<Vec<serde_json::Value>> {
+    /// This component's assignments, in its role's type ([`crate::contract`]).
+    pub async fn assignments<T: serde::de::DeserializeOwned>(&self) -> anyhow::Result<Vec<T>> {
         let v = self.call("GET", "/v1/assignments", None).await?;
-        Ok(v["items"].as_array().cloned().unwrap_or_default())
+        let a: crate::contract::Assignments<T> = serde_json::from_value(v)
+            .context("GET /v1/assignments: the answer does not match this component's contract")?;
+        Ok(a.items)
     }
 }
 
@@ -144,14 +147,4 @@ impl ControlClient {
         }
         Ok(())
     }
-}
-
-/// The item and its data key from one assignment.
-pub fn assigned_key(a: &serde_json::Value) -> anyhow::Result<(crate::types::ItemId, crate::seal::ItemKey)> {
-    let item = a["item"].as_u64().context("assignment without item")?;
-    let key: [u8; 32] = hex::decode(a["data_key"].as_str().context("assignment without data_key")?)
-        .ok()
-        .and_then(|k| k.try_into().ok())
-        .context("data_key is not 32 bytes of hex")?;
-    Ok((crate::types::ItemId(item), crate::seal::ItemKey::from_bytes(&key)))
 }

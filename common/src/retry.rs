@@ -6,7 +6,7 @@
 //! (authentication, authorisation, a broken replica chain, an unknown item) are not retried: they
 //! need an operator, and the item turns Critical.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Minutes of the first retries; then [`STEADY_MINUTES`] forever.
 pub const SCHEDULE_MINUTES: [u64; 5] = [1, 2, 4, 8, 10];
@@ -47,6 +47,46 @@ pub fn reconnect_delay(attempt: u32, policy: &RetryPolicy, jitter: f64) -> Durat
         crate::backoff::RECONNECT.delay(attempt, jitter)
     } else {
         policy.delay(attempt - QUICK_ATTEMPTS, jitter)
+    }
+}
+
+/// A session that lasted this long was healthy: its failure starts the quick reconnects afresh.
+pub const STABLE_SESSION: Duration = Duration::from_secs(10);
+
+/// The reconnect schedule of one long-lived link (a disk's shipping, a stream's forwarding).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Reconnects {
+    attempt: u32,
+}
+
+impl Reconnects {
+    /// A session that began at `started` ended at `now`: how long to wait before the next one.
+    pub fn after_session(&mut self, started: Instant, now: Instant, policy: &RetryPolicy, jitter: f64) -> Duration {
+        if now.saturating_duration_since(started) > STABLE_SESSION {
+            self.attempt = 0;
+        }
+        let delay = reconnect_delay(self.attempt, policy, jitter);
+        self.attempt = self.attempt.saturating_add(1);
+        delay
+    }
+
+    /// Something changed (a new assignment): the next attempt is a quick one.
+    pub fn reset(&mut self) {
+        self.attempt = 0;
+    }
+}
+
+/// A newly assigned item may be unknown to its process server for one of the server's polls of the
+/// configuration server; "not assigned" in that time means "not yet".
+pub const ASSIGNMENT_GRACE: Duration = Duration::from_secs(15);
+
+/// Whether a link whose assignment is `assigned_for` old stops on this error and waits for an operator
+/// (or a new assignment) instead of reconnecting: the code and the reason to show.
+pub fn stop_on(class: ErrorClass, assigned_for: Duration) -> Option<(crate::wire::ErrorCode, String)> {
+    match class {
+        ErrorClass::Fatal { code: crate::wire::ErrorCode::NotAssigned, .. } if assigned_for < ASSIGNMENT_GRACE => None,
+        ErrorClass::Fatal { code, reason } => Some((code, reason)),
+        ErrorClass::Recoverable => None,
     }
 }
 
@@ -105,6 +145,33 @@ mod tests {
         assert!(quick < Duration::from_secs(40), "{quick:?}");
         assert_eq!(reconnect_delay(QUICK_ATTEMPTS, &p, 0.5), Duration::from_secs(60));
         assert_eq!(reconnect_delay(QUICK_ATTEMPTS + 6, &p, 0.5), Duration::from_secs(1800));
+    }
+
+    #[test]
+    fn reconnects_start_quick_again_after_a_healthy_session() {
+        let p = RetryPolicy::default();
+        let t0 = Instant::now();
+        let mut r = Reconnects::default();
+        let short = t0 + Duration::from_secs(1);
+        let quick: Vec<Duration> = (0..QUICK_ATTEMPTS).map(|_| r.after_session(t0, short, &p, 0.5)).collect();
+        assert_eq!(quick[0], reconnect_delay(0, &p, 0.5));
+        assert_eq!(r.after_session(t0, short, &p, 0.5), Duration::from_secs(60), "then the schedule");
+        let long = t0 + STABLE_SESSION + Duration::from_secs(1);
+        assert_eq!(r.after_session(t0, long, &p, 0.5), quick[0], "a healthy session resets it");
+        r.after_session(t0, short, &p, 0.5);
+        r.reset();
+        assert_eq!(r.after_session(t0, short, &p, 0.5), quick[0]);
+    }
+
+    #[test]
+    fn a_fresh_assignment_is_given_time() {
+        use crate::wire::ErrorCode;
+        let not_assigned = || ErrorClass::Fatal { code: ErrorCode::NotAssigned, reason: "x".into() };
+        assert_eq!(stop_on(not_assigned(), Duration::from_secs(3)), None);
+        assert_eq!(stop_on(not_assigned(), ASSIGNMENT_GRACE).map(|s| s.0), Some(ErrorCode::NotAssigned));
+        let broken = ErrorClass::Fatal { code: ErrorCode::ChainBroken, reason: "gap".into() };
+        assert_eq!(stop_on(broken, Duration::ZERO).map(|s| s.0), Some(ErrorCode::ChainBroken));
+        assert_eq!(stop_on(ErrorClass::Recoverable, Duration::from_secs(99)), None);
     }
 
     #[test]

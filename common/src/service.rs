@@ -54,6 +54,14 @@ pub fn reader_ended(r: Result<anyhow::Result<()>, tokio::task::JoinError>) -> an
     }
 }
 
+/// Sleeps until `at`, or forever when there is nothing to wait for (a pure core's `poll_timeout`).
+pub async fn sleep_until(at: Option<std::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Batches are buffers of a few MiB allocated and freed continuously. glibc serves such sizes with a
 /// fresh mmap each time by default, so every batch pays page faults and page zeroing for each of its
 /// pages; serving them from the heap and keeping some freed memory for reuse removes that cost.

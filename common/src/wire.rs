@@ -267,6 +267,9 @@ pub fn code_of(err: &anyhow::Error) -> ErrorCode {
         if let Some(WireError::Peer { code, .. }) = cause.downcast_ref::<WireError>() {
             return *code;
         }
+        if let Some(e) = cause.downcast_ref::<crate::stream::StreamError>() {
+            return e.code();
+        }
         if let Some(e) = cause.downcast_ref::<quinn::ConnectionError>() {
             let transport = match e {
                 quinn::ConnectionError::TransportError(t) => Some(u64::from(t.code)),
@@ -338,6 +341,21 @@ impl Message {
 }
 
 impl Batch {
+    /// A batch of `ops` numbered from `first` on, each with its time (microseconds): the one way tests,
+    /// benchmarks and fuzz seeds build batches.
+    pub fn numbered(
+        item: ItemId,
+        disk: DiskId,
+        disk_size: u64,
+        first: Seq,
+        ops: impl IntoIterator<Item = (u64, Op)>,
+    ) -> Batch {
+        let changes: Vec<Change> =
+            ops.into_iter().enumerate().map(|(i, (at, op))| Change { seq: Seq(first.0 + i as u64), at, op }).collect();
+        let last = Seq(first.0 + changes.len().saturating_sub(1) as u64);
+        Batch { item, disk, disk_size, first, last, changes }
+    }
+
     /// About how many bytes the archive of this batch takes.
     pub fn size_hint(&self) -> usize {
         64 + self
@@ -487,18 +505,12 @@ mod tests {
     use super::*;
 
     fn batch() -> Batch {
-        Batch {
-            item: ItemId(1),
-            disk: DiskId(2),
-            disk_size: 1 << 20,
-            first: Seq(5),
-            last: Seq(7),
-            changes: vec![
-                Change { seq: Seq(5), at: 1, op: Op::Write { offset: 0, data: vec![1; 4096] } },
-                Change { seq: Seq(6), at: 2, op: Op::Zero { offset: 4096, len: 8192 } },
-                Change { seq: Seq(7), at: 3, op: Op::Marker { kind: MarkerKind::Flush } },
-            ],
-        }
+        let ops = [
+            (1, Op::Write { offset: 0, data: vec![1; 4096] }),
+            (2, Op::Zero { offset: 4096, len: 8192 }),
+            (3, Op::Marker { kind: MarkerKind::Flush }),
+        ];
+        Batch::numbered(ItemId(1), DiskId(2), 1 << 20, Seq(5), ops)
     }
 
     #[test]

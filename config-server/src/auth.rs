@@ -1,7 +1,7 @@
 //! Who is calling: an operator's API token (reader, operator or admin) or a registered component's
 //! token. A missing or unknown token is 401; a known one without the needed role is 403.
 
-use crate::api::ApiError;
+use crate::error::ApiError;
 use crate::model::{ApiRole, Component, ComponentRole, Token, COMPONENTS, TOKENS};
 use crate::store::{ControlStore, Docs};
 use axum::http::{HeaderMap, StatusCode};

@@ -15,8 +15,8 @@
 //! failback:           planned failover of the reverse stream + commit on the primary site + reprotect
 //! ```
 
-use crate::api::{body, ApiError, Body, R};
 use crate::auth::require;
+use crate::error::{body, ApiError, Body, R};
 use crate::items::public;
 use crate::jobs::JobHandle;
 use crate::lifecycle::{Direction, Event, State};

@@ -9,8 +9,8 @@
 //! components GET /v1/assignments --> what to ship where / which keys to hold
 //! ```
 
-use crate::api::{body, ApiError, Body, R};
 use crate::auth::{require, require_component};
+use crate::error::{body, ApiError, Body, R};
 use crate::jobs::JobHandle;
 use crate::lifecycle::{Event, State};
 use crate::model::*;
@@ -21,6 +21,8 @@ use axum::http::HeaderMap;
 use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
+use sr_common::contract::{AdoptDisk, AgentAssignment, Assignments, MasterTargetAssignment, ProcessServerAssignment};
+use sr_common::types::ItemId;
 use std::sync::Arc;
 
 const ENABLE_STEPS: &[&str] = &[
@@ -291,47 +293,71 @@ pub async fn assignments(AxState(cs): AxState<Arc<Cs>>, h: HeaderMap) -> R<Value
     };
     let policies: Vec<Policy> = store.list(POLICIES)?;
     let policy = |id: &str| policies.iter().find(|p| p.id == id).cloned();
-    let mine: Vec<Value> = items
-        .iter()
-        // Every item with a placement, whatever its state (Critical, failing over, ...): an agent told
-        // nothing would stop journaling and drop its journal. Disable withdraws the placement.
-        .filter(|i| i.state != State::Unprotected && i.process_server.is_some())
-        .filter_map(|i| match role {
-            ComponentRole::Agent if i.machine == name => {
-                let p = policy(&i.policy);
-                let stop =
-                    i.failover.as_ref().filter(|f| f["planned"] == json!(true)).and_then(|f| f["generation"].as_u64());
-                let baseline = i.reprotect.as_ref().and_then(|r| r["baseline"].as_u64());
-                Some(json!({
-                    "item": i.wire_id(), "process_server": address(&i.process_server)?,
-                    "stop": stop, "baseline": baseline,
-                    "crash_interval_secs": p.as_ref().map(|p| p.crash_consistent_interval_secs),
-                    "app_interval_secs": p.as_ref().map(|p| p.app_consistent_interval_secs),
-                    "journal_limit_percent": p.as_ref().map(|p| p.journal_limit_percent),
-                    "resync_request": i.resync_request,
-                    "resync_window": p.as_ref().map(|p| p.resync_window.clone()).filter(|w| !w.is_empty()),
-                }))
-            }
-            ComponentRole::ProcessServer if i.process_server.as_deref() == Some(name.as_str()) => {
-                let p = policy(&i.policy);
-                Some(json!({
-                    "item": i.wire_id(), "data_key": i.data_key, "master_target": address(&i.master_target)?,
-                    "compression_level": p.as_ref().map_or(sr_common::compress::DEFAULT_LEVEL, |p| p.compression_level),
-                    "bandwidth_limit_mbps": p.as_ref().map_or(0, |p| p.bandwidth_limit_mbps),
-                }))
-            }
-            ComponentRole::MasterTarget if i.master_target.as_deref() == Some(name.as_str()) => {
-                let p = policy(&i.policy);
-                Some(json!({
-                    "item": i.wire_id(), "data_key": i.data_key,
-                    "retention_secs": p.as_ref().map_or(0, |p| p.retention_hours * 3600),
-                    "adopt": i.reprotect.as_ref().map(|r| r["adopt"].clone()),
-                }))
-            }
-            _ => None,
-        })
-        .collect();
-    Ok(Json(json!({ "items": mine })))
+    // Every item with a placement, whatever its state (Critical, failing over, ...): an agent told
+    // nothing would stop journaling and drop its journal. Disable withdraws the placement.
+    let placed = items.iter().filter(|i| i.state != State::Unprotected && i.process_server.is_some());
+    let answer = match role {
+        ComponentRole::Agent => {
+            let mine: Vec<AgentAssignment> = placed
+                .filter(|i| i.machine == name)
+                .filter_map(|i| {
+                    let p = policy(&i.policy);
+                    Some(AgentAssignment {
+                        item: ItemId(i.wire_id()),
+                        process_server: address(&i.process_server)?,
+                        stop: i
+                            .failover
+                            .as_ref()
+                            .filter(|f| f["planned"] == json!(true))
+                            .and_then(|f| f["generation"].as_u64()),
+                        baseline: i.reprotect.as_ref().and_then(|r| r["baseline"].as_u64()),
+                        crash_interval_secs: p.as_ref().map(|p| p.crash_consistent_interval_secs),
+                        app_interval_secs: p.as_ref().map(|p| p.app_consistent_interval_secs),
+                        journal_limit_percent: p.as_ref().map(|p| p.journal_limit_percent),
+                        resync_request: i.resync_request,
+                        resync_window: p.as_ref().map(|p| p.resync_window.clone()).filter(|w| !w.is_empty()),
+                    })
+                })
+                .collect();
+            serde_json::to_value(Assignments { items: mine })
+        }
+        ComponentRole::ProcessServer => {
+            let mine: Vec<ProcessServerAssignment> = placed
+                .filter(|i| i.process_server.as_deref() == Some(name.as_str()))
+                .filter_map(|i| {
+                    let p = policy(&i.policy);
+                    Some(ProcessServerAssignment {
+                        item: ItemId(i.wire_id()),
+                        data_key: i.data_key.clone(),
+                        master_target: address(&i.master_target)?,
+                        compression_level: p
+                            .as_ref()
+                            .map_or(sr_common::compress::DEFAULT_LEVEL, |p| p.compression_level),
+                        bandwidth_limit_mbps: p.as_ref().map_or(0, |p| p.bandwidth_limit_mbps),
+                    })
+                })
+                .collect();
+            serde_json::to_value(Assignments { items: mine })
+        }
+        ComponentRole::MasterTarget => {
+            let mine: Vec<MasterTargetAssignment> = placed
+                .filter(|i| i.master_target.as_deref() == Some(name.as_str()))
+                .map(|i| MasterTargetAssignment {
+                    item: ItemId(i.wire_id()),
+                    data_key: i.data_key.clone(),
+                    retention_secs: policy(&i.policy).map_or(0, |p| p.retention_hours * 3600),
+                    adopt: i
+                        .reprotect
+                        .as_ref()
+                        .and_then(|r| serde_json::from_value::<Vec<AdoptDisk>>(r["adopt"].clone()).ok()),
+                })
+                .collect();
+            serde_json::to_value(Assignments { items: mine })
+        }
+    };
+    Ok(Json(answer.map_err(|e| {
+        ApiError::new(axum::http::StatusCode::INTERNAL_SERVER_ERROR, &format!("encoding assignments: {e}"))
+    })?))
 }
 
 /// Moves items along from what components reported. Runs every second.

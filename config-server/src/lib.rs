@@ -7,9 +7,12 @@
 //! component --heartbeat (token)--> inventory (address, disks, load)
 //! ```
 
+pub mod access;
+pub mod activity;
 pub mod api;
 pub mod auth;
 pub mod config;
+pub mod error;
 pub mod failover;
 pub mod items;
 pub mod jobs;
@@ -18,7 +21,9 @@ pub mod model;
 pub mod netmap;
 pub mod openapi;
 pub mod plans;
+pub mod policies;
 pub mod recovery;
+pub mod reports;
 pub mod store;
 
 use anyhow::Context;

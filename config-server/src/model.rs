@@ -2,6 +2,7 @@
 
 use crate::lifecycle::State;
 use serde::{Deserialize, Serialize};
+pub use sr_common::contract::{AppliedSeq, DiskInfo, DiskProgress, Fault, Load, Nic, ReplicaFault, SystemInfo};
 
 pub const TOKENS: &str = "tokens";
 pub const KEYS: &str = "registration_keys";
@@ -21,24 +22,6 @@ pub const STREAM_BASE: u64 = 1 << 32;
 pub const APPLIED: &str = "applied";
 /// Replica faults by master-target name (the whole list of its latest heartbeat).
 pub const FAULTS: &str = "faults";
-
-/// Something a component cannot get past by retrying, as it reports it: a typed code and the reason.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct Fault {
-    pub code: sr_common::wire::ErrorCode,
-    pub reason: String,
-}
-
-/// A master target's fault of one replica (`item` is the stream's wire id).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct ReplicaFault {
-    pub item: u64,
-    pub disk: u64,
-    pub code: sr_common::wire::ErrorCode,
-    pub reason: String,
-}
 
 /// What an API token may do. Each role may do everything the ones before it may.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
@@ -87,19 +70,6 @@ pub struct RegistrationKey {
     pub used_by: Option<String>,
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
-pub struct Load {
-    /// Bytes waiting in a process server's cache.
-    #[serde(default)]
-    pub cache_bytes: u64,
-    /// Bytes per second of changes flowing through.
-    #[serde(default)]
-    pub churn_bytes_per_sec: u64,
-    /// Free bytes for replicas on a master target.
-    #[serde(default)]
-    pub free_bytes: u64,
-}
-
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Component {
     pub name: String,
@@ -120,16 +90,6 @@ pub struct Component {
     pub load: Load,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct DiskInfo {
-    pub id: u64,
-    pub name: String,
-    pub size: u64,
-    /// Where the disk lives on its machine (a reprotect replicates back into it).
-    #[serde(default)]
-    pub path: Option<String>,
-}
-
 /// A protected-machine candidate: what its agent reported.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Machine {
@@ -141,26 +101,6 @@ pub struct Machine {
     /// CPUs, memory and network interfaces, for the machine description a failover produces.
     #[serde(default)]
     pub system: Option<SystemInfo>,
-}
-
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct SystemInfo {
-    pub cpus: u32,
-    pub memory_bytes: u64,
-    #[serde(default)]
-    pub nics: Vec<Nic>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct Nic {
-    pub name: String,
-    #[serde(default)]
-    pub mac: String,
-    /// Addresses with prefix length ("10.0.0.5/24").
-    #[serde(default)]
-    pub addresses: Vec<String>,
 }
 
 pub const DEFAULT_RPO_SECS: u64 = 300;
@@ -407,56 +347,6 @@ pub struct NetworkMapping {
 pub struct AddressRule {
     pub source: String,
     pub target: String,
-}
-
-/// Replication progress of one disk, as its agent reports it.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct DiskProgress {
-    pub id: u64,
-    pub copy_percent: f64,
-    pub copy_done: bool,
-    /// Sequence number of the initial-copy-done marker (0 until then).
-    #[serde(default)]
-    pub done_seq: u64,
-    pub last_seq: u64,
-    /// Bytes of blocks the replica may lack (journal overflow or a checksum comparison).
-    #[serde(default)]
-    pub dirty_bytes: u64,
-    /// A checksum comparison is running, and how far it got.
-    #[serde(default)]
-    pub resync_active: bool,
-    #[serde(default)]
-    pub compare_percent: f64,
-    /// Dirty blocks wait for the policy's resync window.
-    #[serde(default)]
-    pub resync_waiting: bool,
-    /// The latest resync request the agent finished comparing for.
-    #[serde(default)]
-    pub resync_done: u64,
-    /// The journal is over its limit: changes are tracked in the dirty map.
-    #[serde(default)]
-    pub overflow: bool,
-    /// The failover generation the disk parted at (0: none), whether a planned failover stopped it, and
-    /// the sequence number of its final marker.
-    #[serde(default)]
-    pub generation: u64,
-    #[serde(default)]
-    pub stopped: bool,
-    #[serde(default)]
-    pub stop_seq: u64,
-    /// Shipping stopped for good, and why.
-    #[serde(default)]
-    pub fatal: Option<Fault>,
-}
-
-/// A disk's applied position, as its master target reports it.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct AppliedSeq {
-    pub item: u64,
-    pub disk: u64,
-    pub seq: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

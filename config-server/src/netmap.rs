@@ -7,8 +7,8 @@
 //!                         --else--> kept, marked unmapped
 //! ```
 
-use crate::api::{body, ApiError, Body, R};
 use crate::auth::require;
+use crate::error::{body, ApiError, Body, R};
 use crate::model::*;
 use crate::store::Docs;
 use crate::Cs;

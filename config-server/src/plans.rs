@@ -12,8 +12,8 @@
 //! manual action: the job waits until POST /v1/plans/{id}/resume
 //! ```
 
-use crate::api::{body, ApiError, Body, R};
 use crate::auth::require;
+use crate::error::{body, ApiError, Body, R};
 use crate::jobs::JobHandle;
 use crate::model::*;
 use crate::recovery::load_item;

@@ -10,8 +10,8 @@
 //! Replication goes on during a test failover: the test disks stay at their point and their writes go
 //! to overlays on the master target, never to the replica.
 
-use crate::api::{body, ApiError, Body, R};
 use crate::auth::require;
+use crate::error::{body, ApiError, Body, R};
 use crate::jobs::JobHandle;
 use crate::lifecycle::State;
 use crate::model::*;

@@ -12,6 +12,7 @@ use crate::metrics as m;
 use crate::Server;
 use anyhow::{bail, Context};
 use sr_common::compress;
+use sr_common::stream::{Offer, OverlapRule, Receiver};
 use sr_common::types::StreamKey;
 use sr_common::wire::{self, Message, Role};
 use std::sync::Arc;
@@ -54,9 +55,10 @@ pub async fn session(
     if let Some(old) = replica.session.lock().expect("session lock poisoned").replace(token.clone()) {
         old.cancel();
     }
-    let next = replica.applied().next();
-    tracing::info!(%key, node, next = next.0, "process server stream open");
-    wire::write_msg(send, &Message::Resume { next }).await?;
+    // The replica's applied position is the durable state; the receiver mirrors it for this session.
+    let mut receiver = Receiver::new(replica.applied().next(), OverlapRule::Refuse);
+    tracing::info!(%key, node, next = receiver.next().0, "process server stream open");
+    wire::write_msg(send, &Message::Resume { next: receiver.next() }).await?;
     loop {
         let msg = tokio::select! {
             m = wire::read_msg(&mut recv) => m.inspect_err(|_| reject("malformed"))?,
@@ -80,23 +82,21 @@ pub async fn session(
                 sealed.disk_size
             );
         }
-        let applied = replica.applied();
-        if sealed.last <= applied {
-            reject("duplicate");
-            metrics::counter!(m::DUPLICATES).increment(1);
-            tracing::warn!(%key, first = sealed.first.0, last = sealed.last.0, applied = applied.0, "batch already applied (replayed); ignored");
-            wire::write_msg(send, &Message::AppliedAck { through: applied }).await?;
-            continue;
+        match receiver.offer(sealed.first, sealed.last) {
+            Ok(Offer::Take { .. }) => {}
+            Ok(Offer::Replay { through }) => {
+                reject("duplicate");
+                metrics::counter!(m::DUPLICATES).increment(1);
+                tracing::warn!(%key, first = sealed.first.0, last = sealed.last.0, applied = through.0, "batch already applied (replayed); ignored");
+                wire::write_msg(send, &Message::AppliedAck { through }).await?;
+                continue;
+            }
+            Err(e) => {
+                reject("out-of-order");
+                return Err(anyhow::Error::new(e).context(format!("{key}: nothing applied")));
+            }
         }
-        if sealed.first != applied.next() {
-            reject("out-of-order");
-            bail!(
-                "{key}: out of order: expected seq {}, got {}..={}; nothing applied",
-                applied.next(),
-                sealed.first,
-                sealed.last
-            );
-        }
+        let sealed_last = sealed.last;
         let plain = item_key.open(&sealed).inspect_err(|_| reject("authentication"))?;
         let r = replica.clone();
         let store = server.store.clone();
@@ -129,6 +129,8 @@ pub async fn session(
         metrics::histogram!(m::APPLY_SECONDS).record(started.elapsed().as_secs_f64());
         metrics::counter!(m::APPLIED_BYTES).increment(bytes);
         metrics::counter!(m::BATCHES).increment(1);
-        wire::write_msg(send, &Message::AppliedAck { through: replica.applied() }).await?;
+        let through = receiver.taken(sealed_last);
+        debug_assert_eq!(through, replica.applied(), "the replica recorded the batch");
+        wire::write_msg(send, &Message::AppliedAck { through }).await?;
     }
 }

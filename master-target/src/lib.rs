@@ -24,6 +24,7 @@ pub mod view;
 use anyhow::Context;
 use config::MtConfig;
 use replica::{Replica, ReplicaExport};
+use sr_common::contract::{AppliedSeq, Heartbeat, Load, MasterTargetAssignment, ReplicaFault};
 use sr_common::disk::DiskFile;
 use sr_common::nbd::Exports;
 use sr_common::seal::KeyRing;
@@ -141,30 +142,27 @@ impl Server {
 
     /// Replicas that cannot take their stream (lost, not adoptable, applying stopped), for the
     /// configuration server: `{item, disk, code, reason}` each. A stream a commit ended is no fault.
-    pub fn faults(&self) -> Vec<serde_json::Value> {
+    pub fn faults(&self) -> Vec<ReplicaFault> {
         use sr_common::wire::ErrorCode;
-        let mut out: Vec<serde_json::Value> = self
+        let fault = |k: StreamKey, code, reason| ReplicaFault { item: k.item.0, disk: k.disk.0, code, reason };
+        let mut out: Vec<ReplicaFault> = self
             .broken
             .lock()
             .expect("broken lock poisoned")
             .iter()
             .filter(|(_, b)| b.kind != BrokenKind::Ended)
-            .map(|(k, b)| {
-                serde_json::json!({"item": k.item.0, "disk": k.disk.0, "code": ErrorCode::ReplicaUnusable, "reason": b.why})
-            })
+            .map(|(k, b)| fault(*k, ErrorCode::ReplicaUnusable, b.why.clone()))
             .collect();
         for r in self.all_replicas() {
             if let Some(why) = r.failing() {
-                out.push(serde_json::json!({
-                    "item": r.key.item.0, "disk": r.key.disk.0, "code": ErrorCode::Transient,
-                    "reason": format!("applying fails and is retried: {why}"),
-                }));
+                out.push(fault(r.key, ErrorCode::Transient, format!("applying fails and is retried: {why}")));
             }
             if let Some(why) = r.stopped() {
-                out.push(serde_json::json!({
-                    "item": r.key.item.0, "disk": r.key.disk.0, "code": ErrorCode::ReplicaUnusable,
-                    "reason": format!("applying stopped: {why}; restart the master target"),
-                }));
+                out.push(fault(
+                    r.key,
+                    ErrorCode::ReplicaUnusable,
+                    format!("applying stopped: {why}; restart the master target"),
+                ));
             }
         }
         out
@@ -296,32 +294,34 @@ async fn control_loop(server: Arc<Server>, client: sr_common::control::ControlCl
     let (srv, cl) = (&server, &client);
     client
         .every_poll(&shutdown, move || async move {
-            let applied: Vec<serde_json::Value> = srv
+            let applied: Vec<AppliedSeq> = srv
                 .replicas
                 .lock()
                 .expect("replicas lock poisoned")
                 .values()
-                .map(|r| serde_json::json!({"item": r.key.item.0, "disk": r.key.disk.0, "seq": r.applied().0}))
+                .map(|r| AppliedSeq { item: r.key.item.0, disk: r.key.disk.0, seq: r.applied().0 })
                 .collect();
-            let faults = srv.faults();
-            cl.heartbeat(serde_json::json!({
-                "faults": faults,
-                "address": srv.cfg.listen.to_string(),
-                "load": { "free_bytes": sr_common::control::free_bytes(&srv.cfg.data_dir) },
-                "applied": applied,
-                "http": srv.cfg.http.to_string(),
-            }))
-            .await?;
+            let report = Heartbeat {
+                faults: Some(srv.faults()),
+                address: Some(srv.cfg.listen.to_string()),
+                load: Some(Load {
+                    free_bytes: sr_common::control::free_bytes(&srv.cfg.data_dir),
+                    ..Default::default()
+                }),
+                applied: Some(applied),
+                http: Some(srv.cfg.http.to_string()),
+                ..Default::default()
+            };
+            cl.heartbeat(&report).await?;
             cl.refresh_crl(&srv.identity, Some((&srv.listener, &srv.conns))).await?;
             let mut items = Vec::new();
             let mut retention = Vec::new();
-            for a in cl.assignments().await? {
-                let (item, key) = sr_common::control::assigned_key(&a)?;
-                for d in a["adopt"].as_array().into_iter().flatten() {
-                    let (Some(disk), Some(path)) = (d["disk"].as_u64(), d["path"].as_str()) else { continue };
-                    let key = StreamKey { item, disk: sr_common::types::DiskId(disk) };
+            for a in cl.assignments::<MasterTargetAssignment>().await? {
+                let (item, key) = (a.item, sr_common::contract::data_key(a.item, &a.data_key)?);
+                for d in a.adopt.iter().flatten() {
+                    let key = StreamKey { item, disk: d.disk };
                     // Until the disk is adopted its stream is refused: it must never go to a new file.
-                    let adopted = srv.adopt(key, std::path::Path::new(path));
+                    let adopted = srv.adopt(key, std::path::Path::new(&d.path));
                     let mut broken = srv.broken.lock().expect("broken lock poisoned");
                     match adopted {
                         Ok(_) => {
@@ -335,7 +335,7 @@ async fn control_loop(server: Arc<Server>, client: sr_common::control::ControlCl
                         }
                     }
                 }
-                retention.push((item, a["retention_secs"].as_u64().unwrap_or(0)));
+                retention.push((item, a.retention_secs));
                 items.push((item, key));
             }
             srv.retention.update(&retention)?;

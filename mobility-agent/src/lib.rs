@@ -23,6 +23,7 @@ pub mod system;
 use anyhow::Context;
 use capture::ProtectedDisk;
 use config::AgentConfig;
+use sr_common::contract::{AgentAssignment, ComponentEvent, DiskInfo, DiskProgress, Fault, Heartbeat, Load};
 use sr_common::nbd::Exports;
 use sr_common::types::{DiskId, ItemId};
 use std::sync::Arc;
@@ -199,6 +200,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Resul
         batch_bytes: cfg.ship.batch_bytes,
         window_bytes: cfg.ship.window_bytes,
         retry: sr_common::retry::RetryPolicy { scale: cfg.ship.retry_scale },
+        ack_timeout: Some(sr_common::stream::DEFAULT_ACK_TIMEOUT),
     });
     let fixed =
         cfg.item.zip(cfg.process_server).map(|(item, ps)| ship::Route { item: ItemId(item), process_server: ps });
@@ -289,56 +291,93 @@ async fn control_loop(client: sr_common::control::ControlClient, c: Control, shu
             let churn = (changed - last.1) as f64 / last.0.elapsed().as_secs_f64().max(0.001);
             last = (std::time::Instant::now(), changed);
             let pending: Vec<(String, String)> = std::mem::take(&mut *events.lock().expect("events lock poisoned"));
-            let report = serde_json::json!({
-                "http": http.to_string(),
-                "events": pending.iter().map(|(level, message)| serde_json::json!({"severity": level, "message": message})).collect::<Vec<_>>(),
-                "load": { "churn_bytes_per_sec": churn as u64 },
-                "system": system::info(),
-                "disks": disks.iter().map(|d| serde_json::json!({"id": d.id.0, "name": d.name, "size": d.size(), "path": std::fs::canonicalize(d.path()).unwrap_or_else(|_| d.path().to_path_buf())})).collect::<Vec<_>>(),
-                "progress": disks.iter().map(|d| {
-                    let c = d.copy_state();
-                    serde_json::json!({
-                        "id": d.id.0,
-                        "copy_percent": if c.done { 100.0 } else { 100.0 * c.cursor as f64 / d.size().max(1) as f64 },
-                        "copy_done": c.done, "done_seq": c.done_seq, "last_seq": d.last_seq().0,
-                        "dirty_bytes": d.dirty_bytes(), "overflow": d.overflowed(),
-                        "resync_active": d.resync_state().active(), "resync_done": d.resync_state().done,
-                        "resync_waiting": d.dirty_bytes() > 0 && !d.copy_allowed(),
-                        "compare_percent": 100.0 * d.resync_state().cursor as f64 / d.size().max(1) as f64,
-                        "generation": c.generation, "stopped": c.stopped, "stop_seq": c.stop_seq,
-                        "fatal": d.fatal().map(|(code, reason)| serde_json::json!({ "code": code, "reason": reason })),
-                    })
-                }).collect::<Vec<_>>(),
-            });
+            let report = Heartbeat {
+                http: Some(http.to_string()),
+                events: pending
+                    .iter()
+                    .map(|(level, message)| ComponentEvent { severity: level.clone(), message: message.clone() })
+                    .collect(),
+                load: Some(Load { churn_bytes_per_sec: churn as u64, ..Default::default() }),
+                system: Some(system::info()),
+                disks: Some(
+                    disks
+                        .iter()
+                        .map(|d| DiskInfo {
+                            id: d.id.0,
+                            name: d.name.clone(),
+                            size: d.size(),
+                            path: Some(
+                                std::fs::canonicalize(d.path())
+                                    .unwrap_or_else(|_| d.path().to_path_buf())
+                                    .display()
+                                    .to_string(),
+                            ),
+                        })
+                        .collect(),
+                ),
+                progress: Some(
+                    disks
+                        .iter()
+                        .map(|d| {
+                            let c = d.copy_state();
+                            DiskProgress {
+                                id: d.id.0,
+                                copy_percent: if c.done {
+                                    100.0
+                                } else {
+                                    100.0 * c.cursor as f64 / d.size().max(1) as f64
+                                },
+                                copy_done: c.done,
+                                done_seq: c.done_seq,
+                                last_seq: d.last_seq().0,
+                                dirty_bytes: d.dirty_bytes(),
+                                overflow: d.overflowed(),
+                                resync_active: d.resync_state().active(),
+                                resync_done: d.resync_state().done,
+                                resync_waiting: d.dirty_bytes() > 0 && !d.copy_allowed(),
+                                compare_percent: 100.0 * d.resync_state().cursor as f64 / d.size().max(1) as f64,
+                                generation: c.generation,
+                                stopped: c.stopped,
+                                stop_seq: c.stop_seq,
+                                fatal: d.fatal().map(|(code, reason)| Fault { code, reason }),
+                            }
+                        })
+                        .collect(),
+                ),
+                ..Default::default()
+            };
             async move {
-                if let Err(e) = cl.heartbeat(report).await {
+                if let Err(e) = cl.heartbeat(&report).await {
                     // Keep the events for the next heartbeat.
                     events.lock().expect("events lock poisoned").extend(pending);
                     return Err(e);
                 }
                 cl.refresh_crl(id, None).await?;
-                let assignments = cl.assignments().await?;
+                let assignments = cl.assignments::<AgentAssignment>().await?;
                 let first = assignments.first();
-                let policy = first.and_then(|a| Some((a["crash_interval_secs"].as_u64()?, a["app_interval_secs"].as_u64()?)));
+                let policy = first.and_then(|a| Some((a.crash_interval_secs?, a.app_interval_secs?)));
                 intervals.send_if_modified(|cur| std::mem::replace(cur, policy) != policy);
                 if let Some((crash, _)) = policy {
                     // A scanned disk's interval is its recovery point objective: the policy's crash interval.
-                    disks.iter().filter(|d| d.scanned()).for_each(|d| d.scan_interval.store(crash, std::sync::atomic::Ordering::Relaxed));
+                    disks
+                        .iter()
+                        .filter(|d| d.scanned())
+                        .for_each(|d| d.scan_interval.store(crash, std::sync::atomic::Ordering::Relaxed));
                 }
-                let percent = first.and_then(|a| a["journal_limit_percent"].as_u64()).map(|p| p.clamp(1, 100) as u8);
-                let resync = first.and_then(|a| a["resync_request"].as_u64()).unwrap_or(0);
-                let window = first.and_then(|a| a["resync_window"].as_str()).and_then(|w| sr_common::types::parse_daily_window(w).ok());
-                let stop = first.and_then(|a| a["stop"].as_u64()).filter(|g| *g > 0);
-                let baseline = first.and_then(|a| a["baseline"].as_u64()).filter(|g| *g > 0);
+                let percent = first.and_then(|a| a.journal_limit_percent).map(|p| p.clamp(1, 100));
+                let resync = first.map_or(0, |a| a.resync_request);
+                let window = first
+                    .and_then(|a| a.resync_window.as_deref())
+                    .and_then(|w| sr_common::types::parse_daily_window(w).ok());
+                let stop = first.and_then(|a| a.stop).filter(|g| *g > 0);
+                let baseline = first.and_then(|a| a.baseline).filter(|g| *g > 0);
                 let next = match first {
                     None => None,
                     Some(a) => Some(ship::Route {
-                        item: ItemId(a["item"].as_u64().context("assignment without item")?),
-                        process_server: a["process_server"]
-                            .as_str()
-                            .context("assignment without process_server")?
-                            .parse()
-                            .context("process_server address")?,
+                        item: a.item,
+                        process_server: a.process_server.parse().with_context(|| {
+                            format!("item {}: process server address {:?}", a.item, a.process_server)
+                        })?,
                     }),
                 };
                 for d in disks {

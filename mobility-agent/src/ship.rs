@@ -12,12 +12,13 @@ use crate::capture::ProtectedDisk;
 use crate::journal::{self, Cursor};
 use crate::metrics as m;
 use anyhow::{bail, Context};
-use sr_common::types::{ItemId, Seq};
+use sr_common::retry::{self, Reconnects};
+use sr_common::stream::{Next, Sender, SenderLimits};
+use sr_common::types::ItemId;
 use sr_common::wire::{self, Batch, Change, Message, Role};
-use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 pub struct ShipTarget {
@@ -29,6 +30,8 @@ pub struct ShipTarget {
     pub window_bytes: u64,
     /// After the quick reconnects, the retry schedule (scaled in tests).
     pub retry: sr_common::retry::RetryPolicy,
+    /// A session with batches in flight and no acknowledgement for this long is given up.
+    pub ack_timeout: Option<std::time::Duration>,
 }
 
 /// Where a disk's changes go: the item they belong to and the process server that takes them.
@@ -46,7 +49,7 @@ pub async fn run(
     mut route: tokio::sync::watch::Receiver<Option<Route>>,
     shutdown: CancellationToken,
 ) {
-    let mut attempt = 0u32;
+    let mut reconnects = Reconnects::default();
     let connected = metrics::gauge!(m::CONNECTED, "disk" => disk.name.clone());
     // When the current assignment arrived: a process server learns of a new item at its next poll of
     // the configuration server, so for a while "not assigned" means "not yet".
@@ -71,18 +74,14 @@ pub async fn run(
             // A new assignment: go to it at once.
             _ = route.changed() => {
                 connected.set(0.0);
-                attempt = 0;
+                reconnects.reset();
                 continue;
             }
             _ = shutdown.cancelled() => return,
         };
         connected.set(0.0);
         if let Err(e) = res {
-            let fresh = assigned_at.elapsed() < Duration::from_secs(15);
-            let class = sr_common::retry::classify(&e);
-            use sr_common::retry::ErrorClass;
-            let not_yet = matches!(&class, ErrorClass::Fatal { code: sr_common::wire::ErrorCode::NotAssigned, .. });
-            if let (ErrorClass::Fatal { reason, code }, false) = (class, fresh && not_yet) {
+            if let Some((code, reason)) = retry::stop_on(retry::classify(&e), assigned_at.elapsed()) {
                 // Retrying cannot help: wait for a new assignment (or a restart with new credentials).
                 tracing::error!(disk = disk.name, reason, "shipping stopped and not retrying; an operator must act");
                 metrics::gauge!(m::FATAL, "disk" => disk.name.clone()).set(1.0);
@@ -93,7 +92,7 @@ pub async fn run(
                 }
                 metrics::gauge!(m::FATAL, "disk" => disk.name.clone()).set(0.0);
                 disk.set_fatal(None);
-                attempt = 0;
+                reconnects.reset();
                 continue;
             }
             tracing::warn!(
@@ -103,11 +102,7 @@ pub async fn run(
             );
         }
         metrics::counter!(m::RECONNECTS, "disk" => disk.name.clone()).increment(1);
-        if started.elapsed() > Duration::from_secs(10) {
-            attempt = 0;
-        }
-        let delay = sr_common::retry::reconnect_delay(attempt, &target.retry, rand::random());
-        attempt = attempt.saturating_add(1);
+        let delay = reconnects.after_session(started, Instant::now(), &target.retry, rand::random());
         let next = std::time::SystemTime::now() + delay;
         let next = next.duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs_f64();
         metrics::gauge!(m::NEXT_ATTEMPT, "disk" => disk.name.clone()).set(next);
@@ -139,21 +134,15 @@ async fn session(
         other => bail!("process server answered Open with {}", other.kind()),
     };
     let (first, last) = (disk.first_seq(), disk.last_seq());
-    if next < first || next.0 > last.0 + 1 {
-        return Err(sr_common::wire::Coded::new(
-            sr_common::wire::ErrorCode::ChainBroken,
-            format!(
-                "process server asks for changes from seq {next} but the journal holds {first}..={last}; \
-             the replica has a gap and the disk needs a resync"
-            ),
-        )
-        .into());
-    }
-    disk.on_durable_ack(Seq(next.0 - 1));
+    let limits = SenderLimits { window_bytes: t.window_bytes, batch_bytes: t.batch_bytes, ack_timeout: t.ack_timeout };
+    let mut sender = Sender::resume(limits, next, first, last, Instant::now())
+        .with_context(|| format!("resuming disk {} of item {}", disk.name, route.item))?;
+    disk.on_durable_ack(sender.acknowledged());
     connected.set(1.0);
     tracing::info!(disk = disk.name, next = next.0, last = last.0, "shipping to the process server");
 
-    let (acked_tx, mut acked_rx) = tokio::sync::watch::channel(Seq(next.0 - 1));
+    // Acknowledgements arrive on their own task; the latest durable one reaches the sender here.
+    let (acked_tx, mut acked_rx) = tokio::sync::watch::channel(sender.acknowledged());
     let ack_disk = disk.clone();
     let mut acks: tokio::task::JoinHandle<anyhow::Result<()>> = tokio::spawn(async move {
         loop {
@@ -170,25 +159,27 @@ async fn session(
     });
 
     let mut cursor = Cursor::at(next);
-    // (last seq, bytes) of each batch sent and not yet acknowledged.
-    let mut inflight: VecDeque<(Seq, u64)> = VecDeque::new();
-    let mut inflight_bytes = 0u64;
     let shipped = metrics::counter!(m::SHIPPED_BYTES, "disk" => disk.name.clone());
     let batches = metrics::counter!(m::BATCHES, "disk" => disk.name.clone());
     loop {
-        let acked = *acked_rx.borrow_and_update();
-        while inflight.front().is_some_and(|(l, _)| *l <= acked) {
-            inflight_bytes -= inflight.pop_front().expect("front exists").1;
-        }
-        if inflight_bytes >= t.window_bytes {
-            tokio::select! {
-                r = acked_rx.changed() => r.context("acknowledgement reader stopped")?,
-                r = &mut acks => return Err(sr_common::service::reader_ended(r)),
+        sender.acked(*acked_rx.borrow_and_update(), Instant::now())?;
+        sender.handle_timeout(Instant::now())?;
+        let stall = sr_common::service::sleep_until(sender.poll_timeout());
+        let budget = match sender.next() {
+            Next::WindowFull => {
+                tokio::select! {
+                    r = acked_rx.changed() => r.context("acknowledgement reader stopped")?,
+                    r = &mut acks => return Err(sr_common::service::reader_ended(r)),
+                    _ = stall => {}
+                }
+                continue;
             }
-            continue;
-        }
+            Next::Send { from, budget } => {
+                debug_assert_eq!(from, cursor.next, "the journal cursor follows the sender");
+                budget
+            }
+        };
         let segments = disk.segments();
-        let budget = t.batch_bytes.min(t.window_bytes - inflight_bytes).max(1);
         let records = tokio::task::block_in_place(|| journal::read_batch(&segments, &mut cursor, budget)).map_err(
             |e| match e {
                 // A damaged journal cannot be shipped past: the chain is broken until a resync.
@@ -200,11 +191,12 @@ async fn session(
             },
         )?;
         if records.is_empty() {
+            // `appended` keeps a permit, so an append between the read and this wait is not missed.
             tokio::select! {
                 _ = disk.appended.notified() => {}
-                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
                 r = acked_rx.changed() => r.context("acknowledgement reader stopped")?,
                 r = &mut acks => return Err(sr_common::service::reader_ended(r)),
+                _ = stall => {}
             }
             continue;
         }
@@ -216,8 +208,7 @@ async fn session(
         let frame_len = wire::write_msg(&mut send, &Message::Batch(batch)).await.context("sending a batch")? as u64;
         shipped.increment(frame_len);
         batches.increment(1);
-        inflight.push_back((last, frame_len));
-        inflight_bytes += frame_len;
+        sender.sent(first, last, frame_len, Instant::now());
         tracing::trace!(disk = disk.name, first = first.0, last = last.0, bytes, "batch sent");
     }
 }

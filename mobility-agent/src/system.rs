@@ -1,9 +1,10 @@
 //! What the machine is made of, for the machine description a failover produces: CPUs, memory and
 //! network interfaces with their addresses.
 
+use sr_common::contract::{Nic, SystemInfo};
 use std::collections::BTreeMap;
 
-pub fn info() -> serde_json::Value {
+pub fn info() -> SystemInfo {
     let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let memory = std::fs::read_to_string("/proc/meminfo")
         .ok()
@@ -12,11 +13,11 @@ pub fn info() -> serde_json::Value {
             line.split_whitespace().nth(1)?.parse::<u64>().ok()
         })
         .map_or(0, |kib| kib * 1024);
-    serde_json::json!({ "cpus": cpus, "memory_bytes": memory, "nics": nics() })
+    SystemInfo { cpus: cpus as u32, memory_bytes: memory, nics: nics() }
 }
 
 /// Interfaces other than loopback, with MAC and addresses ("10.0.0.5/24").
-fn nics() -> Vec<serde_json::Value> {
+fn nics() -> Vec<Nic> {
     let mut by_name: BTreeMap<String, Vec<String>> = BTreeMap::new();
     if let Ok(dir) = std::fs::read_dir("/sys/class/net") {
         for e in dir.flatten() {
@@ -73,7 +74,7 @@ fn nics() -> Vec<serde_json::Value> {
         .filter(|(name, _)| name != "lo")
         .map(|(name, addresses)| {
             let mac = std::fs::read_to_string(format!("/sys/class/net/{name}/address")).unwrap_or_default();
-            serde_json::json!({ "name": name, "mac": mac.trim(), "addresses": addresses })
+            Nic { name, mac: mac.trim().to_string(), addresses }
         })
         .collect()
 }

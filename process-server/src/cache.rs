@@ -22,12 +22,40 @@ pub struct Entry {
     pub path: PathBuf,
 }
 
+/// The bytes cached across all streams of a process server, checked against its cache limit, and a
+/// wake-up for agent sessions held back until some of it is freed.
+#[derive(Default)]
+pub struct CacheSpace {
+    used: AtomicU64,
+    freed: tokio::sync::Notify,
+}
+
+impl CacheSpace {
+    pub fn used(&self) -> u64 {
+        self.used.load(Ordering::Relaxed)
+    }
+
+    fn add(&self, bytes: u64) {
+        self.used.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    fn sub(&self, bytes: u64) {
+        self.used.fetch_sub(bytes, Ordering::Relaxed);
+        self.freed.notify_waiters();
+    }
+
+    /// Resolves once some space is freed after the call (create it before looking at [`Self::used`]).
+    pub fn freed(&self) -> tokio::sync::futures::Notified<'_> {
+        self.freed.notified()
+    }
+}
+
 pub struct StreamCache {
     dir: PathBuf,
     /// Files by first sequence number.
     entries: Mutex<BTreeMap<Seq, Entry>>,
     /// Bytes cached across all streams of this process server (for the cache limit).
-    total: Arc<AtomicU64>,
+    total: Arc<CacheSpace>,
 }
 
 fn name(first: Seq, last: Seq) -> String {
@@ -40,7 +68,7 @@ fn parse(name: &str) -> Option<(Seq, Seq)> {
 }
 
 impl StreamCache {
-    pub fn open(dir: &Path, total: Arc<AtomicU64>) -> std::io::Result<StreamCache> {
+    pub fn open(dir: &Path, total: Arc<CacheSpace>) -> std::io::Result<StreamCache> {
         std::fs::create_dir_all(dir)?;
         let mut entries = BTreeMap::new();
         for e in std::fs::read_dir(dir)? {
@@ -53,7 +81,7 @@ impl StreamCache {
             }
             if let Some((first, last)) = parse(&n) {
                 let bytes = e.metadata()?.len();
-                total.fetch_add(bytes, Ordering::Relaxed);
+                total.add(bytes);
                 entries.insert(first, Entry { first, last, bytes, path: e.path() });
             }
         }
@@ -82,11 +110,11 @@ impl StreamCache {
         bytes.extend_from_slice(&crc.to_le_bytes());
         let path = self.dir.join(name(batch.first, batch.last));
         sr_common::crashsafe::write_file(&path, &bytes)?;
-        self.total.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        self.total.add(bytes.len() as u64);
         let entry = Entry { first: batch.first, last: batch.last, bytes: bytes.len() as u64, path };
         if let Some(old) = self.lock().insert(batch.first, entry) {
             // The same batch written again (a reconnecting agent): the file was replaced, not added.
-            self.total.fetch_sub(old.bytes, Ordering::Relaxed);
+            self.total.sub(old.bytes);
         }
         Ok(())
     }
@@ -146,7 +174,7 @@ impl StreamCache {
             std::fs::remove_file(&e.path)?;
             freed += e.bytes;
         }
-        self.total.fetch_sub(freed, Ordering::Relaxed);
+        self.total.sub(freed);
         Ok(freed)
     }
 }
@@ -155,25 +183,17 @@ impl StreamCache {
 mod tests {
     use super::*;
     use sr_common::types::{DiskId, ItemId};
-    use sr_common::wire::{Change, Op};
+    use sr_common::wire::Op;
 
     fn batch(first: u64, last: u64) -> Batch {
-        Batch {
-            item: ItemId(1),
-            disk: DiskId(1),
-            disk_size: 1 << 20,
-            first: Seq(first),
-            last: Seq(last),
-            changes: (first..=last)
-                .map(|s| Change { seq: Seq(s), at: s, op: Op::Write { offset: s * 512, data: vec![s as u8; 512] } })
-                .collect(),
-        }
+        let ops = (first..=last).map(|s| (s, Op::Write { offset: s * 512, data: vec![s as u8; 512] }));
+        Batch::numbered(ItemId(1), DiskId(1), 1 << 20, Seq(first), ops)
     }
 
     #[test]
     fn put_find_read_drop_and_reopen() {
         let d = tempfile::tempdir().unwrap();
-        let total = Arc::new(AtomicU64::new(0));
+        let total = Arc::new(CacheSpace::default());
         let c = StreamCache::open(d.path(), total.clone()).unwrap();
         c.put(&batch(1, 4)).unwrap();
         c.put(&batch(5, 9)).unwrap();
@@ -182,11 +202,11 @@ mod tests {
         assert_eq!(c.find(Seq(0)).unwrap().first, Seq(1));
         assert!(c.find(Seq(10)).is_none());
         assert_eq!(StreamCache::read(&c.find(Seq(2)).unwrap()).unwrap(), batch(1, 4));
-        let before = total.load(Ordering::Relaxed);
+        let before = total.used();
         c.drop_through(Seq(4)).unwrap();
-        assert!(total.load(Ordering::Relaxed) < before);
+        assert!(total.used() < before);
         drop(c);
-        let total2 = Arc::new(AtomicU64::new(0));
+        let total2 = Arc::new(CacheSpace::default());
         let c = StreamCache::open(d.path(), total2).unwrap();
         assert_eq!(c.find(Seq(1)).unwrap().first, Seq(5));
     }
@@ -194,20 +214,20 @@ mod tests {
     #[test]
     fn writing_a_batch_again_does_not_count_it_twice() {
         let d = tempfile::tempdir().unwrap();
-        let total = Arc::new(AtomicU64::new(0));
+        let total = Arc::new(CacheSpace::default());
         let c = StreamCache::open(d.path(), total.clone()).unwrap();
         c.put(&batch(1, 4)).unwrap();
-        let once = total.load(Ordering::Relaxed);
+        let once = total.used();
         c.put(&batch(1, 4)).unwrap();
-        assert_eq!(total.load(Ordering::Relaxed), once);
+        assert_eq!(total.used(), once);
         c.drop_through(Seq(4)).unwrap();
-        assert_eq!(total.load(Ordering::Relaxed), 0);
+        assert_eq!(total.used(), 0);
     }
 
     #[test]
     fn corrupt_file_is_an_error() {
         let d = tempfile::tempdir().unwrap();
-        let c = StreamCache::open(d.path(), Arc::new(AtomicU64::new(0))).unwrap();
+        let c = StreamCache::open(d.path(), Arc::new(CacheSpace::default())).unwrap();
         c.put(&batch(1, 4)).unwrap();
         let e = c.find(Seq(1)).unwrap();
         let mut b = std::fs::read(&e.path).unwrap();
@@ -227,7 +247,7 @@ mod tests {
     #[test]
     fn damaged_cache_bytes_are_errors_never_panics_or_wrong_batches() {
         let d = tempfile::tempdir().unwrap();
-        let c = StreamCache::open(d.path(), Arc::new(AtomicU64::new(0))).unwrap();
+        let c = StreamCache::open(d.path(), Arc::new(CacheSpace::default())).unwrap();
         let good_batch = batch(1, 4);
         c.put(&good_batch).unwrap();
         let e = c.find(Seq(1)).unwrap();

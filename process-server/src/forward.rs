@@ -14,18 +14,21 @@ use crate::stream::Stream;
 use crate::Server;
 use anyhow::{bail, Context};
 use sr_common::compress;
+use sr_common::retry::{Reconnects, RetryPolicy};
+use sr_common::stream::{Next, Sender, SenderLimits};
 use sr_common::types::Seq;
 use sr_common::wire::{self, Message, Role};
-use std::collections::VecDeque;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 pub async fn run(server: Arc<Server>, stream: Arc<Stream>) {
-    let mut attempt = 0u32;
+    let mut reconnects = Reconnects::default();
     let mut idle_logged = false;
     loop {
         // An item no longer assigned here (protection disabled, or moved to another process server)
         // is not forwarded: its agent keeps every change until applied, so nothing waits on this cache.
+        // Waiting starts before the look, so a change of routes between the two is not missed.
+        let routes_changed = server.routes_changed.notified();
         if server.route(stream.key.item).is_none() {
             if !idle_logged && server.routes_known.load(std::sync::atomic::Ordering::Acquire) {
                 // Its batches are not needed: the agent keeps every change until it is applied.
@@ -35,7 +38,7 @@ pub async fn run(server: Arc<Server>, stream: Arc<Stream>) {
                 idle_logged = true;
             }
             tokio::select! {
-                _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                _ = routes_changed => continue,
                 _ = server.shutdown.cancelled() => return,
             }
         }
@@ -51,12 +54,7 @@ pub async fn run(server: Arc<Server>, stream: Arc<Stream>) {
             *stream.fault.lock().expect("fault lock poisoned") = code.fatal().then(|| (code, format!("{e:#}")));
             tracing::warn!(key = %stream.key, error = format!("{e:#}"), "forwarding to the master target stopped; reconnecting");
         }
-        if started.elapsed() > Duration::from_secs(10) {
-            attempt = 0;
-        }
-        let delay =
-            sr_common::retry::reconnect_delay(attempt, &sr_common::retry::RetryPolicy::default(), rand::random());
-        attempt = attempt.saturating_add(1);
+        let delay = reconnects.after_session(started, Instant::now(), &RetryPolicy::default(), rand::random());
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
             _ = server.shutdown.cancelled() => return,
@@ -110,48 +108,42 @@ async fn session(server: &Arc<Server>, stream: &Arc<Stream>) -> anyhow::Result<(
             }
         }
     });
-    let mut cursor = next;
-    let mut inflight: VecDeque<(Seq, u64)> = VecDeque::new();
-    let mut inflight_bytes = 0u64;
+    let limits = SenderLimits {
+        window_bytes: server.cfg.window_bytes,
+        batch_bytes: u64::MAX,
+        ack_timeout: Some(sr_common::stream::DEFAULT_ACK_TIMEOUT),
+    };
+    let mut sender = Sender::at(limits, next, Instant::now());
     let level = route.compression_level;
     let mut limiter = sr_common::ratelimit::RateLimiter::new(route.bandwidth_bytes_per_sec, Instant::now());
     loop {
-        let applied = *applied_rx.borrow_and_update();
-        while inflight.front().is_some_and(|(l, _)| *l <= applied) {
-            inflight_bytes -= inflight.pop_front().expect("front exists").1;
-        }
-        let entry = if inflight_bytes < server.cfg.window_bytes { stream.cache.find(cursor) } else { None };
+        sender.acked(*applied_rx.borrow_and_update(), Instant::now())?;
+        sender.handle_timeout(Instant::now())?;
+        let stall = sr_common::service::sleep_until(sender.poll_timeout());
+        // `cached` keeps a permit, so a batch cached between the look and the wait is not missed.
+        let entry = match sender.next() {
+            Next::Send { from, .. } => stream.cache.find(from),
+            Next::WindowFull => None,
+        };
         let Some(entry) = entry else {
-            let cached = stream.cached.notified();
             tokio::select! {
-                _ = cached => {}
-                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                _ = stream.cached.notified() => {}
                 r = applied_rx.changed() => r.context("acknowledgement reader stopped")?,
                 r = &mut acks => return Err(sr_common::service::reader_ended(r)),
+                _ = stall => {}
             }
             continue;
         };
-        if entry.first > cursor {
-            return Err(sr_common::wire::Coded::new(
-                sr_common::wire::ErrorCode::ChainBroken,
-                format!(
-                    "{key}: the master target needs seq {cursor} but the cache starts at {}; the disk needs a resync",
-                    entry.first
-                ),
-            )
-            .into());
-        }
+        let skip = sender.place(entry.first, entry.last).with_context(|| format!("{key}: reading the cache"))?;
+        let cursor = Seq(entry.first.0 + skip);
         let span = tracing::info_span!("seal_batch", item = key.item.0, disk = key.disk.0, from = cursor.0);
         let (sealed, raw_bytes) = tokio::task::spawn_blocking({
             let item_key = item_key.clone();
             move || -> anyhow::Result<_> {
                 let _in = span.enter();
                 let mut batch = StreamCache::read(&entry)?;
-                if batch.first < cursor {
-                    let skip = (cursor.0 - batch.first.0) as usize;
-                    batch.changes.drain(..skip);
-                    batch.first = cursor;
-                }
+                batch.changes.drain(..skip as usize);
+                batch.first = cursor;
                 let raw_bytes = batch.payload_bytes();
                 compress::zero_writes_to_markers(&mut batch);
                 let payload = compress::compress(&batch, level);
@@ -162,7 +154,7 @@ async fn session(server: &Arc<Server>, stream: &Arc<Stream>) -> anyhow::Result<(
             }
         })
         .await??;
-        let last = sealed.last;
+        let (first, last) = (sealed.first, sealed.last);
         // The item's bandwidth limit, counted on what crosses the link.
         if let Some(r) = server.route(key.item) {
             limiter.set_rate(r.bandwidth_bytes_per_sec);
@@ -177,8 +169,6 @@ async fn session(server: &Arc<Server>, stream: &Arc<Stream>) -> anyhow::Result<(
         metrics::counter!(m::BYTES_OUT).increment(frame_len);
         metrics::counter!(m::PAYLOAD_BYTES).increment(raw_bytes);
         metrics::counter!(m::BATCHES_OUT).increment(1);
-        inflight.push_back((last, frame_len));
-        inflight_bytes += frame_len;
-        cursor = last.next();
+        sender.sent(first, last, frame_len, Instant::now());
     }
 }

@@ -11,14 +11,17 @@ use crate::metrics as m;
 use crate::stream::Stream;
 use crate::Server;
 use anyhow::{bail, Context};
-use sr_common::types::{Seq, StreamKey};
+use sr_common::stream::{Offer, OverlapRule, Receiver};
+use sr_common::types::StreamKey;
 use sr_common::wire::{self, Message, Role};
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 /// How long an agent waits for a new stream's replica position before it is told to retry.
 const POSITION_WAIT: Duration = Duration::from_secs(20);
+
+/// How often a batch is tried again on a full cache volume when nothing this server does frees space.
+const VOLUME_FULL_RETRY: Duration = Duration::from_secs(2);
 
 /// Writes a message on a send stream shared by the session and its applied-position relay.
 async fn send_msg(send: &tokio::sync::Mutex<&mut quinn::SendStream>, msg: &Message) -> anyhow::Result<()> {
@@ -77,25 +80,23 @@ pub async fn session(
             bail!("{key}: the replica position is not known yet (is the master target reachable?); retry later");
         }
     }
-    let mut next = stream.next();
-    tracing::info!(%key, node, next = next.0, "agent stream open");
-    wire::write_msg(send, &Message::Resume { next }).await?;
+    let mut receiver = Receiver::new(stream.next(), OverlapRule::Trim);
+    tracing::info!(%key, node, next = receiver.next().0, "agent stream open");
+    wire::write_msg(send, &Message::Resume { next: receiver.next() }).await?;
     wire::write_msg(send, &Message::AppliedAck { through: stream.applied() }).await?;
     let send = tokio::sync::Mutex::new(send);
     // Relays the master target's applied position to the agent, which trims its journal on it.
     let relay = async {
         let mut told = stream.applied();
         loop {
+            // Created before the look: `set_applied` wakes every waiter that exists when it runs.
             let freed = stream.freed.notified();
             let applied = stream.applied();
             if applied > told {
                 send_msg(&send, &Message::AppliedAck { through: applied }).await?;
                 told = applied;
             }
-            tokio::select! {
-                _ = freed => {}
-                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
-            }
+            freed.await;
         }
     };
     tokio::pin!(relay);
@@ -119,34 +120,29 @@ pub async fn session(
         batch.check()?;
         metrics::counter!(m::BYTES_IN).increment(frame_bytes);
         metrics::counter!(m::BATCHES_IN).increment(1);
-        if batch.last < next {
-            metrics::counter!(m::DUPLICATES).increment(1);
-            send_msg(&send, &Message::DurableAck { through: Seq(next.0 - 1) }).await?;
-            continue;
+        match receiver.offer(batch.first, batch.last).with_context(|| format!("{key}: batch from the agent"))? {
+            Offer::Replay { through } => {
+                metrics::counter!(m::DUPLICATES).increment(1);
+                send_msg(&send, &Message::DurableAck { through }).await?;
+                continue;
+            }
+            Offer::Take { skip } => {
+                batch.changes.drain(..skip);
+                batch.first = receiver.next();
+            }
         }
-        if batch.first > next {
-            return Err(sr_common::wire::Coded::new(
-                sr_common::wire::ErrorCode::ChainBroken,
-                format!("{key}: gap: expected seq {next}, batch starts at {}; the disk needs a resync", batch.first),
-            )
-            .into());
-        }
-        if batch.first < next {
-            let skip = (next.0 - batch.first.0) as usize;
-            batch.changes.drain(..skip);
-            batch.first = next;
-        }
-        while server.cache_total.load(Ordering::Relaxed) >= server.cfg.cache_limit_bytes {
+        loop {
+            let freed = server.cache_total.freed();
+            if server.cache_total.used() < server.cfg.cache_limit_bytes {
+                break;
+            }
             metrics::counter!(m::BACKPRESSURE).increment(1);
-            let freed = stream.freed.notified();
             tokio::select! {
                 _ = freed => {}
-                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
                 _ = token.cancelled() => bail!("{key}: a newer session took over"),
             }
         }
         let last = batch.last;
-        let s = stream.clone();
         let span = tracing::info_span!(
             "cache_batch",
             item = key.item.0,
@@ -154,14 +150,47 @@ pub async fn session(
             first = batch.first.0,
             last = last.0
         );
-        tokio::task::spawn_blocking(move || span.in_scope(|| s.cache.put(&batch)))
+        let mut batch = Some(batch);
+        let mut full_since = None;
+        loop {
+            let freed = server.cache_total.freed();
+            let (s, b, span) = (stream.clone(), batch.take().expect("the batch is back"), span.clone());
+            let (b, put) = tokio::task::spawn_blocking(move || {
+                let r = span.in_scope(|| s.cache.put(&b));
+                (b, r)
+            })
             .await
-            .context("cache writer panicked")?
-            .with_context(|| format!("{key}: writing batch ..={last} to the cache"))?;
-        metrics::gauge!(m::CACHE_BYTES).set(server.cache_total.load(Ordering::Relaxed) as f64);
+            .context("cache writer panicked")?;
+            match put {
+                Ok(()) => break,
+                // A full cache volume holds the agent back like the cache limit does: the session
+                // stays up and the batch is written once space is freed (by the forwarder, or by
+                // an operator, which only the retry interval notices).
+                Err(e) if e.kind() == std::io::ErrorKind::StorageFull => {
+                    metrics::counter!(m::BACKPRESSURE).increment(1);
+                    if full_since.is_none() {
+                        tracing::warn!(%key, "the cache volume is full; holding the agent back until space is freed");
+                        full_since = Some(std::time::Instant::now());
+                    }
+                    batch = Some(b);
+                    tokio::select! {
+                        _ = freed => {}
+                        _ = tokio::time::sleep(VOLUME_FULL_RETRY) => {}
+                        _ = token.cancelled() => bail!("{key}: a newer session took over"),
+                    }
+                }
+                Err(e) => {
+                    return Err(anyhow::Error::new(e).context(format!("{key}: writing batch ..={last} to the cache")))
+                }
+            }
+        }
+        if let Some(since) = full_since {
+            tracing::info!(%key, waited = ?since.elapsed(), "the cache volume has space again");
+        }
+        metrics::gauge!(m::CACHE_BYTES).set(server.cache_total.used() as f64);
         stream.cached_through(last);
-        next = last.next();
-        send_msg(&send, &Message::DurableAck { through: last }).await?;
+        let through = receiver.taken(last);
+        send_msg(&send, &Message::DurableAck { through }).await?;
     }
 }
 

@@ -17,13 +17,13 @@ pub mod stream;
 
 use anyhow::Context;
 use config::PsConfig;
+use sr_common::contract::{Heartbeat, Load, ProcessServerAssignment, ReplicaFault};
 use sr_common::seal::{ItemKey, KeyRing};
 use sr_common::state::{RedbStore, StateStore, StreamRecord};
 use sr_common::types::ItemId;
 use sr_common::types::{Seq, StreamKey};
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::AtomicU64;
 use std::sync::RwLock;
 use std::sync::{Arc, Mutex};
 use stream::Stream;
@@ -46,6 +46,8 @@ pub struct Server {
     routes: RwLock<HashMap<ItemId, Route>>,
     /// Whether `routes` is authoritative yet (static config, or assignments fetched at least once).
     pub routes_known: std::sync::atomic::AtomicBool,
+    /// Wakes idle forwarders when `routes` was replaced, so a stream assigned again forwards at once.
+    pub routes_changed: tokio::sync::Notify,
     pub endpoint: quinn::Endpoint,
     /// The endpoint agents connect to (its TLS configuration changes with the revocation list).
     pub listener: quinn::Endpoint,
@@ -55,7 +57,7 @@ pub struct Server {
     pub store: Arc<dyn StateStore>,
     /// Guards creation of streams so two sessions never build two caches for one disk.
     streams: Mutex<HashMap<StreamKey, Arc<Stream>>>,
-    pub cache_total: Arc<AtomicU64>,
+    pub cache_total: Arc<cache::CacheSpace>,
     pub shutdown: CancellationToken,
 }
 
@@ -121,11 +123,12 @@ pub async fn run(cfg: PsConfig, shutdown: CancellationToken) -> anyhow::Result<(
     let store: Arc<dyn StateStore> = Arc::new(RedbStore::open(&cfg.data_dir.join("state.redb"))?);
     let listener = sr_common::quic::server(&identity, cfg.listen)?;
     let endpoint = sr_common::quic::client(&identity)?;
-    let cache_total = Arc::new(AtomicU64::new(0));
+    let cache_total = Arc::new(cache::CacheSpace::default());
     let static_routes = cfg.control.is_none();
     let server = Arc::new(Server {
         cfg,
         routes_known: std::sync::atomic::AtomicBool::new(static_routes),
+        routes_changed: tokio::sync::Notify::new(),
         routes: RwLock::new(routes),
         endpoint,
         listener: listener.clone(),
@@ -148,7 +151,7 @@ pub async fn run(cfg: PsConfig, shutdown: CancellationToken) -> anyhow::Result<(
         server.streams.lock().expect("streams lock poisoned").insert(key, s.clone());
         server.ensure_forwarder(&s);
     }
-    ::metrics::gauge!(crate::metrics::CACHE_BYTES).set(cache_total.load(std::sync::atomic::Ordering::Relaxed) as f64);
+    ::metrics::gauge!(crate::metrics::CACHE_BYTES).set(cache_total.used() as f64);
     let st = server.clone();
     let router = axum::Router::new()
         .route("/v1/status", axum::routing::get(move || std::future::ready(axum::Json(st.status()))));
@@ -192,33 +195,45 @@ async fn control_loop(server: Arc<Server>, client: sr_common::control::ControlCl
     let (srv, cl) = (&server, &client);
     client
         .every_poll(&shutdown, move || async move {
-            let cache = srv.cache_total.load(std::sync::atomic::Ordering::Relaxed);
-            let faults: Vec<serde_json::Value> = srv
+            let cache = srv.cache_total.used();
+            let faults: Vec<ReplicaFault> = srv
                 .streams
                 .lock()
                 .expect("streams lock poisoned")
                 .values()
                 .filter_map(|s| {
-                    let f = s.fault.lock().expect("fault lock poisoned").clone()?;
-                    Some(serde_json::json!({"item": s.key.item.0, "disk": s.key.disk.0, "code": f.0, "reason": f.1}))
+                    let (code, reason) = s.fault.lock().expect("fault lock poisoned").clone()?;
+                    Some(ReplicaFault { item: s.key.item.0, disk: s.key.disk.0, code, reason })
                 })
                 .collect();
-            cl.heartbeat(serde_json::json!({
-                "address": srv.cfg.listen.to_string(), "load": { "cache_bytes": cache }, "faults": faults,
-            }))
-            .await?;
+            let report = Heartbeat {
+                address: Some(srv.cfg.listen.to_string()),
+                load: Some(Load { cache_bytes: cache, ..Default::default() }),
+                faults: Some(faults),
+                ..Default::default()
+            };
+            cl.heartbeat(&report).await?;
             cl.refresh_crl(&srv.identity, Some((&srv.listener, &srv.conns))).await?;
             let mut routes = HashMap::new();
-            for a in cl.assignments().await? {
-                let (item, key) = sr_common::control::assigned_key(&a)?;
-                let master_target = a["master_target"].as_str().context("assignment without master_target")?.parse()?;
-                let compression_level =
-                    a["compression_level"].as_i64().map_or(srv.cfg.compression_level, |l| l.clamp(1, 19) as i32);
-                let bandwidth_bytes_per_sec = a["bandwidth_limit_mbps"].as_u64().unwrap_or(0) * 1_000_000 / 8;
-                routes.insert(item, Route { key, master_target, compression_level, bandwidth_bytes_per_sec });
+            for a in cl.assignments::<ProcessServerAssignment>().await? {
+                let key = sr_common::contract::data_key(a.item, &a.data_key)?;
+                let master_target = a
+                    .master_target
+                    .parse()
+                    .with_context(|| format!("item {}: master target address {:?}", a.item, a.master_target))?;
+                routes.insert(
+                    a.item,
+                    Route {
+                        key,
+                        master_target,
+                        compression_level: a.compression_level.clamp(1, 19),
+                        bandwidth_bytes_per_sec: a.bandwidth_limit_mbps * 1_000_000 / 8,
+                    },
+                );
             }
             *srv.routes.write().expect("routes lock poisoned") = routes;
             srv.routes_known.store(true, std::sync::atomic::Ordering::Release);
+            srv.routes_changed.notify_waiters();
             Ok(())
         })
         .await;

@@ -288,6 +288,13 @@ fn a_full_process_server_cache_volume_holds_writes_back_and_loses_none() {
         let d = &st["disks"][0];
         d["last_seq"].as_u64().unwrap() > d["acked_seq"].as_u64().unwrap()
     });
+    // Held back, not refused: the agent's session stays up while the volume is full (a refused
+    // session costs the agent a reconnect each time, and then back-off delays long past the outage).
+    let reconnects = metric(local.addrs.agent_http, "sr_agent_reconnects_total").unwrap();
+    wait_for("the process server to hold the agent back", Duration::from_secs(30), || {
+        metric(local.addrs.ps_http, "sr_process_server_backpressure_waits_total").unwrap() >= 3.0
+    });
+    assert_eq!(metric(local.addrs.agent_http, "sr_agent_reconnects_total").unwrap(), reconnects);
     let _mt = local.start(Component::MasterTarget).unwrap();
     wait_caught_up(&local, Duration::from_secs(180)).unwrap();
     compare(disk.to_str().unwrap(), &local.replica_uri(1)).unwrap();

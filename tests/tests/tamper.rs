@@ -8,22 +8,14 @@
 use sr_common::seal::ItemKey;
 use sr_common::tls::Identity;
 use sr_common::types::{DiskId, ItemId, Seq};
-use sr_common::wire::{self, Batch, Change, Message, Op, Role, SealedBatch};
+use sr_common::wire::{self, Batch, Message, Op, Role, SealedBatch};
 use sr_tests::*;
 
 const SIZE: u64 = 8 << 20;
 
 fn batch(first: u64, last: u64) -> Batch {
-    Batch {
-        item: ItemId(1),
-        disk: DiskId(1),
-        disk_size: SIZE,
-        first: Seq(first),
-        last: Seq(last),
-        changes: (first..=last)
-            .map(|s| Change { seq: Seq(s), at: s, op: Op::Write { offset: s * 65536, data: vec![s as u8; 4096] } })
-            .collect(),
-    }
+    let ops = (first..=last).map(|s| (s, Op::Write { offset: s * 65536, data: vec![s as u8; 4096] }));
+    Batch::numbered(ItemId(1), DiskId(1), SIZE, Seq(first), ops)
 }
 
 fn seal(key: &ItemKey, b: &Batch) -> SealedBatch {
