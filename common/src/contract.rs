@@ -237,6 +237,78 @@ pub struct MasterTargetAssignment {
     pub adopt: Option<Vec<AdoptDisk>>,
 }
 
+/// Which point of an item to use: what an operator asks for, the configuration server records, and
+/// the master target resolves.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub enum PointSpec {
+    /// The newest point every disk of the item has reached.
+    Latest,
+    /// The newest app-consistent point present on every disk.
+    LatestAppConsistent,
+    /// The newest named point (app- or crash-consistent bookmark) present on every disk.
+    LatestBookmark,
+    /// The state at this instant (µs since the Unix epoch): the last change captured at or before it.
+    TimeUs(u64),
+    /// The state at this instant (RFC 3339).
+    Time(String),
+    /// A sequence number; only for an item with a single disk.
+    Seq(u64),
+    /// A named point (its tag).
+    Tag(String),
+}
+
+/// One disk of a view, as the master target describes it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ViewDisk {
+    pub disk: u64,
+    pub seq: u64,
+    /// The capture time of the point (RFC 3339), when known.
+    #[serde(default)]
+    pub time: Option<String>,
+    #[serde(default)]
+    pub at_us: Option<u64>,
+    pub export: String,
+    pub size: u64,
+    /// Where a client reaches it (`nbd://...`), when the master target serves NBD over TCP.
+    #[serde(default)]
+    pub uri: Option<String>,
+}
+
+/// A view of an item at a point, as the master target answers `POST /v1/views` and `GET /v1/views`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ViewInfo {
+    pub name: String,
+    pub item: u64,
+    pub writable: bool,
+    pub point: PointSpec,
+    pub created: String,
+    pub disks: Vec<ViewDisk>,
+}
+
+/// `GET /v1/views` of a master target.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ViewList {
+    pub views: Vec<ViewInfo>,
+}
+
+/// One disk a failover commit handed over, as a plain file.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct CommittedDisk {
+    pub disk: u64,
+    pub path: String,
+    pub generation: u64,
+    pub changed_bytes: u64,
+    pub size: u64,
+}
+
+/// The master target's answer to `POST /v1/commit`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct CommitAnswer {
+    pub view: String,
+    pub disks: Vec<CommittedDisk>,
+}
+
 /// An item's data key from its hex form in an assignment.
 pub fn data_key(item: ItemId, hex_key: &str) -> anyhow::Result<crate::seal::ItemKey> {
     let key: [u8; 32] = hex::decode(hex_key)

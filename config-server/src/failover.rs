@@ -21,7 +21,7 @@ use crate::items::public;
 use crate::jobs::JobHandle;
 use crate::lifecycle::{Direction, Event, State};
 use crate::model::*;
-use crate::recovery::{describe, load_item, master_target, mt_call};
+use crate::recovery::{describe, load_item, master_target, mt_call, mt_call_as};
 use crate::store::Docs;
 use crate::Cs;
 use axum::extract::{Path, State as AxState};
@@ -29,6 +29,7 @@ use axum::http::HeaderMap;
 use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
+use sr_common::contract::{CommitAnswer, ViewInfo, ViewList};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -45,13 +46,13 @@ pub struct FailoverReq {
     pub planned: bool,
     /// Unplanned only: the point (see test failover); the latest by default.
     #[serde(default)]
-    pub point: Option<Value>,
+    pub point: Option<PointSpec>,
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PointReq {
-    pub point: Value,
+    pub point: PointSpec,
 }
 
 #[derive(Deserialize, Default)]
@@ -150,7 +151,7 @@ pub async fn begin_failover(
     cs: &Arc<Cs>,
     id: u64,
     planned: bool,
-    point: Option<Value>,
+    point: Option<PointSpec>,
     failback: bool,
     by: &str,
 ) -> Result<u64, ApiError> {
@@ -190,10 +191,20 @@ pub async fn begin_failover(
     };
     let job = JobHandle::start(store, kind, &id.to_string(), steps)?;
     item.state = next;
-    item.failover = Some(json!({
-        "generation": generation, "planned": planned, "failback": failback, "point": point.unwrap_or(json!("latest")),
-        "job": job.job.id, "by": by, "from_machine": item.machine, "master_target": item.master_target,
-    }));
+    item.failover = Some(FailoverRecord {
+        generation,
+        planned,
+        failback,
+        point: point.unwrap_or(PointSpec::Latest),
+        job: job.job.id,
+        by: by.to_string(),
+        from_machine: item.machine.clone(),
+        master_target: item.master_target.clone(),
+        view: None,
+        point_chosen: None,
+        machine: None,
+        committed: None,
+    });
     if !planned {
         // Nothing more flows from the source: the replica stays where it is.
         item.process_server = None;
@@ -211,7 +222,7 @@ pub async fn begin_failover(
 }
 
 /// Carries a failover (or failback) through to its end. Returns the machine description.
-pub async fn run_failover(cs: Arc<Cs>, id: u64, job_id: u64) -> Result<Value, String> {
+pub async fn run_failover(cs: Arc<Cs>, id: u64, job_id: u64) -> Result<MachineDescription, String> {
     let r = failover_steps(&cs, id, job_id).await;
     if let Err(e) = &r {
         let store = cs.store();
@@ -230,13 +241,12 @@ pub async fn run_failover(cs: Arc<Cs>, id: u64, job_id: u64) -> Result<Value, St
     r
 }
 
-async fn failover_steps(cs: &Arc<Cs>, id: u64, job_id: u64) -> Result<Value, String> {
+async fn failover_steps(cs: &Arc<Cs>, id: u64, job_id: u64) -> Result<MachineDescription, String> {
     let store = cs.store();
     let s = |e: crate::store::StoreError| e.to_string();
     let item = load_item(cs, id).map_err(|e| e.message)?;
     let fo = item.failover.clone().ok_or("the item has no failover recorded")?;
-    let (generation, planned, failback) =
-        (fo["generation"].as_u64().unwrap_or(0), fo["planned"] == json!(true), fo["failback"] == json!(true));
+    let (generation, planned, failback) = (fo.generation, fo.planned, fo.failback);
     let mut job = JobHandle::load(store, job_id).map_err(s)?.ok_or("the job is gone")?;
     let mut step = 0;
     let point = if planned {
@@ -290,18 +300,18 @@ async fn failover_steps(cs: &Arc<Cs>, id: u64, job_id: u64) -> Result<Value, Str
         .await?;
         job.step_done(1).map_err(s)?;
         step = 2;
-        json!({ "tag": sr_common::types::stop_tag(generation) })
+        PointSpec::Tag(sr_common::types::stop_tag(generation))
     } else {
         job.step(0).map_err(s)?;
         job.step_done(0).map_err(s)?;
         step = step.max(1);
-        fo["point"].clone()
+        fo.point.clone()
     };
     job.step(step).map_err(s)?;
     let mt = master_target(cs, &item).map_err(|e| e.message)?;
     let view = failover_view(id);
-    let created =
-        ensure_view(&mt, json!({ "name": view, "item": item.wire_id(), "point": point, "writable": true })).await?;
+    let body = json!({ "name": view, "item": item.wire_id(), "point": point, "writable": true });
+    let created = ensure_view(&mt, &view, body).await?;
     job.step_done(step).map_err(s)?;
     step += 1;
     job.step(step).map_err(s)?;
@@ -309,11 +319,11 @@ async fn failover_steps(cs: &Arc<Cs>, id: u64, job_id: u64) -> Result<Value, Str
     {
         let _g = cs.items_lock.lock().await;
         let mut item = load_item(cs, id).map_err(|e| e.message)?;
-        let mut fo = item.failover.clone().unwrap_or_default();
-        fo["view"] = json!(view);
-        fo["master_target"] = json!(mt.0);
-        fo["machine"] = description.clone();
-        fo["point_chosen"] = point.clone();
+        let mut fo = item.failover.clone().ok_or("the failover record vanished")?;
+        fo.view = Some(view);
+        fo.master_target = Some(mt.0.clone());
+        fo.machine = Some(description.clone());
+        fo.point_chosen = Some(point.clone());
         item.failover = Some(fo);
         // The stream has ended: the source's agent keeps its disks stopped and tracks nothing new.
         item.process_server = None;
@@ -330,7 +340,7 @@ async fn failover_steps(cs: &Arc<Cs>, id: u64, job_id: u64) -> Result<Value, Str
         job.step_done(step).map_err(s)?;
         step += 1;
         job.step(step).map_err(s)?;
-        let by = fo["by"].as_str().unwrap_or("?").to_string();
+        let by = fo.by.clone();
         let rjob = begin_reprotect(cs, id, ReprotectReq::default(), &by).await.map_err(|e| e.message)?;
         let mut pct_job = JobHandle::load(store, job_id).map_err(s)?.ok_or("the job is gone")?;
         wait_for(
@@ -360,13 +370,15 @@ async fn failover_steps(cs: &Arc<Cs>, id: u64, job_id: u64) -> Result<Value, Str
 }
 
 /// Creates the failover view, or finds it open already (a failover resumed after a restart).
-async fn ensure_view(mt: &(String, std::net::SocketAddr), body: Value) -> Result<Value, String> {
-    match crate::recovery::mt_call_status(mt, "POST", "/v1/views", Some(body.clone())).await {
-        Ok(v) => Ok(v),
+async fn ensure_view(mt: &(String, std::net::SocketAddr), name: &str, body: Value) -> Result<ViewInfo, String> {
+    match crate::recovery::mt_call_status(mt, "POST", "/v1/views", Some(body)).await {
+        Ok(v) => {
+            serde_json::from_value(v).map_err(|e| format!("master target {} described a view unexpectedly: {e}", mt.0))
+        }
         // 409: a view of that name is open already.
         Err(e) if e.status == Some(409) => {
-            let all = mt_call(mt, "GET", "/v1/views", None).await?;
-            all["views"].as_array().into_iter().flatten().find(|v| v["name"] == body["name"]).cloned().ok_or(e.message)
+            let all: ViewList = mt_call_as(mt, "GET", "/v1/views", None).await?;
+            all.views.into_iter().find(|v| v.name == name).ok_or(e.message)
         }
         Err(e) => Err(e.message),
     }
@@ -379,7 +391,7 @@ pub fn resume_failovers(cs: &Arc<Cs>) {
         if !matches!(item.state, State::FailoverInProgress { .. } | State::FailingBack) {
             continue;
         }
-        let Some(job) = item.failover.as_ref().and_then(|f| f["job"].as_u64()) else { continue };
+        let Some(job) = item.failover.as_ref().map(|f| f.job) else { continue };
         tracing::info!(item = item.id, job, "resuming the failover a restart interrupted");
         spawn_failover(cs, item.id, job);
     }
@@ -410,9 +422,9 @@ pub async fn change_point(
     job.step(0)?;
     // The disks at the new point come up beside the old ones, under a new name; only once they are up
     // and recorded are the old ones discarded. A point that does not resolve leaves the failover as it was.
-    let old_view = item.failover.as_ref().and_then(|f| f["view"].as_str()).map(str::to_string);
+    let old_view = item.failover.as_ref().and_then(|f| f.view.clone());
     let view = format!("{}-{}", failover_view(id), job.job.id);
-    let r = mt_call(
+    let r = mt_call_as::<ViewInfo>(
         &mt,
         "POST",
         "/v1/views",
@@ -427,10 +439,10 @@ pub async fn change_point(
         }
     };
     let description = describe(store, &item, &created, "failover")?;
-    let mut fo = item.failover.clone().unwrap_or_default();
-    fo["point_chosen"] = req.point.clone();
-    fo["machine"] = description.clone();
-    fo["view"] = json!(view);
+    let mut fo = item.failover.clone().ok_or_else(|| ApiError::conflict(&format!("item {id} has no failover")))?;
+    fo.point_chosen = Some(req.point.clone());
+    fo.machine = Some(description.clone());
+    fo.view = Some(view.clone());
     item.failover = Some(fo);
     store.put(ITEMS, &id_key(id), &item)?;
     if let Some(old) = old_view.filter(|o| *o != view) {
@@ -461,7 +473,7 @@ pub async fn commit(AxState(cs): AxState<Arc<Cs>>, h: HeaderMap, Path(id): Path<
             job.step_done(0)?;
             let job = job.succeed()?;
             cs.event("info", &item.machine, &format!("failover of item {id} committed by {by}"))?;
-            Ok(Json(json!({ "job": job.id, "disks": v["disks"] })))
+            Ok(Json(json!({ "job": job.id, "disks": v.disks })))
         }
         Err(e) => {
             let job = job.fail(&e)?;
@@ -471,25 +483,21 @@ pub async fn commit(AxState(cs): AxState<Arc<Cs>>, h: HeaderMap, Path(id): Path<
 }
 
 /// Has the master target write the failover disks into plain files, and records where they are.
-async fn commit_item(cs: &Arc<Cs>, id: u64) -> Result<Value, String> {
+async fn commit_item(cs: &Arc<Cs>, id: u64) -> Result<CommitAnswer, String> {
     let item = load_item(cs, id).map_err(|e| e.message)?;
     let fo = item.failover.clone().ok_or("the item has no failover")?;
     let mt = master_target(cs, &item).map_err(|e| e.message)?;
-    let v =
-        mt_call(&mt, "POST", "/v1/commit", Some(json!({ "view": fo["view"], "generation": fo["generation"] }))).await?;
+    let body = json!({ "view": fo.view, "generation": fo.generation });
+    let v: CommitAnswer = mt_call_as(&mt, "POST", "/v1/commit", Some(body)).await?;
     let _g = cs.items_lock.lock().await;
     let mut item = load_item(cs, id).map_err(|e| e.message)?;
-    let mut fo = item.failover.clone().unwrap_or_default();
-    fo["committed"] = v["disks"].clone();
+    let mut fo = item.failover.clone().ok_or("the failover record vanished")?;
+    fo.committed = Some(v.disks.clone());
     // The description now names files, for an agent (or a hypervisor) on this site to front.
-    if let Some(disks) = fo["machine"]["disks"].as_array_mut() {
-        for d in disks {
-            let path =
-                v["disks"].as_array().into_iter().flatten().find(|c| c["disk"] == d["id"]).map(|c| c["path"].clone());
-            d["path"] = path.unwrap_or(Value::Null);
-            d["uri"] = Value::Null;
-            d["export"] = Value::Null;
-        }
+    for d in fo.machine.iter_mut().flat_map(|m| m.disks.iter_mut()) {
+        d.path = v.disks.iter().find(|c| c.disk == d.id).map(|c| c.path.clone());
+        d.uri = None;
+        d.export = None;
     }
     item.failover = Some(fo);
     let event = if matches!(item.state, State::FailingBack) { Event::FailbackDone } else { Event::CommitRequested };
@@ -519,7 +527,7 @@ pub async fn begin_reprotect(cs: &Arc<Cs>, id: u64, req: ReprotectReq, by: &str)
     let next = item.state.on(&Event::ReprotectRequested).map_err(|e| ApiError::conflict(&e.to_string()))?;
     let fo =
         item.failover.clone().ok_or_else(|| ApiError::conflict(&format!("item {id} has no committed failover")))?;
-    let generation = fo["generation"].as_u64().unwrap_or(0);
+    let generation = fo.generation;
     let source = match (&req.machine, &item.previous_machine, &item.state) {
         (Some(m), _, _) => m.clone(),
         (None, Some(p), State::FailedBack) => p.clone(),
@@ -565,7 +573,7 @@ pub async fn begin_reprotect(cs: &Arc<Cs>, id: u64, req: ReprotectReq, by: &str)
                 item.machine, d.id
             )));
         }
-        adopt.push(json!({ "disk": d.id, "path": path }));
+        adopt.push(AdoptDisk { disk: sr_common::types::DiskId(d.id), path });
     }
     let pick = |want: &Option<String>,
                 role: ComponentRole,
@@ -591,7 +599,7 @@ pub async fn begin_reprotect(cs: &Arc<Cs>, id: u64, req: ReprotectReq, by: &str)
     let mt = pick(&req.master_target, ComponentRole::MasterTarget, &item.previous_master_target, &item.master_target)?;
     let ps = pick(&req.process_server, ComponentRole::ProcessServer, &None, &None)?;
     // The target side's history is known when a planned failover stopped it after its last write.
-    let known = fo["planned"] == json!(true);
+    let known = fo.planned;
     let mut job = JobHandle::start(
         store,
         "reprotect",
@@ -608,10 +616,8 @@ pub async fn begin_reprotect(cs: &Arc<Cs>, id: u64, req: ReprotectReq, by: &str)
     item.stream = Some(stream);
     item.data_key = hex::encode(rand::random::<[u8; 32]>());
     item.resync_request = if known { 0 } else { sr_common::types::now_micros() };
-    item.reprotect = Some(json!({
-        "baseline": generation, "known": known, "adopt": adopt, "job": job.job.id, "initial_dirty": 0,
-        "failover": fo,
-    }));
+    item.reprotect =
+        Some(ReprotectRecord { baseline: generation, known, adopt, job: job.job.id, initial_dirty: 0, failover: fo });
     item.failover = None;
     item.caught_up_at = None;
     item.job = None;
@@ -648,16 +654,16 @@ pub fn evaluate_reprotect(
     let State::Reprotecting { direction, .. } = item.state.clone() else { return Ok(()) };
     let p = &machine.progress;
     let dirty: u64 = p.iter().map(|d| d.dirty_bytes).sum();
-    let mut rp = item.reprotect.clone().unwrap_or_default();
-    let initial = rp["initial_dirty"].as_u64().unwrap_or(0).max(dirty);
-    rp["initial_dirty"] = json!(initial);
+    let Some(mut rp) = item.reprotect.clone() else { return Ok(()) };
+    let initial = rp.initial_dirty.max(dirty);
+    rp.initial_dirty = initial;
     let copied = !p.is_empty() && machine.disks.iter().all(|d| p.iter().any(|x| x.id == d.id && x.copy_done));
     let compared = p.iter().all(|d| d.resync_done >= item.resync_request && !d.resync_active);
     let mut caught_up = copied && compared && dirty == 0 && p.iter().all(|d| !d.overflow && d.last_seq > 0);
     for d in p {
         caught_up &= applied(d.id)? >= d.last_seq;
     }
-    let job_id = rp["job"].as_u64();
+    let job_id = Some(rp.job);
     if caught_up {
         item.state = item.state.on(&Event::ReprotectDone).unwrap_or(item.state.clone());
         item.caught_up_at = Some(machine.last_heartbeat);

@@ -21,7 +21,7 @@ use axum::http::HeaderMap;
 use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
-use sr_common::contract::{AdoptDisk, AgentAssignment, Assignments, MasterTargetAssignment, ProcessServerAssignment};
+use sr_common::contract::{AgentAssignment, Assignments, MasterTargetAssignment, ProcessServerAssignment};
 use sr_common::types::ItemId;
 use std::sync::Arc;
 
@@ -305,12 +305,8 @@ pub async fn assignments(AxState(cs): AxState<Arc<Cs>>, h: HeaderMap) -> R<Value
                     Some(AgentAssignment {
                         item: ItemId(i.wire_id()),
                         process_server: address(&i.process_server)?,
-                        stop: i
-                            .failover
-                            .as_ref()
-                            .filter(|f| f["planned"] == json!(true))
-                            .and_then(|f| f["generation"].as_u64()),
-                        baseline: i.reprotect.as_ref().and_then(|r| r["baseline"].as_u64()),
+                        stop: i.failover.as_ref().filter(|f| f.planned).map(|f| f.generation),
+                        baseline: i.reprotect.as_ref().map(|r| r.baseline),
                         crash_interval_secs: p.as_ref().map(|p| p.crash_consistent_interval_secs),
                         app_interval_secs: p.as_ref().map(|p| p.app_consistent_interval_secs),
                         journal_limit_percent: p.as_ref().map(|p| p.journal_limit_percent),
@@ -346,10 +342,7 @@ pub async fn assignments(AxState(cs): AxState<Arc<Cs>>, h: HeaderMap) -> R<Value
                     item: ItemId(i.wire_id()),
                     data_key: i.data_key.clone(),
                     retention_secs: policy(&i.policy).map_or(0, |p| p.retention_hours * 3600),
-                    adopt: i
-                        .reprotect
-                        .as_ref()
-                        .and_then(|r| serde_json::from_value::<Vec<AdoptDisk>>(r["adopt"].clone()).ok()),
+                    adopt: i.reprotect.as_ref().map(|r| r.adopt.clone()),
                 })
                 .collect();
             serde_json::to_value(Assignments { items: mine })

@@ -2,7 +2,9 @@
 
 use crate::lifecycle::State;
 use serde::{Deserialize, Serialize};
-pub use sr_common::contract::{AppliedSeq, DiskInfo, DiskProgress, Fault, Load, Nic, ReplicaFault, SystemInfo};
+pub use sr_common::contract::{
+    AdoptDisk, AppliedSeq, CommittedDisk, DiskInfo, DiskProgress, Fault, Load, Nic, PointSpec, ReplicaFault, SystemInfo,
+};
 
 pub const TOKENS: &str = "tokens";
 pub const KEYS: &str = "registration_keys";
@@ -219,7 +221,7 @@ pub struct Item {
     pub rpo_alert: bool,
     /// The running test failover: its view on the master target and the machine description.
     #[serde(default)]
-    pub test_failover: Option<serde_json::Value>,
+    pub test_failover: Option<TestFailoverRecord>,
     /// The latest resync the operator asked for (an increasing id; 0: none), and its job.
     #[serde(default)]
     pub resync_request: u64,
@@ -231,11 +233,11 @@ pub struct Item {
     /// The failover under way or done: generation, planned, view, point, machine description, and after
     /// the commit the disks' paths.
     #[serde(default)]
-    pub failover: Option<serde_json::Value>,
+    pub failover: Option<FailoverRecord>,
     /// The running reprotect: baseline generation, whether both sides' history is known, the disks the
     /// master target replicates into, its job.
     #[serde(default)]
-    pub reprotect: Option<serde_json::Value>,
+    pub reprotect: Option<ReprotectRecord>,
     /// The machine on the other site (the source before the last reprotect).
     #[serde(default)]
     pub previous_machine: Option<String>,
@@ -395,4 +397,102 @@ pub fn now() -> u64 {
 /// Ids are zero-padded so the store lists them in numeric order.
 pub fn id_key(id: u64) -> String {
     format!("{id:012}")
+}
+
+/// A network interface of a failed-over machine: its source addresses mapped into the recovery site's
+/// networks (see `netmap.rs`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct MappedNic {
+    pub name: String,
+    pub mac: String,
+    pub source_addresses: Vec<String>,
+    pub addresses: Vec<String>,
+    pub networks: Vec<String>,
+    pub gateway: Option<String>,
+    /// Source addresses no mapping covers (kept as they were).
+    pub unmapped: Vec<String>,
+}
+
+/// One disk of a machine description.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct DescribedDisk {
+    pub id: u64,
+    pub name: String,
+    pub size: u64,
+    /// Where it is served (`nbd://...`) until a commit; then `path` names the file.
+    pub uri: Option<String>,
+    pub export: Option<String>,
+    pub point_seq: u64,
+    pub point_time: Option<String>,
+    pub writable: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+}
+
+/// What a hypervisor hook needs to boot a failed-over (or test) machine.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct MachineDescription {
+    pub name: String,
+    pub source_machine: String,
+    pub item: u64,
+    /// `failover`, `failback` or `test-failover`.
+    pub purpose: String,
+    pub cpus: u32,
+    pub memory_bytes: u64,
+    pub network_interfaces: Vec<MappedNic>,
+    pub disks: Vec<DescribedDisk>,
+}
+
+/// An item's failover, from its start until a reprotect.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct FailoverRecord {
+    /// Names this failover: the agent's stop, the bookmark, the split record of the committed disks.
+    pub generation: u64,
+    pub planned: bool,
+    #[serde(default)]
+    pub failback: bool,
+    /// The point asked for (a planned failover takes its own final bookmark).
+    pub point: PointSpec,
+    pub job: u64,
+    pub by: String,
+    pub from_machine: String,
+    /// The master target holding the replica (set to the one that brought the disks up).
+    pub master_target: Option<String>,
+    /// Set once the disks are up: the view, the point it resolved, the machine description.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub view: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub point_chosen: Option<PointSpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub machine: Option<MachineDescription>,
+    /// Set by the commit: where the disks now are, as plain files.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub committed: Option<Vec<CommittedDisk>>,
+}
+
+/// An item's reprotect while it runs.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ReprotectRecord {
+    /// The failover generation the new source ships changes since.
+    pub baseline: u64,
+    /// Whether both sides' history is known (a planned failover); else checksums are compared.
+    pub known: bool,
+    /// The old source's disks the master target replicates into, in place.
+    pub adopt: Vec<AdoptDisk>,
+    pub job: u64,
+    /// The dirty bytes at the start, for progress.
+    #[serde(default)]
+    pub initial_dirty: u64,
+    pub failover: FailoverRecord,
+}
+
+/// An item's test failover while it is up.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TestFailoverRecord {
+    pub view: String,
+    pub master_target: String,
+    pub machine: MachineDescription,
 }

@@ -127,7 +127,7 @@ fn in_net((addr, v6): (u128, bool), n: &Net) -> bool {
 }
 
 /// The NICs of a machine description, with each address mapped by the first mapping that covers it.
-pub fn map_nics(nics: &[Nic], maps: &[NetworkMapping]) -> Vec<Value> {
+pub fn map_nics(nics: &[Nic], maps: &[NetworkMapping]) -> Vec<MappedNic> {
     nics.iter()
         .map(|n| {
             let mut addresses = Vec::new();
@@ -151,10 +151,15 @@ pub fn map_nics(nics: &[Nic], maps: &[NetworkMapping]) -> Vec<Value> {
                     }
                 }
             }
-            json!({
-                "name": n.name, "mac": n.mac, "source_addresses": n.addresses, "addresses": addresses,
-                "networks": networks, "gateway": gateway, "unmapped": unmapped,
-            })
+            MappedNic {
+                name: n.name.clone(),
+                mac: n.mac.clone(),
+                source_addresses: n.addresses.clone(),
+                addresses,
+                networks,
+                gateway,
+                unmapped,
+            }
         })
         .collect()
 }
@@ -218,10 +223,10 @@ mod tests {
             addresses: vec!["10.0.0.5/24".into(), "10.0.0.9/24".into(), "172.16.0.1/16".into()],
         }];
         let out = map_nics(&nics, &[m]);
-        assert_eq!(out[0]["addresses"], json!(["192.168.50.5/24", "192.168.50.200/24", "172.16.0.1/16"]));
-        assert_eq!(out[0]["networks"], json!(["dr-vlan-50"]));
-        assert_eq!(out[0]["unmapped"], json!(["172.16.0.1/16"]));
-        assert_eq!(out[0]["gateway"], json!("192.168.50.1"));
+        assert_eq!(out[0].addresses, ["192.168.50.5/24", "192.168.50.200/24", "172.16.0.1/16"]);
+        assert_eq!(out[0].networks, ["dr-vlan-50"]);
+        assert_eq!(out[0].unmapped, ["172.16.0.1/16"]);
+        assert_eq!(out[0].gateway.as_deref(), Some("192.168.50.1"));
     }
 
     #[test]
@@ -235,7 +240,7 @@ mod tests {
         };
         m.validate().unwrap();
         let nics = vec![Nic { name: "eth0".into(), mac: String::new(), addresses: vec!["fd00:1::abcd/64".into()] }];
-        assert_eq!(map_nics(&nics, std::slice::from_ref(&m))[0]["addresses"], json!(["fd00:2::abcd/64"]));
+        assert_eq!(map_nics(&nics, std::slice::from_ref(&m))[0].addresses, ["fd00:2::abcd/64"]);
         assert!(NetworkMapping { target: "10.0.0.0/8".into(), ..m.clone() }.validate().unwrap_err().contains("IPv4"));
         assert!(NetworkMapping { source: "10.0.0.0/16".into(), ..mapping() }
             .validate()

@@ -34,7 +34,7 @@ pub struct RunReq {
     pub kind: String,
     /// Unplanned only: the point for every machine.
     #[serde(default)]
-    pub point: Option<Value>,
+    pub point: Option<PointSpec>,
 }
 
 fn validate(cs: &Cs, p: &Plan) -> Result<(), ApiError> {
@@ -201,11 +201,11 @@ async fn run_plan(cs: &Arc<Cs>, p: &Plan, req: &RunReq, job_id: u64, by: &str) -
             let (tag, _) = take_consistency_point(cs, p).await?;
             job()?.step_done(0).map_err(s)?;
             step = 1;
-            Some(json!({ "tag": tag }))
+            Some(PointSpec::Tag(tag))
         }
         "unplanned" => match &req.point {
             Some(pt) => Some(pt.clone()),
-            None => Some(latest_plan_point(cs, p).unwrap_or(json!("latest"))),
+            None => Some(latest_plan_point(cs, p).unwrap_or(PointSpec::Latest)),
         },
         _ => None,
     };
@@ -218,7 +218,7 @@ async fn run_plan(cs: &Arc<Cs>, p: &Plan, req: &RunReq, job_id: u64, by: &str) -
         job()?.step(step).map_err(s)?;
         for id in &g.items {
             let r = match req.kind.as_str() {
-                "test" => crate::recovery::test_failover_item(cs, *id, point.clone().unwrap_or(json!("latest")), by)
+                "test" => crate::recovery::test_failover_item(cs, *id, point.clone().unwrap_or(PointSpec::Latest), by)
                     .await
                     .map(|_| ())
                     .map_err(|e| e.message),
@@ -293,9 +293,9 @@ async fn run_actions(
 }
 
 /// The plan's latest consistency point, when one was taken.
-fn latest_plan_point(cs: &Cs, p: &Plan) -> Option<Value> {
+fn latest_plan_point(cs: &Cs, p: &Plan) -> Option<PointSpec> {
     let pt: PlanPoint = cs.store().get(PLAN_POINTS, &p.id).ok()??;
-    (!pt.tag.is_empty()).then(|| json!({ "tag": pt.tag }))
+    (!pt.tag.is_empty()).then_some(PointSpec::Tag(pt.tag))
 }
 
 /// Starts the consistency points plans are due for (every second, from the evaluation loop). A plan

@@ -22,6 +22,7 @@ use axum::http::HeaderMap;
 use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
+use sr_common::contract::ViewInfo;
 use std::sync::Arc;
 
 #[derive(Deserialize)]
@@ -30,11 +31,11 @@ pub struct TestFailover {
     /// "latest", "latest-app-consistent", "latest-bookmark", {"time": RFC 3339}, {"time-us": n},
     /// {"tag": name} or {"seq": n} (single-disk items).
     #[serde(default = "latest")]
-    point: Value,
+    point: PointSpec,
 }
 
-fn latest() -> Value {
-    json!("latest")
+fn latest() -> PointSpec {
+    PointSpec::Latest
 }
 
 #[derive(Deserialize)]
@@ -44,7 +45,7 @@ pub struct Export {
     /// Where the master target writes the raw image (a path on the master target's host).
     path: String,
     #[serde(default)]
-    point: Option<Value>,
+    point: Option<PointSpec>,
     /// "raw" (default) or "qcow2".
     #[serde(default)]
     format: Option<String>,
@@ -78,6 +79,17 @@ pub async fn mt_call(
     body: Option<Value>,
 ) -> Result<Value, String> {
     mt_call_status(mt, method, path, body).await.map_err(|e| e.message)
+}
+
+/// [`mt_call`] reading the answer as `T` (a shape of `sr_common::contract`).
+pub async fn mt_call_as<T: serde::de::DeserializeOwned>(
+    mt: &(String, std::net::SocketAddr),
+    method: &str,
+    path: &str,
+    body: Option<Value>,
+) -> Result<T, String> {
+    let v = mt_call(mt, method, path, body).await?;
+    serde_json::from_value(v).map_err(|e| format!("master target {} answered {method} {path} unexpectedly: {e}", mt.0))
 }
 
 /// A master target's refusal: its HTTP status (none when it could not be reached) and message.
@@ -140,14 +152,14 @@ pub async fn test_failover(
 }
 
 /// Brings up the disks of item `id` at `point` as writable views, with the machine description.
-pub async fn test_failover_item(cs: &Arc<Cs>, id: u64, point: Value, by: &str) -> Result<Value, ApiError> {
+pub async fn test_failover_item(cs: &Arc<Cs>, id: u64, point: PointSpec, by: &str) -> Result<Value, ApiError> {
     let _g = cs.items_lock.lock().await;
     let store = cs.store();
     let mut item = load_item(cs, id)?;
     if let Some(tf) = &item.test_failover {
         return Err(ApiError::conflict(&format!(
             "item {id} already has a test failover ({}); clean it up first",
-            tf["view"].as_str().unwrap_or("?")
+            tf.view
         )));
     }
     if matches!(item.state, State::Unprotected | State::EnablingProtection | State::InitialReplication { .. }) {
@@ -162,7 +174,7 @@ pub async fn test_failover_item(cs: &Arc<Cs>, id: u64, point: Value, by: &str) -
     job.step_done(0)?;
     job.step(1)?;
     let view = view_name(id);
-    let created = mt_call(
+    let created = mt_call_as::<ViewInfo>(
         &mt,
         "POST",
         "/v1/views",
@@ -180,7 +192,7 @@ pub async fn test_failover_item(cs: &Arc<Cs>, id: u64, point: Value, by: &str) -
     job.step_done(1)?;
     job.step(2)?;
     let description = describe(store, &item, &created, "test-failover")?;
-    item.test_failover = Some(json!({ "view": view, "master_target": mt.0, "machine": description.clone() }));
+    item.test_failover = Some(TestFailoverRecord { view, master_target: mt.0.clone(), machine: description.clone() });
     store.put(ITEMS, &id_key(id), &item)?;
     job.step_done(2)?;
     let job = job.succeed()?;
@@ -197,9 +209,9 @@ pub async fn test_failover_item(cs: &Arc<Cs>, id: u64, point: Value, by: &str) -
 pub fn describe(
     store: &dyn crate::store::ControlStore,
     item: &Item,
-    view: &Value,
+    view: &ViewInfo,
     purpose: &str,
-) -> Result<Value, crate::store::StoreError> {
+) -> Result<MachineDescription, crate::store::StoreError> {
     let machine: Option<Machine> = store.get(MACHINES, &item.machine)?;
     let maps: Vec<NetworkMapping> = store.list(NETWORK_MAPPINGS)?;
     Ok(describe_with(item, machine.as_ref(), view, purpose, &maps))
@@ -208,39 +220,40 @@ pub fn describe(
 fn describe_with(
     item: &Item,
     machine: Option<&Machine>,
-    view: &Value,
+    view: &ViewInfo,
     purpose: &str,
     maps: &[NetworkMapping],
-) -> Value {
+) -> MachineDescription {
     let names = |disk: u64| {
         machine.and_then(|m| m.disks.iter().find(|d| d.id == disk)).map(|d| d.name.clone()).unwrap_or_default()
     };
-    let disks: Vec<Value> = view["disks"]
-        .as_array()
-        .map(|ds| {
-            ds.iter()
-                .map(|d| {
-                    let id = d["disk"].as_u64().unwrap_or(0);
-                    json!({
-                        "id": id, "name": names(id), "size": d["size"], "uri": d["uri"], "export": d["export"],
-                        "point_seq": d["seq"], "point_time": d["time"], "writable": true,
-                    })
-                })
-                .collect()
+    let disks = view
+        .disks
+        .iter()
+        .map(|d| DescribedDisk {
+            id: d.disk,
+            name: names(d.disk),
+            size: d.size,
+            uri: d.uri.clone(),
+            export: Some(d.export.clone()),
+            point_seq: d.seq,
+            point_time: d.time.clone(),
+            writable: true,
+            path: None,
         })
-        .unwrap_or_default();
+        .collect();
     let system = machine.and_then(|m| m.system.clone()).unwrap_or_default();
     let name = if purpose == "test-failover" { format!("{}-test", item.machine) } else { item.machine.clone() };
-    json!({
-        "name": name,
-        "source_machine": item.machine,
-        "item": item.id,
-        "purpose": purpose,
-        "cpus": system.cpus,
-        "memory_bytes": system.memory_bytes,
-        "network_interfaces": crate::netmap::map_nics(&system.nics, maps),
-        "disks": disks,
-    })
+    MachineDescription {
+        name,
+        source_machine: item.machine.clone(),
+        item: item.id,
+        purpose: purpose.to_string(),
+        cpus: system.cpus,
+        memory_bytes: system.memory_bytes,
+        network_interfaces: crate::netmap::map_nics(&system.nics, maps),
+        disks,
+    }
 }
 
 pub async fn test_failover_cleanup(AxState(cs): AxState<Arc<Cs>>, h: HeaderMap, Path(id): Path<u64>) -> R<Value> {
@@ -253,7 +266,7 @@ pub async fn test_failover_cleanup(AxState(cs): AxState<Arc<Cs>>, h: HeaderMap, 
     };
     let mut job = JobHandle::start(store, "test failover cleanup", &id.to_string(), &["discard the test disks"])?;
     job.step(0)?;
-    let view = tf["view"].as_str().unwrap_or_default().to_string();
+    let view = tf.view;
     if let Ok(mt) = master_target(&cs, &item) {
         if let Err(MtError { status, message: e }) =
             mt_call_status(&mt, "DELETE", &format!("/v1/views/{view}"), None).await
@@ -282,7 +295,7 @@ pub async fn export(AxState(cs): AxState<Arc<Cs>>, h: HeaderMap, Path(id): Path<
     job.step(0)?;
     let mut call = json!({ "item": item.wire_id(), "disk": req.disk, "path": req.path, "wait": false });
     if let Some(p) = req.point {
-        call["point"] = p;
+        call["point"] = json!(p);
     }
     if let Some(f) = req.format {
         call["format"] = json!(f);

@@ -11,6 +11,19 @@
 //! Until the stream is forgotten a repeat of the commit gives the same bytes: the view reads the point
 //! from the undo journal, which materializing does not touch.
 
+/// Record kinds and the format this build writes and reads ([`sr_common::crashsafe`]).
+const COMMIT: &str = "commit";
+const ENDED: &str = "ended-stream";
+const RECORD_VERSION: u32 = 1;
+
+/// A stream a failover commit ended: refused from then on, also after a restart.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct Ended {
+    item: u64,
+    disk: u64,
+    why: String,
+}
+
 use crate::export_name;
 use crate::view::BLOCK;
 use crate::Server;
@@ -42,17 +55,19 @@ struct CommitRecord {
 
 impl CommitRecord {
     fn result(&self) -> serde_json::Value {
-        let disks: Vec<_> = self
+        let disks = self
             .disks
             .iter()
-            .map(|d| {
-                serde_json::json!({
-                    "disk": d.disk, "path": d.dest, "generation": self.generation,
-                    "changed_bytes": d.changed.iter().map(|c| c.1).sum::<u64>(), "size": d.size,
-                })
+            .map(|d| sr_common::contract::CommittedDisk {
+                disk: d.disk,
+                path: d.dest.display().to_string(),
+                generation: self.generation,
+                changed_bytes: d.changed.iter().map(|c| c.1).sum::<u64>(),
+                size: d.size,
             })
             .collect();
-        serde_json::json!({ "view": self.view, "disks": disks })
+        let answer = sr_common::contract::CommitAnswer { view: self.view.clone(), disks };
+        serde_json::to_value(answer).expect("a commit answer serializes")
     }
 }
 
@@ -63,9 +78,8 @@ impl Server {
 
     fn save_commit(&self, rec: &CommitRecord) -> Result<(), (u16, String)> {
         let path = self.commit_path(&rec.view);
-        let json = serde_json::to_vec_pretty(rec).expect("commit record serializes");
         std::fs::create_dir_all(path.parent().expect("commits dir"))
-            .and_then(|_| sr_common::crashsafe::write_file(&path, &json))
+            .and_then(|_| sr_common::crashsafe::write_record(&path, COMMIT, RECORD_VERSION, rec))
             .map_err(|e| (500, format!("recording the commit in {}: {e}", path.display())))
     }
 
@@ -76,9 +90,10 @@ impl Server {
             return Err((400, "generation: must be at least 1".into()));
         }
         crate::points::valid_name(name).map_err(|e| (400, e))?;
-        if let Ok(bytes) = std::fs::read(self.commit_path(name)) {
-            let mut rec: CommitRecord =
-                serde_json::from_slice(&bytes).map_err(|e| (500, format!("commit record of {name}: {e}")))?;
+        let recorded =
+            sr_common::crashsafe::read_record::<CommitRecord>(&self.commit_path(name), COMMIT, RECORD_VERSION)
+                .map_err(|e| (500, e.to_string()))?;
+        if let Some(sr_common::crashsafe::Record { value: mut rec, .. }) = recorded {
             if rec.generation != generation {
                 return Err((
                     409,
@@ -211,10 +226,13 @@ impl Server {
     pub(crate) fn finish_commits(&self) {
         let Ok(entries) = std::fs::read_dir(self.cfg.data_dir.join("commits")) else { return };
         for e in entries.flatten() {
-            let rec = std::fs::read(e.path()).ok().and_then(|b| serde_json::from_slice::<CommitRecord>(&b).ok());
-            let Some(mut rec) = rec else {
-                tracing::error!(path = %e.path().display(), "unreadable commit record; left as it is");
-                continue;
+            let mut rec = match sr_common::crashsafe::read_record::<CommitRecord>(&e.path(), COMMIT, RECORD_VERSION) {
+                Ok(Some(r)) => r.value,
+                Ok(None) => continue,
+                Err(e) => {
+                    tracing::error!(error = %e, "unreadable commit record; left as it is");
+                    continue;
+                }
             };
             if !rec.done {
                 match self.hand_over(&mut rec) {
@@ -283,11 +301,13 @@ impl Server {
     /// Refuses the stream of `key` from now on, also after a restart, saying `why`.
     fn end_stream(&self, key: sr_common::types::StreamKey, why: &str) {
         let dir = self.cfg.data_dir.join("ended");
-        let rec = serde_json::json!({ "item": key.item.0, "disk": key.disk.0, "why": why });
+        let rec = Ended { item: key.item.0, disk: key.disk.0, why: why.to_string() };
         let r = std::fs::create_dir_all(&dir).and_then(|_| {
-            sr_common::crashsafe::write_file(
+            sr_common::crashsafe::write_record(
                 &dir.join(format!("{}.json", export_name(key))),
-                rec.to_string().as_bytes(),
+                ENDED,
+                RECORD_VERSION,
+                &rec,
             )
         });
         if let Err(e) = r {
@@ -303,16 +323,20 @@ impl Server {
     pub(crate) fn load_ended(&self) {
         let Ok(entries) = std::fs::read_dir(self.cfg.data_dir.join("ended")) else { return };
         for e in entries.flatten() {
-            let Ok(v) = std::fs::read(e.path()).map(|b| serde_json::from_slice::<serde_json::Value>(&b)) else {
-                continue;
+            let rec = match sr_common::crashsafe::read_record::<Ended>(&e.path(), ENDED, RECORD_VERSION) {
+                Ok(Some(r)) => r.value,
+                Ok(None) => continue,
+                Err(e) => {
+                    // Refusing the stream is what the record asked; it cannot be known which one.
+                    tracing::error!(error = %e, "unreadable record of an ended stream; left as it is");
+                    continue;
+                }
             };
-            let Ok(v) = v else { continue };
-            let (Some(item), Some(disk)) = (v["item"].as_u64(), v["disk"].as_u64()) else { continue };
             let key = sr_common::types::StreamKey {
-                item: sr_common::types::ItemId(item),
-                disk: sr_common::types::DiskId(disk),
+                item: sr_common::types::ItemId(rec.item),
+                disk: sr_common::types::DiskId(rec.disk),
             };
-            let why = v["why"].as_str().unwrap_or("a failover commit").to_string();
+            let why = rec.why;
             self.broken
                 .lock()
                 .expect("broken lock poisoned")

@@ -13,6 +13,10 @@
 //! A view is recorded in `data_dir/views/NAME.json` (its overlay files beside it) and reopened after a
 //! restart; while it is open, expiry keeps every point it needs.
 
+/// The record kind of a view and the format this build writes and reads ([`sr_common::crashsafe`]).
+const VIEW: &str = "view";
+const VIEW_VERSION: u32 = 1;
+
 use crate::replica::Replica;
 use crate::undo::{fmt_time, PointKind};
 use crate::view::{Overlay, PointView};
@@ -21,25 +25,7 @@ use serde::{Deserialize, Serialize};
 use sr_common::types::{DiskId, ItemId, Seq, StreamKey};
 use std::sync::Arc;
 
-/// Which point of an item to use.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case", deny_unknown_fields)]
-pub enum PointSpec {
-    /// The newest point every disk of the item has reached.
-    Latest,
-    /// The newest app-consistent point present on every disk.
-    LatestAppConsistent,
-    /// The newest named point (app- or crash-consistent bookmark) present on every disk.
-    LatestBookmark,
-    /// The state at this instant (µs since the Unix epoch): the last change captured at or before it.
-    TimeUs(u64),
-    /// The state at this instant (RFC 3339).
-    Time(String),
-    /// A sequence number; only for an item with a single disk.
-    Seq(u64),
-    /// A named point (its tag).
-    Tag(String),
-}
+pub use sr_common::contract::PointSpec;
 
 /// The point chosen for each disk of an item.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -268,8 +254,7 @@ impl Server {
         };
         let dir = self.views_dir();
         let save = std::fs::create_dir_all(&dir).and_then(|_| {
-            let json = serde_json::to_vec_pretty(&rec).expect("view record serializes");
-            sr_common::crashsafe::write_file(&dir.join(format!("{name}.json")), &json)
+            sr_common::crashsafe::write_record(&dir.join(format!("{name}.json")), VIEW, VIEW_VERSION, &rec)
         });
         save.map_err(|e| (500, format!("recording view {name} in {}: {e}", dir.display())))?;
         match self.open_recorded(rec) {
@@ -309,9 +294,10 @@ impl Server {
             if path.extension().and_then(|x| x.to_str()) != Some("json") {
                 continue;
             }
-            let rec = std::fs::read(&path)
+            let rec = sr_common::crashsafe::read_record::<ViewRecord>(&path, VIEW, VIEW_VERSION)
                 .map_err(anyhow::Error::from)
-                .and_then(|b| serde_json::from_slice::<ViewRecord>(&b).map_err(anyhow::Error::from));
+                .and_then(|r| anyhow::Context::context(r, "the record vanished"))
+                .map(|r| r.value);
             match rec.and_then(|rec| self.open_recorded(rec)) {
                 Ok(v) => {
                     tracing::info!(view = v.record.name, "view reopened");
@@ -324,25 +310,35 @@ impl Server {
         }
     }
 
-    pub fn view_json(&self, v: &OpenView) -> serde_json::Value {
+    pub fn view_info(&self, v: &OpenView) -> sr_common::contract::ViewInfo {
         let nbd = self.cfg.nbd_tcp.map(|a| a.to_string());
-        let disks: Vec<_> = v
+        let disks = v
             .record
             .disks
             .iter()
             .zip(&v.disks)
-            .map(|(c, (export, pv))| {
-                serde_json::json!({
-                    "disk": c.disk, "seq": c.seq, "time": c.at_us.map(fmt_time), "at_us": c.at_us,
-                    "export": export, "size": pv.replica.disk.size(),
-                    "uri": nbd.as_ref().map(|a| format!("nbd://{a}/{export}")),
-                })
+            .map(|(c, (export, pv))| sr_common::contract::ViewDisk {
+                disk: c.disk,
+                seq: c.seq,
+                time: c.at_us.map(fmt_time),
+                at_us: c.at_us,
+                export: export.clone(),
+                size: pv.replica.disk.size(),
+                uri: nbd.as_ref().map(|a| format!("nbd://{a}/{export}")),
             })
             .collect();
-        serde_json::json!({
-            "name": v.record.name, "item": v.record.item, "writable": v.record.writable,
-            "point": v.record.spec, "created": fmt_time(v.record.created_us), "disks": disks,
-        })
+        sr_common::contract::ViewInfo {
+            name: v.record.name.clone(),
+            item: v.record.item,
+            writable: v.record.writable,
+            point: v.record.spec.clone(),
+            created: fmt_time(v.record.created_us),
+            disks,
+        }
+    }
+
+    pub fn view_json(&self, v: &OpenView) -> serde_json::Value {
+        serde_json::to_value(self.view_info(v)).expect("a view serializes")
     }
 
     /// Recovery points of an item's disks.

@@ -18,6 +18,7 @@ use std::path::{Path, PathBuf};
 use std::sync::RwLock;
 
 const VERSION: u32 = 1;
+const KIND: &str = "retention";
 
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -49,25 +50,21 @@ impl Retention {
     /// Reads `path` (none yet: no item told). A damaged file is an error: guessing could expire points.
     pub fn load(path: &Path) -> anyhow::Result<Retention> {
         use anyhow::Context;
-        let items = match std::fs::read(path) {
-            Ok(b) => {
-                let s: Stored = serde_json::from_slice(&b).with_context(|| {
-                    format!(
-                        "retention state {} is not valid; restore it or remove it (every item then keeps the \
-                         configured default until the configuration server tells it again)",
-                        path.display()
-                    )
-                })?;
+        // Releases before the record header kept the version inside the JSON (format 0 here).
+        let items = match sr_common::crashsafe::read_record::<Stored>(path, KIND, VERSION).with_context(|| {
+            "retention state is not readable; restore it or remove it (every item then keeps the configured \
+             default until the configuration server tells it again)"
+        })? {
+            Some(r) => {
                 anyhow::ensure!(
-                    s.version == VERSION,
+                    r.value.version == VERSION,
                     "retention state {} has version {}, this build reads {VERSION}",
                     path.display(),
-                    s.version
+                    r.value.version
                 );
-                s.items
+                r.value.items
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
-            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+            None => BTreeMap::new(),
         };
         Ok(Retention { path: path.to_path_buf(), items: RwLock::new(items) })
     }
@@ -82,8 +79,8 @@ impl Retention {
         use anyhow::Context;
         let mut items = self.items.write().expect("retention lock poisoned");
         let Some(next) = merge(&items, assigned) else { return Ok(false) };
-        let bytes = serde_json::to_vec(&Stored { version: VERSION, items: next.clone() }).expect("serializes");
-        sr_common::crashsafe::write_file(&self.path, &bytes)
+        let stored = Stored { version: VERSION, items: next.clone() };
+        sr_common::crashsafe::write_record(&self.path, KIND, VERSION, &stored)
             .with_context(|| format!("saving {}", self.path.display()))?;
         for (item, secs) in &next {
             if items.get(item) != Some(secs) {

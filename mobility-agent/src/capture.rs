@@ -76,6 +76,47 @@ pub struct CopyState {
     pub stop_seq: u64,
 }
 
+/// Everything the agent keeps about one disk besides its journal and dirty map: one record
+/// (`disk-ID.state`, kind [`DISK_STATE`]), so the two parts never disagree after a crash.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct DiskState {
+    pub copy: CopyState,
+    pub resync: ResyncState,
+}
+
+pub const DISK_STATE: &str = "disk-state";
+/// The format of [`DiskState`] this build writes and the newest it reads.
+pub const DISK_STATE_VERSION: u32 = 1;
+
+impl DiskState {
+    /// The disk's state: its record, or what releases before it kept in two JSON files (read once,
+    /// removed after the record is first written), or a fresh state for a disk of `size` bytes.
+    fn load(dir: &Path, id: DiskId, size: u64) -> anyhow::Result<DiskState> {
+        use anyhow::Context;
+        let path = dir.join(format!("disk-{}.state", id.0));
+        if let Some(r) = sr_common::crashsafe::read_record(&path, DISK_STATE, DISK_STATE_VERSION)? {
+            return Ok(r.value);
+        }
+        let legacy = |name: String| -> anyhow::Result<Option<Vec<u8>>> {
+            match std::fs::read(dir.join(&name)) {
+                Ok(b) => Ok(Some(b)),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                Err(e) => Err(e).with_context(|| format!("reading {}", dir.join(&name).display())),
+            }
+        };
+        let copy = match legacy(format!("copy-{}.json", id.0))? {
+            Some(b) => serde_json::from_slice(&b).context("the copy state of an earlier release is not valid")?,
+            None => CopyState { version: 1, disk_size: size, ..CopyState::default() },
+        };
+        let resync = match legacy(format!("resync-{}.json", id.0))? {
+            Some(b) => serde_json::from_slice(&b).context("the resync state of an earlier release is not valid")?,
+            None => ResyncState::default(),
+        };
+        Ok(DiskState { copy, resync })
+    }
+}
+
 pub struct ProtectedDisk {
     pub id: DiskId,
     pub name: String,
@@ -97,9 +138,10 @@ pub struct ProtectedDisk {
     /// Why shipping stopped for good (a fatal error), reported to the configuration server.
     fatal: Mutex<Option<(sr_common::wire::ErrorCode, String)>>,
     copy: Mutex<CopyState>,
-    copy_path: PathBuf,
     resync: Mutex<ResyncState>,
-    resync_path: PathBuf,
+    /// Where `copy` and `resync` are kept together; held across writing the record and updating the
+    /// two, so that a save of one never writes an older copy of the other.
+    state_path: Mutex<PathBuf>,
     /// Wakes the comparison task when a resync is requested.
     pub resync_wake: tokio::sync::Notify,
     /// Automatic resyncs copy dirty blocks only in this window (minutes of the UTC day), unless
@@ -210,15 +252,8 @@ impl ProtectedDisk {
         if redone > 0 {
             tracing::info!(disk = name, redone, after = journal.on_disk().0, "redid journaled changes onto the disk");
         }
-        let copy_path = state_dir.join(format!("copy-{}.json", id.0));
-        let copy = match std::fs::read(&copy_path) {
-            Ok(b) => serde_json::from_slice::<CopyState>(&b)
-                .with_context(|| format!("copy state {} is not valid", copy_path.display()))?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                CopyState { version: 1, disk_size: disk.size(), ..CopyState::default() }
-            }
-            Err(e) => return Err(e).with_context(|| format!("reading {}", copy_path.display())),
-        };
+        let DiskState { copy, resync } = DiskState::load(state_dir, id, disk.size())
+            .with_context(|| format!("the state of disk {name} in {}", state_dir.display()))?;
         let mut copy = copy;
         if copy.generation == 0 && copy.item.is_none() {
             // A disk a failover commit handed over: from now on its writes are what a reprotect ships.
@@ -252,13 +287,6 @@ impl ProtectedDisk {
             }
             None => None,
         };
-        let resync_path = state_dir.join(format!("resync-{}.json", id.0));
-        let resync = match std::fs::read(&resync_path) {
-            Ok(b) => serde_json::from_slice::<ResyncState>(&b)
-                .with_context(|| format!("resync state {} is not valid", resync_path.display()))?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => ResyncState::default(),
-            Err(e) => return Err(e).with_context(|| format!("reading {}", resync_path.display())),
-        };
         if dirty.count() > 0 {
             tracing::info!(disk = name, dirty_bytes = dirty.dirty_bytes(), "dirty blocks left to copy");
         }
@@ -283,12 +311,11 @@ impl ProtectedDisk {
                 .as_u8()
             }),
             copy: Mutex::new(copy),
-            copy_path,
             dirty: Mutex::new(dirty),
             scan: scan_map,
             scan_interval: AtomicU64::new(scan.map_or(0, |(_, i)| i)),
             resync: Mutex::new(resync),
-            resync_path,
+            state_path: Mutex::new(state_dir.join(format!("disk-{}.state", id.0))),
             resync_wake: tokio::sync::Notify::new(),
             window: Mutex::new(None),
             resync_now: std::sync::atomic::AtomicBool::new(false),
@@ -522,11 +549,27 @@ impl ProtectedDisk {
     }
 
     pub fn save_resync(&self, st: ResyncState) -> anyhow::Result<()> {
+        self.save_state(None, Some(st))
+    }
+
+    /// Writes the disk's state record with `copy` or `resync` (or both) replaced, then takes them.
+    fn save_state(&self, copy: Option<CopyState>, resync: Option<ResyncState>) -> anyhow::Result<()> {
         use anyhow::Context;
-        let bytes = serde_json::to_vec(&st).expect("resync state serializes");
-        sr_common::crashsafe::write_file(&self.resync_path, &bytes)
-            .with_context(|| format!("saving {}", self.resync_path.display()))?;
-        *self.resync.lock().expect("resync lock poisoned") = st;
+        let path = self.state_path.lock().expect("state lock poisoned");
+        let state = DiskState {
+            copy: copy.unwrap_or_else(|| *self.copy.lock().expect("copy lock poisoned")),
+            resync: resync.unwrap_or_else(|| *self.resync.lock().expect("resync lock poisoned")),
+        };
+        sr_common::crashsafe::write_record(&path, DISK_STATE, DISK_STATE_VERSION, &state)
+            .with_context(|| format!("saving {}", path.display()))?;
+        *self.copy.lock().expect("copy lock poisoned") = state.copy;
+        *self.resync.lock().expect("resync lock poisoned") = state.resync;
+        if let Some(dir) = path.parent() {
+            // What releases before the record kept, now superseded by it.
+            for old in [format!("copy-{}.json", self.id.0), format!("resync-{}.json", self.id.0)] {
+                let _ = std::fs::remove_file(dir.join(old));
+            }
+        }
         Ok(())
     }
 
@@ -939,12 +982,7 @@ impl ProtectedDisk {
     }
 
     fn save_copy(&self, st: CopyState) -> anyhow::Result<()> {
-        use anyhow::Context;
-        let bytes = serde_json::to_vec(&st).expect("copy state serializes");
-        sr_common::crashsafe::write_file(&self.copy_path, &bytes)
-            .with_context(|| format!("saving {}", self.copy_path.display()))?;
-        *self.copy.lock().expect("copy lock poisoned") = st;
-        Ok(())
+        self.save_state(Some(st), None)
     }
 }
 
