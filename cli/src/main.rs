@@ -240,7 +240,7 @@ fn certs(dir: &std::path::Path, nodes: &[String], json: bool) -> anyhow::Result<
 }
 
 fn local(dir: &std::path::Path, disks: &[String]) -> anyhow::Result<()> {
-    use sr_common::local::{Component, DiskSpec, Local, Options};
+    use sr_devkit::{Component, DiskSpec, Local, Options};
     let mut specs = Vec::new();
     for (i, d) in disks.iter().enumerate() {
         let Some((name, path)) = d.split_once('=') else { anyhow::bail!("--disk {d:?}: write NAME=PATH") };

@@ -11,7 +11,7 @@
 use anyhow::{bail, Context};
 use indicatif::{ProgressBar, ProgressStyle};
 use sr_common::http;
-use sr_common::local::{Component, ControlPlane, DiskSpec, Local, Options, Proc};
+use sr_devkit::{Component, ControlPlane, DiskSpec, Local, Options, Proc};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};

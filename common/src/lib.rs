@@ -22,7 +22,6 @@ pub mod crashsafe;
 pub mod disk;
 pub mod hook;
 pub mod http;
-pub mod local;
 pub mod merkle;
 pub mod nbd;
 pub mod quic;

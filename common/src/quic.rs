@@ -119,6 +119,42 @@ pub async fn connect_checked(
     Ok(conn)
 }
 
+/// Connects to the peer of role `peer` at `addr` (its certificate checked), opens a stream and
+/// exchanges Hello as `me`, named `node`: the start of every session a component opens.
+pub async fn open_session(
+    ep: &quinn::Endpoint,
+    id: &Identity,
+    addr: SocketAddr,
+    peer: Role,
+    me: Role,
+    node: &str,
+) -> anyhow::Result<(quinn::SendStream, quinn::RecvStream)> {
+    let conn = connect_checked(ep, id, addr, peer).await?;
+    let (mut send, mut recv) =
+        conn.open_bi().await.with_context(|| format!("opening a stream to the {}", peer.name()))?;
+    let hello =
+        crate::wire::Message::Hello { version: crate::wire::PROTOCOL_VERSION, role: me, node: node.to_string() };
+    crate::wire::write_msg(&mut send, &hello).await?;
+    crate::wire::check_hello(crate::wire::expect_msg(&mut recv).await?, peer)?;
+    Ok((send, recv))
+}
+
+/// The accepting side of [`open_session`]: reads the peer's Hello (it must be `peer`) and answers as
+/// `me`, named `node`. Returns the peer's node name.
+pub async fn answer_session(
+    send: &mut quinn::SendStream,
+    recv: &mut quinn::RecvStream,
+    peer: Role,
+    me: Role,
+    node: &str,
+) -> anyhow::Result<String> {
+    let theirs = crate::wire::check_hello(crate::wire::expect_msg(recv).await?, peer)?;
+    let hello =
+        crate::wire::Message::Hello { version: crate::wire::PROTOCOL_VERSION, role: me, node: node.to_string() };
+    crate::wire::write_msg(send, &hello).await?;
+    Ok(theirs)
+}
+
 /// Checks that an accepted connection's client certificate names `role`.
 pub fn require_peer_role(conn: &quinn::Connection, role: Role) -> anyhow::Result<()> {
     let Some(id) = conn.peer_identity() else { bail!("peer {} presented no certificate", conn.remote_address()) };

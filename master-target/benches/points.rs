@@ -15,10 +15,10 @@ use master_target::replica::Replica;
 use master_target::undo::Undo;
 use rand::{Rng, SeedableRng};
 use sr_common::disk::DiskFile;
-use sr_common::local::{Component, DiskSpec, Local, Options};
 use sr_common::state::{RedbStore, StateStore, StreamRecord};
 use sr_common::types::{DiskId, ItemId, Seq, StreamKey};
 use sr_common::wire::{Batch, Change, MarkerKind, Op};
+use sr_devkit::{Component, DiskSpec, Local, Options};
 use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -173,7 +173,7 @@ fn one_disk(size: u64, batches: u64, writes: u64, rows: &mut Vec<Row>) {
     // Peers: a qcow2 overlay on the replica served by qemu-nbd, and a sparse full copy.
     let replica = mt_dir.join("replicas").join(format!("{name}.img"));
     let overlay = dir.path().join("overlay.qcow2");
-    let port = sr_common::local::free_tcp().port();
+    let port = sr_devkit::free_tcp().port();
     let started = Instant::now();
     let created = Command::new("qemu-img")
         .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])

@@ -124,16 +124,15 @@ async fn compare(
 ) -> anyhow::Result<()> {
     let size = disk.size();
     let block = disk.dirty_block();
-    let conn =
-        sr_common::quic::connect_checked(&target.endpoint, &target.identity, route.process_server, Role::ProcessServer)
-            .await?;
-    let (mut send, mut recv) = conn.open_bi().await.context("opening a stream to the process server")?;
-    wire::write_msg(
-        &mut send,
-        &Message::Hello { version: wire::PROTOCOL_VERSION, role: Role::Agent, node: target.node.clone() },
+    let (mut send, mut recv) = sr_common::quic::open_session(
+        &target.endpoint,
+        &target.identity,
+        route.process_server,
+        Role::ProcessServer,
+        Role::Agent,
+        &target.node,
     )
     .await?;
-    wire::check_hello(wire::expect_msg(&mut recv).await?, Role::ProcessServer)?;
     let open = Message::TreeOpen { item: route.item, disk: disk.id, disk_size: size, block: block as u32 };
     ask(&mut send, &mut recv, open).await.context("opening the comparison")?;
     let mut st = disk.resync_state();

@@ -119,15 +119,15 @@ async fn session(
     route: Route,
     connected: &metrics::Gauge,
 ) -> anyhow::Result<()> {
-    let conn =
-        sr_common::quic::connect_checked(&t.endpoint, &t.identity, route.process_server, Role::ProcessServer).await?;
-    let (mut send, mut recv) = conn.open_bi().await.context("opening a stream to the process server")?;
-    wire::write_msg(
-        &mut send,
-        &Message::Hello { version: wire::PROTOCOL_VERSION, role: Role::Agent, node: t.node.clone() },
+    let (mut send, mut recv) = sr_common::quic::open_session(
+        &t.endpoint,
+        &t.identity,
+        route.process_server,
+        Role::ProcessServer,
+        Role::Agent,
+        &t.node,
     )
     .await?;
-    wire::check_hello(wire::expect_msg(&mut recv).await?, Role::ProcessServer)?;
     wire::write_msg(&mut send, &Message::Open { item: route.item, disk: disk.id, disk_size: disk.size() }).await?;
     let next = match wire::expect_msg(&mut recv).await? {
         Message::Resume { next } => next,

@@ -67,15 +67,15 @@ pub async fn open_to_master_target(
     server: &Server,
     addr: std::net::SocketAddr,
 ) -> anyhow::Result<(quinn::SendStream, quinn::RecvStream)> {
-    let conn = sr_common::quic::connect_checked(&server.endpoint, &server.identity, addr, Role::MasterTarget).await?;
-    let (mut send, mut recv) = conn.open_bi().await.context("opening a stream to the master target")?;
-    wire::write_msg(
-        &mut send,
-        &Message::Hello { version: wire::PROTOCOL_VERSION, role: Role::ProcessServer, node: server.cfg.node.clone() },
+    sr_common::quic::open_session(
+        &server.endpoint,
+        &server.identity,
+        addr,
+        Role::MasterTarget,
+        Role::ProcessServer,
+        &server.cfg.node,
     )
-    .await?;
-    wire::check_hello(wire::expect_msg(&mut recv).await?, Role::MasterTarget)?;
-    Ok((send, recv))
+    .await
 }
 
 async fn session(server: &Arc<Server>, stream: &Arc<Stream>) -> anyhow::Result<()> {

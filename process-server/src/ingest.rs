@@ -34,12 +34,8 @@ pub async fn session(
     send: &mut quinn::SendStream,
     mut recv: quinn::RecvStream,
 ) -> anyhow::Result<()> {
-    let node = wire::check_hello(wire::expect_msg(&mut recv).await?, Role::Agent)?;
-    wire::write_msg(
-        send,
-        &Message::Hello { version: wire::PROTOCOL_VERSION, role: Role::ProcessServer, node: server.cfg.node.clone() },
-    )
-    .await?;
+    let node =
+        sr_common::quic::answer_session(send, &mut recv, Role::Agent, Role::ProcessServer, &server.cfg.node).await?;
     let (item, disk, disk_size) = match wire::expect_msg(&mut recv).await? {
         Message::Open { item, disk, disk_size } => (item, disk, disk_size),
         Message::TreeOpen { item, disk, disk_size, block } => {

@@ -1,8 +1,8 @@
 //! Helpers for the end-to-end tests: run real client tools, wait for replication to catch up, and
-//! compare images. The deployment itself is `sr_common::local`, the same code `srctl quickstart` uses.
+//! compare images. The deployment itself is `sr_devkit`, the same code `srctl quickstart` uses.
 
 use anyhow::{bail, Context};
-pub use sr_common::local::{Component, DiskSpec, Local, Options, Proc};
+pub use sr_devkit::{Component, DiskSpec, Local, Options, Proc};
 use std::io::{Read, Write};
 use std::path::Path;
 use std::process::Command;
@@ -205,7 +205,7 @@ pub fn call(
 pub fn srctl(api: std::net::SocketAddr, token_file: &Path, args: &[&str]) -> std::process::Output {
     Command::new("timeout")
         .arg("120")
-        .arg(sr_common::local::bin_dir().join("srctl"))
+        .arg(sr_devkit::bin_dir().join("srctl"))
         .args(["--server", &api.to_string(), "--token-file"])
         .arg(token_file)
         .args(args)
@@ -222,7 +222,7 @@ pub fn item_of(api: std::net::SocketAddr, admin_file: &Path, machine: &str) -> s
 
 /// A configuration server, and sites (agent, process server, master target) registered with it.
 pub struct Deployment {
-    pub cp: sr_common::local::ControlPlane,
+    pub cp: sr_devkit::ControlPlane,
     pub admin_file: std::path::PathBuf,
     pub admin: String,
     cs: Option<Proc>,
@@ -230,7 +230,7 @@ pub struct Deployment {
 
 impl Deployment {
     pub fn start(dir: &Path) -> Deployment {
-        let cp = sr_common::local::ControlPlane::create(&dir.join("cp")).expect("control plane config");
+        let cp = sr_devkit::ControlPlane::create(&dir.join("cp")).expect("control plane config");
         let cs = cp.start().expect("starting the configuration server");
         let admin_file = dir.join("cp").join("cs").join("admin.token");
         let admin = cp.admin_token().expect("admin token");

@@ -7,7 +7,7 @@
 
 use serde_json::{json, Value};
 use sr_common::http::request_with;
-use sr_common::local::{bin_dir, ControlPlane};
+use sr_devkit::{bin_dir, ControlPlane};
 use sr_tests::*;
 use std::net::SocketAddr;
 use std::process::Command;
@@ -516,7 +516,7 @@ fn two_process_servers_spread_items_and_take_over_when_one_dies() {
         &admin,
     )
     .unwrap();
-    let (ps2_http, ps2_quic) = (sr_common::local::free_tcp(), sr_common::local::free_udp());
+    let (ps2_http, ps2_quic) = (sr_devkit::free_tcp(), sr_devkit::free_udp());
     let ps2 = add_component(
         &local,
         cp.api,
@@ -533,7 +533,7 @@ fn two_process_servers_spread_items_and_take_over_when_one_dies() {
             ("ps-1.".into(), "ps-2.".into()),
         ],
     );
-    let (b_http, b_nbd) = (sr_common::local::free_tcp(), sr_common::local::free_tcp());
+    let (b_http, b_nbd) = (sr_devkit::free_tcp(), sr_devkit::free_tcp());
     let agent_b = add_component(
         &local,
         cp.api,
@@ -554,9 +554,9 @@ fn two_process_servers_spread_items_and_take_over_when_one_dies() {
     let logs = local.root.join("logs");
     let _mt = local.start(Component::MasterTarget).unwrap();
     let ps1 = local.start(Component::ProcessServer).unwrap();
-    let _ps2 = sr_common::local::spawn(Component::ProcessServer, &ps2, &logs.join("ps2.log"), ps2_http).unwrap();
+    let _ps2 = sr_devkit::spawn(Component::ProcessServer, &ps2, &logs.join("ps2.log"), ps2_http).unwrap();
     let _a = local.start(Component::Agent).unwrap();
-    let _b = sr_common::local::spawn(Component::Agent, &agent_b, &logs.join("agent2.log"), b_http).unwrap();
+    let _b = sr_devkit::spawn(Component::Agent, &agent_b, &logs.join("agent2.log"), b_http).unwrap();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     loop {
         let m = String::from_utf8_lossy(&srctl(cp.api, &admin_file, &["machines"]).stdout).to_string();

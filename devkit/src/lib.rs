@@ -8,10 +8,10 @@
 //!   agent.toml  ps.toml  mt.toml       agent/  ps/  mt/ (data dirs)     logs/*.log
 //! ```
 
-use crate::http;
-use crate::tls::generate_deployment;
-use crate::wire::Role;
 use anyhow::{bail, Context};
+use sr_common::http;
+use sr_common::tls::generate_deployment;
+use sr_common::wire::Role;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -194,9 +194,9 @@ impl Local {
             &certs,
             &[("agent", Role::Agent), ("ps", Role::ProcessServer), ("mt", Role::MasterTarget)],
         )?;
-        let (key, _) = crate::seal::ItemKey::generate();
+        let (key, _) = sr_common::seal::ItemKey::generate();
         let key_file = certs.join(format!("item-{ITEM}.key"));
-        crate::crashsafe::write_file(&key_file, hex::encode(key).as_bytes())?;
+        sr_common::crashsafe::write_file(&key_file, hex::encode(key).as_bytes())?;
         let local = Local {
             item: ITEM,
             root: root.to_path_buf(),
@@ -353,14 +353,14 @@ impl Local {
             }
         }
         for (name, text) in [("mt", mt), ("ps", ps), ("agent", agent)] {
-            crate::crashsafe::write_file(&root.join(format!("{name}.toml")), text.as_bytes())?;
+            sr_common::crashsafe::write_file(&root.join(format!("{name}.toml")), text.as_bytes())?;
         }
         Ok(())
     }
 
     /// Certificate paths of the component whose files are named `name` in this deployment.
-    pub fn tls(&self, name: &str) -> crate::tls::TlsPaths {
-        crate::tls::TlsPaths {
+    pub fn tls(&self, name: &str) -> sr_common::tls::TlsPaths {
+        sr_common::tls::TlsPaths {
             ca: self.certs.join("ca.pem"),
             cert: self.certs.join(format!("{name}.pem")),
             key: self.certs.join(format!("{name}.key")),
@@ -489,7 +489,7 @@ impl ControlPlane {
         let api = free_tcp();
         let text =
             format!("data_dir = {:?}\nlisten = \"{api}\"\ncomponent_timeout_secs = 5\n{extra_toml}", root.join("cs"));
-        crate::crashsafe::write_file(&root.join("cs.toml"), text.as_bytes())?;
+        sr_common::crashsafe::write_file(&root.join("cs.toml"), text.as_bytes())?;
         Ok(ControlPlane { root: root.to_path_buf(), api })
     }
 
