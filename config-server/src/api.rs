@@ -33,7 +33,7 @@ pub fn routes(cs: Arc<Cs>) -> Router {
         .route("/v1/items/{id}/failover", post(crate::failover::failover))
         .route("/v1/items/{id}/failover/point", post(crate::failover::change_point))
         .route("/v1/items/{id}/commit", post(crate::failover::commit))
-        .route("/v1/items/{id}/reprotect", post(crate::failover::reprotect))
+        .route("/v1/items/{id}/reprotect", post(crate::reprotect::reprotect))
         .route("/v1/items/{id}/failback", post(crate::failover::failback))
         .route("/v1/plans", get(crate::plans::list).post(crate::plans::create))
         .route("/v1/plans/{id}", get(crate::plans::get).delete(crate::plans::delete))

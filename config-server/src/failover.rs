@@ -1,4 +1,4 @@
-//! Failover, commit, reprotect and failback of protected items. Each is a job; the steps that wait on
+//! Failover, commit and failback of protected items (reprotect is `reprotect.rs`). Each is a job; the steps that wait on
 //! components (the source stopping, the journal draining, the changed blocks shipping back) follow
 //! their heartbeats.
 //!
@@ -9,15 +9,11 @@
 //! change point:       view deleted (its writes discarded) --> new view at the new point
 //! commit:             master target writes the point and the writes into the replica, hands the files over
 //!                     with a split record (generation, ranges it rewrote)
-//! reprotect:          new stream: source = agent fronting the failed-over disks (baseline <gen>: ships
-//!                     the blocks changed since, no copy), target = the old source's disks, adopted in
-//!                     place by a master target there; unknown history --> checksum comparison
 //! failback:           planned failover of the reverse stream + commit on the primary site + reprotect
 //! ```
 
 use crate::auth::require;
 use crate::error::{body, ApiError, Body, R};
-use crate::items::public;
 use crate::jobs::JobHandle;
 use crate::lifecycle::{Direction, Event, State};
 use crate::model::*;
@@ -55,19 +51,6 @@ pub struct PointReq {
     pub point: PointSpec,
 }
 
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-pub struct ReprotectReq {
-    /// The agent that fronts the failed-over disks (after a failover); after a failback, the original
-    /// machine by default.
-    #[serde(default)]
-    pub machine: Option<String>,
-    #[serde(default)]
-    pub master_target: Option<String>,
-    #[serde(default)]
-    pub process_server: Option<String>,
-}
-
 fn failover_view(id: u64) -> String {
     format!("failover-item-{id}")
 }
@@ -85,7 +68,7 @@ const FAILBACK_STEPS: &[&str] = &[
 ];
 
 /// Asks an agent to fetch its assignment now rather than at its next poll (best effort: it polls anyway).
-fn nudge(cs: &Cs, agent: &str) {
+pub(crate) fn nudge(cs: &Cs, agent: &str) {
     let addr = cs.store().get::<Component>(COMPONENTS, agent).ok().flatten().and_then(|c| c.http?.parse().ok());
     if let Some(addr) = addr {
         tokio::task::spawn_blocking(move || {
@@ -341,7 +324,9 @@ async fn failover_steps(cs: &Arc<Cs>, id: u64, job_id: u64) -> Result<MachineDes
         step += 1;
         job.step(step).map_err(s)?;
         let by = fo.by.clone();
-        let rjob = begin_reprotect(cs, id, ReprotectReq::default(), &by).await.map_err(|e| e.message)?;
+        let rjob = crate::reprotect::begin_reprotect(cs, id, crate::reprotect::ReprotectReq::default(), &by)
+            .await
+            .map_err(|e| e.message)?;
         let mut pct_job = JobHandle::load(store, job_id).map_err(s)?.ok_or("the job is gone")?;
         wait_for(
             DRAIN_TIMEOUT,
@@ -504,195 +489,4 @@ async fn commit_item(cs: &Arc<Cs>, id: u64) -> Result<CommitAnswer, String> {
     item.state = item.state.on(&event).map_err(|e| e.to_string())?;
     cs.store().put(ITEMS, &id_key(id), &item).map_err(|e| e.to_string())?;
     Ok(v)
-}
-
-pub async fn reprotect(
-    AxState(cs): AxState<Arc<Cs>>,
-    h: HeaderMap,
-    Path(id): Path<u64>,
-    b: Body<ReprotectReq>,
-) -> R<Value> {
-    let by = require(cs.store(), &h, ApiRole::Operator)?;
-    let req = body(b)?;
-    let job = begin_reprotect(&cs, id, req, &by).await?;
-    let item = load_item(&cs, id)?;
-    Ok(Json(json!({ "job": job, "item": public(&item) })))
-}
-
-/// Starts replication from the failed-over disks back into the disks of the other site.
-pub async fn begin_reprotect(cs: &Arc<Cs>, id: u64, req: ReprotectReq, by: &str) -> Result<u64, ApiError> {
-    let _g = cs.items_lock.lock().await;
-    let store = cs.store();
-    let mut item = load_item(cs, id)?;
-    let next = item.state.on(&Event::ReprotectRequested).map_err(|e| ApiError::conflict(&e.to_string()))?;
-    let fo =
-        item.failover.clone().ok_or_else(|| ApiError::conflict(&format!("item {id} has no committed failover")))?;
-    let generation = fo.generation;
-    let source = match (&req.machine, &item.previous_machine, &item.state) {
-        (Some(m), _, _) => m.clone(),
-        (None, Some(p), State::FailedBack) => p.clone(),
-        _ => {
-            return Err(ApiError::bad(
-                "machine: name the agent that fronts the failed-over disks on the recovery site (see the item's failover.committed paths)",
-            ))
-        }
-    };
-    if source == item.machine {
-        return Err(ApiError::bad(&format!(
-            "machine: {source} is the machine that was failed over from; name the one on the other site"
-        )));
-    }
-    let timeout = cs.cfg.component_timeout_secs;
-    let comps: Vec<Component> = store.list(COMPONENTS)?;
-    let live = |c: &Component| {
-        !c.revoked && c.address.is_some() && c.last_heartbeat.is_some_and(|t| now().saturating_sub(t) <= timeout)
-    };
-    let new_m: Machine = store.get(MACHINES, &source)?.ok_or_else(|| {
-        ApiError::conflict(&format!("the agent of {source} has not reported its disks (is it running?)"))
-    })?;
-    let old_m: Machine = store
-        .get(MACHINES, &item.machine)?
-        .ok_or_else(|| ApiError::conflict(&format!("the disks of {} are not known", item.machine)))?;
-    let mut adopt = Vec::new();
-    for d in &old_m.disks {
-        let n = new_m.disks.iter().find(|x| x.id == d.id).ok_or_else(|| {
-            ApiError::conflict(&format!("{source} has no disk {} ({}) to replicate back from", d.id, d.name))
-        })?;
-        if n.size != d.size {
-            return Err(ApiError::conflict(&format!(
-                "disk {}: {source} has {} bytes, {} has {}",
-                d.id, n.size, item.machine, d.size
-            )));
-        }
-        let path = d.path.clone().ok_or_else(|| {
-            ApiError::conflict(&format!("the agent of {} did not report where disk {} lives", item.machine, d.id))
-        })?;
-        if !std::path::Path::new(&path).is_absolute() {
-            return Err(ApiError::conflict(&format!(
-                "the agent of {} reported disk {} at {path:?}, not an absolute path; give its [[disk]] an absolute path",
-                item.machine, d.id
-            )));
-        }
-        adopt.push(AdoptDisk { disk: sr_common::types::DiskId(d.id), path });
-    }
-    let pick = |want: &Option<String>,
-                role: ComponentRole,
-                prefer: &Option<String>,
-                avoid: &Option<String>|
-     -> Result<String, ApiError> {
-        if let Some(w) = want {
-            return comps
-                .iter()
-                .find(|c| &c.name == w && c.role == role && live(c))
-                .map(|c| c.name.clone())
-                .ok_or_else(|| ApiError::conflict(&format!("{w} is not a live {role:?}")));
-        }
-        let cands: Vec<&Component> = comps.iter().filter(|c| c.role == role && live(c)).collect();
-        cands
-            .iter()
-            .find(|c| Some(&c.name) == prefer.as_ref())
-            .or_else(|| cands.iter().find(|c| Some(&c.name) != avoid.as_ref()))
-            .or_else(|| cands.first())
-            .map(|c| c.name.clone())
-            .ok_or_else(|| ApiError::conflict(&format!("no live {role:?} to reprotect with")))
-    };
-    let mt = pick(&req.master_target, ComponentRole::MasterTarget, &item.previous_master_target, &item.master_target)?;
-    let ps = pick(&req.process_server, ComponentRole::ProcessServer, &None, &None)?;
-    // The target side's history is known when a planned failover stopped it after its last write.
-    let known = fo.planned;
-    let mut job = JobHandle::start(
-        store,
-        "reprotect",
-        &id.to_string(),
-        &["check both sites", "replicate the changed blocks back", "protected"],
-    )?;
-    job.step(0)?;
-    let stream = STREAM_BASE + store.next_id(STREAMS)?;
-    item.previous_machine = Some(item.machine.clone());
-    item.previous_master_target = item.master_target.clone();
-    item.machine = source.clone();
-    item.master_target = Some(mt.clone());
-    item.process_server = Some(ps.clone());
-    item.stream = Some(stream);
-    item.data_key = hex::encode(rand::random::<[u8; 32]>());
-    item.resync_request = if known { 0 } else { sr_common::types::now_micros() };
-    item.reprotect =
-        Some(ReprotectRecord { baseline: generation, known, adopt, job: job.job.id, initial_dirty: 0, failover: fo });
-    item.failover = None;
-    item.caught_up_at = None;
-    item.job = None;
-    item.test_failover = None;
-    item.state = next;
-    store.put(ITEMS, &id_key(id), &item)?;
-    nudge(cs, &source);
-    job.step_done(0)?;
-    job.step(1)?;
-    let how = if known {
-        "only blocks changed since the failover are shipped"
-    } else {
-        "the history of the other site is not known (unplanned failover): checksums are compared"
-    };
-    cs.event(
-        "info",
-        &source,
-        &format!(
-            "reprotect of item {id} by {by}: {source} -> {mt} (through {ps}) into {}'s disks; {how}",
-            item.previous_machine.clone().unwrap_or_default()
-        ),
-    )?;
-    Ok(job.job.id)
-}
-
-/// Evaluation of a reprotecting item (called every second): done when every disk shipped its changed
-/// blocks (and compared, when that was needed) and the master target applied everything.
-pub fn evaluate_reprotect(
-    cs: &Cs,
-    item: &mut Item,
-    machine: &Machine,
-    applied: &dyn Fn(u64) -> Result<u64, crate::store::StoreError>,
-) -> Result<(), crate::store::StoreError> {
-    let State::Reprotecting { direction, .. } = item.state.clone() else { return Ok(()) };
-    let p = &machine.progress;
-    let dirty: u64 = p.iter().map(|d| d.dirty_bytes).sum();
-    let Some(mut rp) = item.reprotect.clone() else { return Ok(()) };
-    let initial = rp.initial_dirty.max(dirty);
-    rp.initial_dirty = initial;
-    let copied = !p.is_empty() && machine.disks.iter().all(|d| p.iter().any(|x| x.id == d.id && x.copy_done));
-    let compared = p.iter().all(|d| d.resync_done >= item.resync_request && !d.resync_active);
-    let mut caught_up = copied && compared && dirty == 0 && p.iter().all(|d| !d.overflow && d.last_seq > 0);
-    for d in p {
-        caught_up &= applied(d.id)? >= d.last_seq;
-    }
-    let job_id = Some(rp.job);
-    if caught_up {
-        item.state = item.state.on(&Event::ReprotectDone).unwrap_or(item.state.clone());
-        item.caught_up_at = Some(machine.last_heartbeat);
-        item.reprotect = None;
-        if let Some(mut job) = job_id.and_then(|j| JobHandle::load(cs.store(), j).ok().flatten()) {
-            job.step_done(1)?;
-            job.step(2)?;
-            job.step_done(2)?;
-            job.succeed()?;
-        }
-        let dir = if direction == Direction::Reverse { "reverse" } else { "forward" };
-        cs.event("info", &item.machine, &format!("item {} is reprotected: protected in the {dir} direction", item.id))?;
-        return Ok(());
-    }
-    let pct = if p.iter().any(|d| d.resync_active) {
-        0.5 * p.iter().map(|d| d.compare_percent).sum::<f64>() / p.len().max(1) as f64
-    } else if copied && initial > 0 {
-        50.0 + 45.0 * (1.0 - dirty as f64 / initial as f64)
-    } else if copied {
-        95.0
-    } else {
-        0.0
-    };
-    item.state = item.state.on(&Event::Progress { percent: pct as u8 }).unwrap_or(item.state.clone());
-    item.reprotect = Some(rp);
-    if let Some(mut job) = job_id.and_then(|j| JobHandle::load(cs.store(), j).ok().flatten()) {
-        if job.job.progress != pct as u8 {
-            job.progress(pct as u8)?;
-        }
-    }
-    Ok(())
 }

@@ -11,7 +11,7 @@
 
 use crate::auth::{require, require_component};
 use crate::error::{body, ApiError, Body, R};
-use crate::jobs::JobHandle;
+use crate::jobs::{EnableStep, JobHandle, ResyncStep};
 use crate::lifecycle::{Event, State};
 use crate::model::*;
 use crate::store::Docs;
@@ -24,15 +24,6 @@ use serde_json::{json, Value};
 use sr_common::contract::{AgentAssignment, Assignments, MasterTargetAssignment, ProcessServerAssignment};
 use sr_common::types::ItemId;
 use std::sync::Arc;
-
-const ENABLE_STEPS: &[&str] = &[
-    "check prerequisites",
-    "choose a process server and a master target",
-    "create the item's data key",
-    "hand out assignments",
-    "initial replication",
-    "protected",
-];
 
 pub fn public(i: &Item) -> Value {
     json!({
@@ -64,20 +55,6 @@ pub struct Enable {
     policy: String,
 }
 
-fn live(c: &Component, timeout: u64) -> bool {
-    !c.revoked && c.address.is_some() && c.last_heartbeat.is_some_and(|t| now().saturating_sub(t) <= timeout)
-}
-
-/// The least-loaded live process server other than `except`.
-fn pick_process_server(comps: &[Component], items: &[Item], timeout: u64, except: Option<&str>) -> Option<Component> {
-    let assigned = |name: &str| items.iter().filter(|i| i.process_server.as_deref() == Some(name)).count();
-    comps
-        .iter()
-        .filter(|c| c.role == ComponentRole::ProcessServer && live(c, timeout) && Some(c.name.as_str()) != except)
-        .min_by_key(|c| (c.load.cache_bytes, assigned(&c.name), c.name.clone()))
-        .cloned()
-}
-
 /// Checks prerequisites and picks the least-loaded process server and a master target with room.
 fn place(cs: &Cs, machine: &str) -> Result<(Machine, Component, Component), String> {
     let store = cs.store();
@@ -105,11 +82,14 @@ fn place(cs: &Cs, machine: &str) -> Result<(Machine, Component, Component), Stri
     }
     let comps: Vec<Component> = store.list(COMPONENTS).map_err(err)?;
     let items: Vec<Item> = store.list(ITEMS).map_err(err)?;
-    let ps = pick_process_server(&comps, &items, timeout, None)
+    let ps = crate::orchestrate::pick_process_server(&comps, &items, now(), timeout, None)
+        .cloned()
         .ok_or("no process server is available: register one and make sure it reports")?;
     let need: u64 = m.disks.iter().map(|d| d.size).sum();
-    let mts: Vec<&Component> =
-        comps.iter().filter(|c| c.role == ComponentRole::MasterTarget && live(c, timeout)).collect();
+    let mts: Vec<&Component> = comps
+        .iter()
+        .filter(|c| c.role == ComponentRole::MasterTarget && crate::orchestrate::live(c, now(), timeout))
+        .collect();
     if mts.is_empty() {
         return Err("no master target is available: register one and make sure it reports".into());
     }
@@ -136,7 +116,7 @@ pub async fn enable(AxState(cs): AxState<Arc<Cs>>, h: HeaderMap, b: Body<Enable>
         return Err(ApiError::conflict(&format!("{} is already item {} ({})", req.machine, i.id, i.state.name())));
     }
     let id = store.next_id(ITEMS)?;
-    let mut job = JobHandle::start(store, "enable protection", &id.to_string(), ENABLE_STEPS)?;
+    let mut job = JobHandle::start(store, "enable protection", &id.to_string(), EnableStep::NAMES)?;
     let mut item = Item {
         id,
         machine: req.machine.clone(),
@@ -161,7 +141,7 @@ pub async fn enable(AxState(cs): AxState<Arc<Cs>>, h: HeaderMap, b: Body<Enable>
         chain_broken: false,
     };
     store.put(ITEMS, &id_key(id), &item)?;
-    job.step(0)?;
+    job.step(EnableStep::CheckPrerequisites.index())?;
     let (_machine, ps, mt) = match place(&cs, &req.machine) {
         Ok(p) => p,
         Err(reason) => {
@@ -173,19 +153,19 @@ pub async fn enable(AxState(cs): AxState<Arc<Cs>>, h: HeaderMap, b: Body<Enable>
             return Err(ApiError::bad(&format!("prerequisites not met (job {}): {reason}", job.id)));
         }
     };
-    job.step_done(0)?;
-    job.step(1)?;
+    job.step_done(EnableStep::CheckPrerequisites.index())?;
+    job.step(EnableStep::Choose.index())?;
     item.process_server = Some(ps.name.clone());
     item.master_target = Some(mt.name.clone());
-    job.step_done(1)?;
-    job.step(2)?;
+    job.step_done(EnableStep::Choose.index())?;
+    job.step(EnableStep::DataKey.index())?;
     item.data_key = hex::encode(rand::random::<[u8; 32]>());
-    job.step_done(2)?;
-    job.step(3)?;
+    job.step_done(EnableStep::DataKey.index())?;
+    job.step(EnableStep::Assign.index())?;
     item.state = item.state.on(&Event::PrerequisitesMet).map_err(|e| ApiError::bad(&e.to_string()))?;
     store.put(ITEMS, &id_key(id), &item)?;
-    job.step_done(3)?;
-    job.step(4)?;
+    job.step_done(EnableStep::Assign.index())?;
+    job.step(EnableStep::InitialReplication.index())?;
     cs.event(
         "info",
         &req.machine,
@@ -222,8 +202,6 @@ pub async fn disable(AxState(cs): AxState<Arc<Cs>>, h: HeaderMap, Path(id): Path
     cs.event("info", &item.machine, &format!("protection of {} (item {id}) disabled by {by}", item.machine))?;
     Ok(Json(json!({ "item": public(&item), "job": job.id })))
 }
-
-const RESYNC_STEPS: &[&str] = &["compare checksums", "ship the differing blocks", "protected"];
 
 /// An operator's resync: compare checksums of every disk with its replica now, ship what differs.
 /// `?full=true`: copy the whole disk again into a new replica (a new stream), for a replica that is
@@ -274,8 +252,8 @@ pub async fn resync(
     }
     // Ids grow with time, so they stay above any the agent numbered itself.
     item.resync_request = sr_common::types::now_micros().max(item.resync_request + 1);
-    let mut job = JobHandle::start(store, "resync", &id.to_string(), RESYNC_STEPS)?;
-    job.step(0)?;
+    let mut job = JobHandle::start(store, "resync", &id.to_string(), ResyncStep::NAMES)?;
+    job.step(ResyncStep::Compare.index())?;
     item.resync_job = Some(job.job.id);
     store.put(ITEMS, &id_key(id), &item)?;
     cs.event("info", &item.machine, &format!("item {id}: {reason}"))?;
@@ -353,250 +331,79 @@ pub async fn assignments(AxState(cs): AxState<Arc<Cs>>, h: HeaderMap) -> R<Value
     })?))
 }
 
-/// Moves items along from what components reported. Runs every second.
+/// Moves items along from what components reported. Runs every second: gathers each item's
+/// observations, lets [`crate::orchestrate::step`] decide, and carries its effects out.
 pub async fn evaluate(cs: &Cs) -> Result<(), crate::store::StoreError> {
+    use crate::orchestrate::{step, Effect, JobUpdate, Observed};
     let store = cs.store();
     let _g = cs.items_lock.lock().await;
-    let timeout = cs.cfg.component_timeout_secs;
     let comps: Vec<Component> = store.list(COMPONENTS)?;
     let all: Vec<Item> = store.list(ITEMS)?;
-    for mut item in all.clone() {
-        // Scale-out: an item whose process server went silent moves to the least-loaded live one. The
-        // agent keeps every change until the master target applied it, so nothing cached only on the
-        // silent server is lost: the new one is sent it again.
-        if item.state.replicating() {
-            if let Some(ps) = item.process_server.clone() {
-                let alive = comps.iter().find(|c| c.name == ps).is_some_and(|c| live(c, timeout));
-                if !alive {
-                    if let Some(next) = pick_process_server(&comps, &all, timeout, Some(&ps)) {
-                        item.process_server = Some(next.name.clone());
-                        store.put(ITEMS, &id_key(item.id), &item)?;
-                        cs.alert(
-                            &item.machine,
-                            &format!("item {}: process server {ps} stopped reporting; moved to {}", item.id, next.name),
-                        )
-                        .await?;
-                    }
-                }
-            }
-        }
-        // A revoked agent cannot be retried into working: the item turns Critical, with an alert.
-        let agent_revoked = comps.iter().any(|c| c.name == item.machine && c.revoked);
-        if agent_revoked && !matches!(item.state, State::Critical { .. }) {
-            let reason = format!("the certificate of agent {} was revoked", item.machine);
-            if let Ok(next) = item.state.on(&Event::FatalError { reason: reason.clone() }) {
-                item.state = next;
-                store.put(ITEMS, &id_key(item.id), &item)?;
-                cs.alert(&item.machine, &format!("item {} is critical: {reason}; re-register the agent", item.id))
-                    .await?;
-            }
-        }
-        let Some(machine) = store.get::<Machine>(MACHINES, &item.machine)? else { continue };
-        // A fault retrying cannot fix, reported by the item's agent or master target (never read from
-        // an error's text: each carries its code): the item turns Critical with the reason, and alerts.
-        // Not assigned or not configured is the control plane catching up (its assignments clear it).
-        let agent_fault = machine
-            .progress
-            .iter()
-            .filter_map(|d| d.fatal.as_ref().map(|f| (d.id, f)))
-            .find(|(_, f)| f.code.needs_operator());
-        // The item's master target and process server speak for its stream.
-        let mut mt_faults: Vec<ReplicaFault> = Vec::new();
+    let policies: Vec<Policy> = store.list(POLICIES)?;
+    for item in &all {
+        let machine = store.get::<Machine>(MACHINES, &item.machine)?;
+        let mut stream_faults = Vec::new();
         for (role, name) in [("master target", &item.master_target), ("process server", &item.process_server)] {
             let Some(name) = name else { continue };
             for mut f in store.get::<Vec<ReplicaFault>>(FAULTS, name)?.unwrap_or_default() {
                 if f.item == item.wire_id() {
                     f.reason = format!("{role} {name}: {}", f.reason);
-                    mt_faults.push(f);
+                    stream_faults.push(f);
                 }
             }
         }
-        // A transient problem (retried) is shown on the item, with an event when it starts and ends.
-        let problem = mt_faults.iter().find(|f| !f.code.fatal()).map(|f| format!("disk {}: {}", f.disk, f.reason));
-        if problem != item.problem {
-            match &problem {
-                Some(p) => cs.event("warning", &item.machine, &format!("item {}: {p}", item.id))?,
-                None => cs.event("info", &item.machine, &format!("item {}: replication goes on again", item.id))?,
-            }
-            item.problem = problem;
-            store.put(ITEMS, &id_key(item.id), &item)?;
+        let mut applied = std::collections::BTreeMap::new();
+        for d in machine.iter().flat_map(|m| &m.progress) {
+            let seq = store.get::<(u64, u64)>(APPLIED, &format!("{}-{}", item.wire_id(), d.id))?.map_or(0, |a| a.0);
+            applied.insert(d.id, seq);
         }
-        let mt_fault = mt_faults.into_iter().find(|f| f.code.needs_operator());
-        let chain = sr_common::wire::ErrorCode::ChainBroken;
-        let broken_chain =
-            agent_fault.is_some_and(|(_, f)| f.code == chain) || mt_fault.as_ref().is_some_and(|f| f.code == chain);
-        if broken_chain && !item.chain_broken {
-            // A gap: Resync required by itself; the resync copies the whole disk into a new stream.
-            item.chain_broken = true;
-            let reason = "the stream has a gap (its chain is broken): the next resync copies the whole disk";
-            if let Ok(next) = item.state.on(&Event::ResyncNeeded { reason: reason.into() }) {
-                item.state = next;
-            }
-            store.put(ITEMS, &id_key(item.id), &item)?;
-            cs.alert(&item.machine, &format!("item {}: the replica chain is broken; a resync repairs it", item.id))
-                .await?;
-            continue;
-        }
-        let fault = agent_fault
-            .filter(|(_, f)| f.code != chain)
-            .map(|(disk, f)| format!("agent {} disk {disk}: {}", item.machine, f.reason))
-            .or(mt_fault.filter(|f| f.code != chain).map(|f| format!("disk {}: {}", f.disk, f.reason)));
-        if let Some(reason) = fault.filter(|_| !matches!(item.state, State::Critical { .. })) {
-            if let Ok(next) = item.state.on(&Event::FatalError { reason: reason.clone() }) {
-                item.state = next;
-                store.put(ITEMS, &id_key(item.id), &item)?;
-                cs.alert(&item.machine, &format!("item {} is critical: {reason}", item.id)).await?;
-                continue;
-            }
-        }
-        let before = item.clone();
-        let wire = item.wire_id();
-        let applied = |disk: u64| -> Result<(u64, u64), crate::store::StoreError> {
-            Ok(store.get::<(u64, u64)>(APPLIED, &format!("{wire}-{disk}"))?.unwrap_or((0, 0)))
+        let observed = Observed {
+            now: now(),
+            component_timeout: cs.cfg.component_timeout_secs,
+            components: &comps,
+            items: &all,
+            machine: machine.as_ref(),
+            stream_faults,
+            applied,
+            rpo_threshold_secs: policies
+                .iter()
+                .find(|p| p.id == item.policy)
+                .map_or(DEFAULT_RPO_SECS, |p| p.rpo_threshold_secs),
         };
-        match &item.state {
-            State::Reprotecting { .. } => {
-                crate::failover::evaluate_reprotect(cs, &mut item, &machine, &|d| Ok(applied(d)?.0))?;
-            }
-            State::InitialReplication { percent } => {
-                let p = &machine.progress;
-                let n = machine.disks.len().max(1) as f64;
-                let pct = (p.iter().map(|d| d.copy_percent).sum::<f64>() / n).clamp(0.0, 100.0) as u8;
-                let mut done =
-                    !p.is_empty() && machine.disks.iter().all(|d| p.iter().any(|x| x.id == d.id && x.copy_done));
-                for d in p {
-                    done &= d.done_seq > 0 && applied(d.id)?.0 >= d.done_seq;
+        let (next, effects) = step(item, &observed);
+        if next != *item {
+            store.put(ITEMS, &id_key(item.id), &next)?;
+        }
+        for e in effects {
+            match e {
+                Effect::Alert(m) => cs.alert(&item.machine, &m).await?,
+                Effect::Event { severity, message } => cs.event(severity, &item.machine, &message)?,
+                Effect::Rpo(secs) => {
+                    metrics::gauge!(crate::metrics::ITEM_RPO_SECONDS, "item" => item.id.to_string()).set(secs as f64)
                 }
-                if done {
-                    item.state = item.state.on(&Event::InitialReplicationDone).unwrap_or(item.state.clone());
-                    item.caught_up_at = Some(now());
-                } else if pct != *percent {
-                    item.state = item.state.on(&Event::Progress { percent: pct }).unwrap_or(item.state.clone());
-                }
-            }
-            State::Protected { .. }
-                if machine.progress.iter().any(|d| d.overflow || d.dirty_bytes > 0 || d.resync_active) =>
-            {
-                let reason = if machine.progress.iter().any(|d| d.overflow || (d.dirty_bytes > 0 && !d.resync_active)) {
-                    "the journal reached its limit; changed blocks are tracked for a resync".to_string()
-                } else {
-                    "a checksum comparison with the replica was started".to_string()
-                };
-                item.state =
-                    item.state.on(&Event::ResyncNeeded { reason: reason.clone() }).unwrap_or(item.state.clone());
-                cs.event("warning", &item.machine, &format!("item {}: resync required: {reason}", item.id))?;
-            }
-            State::ResyncRequired { .. } | State::Resynchronizing { .. } => {
-                let p = &machine.progress;
-                let comparing = p.iter().any(|d| d.resync_active);
-                let copying = p.iter().any(|d| d.dirty_bytes > 0 && !d.overflow && !d.resync_waiting);
-                // An operator's request is done only once every disk compared for it.
-                let requested = p.iter().all(|d| d.resync_done >= item.resync_request);
-                let mut caught_up = !p.is_empty()
-                    && requested
-                    && !comparing
-                    && p.iter().all(|d| d.copy_done && d.done_seq > 0 && d.dirty_bytes == 0 && !d.overflow);
-                for d in p {
-                    caught_up &= applied(d.id)?.0 >= d.last_seq;
-                }
-                if matches!(item.state, State::ResyncRequired { .. }) && (comparing || copying || caught_up) {
-                    item.state = item.state.on(&Event::ResyncStarted).unwrap_or(item.state.clone());
-                }
-                if caught_up {
-                    item.state = item.state.on(&Event::ResyncDone).unwrap_or(item.state.clone());
-                    item.caught_up_at = Some(machine.last_heartbeat);
-                } else {
-                    let n = p.len().max(1) as f64;
-                    let compared =
-                        p.iter().map(|d| if d.resync_active { d.compare_percent } else { 100.0 }).sum::<f64>() / n;
-                    let pct = if comparing {
-                        0.8 * compared
-                    } else if copying {
-                        80.0
-                    } else {
-                        95.0
-                    };
-                    item.state = item.state.on(&Event::Progress { percent: pct as u8 }).unwrap_or(item.state.clone());
-                }
-                if let (Some(job_id), true) = (item.resync_job, item.state != before.state) {
-                    if let Some(mut job) = JobHandle::load(store, job_id)? {
-                        match &item.state {
-                            State::Protected { .. } => {
-                                for i in 0..3 {
-                                    job.step_done(i)?;
-                                }
-                                job.succeed()?;
-                                item.resync_job = None;
-                                cs.event(
-                                    "info",
-                                    &item.machine,
-                                    &format!("item {} is resynchronized and protected", item.id),
-                                )?;
+                Effect::Job { job, update } => {
+                    let Some(mut job) = JobHandle::load(store, job)? else { continue };
+                    match update {
+                        JobUpdate::Progress(p) if job.job.progress != p => job.progress(p)?,
+                        JobUpdate::Progress(_) => {}
+                        JobUpdate::Advance { done, next } => {
+                            if job.job.steps.get(done).is_some_and(|s| s.state != JobState::Succeeded) {
+                                job.step_done(done)?;
+                                job.step(next)?;
                             }
-                            State::Resynchronizing { percent, .. } => {
-                                if !comparing && job.job.steps.first().is_some_and(|s| s.state != JobState::Succeeded) {
-                                    job.step_done(0)?;
-                                    job.step(1)?;
+                        }
+                        JobUpdate::Succeed { done } => {
+                            for i in done {
+                                if job.job.steps.get(i).is_some_and(|s| s.started.is_none()) {
+                                    job.step(i)?;
                                 }
-                                job.progress(*percent)?;
+                                job.step_done(i)?;
                             }
-                            _ => {}
+                            job.succeed()?;
                         }
                     }
                 }
             }
-            State::Protected { .. } => {
-                let mut caught_up = !machine.progress.is_empty();
-                for d in &machine.progress {
-                    caught_up &= applied(d.id)?.0 >= d.last_seq;
-                }
-                if caught_up {
-                    item.caught_up_at = Some(machine.last_heartbeat.max(item.caught_up_at.unwrap_or(0)));
-                }
-                let rpo = item.caught_up_at.map(|t| now().saturating_sub(t)).unwrap_or(0);
-                metrics::gauge!("sr_config_server_item_rpo_seconds", "item" => item.id.to_string()).set(rpo as f64);
-                let threshold =
-                    store.get::<Policy>(POLICIES, &item.policy)?.map_or(DEFAULT_RPO_SECS, |p| p.rpo_threshold_secs);
-                if rpo > threshold && !item.rpo_alert {
-                    item.rpo_alert = true;
-                    let msg = format!(
-                        "item {} ({}): recovery point is {rpo} s old, over the policy's {threshold} s",
-                        item.id, item.machine
-                    );
-                    cs.alert(&item.machine, &msg).await?;
-                } else if rpo <= threshold && item.rpo_alert {
-                    item.rpo_alert = false;
-                    cs.event(
-                        "info",
-                        &item.machine,
-                        &format!("item {}: recovery point back within {threshold} s", item.id),
-                    )?;
-                }
-            }
-            _ => {}
-        }
-        if let (Some(job_id), true) = (item.job, item.state != before.state) {
-            if let Some(mut job) = JobHandle::load(store, job_id)? {
-                match &item.state {
-                    State::InitialReplication { percent } => job.progress(*percent)?,
-                    State::Protected { .. } => {
-                        job.step_done(4)?;
-                        job.step(5)?;
-                        job.step_done(5)?;
-                        job.succeed()?;
-                        cs.event("info", &item.machine, &format!("item {} ({}) is protected", item.id, item.machine))?;
-                    }
-                    _ => {}
-                }
-            }
-        }
-        if item.state != before.state
-            || item.caught_up_at != before.caught_up_at
-            || item.rpo_alert != before.rpo_alert
-            || item.resync_job != before.resync_job
-            || item.reprotect != before.reprotect
-        {
-            store.put(ITEMS, &id_key(item.id), &item)?;
         }
     }
     Ok(())

@@ -4,6 +4,60 @@
 use crate::model::{id_key, now, Job, JobState, Step, JOBS};
 use crate::store::{ControlStore, Docs, StoreError};
 
+/// The steps of a job kind, by name: `job.step(EnableStep::Choose.index())` rather than `job.step(1)`.
+macro_rules! job_steps {
+    ($(#[$doc:meta])* $name:ident { $($variant:ident => $text:literal),+ $(,)? }) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        pub enum $name {
+            $($variant),+
+        }
+
+        impl $name {
+            /// The steps' names, in order, as the job shows them.
+            pub const NAMES: &[&str] = &[$($text),+];
+
+            pub fn index(self) -> usize {
+                self as usize
+            }
+        }
+
+        impl From<$name> for usize {
+            fn from(s: $name) -> usize {
+                s.index()
+            }
+        }
+    };
+}
+
+job_steps!(
+    /// Enable protection.
+    EnableStep {
+        CheckPrerequisites => "check prerequisites",
+        Choose => "choose a process server and a master target",
+        DataKey => "create the item's data key",
+        Assign => "hand out assignments",
+        InitialReplication => "initial replication",
+        Protected => "protected",
+    }
+);
+job_steps!(
+    /// An operator's resync.
+    ResyncStep {
+        Compare => "compare checksums",
+        Ship => "ship the differing blocks",
+        Protected => "protected",
+    }
+);
+job_steps!(
+    /// Reprotect.
+    ReprotectStep {
+        Check => "check both sites",
+        Replicate => "replicate the changed blocks back",
+        Protected => "protected",
+    }
+);
+
 pub struct JobHandle<'a> {
     store: &'a dyn ControlStore,
     pub job: Job,

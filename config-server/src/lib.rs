@@ -17,13 +17,16 @@ pub mod failover;
 pub mod items;
 pub mod jobs;
 pub mod lifecycle;
+pub mod metrics;
 pub mod model;
 pub mod netmap;
 pub mod openapi;
+pub mod orchestrate;
 pub mod plans;
 pub mod policies;
 pub mod recovery;
 pub mod reports;
+pub mod reprotect;
 pub mod store;
 
 use anyhow::Context;

@@ -200,7 +200,7 @@ impl Policy {
 }
 
 /// A protected item: one machine under a policy, with where its data flows.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Item {
     pub id: u64,
     pub machine: String,

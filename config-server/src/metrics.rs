@@ -1,0 +1,4 @@
+//! Every metric the configuration server exports, by name.
+
+/// Seconds since an item's replica last held everything its source had written (label `item`).
+pub const ITEM_RPO_SECONDS: &str = "sr_config_server_item_rpo_seconds";
