@@ -61,20 +61,17 @@ impl Client {
     }
 
     pub fn call(&self, method: &str, path: &str, body: Option<Value>) -> anyhow::Result<Value> {
-        let b = body.map(|v| v.to_string());
-        let (code, text) =
-            sr_common::http::request_with(self.server, method, path, b.as_deref(), self.token.as_deref())?;
-        let v: Value = serde_json::from_str(&text).unwrap_or(Value::String(text.clone()));
-        if code != 200 {
-            let msg = v["error"].as_str().map(str::to_string).unwrap_or(text);
-            let hint = match code {
-                401 => " (pass a valid token: --token, --token-file or SR_TOKEN)",
-                403 => " (this token's role may not do that)",
-                _ => "",
-            };
-            bail!("{method} {path}: HTTP {code}: {msg}{hint}");
+        match sr_common::http::call_json(self.server, method, path, body.as_ref(), self.token.as_deref()) {
+            Ok(v) => Ok(v),
+            Err(e) => {
+                let hint = match e.status() {
+                    Some(401) => " (pass a valid token: --token, --token-file or SR_TOKEN)",
+                    Some(403) => " (this token's role may not do that)",
+                    _ => "",
+                };
+                bail!("{e}{hint}")
+            }
         }
-        Ok(v)
     }
 }
 

@@ -18,6 +18,19 @@ pub enum ConfigError {
     Env { var: String, message: String },
 }
 
+/// A configuration's checks beyond what its types say (ranges, combinations, non-empty names).
+pub trait Validate {
+    fn validate(&self) -> Result<(), String>;
+}
+
+/// Loads `path` as [`load`] does and runs the config's own checks: the one way every service reads
+/// its configuration. An error names the file and the key.
+pub fn load_valid<T: DeserializeOwned + Validate>(path: &Path, env_prefix: &str) -> Result<T, ConfigError> {
+    let cfg: T = load(path, env_prefix)?;
+    cfg.validate().map_err(|message| ConfigError::Invalid { path: path.into(), message })?;
+    Ok(cfg)
+}
+
 /// Loads `path`, applies overrides from variables that start with `env_prefix` + `__`, deserializes.
 pub fn load<T: DeserializeOwned>(path: &Path, env_prefix: &str) -> Result<T, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;

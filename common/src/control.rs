@@ -53,18 +53,15 @@ impl ControlClient {
         &self,
         method: &'static str,
         path: &'static str,
-        body: Option<String>,
+        body: Option<serde_json::Value>,
     ) -> anyhow::Result<serde_json::Value> {
         let (server, token) = (self.server, self.token.clone());
-        let (code, text) = tokio::task::spawn_blocking(move || {
-            crate::http::request_with(server, method, path, body.as_deref(), Some(&token))
+        let answer = tokio::task::spawn_blocking(move || {
+            crate::http::call_json(server, method, path, body.as_ref(), Some(&token))
         })
         .await
-        .context("control request task failed")??;
-        if code != 200 {
-            anyhow::bail!("{method} http://{server}{path}: HTTP {code}: {text}");
-        }
-        serde_json::from_str(&text).with_context(|| format!("{method} {path}: answer is not JSON"))
+        .context("control request task failed")?;
+        answer.with_context(|| format!("the configuration server at {server}"))
     }
 
     /// The deployment's revocation list (PEM).
@@ -82,7 +79,7 @@ impl ControlClient {
     }
 
     pub async fn heartbeat(&self, report: &crate::contract::Heartbeat) -> anyhow::Result<()> {
-        let body = serde_json::to_string(report).context("encoding the heartbeat")?;
+        let body = serde_json::to_value(report).context("encoding the heartbeat")?;
         self.call("POST", "/v1/heartbeat", Some(body)).await.map(|_| ())
     }
 

@@ -1,5 +1,8 @@
 //! A minimal blocking HTTP/1.1 client for the operations endpoints on loopback (status polling by the
 //! CLI and the tests). One request per connection, `Connection: close`, body read to the end.
+//!
+//! [`call_json`] is the one way a component, the configuration server or srctl calls another's JSON API:
+//! every failure is an [`HttpError`], and a refusal carries its status and the server's message.
 
 use anyhow::{bail, Context};
 use std::io::{Read, Write};
@@ -56,6 +59,57 @@ fn dechunk(mut s: &str) -> String {
         s = rest[n..].trim_start_matches("\r\n");
     }
     out
+}
+
+/// Why a call to a JSON API failed.
+#[derive(Debug, thiserror::Error)]
+pub enum HttpError {
+    /// Nothing answered, or the connection broke.
+    #[error("http://{addr}{path}: {reason}")]
+    Unreachable { addr: SocketAddr, path: String, reason: String },
+    /// It answered with another status than 200; `message` is its `{"error": ...}` (else its body).
+    #[error("{method} {path}: HTTP {status}: {message}")]
+    Status { method: String, path: String, status: u16, message: String },
+    /// It answered 200 with something that is not JSON.
+    #[error("{method} {path}: the answer is not JSON: {reason}")]
+    NotJson { method: String, path: String, reason: String },
+}
+
+impl HttpError {
+    /// The HTTP status of a refusal.
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            HttpError::Status { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+
+    /// What the server said (or why nothing answered), without the request.
+    pub fn message(&self) -> String {
+        match self {
+            HttpError::Status { message, .. } => message.clone(),
+            e => e.to_string(),
+        }
+    }
+}
+
+/// Calls a JSON API: `body` sent as JSON with the bearer `token`; 200 with JSON is the answer.
+pub fn call_json(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&serde_json::Value>,
+    token: Option<&str>,
+) -> Result<serde_json::Value, HttpError> {
+    let body = body.map(|b| b.to_string());
+    let (status, text) = request_with(addr, method, path, body.as_deref(), token)
+        .map_err(|e| HttpError::Unreachable { addr, path: path.to_string(), reason: format!("{e:#}") })?;
+    let json = serde_json::from_str::<serde_json::Value>(&text);
+    if status != 200 {
+        let message = json.ok().and_then(|v| v["error"].as_str().map(str::to_string)).unwrap_or(text);
+        return Err(HttpError::Status { method: method.into(), path: path.into(), status, message });
+    }
+    json.map_err(|e| HttpError::NotJson { method: method.into(), path: path.into(), reason: e.to_string() })
 }
 
 /// GET a JSON document; a status other than 200 is an error carrying the body.

@@ -38,24 +38,27 @@ fn default_timeout() -> u64 {
 
 impl CsConfig {
     pub fn load(path: &std::path::Path) -> anyhow::Result<CsConfig> {
-        let cfg: CsConfig = sr_common::config::load(path, ENV_PREFIX)?;
+        Ok(sr_common::config::load_valid(path, ENV_PREFIX)?)
+    }
+}
+
+impl sr_common::config::Validate for CsConfig {
+    /// Destructures the whole config so a new field is not forgotten.
+    fn validate(&self) -> Result<(), String> {
         let CsConfig { data_dir: _, listen: _, registration_key_ttl_secs, alert_webhook, component_timeout_secs } =
-            &cfg;
+            self;
         if *component_timeout_secs < 2 {
-            anyhow::bail!("config file {}: key component_timeout_secs: must be at least 2", path.display());
+            return Err("key component_timeout_secs: must be at least 2".into());
         }
         if let Some(h) = alert_webhook {
             let addr = h.split_once('/').map_or(h.as_str(), |(a, _)| a);
             if addr.parse::<std::net::SocketAddr>().is_err() {
-                anyhow::bail!(
-                    "config file {}: key alert_webhook: {h:?} is not host:port/path with an IP address",
-                    path.display()
-                );
+                return Err(format!("key alert_webhook: {h:?} is not host:port/path with an IP address"));
             }
         }
         if *registration_key_ttl_secs == 0 {
-            anyhow::bail!("config file {}: key registration_key_ttl_secs: must be at least 1", path.display());
+            return Err("key registration_key_ttl_secs: must be at least 1".into());
         }
-        Ok(cfg)
+        Ok(())
     }
 }

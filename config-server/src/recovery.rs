@@ -106,22 +106,16 @@ pub async fn mt_call_status(
     path: &str,
     body: Option<Value>,
 ) -> Result<Value, MtError> {
-    let unreachable = |message: String| MtError { status: None, message };
     let (name, addr) = mt.clone();
     let (method, path) = (method.to_string(), path.to_string());
-    let res = tokio::task::spawn_blocking(move || {
-        let body = body.map(|b| b.to_string());
-        sr_common::http::request(addr, &method, &path, body.as_deref())
+    let res =
+        tokio::task::spawn_blocking(move || sr_common::http::call_json(addr, &method, &path, body.as_ref(), None))
+            .await
+            .map_err(|e| MtError { status: None, message: e.to_string() })?;
+    res.map_err(|e| match e.status() {
+        Some(_) => MtError { status: e.status(), message: format!("master target {name}: {}", e.message()) },
+        None => MtError { status: None, message: format!("master target {name} at {addr}: {e}") },
     })
-    .await
-    .map_err(|e| unreachable(e.to_string()))?;
-    let (code, text) = res.map_err(|e| unreachable(format!("master target {name} at {addr}: {e:#}")))?;
-    let v: Value = serde_json::from_str(&text).unwrap_or(Value::String(text));
-    if code != 200 {
-        let msg = v["error"].as_str().map(str::to_string).unwrap_or_else(|| v.to_string());
-        return Err(MtError { status: Some(code), message: format!("master target {name}: {msg}") });
-    }
-    Ok(v)
 }
 
 pub async fn points(AxState(cs): AxState<Arc<Cs>>, h: HeaderMap, Path(id): Path<u64>) -> R<Value> {

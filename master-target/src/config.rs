@@ -53,12 +53,12 @@ impl Default for PointsConfig {
 
 impl MtConfig {
     pub fn load(path: &std::path::Path) -> anyhow::Result<MtConfig> {
-        let cfg: MtConfig = sr_common::config::load(path, ENV_PREFIX)?;
-        cfg.validate().map_err(|e| anyhow::anyhow!("config file {}: {e}", path.display()))?;
-        Ok(cfg)
+        Ok(sr_common::config::load_valid(path, ENV_PREFIX)?)
     }
+}
 
-    pub fn validate(&self) -> Result<(), String> {
+impl sr_common::config::Validate for MtConfig {
+    fn validate(&self) -> Result<(), String> {
         let MtConfig { node, data_dir: _, http: _, listen: _, nbd_tcp: _, tls: _, control: _, items, points } = self;
         if node.is_empty() {
             return Err("key node: must not be empty".into());

@@ -137,13 +137,13 @@ fn default_scan_block() -> u64 {
 
 impl AgentConfig {
     pub fn load(path: &std::path::Path) -> anyhow::Result<AgentConfig> {
-        let cfg: AgentConfig = sr_common::config::load(path, ENV_PREFIX)?;
-        cfg.validate().map_err(|e| anyhow::anyhow!("config file {}: {e}", path.display()))?;
-        Ok(cfg)
+        Ok(sr_common::config::load_valid(path, ENV_PREFIX)?)
     }
+}
 
+impl sr_common::config::Validate for AgentConfig {
     /// Checks what types cannot. Destructures the whole config so a new field is not forgotten.
-    pub fn validate(&self) -> Result<(), String> {
+    fn validate(&self) -> Result<(), String> {
         let AgentConfig {
             node,
             item,

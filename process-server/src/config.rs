@@ -51,12 +51,12 @@ fn default_window() -> u64 {
 
 impl PsConfig {
     pub fn load(path: &std::path::Path) -> anyhow::Result<PsConfig> {
-        let cfg: PsConfig = sr_common::config::load(path, ENV_PREFIX)?;
-        cfg.validate().map_err(|e| anyhow::anyhow!("config file {}: {e}", path.display()))?;
-        Ok(cfg)
+        Ok(sr_common::config::load_valid(path, ENV_PREFIX)?)
     }
+}
 
-    pub fn validate(&self) -> Result<(), String> {
+impl sr_common::config::Validate for PsConfig {
+    fn validate(&self) -> Result<(), String> {
         let PsConfig {
             node,
             data_dir: _,
