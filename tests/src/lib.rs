@@ -55,32 +55,53 @@ pub fn make_disk(path: &Path, size: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Waits until `f` holds, checking every 50 ms; panics naming `what` after `timeout`. The one place
-/// tests poll: every wait is on a condition, never a fixed sleep.
-pub fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+/// Checks `f` every 50 ms until it gives a value, for at most `timeout`: the one polling loop.
+fn poll<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
     let deadline = Instant::now() + timeout;
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// Waits until `f` gives a value, checking every 50 ms, and returns it; panics naming `what` after
+/// `timeout`. With [`wait_for`], the one place tests poll: every wait is on a condition, never a fixed
+/// sleep.
+#[track_caller]
+pub fn wait_until<T>(what: &str, timeout: Duration, f: impl FnMut() -> Option<T>) -> T {
+    match poll(timeout, f) {
+        Some(v) => v,
+        None => panic!("timed out after {timeout:?} waiting for {what}"),
+    }
+}
+
+/// Waits until `f` holds, checking every 50 ms; panics naming `what` after `timeout`.
+#[track_caller]
+pub fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    wait_until(what, timeout, || f().then_some(()))
 }
 
 /// Waits until the initial copy is done and the master target has applied the agent's last change of
 /// every disk. Returns the applied sequence numbers.
 pub fn wait_caught_up(local: &Local, timeout: Duration) -> anyhow::Result<Vec<u64>> {
-    let deadline = Instant::now() + timeout;
     let mut last_err = String::new();
-    loop {
-        match caught_up(local) {
-            Ok(Some(v)) => return Ok(v),
-            Ok(None) => {}
-            Err(e) => last_err = format!("{e:#}"),
-        }
-        if Instant::now() > deadline {
+    let applied = poll(timeout, || {
+        caught_up(local).unwrap_or_else(|e| {
+            last_err = format!("{e:#}");
+            None
+        })
+    });
+    match applied {
+        Some(v) => Ok(v),
+        None => {
             let st = local.agent_status().map(|s| s.to_string()).unwrap_or(last_err);
             bail!("replication did not catch up within {timeout:?}; agent status: {st}");
         }
-        std::thread::sleep(Duration::from_millis(100));
     }
 }
 
@@ -278,15 +299,10 @@ impl Deployment {
     }
 
     pub fn wait_machine(&self, name: &str) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
+        wait_for(&format!("agent {name} to report"), Duration::from_secs(30), || {
             let (_, m) = self.api("GET", "/v1/machines", None);
-            if m.as_array().expect("test deployment").iter().any(|m| m["name"] == name) {
-                return;
-            }
-            assert!(Instant::now() < deadline, "agent {name} never reported");
-            std::thread::sleep(Duration::from_millis(200));
-        }
+            m.as_array().expect("test deployment").iter().any(|m| m["name"] == name)
+        });
     }
 
     /// Protects `machine` under policy "p" (created on first use); returns the item id.
@@ -302,16 +318,12 @@ impl Deployment {
 
     /// Waits for a job to end; its record. Panics with the job's error when it failed and `ok` is set.
     pub fn wait_job(&self, job: u64, ok: bool) -> serde_json::Value {
-        let deadline = Instant::now() + Duration::from_secs(180);
-        loop {
+        let j = wait_until(&format!("job {job} to end"), Duration::from_secs(180), || {
             let (_, j) = self.api("GET", &format!("/v1/jobs/{job}"), None);
-            if j["state"] != "running" {
-                assert!(!ok || j["state"] == "succeeded", "job {job} did not succeed: {j}");
-                return j;
-            }
-            assert!(Instant::now() < deadline, "job {job} still running: {j}");
-            std::thread::sleep(Duration::from_millis(200));
-        }
+            (j["state"] != "running").then_some(j)
+        });
+        assert!(!ok || j["state"] == "succeeded", "job {job} did not succeed: {j}");
+        j
     }
 }
 

@@ -105,8 +105,19 @@ fn tokens_roles_bodies_registration_revocation_and_restart() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let key = new_key(api, &admin, "process-server", Some(1));
-    std::thread::sleep(std::time::Duration::from_millis(2100));
+    let (code, v) = call(
+        api,
+        "POST",
+        "/v1/registration-keys",
+        Some(json!({"role": "process-server", "ttl_seconds": 1})),
+        Some(&admin),
+    );
+    assert_eq!(code, 200, "{v}");
+    let (key, expires_at) = (v["key"].as_str().unwrap().to_string(), v["expires_at"].as_u64().unwrap());
+    // Expired once the server's clock (whole seconds) is past the key's end.
+    wait_for("the key to expire", std::time::Duration::from_secs(3), || {
+        sr_common::types::now_micros() / 1_000_000 > expires_at
+    });
     let out = register("process-server", api, &key, "ps-1", &certs);
     assert!(String::from_utf8_lossy(&out.stderr).contains("expired"), "{}", String::from_utf8_lossy(&out.stderr));
     let key = new_key(api, &admin, "process-server", None);
@@ -228,20 +239,11 @@ fn protect_a_disk_with_srctl_from_registration_keys_only() {
     let _agent = local.start(Component::Agent).unwrap();
 
     // The agent reports its disk; nothing replicates before protection is enabled.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    loop {
+    wait_for("the agent to report its disk", std::time::Duration::from_secs(30), || {
         let out = srctl(cp.api, &admin_file, &["--output", "json", "machines"]);
         let v: Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-        if v[0]["disks"][0]["name"] == "disk0" {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the agent never reported: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        std::thread::sleep(std::time::Duration::from_millis(200));
-    }
+        v[0]["disks"][0]["name"] == "disk0"
+    });
     assert_eq!(local.applied(1).unwrap(), 0);
 
     let out = srctl(
@@ -336,23 +338,33 @@ fn configuration_server_killed_during_initial_replication_comes_back_and_the_job
     let _mt = local.start(Component::MasterTarget).unwrap();
     let _ps = local.start(Component::ProcessServer).unwrap();
     let _agent = local.start(Component::Agent).unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while !String::from_utf8_lossy(&srctl(cp.api, &admin_file, &["machines"]).stdout).contains("disk0") {
-        assert!(std::time::Instant::now() < deadline, "the agent never reported");
-        std::thread::sleep(std::time::Duration::from_millis(200));
-    }
+    wait_for("the agent to report", std::time::Duration::from_secs(30), || {
+        String::from_utf8_lossy(&srctl(cp.api, &admin_file, &["machines"]).stdout).contains("disk0")
+    });
     assert!(srctl(cp.api, &admin_file, &["policies", "create", "--name", "p"]).status.success());
     let out = srctl(cp.api, &admin_file, &["--output", "json", "protect", "--machine", "agent-1", "--policy", "p"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     let job = v["job"].as_u64().unwrap();
     local.item = v["item"]["id"].as_u64().unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(700));
+    wait_for("the initial copy to start", std::time::Duration::from_secs(30), || {
+        local.agent_status().unwrap()["disks"][0]["initial_copy"]["cursor"].as_u64().unwrap() > 0
+    });
     let out = srctl(cp.api, &admin_file, &["--output", "json", "items", "show", &local.item.to_string()]);
     let item: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(item["state_name"], "initial_replication", "killed during initial replication: {item}");
+    let failed_polls = || {
+        std::fs::read_to_string(local.log(Component::Agent))
+            .unwrap()
+            .matches("configuration server unreachable")
+            .count()
+    };
+    let seen = failed_polls();
     cs.kill();
-    std::thread::sleep(std::time::Duration::from_millis(1500));
+    // Down long enough that the components notice: the agent's next poll finds no server.
+    wait_for("the agent to find the configuration server gone", std::time::Duration::from_secs(10), || {
+        failed_polls() > seen
+    });
     let _cs = cp.start().unwrap();
     let out = srctl(cp.api, &admin_file, &["jobs", "watch", &job.to_string()]);
     assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
@@ -393,11 +405,9 @@ impl Managed {
         let mt = local.start(Component::MasterTarget).unwrap();
         let ps = local.start(Component::ProcessServer).unwrap();
         let agent = local.start(Component::Agent).unwrap();
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-        while !String::from_utf8_lossy(&srctl(cp.api, &admin_file, &["machines"]).stdout).contains("disk0") {
-            assert!(std::time::Instant::now() < deadline, "the agent never reported");
-            std::thread::sleep(std::time::Duration::from_millis(200));
-        }
+        wait_for("the agent to report", std::time::Duration::from_secs(30), || {
+            String::from_utf8_lossy(&srctl(cp.api, &admin_file, &["machines"]).stdout).contains("disk0")
+        });
         Managed { cp, admin_file, local, disk, mt: Some(mt), _cs: cs, _ps: ps, agent: Some(agent) }
     }
 
@@ -428,29 +438,33 @@ fn a_revoked_agent_is_refused_by_its_process_server() {
     };
     let seen = updates();
     assert!(srctl(cp.api, admin_file, &["components", "revoke", "agent-1"]).status.success());
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while updates() == seen {
-        assert!(std::time::Instant::now() < deadline, "the process server never took the new revocation list");
-        std::thread::sleep(std::time::Duration::from_millis(200));
-    }
+    wait_for("the process server to take the new revocation list", std::time::Duration::from_secs(30), || {
+        updates() > seen
+    });
     // The machine's disk still works locally, but nothing more is accepted from the revoked agent.
     run("qemu-io", &["-f", "raw", "-c", "write -P 0x62 2M 1M", "-c", "flush", &uri]).unwrap();
-    std::thread::sleep(std::time::Duration::from_secs(4));
+    // The agent had its chance: refused, it stopped shipping for good, and the item turned Critical.
+    let agent_log = || std::fs::read_to_string(local.log(Component::Agent)).unwrap();
+    wait_for("the agent to stop retrying", std::time::Duration::from_secs(30), || agent_log().contains("not retrying"));
+    let item = wait_until("the item to turn critical", std::time::Duration::from_secs(30), || {
+        let item = item_of(cp.api, admin_file, "agent-1");
+        (item["state_name"] == "critical").then_some(item)
+    });
     assert_eq!(local.applied(1).unwrap(), before, "nothing from a revoked agent is applied");
     let ps_log = std::fs::read_to_string(local.log(Component::ProcessServer)).unwrap();
     assert!(ps_log.to_lowercase().contains("revoked"), "the process server says why: {ps_log}");
-    // The item is Critical with the reason, an alert fired, and the agent stopped retrying.
-    let item = item_of(cp.api, admin_file, "agent-1");
-    assert_eq!(item["state_name"], "critical", "{item}");
+    // The item is Critical with the reason, and an alert fired.
     assert!(item["state"]["reason"].as_str().unwrap().contains("revoked"), "{item}");
     let events = String::from_utf8_lossy(&srctl(cp.api, admin_file, &["events"]).stdout).to_string();
     assert!(events.contains("is critical"), "{events}");
-    let agent_log = std::fs::read_to_string(local.log(Component::Agent)).unwrap();
-    assert!(agent_log.contains("not retrying"), "{agent_log}");
     let refusals =
         || std::fs::read_to_string(local.log(Component::ProcessServer)).unwrap().matches("handshake failed").count();
     let before = refusals();
-    std::thread::sleep(std::time::Duration::from_secs(3));
+    // Time for a retrying agent to reconnect a few times (its quick back-off starts at 0.1 s): three
+    // more of its polls of the configuration server, a second apart, each refused for the revocation.
+    let polls = || agent_log().matches("configuration server unreachable").count();
+    let polled = polls();
+    wait_for("three more polls from the agent", std::time::Duration::from_secs(30), || polls() >= polled + 3);
     assert_eq!(refusals(), before, "no reconnect storm from a revoked agent");
 }
 
@@ -557,15 +571,10 @@ fn two_process_servers_spread_items_and_take_over_when_one_dies() {
     let _ps2 = sr_devkit::spawn(Component::ProcessServer, &ps2, &logs.join("ps2.log"), ps2_http).unwrap();
     let _a = local.start(Component::Agent).unwrap();
     let _b = sr_devkit::spawn(Component::Agent, &agent_b, &logs.join("agent2.log"), b_http).unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    loop {
+    wait_for("the agents to report", std::time::Duration::from_secs(30), || {
         let m = String::from_utf8_lossy(&srctl(cp.api, &admin_file, &["machines"]).stdout).to_string();
-        if m.contains("agent-1") && m.contains("agent-2") {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "the agents never reported: {m}");
-        std::thread::sleep(std::time::Duration::from_millis(200));
-    }
+        m.contains("agent-1") && m.contains("agent-2")
+    });
     assert!(srctl(cp.api, &admin_file, &["policies", "create", "--name", "p"]).status.success());
     for m in ["agent-1", "agent-2"] {
         let out = srctl(cp.api, &admin_file, &["protect", "--machine", m, "--policy", "p", "--watch"]);
@@ -575,9 +584,14 @@ fn two_process_servers_spread_items_and_take_over_when_one_dies() {
     assert_ne!(ia["process_server"], ib["process_server"], "two items spread over two process servers: {ia} {ib}");
     local.item = ia["id"].as_u64().unwrap();
     let item_b = ib["id"].as_u64().unwrap();
-    let victim = if ia["process_server"] == "ps-1" { "agent-1" } else { "agent-2" };
+    let (victim, victim_item, victim_http) = if ia["process_server"] == "ps-1" {
+        ("agent-1", local.item, local.addrs.agent_http)
+    } else {
+        ("agent-2", item_b, b_http)
+    };
 
     // Writes stream through both while ps-1 is killed.
+    let applied_before = (applied_at_mt(&local, local.item), applied_at_mt(&local, item_b));
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let writers: Vec<_> = [local.agent_uri("disk0"), format!("nbd://{b_nbd}/disk0")]
         .into_iter()
@@ -594,14 +608,19 @@ fn two_process_servers_spread_items_and_take_over_when_one_dies() {
             })
         })
         .collect();
-    std::thread::sleep(std::time::Duration::from_millis(1500));
+    wait_for("the writes to stream through both process servers", std::time::Duration::from_secs(30), || {
+        applied_at_mt(&local, local.item) > applied_before.0 && applied_at_mt(&local, item_b) > applied_before.1
+    });
     ps1.kill();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(40);
-    while item_of(cp.api, &admin_file, victim)["process_server"] != "ps-2" {
-        assert!(std::time::Instant::now() < deadline, "the item of {victim} never moved to ps-2");
-        std::thread::sleep(std::time::Duration::from_millis(300));
-    }
-    std::thread::sleep(std::time::Duration::from_millis(1500));
+    wait_for(&format!("the item of {victim} to move to ps-2"), std::time::Duration::from_secs(40), || {
+        item_of(cp.api, &admin_file, victim)["process_server"] == "ps-2"
+    });
+    // The victim's writes go on through ps-2: something written after the move is applied.
+    let written =
+        sr_common::http::get_json(victim_http, "/v1/status").unwrap()["disks"][0]["last_seq"].as_u64().unwrap();
+    wait_for(&format!("writes of {victim} to be applied through ps-2"), std::time::Duration::from_secs(30), || {
+        applied_at_mt(&local, victim_item) > written
+    });
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     for w in writers {
         assert!(w.join().unwrap() > 0);
@@ -609,15 +628,10 @@ fn two_process_servers_spread_items_and_take_over_when_one_dies() {
     // Both replicas end identical to their sources.
     wait_caught_up(&local, std::time::Duration::from_secs(90)).unwrap();
     compare(disk_a.to_str().unwrap(), &local.replica_uri(1)).unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(90);
-    loop {
+    wait_for("disk B to catch up", std::time::Duration::from_secs(90), || {
         let st = sr_common::http::get_json(b_http, "/v1/status").unwrap();
-        if applied_at_mt(&local, item_b) >= st["disks"][0]["last_seq"].as_u64().unwrap() {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "disk B never caught up");
-        std::thread::sleep(std::time::Duration::from_millis(200));
-    }
+        applied_at_mt(&local, item_b) >= st["disks"][0]["last_seq"].as_u64().unwrap()
+    });
     compare(disk_b.to_str().unwrap(), &format!("nbd://{}/item-{item_b}-disk-1", local.addrs.mt_nbd)).unwrap();
     let events = String::from_utf8_lossy(&srctl(cp.api, &admin_file, &["events"]).stdout).to_string();
     assert!(events.contains("stopped reporting; moved to ps-2"), "{events}");
@@ -638,29 +652,23 @@ fn rpo_over_the_policy_raises_an_alert_to_the_event_log_and_the_webhook() {
     // The master target stops; writes go on; the recovery point ages past the policy.
     mt.stop().unwrap();
     run("qemu-io", &["-f", "raw", "-c", "write -P 0x41 0 1M", "-c", "flush", &local.agent_uri("disk0")]).unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while !item_of(cp.api, admin_file, "agent-1")["rpo_alert"].as_bool().unwrap_or(false) {
-        assert!(std::time::Instant::now() < deadline, "no RPO alert: {}", item_of(cp.api, admin_file, "agent-1"));
-        std::thread::sleep(std::time::Duration::from_millis(300));
-    }
-    let item = item_of(cp.api, admin_file, "agent-1");
+    let item = wait_until("an RPO alert", std::time::Duration::from_secs(30), || {
+        let item = item_of(cp.api, admin_file, "agent-1");
+        item["rpo_alert"].as_bool().unwrap_or(false).then_some(item)
+    });
     assert!(item["rpo_seconds"].as_u64().unwrap() > 2, "{item}");
     let events = String::from_utf8_lossy(&srctl(cp.api, admin_file, &["events"]).stdout).to_string();
     assert!(events.contains("over the policy's 2 s"), "{events}");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while !received().iter().any(|r| r.starts_with("POST /alerts") && r.contains("over the policy")) {
-        assert!(std::time::Instant::now() < deadline, "the webhook got nothing: {:?}", received());
-        std::thread::sleep(std::time::Duration::from_millis(200));
-    }
+    wait_for("the webhook to get the alert", std::time::Duration::from_secs(10), || {
+        received().iter().any(|r| r.starts_with("POST /alerts") && r.contains("over the policy"))
+    });
 
     // The master target returns: the replica catches up and the alert clears.
     let _mt = local.start(Component::MasterTarget).unwrap();
     wait_caught_up(local, std::time::Duration::from_secs(60)).unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while item_of(cp.api, admin_file, "agent-1")["rpo_alert"].as_bool().unwrap_or(true) {
-        assert!(std::time::Instant::now() < deadline, "the alert never cleared");
-        std::thread::sleep(std::time::Duration::from_millis(300));
-    }
+    wait_for("the alert to clear", std::time::Duration::from_secs(30), || {
+        !item_of(cp.api, admin_file, "agent-1")["rpo_alert"].as_bool().unwrap_or(true)
+    });
     compare(disk.to_str().unwrap(), &local.replica_uri(1)).unwrap();
 }
 
@@ -678,26 +686,23 @@ fn disable_stops_journaling_and_protecting_again_starts_a_fresh_replica() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(item_of(m.cp.api, &m.admin_file, "agent-1")["state_name"], "unprotected");
     // The agent learns it within a poll: no more journaling, the journal is dropped.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    loop {
+    wait_for("the agent to stop journaling", std::time::Duration::from_secs(20), || {
         run("qemu-io", &["-f", "raw", "-c", "write -P 0x22 4M 1M", "-c", "flush", &uri]).unwrap();
         let st = m.local.agent_status().unwrap();
-        if st["disks"][0]["journal_bytes"] == 0 && st["disks"][0]["last_seq"] == 0 {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "the agent still journals: {st}");
-        std::thread::sleep(std::time::Duration::from_millis(300));
-    }
-    // A batch already on its way when protection was disabled may still land: wait until it did.
+        st["disks"][0]["journal_bytes"] == 0 && st["disks"][0]["last_seq"] == 0
+    });
+    // A batch already on its way when protection was disabled may still land: wait until it did, that
+    // is until the disabled item's replica stayed unchanged for a second (nothing reports the last one:
+    // the process server keeps the agent's session, and forwards it, until the session ends).
     let mut applied_then = applied_at_mt(&m.local, first);
-    loop {
-        std::thread::sleep(std::time::Duration::from_secs(1));
+    let mut since = std::time::Instant::now();
+    wait_for("the disabled item's replica to settle", std::time::Duration::from_secs(30), || {
         let now = applied_at_mt(&m.local, first);
-        if now == applied_then {
-            break;
+        if now != applied_then {
+            (applied_then, since) = (now, std::time::Instant::now());
         }
-        applied_then = now;
-    }
+        since.elapsed() >= std::time::Duration::from_secs(1)
+    });
 
     // Protecting again makes a new item with a full initial copy: its replica equals the source,
     // including what was written while unprotected; the old replica was left as it was.
@@ -725,16 +730,11 @@ fn test_failover_with_srctl_while_replication_goes_on_and_hook_failures_reach_th
     let item = local.item.to_string();
     let uri = local.agent_uri("disk0");
     run("qemu-io", &["-f", "raw", "-c", "write -P 0x31 0 4M", "-c", "flush", &uri]).unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    loop {
+    let events = wait_until("an event about the failing hook", std::time::Duration::from_secs(30), || {
         let events = String::from_utf8_lossy(&srctl(cp.api, admin_file, &["events"]).stdout).to_string();
-        if events.contains("quiesce refused") {
-            assert!(events.contains("crash-consistent"), "{events}");
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "no event about the failing hook: {events}");
-        std::thread::sleep(std::time::Duration::from_millis(300));
-    }
+        events.contains("quiesce refused").then_some(events)
+    });
+    assert!(events.contains("crash-consistent"), "{events}");
     wait_caught_up(local, std::time::Duration::from_secs(60)).unwrap();
     let out = srctl(cp.api, admin_file, &["--output", "json", "points", &item]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -778,7 +778,11 @@ fn test_failover_with_srctl_while_replication_goes_on_and_hook_failures_reach_th
     let mut on_copy = args.clone();
     on_copy.push(expected);
     run("qemu-io", &on_copy).unwrap();
-    std::thread::sleep(std::time::Duration::from_secs(2));
+    // Replication goes on meanwhile: something the churn wrote after the test disk's writes is applied.
+    let written = local.agent_status().unwrap()["disks"][0]["last_seq"].as_u64().unwrap();
+    wait_for("the churn to be applied to the replica", std::time::Duration::from_secs(30), || {
+        local.applied(1).unwrap() > written
+    });
     compare(expected, &test_disk).unwrap();
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     churn.join().unwrap();
@@ -830,18 +834,19 @@ fn overflow_waits_for_the_resync_window_and_srctl_resync_brings_the_item_back() 
     let item = local.item.to_string();
     let uri = local.agent_uri("disk0");
     run("qemu-io", &["-f", "raw", "-c", "write -P 0x71 1M 4M", "-c", "flush", &uri]).unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    loop {
+    let i = wait_until("the item to need a resync", std::time::Duration::from_secs(30), || {
         let i = item_of(cp.api, admin_file, "agent-1");
-        if i["state_name"] == "resync_required" {
-            assert!(i["state"]["reason"].as_str().unwrap().contains("limit"), "{i}");
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "the item never needed a resync: {i}");
-        std::thread::sleep(std::time::Duration::from_millis(200));
-    }
-    // Outside the window nothing is copied: the dirty blocks stay.
-    std::thread::sleep(std::time::Duration::from_secs(3));
+        (i["state_name"] == "resync_required").then_some(i)
+    });
+    assert!(i["state"]["reason"].as_str().unwrap().contains("limit"), "{i}");
+    // Outside the window nothing is copied: the dirty blocks stay. The agent had its chance: past the
+    // overflow, with dirty blocks to copy, it reports them waiting for the window.
+    let admin = m.cp.admin_token().unwrap();
+    wait_for("the agent to hold its dirty blocks for the window", std::time::Duration::from_secs(30), || {
+        let (_, machines) = call(cp.api, "GET", "/v1/machines", None, Some(&admin));
+        let d = &machines[0]["progress"][0];
+        d["resync_waiting"] == true && d["overflow"] == false
+    });
     let st = local.agent_status().unwrap();
     assert!(st["disks"][0]["dirty_bytes"].as_u64().unwrap() > 0, "{st}");
     assert_eq!(item_of(cp.api, admin_file, "agent-1")["state_name"], "resync_required");

@@ -8,7 +8,7 @@
 use serde_json::{json, Value};
 use sr_tests::*;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const MIB: u64 = 1 << 20;
 
@@ -20,16 +20,9 @@ fn io(uri: &str, cmds: &[&str]) -> anyhow::Result<String> {
     qemu_io(uri, &cmds.iter().map(|c| c.to_string()).collect::<Vec<_>>())
 }
 
-/// Waits until the two images are equal (replication still landing), failing with the difference.
+/// Waits until the two images are equal (replication still landing).
 fn wait_equal(a: &str, b: &str) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        match compare(a, b) {
-            Ok(()) => return,
-            Err(e) if Instant::now() > deadline => panic!("{a} and {b} never became equal: {e:#}"),
-            Err(_) => std::thread::sleep(Duration::from_millis(300)),
-        }
-    }
+    wait_for(&format!("{a} and {b} to become equal"), Duration::from_secs(60), || compare(a, b).is_ok());
 }
 
 #[test]
@@ -99,10 +92,13 @@ fn planned_failover_commit_reprotect_failback_and_forward_again() {
     bagent.kill();
     let (code, v) = d.api("POST", &format!("/v1/items/{id}/failback"), None);
     assert_eq!(code, 200, "{v}");
-    std::thread::sleep(Duration::from_millis(500));
+    let job = v["job"].as_u64().unwrap();
+    wait_for("the failback to start stopping the recovery site", Duration::from_secs(30), || {
+        d.api("GET", &format!("/v1/jobs/{job}"), None).1["steps"][0]["started"].is_u64()
+    });
     d.restart_cs();
     let _bagent = b.start(Component::Agent).unwrap();
-    d.wait_job(v["job"].as_u64().unwrap(), true);
+    d.wait_job(job, true);
     let cs_log = std::fs::read_to_string(d.cp.log()).unwrap();
     assert!(cs_log.contains("resuming the failover a restart interrupted"), "the restarted server took the job up");
     let item = d.item(id);
@@ -145,9 +141,9 @@ fn unplanned_failover_with_the_agent_killed_comes_up_at_the_chosen_point_with_ma
     wait_caught_up(&a, Duration::from_secs(60)).unwrap();
     let copy_then = dir.path().join("then.img");
     run("cp", &["--sparse=always", s(&source), s(&copy_then)]).unwrap();
-    std::thread::sleep(Duration::from_millis(20));
+    // Later than every change so far (all applied before the copy), earlier than the next one.
     let then = now_us();
-    std::thread::sleep(Duration::from_millis(20));
+    wait_for("the clock to pass the chosen instant", Duration::from_secs(1), || now_us() > then);
     io(&uri, &["write -P 0x62 2M 4M", "flush"]).unwrap();
     wait_caught_up(&a, Duration::from_secs(60)).unwrap();
     agent.kill();
@@ -286,14 +282,18 @@ fn a_plan_fails_over_group_by_group_with_scripts_and_a_manual_pause() {
     let job = v["job"].as_u64().unwrap();
 
     // Group 1 is up and the plan waits at its manual action; group 2 has not started.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while m.d.item(m.items[0])["test_failover"].is_null()
-        || !std::fs::read_to_string(&log).unwrap_or_default().contains("g1-pre")
-    {
-        assert!(Instant::now() < deadline, "group 1 never came up");
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    std::thread::sleep(Duration::from_secs(2));
+    wait_for("group 1 to come up", Duration::from_secs(60), || {
+        !m.d.item(m.items[0])["test_failover"].is_null()
+            && std::fs::read_to_string(&log).unwrap_or_default().contains("g1-pre")
+    });
+    wait_for("the plan to wait at the manual action", Duration::from_secs(30), || {
+        let (_, events) = m.d.api("GET", "/v1/events", None);
+        events
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["message"].as_str().unwrap_or_default().contains("waiting for resume: check the database"))
+    });
     let j = m.d.api("GET", &format!("/v1/jobs/{job}"), None).1;
     assert_eq!(j["state"], "running", "waits at the manual action: {j}");
     assert!(m.d.item(m.items[1])["test_failover"].is_null(), "group 2 waits for the resume");
@@ -384,8 +384,10 @@ fn a_plan_consistency_point_never_holds_a_dependent_write_without_its_cause() {
     // Machine B writes round i only after machine A's write of round i completed; one qemu-io session per
     // machine, so a round takes well under a millisecond and every point falls between many of them.
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let written = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
     let writer = {
         let (ua, ub, stop, tmp) = (ua.clone(), ub.clone(), stop.clone(), dir.path().to_path_buf());
+        let written = written.clone();
         std::thread::spawn(move || {
             let (mut qa, mut qb) = (Session::open(&ua), Session::open(&ub));
             let mut i = 1u32;
@@ -397,6 +399,7 @@ fn a_plan_consistency_point_never_holds_a_dependent_write_without_its_cause() {
                 std::fs::write(&buf, &block).unwrap();
                 qa.run(&cmd);
                 qb.run(&cmd);
+                written.store(i, std::sync::atomic::Ordering::Relaxed);
                 i += 1;
             }
             i
@@ -404,7 +407,11 @@ fn a_plan_consistency_point_never_holds_a_dependent_write_without_its_cause() {
     };
     let mut seen = Vec::new();
     for _ in 0..3 {
-        std::thread::sleep(Duration::from_millis(700));
+        // Each point falls among many rounds: the machines wrote a good number since the last one.
+        let at = written.load(std::sync::atomic::Ordering::Relaxed);
+        wait_for("the machines to write more rounds", Duration::from_secs(30), || {
+            written.load(std::sync::atomic::Ordering::Relaxed) >= at + 100
+        });
         let (code, v) = m.d.api("POST", "/v1/plans/pair/failover", Some(json!({"kind": "test"})));
         assert_eq!(code, 200, "{v}");
         m.d.wait_job(v["job"].as_u64().unwrap(), true);
@@ -420,12 +427,9 @@ fn a_plan_consistency_point_never_holds_a_dependent_write_without_its_cause() {
     // one of those, taken while the machines wrote.
     let latest = || m.d.api("GET", "/v1/plans/pair", None).1["latest_point"]["tag"].as_str().unwrap_or("").to_string();
     let before = latest();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while latest() == before {
-        assert!(Instant::now() < deadline, "no scheduled consistency point");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let scheduled = latest();
+    let scheduled = wait_until("a scheduled consistency point", Duration::from_secs(30), || {
+        Some(latest()).filter(|l| *l != before)
+    });
     assert!(!writer.is_finished(), "the scheduled point was taken while the machines wrote");
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let rounds = writer.join().unwrap();

@@ -76,7 +76,7 @@ impl Setup {
         let copy = self.dir.path().join(format!("{name}.img"));
         std::fs::copy(self.source(), &copy).unwrap();
         // The next write comes strictly later than the recorded instant.
-        std::thread::sleep(Duration::from_millis(20));
+        wait_for("the clock to pass the recorded instant", Duration::from_secs(1), || now_us() > t);
         (t, copy)
     }
 
@@ -121,7 +121,6 @@ fn any_instant_reads_back_as_the_source_was_then() {
     for k in 0..5u8 {
         qemu_io(&uri, &round(&mut rng, s.size, 0x10 + k)).unwrap();
         marks.push(s.mark(&format!("t{k}")));
-        std::thread::sleep(Duration::from_millis(300));
     }
     for (k, (t, copy)) in marks.iter().enumerate() {
         check_equal(&s, &format!("at-{k}"), *t, copy);
@@ -131,9 +130,11 @@ fn any_instant_reads_back_as_the_source_was_then() {
     assert!(compare(marks[0].1.to_str().unwrap(), &later).is_err());
     s.delete_view("later");
     // Bookmarks from the agent's interval are listed as crash-consistent named points, and usable.
-    let p = s.points();
+    let p = wait_until("a bookmark from the agent's interval", Duration::from_secs(30), || {
+        let p = s.points();
+        p["disks"][0]["named"].as_array().unwrap().iter().any(|m| m["kind"] == "crash-consistent").then_some(p)
+    });
     let named = p["disks"][0]["named"].as_array().unwrap();
-    assert!(named.iter().any(|m| m["kind"] == "crash-consistent"), "{p}");
     assert!(named.iter().any(|m| m["kind"] == "initial-copy-done"), "{p}");
     assert!(p["disks"][0]["undo_bytes"].as_u64().unwrap() > 0);
     s.open_view("bm", json!("latest-bookmark"), false);
@@ -158,18 +159,16 @@ fn any_instant_reads_back_as_the_source_was_then() {
         json!({ "item": s.local.item, "disk": 1, "path": out, "point": { "time-us": marks[4].0 }, "wait": false });
     let started = http::post_json(s.local.addrs.mt_http, "/v1/export", &body).unwrap();
     let id = started["export_id"].as_u64().unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
+    wait_for("the export to finish", Duration::from_secs(30), || {
         let p = http::get_json(s.local.addrs.mt_http, &format!("/v1/exports/{id}")).unwrap();
         assert!(p["percent"].as_f64().unwrap() <= 100.0);
         if p["state"] == "done" {
             assert_eq!(p["percent"], 100.0);
-            break;
+            return true;
         }
         assert_eq!(p["state"], "running", "{p}");
-        assert!(std::time::Instant::now() < deadline, "the export never finished: {p}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+        false
+    });
     compare(marks[4].1.to_str().unwrap(), out.to_str().unwrap()).unwrap();
     // And as qcow2, which qemu-img checks and reads back as the same disk.
     let q = s.dir.path().join("export-t3.qcow2");
@@ -213,7 +212,11 @@ fn a_writable_view_stays_at_its_point_and_never_touches_the_replica() {
     let expected = s.dir.path().join("expected.img");
     std::fs::copy(&copy, &expected).unwrap();
     qemu_io(expected.to_str().unwrap(), &writes).unwrap();
-    std::thread::sleep(Duration::from_secs(2));
+    // Replication goes on meanwhile: something the churn wrote after the test disk's writes is applied.
+    let written = s.local.agent_status().unwrap()["disks"][0]["last_seq"].as_u64().unwrap();
+    wait_for("the churn to be applied to the replica", Duration::from_secs(30), || {
+        s.local.applied(1).unwrap() > written
+    });
     compare(expected.to_str().unwrap(), &test_disk).unwrap();
     stop.store(true, Ordering::Relaxed);
     churn.join().unwrap();
@@ -241,6 +244,8 @@ fn retention_expires_old_points_reclaims_space_and_keeps_the_rest_exact() {
         qemu_io(&uri, &round(&mut rng, s.size, 0x50 + k)).unwrap();
         marks.push(s.mark(&format!("r{k}")));
         peak = peak.max(s.points()["disks"][0]["undo_bytes"].as_u64().unwrap());
+        // Time passing on purpose, not a wait for a condition: it spreads the points over more than the
+        // retention window, so that the oldest expire and the newest stay.
         std::thread::sleep(Duration::from_millis(600));
     }
     let p = s.points();
@@ -253,12 +258,17 @@ fn retention_expires_old_points_reclaims_space_and_keeps_the_rest_exact() {
     for (k, (t, copy)) in kept {
         check_equal(&s, &format!("kept-{k}"), *t, copy);
     }
-    // With no more writes, everything but the newest segment goes once the window has passed.
-    std::thread::sleep(Duration::from_secs(6));
+    // With no more writes, everything but the newest segment goes once the window has passed: the
+    // newest point is older than the retention, and an expiry run began since (two more ended).
+    let last = marks.last().unwrap();
+    wait_for("the retention window to pass the newest point", Duration::from_secs(6), || now_us() > last.0 + 4_000_000);
+    let runs = metric(s.local.addrs.mt_http, "sr_master_target_expiry_runs_total").unwrap();
+    wait_for("two more expiry runs", Duration::from_secs(6), || {
+        metric(s.local.addrs.mt_http, "sr_master_target_expiry_runs_total").unwrap() >= runs + 2.0
+    });
     let p = s.points();
     let left = p["disks"][0]["undo_bytes"].as_u64().unwrap();
     assert!(left < peak / 2, "space was not reclaimed: {left} bytes left of a peak of {peak}: {p}");
-    let last = marks.last().unwrap();
     check_equal(&s, "last", last.0, &last.1);
     let (_, metrics) = http::request(s.local.addrs.mt_http, "GET", "/metrics", None).unwrap();
     for name in [
@@ -298,6 +308,8 @@ fn master_target_killed_during_apply_expiry_and_test_failover_keeps_every_point(
                 }
             })
         };
+        // Random sleeps on purpose, not waits for a condition: they pick the moment of the kill in the
+        // burst, and how long the master target stays down.
         std::thread::sleep(Duration::from_millis(rng.gen_range(100..1500)));
         s.mt.take().unwrap().kill();
         std::thread::sleep(Duration::from_millis(rng.gen_range(0..500)));
@@ -347,7 +359,16 @@ fn app_consistent_points_come_from_the_hooks_and_a_failing_hook_gives_a_crash_co
     let mut s = setup_in(dir, 16 * MIB, &[], &agent_env);
     let uri = s.local.agent_uri("d");
     qemu_io(&uri, &["write -P 0x61 0 1M".to_string(), "flush".to_string()]).unwrap();
-    std::thread::sleep(Duration::from_millis(2500));
+    let written = s.local.agent_status().unwrap()["disks"][0]["last_seq"].as_u64().unwrap();
+    wait_for("an app-consistent point after the write", Duration::from_secs(60), || {
+        let p = s.points();
+        p["disks"][0]["named"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["kind"] == "app-consistent" && m["seq"].as_u64().unwrap() > written)
+            && std::fs::read_to_string(&log).unwrap().contains("freeze\nthaw\n")
+    });
     wait_caught_up(&s.local, Duration::from_secs(60)).unwrap();
     let p = s.points();
     let named = p["disks"][0]["named"].as_array().unwrap().clone();
@@ -366,10 +387,10 @@ fn app_consistent_points_come_from_the_hooks_and_a_failing_hook_gives_a_crash_co
     ];
     s._agent = s.local.start_env(Component::Agent, &failing).unwrap();
     qemu_io(&uri, &["write -P 0x62 1M 1M".to_string(), "flush".to_string()]).unwrap();
-    std::thread::sleep(Duration::from_millis(2500));
+    wait_for("a crash-consistent point from the failing hook", Duration::from_secs(60), || {
+        s.points()["disks"][0]["named"].as_array().unwrap().iter().any(|m| m["kind"] == "crash-consistent")
+    });
     wait_caught_up(&s.local, Duration::from_secs(60)).unwrap();
-    let p = s.points();
-    assert!(p["disks"][0]["named"].as_array().unwrap().iter().any(|m| m["kind"] == "crash-consistent"), "{p}");
     let agent_log = std::fs::read_to_string(s.local.log(Component::Agent)).unwrap();
     assert!(agent_log.contains("database busy"), "the hook's output is not in the agent's log");
     compare(s.source().to_str().unwrap(), &s.local.replica_uri(1)).unwrap();

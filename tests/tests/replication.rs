@@ -165,26 +165,25 @@ fn full_cache_is_backpressure_not_loss() {
     let _agent = local.start(Component::Agent).unwrap();
     wait_caught_up(&local, Duration::from_secs(60)).unwrap();
     mt.stop().unwrap();
+    let waits = metric(local.addrs.ps_http, "sr_process_server_backpressure_waits_total").unwrap();
     let uri = local.agent_uri("disk0");
     let mut cmds: Vec<String> = (0..30).map(|i| format!("write -P {} {}M 1M", 0x31 + i, i * 2)).collect();
     cmds.push("flush".into());
     qemu_io(&uri, &cmds).unwrap();
-    // The journal holds what the process server could not take.
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    let journal = loop {
-        std::thread::sleep(Duration::from_millis(500));
+    // The journal holds what the process server could not take. Once the process server holds the agent
+    // back (its cache at the limit), nothing more enters the cache while the master target is away.
+    let (st, cache) = wait_until("the process server to hold the agent back", Duration::from_secs(30), || {
         let st = local.agent_status().unwrap();
         let (acked, last) =
             (st["disks"][0]["acked_seq"].as_u64().unwrap(), st["disks"][0]["last_seq"].as_u64().unwrap());
         let ps = sr_common::http::get_json(local.addrs.ps_http, "/v1/status").unwrap();
         let cache = ps["streams"][0]["cache_bytes"].as_u64().unwrap();
-        if acked < last && cache > 0 && std::time::Instant::now() > deadline - Duration::from_secs(25) {
-            // The limit is checked before each batch: at most one batch (a few records) beyond it.
-            assert!(cache <= 4 * MIB, "cache grew to {cache} bytes past its limit");
-            break st["disks"][0]["journal_bytes"].as_u64().unwrap();
-        }
-        assert!(std::time::Instant::now() < deadline, "never saw backpressure: {st}");
-    };
+        let held = metric(local.addrs.ps_http, "sr_process_server_backpressure_waits_total").unwrap() > waits;
+        (acked < last && cache > 0 && held).then_some((st, cache))
+    });
+    // The limit is checked before each batch: at most one batch (a few records) beyond it.
+    assert!(cache <= 4 * MIB, "cache grew to {cache} bytes past its limit");
+    let journal = st["disks"][0]["journal_bytes"].as_u64().unwrap();
     assert!(journal > 20 * MIB, "the agent keeps the unacknowledged changes ({journal} bytes)");
     let _mt = local.start(Component::MasterTarget).unwrap();
     wait_caught_up(&local, Duration::from_secs(120)).unwrap();
@@ -204,15 +203,9 @@ fn a_lost_replica_is_refused_not_silently_recreated() {
     std::fs::remove_file(local.replica_path(1)).unwrap();
     let _mt = local.start(Component::MasterTarget).unwrap();
     qemu_io(&local.agent_uri("disk0"), &["write -P 0x44 0 1M".to_string(), "flush".to_string()]).unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let ps_log = std::fs::read_to_string(local.log(Component::ProcessServer)).unwrap();
-        if ps_log.contains("is missing") {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "the process server is never told why: {ps_log}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_for("the process server to be told why", Duration::from_secs(30), || {
+        std::fs::read_to_string(local.log(Component::ProcessServer)).unwrap().contains("is missing")
+    });
     assert!(!local.replica_path(1).exists(), "an empty replica must not be made in its place");
     let log = std::fs::read_to_string(local.log(Component::MasterTarget)).unwrap();
     assert!(log.contains("replica unusable") && log.contains("needs a resync"), "{log}");

@@ -168,11 +168,9 @@ fn a_resync_interrupted_by_sigkill_of_each_service_resumes_where_it_stopped() {
     let cursor = || local.agent_status().unwrap()["disks"][0]["resync"]["cursor"].as_u64().unwrap();
     let mut last = 0;
     for victim in [Component::Agent, Component::ProcessServer, Component::MasterTarget] {
-        let deadline = std::time::Instant::now() + Duration::from_secs(60);
-        while cursor() <= last {
-            assert!(std::time::Instant::now() < deadline, "the comparison made no progress after {victim:?}");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        wait_for(&format!("the comparison to progress before {victim:?} is killed"), Duration::from_secs(60), || {
+            cursor() > last
+        });
         let before = cursor();
         assert!(before < size, "the comparison finished before {victim:?} was killed");
         match victim {
@@ -182,12 +180,10 @@ fn a_resync_interrupted_by_sigkill_of_each_service_resumes_where_it_stopped() {
             }
             Component::ProcessServer => {
                 ps.take().unwrap().kill();
-                std::thread::sleep(Duration::from_millis(300));
                 ps = Some(local.start(Component::ProcessServer).unwrap());
             }
             _ => {
                 mt.take().unwrap().kill();
-                std::thread::sleep(Duration::from_millis(300));
                 mt = Some(local.start(Component::MasterTarget).unwrap());
             }
         }
@@ -235,11 +231,9 @@ fn scan_capture_ships_changes_written_straight_into_the_disk_file_within_the_int
     f.sync_all().unwrap();
     let copied_before = metric(local.addrs.agent_http, "sr_agent_resync_copied_bytes_total").unwrap();
     // Within the interval (1 s) plus shipping, the replica has the changes.
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while compare(disk.to_str().unwrap(), &local.replica_uri(1)).is_err() {
-        assert!(std::time::Instant::now() < deadline, "the scanned changes never reached the replica");
-        std::thread::sleep(Duration::from_millis(250));
-    }
+    wait_for("the scanned changes to reach the replica", Duration::from_secs(20), || {
+        compare(disk.to_str().unwrap(), &local.replica_uri(1)).is_ok()
+    });
     let copied = metric(local.addrs.agent_http, "sr_agent_resync_copied_bytes_total").unwrap() - copied_before;
     // Changed 64 KiB blocks only: at most two per write, plus the 2 MiB of zeroes.
     assert!(copied <= (40 * 2 * 65536 + (2 << 20)) as f64, "{copied} bytes shipped for {changed} changed bytes");
