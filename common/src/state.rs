@@ -24,6 +24,13 @@ pub struct StateError {
     message: String,
 }
 
+impl StateError {
+    /// A failure of the store's backend doing `what` (for stores outside this module, and tests).
+    pub fn new(what: &'static str, message: impl Into<String>) -> StateError {
+        StateError { what, message: message.into() }
+    }
+}
+
 pub trait StateStore: Send + Sync {
     fn streams(&self) -> Result<Vec<(StreamKey, StreamRecord)>, StateError>;
     fn put_stream(&self, key: StreamKey, rec: StreamRecord) -> Result<(), StateError>;

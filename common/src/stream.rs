@@ -78,8 +78,10 @@ pub fn place(next: Seq, first: Seq, last: Seq) -> Place {
 }
 
 /// How long a sender waits for any acknowledgement while batches are in flight before it starts a new
-/// session: long enough for a receiver holding back (a full cache waiting for its master target) to
-/// keep its session, short enough that a peer stuck behind a live connection is left.
+/// session, where its receiver has no reason to hold batches back (the master target applies or
+/// refuses at once): a peer stuck behind a live connection is left. A process server holds an agent's
+/// batches back on purpose while its cache is full, for as long as its master target is away, so the
+/// agent's sessions have no ack timeout (QUIC's idle timeout still ends a session with a dead peer).
 pub const DEFAULT_ACK_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// A sender's limits.
@@ -149,12 +151,11 @@ impl Sender {
     }
 
     /// Where a batch read from the source stands: how many of its first changes were sent already, or
-    /// a gap the source cannot fill.
+    /// a gap the source cannot fill. A source asked for `next` never gives a batch that ends before it.
     pub fn place(&self, first: Seq, last: Seq) -> Result<u64, StreamError> {
         match place(self.next, first, last) {
             Place::Continues { skip } => Ok(skip),
-            Place::Behind => Ok(last.0 + 1 - first.0),
-            Place::Ahead => Err(StreamError::NotHeld { next: self.next, first, last }),
+            Place::Behind | Place::Ahead => Err(StreamError::NotHeld { next: self.next, first, last }),
         }
     }
 
@@ -196,11 +197,15 @@ impl Sender {
     /// Gives the session up if nothing was acknowledged for the whole ack timeout.
     pub fn handle_timeout(&self, now: Instant) -> Result<(), StreamError> {
         match self.poll_timeout() {
-            Some(at) if now >= at => {
-                Err(StreamError::Stalled { waited: now - self.progress_at, bytes: self.inflight_bytes })
-            }
+            Some(at) if now >= at => Err(self.stalled(now)),
             _ => Ok(()),
         }
+    }
+
+    /// The error of a session given up at `now` for want of acknowledgements (also while a write to the
+    /// peer is blocked because it stopped reading).
+    pub fn stalled(&self, now: Instant) -> StreamError {
+        StreamError::Stalled { waited: now.saturating_duration_since(self.progress_at), bytes: self.inflight_bytes }
     }
 
     pub fn acknowledged(&self) -> Seq {
@@ -263,6 +268,12 @@ impl Receiver {
             Place::Ahead => Err(StreamError::Gap { expected: self.next, first }),
             Place::Continues { skip } => Ok(Offer::Take { skip: skip as usize }),
         }
+    }
+
+    /// The durable position moved on outside this session (a batch of an older session finished after
+    /// this one began): what it now needs is at least `next`.
+    pub fn advance(&mut self, next: Seq) {
+        self.next = self.next.max(next);
     }
 
     /// The batch ending at `last` is durable: returns the acknowledgement to send.
@@ -351,7 +362,7 @@ mod tests {
         assert_eq!(s.place(Seq(3), Seq(9)), Ok(2));
         assert_eq!(s.place(Seq(5), Seq(9)), Ok(0));
         s.sent(Seq(5), Seq(9), 10, t0);
-        assert_eq!(s.place(Seq(2), Seq(9)), Ok(8), "all sent");
+        assert!(s.place(Seq(2), Seq(9)).is_err(), "all sent: a source never gives it");
         assert_eq!(s.place(Seq(11), Seq(12)).unwrap_err().code(), ErrorCode::ChainBroken);
     }
 
@@ -371,6 +382,11 @@ mod tests {
         assert_eq!(strict.offer(Seq(6), Seq(7)).unwrap_err().code(), ErrorCode::Transient);
         assert_eq!(strict.offer(Seq(3), Seq(3)), Ok(Offer::Replay { through: Seq(3) }));
         assert_eq!(Receiver::new(Seq(0), OverlapRule::Trim).next(), Seq(1));
+        let mut late = Receiver::new(Seq(4), OverlapRule::Refuse);
+        late.advance(Seq(6));
+        assert_eq!(late.offer(Seq(4), Seq(5)), Ok(Offer::Replay { through: Seq(5) }), "applied meanwhile");
+        late.advance(Seq(2));
+        assert_eq!(late.next(), Seq(6), "never back");
     }
 
     /// One step of the simulated network and of the two peers.

@@ -117,29 +117,8 @@ pub async fn enable(AxState(cs): AxState<Arc<Cs>>, h: HeaderMap, b: Body<Enable>
     }
     let id = store.next_id(ITEMS)?;
     let mut job = JobHandle::start(store, "enable protection", &id.to_string(), EnableStep::NAMES)?;
-    let mut item = Item {
-        id,
-        machine: req.machine.clone(),
-        policy: policy.id.clone(),
-        state: State::Unprotected.on(&Event::EnableRequested).map_err(|e| ApiError::bad(&e.to_string()))?,
-        process_server: None,
-        master_target: None,
-        data_key: String::new(),
-        job: Some(job.job.id),
-        created: now(),
-        caught_up_at: None,
-        rpo_alert: false,
-        test_failover: None,
-        resync_request: 0,
-        resync_job: None,
-        stream: None,
-        failover: None,
-        reprotect: None,
-        previous_machine: None,
-        previous_master_target: None,
-        problem: None,
-        chain_broken: false,
-    };
+    let state = State::Unprotected.on(&Event::EnableRequested).map_err(|e| ApiError::bad(&e.to_string()))?;
+    let mut item = Item { job: Some(job.job.id), ..Item::new(id, &req.machine, &policy.id, state, now()) };
     store.put(ITEMS, &id_key(id), &item)?;
     job.step(EnableStep::CheckPrerequisites.index())?;
     let (_machine, ps, mt) = match place(&cs, &req.machine) {

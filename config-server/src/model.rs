@@ -255,6 +255,33 @@ pub struct Item {
 }
 
 impl Item {
+    /// A new item of `machine` under `policy`, in `state`, placed nowhere yet.
+    pub fn new(id: u64, machine: &str, policy: &str, state: State, created: u64) -> Item {
+        Item {
+            id,
+            machine: machine.into(),
+            policy: policy.into(),
+            state,
+            process_server: None,
+            master_target: None,
+            data_key: String::new(),
+            job: None,
+            created,
+            caught_up_at: None,
+            rpo_alert: false,
+            test_failover: None,
+            resync_request: 0,
+            resync_job: None,
+            stream: None,
+            failover: None,
+            reprotect: None,
+            previous_machine: None,
+            previous_master_target: None,
+            problem: None,
+            chain_broken: false,
+        }
+    }
+
     /// The id its data carries on the wire.
     pub fn wire_id(&self) -> u64 {
         self.stream.unwrap_or(self.id)

@@ -353,27 +353,9 @@ mod tests {
 
     fn item(state: State) -> Item {
         Item {
-            id: 7,
-            machine: "vm".into(),
-            policy: "p".into(),
-            state,
             process_server: Some("ps-1".into()),
             master_target: Some("mt".into()),
-            data_key: String::new(),
-            job: None,
-            created: 0,
-            caught_up_at: None,
-            rpo_alert: false,
-            test_failover: None,
-            resync_request: 0,
-            resync_job: None,
-            stream: None,
-            failover: None,
-            reprotect: None,
-            previous_machine: None,
-            previous_master_target: None,
-            problem: None,
-            chain_broken: false,
+            ..Item::new(7, "vm", "p", state, 0)
         }
     }
 

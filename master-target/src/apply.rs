@@ -79,6 +79,8 @@ pub async fn session(
                 sealed.disk_size
             );
         }
+        // An older session's batch may have finished applying after this session began.
+        receiver.advance(replica.applied().next());
         match receiver.offer(sealed.first, sealed.last) {
             Ok(Offer::Take { .. }) => {}
             Ok(Offer::Replay { through }) => {

@@ -200,7 +200,9 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Resul
         batch_bytes: cfg.ship.batch_bytes,
         window_bytes: cfg.ship.window_bytes,
         retry: sr_common::retry::RetryPolicy { scale: cfg.ship.retry_scale },
-        ack_timeout: Some(sr_common::stream::DEFAULT_ACK_TIMEOUT),
+        // The process server holds batches back on purpose while its cache is full (see
+        // `stream::DEFAULT_ACK_TIMEOUT`): no ack timeout here.
+        ack_timeout: None,
     });
     let fixed =
         cfg.item.zip(cfg.process_server).map(|(item, ps)| ship::Route { item: ItemId(item), process_server: ps });

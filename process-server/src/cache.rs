@@ -112,9 +112,26 @@ impl StreamCache {
         sr_common::crashsafe::write_file(&path, &bytes)?;
         self.total.add(bytes.len() as u64);
         let entry = Entry { first: batch.first, last: batch.last, bytes: bytes.len() as u64, path };
-        if let Some(old) = self.lock().insert(batch.first, entry) {
-            // The same batch written again (a reconnecting agent): the file was replaced, not added.
-            self.total.sub(old.bytes);
+        let mut g = self.lock();
+        match g.get(&batch.first) {
+            // A longer batch from the same point is cached already (an older session of the agent
+            // finished writing after a newer one): it holds all of this one, keep it.
+            Some(old) if old.last > entry.last => {
+                drop(g);
+                std::fs::remove_file(&entry.path)?;
+                self.total.sub(entry.bytes);
+            }
+            _ => {
+                if let Some(old) = g.insert(batch.first, entry.clone()) {
+                    // The same point written again (a reconnecting agent): the new file replaces the
+                    // old one, which is removed unless it had the very same name.
+                    drop(g);
+                    if old.path != entry.path {
+                        std::fs::remove_file(&old.path)?;
+                    }
+                    self.total.sub(old.bytes);
+                }
+            }
         }
         Ok(())
     }
@@ -222,6 +239,27 @@ mod tests {
         assert_eq!(total.used(), once);
         c.drop_through(Seq(4)).unwrap();
         assert_eq!(total.used(), 0);
+    }
+
+    #[test]
+    fn batches_from_the_same_point_of_two_sessions_leave_the_longer_and_no_orphan() {
+        let d = tempfile::tempdir().unwrap();
+        let total = Arc::new(CacheSpace::default());
+        let c = StreamCache::open(d.path(), total.clone()).unwrap();
+        // The newer session's longer batch lands first, the older session's shorter one after it.
+        c.put(&batch(1, 8)).unwrap();
+        c.put(&batch(1, 4)).unwrap();
+        assert_eq!(c.find(Seq(6)).map(|e| (e.first, e.last)), Some((Seq(1), Seq(8))), "no hole at 5..=8");
+        let files = || std::fs::read_dir(d.path()).unwrap().count();
+        assert_eq!(files(), 1, "the shorter copy is not left behind");
+        let one = total.used();
+        // The other order: the longer replaces the shorter, whose file goes.
+        c.put(&batch(9, 10)).unwrap();
+        c.put(&batch(9, 12)).unwrap();
+        assert_eq!(files(), 2);
+        assert_eq!(c.find(Seq(12)).map(|e| e.last), Some(Seq(12)));
+        c.drop_through(Seq(12)).unwrap();
+        assert_eq!((files(), total.used()), (0, 0), "the count matches the files: {one}");
     }
 
     #[test]

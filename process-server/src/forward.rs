@@ -89,6 +89,8 @@ async fn session(server: &Arc<Server>, stream: &Arc<Stream>) -> anyhow::Result<(
         Message::Resume { next } => next,
         other => bail!("master target answered Open with {}", other.kind()),
     };
+    // Sequence numbers start at 1: a Resume below is a peer's mistake, read as "from the start".
+    let next = next.max(Seq(1));
     let s = stream.clone();
     tokio::task::spawn_blocking(move || s.set_applied(Seq(next.0 - 1))).await??;
     tracing::info!(%key, next = next.0, "forwarding to the master target");
@@ -164,8 +166,14 @@ async fn session(server: &Arc<Server>, stream: &Arc<Stream>) -> anyhow::Result<(
             metrics::counter!(m::BANDWIDTH_WAIT_MS).increment(wait.as_millis() as u64);
             tokio::time::sleep(wait).await;
         }
-        let frame_len =
-            wire::write_msg(&mut send, &Message::Sealed(sealed)).await.context("sending a sealed batch")? as u64;
+        // A master target that stopped reading blocks the write once the stream's credit is used up.
+        let msg = Message::Sealed(sealed);
+        let frame_len = tokio::select! {
+            r = wire::write_msg(&mut send, &msg) => r.context("sending a sealed batch")? as u64,
+            _ = sr_common::service::sleep_until(sender.poll_timeout()) => {
+                return Err(sender.stalled(Instant::now())).context(format!("{key}: forwarding"));
+            }
+        };
         metrics::counter!(m::BYTES_OUT).increment(frame_len);
         metrics::counter!(m::PAYLOAD_BYTES).increment(raw_bytes);
         metrics::counter!(m::BATCHES_OUT).increment(1);

@@ -168,11 +168,25 @@ pub async fn session(
                         tracing::warn!(%key, "the cache volume is full; holding the agent back until space is freed");
                         full_since = Some(std::time::Instant::now());
                     }
+                    // Written again only once the volume has room for it (a partial write would fill the
+                    // volume for everyone sharing it), and only while the item is still carried here.
+                    let need = b.size_hint() as u64;
                     batch = Some(b);
-                    tokio::select! {
-                        _ = freed => {}
-                        _ = tokio::time::sleep(VOLUME_FULL_RETRY) => {}
-                        _ = token.cancelled() => bail!("{key}: a newer session took over"),
+                    let mut freed = std::pin::pin!(freed);
+                    loop {
+                        tokio::select! {
+                            _ = &mut freed => {}
+                            _ = tokio::time::sleep(VOLUME_FULL_RETRY) => {}
+                            _ = token.cancelled() => bail!("{key}: a newer session took over"),
+                        }
+                        metrics::counter!(m::BACKPRESSURE).increment(1);
+                        if server.route(item).is_none() {
+                            bail!("{key}: no longer assigned to this process server");
+                        }
+                        if sr_common::control::free_bytes(&server.cfg.data_dir) > need {
+                            break;
+                        }
+                        freed.set(server.cache_total.freed());
                     }
                 }
                 Err(e) => {

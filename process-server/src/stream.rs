@@ -32,6 +32,8 @@ pub struct Stream {
     /// configuration server; cleared by a session that forwards again.
     pub fault: Mutex<Option<(sr_common::wire::ErrorCode, String)>>,
     store: Arc<dyn StateStore>,
+    /// Serializes persisting the applied position, so an older position never overwrites a newer one.
+    persist: Mutex<()>,
     lag: metrics::Gauge,
     applied_gauge: metrics::Gauge,
     cached_gauge: metrics::Gauge,
@@ -61,6 +63,7 @@ impl Stream {
             forwarder: std::sync::Once::new(),
             fault: Mutex::new(None),
             store,
+            persist: Mutex::new(()),
             lag: metrics::gauge!(m::LAG_CHANGES, "item" => item.clone(), "disk" => disk.clone()),
             applied_gauge: metrics::gauge!(m::APPLIED_SEQ, "item" => item.clone(), "disk" => disk.clone()),
             cached_gauge: metrics::gauge!(m::CACHED_SEQ, "item" => item, "disk" => disk),
@@ -94,11 +97,17 @@ impl Stream {
         self.cached.notify_one();
     }
 
-    /// The master target applied everything through `through`: persist it, then free the cache.
+    /// The master target applied everything through `through`: persist it, then free the cache. The
+    /// position in memory (which frees the cache and is relayed to the agent, which trims its journal
+    /// on it) moves only once it is persisted: after a failed write the next call writes it again,
+    /// and a restart never finds the store behind what the agent was told.
     pub fn set_applied(&self, through: Seq) -> anyhow::Result<()> {
-        let prev = self.applied.fetch_max(through.0, Ordering::Relaxed);
-        if through.0 > prev || !self.known() {
-            self.store.put_stream(self.key, StreamRecord { disk_size: self.disk_size, applied: through })?;
+        {
+            let _one_at_a_time = self.persist.lock().expect("persist lock poisoned");
+            if through.0 > self.applied.load(Ordering::Relaxed) || !self.known() {
+                self.store.put_stream(self.key, StreamRecord { disk_size: self.disk_size, applied: through })?;
+            }
+            self.applied.fetch_max(through.0, Ordering::Relaxed);
         }
         self.next.fetch_max(through.0 + 1, Ordering::Relaxed);
         self.known.store(true, Ordering::Release);
@@ -106,5 +115,58 @@ impl Stream {
         self.publish();
         self.freed.notify_waiters();
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sr_common::state::{MemStore, StateError};
+    use sr_common::types::{DiskId, ItemId};
+    use std::sync::atomic::AtomicBool;
+
+    /// A store whose stream writes fail while `full` is set, as on a full volume.
+    #[derive(Default)]
+    struct FullVolume {
+        inner: MemStore,
+        full: AtomicBool,
+    }
+
+    impl StateStore for FullVolume {
+        fn streams(&self) -> Result<Vec<(StreamKey, StreamRecord)>, StateError> {
+            self.inner.streams()
+        }
+        fn put_stream(&self, key: StreamKey, rec: StreamRecord) -> Result<(), StateError> {
+            if self.full.load(Ordering::Relaxed) {
+                return Err(StateError::new("put_stream", "no space left on device"));
+            }
+            self.inner.put_stream(key, rec)
+        }
+        fn record_apply(&self, key: StreamKey, first: Seq, last: Seq) -> Result<(), StateError> {
+            self.inner.record_apply(key, first, last)
+        }
+        fn apply_log(&self, key: StreamKey) -> Result<Vec<(Seq, Seq)>, StateError> {
+            self.inner.apply_log(key)
+        }
+        fn remove_stream(&self, key: StreamKey) -> Result<(), StateError> {
+            self.inner.remove_stream(key)
+        }
+    }
+
+    #[test]
+    fn the_applied_position_moves_only_once_it_is_persisted() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(FullVolume::default());
+        let key = StreamKey { item: ItemId(1), disk: DiskId(1) };
+        let cache = StreamCache::open(dir.path(), Default::default()).unwrap();
+        let rec = StreamRecord { disk_size: 1 << 20, applied: Seq(3) };
+        let s = Stream::new(key, rec, true, cache, store.clone());
+        store.full.store(true, Ordering::Relaxed);
+        assert!(s.set_applied(Seq(10)).is_err());
+        assert_eq!(s.applied(), Seq(3), "not relayed to the agent before it is persisted");
+        store.full.store(false, Ordering::Relaxed);
+        s.set_applied(Seq(10)).unwrap();
+        assert_eq!(store.streams().unwrap(), [(key, StreamRecord { disk_size: 1 << 20, applied: Seq(10) })]);
+        assert_eq!(s.applied(), Seq(10));
     }
 }
