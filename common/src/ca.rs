@@ -4,7 +4,6 @@
 //! A certificate's role is the DNS name `ROLE.role.sr` in its subject alternative names (see
 //! [`crate::tls`]); the CA writes it from the registration key's role and never copies names from a CSR.
 
-use crate::tls::role_name;
 use crate::wire::Role;
 use anyhow::Context;
 use rcgen::{
@@ -14,6 +13,12 @@ use rcgen::{
 };
 use std::path::Path;
 use time::{Duration, OffsetDateTime};
+
+/// The DNS name that marks a certificate as belonging to `role`: what the CA writes into every
+/// certificate it signs, and what peers check.
+pub fn role_name(role: Role) -> String {
+    format!("{}.role.sr", role.name())
+}
 
 /// How long an issued certificate is valid.
 pub const LEAF_VALIDITY: Duration = Duration::days(397);

@@ -20,6 +20,7 @@ pub mod contract;
 pub mod control;
 pub mod crashsafe;
 pub mod disk;
+pub mod errcode;
 pub mod hook;
 pub mod http;
 pub mod merkle;

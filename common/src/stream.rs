@@ -14,8 +14,8 @@
 //! never a duplicate or a hole. Nothing here reads a clock: time comes in as `now`, and
 //! [`Sender::poll_timeout`] says when the driver must call [`Sender::handle_timeout`].
 
+use crate::errcode::ErrorCode;
 use crate::types::Seq;
-use crate::wire::ErrorCode;
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 

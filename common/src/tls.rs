@@ -15,10 +15,7 @@ use std::sync::Arc;
 
 pub const ALPN: &[u8] = b"sr/1";
 
-/// The DNS name that marks a certificate as belonging to `role`.
-pub fn role_name(role: Role) -> String {
-    format!("{}.role.sr", role.name())
-}
+pub use crate::ca::role_name;
 
 /// Paths of one component's certificate material.
 #[derive(Debug, Clone, serde::Deserialize, serde::Serialize, PartialEq, Eq)]

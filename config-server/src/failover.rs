@@ -67,18 +67,6 @@ const FAILBACK_STEPS: &[&str] = &[
     "reprotect in the forward direction",
 ];
 
-/// Asks an agent to fetch its assignment now rather than at its next poll (best effort: it polls anyway).
-pub(crate) fn nudge(cs: &Cs, agent: &str) {
-    let addr = cs.store().get::<Component>(COMPONENTS, agent).ok().flatten().and_then(|c| c.http?.parse().ok());
-    if let Some(addr) = addr {
-        tokio::task::spawn_blocking(move || {
-            if let Err(e) = sr_common::http::request(addr, "POST", "/v1/poll", None) {
-                tracing::debug!(%addr, error = format!("{e:#}"), "agent not nudged; it polls by itself");
-            }
-        });
-    }
-}
-
 /// Waits until `check` gives a value, polling every 200 ms; `progress` gets a fraction when known.
 async fn wait_for<T>(
     timeout: Duration,
@@ -194,7 +182,7 @@ pub async fn begin_failover(
     }
     store.put(ITEMS, &id_key(id), &item)?;
     if planned {
-        nudge(cs, &item.machine);
+        cs.nudge(&item.machine);
     }
     cs.event(
         "info",

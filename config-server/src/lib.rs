@@ -52,6 +52,18 @@ pub struct Cs {
 }
 
 impl Cs {
+    /// Asks an agent to fetch its assignment now rather than at its next poll (best effort: it polls
+    /// anyway).
+    pub fn nudge(&self, agent: &str) {
+        let c = self.store().get::<model::Component>(model::COMPONENTS, agent).ok().flatten();
+        let Some(addr) = c.and_then(|c| c.http?.parse::<std::net::SocketAddr>().ok()) else { return };
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = sr_common::http::request(addr, "POST", "/v1/poll", None) {
+                tracing::debug!(%addr, error = format!("{e:#}"), "agent not nudged; it polls by itself");
+            }
+        });
+    }
+
     pub fn store(&self) -> &dyn ControlStore {
         self.store.as_ref()
     }

@@ -10,7 +10,6 @@
 
 use crate::auth::require;
 use crate::error::{body, ApiError, Body, R};
-use crate::failover::nudge;
 use crate::items::public;
 use crate::jobs::{JobHandle, ReprotectStep};
 use crate::lifecycle::{Event, State};
@@ -149,7 +148,7 @@ pub async fn begin_reprotect(cs: &Arc<Cs>, id: u64, req: ReprotectReq, by: &str)
     item.test_failover = None;
     item.state = next;
     store.put(ITEMS, &id_key(id), &item)?;
-    nudge(cs, &source);
+    cs.nudge(&source);
     job.step_done(ReprotectStep::Check.index())?;
     job.step(ReprotectStep::Replicate.index())?;
     let how = if known {

@@ -186,11 +186,11 @@ fn torture_random_kills_overflowing_journal_scan_disk_beside() {
                 (ok, cut)
             })
         };
-        // Waits until the writer's `counter` moved `n` past where it is now.
-        let after = |counter: &AtomicU64, n: u64, what: &str| {
-            let target = counter.load(Ordering::SeqCst) + n;
-            wait_for(what, Duration::from_secs(120), || counter.load(Ordering::SeqCst) >= target);
+        // Waits until the writer's `counter` moved `n` past `from`.
+        let past = |counter: &AtomicU64, from: u64, n: u64, what: &str| {
+            wait_for(what, Duration::from_secs(120), || counter.load(Ordering::SeqCst) >= from + n);
         };
+        let after = |counter: &AtomicU64, n: u64, what: &str| past(counter, counter.load(Ordering::SeqCst), n, what);
         for _ in 0..rng.gen_range(6..12) {
             // The machine writes its scanned disk directly.
             for _ in 0..rng.gen_range(1..8) {
@@ -204,13 +204,15 @@ fn torture_random_kills_overflowing_journal_scan_disk_beside() {
             if rng.gen_bool(0.35) {
                 let i = rng.gen_range(0..components.len());
                 eprintln!("round {round}: SIGKILL {:?}", components[i]);
+                // Counted before the kill: the writer may feel it before this thread looks again.
+                let (cuts, starts) = (cut_off.load(Ordering::SeqCst), started.load(Ordering::SeqCst));
                 procs[i].take().unwrap().kill();
                 // Down until the writer felt it: its session cut off when the agent died, or a few more
                 // sessions started while the process server or master target is away.
                 if components[i] == Component::Agent {
-                    after(&cut_off, 1, "the writer to lose the agent");
+                    past(&cut_off, cuts, 1, "the writer to lose the agent");
                 } else {
-                    after(&started, rng.gen_range(1..4), "the writer to go on while a service is down");
+                    past(&started, starts, rng.gen_range(1..4), "the writer to go on while a service is down");
                 }
                 if let Ok(st) = local.agent_status() {
                     overflowed += usize::from(st["disks"][0]["overflow"] == true);
