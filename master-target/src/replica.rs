@@ -6,7 +6,6 @@
 
 use crate::metrics as m;
 use crate::undo::Undo;
-use crate::view::{Overlay, PointView, ViewMap};
 use sr_common::disk::DiskFile;
 use sr_common::nbd::{Backend, BackendError};
 use sr_common::state::StateStore;
@@ -17,6 +16,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 use tokio_util::sync::CancellationToken;
 
+/// What follows a replica's applied batches: a view opened at a point keeps the undo records of every
+/// batch applied after it (`view::PointView`), so the replica needs nothing of views but this.
+pub trait Follower: Send + Sync {
+    /// The point it was opened at: undo records from there on must be kept.
+    fn point(&self) -> Seq;
+    /// A batch was applied; `recs` are its undo records.
+    fn applied(&self, recs: &[crate::undo::Rec]);
+}
+
 pub struct Replica {
     pub key: StreamKey,
     pub disk: DiskFile,
@@ -25,7 +33,7 @@ pub struct Replica {
     applied: AtomicU64,
     pub undo: Mutex<Undo>,
     /// Open views; each gets the records of every batch applied after it was opened.
-    views: Mutex<Vec<Weak<PointView>>>,
+    views: Mutex<Vec<Weak<dyn Follower>>>,
     /// Cancels the current process-server session when a newer one for this disk arrives.
     pub session: Mutex<Option<CancellationToken>>,
     applied_gauge: metrics::Gauge,
@@ -180,8 +188,7 @@ impl Replica {
             let mut views = self.views.lock().expect("views lock poisoned");
             views.retain(|v| v.strong_count() > 0);
             for v in views.iter().filter_map(Weak::upgrade) {
-                let mut map = v.map.lock().expect("view map poisoned");
-                recs.iter().for_each(|r| map.add(r));
+                v.applied(&recs);
             }
         }
         self.applied_gauge.set(batch.last.0 as f64);
@@ -193,36 +200,15 @@ impl Replica {
 }
 
 impl Replica {
-    /// Opens a view of the state at `point`, writable through `overlay` when given.
-    pub fn open_view(self: &Arc<Self>, point: Seq, overlay: Option<Overlay>) -> anyhow::Result<Arc<PointView>> {
-        let _r = self.gate.read().expect("replica gate poisoned");
-        let undo = self.undo.lock().expect("undo lock poisoned");
-        let applied = self.applied();
-        let Some(oldest) = undo.oldest() else {
-            anyhow::bail!("{}: no recovery points yet: the initial copy has not finished", self.key);
-        };
-        anyhow::ensure!(
-            point >= oldest && point <= applied,
-            "{}: point {point} is outside the retained range {oldest}..={applied}",
-            self.key
-        );
-        let mut map = ViewMap::default();
-        undo.after(point).for_each(|r| map.add(r));
-        let view = Arc::new(PointView {
-            replica: self.clone(),
-            point,
-            map: Mutex::new(map),
-            overlay,
-            closed: std::sync::atomic::AtomicBool::new(false),
-        });
-        self.views.lock().expect("views lock poisoned").push(Arc::downgrade(&view));
-        Ok(view)
+    /// Registers what follows this replica's batches from now on (a view opened on it).
+    pub fn follow(&self, f: Weak<dyn Follower>) {
+        self.views.lock().expect("views lock poisoned").push(f);
     }
 
     /// The oldest point an open view needs, if any view is open.
     pub fn pinned(&self) -> Option<Seq> {
         let views = self.views.lock().expect("views lock poisoned");
-        views.iter().filter_map(Weak::upgrade).map(|v| v.point).min()
+        views.iter().filter_map(Weak::upgrade).map(|v| v.point()).min()
     }
 
     /// Drops undo segments no longer needed by points at or after `keep` (nor by open views).

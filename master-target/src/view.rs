@@ -10,7 +10,7 @@
 //!                 else --> replica file
 //! ```
 
-use crate::replica::Replica;
+use crate::replica::{Follower, Replica};
 use crate::undo::{Old, Rec};
 use sr_common::nbd::{Backend, BackendError};
 use sr_common::types::Seq;
@@ -282,6 +282,46 @@ impl Backend for PointView {
             ov.sync()?;
         }
         Ok(())
+    }
+}
+
+impl Follower for PointView {
+    fn point(&self) -> Seq {
+        self.point
+    }
+
+    fn applied(&self, recs: &[Rec]) {
+        let mut map = self.map.lock().expect("view map poisoned");
+        recs.iter().for_each(|r| map.add(r));
+    }
+}
+
+impl Replica {
+    /// Opens a view of the state at `point`, writable through `overlay` when given.
+    pub fn open_view(self: &Arc<Self>, point: Seq, overlay: Option<Overlay>) -> anyhow::Result<Arc<PointView>> {
+        let _r = self.gate.read().expect("replica gate poisoned");
+        let undo = self.undo.lock().expect("undo lock poisoned");
+        let applied = self.applied();
+        let Some(oldest) = undo.oldest() else {
+            anyhow::bail!("{}: no recovery points yet: the initial copy has not finished", self.key);
+        };
+        anyhow::ensure!(
+            point >= oldest && point <= applied,
+            "{}: point {point} is outside the retained range {oldest}..={applied}",
+            self.key
+        );
+        let mut map = ViewMap::default();
+        undo.after(point).for_each(|r| map.add(r));
+        let view = Arc::new(PointView {
+            replica: self.clone(),
+            point,
+            map: Mutex::new(map),
+            overlay,
+            closed: std::sync::atomic::AtomicBool::new(false),
+        });
+        let follower: std::sync::Weak<dyn Follower> = Arc::downgrade(&view) as _;
+        self.follow(follower);
+        Ok(view)
     }
 }
 
