@@ -33,20 +33,50 @@ pub struct Conn {
     /// A file holding the API token (for example the server's admin.token).
     #[arg(long, env = "SR_TOKEN_FILE", global = true)]
     token_file: Option<PathBuf>,
+    /// The deployment CA's certificate, to check the server with (the server's `DATA_DIR/ca/ca.pem`).
+    /// Default: `ca/ca.pem` beside the token file, when there is one.
+    #[arg(long, env = "SR_CA", global = true)]
+    ca: Option<PathBuf>,
+}
+
+impl Conn {
+    /// The `--ca` given.
+    pub fn ca(&self) -> Option<&std::path::Path> {
+        self.ca.as_deref()
+    }
 }
 
 pub struct Client {
     server: SocketAddr,
-    token: Option<String>,
+    http: sr_common::http::Client,
+}
+
+fn https(ca: &std::path::Path, token: Option<&str>) -> anyhow::Result<sr_common::http::Client> {
+    let pem = std::fs::read_to_string(ca).with_context(|| format!("reading the CA certificate {}", ca.display()))?;
+    let c = sr_common::http::Client::new(sr_common::tls::ServerTrust::Ca(&pem, sr_common::wire::Role::ConfigServer))
+        .with_context(|| format!("the CA certificate {}", ca.display()))?;
+    Ok(match token {
+        Some(t) => c.with_token(t),
+        None => c,
+    })
 }
 
 impl Client {
-    pub fn with(server: SocketAddr, token: String) -> Client {
-        Client { server, token: Some(token) }
+    pub fn with(server: SocketAddr, token: &str, ca: &std::path::Path) -> anyhow::Result<Client> {
+        Ok(Client { server, http: https(ca, Some(token))? })
     }
 
     pub fn new(c: &Conn) -> anyhow::Result<Client> {
         let server = c.server.context("no configuration server: pass --server HOST:PORT or set SR_SERVER")?;
+        let beside_token = c.token_file.as_ref().and_then(|f| f.parent()).map(|d| d.join("ca").join("ca.pem"));
+        let ca = match (&c.ca, beside_token) {
+            (Some(ca), _) => ca.clone(),
+            (None, Some(ca)) if ca.exists() => ca,
+            _ => bail!(
+                "no CA to check the configuration server with: pass --ca FILE or set SR_CA \
+                 (the server's DATA_DIR/ca/ca.pem)"
+            ),
+        };
         let token = match (&c.token, &c.token_file) {
             (Some(t), _) => Some(t.clone()),
             (None, Some(f)) => Some(
@@ -57,11 +87,11 @@ impl Client {
             ),
             (None, None) => None,
         };
-        Ok(Client { server, token })
+        Ok(Client { server, http: https(&ca, token.as_deref())? })
     }
 
     pub fn call(&self, method: &str, path: &str, body: Option<Value>) -> anyhow::Result<Value> {
-        match sr_common::http::call_json(self.server, method, path, body.as_ref(), self.token.as_deref()) {
+        match self.http.call_json(self.server, method, path, body.as_ref()) {
             Ok(v) => Ok(v),
             Err(e) => {
                 let hint = match e.status() {

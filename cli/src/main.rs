@@ -32,7 +32,8 @@ enum Cmd {
     /// through the agent, and proves the replica equals the source.
     Quickstart(quickstart::Args),
     /// Makes a deployment CA and one certificate per component (NAME:ROLE, ROLE one of agent,
-    /// process-server, master-target).
+    /// process-server, master-target, config-server (what the components' APIs take), nbd-client
+    /// (also written as DIR/NAME/ for libnbd and qemu)). Without a configuration server only.
     Certs {
         #[arg(long)]
         dir: PathBuf,
@@ -56,6 +57,9 @@ enum Cmd {
     /// Registered agents, process servers and master targets.
     #[command(subcommand)]
     Components(api::ComponentsCmd),
+    /// Certificates for clients of the master targets' NBD exports (failover disks over nbds://).
+    #[command(subcommand)]
+    NbdClients(api::NbdClientsCmd),
     /// Machines whose agents reported their disks.
     Machines,
     /// Replication policies.
@@ -151,8 +155,16 @@ enum Cmd {
     Jobs(api::JobsCmd),
     /// The event log.
     Events,
-    /// Shows a service's status (its operations endpoint, for example 127.0.0.1:9101).
-    Status { endpoint: SocketAddr },
+    /// Shows a component's status (its API endpoint, for example 127.0.0.1:9101). Its API takes the
+    /// configuration server's certificate: `--cert`/`--key` (with `srctl local`, `DIR/certs/cs.pem`
+    /// and `cs.key`) and the deployment CA (`--ca`).
+    Status {
+        endpoint: SocketAddr,
+        #[arg(long)]
+        cert: PathBuf,
+        #[arg(long)]
+        key: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -165,6 +177,7 @@ fn main() -> ExitCode {
         Cmd::Keys(c) => api::Client::new(&cli.conn).and_then(|cl| api::keys(&cl, c, json)),
         Cmd::Tokens(c) => api::Client::new(&cli.conn).and_then(|cl| api::tokens(&cl, c, json)),
         Cmd::Components(c) => api::Client::new(&cli.conn).and_then(|cl| api::components(&cl, c, json)),
+        Cmd::NbdClients(c) => api::Client::new(&cli.conn).and_then(|cl| api::nbd_clients(&cl, c, json)),
         Cmd::Machines => api::Client::new(&cli.conn).and_then(|cl| api::machines(&cl, json)),
         Cmd::Policies(c) => api::Client::new(&cli.conn).and_then(|cl| api::policies(&cl, c, json)),
         Cmd::Protect { machine, policy, watch } => {
@@ -193,9 +206,7 @@ fn main() -> ExitCode {
         Cmd::NetworkMappings(c) => api::Client::new(&cli.conn).and_then(|cl| api::netmaps(&cl, c, json)),
         Cmd::Jobs(c) => api::Client::new(&cli.conn).and_then(|cl| api::jobs(&cl, c, json)),
         Cmd::Events => api::Client::new(&cli.conn).and_then(|cl| api::events(&cl, json)),
-        Cmd::Status { endpoint } => sr_common::http::get_json(endpoint, "/v1/status").map(|v| {
-            println!("{}", serde_json::to_string_pretty(&v).expect("JSON value prints"));
-        }),
+        Cmd::Status { endpoint, cert, key } => component_status(endpoint, cert, key, cli.conn.ca()),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,
@@ -213,14 +224,10 @@ fn certs(dir: &std::path::Path, nodes: &[String], json: bool) -> anyhow::Result<
         let Some((name, role)) = n.split_once(':') else {
             anyhow::bail!("{n:?}: write NAME:ROLE, for example ps-1:process-server");
         };
-        let role = match role {
-            "agent" => Role::Agent,
-            "process-server" => Role::ProcessServer,
-            "master-target" => Role::MasterTarget,
-            "config-server" => Role::ConfigServer,
-            other => {
-                anyhow::bail!("{n:?}: unknown role {other:?} (agent, process-server, master-target, config-server)")
-            }
+        let Some(role) = Role::from_name(role) else {
+            anyhow::bail!(
+                "{n:?}: unknown role {role:?} (agent, process-server, master-target, config-server, nbd-client)"
+            )
         };
         if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
             anyhow::bail!("{n:?}: a name is letters, digits, '-' and '_'");
@@ -228,6 +235,15 @@ fn certs(dir: &std::path::Path, nodes: &[String], json: bool) -> anyhow::Result<
         parsed.push((name, role));
     }
     let paths = sr_common::tls::generate_deployment(dir, &parsed)?;
+    // An NBD client also gets the directory libnbd (`?tls-certificates=DIR`) and qemu read.
+    for ((name, role), p) in parsed.iter().zip(&paths) {
+        if *role == Role::NbdClient {
+            let read = |f: &std::path::Path| {
+                std::fs::read_to_string(f).map_err(|e| anyhow::anyhow!("reading {}: {e}", f.display()))
+            };
+            sr_common::register::write_nbd_client_dir(&dir.join(name), &read(&p.ca)?, &read(&p.cert)?, &read(&p.key)?)?;
+        }
+    }
     if json {
         println!("{}", serde_json::to_string_pretty(&paths)?);
     } else {
@@ -236,6 +252,20 @@ fn certs(dir: &std::path::Path, nodes: &[String], json: bool) -> anyhow::Result<
         }
         println!("CA: {}", dir.join("ca.pem").display());
     }
+    Ok(())
+}
+
+fn component_status(
+    endpoint: SocketAddr,
+    cert: PathBuf,
+    key: PathBuf,
+    ca: Option<&std::path::Path>,
+) -> anyhow::Result<()> {
+    let ca = anyhow::Context::context(ca, "pass --ca (the deployment CA certificate)")?.to_path_buf();
+    let id = sr_common::tls::Identity::load(&sr_common::tls::TlsPaths { ca, cert, key })?;
+    let client = sr_common::http::Client::new(sr_common::tls::ServerTrust::AnyComponent(&id))?;
+    let v = client.get_json(endpoint, "/v1/status")?;
+    println!("{}", serde_json::to_string_pretty(&v).expect("JSON value prints"));
     Ok(())
 }
 

@@ -10,7 +10,6 @@
 
 use anyhow::{bail, Context};
 use indicatif::{ProgressBar, ProgressStyle};
-use sr_common::http;
 use sr_devkit::{Component, ControlPlane, DiskSpec, Local, Options, Proc};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -33,6 +32,12 @@ pub struct Args {
     /// Leave the services running at the end (stop them with Ctrl-C).
     #[arg(long)]
     keep_running: bool,
+}
+
+/// `qemu-img compare` of two images (paths, or `nbds://` URIs with the NBD client certificate).
+fn compare_images(a: &str, b: &str) -> anyhow::Result<String> {
+    let args = sr_devkit::qemu_compare_args(a, b)?;
+    tool("qemu-img", &args.iter().map(String::as_str).collect::<Vec<_>>())
 }
 
 fn tool(program: &str, args: &[&str]) -> anyhow::Result<String> {
@@ -186,12 +191,12 @@ pub fn run(a: Args, json: bool) -> anyhow::Result<()> {
     let cp = ControlPlane::create(&dir.join("control"))?;
     let mut procs: Vec<Proc> = vec![cp.start()?];
     let admin = cp.admin_token()?;
-    let api = crate::api::Client::with(cp.api, admin.clone());
+    let api = crate::api::Client::with(cp.api, &admin, &cp.ca())?;
     let mut local = Local::managed(
         &dir.join("deployment"),
         vec![DiskSpec { id: 1, name: "disk0".into(), path: source.clone() }],
         &Options::default(),
-        cp.api,
+        &cp,
         &admin,
     )?;
     for c in [Component::MasterTarget, Component::ProcessServer, Component::Agent] {
@@ -200,7 +205,7 @@ pub fn run(a: Args, json: bool) -> anyhow::Result<()> {
     let uri = local.agent_uri("disk0");
     if !json {
         println!(
-            "  configuration server http://{}  (admin token in {})",
+            "  configuration server https://{}  (admin token in {})",
             cp.api,
             cp.root.join("cs/admin.token").display()
         );
@@ -292,11 +297,10 @@ pub fn run(a: Args, json: bool) -> anyhow::Result<()> {
     let catch_secs = catch_started.elapsed().as_secs_f64();
 
     ui.step("Verifying the replica");
-    let compare =
-        tool("qemu-img", &["compare", "-f", "raw", "-F", "raw", &source.display().to_string(), &local.replica_uri(1)]);
-    let export = dir.join("replica-export.img");
-    let exported = http::post_json(
-        local.addrs.mt_http,
+    let compare = compare_images(&source.display().to_string(), &local.replica_uri(1));
+    let export = local.export_dir().join("replica-export.img");
+    let exported = local.post(
+        Component::MasterTarget,
         "/v1/export",
         &serde_json::json!({ "item": 1, "disk": 1, "path": export }),
     )?;
@@ -313,8 +317,8 @@ pub fn run(a: Args, json: bool) -> anyhow::Result<()> {
         Some(serde_json::json!({ "point": "latest" })),
     )?;
     let drill_ms = drill_started.elapsed().as_secs_f64() * 1000.0;
-    let tf_uri = tf["machine"]["disks"][0]["uri"].as_str().unwrap_or_default().to_string();
-    let drill = tool("qemu-img", &["compare", "-f", "raw", "-F", "raw", &source.display().to_string(), &tf_uri]);
+    let tf_uri = local.with_certs(tf["machine"]["disks"][0]["uri"].as_str().unwrap_or_default());
+    let drill = compare_images(&source.display().to_string(), &tf_uri);
     api.call("POST", &format!("/v1/items/{}/test-failover/cleanup", local.item), None)?;
     let drill_ok = drill.is_ok();
     let summary = serde_json::json!({
@@ -350,7 +354,7 @@ pub fn run(a: Args, json: bool) -> anyhow::Result<()> {
         println!("  initial replication of {} MiB: {initial_secs:.1} s", a.size_mib);
         println!("  workload: {workload_secs:.1} s, largest lag {max_lag} changes, largest RPO {max_rpo} s, caught up {catch_secs:.1} s after it ended");
         println!(
-            "  configuration server: http://{} (srctl --server {} --token-file {} items list)",
+            "  configuration server: https://{} (srctl --server {} --token-file {} items list)",
             cp.api,
             cp.api,
             cp.root.join("cs/admin.token").display()

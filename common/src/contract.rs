@@ -213,6 +213,9 @@ pub struct ProcessServerAssignment {
     /// 0: no limit.
     #[serde(default)]
     pub bandwidth_limit_mbps: u64,
+    /// The agent (its certificate's name) whose batches and checksum queries for this item the
+    /// process server takes; any other agent is refused.
+    pub agent: String,
 }
 
 /// A disk a master target replicates into in place (reprotect: the old source disk).
@@ -270,7 +273,8 @@ pub struct ViewDisk {
     pub at_us: Option<u64>,
     pub export: String,
     pub size: u64,
-    /// Where a client reaches it (`nbd://...`), when the master target serves NBD over TCP.
+    /// Where a client reaches it (`nbds://...`: NBD over TLS with a client certificate of the
+    /// deployment CA in the NBD-client role), when the master target serves NBD over TCP.
     #[serde(default)]
     pub uri: Option<String>,
 }

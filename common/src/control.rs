@@ -5,7 +5,6 @@
 use anyhow::Context;
 use serde::Deserialize;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::time::Duration;
 
 pub const DEFAULT_POLL_SECS: u64 = 2;
@@ -17,10 +16,9 @@ fn default_poll() -> u64 {
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct ControlConfig {
-    /// The configuration server's API address.
+    /// The configuration server's API address. The link is mutual TLS: this component is known by
+    /// its certificate (the `[tls]` section), and the server must hold the configuration server's.
     pub server: SocketAddr,
-    /// The component token written by `register`.
-    pub token_file: PathBuf,
     /// Seconds between heartbeats and assignment pulls.
     #[serde(default = "default_poll")]
     pub poll_secs: u64,
@@ -29,24 +27,40 @@ pub struct ControlConfig {
 #[derive(Clone)]
 pub struct ControlClient {
     server: SocketAddr,
-    token: String,
+    id: std::sync::Arc<crate::tls::Identity>,
+    /// The HTTPS client and the revocation-list generation it was built at.
+    http: std::sync::Arc<std::sync::Mutex<(u64, crate::http::Client)>>,
     pub poll: Duration,
     /// Polls at once when notified (the configuration server asks after it changed this component's
     /// assignment, e.g. to stop it for a planned failover), instead of at the next interval.
     pub wake: std::sync::Arc<tokio::sync::Notify>,
 }
 
+fn client_for(id: &crate::tls::Identity) -> anyhow::Result<crate::http::Client> {
+    crate::http::Client::new(crate::tls::ServerTrust::Mutual(id, crate::wire::Role::ConfigServer))
+}
+
 impl ControlClient {
-    pub fn new(cfg: &ControlConfig) -> anyhow::Result<ControlClient> {
-        let token = std::fs::read_to_string(&cfg.token_file).with_context(|| {
-            format!("reading the component token {} (run `register` first)", cfg.token_file.display())
-        })?;
+    pub fn new(cfg: &ControlConfig, id: std::sync::Arc<crate::tls::Identity>) -> anyhow::Result<ControlClient> {
+        let http = client_for(&id)?;
         Ok(ControlClient {
             server: cfg.server,
-            token: token.trim().to_string(),
+            http: std::sync::Arc::new(std::sync::Mutex::new((id.crl_generation(), http))),
+            id,
             poll: Duration::from_secs(cfg.poll_secs.max(1)),
             wake: Default::default(),
         })
+    }
+
+    /// The HTTPS client, rebuilt when the revocation list changed (so the server is checked
+    /// against the list in force).
+    fn http(&self) -> anyhow::Result<crate::http::Client> {
+        let mut cur = self.http.lock().expect("control client lock poisoned");
+        let generation = self.id.crl_generation();
+        if cur.0 != generation {
+            *cur = (generation, client_for(&self.id)?);
+        }
+        Ok(cur.1.clone())
     }
 
     async fn call(
@@ -55,25 +69,21 @@ impl ControlClient {
         path: &'static str,
         body: Option<serde_json::Value>,
     ) -> anyhow::Result<serde_json::Value> {
-        let (server, token) = (self.server, self.token.clone());
-        let answer = tokio::task::spawn_blocking(move || {
-            crate::http::call_json(server, method, path, body.as_ref(), Some(&token))
-        })
-        .await
-        .context("control request task failed")?;
+        let (server, http) = (self.server, self.http()?);
+        let answer = tokio::task::spawn_blocking(move || http.call_json(server, method, path, body.as_ref()))
+            .await
+            .context("control request task failed")?;
         answer.with_context(|| format!("the configuration server at {server}"))
     }
 
     /// The deployment's revocation list (PEM).
     pub async fn crl(&self) -> anyhow::Result<String> {
-        let (server, token) = (self.server, self.token.clone());
-        let (code, text) = tokio::task::spawn_blocking(move || {
-            crate::http::request_with(server, "GET", "/v1/crl", None, Some(&token))
-        })
-        .await
-        .context("control request task failed")??;
+        let (server, http) = (self.server, self.http()?);
+        let (code, text) = tokio::task::spawn_blocking(move || http.request(server, "GET", "/v1/crl", None))
+            .await
+            .context("control request task failed")??;
         if code != 200 {
-            anyhow::bail!("GET http://{server}/v1/crl: HTTP {code}: {text}");
+            anyhow::bail!("GET https://{server}/v1/crl: HTTP {code}: {text}");
         }
         Ok(text)
     }
@@ -136,7 +146,8 @@ impl ControlClient {
         id: &crate::tls::Identity,
         server: Option<(&quinn::Endpoint, &std::sync::Mutex<Vec<quinn::Connection>>)>,
     ) -> anyhow::Result<()> {
-        if id.set_crl_pem(&self.crl().await?)? {
+        let pem = self.crl().await?;
+        if id.set_crl_pem(&pem).context("the configuration server's revocation list was refused")? {
             tracing::info!("revocation list updated; peers reconnect and are checked again");
             if let Some((endpoint, open)) = server {
                 crate::quic::apply_crl(id, Some(endpoint), open)?;

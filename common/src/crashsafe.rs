@@ -21,11 +21,25 @@ use std::path::{Path, PathBuf};
 const MAGIC: &str = "sr-record";
 
 pub fn write_file(path: &Path, contents: &[u8]) -> std::io::Result<()> {
+    write_file_mode(path, contents, 0o644)
+}
+
+/// [`write_file`] for a secret (a private key, a token, a data key): the file is created readable
+/// and writable by its owner only, so no other user can open it at any moment, even before the
+/// rename.
+pub fn write_secret(path: &Path, contents: &[u8]) -> std::io::Result<()> {
+    write_file_mode(path, contents, 0o600)
+}
+
+fn write_file_mode(path: &Path, contents: &[u8], mode: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let name = path.file_name().ok_or_else(|| std::io::Error::other("path has no file name"))?;
     let tmp = dir.join(format!(".{}.tmp", name.to_string_lossy()));
+    // A temporary file left by a crash may have other permissions: never write a secret into it.
+    let _ = std::fs::remove_file(&tmp);
     let written = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
+        let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(mode).open(&tmp)?;
         f.write_all(contents)?;
         f.sync_data()
     })();

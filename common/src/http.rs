@@ -1,71 +1,21 @@
-//! A minimal blocking HTTP/1.1 client for the operations endpoints on loopback (status polling by the
-//! CLI and the tests). One request per connection, `Connection: close`, body read to the end.
+//! The one HTTPS client every part uses to call another's API (components to the configuration
+//! server, the configuration server to components, srctl, the tests): reqwest over rustls, the
+//! server checked as a [`ServerTrust`] says, and every failure an [`HttpError`].
 //!
-//! [`call_json`] is the one way a component, the configuration server or srctl calls another's JSON API:
-//! every failure is an [`HttpError`], and a refusal carries its status and the server's message.
+//! It blocks: async callers run it in `spawn_blocking`. A [`Client`] is cheap to clone and keeps its
+//! connections.
 
-use anyhow::{bail, Context};
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use crate::tls::{https_client_config, ServerTrust};
+use anyhow::Context;
+use std::net::SocketAddr;
 use std::time::Duration;
-
-pub fn request(addr: SocketAddr, method: &str, path: &str, body: Option<&str>) -> anyhow::Result<(u16, String)> {
-    request_with(addr, method, path, body, None)
-}
-
-/// [`request`] with an optional bearer token.
-pub fn request_with(
-    addr: SocketAddr,
-    method: &str,
-    path: &str,
-    body: Option<&str>,
-    token: Option<&str>,
-) -> anyhow::Result<(u16, String)> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
-        .with_context(|| format!("connecting to http://{addr}"))?;
-    s.set_read_timeout(Some(Duration::from_secs(120)))?;
-    let body = body.unwrap_or("");
-    let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
-    // One write, so the request leaves in as few segments as possible.
-    let req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    s.write_all(req.as_bytes())?;
-    let mut resp = Vec::new();
-    s.read_to_end(&mut resp).with_context(|| format!("reading the answer of http://{addr}{path}"))?;
-    let text = String::from_utf8_lossy(&resp);
-    let Some((head, rest)) = text.split_once("\r\n\r\n") else {
-        bail!("http://{addr}{path}: answer has no header end")
-    };
-    let code: u16 = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .with_context(|| format!("http://{addr}{path}: bad status line"))?;
-    let chunked = head.lines().any(|l| l.to_ascii_lowercase().starts_with("transfer-encoding: chunked"));
-    let body = if chunked { dechunk(rest) } else { rest.to_string() };
-    Ok((code, body))
-}
-
-fn dechunk(mut s: &str) -> String {
-    let mut out = String::new();
-    while let Some((len, rest)) = s.split_once("\r\n") {
-        let Ok(n) = usize::from_str_radix(len.trim(), 16) else { break };
-        if n == 0 || rest.len() < n {
-            break;
-        }
-        out.push_str(&rest[..n]);
-        s = rest[n..].trim_start_matches("\r\n");
-    }
-    out
-}
 
 /// Why a call to a JSON API failed.
 #[derive(Debug, thiserror::Error)]
 pub enum HttpError {
-    /// Nothing answered, or the connection broke.
-    #[error("http://{addr}{path}: {reason}")]
+    /// Nothing answered, the TLS handshake failed (the server is not who it must be, or refused our
+    /// certificate), or the connection broke.
+    #[error("https://{addr}{path}: {reason}")]
     Unreachable { addr: SocketAddr, path: String, reason: String },
     /// It answered with another status than 200; `message` is its `{"error": ...}` (else its body).
     #[error("{method} {path}: HTTP {status}: {message}")]
@@ -93,38 +43,146 @@ impl HttpError {
     }
 }
 
-/// Calls a JSON API: `body` sent as JSON with the bearer `token`; 200 with JSON is the answer.
-pub fn call_json(
-    addr: SocketAddr,
-    method: &str,
-    path: &str,
-    body: Option<&serde_json::Value>,
-    token: Option<&str>,
-) -> Result<serde_json::Value, HttpError> {
-    let body = body.map(|b| b.to_string());
-    let (status, text) = request_with(addr, method, path, body.as_deref(), token)
-        .map_err(|e| HttpError::Unreachable { addr, path: path.to_string(), reason: format!("{e:#}") })?;
-    let json = serde_json::from_str::<serde_json::Value>(&text);
-    if status != 200 {
-        let message = json.ok().and_then(|v| v["error"].as_str().map(str::to_string)).unwrap_or(text);
-        return Err(HttpError::Status { method: method.into(), path: path.into(), status, message });
-    }
-    json.map_err(|e| HttpError::NotJson { method: method.into(), path: path.into(), reason: e.to_string() })
+/// The largest answer a call reads.
+pub const MAX_ANSWER: u64 = 64 << 20;
+
+/// An HTTPS client for one kind of server (see [`ServerTrust`]), with an optional bearer token.
+/// Made anywhere; its connections are set up at the first request (which must not run on an async
+/// task: see the module's note).
+#[derive(Clone)]
+pub struct Client {
+    tls: std::sync::Arc<rustls::ClientConfig>,
+    http: std::sync::Arc<std::sync::OnceLock<reqwest::blocking::Client>>,
+    token: Option<String>,
 }
 
-/// GET a JSON document; a status other than 200 is an error carrying the body.
-pub fn get_json(addr: SocketAddr, path: &str) -> anyhow::Result<serde_json::Value> {
-    let (code, body) = request(addr, "GET", path, None)?;
-    if code != 200 {
-        bail!("GET http://{addr}{path}: HTTP {code}: {body}");
+impl Client {
+    pub fn new(trust: ServerTrust<'_>) -> anyhow::Result<Client> {
+        let tls = std::sync::Arc::new(https_client_config(trust)?);
+        Ok(Client { tls, http: Default::default(), token: None })
     }
-    serde_json::from_str(&body).with_context(|| format!("GET http://{addr}{path}: not JSON"))
+
+    fn http(&self) -> Result<&reqwest::blocking::Client, String> {
+        if let Some(c) = self.http.get() {
+            return Ok(c);
+        }
+        let c = reqwest::blocking::Client::builder()
+            .tls_backend_preconfigured((*self.tls).clone())
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(Duration::from_secs(120))
+            .no_proxy()
+            // Our own APIs never redirect: a redirect would only lead a call somewhere else.
+            .redirect(reqwest::redirect::Policy::none())
+            .https_only(true)
+            .build()
+            .map_err(|e| format!("building the HTTPS client: {}", chain(&e)))?;
+        Ok(self.http.get_or_init(|| c))
+    }
+
+    /// The same client sending `Authorization: Bearer <token>`.
+    pub fn with_token(mut self, token: &str) -> Client {
+        self.token = Some(token.trim().to_string());
+        self
+    }
+
+    /// The same client sending no token.
+    pub fn without_token(mut self) -> Client {
+        self.token = None;
+        self
+    }
+
+    /// One request; the status and body of whatever answered.
+    pub fn request(
+        &self,
+        addr: SocketAddr,
+        method: &str,
+        path: &str,
+        body: Option<&str>,
+    ) -> Result<(u16, String), HttpError> {
+        let unreachable = |reason: String| HttpError::Unreachable { addr, path: path.to_string(), reason };
+        let method = reqwest::Method::from_bytes(method.as_bytes()).map_err(|e| unreachable(e.to_string()))?;
+        let mut req = self.http().map_err(unreachable)?.request(method, format!("https://{addr}{path}"));
+        if let Some(t) = &self.token {
+            req = req.bearer_auth(t);
+        }
+        if let Some(b) = body {
+            req = req.header(reqwest::header::CONTENT_TYPE, "application/json").body(b.to_string());
+        }
+        let resp = req.send().map_err(|e| unreachable(chain(&e)))?;
+        let status = resp.status().as_u16();
+        // An answer is read up to MAX_ANSWER bytes: a peer cannot make the caller hold more.
+        let mut body = Vec::new();
+        std::io::Read::read_to_end(&mut std::io::Read::take(resp, MAX_ANSWER + 1), &mut body)
+            .map_err(|e| unreachable(e.to_string()))?;
+        if body.len() as u64 > MAX_ANSWER {
+            return Err(unreachable(format!("the answer is larger than {MAX_ANSWER} bytes")));
+        }
+        Ok((status, String::from_utf8_lossy(&body).into_owned()))
+    }
+
+    /// Calls a JSON API: `body` sent as JSON; 200 with JSON is the answer.
+    pub fn call_json(
+        &self,
+        addr: SocketAddr,
+        method: &str,
+        path: &str,
+        body: Option<&serde_json::Value>,
+    ) -> Result<serde_json::Value, HttpError> {
+        let body = body.map(|b| b.to_string());
+        let (status, text) = self.request(addr, method, path, body.as_deref())?;
+        let json = serde_json::from_str::<serde_json::Value>(&text);
+        if status != 200 {
+            let message = json.ok().and_then(|v| v["error"].as_str().map(str::to_string)).unwrap_or(text);
+            return Err(HttpError::Status { method: method.into(), path: path.into(), status, message });
+        }
+        json.map_err(|e| HttpError::NotJson { method: method.into(), path: path.into(), reason: e.to_string() })
+    }
+
+    pub fn get_json(&self, addr: SocketAddr, path: &str) -> Result<serde_json::Value, HttpError> {
+        self.call_json(addr, "GET", path, None)
+    }
+
+    pub fn post_json(
+        &self,
+        addr: SocketAddr,
+        path: &str,
+        body: &serde_json::Value,
+    ) -> Result<serde_json::Value, HttpError> {
+        self.call_json(addr, "POST", path, Some(body))
+    }
 }
 
-pub fn post_json(addr: SocketAddr, path: &str, body: &serde_json::Value) -> anyhow::Result<serde_json::Value> {
-    let (code, text) = request(addr, "POST", path, Some(&body.to_string()))?;
-    if code != 200 {
-        bail!("POST http://{addr}{path}: HTTP {code}: {text}");
+/// An error with its causes (reqwest's top-level message alone says only "error sending request").
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
     }
-    serde_json::from_str(&text).with_context(|| format!("POST http://{addr}{path}: not JSON"))
+    s
+}
+
+/// POSTs `body` as JSON to an operator's webhook URL (`https://` checked against the system's
+/// trusted roots, or `http://`); any 2xx answer is taken.
+pub fn post_webhook(url: &str, body: &serde_json::Value) -> anyhow::Result<()> {
+    crate::tls::install_default_provider();
+    let client = reqwest::blocking::Client::builder()
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(30))
+        .redirect(reqwest::redirect::Policy::none())
+        .no_proxy()
+        .build()
+        .context("building the webhook client")?;
+    let resp = client
+        .post(url)
+        .header(reqwest::header::CONTENT_TYPE, "application/json")
+        .body(body.to_string())
+        .send()
+        .map_err(|e| anyhow::anyhow!("{url}: {}", chain(&e)))?;
+    if !resp.status().is_success() {
+        anyhow::bail!("{url}: HTTP {}", resp.status());
+    }
+    Ok(())
 }

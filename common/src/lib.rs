@@ -9,7 +9,8 @@
 //! - [`compress`] and [`seal`]: what the process server does to a batch before it leaves the site.
 //! - [`tls`] and [`quic`]: the deployment's certificates, mutual TLS with role checks, QUIC endpoints.
 //! - [`config`]: TOML files with environment overrides and errors that name the key.
-//! - [`telemetry`]: logs, Prometheus metrics and the `/metrics` + `/healthz` HTTP endpoint.
+//! - [`telemetry`]: logs, Prometheus metrics and the `/metrics` + `/healthz` endpoint.
+//! - [`https`] and [`http`]: the APIs' HTTPS server and the one client that calls them.
 //! - [`crashsafe`]: the one path by which small metadata files are made durable.
 
 pub mod backoff;
@@ -23,6 +24,7 @@ pub mod disk;
 pub mod errcode;
 pub mod hook;
 pub mod http;
+pub mod https;
 pub mod merkle;
 pub mod nbd;
 pub mod quic;

@@ -167,12 +167,18 @@ pub fn require_peer_role(conn: &quinn::Connection, role: Role) -> anyhow::Result
     }
 }
 
+/// Who the (chain-verified) client certificate of an accepted connection belongs to.
+pub fn peer_of(conn: &quinn::Connection) -> Option<crate::tls::Peer> {
+    let chain = conn.peer_identity()?.downcast::<Vec<CertificateDer<'static>>>().ok()?;
+    crate::tls::Peer::of(chain.first()?)
+}
+
 /// One stream's session, boxed so servers of different services share [`serve`].
 pub type Session<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = anyhow::Result<()>> + Send + 'a>>;
 
 /// Accepts connections on `listener` until `shutdown`. A peer must hold a certificate for `role`
 /// (else its connection is closed with the reason); accepted connections are passed to `track`; each
-/// bidirectional stream runs `session`, whose error is logged and sent to the peer as an `Error`
+/// bidirectional stream runs `session` with the peer its certificate names, whose error is logged and sent to the peer as an `Error`
 /// message before the stream is finished.
 pub async fn serve<T, H>(
     listener: &quinn::Endpoint,
@@ -182,7 +188,10 @@ pub async fn serve<T, H>(
     session: H,
 ) where
     T: Fn(&quinn::Connection) + Send + Sync + 'static,
-    H: for<'a> Fn(&'a mut quinn::SendStream, quinn::RecvStream) -> Session<'a> + Send + Sync + 'static,
+    H: for<'a> Fn(&'a mut quinn::SendStream, quinn::RecvStream, Arc<crate::tls::Peer>) -> Session<'a>
+        + Send
+        + Sync
+        + 'static,
 {
     let handlers = Arc::new((track, session));
     loop {
@@ -206,15 +215,21 @@ pub async fn serve<T, H>(
                 );
                 return;
             }
+            let Some(who) = peer_of(&conn) else {
+                tracing::warn!(%peer, "refusing connection: its certificate names no component");
+                conn.close(crate::wire::CLOSE_WRONG_ROLE.into(), b"certificate names no component");
+                return;
+            };
+            let who = Arc::new(who);
             (handlers.0)(&conn);
             loop {
                 let (mut send, recv) = match conn.accept_bi().await {
                     Ok(s) => s,
                     Err(e) => return tracing::debug!(%peer, error = %e, "{} connection ended", role.name()),
                 };
-                let handlers = handlers.clone();
+                let (handlers, who) = (handlers.clone(), who.clone());
                 tokio::spawn(async move {
-                    if let Err(e) = (handlers.1)(&mut send, recv).await {
+                    if let Err(e) = (handlers.1)(&mut send, recv, who).await {
                         tracing::warn!(%peer, error = format!("{e:#}"), "stream from the {} refused", role.name());
                         let code = crate::wire::code_of(&e);
                         let msg = crate::wire::Message::Error { code, message: format!("{e:#}") };

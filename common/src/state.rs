@@ -36,8 +36,9 @@ pub trait StateStore: Send + Sync {
     fn put_stream(&self, key: StreamKey, rec: StreamRecord) -> Result<(), StateError>;
     /// Atomically logs that `first..=last` was applied and sets the stream's applied position to `last`.
     fn record_apply(&self, key: StreamKey, first: Seq, last: Seq) -> Result<(), StateError>;
-    /// Every logged batch of a stream, by first sequence number.
-    fn apply_log(&self, key: StreamKey) -> Result<Vec<(Seq, Seq)>, StateError>;
+    /// A page of a stream's logged batches: up to `limit` whose first sequence number is above
+    /// `after`, in order. The log keeps the batches of the last [`APPLY_LOG_KEEP`] changes.
+    fn apply_log(&self, key: StreamKey, after: Seq, limit: usize) -> Result<Vec<(Seq, Seq)>, StateError>;
     /// Forgets a stream and its apply log (its replica was handed over at a failover commit).
     fn remove_stream(&self, key: StreamKey) -> Result<(), StateError>;
 }
@@ -45,8 +46,12 @@ pub trait StateStore: Send + Sync {
 const STREAMS: TableDefinition<(u64, u64), (u64, u64)> = TableDefinition::new("streams");
 const APPLY_LOG: TableDefinition<(u64, u64, u64), u64> = TableDefinition::new("apply_log");
 
+/// How many changes back the apply log reaches: older batches are pruned as new ones are recorded.
+pub const APPLY_LOG_KEEP: u64 = 1 << 22;
+
 pub struct RedbStore {
     db: redb::Database,
+    keep: u64,
 }
 
 fn err<E: std::fmt::Display>(what: &'static str) -> impl Fn(E) -> StateError {
@@ -61,7 +66,12 @@ impl RedbStore {
         tx.open_table(STREAMS).map_err(err("create streams"))?;
         tx.open_table(APPLY_LOG).map_err(err("create apply_log"))?;
         tx.commit().map_err(err("commit"))?;
-        Ok(RedbStore { db })
+        Ok(RedbStore { db, keep: APPLY_LOG_KEEP })
+    }
+
+    /// [`RedbStore::open`] keeping the apply log of only the last `keep` changes.
+    pub fn open_keeping(path: &Path, keep: u64) -> Result<RedbStore, StateError> {
+        Ok(RedbStore { keep, ..RedbStore::open(path)? })
     }
 }
 
@@ -125,16 +135,30 @@ impl StateStore for RedbStore {
             t.insert(k, (size, last.0)).map_err(err("write stream"))?;
             let mut log = tx.open_table(APPLY_LOG).map_err(err("open apply_log"))?;
             log.insert((key.item.0, key.disk.0, first.0), last.0).map_err(err("write apply_log"))?;
+            // Prune what ended more than `keep` changes ago (usually one old batch per new one).
+            let horizon = last.0.saturating_sub(self.keep);
+            let oldest = log
+                .range((key.item.0, key.disk.0, 0)..=(key.item.0, key.disk.0, u64::MAX))
+                .map_err(err("iterate apply_log"))?
+                .next()
+                .transpose()
+                .map_err(err("read apply_log"))?
+                .map(|(_, v)| v.value());
+            if oldest.is_some_and(|l| l <= horizon) {
+                let old = (key.item.0, key.disk.0, 0)..(key.item.0, key.disk.0, horizon);
+                log.retain_in(old, |_, l| l > horizon).map_err(err("prune apply_log"))?;
+            }
         }
         tx.commit().map_err(err("commit"))
     }
 
-    fn apply_log(&self, key: StreamKey) -> Result<Vec<(Seq, Seq)>, StateError> {
+    fn apply_log(&self, key: StreamKey, after: Seq, limit: usize) -> Result<Vec<(Seq, Seq)>, StateError> {
         let tx = self.db.begin_read().map_err(err("begin read"))?;
         let t = tx.open_table(APPLY_LOG).map_err(err("open apply_log"))?;
-        let range = (key.item.0, key.disk.0, 0)..=(key.item.0, key.disk.0, u64::MAX);
+        let Some(from) = after.0.checked_add(1) else { return Ok(Vec::new()) };
+        let range = (key.item.0, key.disk.0, from)..=(key.item.0, key.disk.0, u64::MAX);
         let mut out = Vec::new();
-        for row in t.range(range).map_err(err("iterate apply_log"))? {
+        for row in t.range(range).map_err(err("iterate apply_log"))?.take(limit) {
             let (k, v) = row.map_err(err("read apply_log"))?;
             out.push((Seq(k.value().2), Seq(v.value())));
         }
@@ -180,9 +204,9 @@ impl StateStore for MemStore {
         g.1.insert((key, first), last);
         Ok(())
     }
-    fn apply_log(&self, key: StreamKey) -> Result<Vec<(Seq, Seq)>, StateError> {
+    fn apply_log(&self, key: StreamKey, after: Seq, limit: usize) -> Result<Vec<(Seq, Seq)>, StateError> {
         let g = self.inner.lock().expect("poisoned");
-        Ok(g.1.iter().filter(|((k, _), _)| *k == key).map(|((_, f), l)| (*f, *l)).collect())
+        Ok(g.1.iter().filter(|((k, f), _)| *k == key && *f > after).map(|((_, f), l)| (*f, *l)).take(limit).collect())
     }
     fn remove_stream(&self, key: StreamKey) -> Result<(), StateError> {
         let mut g = self.inner.lock().expect("poisoned");
@@ -232,15 +256,19 @@ mod tests {
         let streams = s.streams().unwrap();
         assert_eq!(streams[0], (a, StreamRecord { disk_size: 10, applied: Seq(9) }));
         assert_eq!(streams[1], (b, StreamRecord { disk_size: 20, applied: Seq(1) }));
-        assert_eq!(s.apply_log(a).unwrap(), vec![(Seq(1), Seq(5)), (Seq(6), Seq(9))]);
-        assert_eq!(s.apply_log(b).unwrap(), vec![(Seq(1), Seq(1))]);
+        let all = |s: &dyn StateStore, k| s.apply_log(k, Seq(0), usize::MAX).unwrap();
+        assert_eq!(all(s, a), vec![(Seq(1), Seq(5)), (Seq(6), Seq(9))]);
+        assert_eq!(s.apply_log(a, Seq(0), 1).unwrap(), vec![(Seq(1), Seq(5))], "a page");
+        assert_eq!(s.apply_log(a, Seq(1), 10).unwrap(), vec![(Seq(6), Seq(9))], "the next page");
+        assert_eq!(s.apply_log(a, Seq(u64::MAX), 10).unwrap(), vec![]);
+        assert_eq!(all(s, b), vec![(Seq(1), Seq(1))]);
         let c = StreamKey { item: ItemId(3), disk: DiskId(1) };
         s.put_stream(c, StreamRecord { disk_size: 5, applied: Seq(0) }).unwrap();
         s.record_apply(c, Seq(1), Seq(3)).unwrap();
         s.remove_stream(c).unwrap();
         assert_eq!(s.streams().unwrap().len(), 2);
-        assert!(s.apply_log(c).unwrap().is_empty());
-        assert_eq!(s.apply_log(a).unwrap().len(), 2, "other streams keep their log");
+        assert!(all(s, c).is_empty());
+        assert_eq!(all(s, a).len(), 2, "other streams keep their log");
     }
 
     #[test]
@@ -255,5 +283,23 @@ mod tests {
         conformance(&RedbStore::open(&p).unwrap());
         let s = RedbStore::open(&p).unwrap();
         assert_eq!(s.streams().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn the_apply_log_keeps_only_the_last_changes() {
+        let d = tempfile::tempdir().unwrap();
+        let s = RedbStore::open_keeping(&d.path().join("state.redb"), 100).unwrap();
+        let (a, b) = (StreamKey { item: ItemId(1), disk: DiskId(1) }, StreamKey { item: ItemId(2), disk: DiskId(1) });
+        s.put_stream(a, StreamRecord { disk_size: 10, applied: Seq(0) }).unwrap();
+        s.put_stream(b, StreamRecord { disk_size: 10, applied: Seq(0) }).unwrap();
+        s.record_apply(b, Seq(1), Seq(1)).unwrap();
+        for first in (1..=1000).step_by(10) {
+            s.record_apply(a, Seq(first), Seq(first + 9)).unwrap();
+        }
+        let log = s.apply_log(a, Seq(0), usize::MAX).unwrap();
+        assert_eq!(log.first(), Some(&(Seq(901), Seq(910))), "batches ending more than 100 changes back are gone");
+        assert_eq!(log.last(), Some(&(Seq(991), Seq(1000))));
+        assert!(log.windows(2).all(|w| w[1].0 .0 == w[0].1 .0 + 1), "what is kept is contiguous");
+        assert_eq!(s.apply_log(b, Seq(0), usize::MAX).unwrap(), vec![(Seq(1), Seq(1))], "other streams keep theirs");
     }
 }

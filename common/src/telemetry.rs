@@ -1,7 +1,6 @@
 //! Logs, metrics and the operations HTTP endpoint every service serves:
 //! `/metrics` (Prometheus text format) and `/healthz`, plus routes the service adds (status, exports).
 
-use anyhow::Context;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use std::net::SocketAddr;
 use std::sync::OnceLock;
@@ -36,6 +35,7 @@ fn otlp_tracer(service: &str) -> Option<opentelemetry_sdk::trace::SdkTracer> {
     if !configured {
         return None;
     }
+    crate::tls::install_default_provider();
     let exporter = match opentelemetry_otlp::SpanExporter::builder().with_http().build() {
         Ok(e) => e,
         Err(e) => {
@@ -79,10 +79,13 @@ pub fn metrics_handle() -> PrometheusHandle {
         .clone()
 }
 
-/// Serves `/metrics`, `/healthz` and `extra` on `addr` until `shutdown`. Returns the bound address.
+/// Serves `/metrics`, `/healthz` and `extra` over HTTPS (see [`crate::https`]) on `addr` until
+/// `shutdown`, with `id`'s certificate; `guard` says who may call `extra`. Returns the bound address.
 pub async fn serve_http(
     addr: SocketAddr,
+    id: std::sync::Arc<crate::tls::Identity>,
     extra: axum::Router,
+    guard: crate::https::Guard,
     shutdown: CancellationToken,
 ) -> anyhow::Result<SocketAddr> {
     let handle = metrics_handle();
@@ -90,14 +93,5 @@ pub async fn serve_http(
         .route("/metrics", axum::routing::get(move || std::future::ready(handle.render())))
         .route("/healthz", axum::routing::get(|| std::future::ready("ok\n")))
         .merge(extra);
-    let listener =
-        tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding HTTP endpoint on {addr}"))?;
-    let local = listener.local_addr()?;
-    tokio::spawn(async move {
-        let r = axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await;
-        if let Err(e) = r {
-            tracing::error!(error = %e, "HTTP endpoint stopped");
-        }
-    });
-    Ok(local)
+    crate::https::serve(addr, id, app, guard, shutdown).await
 }

@@ -31,8 +31,38 @@ pub struct Identity {
     pub chain: Vec<CertificateDer<'static>>,
     pub key: PrivateKeyDer<'static>,
     pub roots: Arc<RootCertStore>,
-    /// The deployment's current CRL (empty until the configuration server supplied one).
-    crls: std::sync::RwLock<Vec<CertificateRevocationListDer<'static>>>,
+    /// The CA certificates themselves, to check the revocation list's signature.
+    ca_ders: Vec<CertificateDer<'static>>,
+    /// The deployment's current CRL and its number (empty until the configuration server supplied
+    /// one). Only a newer list, signed by the CA, replaces it.
+    crl: std::sync::RwLock<CrlState>,
+    /// Where the list in force is kept across restarts.
+    crl_file: Option<PathBuf>,
+}
+
+#[derive(Default)]
+struct CrlState {
+    number: u64,
+    ders: Vec<CertificateRevocationListDer<'static>>,
+    /// Counts changes, so TLS configurations built before a change are rebuilt.
+    generation: u64,
+    /// The HTTPS server configuration built for `generation`.
+    https: Option<(u64, Arc<rustls::ServerConfig>)>,
+    /// The NBD server configuration built for `generation`.
+    nbd: Option<(u64, Arc<rustls::ServerConfig>)>,
+}
+
+/// Why a revocation list was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum CrlError {
+    #[error("the revocation list is empty")]
+    Empty,
+    #[error("the revocation list is not a PEM-encoded X.509 CRL: {0}")]
+    Malformed(String),
+    #[error("the revocation list is not signed by the deployment CA")]
+    NotSigned,
+    #[error("the revocation list is number {got}, older than number {have} already in force")]
+    Older { got: u64, have: u64 },
 }
 
 impl Identity {
@@ -56,23 +86,103 @@ impl Identity {
         if roots.is_empty() {
             bail!("CA file {} holds no certificate", paths.ca.display());
         }
-        Ok(Identity { chain, key, roots: Arc::new(roots), crls: Default::default() })
+        let ca_ders = CertificateDer::pem_file_iter(&paths.ca)
+            .with_context(|| format!("reading CA certificate {}", paths.ca.display()))?
+            .collect::<Result<Vec<_>, _>>()
+            .with_context(|| format!("parsing CA certificate {}", paths.ca.display()))?;
+        Ok(Identity { chain, key, roots: Arc::new(roots), ca_ders, crl: Default::default(), crl_file: None })
     }
 
-    /// Replaces the revocation list with `pem`; returns whether it changed. New handshakes check it.
-    pub fn set_crl_pem(&self, pem: &str) -> anyhow::Result<bool> {
-        let crls = CertificateRevocationListDer::pem_slice_iter(pem.as_bytes())
+    /// Keeps the revocation list in force in `file`: the list kept there (when it is still valid)
+    /// is in force from this start on, before the configuration server is reached, and every newer
+    /// one is written there.
+    pub fn keep_crl_in(mut self, file: PathBuf) -> Identity {
+        if let Ok(pem) = std::fs::read_to_string(&file) {
+            if let Err(e) = self.set_crl_pem(&pem) {
+                tracing::warn!(file = %file.display(), error = %e, "the kept revocation list is not usable; waiting for a new one");
+            }
+        }
+        self.crl_file = Some(file);
+        self
+    }
+
+    /// Puts the revocation list `pem` in force; returns whether it changed anything. New handshakes
+    /// check it. The list must be signed by the deployment CA and numbered at least as high as the
+    /// one in force: an empty, foreign or older list (a replay) is refused and changes nothing.
+    pub fn set_crl_pem(&self, pem: &str) -> Result<bool, CrlError> {
+        let ders = CertificateRevocationListDer::pem_slice_iter(pem.as_bytes())
             .collect::<Result<Vec<_>, _>>()
-            .context("the revocation list is not PEM")?;
-        let mut cur = self.crls.write().expect("crl lock poisoned");
-        let changed = *cur != crls;
-        *cur = crls;
-        Ok(changed)
+            .map_err(|e| CrlError::Malformed(e.to_string()))?;
+        let [der] = ders.as_slice() else {
+            return Err(if ders.is_empty() {
+                CrlError::Empty
+            } else {
+                CrlError::Malformed("more than one list".into())
+            });
+        };
+        let number = crl_number(der)?;
+        if !self.ca_signed(der) {
+            return Err(CrlError::NotSigned);
+        }
+        let mut cur = self.crl.write().expect("crl lock poisoned");
+        if number < cur.number {
+            return Err(CrlError::Older { got: number, have: cur.number });
+        }
+        if cur.ders == ders {
+            return Ok(false);
+        }
+        cur.number = number;
+        cur.ders = ders;
+        cur.generation += 1;
+        drop(cur);
+        if let Some(f) = &self.crl_file {
+            if let Err(e) = crate::crashsafe::write_file(f, pem.as_bytes()) {
+                tracing::warn!(file = %f.display(), error = %e, "keeping the revocation list failed");
+            }
+        }
+        Ok(true)
+    }
+
+    /// The number of the revocation list in force (0: none yet).
+    pub fn crl_number(&self) -> u64 {
+        self.crl.read().expect("crl lock poisoned").number
+    }
+
+    /// Counts changes of the revocation list: a client built at an older generation is rebuilt.
+    pub fn crl_generation(&self) -> u64 {
+        self.crl.read().expect("crl lock poisoned").generation
     }
 
     fn crls(&self) -> Vec<CertificateRevocationListDer<'static>> {
-        self.crls.read().expect("crl lock poisoned").clone()
+        self.crl.read().expect("crl lock poisoned").ders.clone()
     }
+
+    /// Whether one of our CA certificates signed the list.
+    fn ca_signed(&self, der: &CertificateRevocationListDer<'_>) -> bool {
+        use x509_parser::prelude::FromDer;
+        let Ok((_, crl)) = x509_parser::revocation_list::CertificateRevocationList::from_der(der) else {
+            return false;
+        };
+        self.ca_ders.iter().any(|ca| {
+            x509_parser::certificate::X509Certificate::from_der(ca)
+                .is_ok_and(|(_, ca)| crl.issuer() == ca.subject() && crl.verify_signature(ca.public_key()).is_ok())
+        })
+    }
+}
+
+/// The number a revocation list carries (its cRLNumber extension); a list without one is refused.
+fn crl_number(der: &CertificateRevocationListDer<'_>) -> Result<u64, CrlError> {
+    use x509_parser::prelude::FromDer;
+    let (_, crl) = x509_parser::revocation_list::CertificateRevocationList::from_der(der)
+        .map_err(|e| CrlError::Malformed(e.to_string()))?;
+    let n = crl.crl_number().ok_or_else(|| CrlError::Malformed("it has no CRL number".into()))?;
+    u64::try_from(n).map_err(|_| CrlError::Malformed("its CRL number does not fit 64 bits".into()))
+}
+
+/// Makes ring the process's default TLS provider, for libraries that build their own TLS
+/// configuration (the OTLP exporter, the webhook client). Idempotent.
+pub fn install_default_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
@@ -113,11 +223,299 @@ pub fn client_config(id: &Identity) -> anyhow::Result<rustls::ClientConfig> {
     Ok(cfg)
 }
 
-/// Whether an already chain-verified peer certificate names `role`.
+/// The HTTPS server configuration for the services' APIs: the server's chain (with the CA, so a
+/// registering component can check the CA against its pinned fingerprint), TLS 1.3, and a client
+/// certificate verified against the deployment CA and revocation list when one is offered. It is
+/// optional at the TLS layer so `/healthz` and `/metrics` stay open; every API route demands the
+/// caller's certificate (or an operator token) itself. Rebuilt only when the revocation list changed.
+pub fn https_server_config(id: &Identity) -> anyhow::Result<Arc<rustls::ServerConfig>> {
+    let generation = id.crl_generation();
+    if let Some((g, cfg)) = &id.crl.read().expect("crl lock poisoned").https {
+        if *g == generation {
+            return Ok(cfg.clone());
+        }
+    }
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(id.roots.clone(), provider())
+        .with_crls(id.crls())
+        .only_check_end_entity_revocation()
+        .allow_unknown_revocation_status()
+        .allow_unauthenticated()
+        .build()
+        .context("building the client certificate verifier")?;
+    let mut chain = id.chain.clone();
+    chain.extend(id.ca_ders.iter().filter(|ca| !chain.contains(ca)).cloned().collect::<Vec<_>>());
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, id.key.clone_key())
+        .context("server certificate and key do not match")?;
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let cfg = Arc::new(cfg);
+    id.crl.write().expect("crl lock poisoned").https = Some((generation, cfg.clone()));
+    Ok(cfg)
+}
+
+/// The NBD-over-TLS server configuration (after NBD_OPT_STARTTLS): TLS 1.3 or 1.2 (what qemu's and
+/// libnbd's GnuTLS offer), and a client certificate from the deployment CA, checked against the
+/// revocation list, required. Rebuilt only when the revocation list changed.
+pub fn nbd_server_config(id: &Identity) -> anyhow::Result<Arc<rustls::ServerConfig>> {
+    let generation = id.crl_generation();
+    if let Some((g, cfg)) = &id.crl.read().expect("crl lock poisoned").nbd {
+        if *g == generation {
+            return Ok(cfg.clone());
+        }
+    }
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(id.roots.clone(), provider())
+        .with_crls(id.crls())
+        .only_check_end_entity_revocation()
+        .allow_unknown_revocation_status()
+        .build()
+        .context("building the client certificate verifier")?;
+    let cfg = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(id.chain.clone(), id.key.clone_key())
+        .context("server certificate and key do not match")?;
+    let cfg = Arc::new(cfg);
+    id.crl.write().expect("crl lock poisoned").nbd = Some((generation, cfg.clone()));
+    Ok(cfg)
+}
+
+/// Who the server must be, for an HTTPS client.
+pub enum ServerTrust<'a> {
+    /// A certificate from the deployment CA (and not revoked, as far as `Identity` knows) that names
+    /// `role`; the client presents `Identity`'s certificate.
+    Mutual(&'a Identity, Role),
+    /// [`ServerTrust::Mutual`] for a server of any component role (agent, process server, master
+    /// target): `srctl status`.
+    AnyComponent(&'a Identity),
+    /// A certificate from the CA in this PEM that names `role`; no client certificate (an operator,
+    /// who authenticates with a token).
+    Ca(&'a str, Role),
+    /// A configuration server whose CA has this SHA-256 fingerprint (hex), before this component has
+    /// the CA: registration. The server sends its CA with its chain.
+    Pinned(&'a str),
+}
+
+/// A TLS 1.3 client configuration for HTTPS (ALPN http/1.1) that checks the server as `trust` says,
+/// whatever address it is reached at: the role name, not the host, is what its certificate must name.
+pub fn https_client_config(trust: ServerTrust<'_>) -> anyhow::Result<rustls::ClientConfig> {
+    let (verifier, identity): (Arc<dyn rustls::client::danger::ServerCertVerifier>, Option<&Identity>) = match trust {
+        ServerTrust::Mutual(id, role) => {
+            let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(id.roots.clone(), provider())
+                .with_crls(id.crls())
+                .only_check_end_entity_revocation()
+                .allow_unknown_revocation_status()
+                .build()
+                .context("building the server certificate verifier")?;
+            (Arc::new(NamedServer::new(inner, &[role])?), Some(id))
+        }
+        ServerTrust::AnyComponent(id) => {
+            let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(id.roots.clone(), provider())
+                .with_crls(id.crls())
+                .only_check_end_entity_revocation()
+                .allow_unknown_revocation_status()
+                .build()
+                .context("building the server certificate verifier")?;
+            let roles = [Role::Agent, Role::ProcessServer, Role::MasterTarget];
+            (Arc::new(NamedServer::new(inner, &roles)?), Some(id))
+        }
+        ServerTrust::Ca(pem, role) => {
+            let mut roots = RootCertStore::empty();
+            for ca in CertificateDer::pem_slice_iter(pem.as_bytes()) {
+                roots.add(ca.context("the CA file is not PEM")?).context("the CA certificate is not usable")?;
+            }
+            if roots.is_empty() {
+                bail!("the CA file holds no certificate");
+            }
+            let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider())
+                .build()
+                .context("building the server certificate verifier")?;
+            (Arc::new(NamedServer::new(inner, &[role])?), None)
+        }
+        ServerTrust::Pinned(fingerprint) => {
+            (Arc::new(PinnedCa { fingerprint: fingerprint.to_ascii_lowercase() }), None)
+        }
+    };
+    let builder = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier);
+    let mut cfg = match identity {
+        Some(id) => builder
+            .with_client_auth_cert(id.chain.clone(), id.key.clone_key())
+            .context("client certificate and key do not match")?,
+        None => builder.with_no_client_auth(),
+    };
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(cfg)
+}
+
+/// Verifies the server's chain with webpki, for a role's name instead of the host it was reached
+/// at (services are reached by address; their certificates name their role).
+#[derive(Debug)]
+struct NamedServer {
+    inner: Arc<rustls::client::WebPkiServerVerifier>,
+    names: Vec<ServerName<'static>>,
+}
+
+impl NamedServer {
+    fn new(inner: Arc<rustls::client::WebPkiServerVerifier>, roles: &[Role]) -> anyhow::Result<NamedServer> {
+        let names =
+            roles.iter().map(|r| ServerName::try_from(role_name(*r)).context("role name")).collect::<Result<_, _>>()?;
+        Ok(NamedServer { inner, names })
+    }
+}
+
+impl rustls::client::danger::ServerCertVerifier for NamedServer {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _reached_as: &ServerName<'_>,
+        ocsp: &[u8],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        if roles_of(end_entity).len() > 1 {
+            return Err(rustls::Error::General("the server's certificate names more than one role".into()));
+        }
+        let mut last = rustls::Error::General("no role name to check".into());
+        for name in &self.names {
+            match self.inner.verify_server_cert(end_entity, intermediates, name, ocsp, now) {
+                Ok(v) => return Ok(v),
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
+    }
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+/// Registration's check of the configuration server: the chain it sends must hold a CA certificate
+/// with the pinned fingerprint, and the server's certificate must chain to that CA and name the
+/// configuration server's role.
+#[derive(Debug)]
+struct PinnedCa {
+    fingerprint: String,
+}
+
+impl PinnedCa {
+    fn verifier(&self, intermediates: &[CertificateDer<'_>]) -> Result<NamedServer, rustls::Error> {
+        let ca = intermediates.iter().find(|c| crate::ca::fingerprint(c) == self.fingerprint).ok_or_else(|| {
+            rustls::Error::General("the server's CA does not have the fingerprint the registration key carries".into())
+        })?;
+        let mut roots = RootCertStore::empty();
+        roots.add(ca.clone().into_owned()).map_err(|e| rustls::Error::General(format!("the pinned CA: {e}")))?;
+        let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider())
+            .build()
+            .map_err(|e| rustls::Error::General(format!("the pinned CA: {e}")))?;
+        NamedServer::new(inner, &[Role::ConfigServer]).map_err(|e| rustls::Error::General(e.to_string()))
+    }
+}
+
+impl rustls::client::danger::ServerCertVerifier for PinnedCa {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        reached_as: &ServerName<'_>,
+        ocsp: &[u8],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        self.verifier(intermediates)?.verify_server_cert(end_entity, intermediates, reached_as, ocsp, now)
+    }
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &provider().signature_verification_algorithms)
+    }
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &provider().signature_verification_algorithms)
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        provider().signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// Who a verified client certificate belongs to: the role its names carry, the component name (its
+/// common name, which the CA wrote from the registration) and its serial number.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Peer {
+    pub role: Role,
+    pub name: String,
+    pub serial: u64,
+}
+
+impl Peer {
+    /// Reads a chain-verified certificate; `None` when it names no role or has no common name.
+    pub fn of(cert: &CertificateDer<'_>) -> Option<Peer> {
+        use x509_parser::prelude::FromDer;
+        // A certificate naming two roles is nobody's.
+        let [role] = roles_of(cert)[..] else { return None };
+        let (_, x) = x509_parser::certificate::X509Certificate::from_der(cert).ok()?;
+        let name = x.subject().iter_common_name().next()?.as_str().ok()?.to_string();
+        let serial = u64::try_from(&x.tbs_certificate.serial).ok()?;
+        Some(Peer { role, name, serial })
+    }
+
+    /// The header value a server passes a verified caller to its handlers with.
+    pub fn header_value(&self) -> String {
+        format!("{} {} {}", self.role.name(), self.name, self.serial)
+    }
+
+    pub fn from_header_value(v: &str) -> Option<Peer> {
+        let mut it = v.split(' ');
+        let role = Role::from_name(it.next()?)?;
+        let name = it.next()?.to_string();
+        let serial = it.next()?.parse().ok()?;
+        Some(Peer { role, name, serial })
+    }
+}
+
+/// The request header through which the HTTPS server hands the verified client certificate's
+/// [`Peer`] to the handlers. The server removes any such header a client sent.
+pub const PEER_HEADER: &str = "x-sr-peer";
+
+/// Whether an already chain-verified peer certificate names `role`, and no other role.
 pub fn peer_has_role(cert: &CertificateDer<'_>, role: Role) -> bool {
-    let Ok(ee) = webpki::EndEntityCert::try_from(cert) else { return false };
-    let Ok(name) = ServerName::try_from(role_name(role)) else { return false };
-    ee.verify_is_valid_for_subject_name(&name).is_ok()
+    roles_of(cert) == [role]
+}
+
+/// The roles a certificate names.
+fn roles_of(cert: &CertificateDer<'_>) -> Vec<Role> {
+    let Ok(ee) = webpki::EndEntityCert::try_from(cert) else { return Vec::new() };
+    Role::ALL
+        .into_iter()
+        .filter(|r| {
+            ServerName::try_from(role_name(*r)).is_ok_and(|name| ee.verify_is_valid_for_subject_name(&name).is_ok())
+        })
+        .collect()
 }
 
 /// Makes a new deployment CA and one certificate per (name, role) in `dir`:
@@ -127,19 +525,19 @@ pub fn generate_deployment(dir: &Path, nodes: &[(&str, Role)]) -> anyhow::Result
     let (ca, ca_key) = crate::ca::Ca::create()?;
     let ca_path = dir.join("ca.pem");
     crate::crashsafe::write_file(&ca_path, ca.cert_pem().as_bytes())?;
-    crate::crashsafe::write_file(&dir.join("ca.key"), ca_key.as_bytes())?;
-    crate::ca::set_private(&dir.join("ca.key"))?;
+    crate::crashsafe::write_secret(&dir.join("ca.key"), ca_key.as_bytes())?;
     let mut out = Vec::new();
     for (i, (name, role)) in nodes.iter().enumerate() {
-        let (cert, key) = ca.issue_local(name, *role, i as u64 + 1)?;
+        // One host: every server is reached on loopback.
+        let names = ["127.0.0.1", "::1", "localhost"].map(String::from);
+        let (cert, key) = ca.issue_local(name, *role, i as u64 + 1, &names)?;
         let paths = TlsPaths {
             ca: ca_path.clone(),
             cert: dir.join(format!("{name}.pem")),
             key: dir.join(format!("{name}.key")),
         };
         crate::crashsafe::write_file(&paths.cert, cert.as_bytes())?;
-        crate::crashsafe::write_file(&paths.key, key.as_bytes())?;
-        crate::ca::set_private(&paths.key)?;
+        crate::crashsafe::write_secret(&paths.key, key.as_bytes())?;
         out.push(paths);
     }
     Ok(out)

@@ -35,23 +35,34 @@ pub const MAX_FRAME: usize = 64 * 1024 * 1024;
 /// Largest single write carried in one change.
 pub const MAX_WRITE: usize = 32 * 1024 * 1024;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 #[rkyv(derive(Debug))]
 pub enum Role {
     Agent,
     ProcessServer,
     MasterTarget,
     ConfigServer,
+    /// A client of the master target's NBD exports (a hypervisor bringing up a failed-over
+    /// machine, an operator's tools): it takes part in no replication.
+    NbdClient,
 }
 
 impl Role {
+    pub const ALL: [Role; 5] =
+        [Role::Agent, Role::ProcessServer, Role::MasterTarget, Role::ConfigServer, Role::NbdClient];
+
     pub fn name(self) -> &'static str {
         match self {
             Role::Agent => "agent",
             Role::ProcessServer => "process-server",
             Role::MasterTarget => "master-target",
             Role::ConfigServer => "config-server",
+            Role::NbdClient => "nbd-client",
         }
+    }
+
+    pub fn from_name(name: &str) -> Option<Role> {
+        Role::ALL.into_iter().find(|r| r.name() == name)
     }
 }
 
@@ -327,6 +338,9 @@ pub async fn write_msg<W: AsyncWrite + Unpin>(w: &mut W, msg: &Message) -> Resul
     Ok(4 + body.len())
 }
 
+/// How much of a frame's buffer is grown at a time while its bytes arrive.
+const FRAME_STEP: usize = 1 << 20;
+
 /// Reads one frame and validates it. `Ok(None)` is a clean end of stream between frames.
 pub async fn read_msg<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<Message>, WireError> {
     let mut len = [0u8; 4];
@@ -339,15 +353,20 @@ pub async fn read_msg<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<Message>
     if len > MAX_FRAME {
         return Err(WireError::TooLarge { len });
     }
-    let mut body = AlignedVec::<16>::with_capacity(len);
-    body.resize(len, 0);
-    r.read_exact(&mut body[..]).await.map_err(|e| {
-        if e.kind() == std::io::ErrorKind::UnexpectedEof {
-            WireError::Malformed { len, reason: "stream ended inside the frame (truncated)".into() }
-        } else {
-            WireError::Io(e)
-        }
-    })?;
+    // The buffer grows with the bytes that arrive (a step at a time), not with the length the peer
+    // declared: a peer that announces a large frame and sends nothing holds no memory for it.
+    let mut body = AlignedVec::<16>::new();
+    while body.len() < len {
+        let from = body.len();
+        body.resize(from + (len - from).min(FRAME_STEP), 0);
+        r.read_exact(&mut body[from..]).await.map_err(|e| {
+            if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                WireError::Malformed { len, reason: "stream ended inside the frame (truncated)".into() }
+            } else {
+                WireError::Io(e)
+            }
+        })?;
+    }
     let msg = rkyv::from_bytes::<Message, rancor::Error>(&body)
         .map_err(|e| WireError::Malformed { len, reason: e.to_string() })?;
     if let Message::Error { code, message } = msg {

@@ -1,7 +1,7 @@
 //! Who may talk to the server: API tokens, one-time registration keys, component registration (which
 //! signs the component's certificate), the revocation list, and the components themselves.
 
-use crate::auth::{self, require, COMPONENT_TOKENS};
+use crate::auth::{self, require};
 use crate::error::{body, valid_name, ApiError, Body, R};
 use crate::jobs::JobHandle;
 use crate::model::*;
@@ -44,6 +44,9 @@ pub struct NewKey {
 pub async fn create_key(State(cs): State<Arc<Cs>>, h: HeaderMap, b: Body<NewKey>) -> R<Value> {
     let by = require(cs.store(), &h, ApiRole::Admin)?;
     let req = body(b)?;
+    if req.role == ComponentRole::NbdClient {
+        return Err(ApiError::bad("role: NBD clients get their certificates from POST /v1/nbd-clients"));
+    }
     let ttl = req.ttl_seconds.unwrap_or(cs.cfg.registration_key_ttl_secs);
     if ttl == 0 || ttl > 30 * 24 * 3600 {
         return Err(ApiError::bad("ttl_seconds: 1 to 2592000 (30 days)"));
@@ -58,7 +61,14 @@ pub async fn create_key(State(cs): State<Arc<Cs>>, h: HeaderMap, b: Body<NewKey>
     };
     cs.store().put(KEYS, &k.hash, &k)?;
     cs.event("info", &k.id, &format!("registration key {} for a {:?} created by {by}", k.id, k.role))?;
-    Ok(Json(json!({ "id": k.id, "key": secret, "role": k.role, "expires_at": k.expires_at })))
+    let fingerprint = cs.ca_fingerprint();
+    Ok(Json(json!({
+        "id": k.id,
+        "key": sr_common::register::RegistrationKey::compose(&secret, &fingerprint),
+        "ca_fingerprint": fingerprint,
+        "role": k.role,
+        "expires_at": k.expires_at,
+    })))
 }
 
 #[derive(Deserialize)]
@@ -72,13 +82,51 @@ pub struct Registration {
     /// The role the registering component has; a key for another role is refused and not used up.
     #[serde(default)]
     role: Option<ComponentRole>,
+    /// Host names and IP addresses its certificate names besides its address's host.
+    #[serde(default)]
+    names: Vec<String>,
 }
 
-/// Trades a one-time registration key and a CSR for a certificate naming the key's role.
+/// Trades a one-time registration key and a CSR for a certificate naming the key's role. The key
+/// is checked before anything is written: an unknown, used, expired or other-role key leaves no
+/// trace but the refusal (and a counter).
 pub async fn register(State(cs): State<Arc<Cs>>, b: Body<Registration>) -> R<Value> {
     let req = body(b)?;
     valid_name(&req.name)?;
+    if let Some(n) = req.names.iter().find(|n| !sr_common::ca::valid_host_name(n)) {
+        return Err(ApiError::bad(&format!("names: {n:?} is neither a host name nor an IP address")));
+    }
     let store = cs.store();
+    // The secret alone; a component may send the whole SECRET.FINGERPRINT it was given.
+    let secret = req.key.trim().split_once('.').map_or(req.key.trim(), |(s, _)| s);
+    let key_hash = auth::hash(secret);
+    let _guard = cs.registration.lock().await;
+    let refused = |status: StatusCode, msg: String| {
+        ::metrics::counter!(crate::metrics::REGISTRATIONS_REFUSED).increment(1);
+        tracing::warn!(name = req.name, "registration refused: {msg}");
+        Err(ApiError::new(status, &msg))
+    };
+    let Some(mut key) = store.get::<RegistrationKey>(KEYS, &key_hash)? else {
+        return refused(StatusCode::UNAUTHORIZED, "unknown registration key".into());
+    };
+    if let Some(by) = &key.used_by {
+        return refused(StatusCode::UNAUTHORIZED, format!("registration key {} was already used by {by}", key.id));
+    }
+    if now() > key.expires_at {
+        return refused(
+            StatusCode::UNAUTHORIZED,
+            format!("registration key {} expired; ask an admin for a new one", key.id),
+        );
+    }
+    if let Some(role) = req.role.filter(|r| *r != key.role) {
+        let msg = format!("registration key {} is for a {:?}, but this component is a {role:?}", key.id, key.role);
+        return refused(StatusCode::BAD_REQUEST, msg);
+    }
+    if let Some(c) = store.get::<Component>(COMPONENTS, &req.name)? {
+        if !c.revoked {
+            return refused(StatusCode::CONFLICT, format!("a component named {} is already registered", req.name));
+        }
+    }
     let mut job = JobHandle::start(
         store,
         "register",
@@ -86,44 +134,22 @@ pub async fn register(State(cs): State<Arc<Cs>>, b: Body<Registration>) -> R<Val
         &["check the registration key", "issue a certificate", "record the component"],
     )?;
     job.step(0)?;
-    let key_hash = auth::hash(req.key.trim());
-    let refuse = |job: JobHandle, status: StatusCode, msg: String| -> Result<Json<Value>, ApiError> {
-        job.fail(&msg)?;
-        Err(ApiError::new(status, &msg))
-    };
-    let _guard = cs.registration.lock().await;
-    let Some(mut key) = store.get::<RegistrationKey>(KEYS, &key_hash)? else {
-        return refuse(job, StatusCode::UNAUTHORIZED, "unknown registration key".into());
-    };
-    if let Some(by) = &key.used_by {
-        return refuse(job, StatusCode::UNAUTHORIZED, format!("registration key {} was already used by {by}", key.id));
-    }
-    if let Some(role) = req.role.filter(|r| *r != key.role) {
-        let msg = format!("registration key {} is for a {:?}, but this component is a {role:?}", key.id, key.role);
-        return refuse(job, StatusCode::BAD_REQUEST, msg);
-    }
-    if now() > key.expires_at {
-        return refuse(
-            job,
-            StatusCode::UNAUTHORIZED,
-            format!("registration key {} expired; ask an admin for a new one", key.id),
-        );
-    }
-    if let Some(c) = store.get::<Component>(COMPONENTS, &req.name)? {
-        if !c.revoked {
-            return refuse(job, StatusCode::CONFLICT, format!("a component named {} is already registered", req.name));
-        }
-    }
     job.step_done(0)?;
     job.step(1)?;
     let serial = store.next_id("certificate_serials")? + 1000;
-    let cert = match cs.ca.sign_csr(&req.csr_pem, &req.name, key.role.wire(), serial) {
+    let mut names: Vec<String> = req.address.as_deref().map(sr_common::ca::names_of_address).unwrap_or_default();
+    names.extend(req.names.iter().cloned());
+    names.dedup();
+    let cert = match cs.ca.sign_csr(&req.csr_pem, &req.name, key.role.wire(), serial, &names) {
         Ok(c) => c,
-        Err(e) => return refuse(job, StatusCode::BAD_REQUEST, format!("csr_pem: {e:#}")),
+        Err(e) => {
+            let msg = format!("csr_pem: {e:#}");
+            job.fail(&msg)?;
+            return Err(ApiError::new(StatusCode::BAD_REQUEST, &msg));
+        }
     };
     job.step_done(1)?;
     job.step(2)?;
-    let token = auth::secret();
     let c = Component {
         name: req.name.clone(),
         role: key.role,
@@ -133,22 +159,68 @@ pub async fn register(State(cs): State<Arc<Cs>>, b: Body<Registration>) -> R<Val
         address: req.address,
         http: None,
         revoked: false,
-        token_hash: auth::hash(&token),
         load: Load::default(),
     };
     key.used_by = Some(req.name.clone());
     store.put(KEYS, &key.hash, &key)?;
     store.put(COMPONENTS, &c.name, &c)?;
-    store.put(COMPONENT_TOKENS, &c.token_hash, &c.name)?;
     job.step_done(2)?;
     let job = job.succeed()?;
     cs.event("info", &c.name, &format!("{} registered as {:?} (certificate serial {serial})", c.name, c.role))?;
-    Ok(Json(json!({ "certificate_pem": cert, "ca_pem": cs.ca.cert_pem(), "token": token, "job": job.id })))
+    Ok(Json(json!({ "certificate_pem": cert, "ca_pem": cs.ca.cert_pem(), "job": job.id })))
 }
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewNbdClient {
+    name: String,
+    csr_pem: String,
+}
+
+/// Issues a certificate in the NBD-client role for the key in a CSR: what a hypervisor or an
+/// operator's tools open the master targets' NBD exports (failover disks) with. It is recorded as a
+/// component, so it can be listed and revoked.
+pub async fn create_nbd_client(State(cs): State<Arc<Cs>>, h: HeaderMap, b: Body<NewNbdClient>) -> R<Value> {
+    let by = require(cs.store(), &h, ApiRole::Admin)?;
+    let req = body(b)?;
+    valid_name(&req.name)?;
+    let store = cs.store();
+    let _guard = cs.registration.lock().await;
+    if store.get::<Component>(COMPONENTS, &req.name)?.is_some_and(|c| !c.revoked) {
+        return Err(ApiError::conflict(&format!("a component named {} is already registered", req.name)));
+    }
+    let serial = store.next_id("certificate_serials")? + 1000;
+    let cert = cs
+        .ca
+        .sign_csr(&req.csr_pem, &req.name, sr_common::wire::Role::NbdClient, serial, &[])
+        .map_err(|e| ApiError::bad(&format!("csr_pem: {e:#}")))?;
+    let c = Component {
+        name: req.name.clone(),
+        role: ComponentRole::NbdClient,
+        serial,
+        registered_at: now(),
+        last_heartbeat: None,
+        address: None,
+        http: None,
+        revoked: false,
+        load: Load::default(),
+    };
+    store.put(COMPONENTS, &c.name, &c)?;
+    cs.event("info", &c.name, &format!("NBD client certificate for {} issued by {by} (serial {serial})", c.name))?;
+    Ok(Json(json!({ "name": c.name, "serial": serial, "certificate_pem": cert, "ca_pem": cs.ca.cert_pem() })))
+}
+
+/// Serial numbers of every certificate ever revoked (the revocation list is made from these).
+pub const REVOKED_SERIALS: &str = "revoked_serials";
 
 /// The CRL is made once per revocation and kept, so it stays byte-for-byte the same between changes
 /// (components compare it to decide whether to re-check their peers).
 pub async fn crl(State(cs): State<Arc<Cs>>) -> Result<String, ApiError> {
+    current_crl(&cs)
+}
+
+/// The revocation list in force (made and kept when the number changed).
+pub fn current_crl(cs: &Cs) -> Result<String, ApiError> {
     let store = cs.store();
     let number = store.get::<u64>("meta", "crl_number")?.unwrap_or(1);
     if let Some((n, pem)) = store.get::<(u64, String)>("meta", "crl")? {
@@ -156,8 +228,10 @@ pub async fn crl(State(cs): State<Arc<Cs>>) -> Result<String, ApiError> {
             return Ok(pem);
         }
     }
-    let revoked: Vec<u64> =
-        store.list::<Component>(COMPONENTS)?.iter().filter(|c| c.revoked).map(|c| c.serial).collect();
+    let mut revoked: Vec<u64> = store.list::<u64>(REVOKED_SERIALS)?;
+    revoked.extend(store.list::<Component>(COMPONENTS)?.iter().filter(|c| c.revoked).map(|c| c.serial));
+    revoked.sort_unstable();
+    revoked.dedup();
     let pem = cs
         .ca
         .crl_pem(&revoked, number)
@@ -195,9 +269,14 @@ pub async fn revoke(State(cs): State<Arc<Cs>>, h: HeaderMap, Path(name): Path<St
     };
     c.revoked = true;
     store.put(COMPONENTS, &name, &c)?;
-    store.delete(COMPONENT_TOKENS, &c.token_hash)?;
+    // Kept apart from the component record, which a new registration under the same name replaces:
+    // a revoked serial stays on the list for good.
+    store.put(REVOKED_SERIALS, &format!("{:020}", c.serial), &c.serial)?;
     let number = store.get::<u64>("meta", "crl_number")?.unwrap_or(1) + 1;
     store.put("meta", "crl_number", &number)?;
+    // This server's own TLS checks (its API, its calls to components) use the new list at once.
+    let pem = current_crl(&cs)?;
+    cs.identity.set_crl_pem(&pem).map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()))?;
     cs.event("warning", &name, &format!("certificate of {name} (serial {}) revoked by {by}", c.serial))?;
     Ok(Json(public(&c, cs.cfg.component_timeout_secs)))
 }

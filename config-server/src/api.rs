@@ -16,6 +16,7 @@ pub fn routes(cs: Arc<Cs>) -> Router {
         .route("/v1/crl", get(crate::access::crl))
         .route("/v1/components", get(crate::access::list_components))
         .route("/v1/components/{name}/revoke", post(crate::access::revoke))
+        .route("/v1/nbd-clients", post(crate::access::create_nbd_client))
         .route("/v1/heartbeat", post(crate::reports::heartbeat))
         .route("/v1/machines", get(crate::reports::list_machines))
         .route("/v1/policies", get(crate::policies::list_policies).post(crate::policies::create_policy))

@@ -21,9 +21,14 @@ pub struct CsConfig {
     /// silent process server move to another one.
     #[serde(default = "default_timeout")]
     pub component_timeout_secs: u64,
-    /// Alerts are POSTed as JSON here (`host:port/path`), besides the event log.
+    /// Alerts are POSTed as JSON to this URL (`https://...`, or `http://...` for a receiver on the
+    /// same host or network), besides the event log.
     #[serde(default)]
     pub alert_webhook: Option<String>,
+    /// Host names and IP addresses the API's certificate names besides the configuration server's
+    /// role name (for clients that check the host they connect to).
+    #[serde(default)]
+    pub api_names: Vec<String>,
 }
 
 fn default_ttl() -> u64 {
@@ -45,15 +50,29 @@ impl CsConfig {
 impl sr_common::config::Validate for CsConfig {
     /// Destructures the whole config so a new field is not forgotten.
     fn validate(&self) -> Result<(), String> {
-        let CsConfig { data_dir: _, listen: _, registration_key_ttl_secs, alert_webhook, component_timeout_secs } =
-            self;
+        let CsConfig {
+            data_dir: _,
+            listen: _,
+            registration_key_ttl_secs,
+            alert_webhook,
+            component_timeout_secs,
+            api_names,
+        } = self;
+        for n in api_names {
+            let ok = n.parse::<std::net::IpAddr>().is_ok()
+                || (!n.is_empty()
+                    && n.split('.')
+                        .all(|l| !l.is_empty() && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')));
+            if !ok {
+                return Err(format!("key api_names: {n:?} is neither a host name nor an IP address"));
+            }
+        }
         if *component_timeout_secs < 2 {
             return Err("key component_timeout_secs: must be at least 2".into());
         }
         if let Some(h) = alert_webhook {
-            let addr = h.split_once('/').map_or(h.as_str(), |(a, _)| a);
-            if addr.parse::<std::net::SocketAddr>().is_err() {
-                return Err(format!("key alert_webhook: {h:?} is not host:port/path with an IP address"));
+            if !(h.starts_with("https://") || h.starts_with("http://")) {
+                return Err(format!("key alert_webhook: {h:?} is not an https:// or http:// URL"));
             }
         }
         if *registration_key_ttl_secs == 0 {

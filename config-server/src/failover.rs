@@ -292,7 +292,7 @@ async fn failover_steps(cs: &Arc<Cs>, id: u64, job_id: u64) -> Result<MachineDes
         let mut item = load_item(cs, id).map_err(|e| e.message)?;
         let mut fo = item.failover.clone().ok_or("the failover record vanished")?;
         fo.view = Some(view);
-        fo.master_target = Some(mt.0.clone());
+        fo.master_target = Some(mt.name.clone());
         fo.machine = Some(description.clone());
         fo.point_chosen = Some(point.clone());
         item.failover = Some(fo);
@@ -337,17 +337,20 @@ async fn failover_steps(cs: &Arc<Cs>, id: u64, job_id: u64) -> Result<MachineDes
     }
     let job = job.succeed().map_err(s)?;
     let item = load_item(cs, id).map_err(|e| e.message)?;
-    cs.event("info", &item.machine, &format!("{} of item {id} done (job {}): disks up on {}", job.kind, job.id, mt.0))
-        .map_err(s)?;
+    cs.event(
+        "info",
+        &item.machine,
+        &format!("{} of item {id} done (job {}): disks up on {}", job.kind, job.id, mt.name),
+    )
+    .map_err(s)?;
     Ok(description)
 }
 
 /// Creates the failover view, or finds it open already (a failover resumed after a restart).
-async fn ensure_view(mt: &(String, std::net::SocketAddr), name: &str, body: Value) -> Result<ViewInfo, String> {
+async fn ensure_view(mt: &crate::recovery::Mt, name: &str, body: Value) -> Result<ViewInfo, String> {
     match crate::recovery::mt_call_status(mt, "POST", "/v1/views", Some(body)).await {
-        Ok(v) => {
-            serde_json::from_value(v).map_err(|e| format!("master target {} described a view unexpectedly: {e}", mt.0))
-        }
+        Ok(v) => serde_json::from_value(v)
+            .map_err(|e| format!("master target {} described a view unexpectedly: {e}", mt.name)),
         // 409: a view of that name is open already.
         Err(e) if e.status == Some(409) => {
             let all: ViewList = mt_call_as(mt, "GET", "/v1/views", None).await?;

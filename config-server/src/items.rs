@@ -287,6 +287,7 @@ pub async fn assignments(AxState(cs): AxState<Arc<Cs>>, h: HeaderMap) -> R<Value
                             .as_ref()
                             .map_or(sr_common::compress::DEFAULT_LEVEL, |p| p.compression_level),
                         bandwidth_limit_mbps: p.as_ref().map_or(0, |p| p.bandwidth_limit_mbps),
+                        agent: i.machine.clone(),
                     })
                 })
                 .collect();
@@ -304,6 +305,8 @@ pub async fn assignments(AxState(cs): AxState<Arc<Cs>>, h: HeaderMap) -> R<Value
                 .collect();
             serde_json::to_value(Assignments { items: mine })
         }
+        // Refused by require_component; nothing is assigned to an NBD client.
+        ComponentRole::NbdClient => serde_json::to_value(Assignments::<MasterTargetAssignment> { items: Vec::new() }),
     };
     Ok(Json(answer.map_err(|e| {
         ApiError::new(axum::http::StatusCode::INTERNAL_SERVER_ERROR, &format!("encoding assignments: {e}"))

@@ -41,6 +41,12 @@ pub struct Cs {
     pub cfg: CsConfig,
     store: Box<dyn ControlStore>,
     pub ca: Ca,
+    /// This server's own certificate (role config-server): its API's, and the client certificate it
+    /// calls the components' APIs with. Its revocation list is the one this server makes.
+    pub identity: Arc<sr_common::tls::Identity>,
+    /// HTTPS clients to the components' APIs, by the role the server must hold, with the revocation
+    /// generation they were built at.
+    clients: std::sync::Mutex<std::collections::HashMap<sr_common::wire::Role, (u64, sr_common::http::Client)>>,
     /// Serializes registrations so a key can never be used twice at the same moment.
     pub registration: tokio::sync::Mutex<()>,
     /// Serializes changes to items (enable, disable, evaluation).
@@ -57,11 +63,32 @@ impl Cs {
     pub fn nudge(&self, agent: &str) {
         let c = self.store().get::<model::Component>(model::COMPONENTS, agent).ok().flatten();
         let Some(addr) = c.and_then(|c| c.http?.parse::<std::net::SocketAddr>().ok()) else { return };
+        let Ok(client) = self.client(sr_common::wire::Role::Agent) else { return };
         tokio::task::spawn_blocking(move || {
-            if let Err(e) = sr_common::http::request(addr, "POST", "/v1/poll", None) {
+            if let Err(e) = client.request(addr, "POST", "/v1/poll", None) {
                 tracing::debug!(%addr, error = format!("{e:#}"), "agent not nudged; it polls by itself");
             }
         });
+    }
+
+    /// An HTTPS client to the APIs of components of `role`: mutual TLS with this server's
+    /// certificate, the component's checked against the CA and the revocation list in force.
+    pub fn client(&self, role: sr_common::wire::Role) -> anyhow::Result<sr_common::http::Client> {
+        let generation = self.identity.crl_generation();
+        let mut clients = self.clients.lock().expect("clients lock poisoned");
+        if let Some((g, c)) = clients.get(&role) {
+            if *g == generation {
+                return Ok(c.clone());
+            }
+        }
+        let c = sr_common::http::Client::new(sr_common::tls::ServerTrust::Mutual(&self.identity, role))?;
+        clients.insert(role, (generation, c.clone()));
+        Ok(c)
+    }
+
+    /// SHA-256 of the deployment CA's certificate: what registration keys pin.
+    pub fn ca_fingerprint(&self) -> String {
+        sr_common::ca::pem_fingerprint(self.ca.cert_pem()).expect("the CA certificate this server made is PEM")
     }
 
     pub fn store(&self) -> &dyn ControlStore {
@@ -74,18 +101,10 @@ impl Cs {
         if let Some(hook) = self.cfg.alert_webhook.clone() {
             let body =
                 serde_json::json!({ "severity": "warning", "subject": subject, "message": message, "time": now() });
-            let res = tokio::task::spawn_blocking(move || {
-                let (addr, path) =
-                    hook.split_once('/').map_or((hook.as_str(), "/".to_string()), |(a, p)| (a, format!("/{p}")));
-                let addr: std::net::SocketAddr =
-                    addr.parse().map_err(|e| anyhow::anyhow!("alert_webhook {addr}: {e}"))?;
-                sr_common::http::request(addr, "POST", &path, Some(&body.to_string()))
-            })
-            .await;
+            let res = tokio::task::spawn_blocking(move || sr_common::http::post_webhook(&hook, &body)).await;
             match res {
-                Ok(Ok((code, _))) if code < 300 => {}
-                Ok(Ok((code, text))) => tracing::warn!(code, text, "alert webhook refused the alert"),
-                Ok(Err(e)) => tracing::warn!(error = format!("{e:#}"), "alert webhook unreachable"),
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::warn!(error = format!("{e:#}"), "alert webhook did not take the alert"),
                 Err(e) => tracing::warn!(error = %e, "alert webhook task failed"),
             }
         }
@@ -115,11 +134,42 @@ pub fn admin_token_path(cfg: &CsConfig) -> std::path::PathBuf {
     cfg.data_dir.join("admin.token")
 }
 
+/// This server's certificate, issued by its own CA at first start (and again when the configured
+/// names changed): `ca/config-server.pem` and `.key`.
+fn api_identity(cfg: &CsConfig, ca: &Ca, store: &RedbControlStore) -> anyhow::Result<sr_common::tls::Identity> {
+    let dir = cfg.data_dir.join("ca");
+    let paths = sr_common::tls::TlsPaths {
+        ca: dir.join("ca.pem"),
+        cert: dir.join("config-server.pem"),
+        key: dir.join("config-server.key"),
+    };
+    let names_file = dir.join("config-server.names");
+    let names = cfg.api_names.join("\n");
+    let current = std::fs::read_to_string(&names_file).ok();
+    // Renewed a month before it expires, at the start that comes first.
+    let expiring = std::fs::read_to_string(&paths.cert)
+        .ok()
+        .and_then(|pem| sr_common::ca::not_after(&pem))
+        .is_none_or(|end| end < now() + 30 * 24 * 3600);
+    if expiring || current.as_deref() != Some(names.as_str()) {
+        let serial = store.next_id("certificate_serials")? + 1000;
+        let (cert, key) =
+            ca.issue_server("config-server", sr_common::wire::Role::ConfigServer, serial, &cfg.api_names)?;
+        sr_common::crashsafe::write_secret(&paths.key, key.as_bytes())?;
+        sr_common::crashsafe::write_file(&paths.cert, cert.as_bytes())?;
+        sr_common::crashsafe::write_file(&names_file, names.as_bytes())?;
+        tracing::info!(cert = %paths.cert.display(), "API certificate issued");
+    }
+    sr_common::tls::Identity::load(&paths)
+}
+
 pub async fn run(cfg: CsConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
     sr_common::telemetry::metrics_handle();
-    std::fs::create_dir_all(&cfg.data_dir).with_context(|| format!("creating data_dir {}", cfg.data_dir.display()))?;
+    // The store holds every item's data key and the CA key lives beside it: no other user may enter.
+    sr_common::ca::private_dir(&cfg.data_dir).with_context(|| format!("data_dir {}", cfg.data_dir.display()))?;
     let store = RedbControlStore::open(&cfg.data_dir.join("state.redb"))?;
     let ca = Ca::load_or_create(&cfg.data_dir.join("ca"))?;
+    let identity = Arc::new(api_identity(&cfg, &ca, &store)?);
     if store.list_raw(TOKENS)?.is_empty() {
         let secret = auth::secret();
         let t = Token {
@@ -129,8 +179,7 @@ pub async fn run(cfg: CsConfig, shutdown: CancellationToken) -> anyhow::Result<(
             hash: auth::hash(&secret),
         };
         let path = admin_token_path(&cfg);
-        sr_common::crashsafe::write_file(&path, secret.as_bytes())?;
-        sr_common::ca::set_private(&path)?;
+        sr_common::crashsafe::write_secret(&path, secret.as_bytes())?;
         store.put(TOKENS, &t.hash, &t)?;
         tracing::info!(path = %path.display(), "first start: admin token written");
     }
@@ -138,11 +187,15 @@ pub async fn run(cfg: CsConfig, shutdown: CancellationToken) -> anyhow::Result<(
         cfg,
         store: Box::new(store),
         ca,
+        identity: identity.clone(),
+        clients: Default::default(),
         registration: tokio::sync::Mutex::new(()),
         items_lock: tokio::sync::Mutex::new(()),
         plan_waits: Default::default(),
         plan_busy: Default::default(),
     });
+    let crl = access::current_crl(&cs).map_err(|e| anyhow::anyhow!("making the revocation list: {}", e.message))?;
+    identity.set_crl_pem(&crl).context("the revocation list this server made")?;
     failover::resume_failovers(&cs);
     let ev = cs.clone();
     let stop = shutdown.clone();
@@ -159,7 +212,14 @@ pub async fn run(cfg: CsConfig, shutdown: CancellationToken) -> anyhow::Result<(
             plans::due_points(&ev);
         }
     });
-    let http = sr_common::telemetry::serve_http(cs.cfg.listen, api::routes(cs.clone()), shutdown.clone()).await?;
+    let http = sr_common::telemetry::serve_http(
+        cs.cfg.listen,
+        identity,
+        api::routes(cs.clone()),
+        sr_common::https::Guard::Handlers,
+        shutdown.clone(),
+    )
+    .await?;
     tracing::info!(%http, "configuration server listening");
     shutdown.cancelled().await;
     Ok(())

@@ -49,6 +49,9 @@ pub enum ComponentRole {
     Agent,
     ProcessServer,
     MasterTarget,
+    /// A client of the master targets' NBD exports: it holds a certificate (so it can be revoked)
+    /// and takes part in no replication.
+    NbdClient,
 }
 
 impl ComponentRole {
@@ -57,6 +60,7 @@ impl ComponentRole {
             ComponentRole::Agent => sr_common::wire::Role::Agent,
             ComponentRole::ProcessServer => sr_common::wire::Role::ProcessServer,
             ComponentRole::MasterTarget => sr_common::wire::Role::MasterTarget,
+            ComponentRole::NbdClient => sr_common::wire::Role::NbdClient,
         }
     }
 }
@@ -86,8 +90,6 @@ pub struct Component {
     #[serde(default)]
     pub http: Option<String>,
     pub revoked: bool,
-    /// SHA-256 of the component's API token, hex.
-    pub token_hash: String,
     #[serde(default)]
     pub load: Load,
 }

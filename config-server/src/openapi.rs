@@ -16,13 +16,20 @@ pub const ROUTES: &[(&str, &str, &str, &str, &str)] = &[
     (
         "post",
         "/v1/register",
-        "Trade a registration key and a CSR for a certificate and a component token",
+        "Trade a registration key and a CSR for a certificate naming the key's role",
         "registration key",
         "Registration",
     ),
     ("get", "/v1/crl", "The deployment CA's certificate revocation list (PEM)", "anyone", ""),
     ("get", "/v1/components", "Registered agents, process servers and master targets", "reader", ""),
     ("post", "/v1/components/{name}/revoke", "Revoke a component's certificate", "admin", ""),
+    (
+        "post",
+        "/v1/nbd-clients",
+        "Issue a certificate in the NBD-client role for a CSR (to open failover disks over nbds://)",
+        "admin",
+        "NewNbdClient",
+    ),
     (
         "post",
         "/v1/heartbeat",
@@ -132,13 +139,16 @@ fn schemas() -> Value {
         "Error": {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}},
         "NewToken": {"type": "object", "required": ["name", "role"], "additionalProperties": false, "properties": {
             "name": {"type": "string"}, "role": {"type": "string", "enum": ["reader", "operator", "admin"]}}},
+        "NewNbdClient": {"type": "object", "required": ["name", "csr_pem"], "additionalProperties": false, "properties": {
+            "name": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"}, "csr_pem": {"type": "string"}}},
         "NewKey": {"type": "object", "required": ["role"], "additionalProperties": false, "properties": {
             "role": {"type": "string", "enum": ["agent", "process-server", "master-target"]},
             "ttl_seconds": {"type": "integer", "minimum": 1, "maximum": 2592000}}},
         "Registration": {"type": "object", "required": ["key", "name", "csr_pem"], "additionalProperties": false, "properties": {
             "key": {"type": "string"}, "name": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"},
             "csr_pem": {"type": "string"}, "address": {"type": "string"},
-            "role": {"type": "string", "enum": ["agent", "process-server", "master-target"]}}},
+            "role": {"type": "string", "enum": ["agent", "process-server", "master-target"]},
+            "names": {"type": "array", "items": {"type": "string"}}}},
         "Heartbeat": {"type": "object", "additionalProperties": false, "properties": {
             "address": {"type": "string"},
             "disks": {"type": "array", "items": {"type": "object", "required": ["id", "name", "size"], "properties": {

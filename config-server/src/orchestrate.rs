@@ -346,7 +346,6 @@ mod tests {
             address: Some("127.0.0.1:1".into()),
             http: None,
             revoked: false,
-            token_hash: String::new(),
             load: Load { cache_bytes: cache, ..Load::default() },
         }
     }

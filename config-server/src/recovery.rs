@@ -55,8 +55,16 @@ pub fn load_item(cs: &Cs, id: u64) -> Result<Item, ApiError> {
     cs.store().get::<Item>(ITEMS, &id_key(id))?.ok_or_else(|| ApiError::not_found(&format!("no item {id}")))
 }
 
-/// The HTTP address of the item's master target.
-pub fn master_target(cs: &Cs, item: &Item) -> Result<(String, std::net::SocketAddr), ApiError> {
+/// The item's master target: its name, its API address and a client to call it with.
+#[derive(Clone)]
+pub struct Mt {
+    pub name: String,
+    pub addr: std::net::SocketAddr,
+    client: sr_common::http::Client,
+}
+
+/// The API of the item's master target.
+pub fn master_target(cs: &Cs, item: &Item) -> Result<Mt, ApiError> {
     let name = item.master_target.clone().ok_or_else(|| {
         ApiError::conflict(&format!("item {} has no master target (state {})", item.id, item.state.name()))
     })?;
@@ -68,28 +76,27 @@ pub fn master_target(cs: &Cs, item: &Item) -> Result<(String, std::net::SocketAd
         c.http.as_deref().and_then(|a| a.parse().ok()).ok_or_else(|| {
             ApiError::conflict(&format!("master target {name} has not reported its HTTP address yet"))
         })?;
-    Ok((name, addr))
+    let client = cs
+        .client(sr_common::wire::Role::MasterTarget)
+        .map_err(|e| ApiError::new(axum::http::StatusCode::INTERNAL_SERVER_ERROR, &format!("{e:#}")))?;
+    Ok(Mt { name, addr, client })
 }
 
 /// Calls the master target; its JSON error is passed on with the master target named.
-pub async fn mt_call(
-    mt: &(String, std::net::SocketAddr),
-    method: &str,
-    path: &str,
-    body: Option<Value>,
-) -> Result<Value, String> {
+pub async fn mt_call(mt: &Mt, method: &str, path: &str, body: Option<Value>) -> Result<Value, String> {
     mt_call_status(mt, method, path, body).await.map_err(|e| e.message)
 }
 
 /// [`mt_call`] reading the answer as `T` (a shape of `sr_common::contract`).
 pub async fn mt_call_as<T: serde::de::DeserializeOwned>(
-    mt: &(String, std::net::SocketAddr),
+    mt: &Mt,
     method: &str,
     path: &str,
     body: Option<Value>,
 ) -> Result<T, String> {
     let v = mt_call(mt, method, path, body).await?;
-    serde_json::from_value(v).map_err(|e| format!("master target {} answered {method} {path} unexpectedly: {e}", mt.0))
+    serde_json::from_value(v)
+        .map_err(|e| format!("master target {} answered {method} {path} unexpectedly: {e}", mt.name))
 }
 
 /// A master target's refusal: its HTTP status (none when it could not be reached) and message.
@@ -100,18 +107,12 @@ pub struct MtError {
 }
 
 /// [`mt_call`] keeping the HTTP status of a refusal, for callers that decide by it.
-pub async fn mt_call_status(
-    mt: &(String, std::net::SocketAddr),
-    method: &str,
-    path: &str,
-    body: Option<Value>,
-) -> Result<Value, MtError> {
-    let (name, addr) = mt.clone();
+pub async fn mt_call_status(mt: &Mt, method: &str, path: &str, body: Option<Value>) -> Result<Value, MtError> {
+    let Mt { name, addr, client } = mt.clone();
     let (method, path) = (method.to_string(), path.to_string());
-    let res =
-        tokio::task::spawn_blocking(move || sr_common::http::call_json(addr, &method, &path, body.as_ref(), None))
-            .await
-            .map_err(|e| MtError { status: None, message: e.to_string() })?;
+    let res = tokio::task::spawn_blocking(move || client.call_json(addr, &method, &path, body.as_ref()))
+        .await
+        .map_err(|e| MtError { status: None, message: e.to_string() })?;
     res.map_err(|e| match e.status() {
         Some(_) => MtError { status: e.status(), message: format!("master target {name}: {}", e.message()) },
         None => MtError { status: None, message: format!("master target {name} at {addr}: {e}") },
@@ -186,14 +187,15 @@ pub async fn test_failover_item(cs: &Arc<Cs>, id: u64, point: PointSpec, by: &st
     job.step_done(1)?;
     job.step(2)?;
     let description = describe(store, &item, &created, "test-failover")?;
-    item.test_failover = Some(TestFailoverRecord { view, master_target: mt.0.clone(), machine: description.clone() });
+    item.test_failover =
+        Some(TestFailoverRecord { view, master_target: mt.name.clone(), machine: description.clone() });
     store.put(ITEMS, &id_key(id), &item)?;
     job.step_done(2)?;
     let job = job.succeed()?;
     cs.event(
         "info",
         &item.machine,
-        &format!("test failover of {} (item {id}) by {by}: disks up at the chosen point on {}", item.machine, mt.0),
+        &format!("test failover of {} (item {id}) by {by}: disks up at the chosen point on {}", item.machine, mt.name),
     )?;
     Ok(json!({ "job": job.id, "machine": description }))
 }

@@ -10,7 +10,7 @@
 
 use anyhow::{bail, Context};
 use sr_common::http;
-use sr_common::tls::generate_deployment;
+use sr_common::tls::{generate_deployment, Identity, ServerTrust, TlsPaths};
 use sr_common::wire::Role;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -173,6 +173,10 @@ pub struct Local {
     pub certs: PathBuf,
     /// Prefix of the node names ("" or, for a second site's components, "dr-").
     pub site: String,
+    /// The certificate the components' APIs take (the configuration server's role): what srctl
+    /// quickstart and the tests call the agent, process server and master target with.
+    pub orchestrator: TlsPaths,
+    clients: std::sync::Mutex<Vec<(Role, http::Client)>>,
 }
 
 fn tls_toml(certs: &Path, name: &str) -> String {
@@ -190,13 +194,26 @@ impl Local {
     pub fn create(root: &Path, disks: Vec<DiskSpec>, opts: &Options) -> anyhow::Result<Local> {
         std::fs::create_dir_all(root.join("logs")).with_context(|| format!("creating {}", root.display()))?;
         let certs = root.join("certs");
-        generate_deployment(
+        let paths = generate_deployment(
             &certs,
-            &[("agent", Role::Agent), ("ps", Role::ProcessServer), ("mt", Role::MasterTarget)],
+            &[
+                ("agent", Role::Agent),
+                ("ps", Role::ProcessServer),
+                ("mt", Role::MasterTarget),
+                ("cs", Role::ConfigServer),
+                ("nbd", Role::NbdClient),
+            ],
+        )?;
+        let read = |p: &Path| std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()));
+        sr_common::register::write_nbd_client_dir(
+            &certs.join("nbd-client"),
+            &read(&paths[4].ca)?,
+            &read(&paths[4].cert)?,
+            &read(&paths[4].key)?,
         )?;
         let (key, _) = sr_common::seal::ItemKey::generate();
         let key_file = certs.join(format!("item-{ITEM}.key"));
-        sr_common::crashsafe::write_file(&key_file, hex::encode(key).as_bytes())?;
+        sr_common::crashsafe::write_secret(&key_file, hex::encode(key).as_bytes())?;
         let local = Local {
             item: ITEM,
             root: root.to_path_buf(),
@@ -205,6 +222,8 @@ impl Local {
             key_file,
             certs,
             site: String::new(),
+            orchestrator: paths[3].clone(),
+            clients: Default::default(),
         };
         local.write_configs(opts, None)?;
         Ok(local)
@@ -217,10 +236,10 @@ impl Local {
         root: &Path,
         disks: Vec<DiskSpec>,
         opts: &Options,
-        api: SocketAddr,
+        cp: &ControlPlane,
         admin_token: &str,
     ) -> anyhow::Result<Local> {
-        Local::managed_site(root, disks, opts, api, admin_token, "")
+        Local::managed_site(root, disks, opts, cp, admin_token, "")
     }
 
     /// [`Local::managed`] for another site of the same deployment: node names start with `site`.
@@ -228,10 +247,12 @@ impl Local {
         root: &Path,
         disks: Vec<DiskSpec>,
         opts: &Options,
-        api: SocketAddr,
+        cp: &ControlPlane,
         admin_token: &str,
         site: &str,
     ) -> anyhow::Result<Local> {
+        let api = cp.api;
+        let admin = cp.client(admin_token)?;
         std::fs::create_dir_all(root.join("logs")).with_context(|| format!("creating {}", root.display()))?;
         let certs = root.join("certs");
         let local = Local {
@@ -242,6 +263,8 @@ impl Local {
             key_file: PathBuf::new(),
             certs,
             site: site.to_string(),
+            orchestrator: cp.orchestrator(),
+            clients: Default::default(),
         };
         for c in [Component::MasterTarget, Component::ProcessServer, Component::Agent] {
             let role = match c {
@@ -249,17 +272,9 @@ impl Local {
                 Component::ProcessServer => "process-server",
                 _ => "master-target",
             };
-            let (code, body) = http::request_with(
-                api,
-                "POST",
-                "/v1/registration-keys",
-                Some(&format!("{{\"role\": \"{role}\"}}")),
-                Some(admin_token),
-            )?;
-            if code != 200 {
-                bail!("creating a registration key for {role}: HTTP {code}: {body}");
-            }
-            let key: serde_json::Value = serde_json::from_str(&body)?;
+            let key = admin
+                .post_json(api, "/v1/registration-keys", &serde_json::json!({ "role": role }))
+                .with_context(|| format!("creating a registration key for {role}"))?;
             let key = key["key"].as_str().context("no key in the answer")?.to_string();
             let mut cmd = Command::new(bin_dir().join(c.binary()));
             cmd.args(["register", "--server", &api.to_string(), "--key", &key, "--name", &local.node(c), "--dir"]);
@@ -274,6 +289,19 @@ impl Local {
                 bail!("{} register failed: {}", c.binary(), String::from_utf8_lossy(&out.stderr));
             }
         }
+        // A certificate for the NBD exports of the master target (replicas, failover disks).
+        let (csr, key) = sr_common::ca::make_csr("nbd")?;
+        let name = format!("{site}nbd-client");
+        let v = admin
+            .post_json(api, "/v1/nbd-clients", &serde_json::json!({ "name": name, "csr_pem": csr }))
+            .context("issuing the NBD client certificate")?;
+        let field = |k: &str| v[k].as_str().map(str::to_string).with_context(|| format!("no {k} in the answer"));
+        sr_common::register::write_nbd_client_dir(
+            &local.nbd_certs(),
+            &field("ca_pem")?,
+            &field("certificate_pem")?,
+            &key,
+        )?;
         local.write_configs(opts, Some(api))?;
         Ok(local)
     }
@@ -294,10 +322,10 @@ impl Local {
         // Static deployments name certificates by role; registered ones by node name.
         let cert_name = |c: Component| if control_api.is_some() { self.node(c) } else { c.short().to_string() };
         let control = |c: Component| match control_api {
-            Some(api) => format!(
-                "[control]\nserver = \"{api}\"\ntoken_file = {:?}\npoll_secs = 1\n",
-                certs.join(format!("{}.token", self.node(c)))
-            ),
+            Some(api) => {
+                let _ = c;
+                format!("[control]\nserver = \"{api}\"\npoll_secs = 1\n")
+            }
             None => String::new(),
         };
         let item = if control_api.is_some() {
@@ -306,9 +334,10 @@ impl Local {
             format!("[[item]]\nid = {ITEM}\nkey_file = {:?}\n", self.key_file)
         };
         let mt = format!(
-            "node = \"{}\"\ndata_dir = {:?}\nhttp = \"{}\"\nlisten = \"{}\"\nnbd_tcp = \"{}\"\n{}\n{}{item}",
+            "node = \"{}\"\ndata_dir = {:?}\nexport_dir = {:?}\nhttp = \"{}\"\nlisten = \"{}\"\nnbd_tcp = \"{}\"\n{}\n{}{item}",
             self.node(Component::MasterTarget),
             root.join("mt"),
+            self.export_dir(),
             addrs.mt_http,
             addrs.mt_quic,
             addrs.mt_nbd,
@@ -386,21 +415,54 @@ impl Local {
     /// Starts a component's real binary, logging to `logs/NAME.log` (appended across restarts), and
     /// waits until its `/healthz` answers.
     pub fn start(&self, c: Component) -> anyhow::Result<Proc> {
-        spawn(c, &self.config(c), &self.log(c), self.http(c))
+        self.start_env(c, &[])
     }
 
     /// [`Local::start`] with extra environment variables.
     pub fn start_env(&self, c: Component, env: &[(&str, &str)]) -> anyhow::Result<Proc> {
-        spawn_env(c, &self.config(c), &self.log(c), self.http(c), env)
+        spawn_env(c, &self.config(c), &self.log(c), self.http(c), &self.certs.join("ca.pem"), env)
+    }
+
+    /// An HTTPS client for component `c`'s API, holding the orchestrator's certificate (the one the
+    /// components' APIs take).
+    pub fn client(&self, c: Component) -> anyhow::Result<http::Client> {
+        let role = role_of(c);
+        let mut clients = self.clients.lock().expect("clients lock poisoned");
+        if let Some((_, cl)) = clients.iter().find(|(r, _)| *r == role) {
+            return Ok(cl.clone());
+        }
+        let id = Identity::load(&self.orchestrator)?;
+        let cl = http::Client::new(ServerTrust::Mutual(&id, role))?;
+        clients.push((role, cl.clone()));
+        Ok(cl)
+    }
+
+    /// GET a JSON document from component `c`'s API.
+    pub fn get(&self, c: Component, path: &str) -> anyhow::Result<serde_json::Value> {
+        Ok(self.client(c)?.get_json(self.http(c), path)?)
+    }
+
+    /// POST JSON to component `c`'s API.
+    pub fn post(&self, c: Component, path: &str, body: &serde_json::Value) -> anyhow::Result<serde_json::Value> {
+        Ok(self.client(c)?.post_json(self.http(c), path, body)?)
+    }
+
+    /// Component `c`'s `/metrics` text.
+    pub fn metrics(&self, c: Component) -> anyhow::Result<String> {
+        let (code, text) = self.client(c)?.request(self.http(c), "GET", "/metrics", None)?;
+        if code != 200 {
+            bail!("GET /metrics of the {}: HTTP {code}", c.binary());
+        }
+        Ok(text)
     }
 
     pub fn agent_status(&self) -> anyhow::Result<serde_json::Value> {
-        http::get_json(self.addrs.agent_http, "/v1/status")
+        self.get(Component::Agent, "/v1/status")
     }
 
     /// Applied sequence number of a disk at the master target (0 when it has no replica yet).
     pub fn applied(&self, disk: u64) -> anyhow::Result<u64> {
-        let s = http::get_json(self.addrs.mt_http, "/v1/status")?;
+        let s = self.get(Component::MasterTarget, "/v1/status")?;
         Ok(s["replicas"]
             .as_array()
             .into_iter()
@@ -410,14 +472,31 @@ impl Local {
             .unwrap_or(0))
     }
 
+    /// Where the master target writes exports (its `export_dir`).
+    pub fn export_dir(&self) -> PathBuf {
+        self.root.join("exports")
+    }
+
     /// Path of a disk's replica file at the master target.
     pub fn replica_path(&self, disk: u64) -> PathBuf {
         self.root.join("mt").join("replicas").join(format!("item-{}-disk-{disk}.img", self.item))
     }
 
-    /// NBD URI of a disk's read-only replica export.
+    /// The NBD client certificate (libnbd's and qemu's layout: ca-cert.pem, client-cert.pem,
+    /// client-key.pem) that opens the master target's exports.
+    pub fn nbd_certs(&self) -> PathBuf {
+        self.certs.join("nbd-client")
+    }
+
+    /// An `nbds://` URI as the master target describes it, with this deployment's NBD client
+    /// certificate: what nbdinfo and nbdcopy open (and [`qemu_image`] turns into qemu's options).
+    pub fn with_certs(&self, uri: &str) -> String {
+        format!("{uri}?tls-certificates={}", self.nbd_certs().display())
+    }
+
+    /// NBD URI of a disk's read-only replica export (over TLS, with the NBD client certificate).
     pub fn replica_uri(&self, disk: u64) -> String {
-        format!("nbd://{}/item-{}-disk-{disk}", self.addrs.mt_nbd, self.item)
+        self.with_certs(&format!("nbds://{}/item-{}-disk-{disk}", self.addrs.mt_nbd, self.item))
     }
 
     /// NBD URI of a protected disk's export at the agent.
@@ -426,18 +505,86 @@ impl Local {
     }
 }
 
-/// Starts `c`'s binary with `config`, logging to `log` (appended), and waits until `/healthz` on `http`
-/// answers.
-pub fn spawn(c: Component, config: &Path, log_path: &Path, http_addr: SocketAddr) -> anyhow::Result<Proc> {
-    spawn_env(c, config, log_path, http_addr, &[])
+/// How qemu (qemu-img, qemu-io) opens an image given as a file path, an `nbd://` URI or an
+/// `nbds://host:port/export?tls-certificates=DIR` URI: `--object` arguments (the TLS credentials)
+/// and the `--image-opts` string. qemu has no `nbds://` URI, so TLS is spelled out.
+pub struct QemuImage {
+    pub objects: Vec<String>,
+    pub opts: String,
 }
 
-/// [`spawn`] with extra environment variables for the process.
+pub fn qemu_image(spec: &str, id: &str) -> anyhow::Result<QemuImage> {
+    let nbd = |rest: &str, tls: Option<&str>| -> anyhow::Result<QemuImage> {
+        let (hostport, export) = rest.split_once('/').unwrap_or((rest, ""));
+        let (host, port) = hostport.rsplit_once(':').with_context(|| format!("{spec}: no port"))?;
+        let host = host.trim_matches(['[', ']']);
+        let mut opts = format!(
+            "driver=raw,file.driver=nbd,file.server.type=inet,file.server.host={host},file.server.port={port},file.export={export}"
+        );
+        let mut objects = Vec::new();
+        if let Some(dir) = tls {
+            objects.push(format!("tls-creds-x509,id={id},dir={dir},endpoint=client"));
+            opts.push_str(&format!(",file.tls-creds={id}"));
+        }
+        Ok(QemuImage { objects, opts })
+    };
+    if let Some(rest) = spec.strip_prefix("nbds://") {
+        let (rest, query) = rest.split_once('?').with_context(|| format!("{spec}: no ?tls-certificates=DIR"))?;
+        let dir = query.strip_prefix("tls-certificates=").with_context(|| format!("{spec}: no tls-certificates"))?;
+        return nbd(rest, Some(dir));
+    }
+    if let Some(rest) = spec.strip_prefix("nbd://") {
+        return nbd(rest, None);
+    }
+    if let Some(rest) = spec.strip_prefix("nbd+unix:///") {
+        let (export, query) = rest.split_once('?').with_context(|| format!("{spec}: no ?socket=PATH"))?;
+        let socket = query.strip_prefix("socket=").with_context(|| format!("{spec}: no socket"))?;
+        let opts =
+            format!("driver=raw,file.driver=nbd,file.server.type=unix,file.server.path={socket},file.export={export}");
+        return Ok(QemuImage { objects: Vec::new(), opts });
+    }
+    if spec.contains("://") {
+        bail!("{spec}: qemu_image takes a path, nbd://, nbds:// or nbd+unix:// URI");
+    }
+    Ok(QemuImage { objects: Vec::new(), opts: format!("driver=raw,file.driver=file,file.filename={spec}") })
+}
+
+/// The arguments of `qemu-img compare` for two images (paths or NBD URIs, see [`qemu_image`]).
+pub fn qemu_compare_args(a: &str, b: &str) -> anyhow::Result<Vec<String>> {
+    let (a, b) = (qemu_image(a, "tls-a")?, qemu_image(b, "tls-b")?);
+    let mut args = vec!["compare".to_string()];
+    for o in a.objects.iter().chain(&b.objects) {
+        args.extend(["--object".to_string(), o.clone()]);
+    }
+    args.extend(["--image-opts".to_string(), a.opts, b.opts]);
+    Ok(args)
+}
+
+fn role_of(c: Component) -> Role {
+    match c {
+        Component::Agent => Role::Agent,
+        Component::ProcessServer => Role::ProcessServer,
+        Component::MasterTarget => Role::MasterTarget,
+        Component::ConfigServer => Role::ConfigServer,
+    }
+}
+
+/// Whether `c`'s `/healthz` at `addr` answers over HTTPS with a certificate from the CA in `ca`.
+pub fn healthy(c: Component, addr: SocketAddr, ca: &Path) -> bool {
+    let Ok(pem) = std::fs::read_to_string(ca) else { return false };
+    let Ok(client) = http::Client::new(ServerTrust::Ca(&pem, role_of(c))) else { return false };
+    matches!(client.request(addr, "GET", "/healthz", None), Ok((200, _)))
+}
+
+/// Starts `c`'s binary with `config`, logging to `log_path` (appended), with extra environment
+/// variables, and waits until `/healthz` on `http_addr` answers with a certificate from the CA in
+/// `ca` (which the configuration server writes at its first start).
 pub fn spawn_env(
     c: Component,
     config: &Path,
     log_path: &Path,
     http_addr: SocketAddr,
+    ca: &Path,
     env: &[(&str, &str)],
 ) -> anyhow::Result<Proc> {
     let bin = bin_dir().join(c.binary());
@@ -459,7 +606,7 @@ pub fn spawn_env(
     let mut p = Proc { child: Some(child), component: c };
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        if let Ok((200, _)) = http::request(http_addr, "GET", "/healthz", None) {
+        if healthy(c, http_addr, ca) {
             return Ok(p);
         }
         if let Some(status) = p.child.as_mut().and_then(|ch| ch.try_wait().ok().flatten()) {
@@ -473,6 +620,7 @@ pub fn spawn_env(
 }
 
 /// A configuration server on loopback with its own data directory.
+#[derive(Debug, Clone)]
 pub struct ControlPlane {
     pub root: PathBuf,
     pub api: SocketAddr,
@@ -494,7 +642,25 @@ impl ControlPlane {
     }
 
     pub fn start(&self) -> anyhow::Result<Proc> {
-        spawn(Component::ConfigServer, &self.root.join("cs.toml"), &self.log(), self.api)
+        spawn_env(Component::ConfigServer, &self.root.join("cs.toml"), &self.log(), self.api, &self.ca(), &[])
+    }
+
+    /// The deployment CA's certificate, written at the server's first start.
+    pub fn ca(&self) -> PathBuf {
+        self.root.join("cs").join("ca").join("ca.pem")
+    }
+
+    /// The configuration server's own certificate (the one the components' APIs take).
+    pub fn orchestrator(&self) -> TlsPaths {
+        let dir = self.root.join("cs").join("ca");
+        TlsPaths { ca: dir.join("ca.pem"), cert: dir.join("config-server.pem"), key: dir.join("config-server.key") }
+    }
+
+    /// An HTTPS client of the API, checking the server against the deployment CA, sending `token`.
+    pub fn client(&self, token: &str) -> anyhow::Result<http::Client> {
+        let ca = self.ca();
+        let pem = std::fs::read_to_string(&ca).with_context(|| format!("reading {}", ca.display()))?;
+        Ok(http::Client::new(ServerTrust::Ca(&pem, Role::ConfigServer))?.with_token(token))
     }
 
     pub fn log(&self) -> PathBuf {

@@ -131,7 +131,7 @@ fn one_disk(size: u64, batches: u64, writes: u64, rows: &mut Vec<Row>) {
         let view = if what.starts_with("latest") { "latest" } else { "back" };
         let body = serde_json::json!({ "name": view, "item": local.item, "point": point, "writable": true });
         let started = Instant::now();
-        let v = sr_common::http::post_json(local.addrs.mt_http, "/v1/views", &body).unwrap();
+        let v = local.post(sr_devkit::Component::MasterTarget, "/v1/views", &body).unwrap();
         let uri = v["disks"][0]["uri"].as_str().unwrap().to_string();
         wait_readable(&uri, Duration::from_secs(60));
         let ms = started.elapsed().as_secs_f64() * 1000.0;

@@ -28,6 +28,47 @@ pub struct MtConfig {
     pub items: Vec<ItemKeyConfig>,
     #[serde(default)]
     pub points: PointsConfig,
+    /// Exports (`POST /v1/export`) write only inside this directory (default `DATA_DIR/exports`).
+    #[serde(default)]
+    pub export_dir: Option<PathBuf>,
+    /// At most this many views (test failovers, failovers) open at once.
+    #[serde(default = "default_max_views")]
+    pub max_views: usize,
+}
+
+pub const DEFAULT_MAX_VIEWS: usize = 64;
+
+fn default_max_views() -> usize {
+    DEFAULT_MAX_VIEWS
+}
+
+impl MtConfig {
+    /// Where exports are written.
+    pub fn export_dir(&self) -> PathBuf {
+        self.export_dir.clone().unwrap_or_else(|| self.data_dir.join("exports"))
+    }
+}
+
+/// Where an export asked for at `requested` is written: a relative path is taken inside `dir`, an
+/// absolute one must lie inside it. Either may hold only plain names (no `..`, no `.`), so no
+/// spelling leaves `dir`; the caller still checks that no symbolic link leads out.
+pub fn confine_export(dir: &std::path::Path, requested: &std::path::Path) -> Result<PathBuf, String> {
+    use std::path::Component;
+    let rel = if requested.is_absolute() {
+        requested
+            .strip_prefix(dir)
+            .map_err(|_| format!("path {}: exports are written only inside {}", requested.display(), dir.display()))?
+    } else {
+        requested
+    };
+    if rel.as_os_str().is_empty() || !rel.components().all(|c| matches!(c, Component::Normal(_))) {
+        return Err(format!(
+            "path {}: a file name inside {} (plain names only, no `..`)",
+            requested.display(),
+            dir.display()
+        ));
+    }
+    Ok(dir.join(rel))
 }
 
 /// Recovery points: how long they are kept and how the undo journal is cut into segments.
@@ -59,7 +100,25 @@ impl MtConfig {
 
 impl sr_common::config::Validate for MtConfig {
     fn validate(&self) -> Result<(), String> {
-        let MtConfig { node, data_dir: _, http: _, listen: _, nbd_tcp: _, tls: _, control: _, items, points } = self;
+        let MtConfig {
+            node,
+            data_dir: _,
+            http: _,
+            listen: _,
+            nbd_tcp: _,
+            tls: _,
+            control: _,
+            items,
+            points,
+            export_dir,
+            max_views,
+        } = self;
+        if export_dir.as_ref().is_some_and(|d| !d.is_absolute()) {
+            return Err("key export_dir: must be an absolute path".into());
+        }
+        if *max_views == 0 {
+            return Err("key max_views: must be at least 1".into());
+        }
         if node.is_empty() {
             return Err("key node: must not be empty".into());
         }
@@ -80,5 +139,22 @@ impl sr_common::config::Validate for MtConfig {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod confine_tests {
+    use super::confine_export;
+    use std::path::Path;
+
+    #[test]
+    fn exports_stay_inside_their_directory() {
+        let d = Path::new("/srv/exports");
+        assert_eq!(confine_export(d, Path::new("a.img")).unwrap(), Path::new("/srv/exports/a.img"));
+        assert_eq!(confine_export(d, Path::new("x/a.img")).unwrap(), Path::new("/srv/exports/x/a.img"));
+        assert_eq!(confine_export(d, Path::new("/srv/exports/a.img")).unwrap(), Path::new("/srv/exports/a.img"));
+        for bad in ["/etc/passwd", "../a.img", "x/../../a.img", "/srv/exports/../a.img", "", ".", "/srv/exportsx/a"] {
+            assert!(confine_export(d, Path::new(bad)).is_err(), "{bad}");
+        }
     }
 }

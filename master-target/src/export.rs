@@ -10,12 +10,6 @@ use sr_common::types::{DiskId, ItemId, StreamKey};
 use std::sync::Arc;
 
 #[derive(serde::Deserialize)]
-pub struct DiskQuery {
-    item: u64,
-    disk: u64,
-}
-
-#[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ExportRequest {
     item: u64,
@@ -71,6 +65,9 @@ pub struct ViewRequest {
     point: PointSpec,
     #[serde(default)]
     writable: bool,
+    /// NBD clients (certificate names) that may open the view's disks; none: any NBD client.
+    #[serde(default)]
+    clients: Vec<String>,
 }
 
 enum Sink {
@@ -101,14 +98,35 @@ async fn status(State(s): State<Arc<Server>>) -> Json<serde_json::Value> {
     Json(s.status())
 }
 
+/// Most batches one page of `GET /v1/apply-log` holds.
+pub const APPLY_LOG_PAGE: usize = 10_000;
+
+#[derive(serde::Deserialize)]
+pub struct ApplyLogQuery {
+    item: u64,
+    disk: u64,
+    /// Batches whose first sequence number is above this (the previous page's `next_after`).
+    #[serde(default)]
+    after: u64,
+    #[serde(default)]
+    limit: Option<usize>,
+}
+
+/// The apply record of a disk, a page at a time: `batches` in order and, while more follow,
+/// `next_after` to ask for the next page with.
 async fn apply_log(
     State(s): State<Arc<Server>>,
-    Query(q): Query<DiskQuery>,
+    Query(q): Query<ApplyLogQuery>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let key = StreamKey { item: ItemId(q.item), disk: DiskId(q.disk) };
-    let log = s.store.apply_log(key).map_err(|e| api_err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    let limit = q.limit.unwrap_or(APPLY_LOG_PAGE).clamp(1, APPLY_LOG_PAGE);
+    let log = s
+        .store
+        .apply_log(key, sr_common::types::Seq(q.after), limit)
+        .map_err(|e| api_err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    let next_after = (log.len() == limit).then(|| log.last().map(|(f, _)| f.0)).flatten();
     let rows: Vec<[u64; 2]> = log.into_iter().map(|(f, l)| [f.0, l.0]).collect();
-    Ok(Json(serde_json::json!({ "item": q.item, "disk": q.disk, "batches": rows })))
+    Ok(Json(serde_json::json!({ "item": q.item, "disk": q.disk, "batches": rows, "next_after": next_after })))
 }
 
 fn code(c: u16) -> StatusCode {
@@ -135,10 +153,12 @@ async fn create_view(
     let Json(req) = body.map_err(|e| api_err(StatusCode::BAD_REQUEST, e.body_text()))?;
     let started = std::time::Instant::now();
     let s2 = s.clone();
-    let v = tokio::task::spawn_blocking(move || s2.create_view(req.name, ItemId(req.item), req.point, req.writable))
-        .await
-        .map_err(|e| api_err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
-        .map_err(|(c, m)| api_err(code(c), m))?;
+    let v = tokio::task::spawn_blocking(move || {
+        s2.create_view(req.name, ItemId(req.item), req.point, req.writable, req.clients)
+    })
+    .await
+    .map_err(|e| api_err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+    .map_err(|(c, m)| api_err(code(c), m))?;
     let mut j = s.view_json(&v);
     j["ready_ms"] = serde_json::json!(started.elapsed().as_secs_f64() * 1000.0);
     Ok(Json(j))
@@ -185,7 +205,7 @@ async fn export(
     let Some(r) = s.get(key) else {
         return Err(api_err(StatusCode::NOT_FOUND, format!("no replica for {key} on this master target")));
     };
-    let path = req.path.clone();
+    let path = export_path(&s.cfg.export_dir(), &req.path).map_err(|e| api_err(StatusCode::BAD_REQUEST, e))?;
     let s2 = s.clone();
     let id = s.next_export.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
     let job =
@@ -193,14 +213,17 @@ async fn export(
     s.export_jobs.lock().expect("export jobs lock poisoned").insert(id, job.clone());
     let progress = job.clone();
     let wait = req.wait;
-    let out_path = req.path.clone();
+    let out_path = path.clone();
     let task = tokio::task::spawn_blocking(move || -> anyhow::Result<(u64, u64, Option<String>)> {
         use anyhow::Context;
         use sr_common::nbd::Backend;
         use std::os::unix::fs::FileExt;
+        use std::os::unix::fs::OpenOptionsExt;
+        // A disk image holds everything the machine stored: its owner alone may read it.
         let out = std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
+            .mode(0o600)
             .open(&path)
             .with_context(|| format!("creating {} (it must not exist yet)", path.display()))?;
         let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
@@ -286,6 +309,20 @@ async fn export(
         return Ok(Json(serde_json::json!({ "export_id": id, "state": "running" })));
     }
     finish.await.map(Json).map_err(|e| api_err(StatusCode::BAD_REQUEST, e))
+}
+
+/// The file an export writes: inside the export directory (created 0700 when missing), its parent
+/// reached without a symbolic link that leads out of it.
+fn export_path(dir: &std::path::Path, requested: &std::path::Path) -> Result<std::path::PathBuf, String> {
+    let path = crate::config::confine_export(dir, requested)?;
+    sr_common::ca::private_dir(dir).map_err(|e| format!("{e:#}"))?;
+    let parent = path.parent().unwrap_or(dir);
+    std::fs::create_dir_all(parent).map_err(|e| format!("creating {}: {e}", parent.display()))?;
+    let (real_dir, real_parent) = (std::fs::canonicalize(dir), std::fs::canonicalize(parent));
+    match (real_dir, real_parent) {
+        (Ok(d), Ok(p)) if p.starts_with(&d) => Ok(path),
+        _ => Err(format!("path {}: leads out of {} through a link", requested.display(), dir.display())),
+    }
 }
 
 async fn export_progress(

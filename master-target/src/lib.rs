@@ -198,7 +198,9 @@ pub async fn run(cfg: MtConfig, shutdown: CancellationToken) -> anyhow::Result<(
     sr_common::telemetry::metrics_handle();
     std::fs::create_dir_all(cfg.data_dir.join("replicas"))
         .with_context(|| format!("creating data_dir {}", cfg.data_dir.display()))?;
-    let identity = Arc::new(sr_common::tls::Identity::load(&cfg.tls)?);
+    // Replicated data, journals, caches and state: reachable by this service's user only.
+    sr_common::ca::private_dir(&cfg.data_dir)?;
+    let identity = Arc::new(sr_common::tls::Identity::load(&cfg.tls)?.keep_crl_in(cfg.data_dir.join("crl.pem")));
     let keys = KeyRing::load(&cfg.items)?;
     let store: Arc<dyn StateStore> = Arc::new(RedbStore::open(&cfg.data_dir.join("state.redb"))?);
     let retention = retention::Retention::load(&cfg.data_dir.join("retention.json"))?;
@@ -261,15 +263,24 @@ pub async fn run(cfg: MtConfig, shutdown: CancellationToken) -> anyhow::Result<(
     });
     if let Some(addr) = server.cfg.nbd_tcp {
         let l = std::net::TcpListener::bind(addr).with_context(|| format!("binding NBD on {addr}"))?;
-        sr_common::nbd::serve_tcp(l, server.exports.clone());
-        tracing::info!(%addr, "read-only NBD exports listening");
+        // TLS only, with a client certificate of the NBD-client role from the deployment CA.
+        let tls = sr_common::nbd::NbdTls { id: server.identity.clone(), roles: vec![sr_common::wire::Role::NbdClient] };
+        sr_common::nbd::serve_tcp(l, server.exports.clone(), sr_common::nbd::TcpAccess::Tls(Arc::new(tls)));
+        tracing::info!(%addr, "NBD exports listening (TLS with client certificates)");
     }
     if let Some(control) = &server.cfg.control {
-        let client = sr_common::control::ControlClient::new(control)?;
+        let client = sr_common::control::ControlClient::new(control, server.identity.clone())?;
         tokio::spawn(control_loop(server.clone(), client, shutdown.clone()));
     }
     let router = export::routes(server.clone());
-    let http = sr_common::telemetry::serve_http(server.cfg.http, router, shutdown.clone()).await?;
+    let http = sr_common::telemetry::serve_http(
+        server.cfg.http,
+        server.identity.clone(),
+        router,
+        sr_common::https::Guard::Role(sr_common::wire::Role::ConfigServer),
+        shutdown.clone(),
+    )
+    .await?;
     tracing::info!(%http, quic = %server.cfg.listen, "master target listening");
     let (tracker, sessions) = (server.clone(), server.clone());
     sr_common::quic::serve(
@@ -277,7 +288,7 @@ pub async fn run(cfg: MtConfig, shutdown: CancellationToken) -> anyhow::Result<(
         sr_common::wire::Role::ProcessServer,
         &shutdown,
         move |conn| sr_common::quic::track(&tracker.conns, conn),
-        move |send, recv| {
+        move |send, recv, _peer| {
             let server = sessions.clone();
             Box::pin(async move { apply::session(&server, send, recv).await })
         },

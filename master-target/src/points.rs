@@ -180,6 +180,10 @@ pub struct ViewRecord {
     pub spec: PointSpec,
     pub disks: Vec<Chosen>,
     pub created_us: u64,
+    /// The NBD clients (certificate names) that may open its disks; empty: any NBD client of the
+    /// deployment.
+    #[serde(default)]
+    pub clients: Vec<String>,
 }
 
 /// An open view: its record and one NBD export per disk.
@@ -224,8 +228,13 @@ impl Server {
             };
             disks.push((view_export_name(&rec.name, c.disk), r.open_view(Seq(c.seq), overlay)?));
         }
+        let allowed = if rec.clients.is_empty() {
+            sr_common::nbd::Allowed::Anyone
+        } else {
+            sr_common::nbd::Allowed::Clients(rec.clients.clone())
+        };
         for (name, v) in &disks {
-            self.exports.insert(name, v.clone());
+            self.exports.insert_for(name, v.clone(), allowed.clone());
         }
         Ok(Arc::new(OpenView { record: rec, disks }))
     }
@@ -237,11 +246,24 @@ impl Server {
         item: ItemId,
         spec: PointSpec,
         writable: bool,
+        clients: Vec<String>,
     ) -> Result<Arc<OpenView>, (u16, String)> {
         valid_name(&name).map_err(|e| (400, e))?;
+        for c in &clients {
+            valid_name(c).map_err(|e| (400, format!("clients: {e}")))?;
+        }
         let mut views = self.views.lock().expect("views lock poisoned");
         if views.contains_key(&name) {
             return Err((409, format!("a view named {name} is already open; delete it first")));
+        }
+        if views.len() >= self.cfg.max_views {
+            return Err((
+                409,
+                format!(
+                    "{} views are open, the most this master target keeps (max_views); delete one first",
+                    views.len()
+                ),
+            ));
         }
         let disks = resolve(self, item, &spec).map_err(|e| (409, e))?;
         let rec = ViewRecord {
@@ -251,6 +273,7 @@ impl Server {
             spec,
             disks,
             created_us: sr_common::types::now_micros(),
+            clients,
         };
         let dir = self.views_dir();
         let save = std::fs::create_dir_all(&dir).and_then(|_| {
@@ -324,7 +347,7 @@ impl Server {
                 at_us: c.at_us,
                 export: export.clone(),
                 size: pv.replica.disk.size(),
-                uri: nbd.as_ref().map(|a| format!("nbd://{a}/{export}")),
+                uri: nbd.as_ref().map(|a| format!("nbds://{a}/{export}")),
             })
             .collect();
         sr_common::contract::ViewInfo {

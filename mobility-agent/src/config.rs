@@ -170,6 +170,12 @@ impl sr_common::config::Validate for AgentConfig {
         if node.is_empty() {
             return Err("key node: must not be empty".into());
         }
+        // The protected machine's own disk, like a local block device: served to this host only.
+        if let Some(a) = nbd_tcp.filter(|a| !a.ip().is_loopback()) {
+            return Err(format!(
+                "key nbd_tcp: {a} is not a loopback address; the agent serves its disks to this host only"
+            ));
+        }
         if nbd_tcp.is_none() && nbd_unix.is_none() {
             return Err("set nbd_tcp or nbd_unix (or both): the agent needs an NBD front end".into());
         }

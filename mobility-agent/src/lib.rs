@@ -30,10 +30,32 @@ use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
 /// Starts every part of the agent and runs until `shutdown`.
+/// Binds a Unix socket at `path` that only this user can connect to, from its first moment: it is
+/// made in a private directory beside `path`, restricted there, and renamed into place.
+fn bind_private_socket(path: &std::path::Path) -> std::io::Result<std::os::unix::net::UnixListener> {
+    use std::os::unix::fs::PermissionsExt;
+    let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+    let tmp = parent.join(format!(".sr-socket-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir(&tmp)?;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o700))?;
+    let inner = tmp.join("s");
+    let bound = (|| {
+        let l = std::os::unix::net::UnixListener::bind(&inner)?;
+        std::fs::set_permissions(&inner, std::fs::Permissions::from_mode(0o600))?;
+        std::fs::rename(&inner, path)?;
+        Ok(l)
+    })();
+    let _ = std::fs::remove_dir_all(&tmp);
+    bound
+}
+
 pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
     sr_common::telemetry::metrics_handle();
     std::fs::create_dir_all(&cfg.data_dir).with_context(|| format!("creating data_dir {}", cfg.data_dir.display()))?;
-    let identity = Arc::new(sr_common::tls::Identity::load(&cfg.tls)?);
+    // Replicated data, journals, caches and state: reachable by this service's user only.
+    sr_common::ca::private_dir(&cfg.data_dir)?;
+    let identity = Arc::new(sr_common::tls::Identity::load(&cfg.tls)?.keep_crl_in(cfg.data_dir.join("crl.pem")));
     let endpoint = sr_common::quic::client(&identity)?;
     let exports = Exports::new();
     let mut disks = Vec::new();
@@ -54,19 +76,22 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Resul
     }
     if let Some(addr) = cfg.nbd_tcp {
         let l = std::net::TcpListener::bind(addr).with_context(|| format!("binding NBD on {addr}"))?;
-        sr_common::nbd::serve_tcp(l, exports.clone());
+        // Local users only: root and this service's own user (the disk is theirs to use).
+        // SAFETY: geteuid has no preconditions.
+        let me = unsafe { libc::geteuid() };
+        sr_common::nbd::serve_tcp(l, exports.clone(), sr_common::nbd::TcpAccess::LocalUsers(vec![0, me]));
         tracing::info!(%addr, "NBD front end listening (TCP)");
     }
     if let Some(path) = &cfg.nbd_unix {
         if path.exists() {
             std::fs::remove_file(path).with_context(|| format!("removing stale socket {}", path.display()))?;
         }
-        let l = std::os::unix::net::UnixListener::bind(path)
-            .with_context(|| format!("binding NBD socket {}", path.display()))?;
+        let l = bind_private_socket(path).with_context(|| format!("binding NBD socket {}", path.display()))?;
         sr_common::nbd::serve_unix(l, exports.clone());
         tracing::info!(path = %path.display(), "NBD front end listening (Unix socket)");
     }
-    let client = cfg.control.as_ref().map(sr_common::control::ControlClient::new).transpose()?;
+    let client =
+        cfg.control.as_ref().map(|c| sr_common::control::ControlClient::new(c, identity.clone())).transpose()?;
     let wake = client.as_ref().map(|c| c.wake.clone());
     let status_disks = disks.clone();
     let node = cfg.node.clone();
@@ -129,7 +154,14 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Resul
                 async move { request_resync(&disks) }
             }),
         );
-    let http = sr_common::telemetry::serve_http(cfg.http, router, shutdown.clone()).await?;
+    let http = sr_common::telemetry::serve_http(
+        cfg.http,
+        identity.clone(),
+        router,
+        sr_common::https::Guard::Role(sr_common::wire::Role::ConfigServer),
+        shutdown.clone(),
+    )
+    .await?;
     tracing::info!(%http, "operations endpoint listening");
 
     for d in &disks {

@@ -12,6 +12,7 @@ use crate::stream::Stream;
 use crate::Server;
 use anyhow::{bail, Context};
 use sr_common::stream::{Offer, OverlapRule, Receiver};
+use sr_common::tls::Peer;
 use sr_common::types::StreamKey;
 use sr_common::wire::{self, Message, Role};
 use std::sync::Arc;
@@ -33,25 +34,32 @@ pub async fn session(
     server: &Arc<Server>,
     send: &mut quinn::SendStream,
     mut recv: quinn::RecvStream,
+    peer: &Peer,
 ) -> anyhow::Result<()> {
     let node =
         sr_common::quic::answer_session(send, &mut recv, Role::Agent, Role::ProcessServer, &server.cfg.node).await?;
-    let (item, disk, disk_size) = match wire::expect_msg(&mut recv).await? {
-        Message::Open { item, disk, disk_size } => (item, disk, disk_size),
-        Message::TreeOpen { item, disk, disk_size, block } => {
-            return crate::relay::session(server, send, recv, (item, disk, disk_size, block)).await;
-        }
+    let (item, disk, disk_size, tree) = match wire::expect_msg(&mut recv).await? {
+        Message::Open { item, disk, disk_size } => (item, disk, disk_size, None),
+        Message::TreeOpen { item, disk, disk_size, block } => (item, disk, disk_size, Some(block)),
         other => bail!("expected Open or TreeOpen, got {}", other.kind()),
     };
-    if server.route(item).is_none() {
-        return Err(sr_common::wire::Coded::new(
-            sr_common::wire::ErrorCode::NotAssigned,
-            format!(
-                "item {item} is not assigned to process server {} (not in its [[item]] list or assignments)",
-                server.cfg.node
-            ),
-        )
-        .into());
+    let not_assigned = |why: String| -> anyhow::Error {
+        sr_common::wire::Coded::new(sr_common::wire::ErrorCode::NotAssigned, why).into()
+    };
+    let Some(route) = server.route(item) else {
+        return Err(not_assigned(format!(
+            "item {item} is not assigned to process server {} (not in its [[item]] list or assignments)",
+            server.cfg.node
+        )));
+    };
+    if let Some(agent) = route.agent.as_deref().filter(|a| *a != peer.name) {
+        return Err(not_assigned(format!(
+            "item {item} is replicated from agent {agent}, not from {} (the name in its certificate)",
+            peer.name
+        )));
+    }
+    if let Some(block) = tree {
+        return crate::relay::session(server, send, recv, (item, disk, disk_size, block)).await;
     }
     let key = StreamKey { item, disk };
     let stream = server.stream(key, disk_size)?;

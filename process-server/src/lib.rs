@@ -38,6 +38,10 @@ pub struct Route {
     pub compression_level: i32,
     /// Bytes per second towards the master target for this item; 0: unlimited.
     pub bandwidth_bytes_per_sec: u64,
+    /// The agent allowed to ship this item and query its checksums (its certificate's name), as
+    /// the configuration server assigned it; `None` in a static deployment, where any agent
+    /// certificate of the deployment may.
+    pub agent: Option<String>,
 }
 
 pub struct Server {
@@ -109,15 +113,19 @@ impl Server {
 pub async fn run(cfg: PsConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
     sr_common::telemetry::metrics_handle();
     std::fs::create_dir_all(&cfg.data_dir).with_context(|| format!("creating data_dir {}", cfg.data_dir.display()))?;
-    let identity = Arc::new(sr_common::tls::Identity::load(&cfg.tls)?);
+    // Replicated data, journals, caches and state: reachable by this service's user only.
+    sr_common::ca::private_dir(&cfg.data_dir)?;
+    let identity = Arc::new(sr_common::tls::Identity::load(&cfg.tls)?.keep_crl_in(cfg.data_dir.join("crl.pem")));
     let keys = KeyRing::load(&cfg.items)?;
     let mut routes = HashMap::new();
     if let Some(mt) = cfg.master_target {
         for it in &cfg.items {
             let key = keys.get(ItemId(it.id)).expect("KeyRing::load loaded every item").clone();
             let compression_level = cfg.compression_level;
-            routes
-                .insert(ItemId(it.id), Route { key, master_target: mt, compression_level, bandwidth_bytes_per_sec: 0 });
+            routes.insert(
+                ItemId(it.id),
+                Route { key, master_target: mt, compression_level, bandwidth_bytes_per_sec: 0, agent: None },
+            );
         }
     }
     let store: Arc<dyn StateStore> = Arc::new(RedbStore::open(&cfg.data_dir.join("state.redb"))?);
@@ -155,9 +163,16 @@ pub async fn run(cfg: PsConfig, shutdown: CancellationToken) -> anyhow::Result<(
     let st = server.clone();
     let router = axum::Router::new()
         .route("/v1/status", axum::routing::get(move || std::future::ready(axum::Json(st.status()))));
-    let http = sr_common::telemetry::serve_http(server.cfg.http, router, shutdown.clone()).await?;
+    let http = sr_common::telemetry::serve_http(
+        server.cfg.http,
+        server.identity.clone(),
+        router,
+        sr_common::https::Guard::Role(sr_common::wire::Role::ConfigServer),
+        shutdown.clone(),
+    )
+    .await?;
     if let Some(control) = &server.cfg.control {
-        let client = sr_common::control::ControlClient::new(control)?;
+        let client = sr_common::control::ControlClient::new(control, server.identity.clone())?;
         tokio::spawn(control_loop(server.clone(), client, shutdown.clone()));
     }
     tracing::info!(%http, quic = %server.cfg.listen, "process server listening");
@@ -167,10 +182,10 @@ pub async fn run(cfg: PsConfig, shutdown: CancellationToken) -> anyhow::Result<(
         sr_common::wire::Role::Agent,
         &shutdown,
         move |conn| sr_common::quic::track(&tracker.conns, conn),
-        move |send, recv| {
+        move |send, recv, peer| {
             let server = sessions.clone();
             Box::pin(async move {
-                let r = ingest::session(&server, send, recv).await;
+                let r = ingest::session(&server, send, recv, &peer).await;
                 if r.is_err() {
                     ::metrics::counter!(crate::metrics::ERRORS, "side" => "agent").increment(1);
                 }
@@ -228,6 +243,7 @@ async fn control_loop(server: Arc<Server>, client: sr_common::control::ControlCl
                         master_target,
                         compression_level: a.compression_level.clamp(1, 19),
                         bandwidth_bytes_per_sec: a.bandwidth_limit_mbps * 1_000_000 / 8,
+                        agent: Some(a.agent.clone()),
                     },
                 );
             }

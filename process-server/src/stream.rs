@@ -145,8 +145,8 @@ mod tests {
         fn record_apply(&self, key: StreamKey, first: Seq, last: Seq) -> Result<(), StateError> {
             self.inner.record_apply(key, first, last)
         }
-        fn apply_log(&self, key: StreamKey) -> Result<Vec<(Seq, Seq)>, StateError> {
-            self.inner.apply_log(key)
+        fn apply_log(&self, key: StreamKey, after: Seq, limit: usize) -> Result<Vec<(Seq, Seq)>, StateError> {
+            self.inner.apply_log(key, after, limit)
         }
         fn remove_stream(&self, key: StreamKey) -> Result<(), StateError> {
             self.inner.remove_stream(key)

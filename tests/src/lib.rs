@@ -2,7 +2,7 @@
 //! compare images. The deployment itself is `sr_devkit`, the same code `srctl quickstart` uses.
 
 use anyhow::{bail, Context};
-pub use sr_devkit::{Component, DiskSpec, Local, Options, Proc};
+pub use sr_devkit::{Component, ControlPlane, DiskSpec, Local, Options, Proc};
 use std::io::{Read, Write};
 use std::path::Path;
 use std::process::Command;
@@ -27,20 +27,25 @@ pub fn run(program: &str, args: &[&str]) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// Runs `qemu-io` on a raw image or NBD URI with one `-c` per command; its output, or why it failed.
+/// Runs `qemu-io` on a raw image, an `nbd://` URI or an `nbds://...?tls-certificates=DIR` URI with
+/// one `-c` per command; its output, or why it failed.
 pub fn qemu_io(uri: &str, cmds: &[String]) -> anyhow::Result<String> {
-    let mut args: Vec<&str> = vec!["-f", "raw"];
+    let image = sr_devkit::qemu_image(uri, "tls0")?;
+    let mut args: Vec<&str> = Vec::new();
+    for o in &image.objects {
+        args.extend(["--object", o]);
+    }
+    args.extend(["--image-opts", &image.opts]);
     for c in cmds {
         args.push("-c");
         args.push(c);
     }
-    args.push(uri);
     run("qemu-io", &args)
 }
 
-/// The sum of a Prometheus metric's samples (all label sets) at a service's `/metrics`.
-pub fn metric(addr: std::net::SocketAddr, name: &str) -> anyhow::Result<f64> {
-    let (_, text) = sr_common::http::request(addr, "GET", "/metrics", None)?;
+/// The sum of a Prometheus metric's samples (all label sets) at component `c`'s `/metrics`.
+pub fn metric(local: &Local, c: Component, name: &str) -> anyhow::Result<f64> {
+    let text = local.metrics(c)?;
     Ok(text
         .lines()
         .filter(|l| l.split(['{', ' ']).next() == Some(name))
@@ -127,23 +132,33 @@ fn caught_up(local: &Local) -> anyhow::Result<Option<Vec<u64>>> {
     Ok(Some(out))
 }
 
-/// `qemu-img compare` of two raw images (or NBD URIs); an error says where they differ.
+/// `qemu-img compare` of two raw images (or NBD URIs, `nbds://` with their certificates); an error
+/// says where they differ.
 pub fn compare(a: &str, b: &str) -> anyhow::Result<()> {
-    run("qemu-img", &["compare", "-f", "raw", "-F", "raw", a, b]).map(|_| ())
+    let args = sr_devkit::qemu_compare_args(a, b)?;
+    run("qemu-img", &args.iter().map(String::as_str).collect::<Vec<_>>()).map(|_| ())
 }
 
-/// Checks the master target's apply record of a disk: batches contiguous from 1, none applied twice.
+/// Checks the master target's apply record of a disk, read a page at a time (pages of 1000, so a
+/// long record is read across pages): batches contiguous from 1, none applied twice.
 pub fn check_apply_log(local: &Local, disk: u64) -> anyhow::Result<u64> {
-    let log = sr_common::http::get_json(local.addrs.mt_http, &format!("/v1/apply-log?item=1&disk={disk}"))?;
     let mut expect = 1u64;
-    for b in log["batches"].as_array().context("no batches")? {
-        let (f, l) = (b[0].as_u64().context("first")?, b[1].as_u64().context("last")?);
-        if f != expect || l < f {
-            bail!("apply record broken at batch {f}..={l}: expected it to start at {expect} (a batch applied twice or skipped)");
+    let mut after = 0u64;
+    loop {
+        let page = format!("/v1/apply-log?item=1&disk={disk}&after={after}&limit=1000");
+        let log = local.get(Component::MasterTarget, &page)?;
+        for b in log["batches"].as_array().context("no batches")? {
+            let (f, l) = (b[0].as_u64().context("first")?, b[1].as_u64().context("last")?);
+            if f != expect || l < f {
+                bail!("apply record broken at batch {f}..={l}: expected it to start at {expect} (a batch applied twice or skipped)");
+            }
+            expect = l + 1;
         }
-        expect = l + 1;
+        match log["next_after"].as_u64() {
+            Some(n) => after = n,
+            None => return Ok(expect - 1),
+        }
     }
-    Ok(expect - 1)
 }
 
 /// A temporary directory for one test; kept (and its path printed) when `SR_KEEP_TEST_DIR` is set.
@@ -211,31 +226,35 @@ pub fn http_receiver() -> (std::net::SocketAddr, Arc<Mutex<Vec<Vec<u8>>>>) {
 
 /// Calls the configuration server's API; the answer's status and JSON body (a string when not JSON).
 pub fn call(
-    api: std::net::SocketAddr,
+    api: &ControlPlane,
     method: &str,
     path: &str,
     body: Option<serde_json::Value>,
     token: Option<&str>,
 ) -> (u16, serde_json::Value) {
     let b = body.map(|v| v.to_string());
-    let (code, text) = sr_common::http::request_with(api, method, path, b.as_deref(), token).expect("API call");
-    (code, serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)))
+    let client = api.client(token.unwrap_or_default()).expect("API client");
+    let client = if token.is_some() { client } else { client.without_token() };
+    let (code, text) = client.request(api.api, method, path, b.as_deref()).expect("API call");
+    (code, serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text.clone())))
 }
 
 /// Runs srctl; killed after two minutes so a job that never ends fails the test instead of hanging it.
-pub fn srctl(api: std::net::SocketAddr, token_file: &Path, args: &[&str]) -> std::process::Output {
+pub fn srctl(api: &ControlPlane, token_file: &Path, args: &[&str]) -> std::process::Output {
     Command::new("timeout")
         .arg("120")
         .arg(sr_devkit::bin_dir().join("srctl"))
-        .args(["--server", &api.to_string(), "--token-file"])
+        .args(["--server", &api.api.to_string(), "--token-file"])
         .arg(token_file)
+        .arg("--ca")
+        .arg(api.ca())
         .args(args)
         .output()
         .expect("running srctl")
 }
 
 /// The newest item of `machine`, as `srctl items list` shows it (null when there is none).
-pub fn item_of(api: std::net::SocketAddr, admin_file: &Path, machine: &str) -> serde_json::Value {
+pub fn item_of(api: &ControlPlane, admin_file: &Path, machine: &str) -> serde_json::Value {
     let out = srctl(api, admin_file, &["--output", "json", "items", "list"]).stdout;
     let items: serde_json::Value = serde_json::from_slice(&out).unwrap_or_default();
     items.as_array().into_iter().flatten().rev().find(|i| i["machine"] == machine).cloned().unwrap_or_default()
@@ -246,6 +265,8 @@ pub struct Deployment {
     pub cp: sr_devkit::ControlPlane,
     pub admin_file: std::path::PathBuf,
     pub admin: String,
+    /// An NBD client certificate (libnbd's layout) for the master targets' exports.
+    pub nbd_certs: std::path::PathBuf,
     cs: Option<Proc>,
 }
 
@@ -255,7 +276,22 @@ impl Deployment {
         let cs = cp.start().expect("starting the configuration server");
         let admin_file = dir.join("cp").join("cs").join("admin.token");
         let admin = cp.admin_token().expect("admin token");
-        Deployment { cp, admin_file, admin, cs: Some(cs) }
+        let nbd_certs = dir.join("nbd-client");
+        let (csr, key) = sr_common::ca::make_csr("tests").expect("a CSR");
+        let v = cp
+            .client(&admin)
+            .expect("API client")
+            .post_json(cp.api, "/v1/nbd-clients", &serde_json::json!({ "name": "tests", "csr_pem": csr }))
+            .expect("an NBD client certificate");
+        let field = |k: &str| v[k].as_str().expect("certificate fields").to_string();
+        sr_common::register::write_nbd_client_dir(&nbd_certs, &field("ca_pem"), &field("certificate_pem"), &key)
+            .expect("writing the NBD client certificate");
+        Deployment { cp, admin_file, admin, nbd_certs, cs: Some(cs) }
+    }
+
+    /// An `nbds://` URI the API described, with the tests' NBD client certificate.
+    pub fn with_certs(&self, uri: &str) -> String {
+        format!("{uri}?tls-certificates={}", self.nbd_certs.display())
     }
 
     /// Registers a site's components (node names start with `site`) for one disk at `disk`.
@@ -264,7 +300,7 @@ impl Deployment {
             dir,
             vec![DiskSpec { id: 1, name: "disk0".into(), path: disk.to_path_buf() }],
             &Options::default(),
-            self.cp.api,
+            &self.cp,
             &self.admin,
             site,
         )
@@ -280,7 +316,7 @@ impl Deployment {
     }
 
     pub fn srctl(&self, args: &[&str]) -> String {
-        let out = srctl(self.cp.api, &self.admin_file, args);
+        let out = srctl(&self.cp, &self.admin_file, args);
         assert!(
             out.status.success(),
             "srctl {args:?} failed:\n{}\n{}",
@@ -291,7 +327,7 @@ impl Deployment {
     }
 
     pub fn api(&self, method: &str, path: &str, body: Option<serde_json::Value>) -> (u16, serde_json::Value) {
-        call(self.cp.api, method, path, body, Some(&self.admin))
+        call(&self.cp, method, path, body, Some(&self.admin))
     }
 
     pub fn item(&self, id: u64) -> serde_json::Value {
@@ -313,7 +349,7 @@ impl Deployment {
             self.srctl(&["policies", "create", "--name", "p"]);
         }
         self.srctl(&["protect", "--machine", machine, "--policy", "p", "--watch"]);
-        item_of(self.cp.api, &self.admin_file, machine)["id"].as_u64().expect("test deployment")
+        item_of(&self.cp, &self.admin_file, machine)["id"].as_u64().expect("test deployment")
     }
 
     /// Waits for a job to end; its record. Panics with the job's error when it failed and `ok` is set.

@@ -6,26 +6,24 @@
 #![allow(clippy::unwrap_used)]
 
 use serde_json::{json, Value};
-use sr_common::http::request_with;
 use sr_devkit::{bin_dir, ControlPlane};
 use sr_tests::*;
-use std::net::SocketAddr;
 use std::process::Command;
 
-fn raw(api: SocketAddr, method: &str, path: &str, body: &str, token: &str) -> (u16, Value) {
-    let (code, text) = request_with(api, method, path, Some(body), Some(token)).unwrap();
-    (code, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+fn raw(api: &ControlPlane, method: &str, path: &str, body: &str, token: &str) -> (u16, Value) {
+    let (code, text) = api.client(token).unwrap().request(api.api, method, path, Some(body)).unwrap();
+    (code, serde_json::from_str(&text).unwrap_or(Value::String(text.clone())))
 }
 
-fn register(binary: &str, api: SocketAddr, key: &str, name: &str, dir: &std::path::Path) -> std::process::Output {
+fn register(binary: &str, api: &ControlPlane, key: &str, name: &str, dir: &std::path::Path) -> std::process::Output {
     Command::new(bin_dir().join(binary))
-        .args(["register", "--server", &api.to_string(), "--key", key, "--name", name, "--dir"])
+        .args(["register", "--server", &api.api.to_string(), "--key", key, "--name", name, "--dir"])
         .arg(dir)
         .output()
         .unwrap()
 }
 
-fn new_key(api: SocketAddr, admin: &str, role: &str, ttl: Option<u64>) -> String {
+fn new_key(api: &ControlPlane, admin: &str, role: &str, ttl: Option<u64>) -> String {
     let mut body = json!({ "role": role });
     if let Some(t) = ttl {
         body["ttl_seconds"] = json!(t);
@@ -40,7 +38,7 @@ fn tokens_roles_bodies_registration_revocation_and_restart() {
     let dir = test_dir();
     let cp = ControlPlane::create(&dir.path().join("cp")).unwrap();
     let cs = cp.start().unwrap();
-    let api = cp.api;
+    let api = &cp;
     let admin = cp.admin_token().unwrap();
 
     // 401 without a token or with an unknown one.
@@ -148,37 +146,56 @@ fn tokens_roles_bodies_registration_revocation_and_restart() {
         assert!(accept.await.unwrap(), "the registered process server passes the role check");
     });
 
-    // Heartbeats with the component token fill the inventory.
-    let agent_token = std::fs::read_to_string(certs.join("agent-1.token")).unwrap();
+    // Heartbeats over mutual TLS with the component's certificate fill the inventory.
+    let as_component = |n: &str| {
+        let id = sr_common::tls::Identity::load(&tls(n)).unwrap();
+        sr_common::http::Client::new(sr_common::tls::ServerTrust::Mutual(&id, sr_common::wire::Role::ConfigServer))
+            .unwrap()
+    };
+    let (agent, ps) = (as_component("agent-1"), as_component("ps-1"));
     let hb = json!({"disks": [{"id": 1, "name": "disk0", "size": 1073741824}]});
-    assert_eq!(call(api, "POST", "/v1/heartbeat", Some(hb.clone()), Some(&agent_token)).0, 200);
+    agent.post_json(api.api, "/v1/heartbeat", &hb).unwrap();
     let (_, machines) = call(api, "GET", "/v1/machines", None, Some(&reader));
     assert_eq!(machines[0]["name"], "agent-1");
     assert_eq!(machines[0]["disks"][0]["size"], 1073741824u64);
-    assert_eq!(
-        call(api, "GET", "/v1/policies", None, Some(&agent_token)).0,
-        403,
-        "components may not use operator endpoints"
-    );
-    let ps_token = std::fs::read_to_string(certs.join("ps-1.token")).unwrap();
-    assert_eq!(call(api, "POST", "/v1/heartbeat", Some(hb), Some(&ps_token)).0, 400, "only agents report disks");
+    let status = |c: &sr_common::http::Client, m: &str, p: &str, b: Option<&Value>| match c.call_json(api.api, m, p, b)
+    {
+        Ok(_) => 200,
+        Err(e) => e.status().unwrap_or(0),
+    };
+    assert_eq!(status(&agent, "GET", "/v1/policies", None), 403, "components may not use operator endpoints");
+    assert_eq!(status(&ps, "POST", "/v1/heartbeat", Some(&hb)), 400, "only agents report disks");
+    // A certificate from another CA is refused at the handshake; a token does not make a component.
+    let stranger = dir.path().join("stranger");
+    let other = sr_common::tls::generate_deployment(&stranger, &[("agent-1", sr_common::wire::Role::Agent)]).unwrap();
+    let other = sr_common::tls::Identity::load(&other[0]).unwrap();
+    let other = sr_common::http::Client::new(sr_common::tls::ServerTrust::AnyComponent(&other)).unwrap();
+    assert_eq!(status(&other, "POST", "/v1/heartbeat", Some(&hb)), 0, "a foreign CA's certificate gets nowhere");
+    assert_eq!(call(api, "POST", "/v1/heartbeat", Some(hb.clone()), Some(&operator)).0, 403);
 
-    // Revocation: the CRL names it and its token stops working.
+    // Revocation: the CRL names it and its certificate stops working at once.
     assert_eq!(call(api, "POST", "/v1/components/ps-1/revoke", None, Some(&operator)).0, 403);
     let (code, v) = call(api, "POST", "/v1/components/ps-1/revoke", None, Some(&admin));
     assert_eq!((code, &v["revoked"]), (200, &json!(true)), "{v}");
     let (code, crl) = call(api, "GET", "/v1/crl", None, None);
     assert_eq!(code, 200);
     assert!(crl.as_str().unwrap().contains("BEGIN X509 CRL"));
-    assert_ne!(call(api, "POST", "/v1/heartbeat", Some(json!({})), Some(&ps_token)).0, 200);
+    assert_ne!(status(&as_component("ps-1"), "POST", "/v1/heartbeat", Some(&json!({}))), 200);
+    assert_eq!(status(&agent, "POST", "/v1/heartbeat", Some(&hb)), 200, "others are not affected");
 
-    // Jobs: registrations are jobs with steps, filterable by kind and state.
+    // Jobs: registrations are jobs with steps; refused ones leave no trace but a counter.
     let (_, jobs) = call(api, "GET", "/v1/jobs?kind=register", None, Some(&reader));
     let jobs = jobs.as_array().unwrap().clone();
-    assert!(jobs.len() >= 6, "{jobs:?}");
+    assert_eq!(jobs.len(), 3, "{jobs:?}");
     let (_, failed) = call(api, "GET", "/v1/jobs?kind=register&state=failed", None, Some(&reader));
-    assert!(failed.as_array().unwrap().iter().all(|j| j["state"] == "failed" && j["error"].is_string()));
-    assert!(failed.as_array().unwrap().iter().any(|j| j["error"].as_str().unwrap().contains("expired")));
+    assert_eq!(failed.as_array().unwrap().len(), 0, "{failed}");
+    let (_, metrics) = api.client("").unwrap().without_token().request(api.api, "GET", "/metrics", None).unwrap();
+    let refused: f64 = metrics
+        .lines()
+        .find(|l| l.starts_with("sr_config_server_registrations_refused_total"))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0.0);
+    assert_eq!(refused, 3.0, "used, other-role and expired keys: {metrics}");
     let (code, v) = call(api, "GET", "/v1/jobs?state=bogus", None, Some(&reader));
     assert_eq!(code, 400, "{v}");
     let ok = jobs.iter().find(|j| j["state"] == "succeeded").unwrap();
@@ -235,7 +252,7 @@ fn protect_a_disk_with_srctl_from_registration_keys_only() {
         &dir.path().join("dep"),
         vec![DiskSpec { id: 1, name: "disk0".into(), path: disk.clone() }],
         &Options::default(),
-        cp.api,
+        &cp,
         &cp.admin_token().unwrap(),
     )
     .unwrap();
@@ -245,20 +262,20 @@ fn protect_a_disk_with_srctl_from_registration_keys_only() {
 
     // The agent reports its disk; nothing replicates before protection is enabled.
     wait_for("the agent to report its disk", std::time::Duration::from_secs(30), || {
-        let out = srctl(cp.api, &admin_file, &["--output", "json", "machines"]);
+        let out = srctl(&cp, &admin_file, &["--output", "json", "machines"]);
         let v: Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
         v[0]["disks"][0]["name"] == "disk0"
     });
     assert_eq!(local.applied(1).unwrap(), 0);
 
     let out = srctl(
-        cp.api,
+        &cp,
         &admin_file,
         &["policies", "create", "--name", "gold", "--rpo-secs", "120", "--bandwidth-limit-mbps", "16"],
     );
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     // A machine that does not exist fails its prerequisites with the reason.
-    let out = srctl(cp.api, &admin_file, &["protect", "--machine", "nope", "--policy", "gold"]);
+    let out = srctl(&cp, &admin_file, &["protect", "--machine", "nope", "--policy", "gold"]);
     assert!(!out.status.success());
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("no agent named nope"),
@@ -266,14 +283,14 @@ fn protect_a_disk_with_srctl_from_registration_keys_only() {
         String::from_utf8_lossy(&out.stderr)
     );
 
-    let out = srctl(cp.api, &admin_file, &["protect", "--machine", "agent-1", "--policy", "gold", "--watch"]);
+    let out = srctl(&cp, &admin_file, &["protect", "--machine", "agent-1", "--policy", "gold", "--watch"]);
     let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{text}");
     assert!(text.contains("enabling protection"), "{text}");
     assert!(text.contains("initial replication"), "{text}");
     assert!(text.contains("state: protected"), "{text}");
 
-    let out = srctl(cp.api, &admin_file, &["--output", "json", "items", "list"]);
+    let out = srctl(&cp, &admin_file, &["--output", "json", "items", "list"]);
     let items: Value = serde_json::from_slice(&out.stdout).unwrap();
     local.item = items.as_array().unwrap().iter().find(|i| i["machine"] == "agent-1").unwrap()["id"].as_u64().unwrap();
     // Writes after protection reach the replica too.
@@ -285,26 +302,27 @@ fn protect_a_disk_with_srctl_from_registration_keys_only() {
     wait_caught_up(&local, std::time::Duration::from_secs(60)).unwrap();
     compare(disk.to_str().unwrap(), &local.replica_uri(1)).unwrap();
     // The policy's bandwidth limit (2 MB/s) held the process server back on the 12 MiB of noise.
-    let (_, metrics) = sr_common::http::request(local.addrs.ps_http, "GET", "/metrics", None).unwrap();
+    let metrics = local.metrics(Component::ProcessServer).unwrap();
     let waited = metrics
         .lines()
         .find_map(|l| l.strip_prefix("sr_process_server_bandwidth_wait_milliseconds_total "))
         .and_then(|v| v.trim().parse::<f64>().ok())
         .unwrap_or(0.0);
     assert!(waited > 0.0, "no bandwidth waits:\n{metrics}");
-    let out = srctl(cp.api, &admin_file, &["--output", "json", "items", "show", &local.item.to_string()]);
+    let out = srctl(&cp, &admin_file, &["--output", "json", "items", "show", &local.item.to_string()]);
     let item: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(item["state_name"], "protected");
     assert!(item.get("data_key").is_none(), "the data key is never shown to operators");
-    let out = srctl(cp.api, &admin_file, &["--output", "json", "jobs", "list", "--kind", "enable protection"]);
+    let out = srctl(&cp, &admin_file, &["--output", "json", "jobs", "list", "--kind", "enable protection"]);
     let jobs: Value = serde_json::from_slice(&out.stdout).unwrap();
     let jobs = jobs.as_array().unwrap();
     assert!(jobs.iter().any(|j| j["state"] == "failed" && j["error"].as_str().unwrap().contains("nope")), "{jobs:?}");
     let ok = jobs.iter().find(|j| j["target"].as_str().and_then(|t| t.parse().ok()) == Some(local.item)).unwrap();
     let comps: Value =
-        serde_json::from_slice(&srctl(cp.api, &admin_file, &["--output", "json", "components", "list"]).stdout)
-            .unwrap();
-    assert_eq!(comps.as_array().unwrap().len(), 3);
+        serde_json::from_slice(&srctl(&cp, &admin_file, &["--output", "json", "components", "list"]).stdout).unwrap();
+    // Three components and the NBD client certificate the deployment made for its checks.
+    assert_eq!(comps.as_array().unwrap().len(), 4, "{comps}");
+    let comps: Value = comps.as_array().unwrap().iter().filter(|c| c["role"] != "nbd-client").cloned().collect();
     assert!(comps.as_array().unwrap().iter().all(|c| c["health"] == "healthy"), "{comps}");
     assert!(comps
         .as_array()
@@ -336,7 +354,7 @@ fn configuration_server_killed_during_initial_replication_comes_back_and_the_job
         &dir.path().join("dep"),
         vec![DiskSpec { id: 1, name: "disk0".into(), path: disk.clone() }],
         &opts,
-        cp.api,
+        &cp,
         &cp.admin_token().unwrap(),
     )
     .unwrap();
@@ -344,10 +362,10 @@ fn configuration_server_killed_during_initial_replication_comes_back_and_the_job
     let _ps = local.start(Component::ProcessServer).unwrap();
     let _agent = local.start(Component::Agent).unwrap();
     wait_for("the agent to report", std::time::Duration::from_secs(30), || {
-        String::from_utf8_lossy(&srctl(cp.api, &admin_file, &["machines"]).stdout).contains("disk0")
+        String::from_utf8_lossy(&srctl(&cp, &admin_file, &["machines"]).stdout).contains("disk0")
     });
-    assert!(srctl(cp.api, &admin_file, &["policies", "create", "--name", "p"]).status.success());
-    let out = srctl(cp.api, &admin_file, &["--output", "json", "protect", "--machine", "agent-1", "--policy", "p"]);
+    assert!(srctl(&cp, &admin_file, &["policies", "create", "--name", "p"]).status.success());
+    let out = srctl(&cp, &admin_file, &["--output", "json", "protect", "--machine", "agent-1", "--policy", "p"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     let job = v["job"].as_u64().unwrap();
@@ -355,7 +373,7 @@ fn configuration_server_killed_during_initial_replication_comes_back_and_the_job
     wait_for("the initial copy to start", std::time::Duration::from_secs(30), || {
         local.agent_status().unwrap()["disks"][0]["initial_copy"]["cursor"].as_u64().unwrap() > 0
     });
-    let out = srctl(cp.api, &admin_file, &["--output", "json", "items", "show", &local.item.to_string()]);
+    let out = srctl(&cp, &admin_file, &["--output", "json", "items", "show", &local.item.to_string()]);
     let item: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(item["state_name"], "initial_replication", "killed during initial replication: {item}");
     let failed_polls = || {
@@ -371,9 +389,9 @@ fn configuration_server_killed_during_initial_replication_comes_back_and_the_job
         failed_polls() > seen
     });
     let _cs = cp.start().unwrap();
-    let out = srctl(cp.api, &admin_file, &["jobs", "watch", &job.to_string()]);
+    let out = srctl(&cp, &admin_file, &["jobs", "watch", &job.to_string()]);
     assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    let out = srctl(cp.api, &admin_file, &["--output", "json", "items", "show", &local.item.to_string()]);
+    let out = srctl(&cp, &admin_file, &["--output", "json", "items", "show", &local.item.to_string()]);
     let item: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(item["state_name"], "protected", "{item}");
     wait_caught_up(&local, std::time::Duration::from_secs(60)).unwrap();
@@ -403,7 +421,7 @@ impl Managed {
             &dir.join("dep"),
             vec![DiskSpec { id: 1, name: "disk0".into(), path: disk.clone() }],
             &Options::default(),
-            cp.api,
+            &cp,
             &cp.admin_token().unwrap(),
         )
         .unwrap();
@@ -411,7 +429,7 @@ impl Managed {
         let ps = local.start(Component::ProcessServer).unwrap();
         let agent = local.start(Component::Agent).unwrap();
         wait_for("the agent to report", std::time::Duration::from_secs(30), || {
-            String::from_utf8_lossy(&srctl(cp.api, &admin_file, &["machines"]).stdout).contains("disk0")
+            String::from_utf8_lossy(&srctl(&cp, &admin_file, &["machines"]).stdout).contains("disk0")
         });
         Managed { cp, admin_file, local, disk, mt: Some(mt), _cs: cs, _ps: ps, agent: Some(agent) }
     }
@@ -420,11 +438,10 @@ impl Managed {
     fn protect(&mut self, policy_args: &[&str]) {
         let mut args = vec!["policies", "create", "--name", "p"];
         args.extend_from_slice(policy_args);
-        assert!(srctl(self.cp.api, &self.admin_file, &args).status.success());
-        let out =
-            srctl(self.cp.api, &self.admin_file, &["protect", "--machine", "agent-1", "--policy", "p", "--watch"]);
+        assert!(srctl(&self.cp, &self.admin_file, &args).status.success());
+        let out = srctl(&self.cp, &self.admin_file, &["protect", "--machine", "agent-1", "--policy", "p", "--watch"]);
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        self.local.item = item_of(self.cp.api, &self.admin_file, "agent-1")["id"].as_u64().unwrap();
+        self.local.item = item_of(&self.cp, &self.admin_file, "agent-1")["id"].as_u64().unwrap();
     }
 }
 
@@ -442,7 +459,7 @@ fn a_revoked_agent_is_refused_by_its_process_server() {
         std::fs::read_to_string(local.log(Component::ProcessServer)).unwrap().matches("revocation list updated").count()
     };
     let seen = updates();
-    assert!(srctl(cp.api, admin_file, &["components", "revoke", "agent-1"]).status.success());
+    assert!(srctl(cp, admin_file, &["components", "revoke", "agent-1"]).status.success());
     wait_for("the process server to take the new revocation list", std::time::Duration::from_secs(30), || {
         updates() > seen
     });
@@ -452,7 +469,7 @@ fn a_revoked_agent_is_refused_by_its_process_server() {
     let agent_log = || std::fs::read_to_string(local.log(Component::Agent)).unwrap();
     wait_for("the agent to stop retrying", std::time::Duration::from_secs(30), || agent_log().contains("not retrying"));
     let item = wait_until("the item to turn critical", std::time::Duration::from_secs(30), || {
-        let item = item_of(cp.api, admin_file, "agent-1");
+        let item = item_of(cp, admin_file, "agent-1");
         (item["state_name"] == "critical").then_some(item)
     });
     assert_eq!(local.applied(1).unwrap(), before, "nothing from a revoked agent is applied");
@@ -460,7 +477,7 @@ fn a_revoked_agent_is_refused_by_its_process_server() {
     assert!(ps_log.to_lowercase().contains("revoked"), "the process server says why: {ps_log}");
     // The item is Critical with the reason, and an alert fired.
     assert!(item["state"]["reason"].as_str().unwrap().contains("revoked"), "{item}");
-    let events = String::from_utf8_lossy(&srctl(cp.api, admin_file, &["events"]).stdout).to_string();
+    let events = String::from_utf8_lossy(&srctl(cp, admin_file, &["events"]).stdout).to_string();
     assert!(events.contains("is critical"), "{events}");
     let refusals =
         || std::fs::read_to_string(local.log(Component::ProcessServer)).unwrap().matches("handshake failed").count();
@@ -477,7 +494,7 @@ fn a_revoked_agent_is_refused_by_its_process_server() {
 /// `from` (e.g. "ps") becomes `to_file` with every `(old, new)` replacement applied.
 fn add_component(
     local: &Local,
-    api: SocketAddr,
+    api: &ControlPlane,
     admin: &str,
     c: Component,
     name: &str,
@@ -487,7 +504,7 @@ fn add_component(
     let role = if c == Component::Agent { "agent" } else { "process-server" };
     let key = new_key(api, admin, role, None);
     let mut cmd = Command::new(bin_dir().join(c.binary()));
-    cmd.args(["register", "--server", &api.to_string(), "--key", &key, "--name", name, "--dir"]).arg(&local.certs);
+    cmd.args(["register", "--server", &api.api.to_string(), "--key", &key, "--name", name, "--dir"]).arg(&local.certs);
     for (old, new) in replace {
         if old == "ADDRESS" {
             cmd.args(["--address", new]);
@@ -506,7 +523,7 @@ fn add_component(
 }
 
 fn applied_at_mt(local: &Local, item: u64) -> u64 {
-    let s = sr_common::http::get_json(local.addrs.mt_http, "/v1/status").unwrap();
+    let s = local.get(Component::MasterTarget, "/v1/status").unwrap();
     s["replicas"]
         .as_array()
         .unwrap()
@@ -531,14 +548,14 @@ fn two_process_servers_spread_items_and_take_over_when_one_dies() {
         &dir.path().join("dep"),
         vec![DiskSpec { id: 1, name: "disk0".into(), path: disk_a.clone() }],
         &opts,
-        cp.api,
+        &cp,
         &admin,
     )
     .unwrap();
     let (ps2_http, ps2_quic) = (sr_devkit::free_tcp(), sr_devkit::free_udp());
     let ps2 = add_component(
         &local,
-        cp.api,
+        &cp,
         &admin,
         Component::ProcessServer,
         "ps-2",
@@ -555,7 +572,7 @@ fn two_process_servers_spread_items_and_take_over_when_one_dies() {
     let (b_http, b_nbd) = (sr_devkit::free_tcp(), sr_devkit::free_tcp());
     let agent_b = add_component(
         &local,
-        cp.api,
+        &cp,
         &admin,
         Component::Agent,
         "agent-2",
@@ -573,19 +590,21 @@ fn two_process_servers_spread_items_and_take_over_when_one_dies() {
     let logs = local.root.join("logs");
     let _mt = local.start(Component::MasterTarget).unwrap();
     let ps1 = local.start(Component::ProcessServer).unwrap();
-    let _ps2 = sr_devkit::spawn(Component::ProcessServer, &ps2, &logs.join("ps2.log"), ps2_http).unwrap();
+    let ca = local.certs.join("ca.pem");
+    let _ps2 = sr_devkit::spawn_env(Component::ProcessServer, &ps2, &logs.join("ps2.log"), ps2_http, &ca, &[]).unwrap();
     let _a = local.start(Component::Agent).unwrap();
-    let _b = sr_devkit::spawn(Component::Agent, &agent_b, &logs.join("agent2.log"), b_http).unwrap();
+    let _b = sr_devkit::spawn_env(Component::Agent, &agent_b, &logs.join("agent2.log"), b_http, &ca, &[]).unwrap();
+    let agents = local.client(Component::Agent).unwrap();
     wait_for("the agents to report", std::time::Duration::from_secs(30), || {
-        let m = String::from_utf8_lossy(&srctl(cp.api, &admin_file, &["machines"]).stdout).to_string();
+        let m = String::from_utf8_lossy(&srctl(&cp, &admin_file, &["machines"]).stdout).to_string();
         m.contains("agent-1") && m.contains("agent-2")
     });
-    assert!(srctl(cp.api, &admin_file, &["policies", "create", "--name", "p"]).status.success());
+    assert!(srctl(&cp, &admin_file, &["policies", "create", "--name", "p"]).status.success());
     for m in ["agent-1", "agent-2"] {
-        let out = srctl(cp.api, &admin_file, &["protect", "--machine", m, "--policy", "p", "--watch"]);
+        let out = srctl(&cp, &admin_file, &["protect", "--machine", m, "--policy", "p", "--watch"]);
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     }
-    let (ia, ib) = (item_of(cp.api, &admin_file, "agent-1"), item_of(cp.api, &admin_file, "agent-2"));
+    let (ia, ib) = (item_of(&cp, &admin_file, "agent-1"), item_of(&cp, &admin_file, "agent-2"));
     assert_ne!(ia["process_server"], ib["process_server"], "two items spread over two process servers: {ia} {ib}");
     local.item = ia["id"].as_u64().unwrap();
     let item_b = ib["id"].as_u64().unwrap();
@@ -618,11 +637,10 @@ fn two_process_servers_spread_items_and_take_over_when_one_dies() {
     });
     ps1.kill();
     wait_for(&format!("the item of {victim} to move to ps-2"), std::time::Duration::from_secs(40), || {
-        item_of(cp.api, &admin_file, victim)["process_server"] == "ps-2"
+        item_of(&cp, &admin_file, victim)["process_server"] == "ps-2"
     });
     // The victim's writes go on through ps-2: something written after the move is applied.
-    let written =
-        sr_common::http::get_json(victim_http, "/v1/status").unwrap()["disks"][0]["last_seq"].as_u64().unwrap();
+    let written = agents.get_json(victim_http, "/v1/status").unwrap()["disks"][0]["last_seq"].as_u64().unwrap();
     wait_for(&format!("writes of {victim} to be applied through ps-2"), std::time::Duration::from_secs(30), || {
         applied_at_mt(&local, victim_item) > written
     });
@@ -634,11 +652,12 @@ fn two_process_servers_spread_items_and_take_over_when_one_dies() {
     wait_caught_up(&local, std::time::Duration::from_secs(90)).unwrap();
     compare(disk_a.to_str().unwrap(), &local.replica_uri(1)).unwrap();
     wait_for("disk B to catch up", std::time::Duration::from_secs(90), || {
-        let st = sr_common::http::get_json(b_http, "/v1/status").unwrap();
+        let st = agents.get_json(b_http, "/v1/status").unwrap();
         applied_at_mt(&local, item_b) >= st["disks"][0]["last_seq"].as_u64().unwrap()
     });
-    compare(disk_b.to_str().unwrap(), &format!("nbd://{}/item-{item_b}-disk-1", local.addrs.mt_nbd)).unwrap();
-    let events = String::from_utf8_lossy(&srctl(cp.api, &admin_file, &["events"]).stdout).to_string();
+    let replica_b = local.with_certs(&format!("nbds://{}/item-{item_b}-disk-1", local.addrs.mt_nbd));
+    compare(disk_b.to_str().unwrap(), &replica_b).unwrap();
+    let events = String::from_utf8_lossy(&srctl(&cp, &admin_file, &["events"]).stdout).to_string();
     assert!(events.contains("stopped reporting; moved to ps-2"), "{events}");
 }
 
@@ -650,7 +669,7 @@ fn rpo_over_the_policy_raises_an_alert_to_the_event_log_and_the_webhook() {
     let received = move || -> Vec<String> {
         received.lock().unwrap().iter().map(|r| String::from_utf8_lossy(r).to_string()).collect()
     };
-    let mut m = Managed::start(dir.path(), 16, &format!("alert_webhook = \"{hook_addr}/alerts\"\n"));
+    let mut m = Managed::start(dir.path(), 16, &format!("alert_webhook = \"http://{hook_addr}/alerts\"\n"));
     m.protect(&["--rpo-secs", "2"]);
     let mt = m.mt.take().unwrap();
     let (cp, admin_file, local, disk) = (&m.cp, &m.admin_file, &m.local, &m.disk);
@@ -658,11 +677,11 @@ fn rpo_over_the_policy_raises_an_alert_to_the_event_log_and_the_webhook() {
     mt.stop().unwrap();
     run("qemu-io", &["-f", "raw", "-c", "write -P 0x41 0 1M", "-c", "flush", &local.agent_uri("disk0")]).unwrap();
     let item = wait_until("an RPO alert", std::time::Duration::from_secs(30), || {
-        let item = item_of(cp.api, admin_file, "agent-1");
+        let item = item_of(cp, admin_file, "agent-1");
         item["rpo_alert"].as_bool().unwrap_or(false).then_some(item)
     });
     assert!(item["rpo_seconds"].as_u64().unwrap() > 2, "{item}");
-    let events = String::from_utf8_lossy(&srctl(cp.api, admin_file, &["events"]).stdout).to_string();
+    let events = String::from_utf8_lossy(&srctl(cp, admin_file, &["events"]).stdout).to_string();
     assert!(events.contains("over the policy's 2 s"), "{events}");
     wait_for("the webhook to get the alert", std::time::Duration::from_secs(10), || {
         received().iter().any(|r| r.starts_with("POST /alerts") && r.contains("over the policy"))
@@ -672,7 +691,7 @@ fn rpo_over_the_policy_raises_an_alert_to_the_event_log_and_the_webhook() {
     let _mt = local.start(Component::MasterTarget).unwrap();
     wait_caught_up(local, std::time::Duration::from_secs(60)).unwrap();
     wait_for("the alert to clear", std::time::Duration::from_secs(30), || {
-        !item_of(cp.api, admin_file, "agent-1")["rpo_alert"].as_bool().unwrap_or(true)
+        !item_of(cp, admin_file, "agent-1")["rpo_alert"].as_bool().unwrap_or(true)
     });
     compare(disk.to_str().unwrap(), &local.replica_uri(1)).unwrap();
 }
@@ -687,9 +706,9 @@ fn disable_stops_journaling_and_protecting_again_starts_a_fresh_replica() {
     wait_caught_up(&m.local, std::time::Duration::from_secs(60)).unwrap();
     let first = m.local.item;
 
-    let out = srctl(m.cp.api, &m.admin_file, &["unprotect", &first.to_string()]);
+    let out = srctl(&m.cp, &m.admin_file, &["unprotect", &first.to_string()]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(item_of(m.cp.api, &m.admin_file, "agent-1")["state_name"], "unprotected");
+    assert_eq!(item_of(&m.cp, &m.admin_file, "agent-1")["state_name"], "unprotected");
     // The agent learns it within a poll: no more journaling, the journal is dropped.
     wait_for("the agent to stop journaling", std::time::Duration::from_secs(20), || {
         run("qemu-io", &["-f", "raw", "-c", "write -P 0x22 4M 1M", "-c", "flush", &uri]).unwrap();
@@ -711,9 +730,9 @@ fn disable_stops_journaling_and_protecting_again_starts_a_fresh_replica() {
 
     // Protecting again makes a new item with a full initial copy: its replica equals the source,
     // including what was written while unprotected; the old replica was left as it was.
-    let out = srctl(m.cp.api, &m.admin_file, &["protect", "--machine", "agent-1", "--policy", "p", "--watch"]);
+    let out = srctl(&m.cp, &m.admin_file, &["protect", "--machine", "agent-1", "--policy", "p", "--watch"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let second = item_of(m.cp.api, &m.admin_file, "agent-1")["id"].as_u64().unwrap();
+    let second = item_of(&m.cp, &m.admin_file, "agent-1")["id"].as_u64().unwrap();
     assert_ne!(second, first);
     m.local.item = second;
     run("qemu-io", &["-f", "raw", "-c", "write -P 0x23 8M 1M", "-c", "flush", &uri]).unwrap();
@@ -736,12 +755,12 @@ fn test_failover_with_srctl_while_replication_goes_on_and_hook_failures_reach_th
     let uri = local.agent_uri("disk0");
     run("qemu-io", &["-f", "raw", "-c", "write -P 0x31 0 4M", "-c", "flush", &uri]).unwrap();
     let events = wait_until("an event about the failing hook", std::time::Duration::from_secs(30), || {
-        let events = String::from_utf8_lossy(&srctl(cp.api, admin_file, &["events"]).stdout).to_string();
+        let events = String::from_utf8_lossy(&srctl(cp, admin_file, &["events"]).stdout).to_string();
         events.contains("quiesce refused").then_some(events)
     });
     assert!(events.contains("crash-consistent"), "{events}");
     wait_caught_up(local, std::time::Duration::from_secs(60)).unwrap();
-    let out = srctl(cp.api, admin_file, &["--output", "json", "points", &item]);
+    let out = srctl(cp, admin_file, &["--output", "json", "points", &item]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let points: Value = serde_json::from_slice(&out.stdout).unwrap();
     let named = points["disks"][0]["named"].as_array().unwrap();
@@ -761,28 +780,24 @@ fn test_failover_with_srctl_while_replication_goes_on_and_hook_failures_reach_th
             }
         })
     };
-    let out = srctl(cp.api, admin_file, &["--output", "json", "test-failover", &item]);
+    let out = srctl(cp, admin_file, &["--output", "json", "test-failover", &item]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let tfo: Value = serde_json::from_slice(&out.stdout).unwrap();
     let machine = &tfo["machine"];
     assert!(machine["cpus"].as_u64().unwrap() >= 1 && machine["memory_bytes"].as_u64().unwrap() > 0, "{tfo}");
     assert!(machine["network_interfaces"].is_array(), "{tfo}");
-    let test_disk = machine["disks"][0]["uri"].as_str().unwrap().to_string();
+    let described = machine["disks"][0]["uri"].as_str().unwrap().to_string();
+    assert!(described.starts_with("nbds://"), "failover disks are served over TLS only: {described}");
+    let test_disk = local.with_certs(&described);
     assert_eq!(machine["disks"][0]["name"], "disk0");
     // A second test failover of the same item is refused while one runs.
-    assert!(!srctl(cp.api, admin_file, &["test-failover", &item]).status.success());
+    assert!(!srctl(cp, admin_file, &["test-failover", &item]).status.success());
     let before = dir.path().join("tfo-before.img");
     run("nbdcopy", &[&test_disk, before.to_str().unwrap()]).unwrap();
-    let writes = ["write -P 0xab 5M 2M", "write -z 9M 64k"];
-    let mut args = vec!["-f", "raw"];
-    writes.iter().for_each(|w| args.extend(["-c", w]));
-    let mut on_test = args.clone();
-    on_test.push(&test_disk);
-    run("qemu-io", &on_test).unwrap();
+    let writes = ["write -P 0xab 5M 2M", "write -z 9M 64k"].map(String::from);
+    qemu_io(&test_disk, &writes).unwrap();
     let expected = before.to_str().unwrap();
-    let mut on_copy = args.clone();
-    on_copy.push(expected);
-    run("qemu-io", &on_copy).unwrap();
+    qemu_io(expected, &writes).unwrap();
     // Replication goes on meanwhile: something the churn wrote after the test disk's writes is applied.
     let written = local.agent_status().unwrap()["disks"][0]["last_seq"].as_u64().unwrap();
     wait_for("the churn to be applied to the replica", std::time::Duration::from_secs(30), || {
@@ -795,19 +810,23 @@ fn test_failover_with_srctl_while_replication_goes_on_and_hook_failures_reach_th
     wait_caught_up(local, std::time::Duration::from_secs(60)).unwrap();
     compare(m.disk.to_str().unwrap(), &local.replica_uri(1)).unwrap();
     compare(expected, &test_disk).unwrap();
-    let shown = item_of(cp.api, admin_file, "agent-1");
-    assert_eq!(shown["test_failover"]["machine"]["disks"][0]["uri"], test_disk.as_str(), "{shown}");
-    let out = srctl(cp.api, admin_file, &["test-failover", &item, "--cleanup"]);
+    let shown = item_of(cp, admin_file, "agent-1");
+    assert_eq!(shown["test_failover"]["machine"]["disks"][0]["uri"], described.as_str(), "{shown}");
+    let out = srctl(cp, admin_file, &["test-failover", &item, "--cleanup"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(run("nbdinfo", &[&test_disk]).is_err(), "the test disk outlived its cleanup");
-    let again = srctl(cp.api, admin_file, &["test-failover", &item, "--cleanup"]);
+    let again = srctl(cp, admin_file, &["test-failover", &item, "--cleanup"]);
     assert!(String::from_utf8_lossy(&again.stderr).contains("no test failover"));
-    let jobs = String::from_utf8_lossy(&srctl(cp.api, admin_file, &["jobs", "list", "--kind", "test failover"]).stdout)
+    let jobs = String::from_utf8_lossy(&srctl(cp, admin_file, &["jobs", "list", "--kind", "test failover"]).stdout)
         .to_string();
     assert!(jobs.contains("succeeded"), "{jobs}");
-    // Export through the API writes the latest point.
-    let image = dir.path().join("exported.img");
-    let out = srctl(cp.api, admin_file, &["export", &item, "--disk", "1", "--path", image.to_str().unwrap()]);
+    // Export through the API writes the latest point, into the master target's export directory
+    // (a name there; a path elsewhere is refused).
+    let out = srctl(cp, admin_file, &["export", &item, "--disk", "1", "--path", "/etc/exported.img"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("only inside"), "{}", String::from_utf8_lossy(&out.stderr));
+    let image = m.local.export_dir().join("exported.img");
+    let out = srctl(cp, admin_file, &["export", &item, "--disk", "1", "--path", "exported.img"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     compare(m.disk.to_str().unwrap(), image.to_str().unwrap()).unwrap();
 }
@@ -840,7 +859,7 @@ fn overflow_waits_for_the_resync_window_and_srctl_resync_brings_the_item_back() 
     let uri = local.agent_uri("disk0");
     run("qemu-io", &["-f", "raw", "-c", "write -P 0x71 1M 4M", "-c", "flush", &uri]).unwrap();
     let i = wait_until("the item to need a resync", std::time::Duration::from_secs(30), || {
-        let i = item_of(cp.api, admin_file, "agent-1");
+        let i = item_of(cp, admin_file, "agent-1");
         (i["state_name"] == "resync_required").then_some(i)
     });
     assert!(i["state"]["reason"].as_str().unwrap().contains("limit"), "{i}");
@@ -848,19 +867,19 @@ fn overflow_waits_for_the_resync_window_and_srctl_resync_brings_the_item_back() 
     // overflow, with dirty blocks to copy, it reports them waiting for the window.
     let admin = m.cp.admin_token().unwrap();
     wait_for("the agent to hold its dirty blocks for the window", std::time::Duration::from_secs(30), || {
-        let (_, machines) = call(cp.api, "GET", "/v1/machines", None, Some(&admin));
+        let (_, machines) = call(cp, "GET", "/v1/machines", None, Some(&admin));
         let d = &machines[0]["progress"][0];
         d["resync_waiting"] == true && d["overflow"] == false
     });
     let st = local.agent_status().unwrap();
     assert!(st["disks"][0]["dirty_bytes"].as_u64().unwrap() > 0, "{st}");
-    assert_eq!(item_of(cp.api, admin_file, "agent-1")["state_name"], "resync_required");
+    assert_eq!(item_of(cp, admin_file, "agent-1")["state_name"], "resync_required");
     // The operator says now: checksums are compared too, and the item is protected again.
-    let out = srctl(cp.api, admin_file, &["resync", &item, "--watch"]);
+    let out = srctl(cp, admin_file, &["resync", &item, "--watch"]);
     assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     wait_caught_up(local, std::time::Duration::from_secs(60)).unwrap();
     compare(m.disk.to_str().unwrap(), &local.replica_uri(1)).unwrap();
-    assert_eq!(item_of(cp.api, admin_file, "agent-1")["state_name"], "protected");
+    assert_eq!(item_of(cp, admin_file, "agent-1")["state_name"], "protected");
 
     // A replica that diverged while its master target was down: srctl resync repairs it.
     m.mt.take().unwrap().kill();
@@ -868,14 +887,14 @@ fn overflow_waits_for_the_resync_window_and_srctl_resync_brings_the_item_back() 
     m.mt = Some(m.local.start(Component::MasterTarget).unwrap());
     let (cp, admin_file, local) = (&m.cp, &m.admin_file, &m.local);
     assert!(compare(m.disk.to_str().unwrap(), &local.replica_uri(1)).is_err());
-    let out = srctl(cp.api, admin_file, &["resync", &item, "--watch"]);
+    let out = srctl(cp, admin_file, &["resync", &item, "--watch"]);
     assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     wait_caught_up(local, std::time::Duration::from_secs(60)).unwrap();
     compare(m.disk.to_str().unwrap(), &local.replica_uri(1)).unwrap();
     let jobs =
-        String::from_utf8_lossy(&srctl(cp.api, admin_file, &["jobs", "list", "--kind", "resync"]).stdout).to_string();
+        String::from_utf8_lossy(&srctl(cp, admin_file, &["jobs", "list", "--kind", "resync"]).stdout).to_string();
     assert_eq!(jobs.matches("succeeded").count(), 2, "{jobs}");
-    let events = String::from_utf8_lossy(&srctl(cp.api, admin_file, &["events"]).stdout).to_string();
+    let events = String::from_utf8_lossy(&srctl(cp, admin_file, &["events"]).stdout).to_string();
     assert!(events.contains("resync required") && events.contains("resynchronized"), "{events}");
 }
 
@@ -883,7 +902,7 @@ fn overflow_waits_for_the_resync_window_and_srctl_resync_brings_the_item_back() 
 fn wait_item(m: &Managed, what: &str, f: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
     let mut item = serde_json::Value::Null;
     wait_for(what, std::time::Duration::from_secs(120), || {
-        item = item_of(m.cp.api, &m.admin_file, "agent-1");
+        item = item_of(&m.cp, &m.admin_file, "agent-1");
         f(&item)
     });
     item
@@ -899,8 +918,8 @@ fn a_master_target_restarted_without_its_configuration_server_keeps_the_policys_
     m.mt = Some(m.local.start_env(Component::MasterTarget, &[segments]).unwrap());
     m.protect(&["--retention-hours", "2"]);
     let uri = m.local.agent_uri("disk0");
-    let (mt_http, item) = (m.local.addrs.mt_http, m.local.item);
-    let points = || sr_common::http::get_json(mt_http, &format!("/v1/points?item={item}")).unwrap();
+    let item = m.local.item;
+    let points = || m.local.get(Component::MasterTarget, &format!("/v1/points?item={item}")).unwrap();
     for k in 0..4u8 {
         run("qemu-io", &["-f", "raw", "-c", &format!("write -P {} 0 1M", 0x30 + k), "-c", "flush", &uri]).unwrap();
         wait_caught_up(&m.local, std::time::Duration::from_secs(60)).unwrap();
@@ -917,7 +936,7 @@ fn a_master_target_restarted_without_its_configuration_server_keeps_the_policys_
     let env = [segments, ("SR_MT__POINTS__RETENTION_SECS", "1"), ("SR_MT__POINTS__EXPIRY_INTERVAL_SECS", "1")];
     m.mt = Some(m.local.start_env(Component::MasterTarget, &env).unwrap());
     wait_for("expiry to run three times", std::time::Duration::from_secs(60), || {
-        metric(mt_http, "sr_master_target_expiry_runs_total").unwrap() >= 3.0
+        metric(&m.local, Component::MasterTarget, "sr_master_target_expiry_runs_total").unwrap() >= 3.0
     });
     let p = points();
     assert_eq!(p["disks"][0]["oldest_us"].as_u64().unwrap(), before, "points the policy keeps were expired: {p}");
@@ -944,17 +963,17 @@ fn a_lost_replica_turns_its_item_critical_with_the_reason_and_an_alert() {
     let item = wait_item(&m, "the item to turn critical", |i| i["state_name"] == "critical");
     let reason = item["state"]["reason"].as_str().unwrap();
     assert!(reason.contains("master target mt-1") && reason.contains("missing"), "{item}");
-    let events = String::from_utf8_lossy(&srctl(m.cp.api, &m.admin_file, &["events"]).stdout).to_string();
+    let events = String::from_utf8_lossy(&srctl(&m.cp, &m.admin_file, &["events"]).stdout).to_string();
     assert!(events.contains("is critical"), "{events}");
     // Comparing checksums cannot repair it, and says what can; a full resync copies the disk again into
     // a new replica, never into the lost one's place as an empty file.
     let id = m.local.item.to_string();
-    let out = srctl(m.cp.api, &m.admin_file, &["resync", &id]);
+    let out = srctl(&m.cp, &m.admin_file, &["resync", &id]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--full"), "{}", String::from_utf8_lossy(&out.stderr));
-    let out = srctl(m.cp.api, &m.admin_file, &["resync", &id, "--full", "--watch"]);
+    let out = srctl(&m.cp, &m.admin_file, &["resync", &id, "--full", "--watch"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let item = item_of(m.cp.api, &m.admin_file, "agent-1");
+    let item = item_of(&m.cp, &m.admin_file, "agent-1");
     assert_eq!(item["state_name"], "protected", "{item}");
     let wire = item["stream"].as_u64().unwrap();
     let replica = m.local.root.join("mt").join("replicas").join(format!("item-{wire}-disk-1.img"));
@@ -993,7 +1012,7 @@ fn a_full_master_target_volume_shows_on_the_item_until_space_returns() {
     wait_item(&m, "the problem to clear", |i| i["problem"].is_null());
     wait_caught_up(&m.local, std::time::Duration::from_secs(180)).unwrap();
     compare(m.disk.to_str().unwrap(), &m.local.replica_uri(1)).unwrap();
-    let events = String::from_utf8_lossy(&srctl(m.cp.api, &m.admin_file, &["events"]).stdout).to_string();
+    let events = String::from_utf8_lossy(&srctl(&m.cp, &m.admin_file, &["events"]).stdout).to_string();
     assert!(events.contains("replication goes on again"), "{events}");
 }
 
@@ -1026,9 +1045,9 @@ fn a_gap_raises_resync_required_by_itself_and_the_resync_repairs_it() {
     let item = wait_item(&m, "the gap to be raised", |i| i["chain_broken"] == true);
     assert_eq!(item["state_name"], "resync_required", "{item}");
     // The resync repairs it: the whole disk into a new stream, protected again, replica equal to the disk.
-    let out = srctl(m.cp.api, &m.admin_file, &["resync", &m.local.item.to_string(), "--watch"]);
+    let out = srctl(&m.cp, &m.admin_file, &["resync", &m.local.item.to_string(), "--watch"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let item = item_of(m.cp.api, &m.admin_file, "agent-1");
+    let item = item_of(&m.cp, &m.admin_file, "agent-1");
     assert_eq!(item["state_name"], "protected", "{item}");
     assert_eq!(item["chain_broken"], false, "{item}");
     let wire = item["stream"].as_u64().unwrap();

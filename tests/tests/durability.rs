@@ -146,16 +146,29 @@ fn a_failed_export_leaves_no_partial_image() {
     let _agent = local.start(Component::Agent).unwrap();
     wait_caught_up(&local, Duration::from_secs(60)).unwrap();
     // The image's volume fills up part way through.
-    let _full = Tmpfs::mount(&dir.path().join("small"), "1m");
-    let out = dir.path().join("small").join("replica.img");
+    let small = local.export_dir().join("small");
+    std::fs::create_dir_all(&small).unwrap();
+    let _full = Tmpfs::mount(&small, "1m");
+    let out = small.join("replica.img");
     let body = serde_json::json!({ "item": local.item, "disk": 1, "path": out });
-    let err = sr_common::http::post_json(local.addrs.mt_http, "/v1/export", &body).unwrap_err();
+    let err = local.post(Component::MasterTarget, "/v1/export", &body).unwrap_err();
     assert!(format!("{err:#}").contains("partial file was removed"), "{err:#}");
     assert!(!out.exists(), "a partial image was left behind");
+    // An export goes nowhere but the export directory.
+    for outside in [dir.path().join("replica.img"), local.export_dir().join("../replica.img")] {
+        let body = serde_json::json!({ "item": local.item, "disk": 1, "path": outside });
+        let err = local
+            .client(Component::MasterTarget)
+            .unwrap()
+            .post_json(local.addrs.mt_http, "/v1/export", &body)
+            .unwrap_err();
+        assert_eq!(err.status(), Some(400), "{err}");
+        assert!(!outside.exists());
+    }
     // Where there is room the same export succeeds.
-    let out = dir.path().join("replica.img");
+    let out = local.export_dir().join("replica.img");
     let body = serde_json::json!({ "item": local.item, "disk": 1, "path": out });
-    sr_common::http::post_json(local.addrs.mt_http, "/v1/export", &body).unwrap();
+    local.post(Component::MasterTarget, "/v1/export", &body).unwrap();
     compare(disk.to_str().unwrap(), out.to_str().unwrap()).unwrap();
 }
 
@@ -238,10 +251,8 @@ fn primary_lost_during_a_dirty_copy_fails_over_to_the_last_crash_consistent_poin
     assert_eq!(local.agent_status().unwrap()["disks"][0]["overflow"], true);
     let _ps = local.start(Component::ProcessServer).unwrap();
     // The dirty blocks reach the master target in block order; part way, the primary site is lost.
-    let points = || {
-        sr_common::http::get_json(local.addrs.mt_http, &format!("/v1/points?item={}", local.item)).unwrap()["disks"][0]
-            .clone()
-    };
+    let points =
+        || local.get(Component::MasterTarget, &format!("/v1/points?item={}", local.item)).unwrap()["disks"][0].clone();
     wait_for("the dirty copy to be part way applied", Duration::from_secs(120), || {
         let p = points();
         let open = p["inconsistent"].as_array().and_then(|w| w.last()).filter(|w| w["open"] == true).cloned();
@@ -253,15 +264,15 @@ fn primary_lost_during_a_dirty_copy_fails_over_to_the_last_crash_consistent_poin
     assert_eq!(window["open"], true, "the copy finished before the primary was lost: {p}");
     assert!(window["seconds"].as_f64().unwrap() >= 0.0, "{p}");
     // Failover to the latest point: the state before the window, a file system that checks clean.
-    let out = dir.path().join("failover.img");
+    let out = local.export_dir().join("failover.img");
     let body = serde_json::json!({ "item": local.item, "disk": 1, "path": out, "point": "latest" });
-    sr_common::http::post_json(local.addrs.mt_http, "/v1/export", &body).unwrap();
+    local.post(Component::MasterTarget, "/v1/export", &body).unwrap();
     compare(gen1.to_str().unwrap(), out.to_str().unwrap()).unwrap();
     run("e2fsck", &["-fn", out.to_str().unwrap()]).unwrap();
     // Naming the torn state explicitly still works, with a warning.
-    let body = serde_json::json!({ "item": local.item, "disk": 1, "path": dir.path().join("torn.img"),
+    let body = serde_json::json!({ "item": local.item, "disk": 1, "path": local.export_dir().join("torn.img"),
         "point": { "seq": p["latest_seq"] } });
-    let r = sr_common::http::post_json(local.addrs.mt_http, "/v1/export", &body).unwrap();
+    let r = local.post(Component::MasterTarget, "/v1/export", &body).unwrap();
     assert!(r.to_string().contains("not crash-consistent"), "{r}");
 }
 
@@ -290,11 +301,11 @@ fn a_full_process_server_cache_volume_holds_writes_back_and_loses_none() {
     });
     // Held back, not refused: the agent's session stays up while the volume is full (a refused
     // session costs the agent a reconnect each time, and then back-off delays long past the outage).
-    let reconnects = metric(local.addrs.agent_http, "sr_agent_reconnects_total").unwrap();
+    let reconnects = metric(&local, Component::Agent, "sr_agent_reconnects_total").unwrap();
     wait_for("the process server to hold the agent back", Duration::from_secs(30), || {
-        metric(local.addrs.ps_http, "sr_process_server_backpressure_waits_total").unwrap() >= 3.0
+        metric(&local, Component::ProcessServer, "sr_process_server_backpressure_waits_total").unwrap() >= 3.0
     });
-    assert_eq!(metric(local.addrs.agent_http, "sr_agent_reconnects_total").unwrap(), reconnects);
+    assert_eq!(metric(&local, Component::Agent, "sr_agent_reconnects_total").unwrap(), reconnects);
     let _mt = local.start(Component::MasterTarget).unwrap();
     wait_caught_up(&local, Duration::from_secs(180)).unwrap();
     compare(disk.to_str().unwrap(), &local.replica_uri(1)).unwrap();

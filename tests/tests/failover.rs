@@ -53,7 +53,7 @@ fn planned_failover_commit_reprotect_failback_and_forward_again() {
     assert_eq!(item["state_name"], "failed_over", "{item}");
     assert_eq!(std::fs::read_to_string(&hook_log).unwrap(), "stopping\n", "the shutdown hook ran once");
     assert!(io(&src_uri, &["write -P 0x13 0 4k"]).is_err(), "the stopped source refuses writes");
-    let fo_uri = item["failover"]["machine"]["disks"][0]["uri"].as_str().unwrap().to_string();
+    let fo_uri = d.with_certs(item["failover"]["machine"]["disks"][0]["uri"].as_str().unwrap());
     compare(s(&source), &fo_uri).unwrap();
     // Written on the recovery site before the commit: kept by the commit.
     io(&fo_uri, &["write -P 0x22 8M 1M", "flush"]).unwrap();
@@ -80,7 +80,7 @@ fn planned_failover_commit_reprotect_failback_and_forward_again() {
     let item = d.item(id);
     assert_eq!(item["state_name"], "protected", "{item}");
     assert_eq!(item["state"]["direction"], "reverse", "{item}");
-    let shipped = metric(b.addrs.agent_http, "sr_agent_shipped_bytes_total").unwrap() as u64;
+    let shipped = metric(&b, Component::Agent, "sr_agent_shipped_bytes_total").unwrap() as u64;
     assert!((4 * MIB..12 * MIB).contains(&shipped), "reprotect shipped {shipped} bytes for 4 MiB changed of 64 MiB");
     wait_equal(s(&source), s(&failed_over));
     io(&dr_uri, &["write -P 0x44 30M 1M", "flush"]).unwrap();
@@ -180,7 +180,7 @@ fn unplanned_failover_with_the_agent_killed_comes_up_at_the_chosen_point_with_ma
     let item = d.item(id);
     assert_eq!(item["state_name"], "failed_over", "{item}");
     let m = &item["failover"]["machine"];
-    let fo_uri = m["disks"][0]["uri"].as_str().unwrap().to_string();
+    let fo_uri = d.with_certs(m["disks"][0]["uri"].as_str().unwrap());
     compare(s(&copy_then), &fo_uri).unwrap();
     assert!(compare(s(&source), &fo_uri).is_err(), "the chosen point is not the latest state");
     if let Some((nic, addr)) = &ipv4 {
@@ -200,13 +200,13 @@ fn unplanned_failover_with_the_agent_killed_comes_up_at_the_chosen_point_with_ma
     let (code, v) =
         d.api("POST", &format!("/v1/items/{id}/failover/point"), Some(json!({ "point": { "tag": "no-such-point" } })));
     assert_eq!(code, 409, "{v}");
-    assert_eq!(d.item(id)["failover"]["machine"]["disks"][0]["uri"], json!(fo_uri));
+    assert_eq!(d.with_certs(d.item(id)["failover"]["machine"]["disks"][0]["uri"].as_str().unwrap()), fo_uri);
     compare(s(&copy_then), &fo_uri).unwrap();
     let out = d.srctl(&["failover", &id.to_string(), "--change-point"]);
     assert!(out.contains("new point"), "{out}");
-    let fo_uri = d.item(id)["failover"]["machine"]["disks"][0]["uri"].as_str().unwrap().to_string();
+    let fo_uri = d.with_certs(d.item(id)["failover"]["machine"]["disks"][0]["uri"].as_str().unwrap());
     compare(s(&source), &fo_uri).unwrap();
-    let out = srctl(d.cp.api, &d.admin_file, &["commit", &id.to_string()]);
+    let out = srctl(&d.cp, &d.admin_file, &["commit", &id.to_string()]);
     assert!(!out.status.success(), "the master target died during the commit");
     assert!(String::from_utf8_lossy(&out.stderr).contains("master target"), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(d.item(id)["state_name"], "failed_over");
@@ -316,7 +316,7 @@ fn a_plan_fails_over_group_by_group_with_scripts_and_a_manual_pause() {
         {"items": [m.items[0]], "pre": [{"script": {"command": "echo the disk is not ready; exit 3", "timeout_secs": 30}}]},
     ]});
     assert_eq!(m.d.api("POST", "/v1/plans", Some(plan)).0, 200);
-    let out = srctl(m.d.cp.api, &m.d.admin_file, &["plans", "failover", "broken", "--kind", "test"]);
+    let out = srctl(&m.d.cp, &m.d.admin_file, &["plans", "failover", "broken", "--kind", "test"]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("the disk is not ready") && err.contains("exit status: 3"), "{err}");
@@ -415,7 +415,8 @@ fn a_plan_consistency_point_never_holds_a_dependent_write_without_its_cause() {
         let (code, v) = m.d.api("POST", "/v1/plans/pair/failover", Some(json!({"kind": "test"})));
         assert_eq!(code, 200, "{v}");
         m.d.wait_job(v["job"].as_u64().unwrap(), true);
-        let uri = |id: u64| m.d.item(id)["test_failover"]["machine"]["disks"][0]["uri"].as_str().unwrap().to_string();
+        let uri =
+            |id: u64| m.d.with_certs(m.d.item(id)["test_failover"]["machine"]["disks"][0]["uri"].as_str().unwrap());
         let (a, b) = (round_of(&uri(m.items[0]), dir.path()), round_of(&uri(m.items[1]), dir.path()));
         assert!(b <= a, "at the plan's point B has round {b} but A only round {a}");
         seen.push((a, b));
@@ -439,7 +440,7 @@ fn a_plan_consistency_point_never_holds_a_dependent_write_without_its_cause() {
         m.d.api("POST", "/v1/plans/pair/failover", Some(json!({"kind": "unplanned", "point": {"tag": scheduled}})));
     assert_eq!(code, 200, "{v}");
     m.d.wait_job(v["job"].as_u64().unwrap(), true);
-    let uri = |id: u64| m.d.item(id)["failover"]["machine"]["disks"][0]["uri"].as_str().unwrap().to_string();
+    let uri = |id: u64| m.d.with_certs(m.d.item(id)["failover"]["machine"]["disks"][0]["uri"].as_str().unwrap());
     let (a, b) = (round_of(&uri(m.items[0]), dir.path()), round_of(&uri(m.items[1]), dir.path()));
     assert!(b <= a, "at the scheduled point {scheduled} B has round {b} but A only round {a}");
 }

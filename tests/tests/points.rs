@@ -8,7 +8,6 @@
 
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
-use sr_common::http;
 use sr_tests::*;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -82,25 +81,33 @@ impl Setup {
 
     fn view(&self, name: &str, point: Value, writable: bool) -> (u16, Value) {
         let body = json!({ "name": name, "item": self.local.item, "point": point, "writable": writable });
-        let (code, text) =
-            http::request(self.local.addrs.mt_http, "POST", "/v1/views", Some(&body.to_string())).unwrap();
-        (code, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+        let (code, text) = self
+            .local
+            .client(Component::MasterTarget)
+            .unwrap()
+            .request(self.local.addrs.mt_http, "POST", "/v1/views", Some(&body.to_string()))
+            .unwrap();
+        (code, serde_json::from_str(&text).unwrap_or(Value::String(text.clone())))
     }
 
     fn open_view(&self, name: &str, point: Value, writable: bool) -> String {
         let (code, v) = self.view(name, point, writable);
         assert_eq!(code, 200, "view {name}: {v}");
-        v["disks"][0]["uri"].as_str().unwrap().to_string()
+        self.local.with_certs(v["disks"][0]["uri"].as_str().unwrap())
     }
 
     fn delete_view(&self, name: &str) {
-        let (code, text) =
-            http::request(self.local.addrs.mt_http, "DELETE", &format!("/v1/views/{name}"), None).unwrap();
+        let (code, text) = self
+            .local
+            .client(Component::MasterTarget)
+            .unwrap()
+            .request(self.local.addrs.mt_http, "DELETE", &format!("/v1/views/{name}"), None)
+            .unwrap();
         assert_eq!(code, 200, "{text}");
     }
 
     fn points(&self) -> Value {
-        http::get_json(self.local.addrs.mt_http, &format!("/v1/points?item={}", self.local.item)).unwrap()
+        self.local.get(Component::MasterTarget, &format!("/v1/points?item={}", self.local.item)).unwrap()
     }
 }
 
@@ -149,18 +156,18 @@ fn any_instant_reads_back_as_the_source_was_then() {
     let (code, _) = s.view("x", json!({ "bogus": 1 }), false);
     assert_eq!(code, 400);
     // Export at a point writes exactly the copy.
-    let out = s.dir.path().join("export-t2.img");
+    let out = s.local.export_dir().join("export-t2.img");
     let body = json!({ "item": s.local.item, "disk": 1, "path": out, "point": { "time-us": marks[2].0 } });
-    http::post_json(s.local.addrs.mt_http, "/v1/export", &body).unwrap();
+    s.local.post(Component::MasterTarget, "/v1/export", &body).unwrap();
     compare(marks[2].1.to_str().unwrap(), out.to_str().unwrap()).unwrap();
     // Without waiting: the export's progress is followed until it is done.
-    let out = s.dir.path().join("export-t4.img");
+    let out = s.local.export_dir().join("export-t4.img");
     let body =
         json!({ "item": s.local.item, "disk": 1, "path": out, "point": { "time-us": marks[4].0 }, "wait": false });
-    let started = http::post_json(s.local.addrs.mt_http, "/v1/export", &body).unwrap();
+    let started = s.local.post(Component::MasterTarget, "/v1/export", &body).unwrap();
     let id = started["export_id"].as_u64().unwrap();
     wait_for("the export to finish", Duration::from_secs(30), || {
-        let p = http::get_json(s.local.addrs.mt_http, &format!("/v1/exports/{id}")).unwrap();
+        let p = s.local.get(Component::MasterTarget, &format!("/v1/exports/{id}")).unwrap();
         assert!(p["percent"].as_f64().unwrap() <= 100.0);
         if p["state"] == "done" {
             assert_eq!(p["percent"], 100.0);
@@ -171,10 +178,10 @@ fn any_instant_reads_back_as_the_source_was_then() {
     });
     compare(marks[4].1.to_str().unwrap(), out.to_str().unwrap()).unwrap();
     // And as qcow2, which qemu-img checks and reads back as the same disk.
-    let q = s.dir.path().join("export-t3.qcow2");
+    let q = s.local.export_dir().join("export-t3.qcow2");
     let body =
         json!({ "item": s.local.item, "disk": 1, "path": q, "point": { "time-us": marks[3].0 }, "format": "qcow2" });
-    http::post_json(s.local.addrs.mt_http, "/v1/export", &body).unwrap();
+    s.local.post(Component::MasterTarget, "/v1/export", &body).unwrap();
     run("qemu-img", &["check", "-f", "qcow2", q.to_str().unwrap()]).unwrap();
     run("qemu-img", &["compare", "-f", "raw", "-F", "qcow2", marks[3].1.to_str().unwrap(), q.to_str().unwrap()])
         .unwrap();
@@ -262,15 +269,15 @@ fn retention_expires_old_points_reclaims_space_and_keeps_the_rest_exact() {
     // newest point is older than the retention, and an expiry run began since (two more ended).
     let last = marks.last().unwrap();
     wait_for("the retention window to pass the newest point", Duration::from_secs(6), || now_us() > last.0 + 4_000_000);
-    let runs = metric(s.local.addrs.mt_http, "sr_master_target_expiry_runs_total").unwrap();
+    let runs = metric(&s.local, Component::MasterTarget, "sr_master_target_expiry_runs_total").unwrap();
     wait_for("two more expiry runs", Duration::from_secs(6), || {
-        metric(s.local.addrs.mt_http, "sr_master_target_expiry_runs_total").unwrap() >= runs + 2.0
+        metric(&s.local, Component::MasterTarget, "sr_master_target_expiry_runs_total").unwrap() >= runs + 2.0
     });
     let p = s.points();
     let left = p["disks"][0]["undo_bytes"].as_u64().unwrap();
     assert!(left < peak / 2, "space was not reclaimed: {left} bytes left of a peak of {peak}: {p}");
     check_equal(&s, "last", last.0, &last.1);
-    let (_, metrics) = http::request(s.local.addrs.mt_http, "GET", "/metrics", None).unwrap();
+    let metrics = s.local.metrics(Component::MasterTarget).unwrap();
     for name in [
         "sr_master_target_undo_bytes{",
         "sr_master_target_expired_undo_bytes_total",
@@ -322,7 +329,7 @@ fn master_target_killed_during_apply_expiry_and_test_failover_keeps_every_point(
             let (code, v) = s.view("tf", json!({ "time-us": marks[2].0 }), true);
             assert_eq!(code, 200, "{v}");
             let (uri, seq) =
-                (v["disks"][0]["uri"].as_str().unwrap().to_string(), v["disks"][0]["seq"].as_u64().unwrap());
+                (s.local.with_certs(v["disks"][0]["uri"].as_str().unwrap()), v["disks"][0]["seq"].as_u64().unwrap());
             let writes = ["write -P 0xcc 2M 300k".to_string()];
             qemu_io(&uri, &writes).unwrap();
             let expected = s.dir.path().join("tf-expected.img");

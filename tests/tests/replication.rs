@@ -141,14 +141,25 @@ fn check_metrics(local: &Local) {
             ],
         ),
     ];
+    let ca = std::fs::read_to_string(local.certs.join("ca.pem")).unwrap();
     for (c, names) in want {
-        let (code, body) = sr_common::http::request(local.http(*c), "GET", "/metrics", None).unwrap();
+        // Health and metrics are open to a client without a certificate (Prometheus, probes); the
+        // API is not.
+        let role = match c {
+            Component::Agent => sr_common::wire::Role::Agent,
+            Component::ProcessServer => sr_common::wire::Role::ProcessServer,
+            _ => sr_common::wire::Role::MasterTarget,
+        };
+        let anonymous = sr_common::http::Client::new(sr_common::tls::ServerTrust::Ca(&ca, role)).unwrap();
+        let (code, body) = anonymous.request(local.http(*c), "GET", "/metrics", None).unwrap();
         assert_eq!(code, 200);
         for n in *names {
             assert!(body.lines().any(|l| l.starts_with(n)), "{} /metrics lacks {n}:\n{body}", c.binary());
         }
-        let (code, body) = sr_common::http::request(local.http(*c), "GET", "/healthz", None).unwrap();
+        let (code, body) = anonymous.request(local.http(*c), "GET", "/healthz", None).unwrap();
         assert_eq!((code, body.trim()), (200, "ok"));
+        let (code, body) = anonymous.request(local.http(*c), "GET", "/v1/status", None).unwrap();
+        assert_eq!(code, 401, "{} /v1/status without a certificate: {body}", c.binary());
     }
 }
 
@@ -165,7 +176,7 @@ fn full_cache_is_backpressure_not_loss() {
     let _agent = local.start(Component::Agent).unwrap();
     wait_caught_up(&local, Duration::from_secs(60)).unwrap();
     mt.stop().unwrap();
-    let waits = metric(local.addrs.ps_http, "sr_process_server_backpressure_waits_total").unwrap();
+    let waits = metric(&local, Component::ProcessServer, "sr_process_server_backpressure_waits_total").unwrap();
     let uri = local.agent_uri("disk0");
     let mut cmds: Vec<String> = (0..30).map(|i| format!("write -P {} {}M 1M", 0x31 + i, i * 2)).collect();
     cmds.push("flush".into());
@@ -176,9 +187,10 @@ fn full_cache_is_backpressure_not_loss() {
         let st = local.agent_status().unwrap();
         let (acked, last) =
             (st["disks"][0]["acked_seq"].as_u64().unwrap(), st["disks"][0]["last_seq"].as_u64().unwrap());
-        let ps = sr_common::http::get_json(local.addrs.ps_http, "/v1/status").unwrap();
+        let ps = local.get(Component::ProcessServer, "/v1/status").unwrap();
         let cache = ps["streams"][0]["cache_bytes"].as_u64().unwrap();
-        let held = metric(local.addrs.ps_http, "sr_process_server_backpressure_waits_total").unwrap() > waits;
+        let held =
+            metric(&local, Component::ProcessServer, "sr_process_server_backpressure_waits_total").unwrap() > waits;
         (acked < last && cache > 0 && held).then_some((st, cache))
     });
     // The limit is checked before each batch: at most one batch (a few records) beyond it.

@@ -97,7 +97,7 @@ fn journal_overflow_falls_back_to_the_dirty_map_survives_sigkill_and_ships_only_
     wait_caught_up(&local, Duration::from_secs(120)).unwrap();
     compare(disk.to_str().unwrap(), &local.replica_uri(1)).unwrap();
     check_apply_log(&local, 1).unwrap();
-    let resynced = metric(local.addrs.agent_http, "sr_agent_resync_copied_bytes_total").unwrap() as u64;
+    let resynced = metric(&local, Component::Agent, "sr_agent_resync_copied_bytes_total").unwrap() as u64;
     let touched = blocks.len() as u64 * 4096;
     assert!(resynced > 0, "nothing was resynchronized from the dirty map");
     assert!(resynced <= touched, "{resynced} bytes resynchronized, but only {touched} bytes of blocks were written");
@@ -124,20 +124,21 @@ fn a_diverged_replica_is_resynced_by_checksums_shipping_only_what_differs() {
     let blocks = diverge(&local.replica_path(1), size, 0.01, 2);
     let _mt = local.start(Component::MasterTarget).unwrap();
     assert!(compare(disk.to_str().unwrap(), &local.replica_uri(1)).is_err(), "the replica did not diverge");
-    let ps = local.addrs.ps_http;
     let (in_before, sums_before) = (
-        metric(ps, "sr_process_server_received_bytes_total").unwrap(),
-        metric(ps, "sr_process_server_checksum_bytes_total").unwrap(),
+        metric(&local, Component::ProcessServer, "sr_process_server_received_bytes_total").unwrap(),
+        metric(&local, Component::ProcessServer, "sr_process_server_checksum_bytes_total").unwrap(),
     );
-    let v = sr_common::http::post_json(local.addrs.agent_http, "/v1/resync", &serde_json::json!({})).unwrap();
+    let v = local.post(Component::Agent, "/v1/resync", &serde_json::json!({})).unwrap();
     assert_eq!(v["resync"][0]["disk"], 1, "{v}");
     wait_caught_up(&local, Duration::from_secs(120)).unwrap();
     compare(disk.to_str().unwrap(), &local.replica_uri(1)).unwrap();
     let st = local.agent_status().unwrap();
     let differing = blocks.len() as u64 * 4096;
     assert_eq!(st["disks"][0]["resync"]["differing_bytes"].as_u64().unwrap(), differing, "{st}");
-    let shipped = metric(ps, "sr_process_server_received_bytes_total").unwrap() - in_before;
-    let sums = metric(ps, "sr_process_server_checksum_bytes_total").unwrap() - sums_before;
+    let shipped =
+        metric(&local, Component::ProcessServer, "sr_process_server_received_bytes_total").unwrap() - in_before;
+    let sums =
+        metric(&local, Component::ProcessServer, "sr_process_server_checksum_bytes_total").unwrap() - sums_before;
     eprintln!("differing {differing} bytes, shipped {shipped}, checksum traffic {sums}");
     assert!(shipped <= 1.1 * differing as f64, "{shipped} bytes shipped for {differing} differing bytes");
     assert!(sums > 0.0 && sums < size as f64 / 20.0, "checksum traffic of {sums} bytes");
@@ -164,7 +165,7 @@ fn a_resync_interrupted_by_sigkill_of_each_service_resumes_where_it_stopped() {
     mt.take().unwrap().kill();
     let blocks = diverge(&local.replica_path(1), size, 0.01, 4);
     mt = Some(local.start(Component::MasterTarget).unwrap());
-    sr_common::http::post_json(local.addrs.agent_http, "/v1/resync", &serde_json::json!({})).unwrap();
+    local.post(Component::Agent, "/v1/resync", &serde_json::json!({})).unwrap();
     let cursor = || local.agent_status().unwrap()["disks"][0]["resync"]["cursor"].as_u64().unwrap();
     let mut last = 0;
     for victim in [Component::Agent, Component::ProcessServer, Component::MasterTarget] {
@@ -229,12 +230,12 @@ fn scan_capture_ships_changes_written_straight_into_the_disk_file_within_the_int
     }
     f.write_all_at(&vec![0u8; 2 << 20], 0).unwrap(); // zeroes over data
     f.sync_all().unwrap();
-    let copied_before = metric(local.addrs.agent_http, "sr_agent_resync_copied_bytes_total").unwrap();
+    let copied_before = metric(&local, Component::Agent, "sr_agent_resync_copied_bytes_total").unwrap();
     // Within the interval (1 s) plus shipping, the replica has the changes.
     wait_for("the scanned changes to reach the replica", Duration::from_secs(20), || {
         compare(disk.to_str().unwrap(), &local.replica_uri(1)).is_ok()
     });
-    let copied = metric(local.addrs.agent_http, "sr_agent_resync_copied_bytes_total").unwrap() - copied_before;
+    let copied = metric(&local, Component::Agent, "sr_agent_resync_copied_bytes_total").unwrap() - copied_before;
     // Changed 64 KiB blocks only: at most two per write, plus the 2 MiB of zeroes.
     assert!(copied <= (40 * 2 * 65536 + (2 << 20)) as f64, "{copied} bytes shipped for {changed} changed bytes");
     check_apply_log(&local, 1).unwrap();

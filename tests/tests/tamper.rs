@@ -53,7 +53,7 @@ async fn refused(ep: &quinn::Endpoint, local: &Local, frame: &[u8], what: &str) 
         Err(wire::WireError::Peer { message: msg, .. }) => eprintln!("{what}: refused: {msg}"),
         other => panic!("{what}: expected a refusal, got {other:?}"),
     }
-    assert_eq!(local.applied(1).unwrap(), 0, "{what}: nothing may be applied");
+    assert_eq!(tokio::task::block_in_place(|| local.applied(1)).unwrap(), 0, "{what}: nothing may be applied");
 }
 
 /// A static deployment of which only the master target will run.
@@ -124,8 +124,12 @@ async fn altered_truncated_replayed_and_reordered_frames_are_refused() {
     assert_eq!(wire::expect_msg(&mut s.recv).await.unwrap(), Message::AppliedAck { through: Seq(3) });
     wire::write_msg(&mut s.send, &Message::Sealed(b1.clone())).await.unwrap();
     assert_eq!(wire::expect_msg(&mut s.recv).await.unwrap(), Message::AppliedAck { through: Seq(3) });
-    assert_eq!(local.applied(1).unwrap(), 3);
-    assert_eq!(check_apply_log(&local, 1).unwrap(), 3, "the replayed batch was not applied twice");
+    assert_eq!(tokio::task::block_in_place(|| local.applied(1)).unwrap(), 3);
+    assert_eq!(
+        tokio::task::block_in_place(|| check_apply_log(&local, 1)).unwrap(),
+        3,
+        "the replayed batch was not applied twice"
+    );
     // Replay on a new session after a restart of the master target: still ignored.
     drop(s);
     mt.kill();
@@ -134,7 +138,7 @@ async fn altered_truncated_replayed_and_reordered_frames_are_refused() {
     assert_eq!(next, Seq(4), "the applied position survived the crash");
     wire::write_msg(&mut s.send, &Message::Sealed(b1.clone())).await.unwrap();
     assert_eq!(wire::expect_msg(&mut s.recv).await.unwrap(), Message::AppliedAck { through: Seq(3) });
-    assert_eq!(check_apply_log(&local, 1).unwrap(), 3);
+    assert_eq!(tokio::task::block_in_place(|| check_apply_log(&local, 1)).unwrap(), 3);
 
     // The replica holds exactly the first batch.
     let mut expect = vec![0u8; SIZE as usize];
@@ -146,7 +150,7 @@ async fn altered_truncated_replayed_and_reordered_frames_are_refused() {
     // Every refusal was logged as an error and counted.
     let log = std::fs::read_to_string(local.log(Component::MasterTarget)).unwrap();
     assert!(log.matches("refused").count() >= 13, "master target log:\n{log}");
-    let (_, metrics) = sr_common::http::request(local.addrs.mt_http, "GET", "/metrics", None).unwrap();
+    let metrics = tokio::task::block_in_place(|| local.metrics(Component::MasterTarget)).unwrap();
     assert!(metrics.contains("sr_master_target_duplicate_batches_total 1"), "{metrics}");
 }
 

@@ -26,6 +26,18 @@ pub enum TokensCmd {
 }
 
 #[derive(Subcommand)]
+pub enum NbdClientsCmd {
+    /// Makes a key here and has the configuration server certify it in the NBD-client role; writes
+    /// DIR/ca-cert.pem, client-cert.pem and client-key.pem, the layout libnbd and qemu read. Open a
+    /// failover disk with `nbdinfo 'nbds://HOST:PORT/EXPORT?tls-certificates=DIR'`.
+    Create {
+        name: String,
+        #[arg(long)]
+        dir: std::path::PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
 pub enum ComponentsCmd {
     List,
     /// Revokes a component's certificate.
@@ -49,6 +61,18 @@ pub fn tokens(c: &Client, cmd: TokensCmd, json_out: bool) -> anyhow::Result<()> 
     let TokensCmd::Create { name, role } = cmd;
     let v = c.call("POST", "/v1/tokens", Some(json!({ "name": name, "role": role })))?;
     print(&v, json_out, |v| v["token"].as_str().unwrap_or_default().to_string());
+    Ok(())
+}
+
+pub fn nbd_clients(c: &Client, cmd: NbdClientsCmd, json_out: bool) -> anyhow::Result<()> {
+    let NbdClientsCmd::Create { name, dir } = cmd;
+    let (csr, key) = sr_common::ca::make_csr(&name)?;
+    let v = c.call("POST", "/v1/nbd-clients", Some(json!({ "name": name, "csr_pem": csr })))?;
+    let cert = v["certificate_pem"].as_str().context("answer lacks certificate_pem")?;
+    let ca = v["ca_pem"].as_str().context("answer lacks ca_pem")?;
+    sr_common::register::write_nbd_client_dir(&dir, ca, cert, &key)?;
+    let out = json!({ "name": name, "serial": v["serial"], "dir": dir });
+    print(&out, json_out, |_| format!("NBD client {name}: certificate, key and CA in {}", dir.display()));
     Ok(())
 }
 

@@ -1,4 +1,5 @@
-//! An NBD server (fixed newstyle handshake, simple replies) over any [`Backend`].
+//! An NBD server (fixed newstyle handshake, simple replies, STARTTLS with client certificates when
+//! configured TLS-only) over any [`Backend`].
 //!
 //! The agent serves protected disks through it (each write journaled before it is acknowledged), and
 //! the master target serves replicas read-only. Each connection runs on its own thread with blocking
@@ -10,10 +11,11 @@
 //! transmission: request --> check range and size --> Backend op --> simple reply (+ data for READ)
 //! ```
 
+pub mod local;
 pub mod proto;
 pub mod server;
 
-pub use server::{serve_tcp, serve_unix, Exports};
+pub use server::{serve_tcp, serve_unix, Allowed, Exports, NbdTls, TcpAccess};
 
 /// Error of a backend operation, mapped to an NBD error code in the reply.
 #[derive(Debug, thiserror::Error)]

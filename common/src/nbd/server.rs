@@ -1,33 +1,134 @@
-//! NBD connection handling: negotiation, then the transmission loop.
+//! NBD connection handling: negotiation (with STARTTLS when the server requires TLS), then the
+//! transmission loop.
 
 use super::proto::*;
 use super::{Backend, BackendError};
+use crate::tls::Peer;
 use std::collections::BTreeMap;
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+/// Who may open an export (checked against the client certificate's name under TLS).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Allowed {
+    /// Any client the server admits (under TLS: any certificate of the admitted roles).
+    Anyone,
+    /// Only clients whose certificates carry one of these names.
+    Clients(Vec<String>),
+}
+
+impl Allowed {
+    fn admits(&self, peer: Option<&Peer>) -> bool {
+        match self {
+            Allowed::Anyone => true,
+            Allowed::Clients(names) => peer.is_some_and(|p| names.contains(&p.name)),
+        }
+    }
+}
+
+struct Export {
+    backend: Arc<dyn Backend>,
+    allowed: Allowed,
+    /// Connections open on it now.
+    open: Arc<std::sync::atomic::AtomicUsize>,
+}
 
 /// The exports a server offers, by name. Shared by all connections.
 #[derive(Default)]
 pub struct Exports {
-    map: RwLock<BTreeMap<String, Arc<dyn Backend>>>,
+    map: RwLock<BTreeMap<String, Export>>,
+}
+
+/// Most connections open at once on one export.
+pub const MAX_CONNECTIONS_PER_EXPORT: usize = 32;
+/// Most connections a server handles at once (negotiating or transmitting).
+pub const MAX_CONNECTIONS: usize = 256;
+/// Negotiation (TLS included) must be over within this time.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+enum Lookup {
+    Found(Arc<dyn Backend>),
+    Missing,
+    Denied,
+}
+
+enum Opened {
+    Open(Arc<dyn Backend>, Slot),
+    Missing,
+    Denied,
+    Busy,
+}
+
+/// A connection's place on an export; dropping it frees the place.
+struct Slot(Option<Arc<std::sync::atomic::AtomicUsize>>);
+
+impl Slot {
+    /// No place taken (an INFO answer).
+    fn none() -> Slot {
+        Slot(None)
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if let Some(c) = &self.0 {
+            c.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+        }
+    }
 }
 
 impl Exports {
     pub fn new() -> Arc<Exports> {
         Arc::new(Exports::default())
     }
+    /// Offers `backend` as `name` to any client the server admits.
     pub fn insert(&self, name: &str, backend: Arc<dyn Backend>) {
-        self.map.write().expect("exports lock poisoned").insert(name.to_string(), backend);
+        self.insert_for(name, backend, Allowed::Anyone)
+    }
+    /// Offers `backend` as `name` to the clients `allowed` names.
+    pub fn insert_for(&self, name: &str, backend: Arc<dyn Backend>, allowed: Allowed) {
+        let e = Export { backend, allowed, open: Default::default() };
+        self.map.write().expect("exports lock poisoned").insert(name.to_string(), e);
     }
     pub fn remove(&self, name: &str) {
         self.map.write().expect("exports lock poisoned").remove(name);
     }
-    fn get(&self, name: &str) -> Option<Arc<dyn Backend>> {
-        self.map.read().expect("exports lock poisoned").get(name).cloned()
+    /// The export `name` if `peer` may open it (INFO: no place is taken).
+    fn find(&self, name: &str, peer: Option<&Peer>) -> Lookup {
+        let map = self.map.read().expect("exports lock poisoned");
+        let Some(e) = map.get(name) else { return Lookup::Missing };
+        if !e.allowed.admits(peer) {
+            return Lookup::Denied;
+        }
+        Lookup::Found(e.backend.clone())
     }
-    fn names(&self) -> Vec<String> {
-        self.map.read().expect("exports lock poisoned").keys().cloned().collect()
+    /// Takes a place on the export for a connection that will transmit.
+    fn open(&self, name: &str, peer: Option<&Peer>) -> Opened {
+        let map = self.map.read().expect("exports lock poisoned");
+        let Some(e) = map.get(name) else { return Opened::Missing };
+        if !e.allowed.admits(peer) {
+            return Opened::Denied;
+        }
+        let before = e.open.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        // The slot gives the place back when dropped, also when it is refused here.
+        let slot = Slot(Some(e.open.clone()));
+        if before >= MAX_CONNECTIONS_PER_EXPORT {
+            return Opened::Busy;
+        }
+        Opened::Open(e.backend.clone(), slot)
     }
+    fn names(&self, peer: Option<&Peer>) -> Vec<String> {
+        let map = self.map.read().expect("exports lock poisoned");
+        map.iter().filter(|(_, e)| e.allowed.admits(peer)).map(|(n, _)| n.clone()).collect()
+    }
+}
+
+/// TLS for an NBD server: a client must start TLS (NBD_OPT_STARTTLS) before anything else and
+/// present a certificate of the deployment CA, not revoked, of one of `roles`.
+pub struct NbdTls {
+    pub id: Arc<crate::tls::Identity>,
+    pub roles: Vec<crate::wire::Role>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -36,12 +137,32 @@ enum ConnError {
     Io(#[from] std::io::Error),
     #[error("protocol violation: {0}")]
     Protocol(String),
+    #[error("TLS: {0}")]
+    Tls(String),
 }
 
 type Result<T> = std::result::Result<T, ConnError>;
 
-/// Accepts TCP clients on a background thread, one thread per connection.
-pub fn serve_tcp(listener: std::net::TcpListener, exports: Arc<Exports>) -> std::thread::JoinHandle<()> {
+/// Who may connect to a TCP NBD server.
+pub enum TcpAccess {
+    /// TLS only, with a client certificate (see [`NbdTls`]).
+    Tls(Arc<NbdTls>),
+    /// Loopback clients whose socket belongs to one of these users (the agent: the protected
+    /// machine's own disk, like a block device only its users may open).
+    LocalUsers(Vec<u32>),
+}
+
+/// Accepts TCP clients on a background thread, one thread per connection, as `access` allows.
+pub fn serve_tcp(
+    listener: std::net::TcpListener,
+    exports: Arc<Exports>,
+    access: TcpAccess,
+) -> std::thread::JoinHandle<()> {
+    let (tls, users) = match access {
+        TcpAccess::Tls(t) => (Some(t), None),
+        TcpAccess::LocalUsers(u) => (None, Some(u)),
+    };
+    let open = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     std::thread::Builder::new()
         .name("nbd-accept-tcp".into())
         .spawn(move || {
@@ -50,7 +171,17 @@ pub fn serve_tcp(listener: std::net::TcpListener, exports: Arc<Exports>) -> std:
                     Ok(s) => {
                         let _ = s.set_nodelay(true);
                         let peer = s.peer_addr().map(|a| a.to_string()).unwrap_or_default();
-                        spawn_conn(s, peer, exports.clone());
+                        if let Some(users) = &users {
+                            let owner = match (s.peer_addr(), s.local_addr()) {
+                                (Ok(p), Ok(l)) if p.ip().is_loopback() => super::local::peer_uid(p, l),
+                                _ => None,
+                            };
+                            if !owner.is_some_and(|u| users.contains(&u)) {
+                                tracing::warn!(peer, ?owner, "NBD connection refused: not a permitted local user");
+                                continue;
+                            }
+                        }
+                        spawn_conn(s, peer, exports.clone(), tls.clone(), open.clone());
                     }
                     Err(e) => tracing::warn!(error = %e, "NBD accept failed"),
                 }
@@ -59,14 +190,16 @@ pub fn serve_tcp(listener: std::net::TcpListener, exports: Arc<Exports>) -> std:
         .expect("spawning the NBD accept thread")
 }
 
-/// Accepts Unix-socket clients on a background thread, one thread per connection.
+/// Accepts Unix-socket clients on a background thread, one thread per connection (the socket file's
+/// permissions say who may connect).
 pub fn serve_unix(listener: std::os::unix::net::UnixListener, exports: Arc<Exports>) -> std::thread::JoinHandle<()> {
+    let open = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     std::thread::Builder::new()
         .name("nbd-accept-unix".into())
         .spawn(move || {
             for stream in listener.incoming() {
                 match stream {
-                    Ok(s) => spawn_conn(s, "unix".into(), exports.clone()),
+                    Ok(s) => spawn_conn(s, "unix".into(), exports.clone(), None, open.clone()),
                     Err(e) => tracing::warn!(error = %e, "NBD accept failed"),
                 }
             }
@@ -78,36 +211,135 @@ trait Stream: Read + Write + Send + 'static {
     fn split(&self) -> std::io::Result<Self>
     where
         Self: Sized;
+    fn set_timeout(&self, t: Option<Duration>) -> std::io::Result<()>;
 }
 impl Stream for std::net::TcpStream {
     fn split(&self) -> std::io::Result<Self> {
         self.try_clone()
+    }
+    fn set_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
+        self.set_read_timeout(t)?;
+        self.set_write_timeout(t)
     }
 }
 impl Stream for std::os::unix::net::UnixStream {
     fn split(&self) -> std::io::Result<Self> {
         self.try_clone()
     }
+    fn set_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
+        self.set_read_timeout(t)?;
+        self.set_write_timeout(t)
+    }
 }
 
-fn spawn_conn<S: Stream>(s: S, peer: String, exports: Arc<Exports>) {
+fn spawn_conn<S: Stream>(
+    s: S,
+    peer: String,
+    exports: Arc<Exports>,
+    tls: Option<Arc<NbdTls>>,
+    open: Arc<std::sync::atomic::AtomicUsize>,
+) {
+    if open.fetch_add(1, std::sync::atomic::Ordering::AcqRel) >= MAX_CONNECTIONS {
+        open.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+        tracing::warn!(peer, "NBD connection refused: {MAX_CONNECTIONS} connections are open");
+        return;
+    }
+    let open_on_failure = open.clone();
     let spawned = std::thread::Builder::new().name("nbd-conn".into()).spawn(move || {
-        let w = match s.split() {
-            Ok(w) => w,
-            Err(e) => return tracing::warn!(error = %e, "NBD connection setup failed"),
-        };
-        let mut r = BufReader::with_capacity(512 * 1024, s);
-        let mut w = BufWriter::with_capacity(512 * 1024, w);
         metrics::gauge!("sr_nbd_connections").increment(1.0);
-        match handle(&mut r, &mut w, &exports) {
+        match run_conn(s, &exports, tls.as_deref()) {
             Ok(()) => tracing::debug!(peer, "NBD client disconnected"),
             Err(e) => tracing::warn!(peer, error = %e, "NBD connection closed"),
         }
-        let _ = w.flush();
         metrics::gauge!("sr_nbd_connections").decrement(1.0);
+        open.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
     });
     if let Err(e) = spawned {
         tracing::error!(error = %e, "cannot start a thread for an NBD connection");
+        open_on_failure.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
+/// One connection: greeting and options in clear; with TLS, the handshake after STARTTLS and the
+/// options again over it; then transmission. Negotiation must end within [`HANDSHAKE_TIMEOUT`].
+fn run_conn<S: Stream>(s: S, exports: &Exports, tls: Option<&NbdTls>) -> Result<()> {
+    s.set_timeout(Some(HANDSHAKE_TIMEOUT))?;
+    let mut r = BufReader::with_capacity(512 * 1024, s.split()?);
+    let mut w = BufWriter::with_capacity(512 * 1024, s);
+    let no_zeroes = greet(&mut r, &mut w)?;
+    let mut ctx =
+        Negotiation { started: std::time::Instant::now(), no_zeroes, tls_required: tls.is_some(), peer: None };
+    let (backend, slot) = match negotiate(&mut r, &mut w, exports, &mut ctx)? {
+        Negotiated::Go(b, slot) => (b, slot),
+        Negotiated::Done => return Ok(()),
+        Negotiated::StartTls => {
+            let tls = tls.expect("STARTTLS is accepted only when TLS is configured");
+            if !r.buffer().is_empty() {
+                return Err(ConnError::Protocol("data sent after STARTTLS before the TLS handshake".into()));
+            }
+            w.flush()?;
+            let sock = r.into_inner();
+            drop(w);
+            return serve_tls(sock, exports, tls, ctx);
+        }
+    };
+    w.get_ref().set_timeout(None)?;
+    r.get_ref().set_timeout(None)?;
+    let _slot = slot;
+    let res = transmission(&mut r, &mut w, backend.as_ref());
+    let _ = w.flush();
+    res
+}
+
+fn serve_tls<S: Stream>(sock: S, exports: &Exports, tls: &NbdTls, mut ctx: Negotiation) -> Result<()> {
+    let cfg = crate::tls::nbd_server_config(&tls.id).map_err(|e| ConnError::Tls(format!("{e:#}")))?;
+    let conn = rustls::ServerConnection::new(cfg).map_err(|e| ConnError::Tls(e.to_string()))?;
+    let mut stream = rustls::StreamOwned::new(conn, sock);
+    while stream.conn.is_handshaking() {
+        stream.conn.complete_io(&mut stream.sock).map_err(|e| ConnError::Tls(format!("handshake: {e}")))?;
+    }
+    let peer = stream.conn.peer_certificates().and_then(|c| c.first()).and_then(Peer::of);
+    match &peer {
+        Some(p) if tls.roles.contains(&p.role) => {}
+        Some(p) => {
+            return Err(ConnError::Tls(format!("{} is a {}: not admitted to these exports", p.name, p.role.name())))
+        }
+        None => return Err(ConnError::Tls("the client certificate names no role".into())),
+    }
+    ctx.peer = peer;
+    ctx.tls_required = false;
+    let shared = std::rc::Rc::new(std::cell::RefCell::new(stream));
+    let mut r = BufReader::with_capacity(512 * 1024, Half(shared.clone()));
+    let mut w = BufWriter::with_capacity(512 * 1024, Half(shared.clone()));
+    let (backend, slot) = match negotiate(&mut r, &mut w, exports, &mut ctx)? {
+        Negotiated::Go(b, slot) => (b, slot),
+        Negotiated::Done => return Ok(()),
+        Negotiated::StartTls => unreachable!("STARTTLS is refused once TLS is on"),
+    };
+    shared.borrow().sock.set_timeout(None)?;
+    let _slot = slot;
+    let res = transmission(&mut r, &mut w, backend.as_ref());
+    let _ = w.flush();
+    shared.borrow_mut().conn.send_close_notify();
+    let _ = w.flush();
+    res
+}
+
+/// One side of a TLS stream shared by the reader and the writer of a connection's thread.
+struct Half<S: Read + Write>(std::rc::Rc<std::cell::RefCell<rustls::StreamOwned<rustls::ServerConnection, S>>>);
+
+impl<S: Read + Write> Read for Half<S> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.0.borrow_mut().read(buf)
+    }
+}
+
+impl<S: Read + Write> Write for Half<S> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.borrow_mut().write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.borrow_mut().flush()
     }
 }
 
@@ -142,17 +374,25 @@ fn transmission_flags(b: &dyn Backend) -> u16 {
     f
 }
 
-/// Serves one client on an already-connected byte stream until it disconnects or misbehaves. The
-/// accept loops call this; so do the fuzz targets, with in-memory streams.
+/// Serves one client on an already-connected byte stream until it disconnects or misbehaves, with
+/// no TLS. The fuzz targets call this with in-memory streams.
 pub fn serve_connection<R: Read, W: Write>(r: R, w: W, exports: &Exports) -> std::result::Result<(), String> {
     let mut r = BufReader::new(r);
     let mut w = BufWriter::new(w);
-    let res = handle(&mut r, &mut w, exports);
+    let res = (|| {
+        let no_zeroes = greet(&mut r, &mut w)?;
+        let mut ctx = Negotiation { started: std::time::Instant::now(), no_zeroes, tls_required: false, peer: None };
+        match negotiate(&mut r, &mut w, exports, &mut ctx)? {
+            Negotiated::Go(b, _slot) => transmission(&mut r, &mut w, b.as_ref()),
+            Negotiated::Done | Negotiated::StartTls => Ok(()),
+        }
+    })();
     let _ = w.flush();
     res.map_err(|e| e.to_string())
 }
 
-fn handle<R: Read, W: Write>(r: &mut BufReader<R>, w: &mut W, exports: &Exports) -> Result<()> {
+/// The server's greeting and the client's flags; returns whether the client asked for no zeroes.
+fn greet<R: Read, W: Write>(r: &mut BufReader<R>, w: &mut W) -> Result<bool> {
     w.write_all(&NBDMAGIC.to_be_bytes())?;
     w.write_all(&IHAVEOPT.to_be_bytes())?;
     w.write_all(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes())?;
@@ -161,8 +401,32 @@ fn handle<R: Read, W: Write>(r: &mut BufReader<R>, w: &mut W, exports: &Exports)
     if client_flags & !(CLIENT_FLAG_FIXED_NEWSTYLE | CLIENT_FLAG_NO_ZEROES) != 0 {
         return Err(ConnError::Protocol(format!("unknown client flags {client_flags:#x}")));
     }
-    let no_zeroes = client_flags & CLIENT_FLAG_NO_ZEROES != 0;
-    let backend = loop {
+    Ok(client_flags & CLIENT_FLAG_NO_ZEROES != 0)
+}
+
+struct Negotiation {
+    /// When the connection began: negotiation must end within [`HANDSHAKE_TIMEOUT`] of it.
+    started: std::time::Instant,
+    no_zeroes: bool,
+    /// TLS is required and not started yet: only STARTTLS and ABORT are answered.
+    tls_required: bool,
+    /// The client's certificate, once TLS is on.
+    peer: Option<Peer>,
+}
+
+enum Negotiated {
+    Go(Arc<dyn Backend>, Slot),
+    StartTls,
+    Done,
+}
+
+fn negotiate<R: Read, W: Write>(
+    r: &mut BufReader<R>,
+    w: &mut W,
+    exports: &Exports,
+    ctx: &mut Negotiation,
+) -> Result<Negotiated> {
+    loop {
         if read_u64(r)? != IHAVEOPT {
             return Err(ConnError::Protocol("option without the IHAVEOPT magic".into()));
         }
@@ -171,33 +435,60 @@ fn handle<R: Read, W: Write>(r: &mut BufReader<R>, w: &mut W, exports: &Exports)
         if len > MAX_OPTION {
             return Err(ConnError::Protocol(format!("option {opt} of {len} bytes exceeds {MAX_OPTION}")));
         }
-        let mut data = vec![0; len as usize];
-        r.read_exact(&mut data)?;
+        let mut data = Vec::new();
+        (&mut *r).take(len as u64).read_to_end(&mut data)?;
+        if data.len() != len as usize {
+            return Err(ConnError::Io(std::io::ErrorKind::UnexpectedEof.into()));
+        }
+        if ctx.started.elapsed() > HANDSHAKE_TIMEOUT {
+            return Err(ConnError::Protocol(format!("negotiation took longer than {HANDSHAKE_TIMEOUT:?}")));
+        }
+        if ctx.tls_required && !matches!(opt, OPT_STARTTLS | OPT_ABORT) {
+            // Answered once, then the connection is closed: a client without TLS holds no place.
+            if opt != OPT_EXPORT_NAME {
+                opt_reply(w, opt, REP_ERR_TLS_REQD, b"this server requires TLS: start it with NBD_OPT_STARTTLS")?;
+            }
+            return Err(ConnError::Protocol(format!("option {opt} before STARTTLS on a TLS-only server")));
+        }
+        let peer = ctx.peer.as_ref();
         match opt {
+            OPT_STARTTLS => {
+                if !ctx.tls_required {
+                    let why: &[u8] = if ctx.peer.is_some() { b"TLS is already on" } else { b"this server has no TLS" };
+                    opt_reply(w, opt, REP_ERR_INVALID, why)?;
+                    continue;
+                }
+                if len != 0 {
+                    opt_reply(w, opt, REP_ERR_INVALID, b"STARTTLS takes no data")?;
+                    continue;
+                }
+                opt_reply(w, opt, REP_ACK, &[])?;
+                return Ok(Negotiated::StartTls);
+            }
             OPT_EXPORT_NAME => {
                 let name = String::from_utf8_lossy(&data).into_owned();
-                // This option has no error reply: an unknown name closes the connection.
-                let Some(b) = exports.get(&name) else {
+                // This option has no error reply: an unknown or refused name closes the connection.
+                let Opened::Open(b, slot) = exports.open(&name, peer) else {
                     return Err(ConnError::Protocol(format!("EXPORT_NAME for unknown export {name:?}")));
                 };
                 w.write_all(&b.size().to_be_bytes())?;
                 w.write_all(&transmission_flags(b.as_ref()).to_be_bytes())?;
-                if !no_zeroes {
+                if !ctx.no_zeroes {
                     w.write_all(&[0u8; 124])?;
                 }
                 w.flush()?;
-                break b;
+                return Ok(Negotiated::Go(b, slot));
             }
             OPT_ABORT => {
                 let _ = opt_reply(w, opt, REP_ACK, &[]);
-                return Ok(());
+                return Ok(Negotiated::Done);
             }
             OPT_LIST => {
                 if len != 0 {
                     opt_reply(w, opt, REP_ERR_INVALID, b"LIST takes no data")?;
                     continue;
                 }
-                for name in exports.names() {
+                for name in exports.names(peer) {
                     let mut d = (name.len() as u32).to_be_bytes().to_vec();
                     d.extend_from_slice(name.as_bytes());
                     opt_reply(w, opt, REP_SERVER, &d)?;
@@ -209,9 +500,33 @@ fn handle<R: Read, W: Write>(r: &mut BufReader<R>, w: &mut W, exports: &Exports)
                     opt_reply(w, opt, REP_ERR_INVALID, b"malformed INFO/GO request")?;
                     continue;
                 };
-                let Some(b) = exports.get(&name) else {
-                    opt_reply(w, opt, REP_ERR_UNKNOWN, format!("no export named {name:?}").as_bytes())?;
-                    continue;
+                let found = if opt == OPT_GO {
+                    exports.open(&name, peer)
+                } else {
+                    match exports.find(&name, peer) {
+                        Lookup::Found(b) => Opened::Open(b, Slot::none()),
+                        Lookup::Missing => Opened::Missing,
+                        Lookup::Denied => Opened::Denied,
+                    }
+                };
+                let (b, slot) = match found {
+                    Opened::Open(b, slot) => (b, slot),
+                    Opened::Missing => {
+                        opt_reply(w, opt, REP_ERR_UNKNOWN, format!("no export named {name:?}").as_bytes())?;
+                        continue;
+                    }
+                    Opened::Denied => {
+                        let who = peer.map_or("this client".to_string(), |p| p.name.clone());
+                        let msg = format!("{who} may not open export {name:?}");
+                        opt_reply(w, opt, REP_ERR_POLICY, msg.as_bytes())?;
+                        continue;
+                    }
+                    Opened::Busy => {
+                        let msg =
+                            format!("export {name:?} has {MAX_CONNECTIONS_PER_EXPORT} connections open; retry later");
+                        opt_reply(w, opt, REP_ERR_POLICY, msg.as_bytes())?;
+                        continue;
+                    }
                 };
                 let mut info = INFO_EXPORT.to_be_bytes().to_vec();
                 info.extend_from_slice(&b.size().to_be_bytes());
@@ -224,13 +539,12 @@ fn handle<R: Read, W: Write>(r: &mut BufReader<R>, w: &mut W, exports: &Exports)
                 opt_reply(w, opt, REP_INFO, &bs)?;
                 opt_reply(w, opt, REP_ACK, &[])?;
                 if opt == OPT_GO {
-                    break b;
+                    return Ok(Negotiated::Go(b, slot));
                 }
             }
             _ => opt_reply(w, opt, REP_ERR_UNSUP, b"option not supported")?,
         }
-    };
-    transmission(r, w, backend.as_ref())
+    }
 }
 
 /// INFO/GO data: u32 name length, name, u16 count, count x u16 info types.
@@ -358,8 +672,12 @@ fn transmission<R: Read, W: Write>(r: &mut BufReader<R>, w: &mut W, b: &dyn Back
                     w.flush()?;
                     return Err(ConnError::Protocol(format!("write of {len} bytes exceeds {MAX_REQUEST}")));
                 }
-                buf.resize(len as usize, 0);
-                r.read_exact(&mut buf)?;
+                // The buffer grows with the bytes that arrive, not with the length the client declared.
+                buf.clear();
+                (&mut *r).take(len as u64).read_to_end(&mut buf)?;
+                if buf.len() != len as usize {
+                    return Err(ConnError::Io(std::io::ErrorKind::UnexpectedEof.into()));
+                }
                 let res = may_change(bad_flags, b.read_only(), in_range, len).and_then(|go| {
                     if !go {
                         return Ok(());

@@ -72,7 +72,7 @@ fn main() {
 
     let (_, v) = d.api("POST", &format!("/v1/items/{id}/failover"), Some(json!({ "planned": true })));
     let planned = wait_job(&d, v["job"].as_u64().expect("job"));
-    let uri = d.item(id)["failover"]["machine"]["disks"][0]["uri"].as_str().expect("uri").to_string();
+    let uri = d.with_certs(d.item(id)["failover"]["machine"]["disks"][0]["uri"].as_str().expect("uri"));
     compare(source.to_str().expect("path"), &uri).expect("the failed-over disk equals the source");
     random_writes(&uri, churn / 2, size, 60);
 
@@ -114,7 +114,7 @@ fn main() {
     let job = v["job"].as_u64().expect("job");
     wait_job(&d, job);
     let reprotect = t.elapsed().as_secs_f64();
-    let shipped = metric(b.addrs.agent_http, "sr_agent_shipped_bytes_total").expect("metric") as u64;
+    let shipped = metric(&b, Component::Agent, "sr_agent_shipped_bytes_total").expect("metric") as u64;
     compare(source.to_str().expect("path"), &committed).expect("the original disk equals the failed-over one");
 
     let (_, v) = d.api("POST", &format!("/v1/items/{id}/failover"), Some(json!({ "planned": false })));

@@ -1,0 +1,289 @@
+//! Who may call what, with the real binaries: every route of the components' APIs and of the
+//! configuration server's API with no credential, the wrong one and the right one; the master
+//! target's NBD exports over TLS only, with an NBD client certificate and per-view allow lists; and a
+//! packet capture of loopback during replication, test failover and failover that holds nothing in
+//! clear.
+
+// Test code: a failed unwrap is a failed test, with its message.
+#![allow(clippy::unwrap_used)]
+
+use serde_json::{json, Value};
+use sr_common::http::Client;
+use sr_common::tls::{Identity, ServerTrust, TlsPaths};
+use sr_common::wire::Role;
+use sr_tests::*;
+use std::time::Duration;
+
+const MIB: u64 = 1 << 20;
+
+fn one_disk(dir: &std::path::Path) -> Local {
+    let disk = dir.join("source.img");
+    make_disk(&disk, 16 * MIB).unwrap();
+    Local::create(&dir.join("dep"), vec![DiskSpec { id: 1, name: "d".into(), path: disk }], &Options::default())
+        .unwrap()
+}
+
+fn client(local: &Local, name: &str, server: Role) -> Client {
+    let id = Identity::load(&local.tls(name)).unwrap();
+    Client::new(ServerTrust::Mutual(&id, server)).unwrap()
+}
+
+/// The status of a call, 0 when nothing answered (a refused handshake).
+fn status(c: &Client, addr: std::net::SocketAddr, method: &str, path: &str) -> u16 {
+    c.request(addr, method, path, Some("{}")).map(|(s, _)| s).unwrap_or(0)
+}
+
+#[test]
+fn every_component_route_takes_only_the_configuration_servers_certificate() {
+    let dir = test_dir();
+    let local = one_disk(dir.path());
+    let _mt = local.start(Component::MasterTarget).unwrap();
+    let _ps = local.start(Component::ProcessServer).unwrap();
+    let _agent = local.start(Component::Agent).unwrap();
+    let ca = std::fs::read_to_string(local.certs.join("ca.pem")).unwrap();
+    // Each service's route table (master-target/src/export.rs, mobility-agent/src/lib.rs,
+    // process-server/src/lib.rs).
+    type Routes = &'static [(&'static str, &'static str)];
+    let tables: [(Component, Role, Routes); 3] = [
+        (
+            Component::MasterTarget,
+            Role::MasterTarget,
+            &[
+                ("GET", "/v1/status"),
+                ("GET", "/v1/apply-log?item=1&disk=1"),
+                ("POST", "/v1/export"),
+                ("GET", "/v1/exports/1"),
+                ("GET", "/v1/points?item=1"),
+                ("GET", "/v1/views"),
+                ("POST", "/v1/views"),
+                ("DELETE", "/v1/views/x"),
+                ("POST", "/v1/commit"),
+            ],
+        ),
+        (
+            Component::Agent,
+            Role::Agent,
+            &[
+                ("POST", "/v1/poll"),
+                ("POST", "/v1/hold"),
+                ("POST", "/v1/release"),
+                ("POST", "/v1/resync"),
+                ("GET", "/v1/status"),
+            ],
+        ),
+        (Component::ProcessServer, Role::ProcessServer, &[("GET", "/v1/status")]),
+    ];
+    for (c, role, routes) in tables {
+        let addr = local.http(c);
+        let anonymous = Client::new(ServerTrust::Ca(&ca, role)).unwrap();
+        let (orchestrator, agent) = (client(&local, "cs", role), client(&local, "agent", role));
+        // A certificate from another CA does not get through the handshake.
+        let other =
+            sr_common::tls::generate_deployment(&dir.path().join("other"), &[("cs", Role::ConfigServer)]).unwrap();
+        let foreign = Client::new(ServerTrust::AnyComponent(&Identity::load(&other[0]).unwrap())).unwrap();
+        for (m, p) in routes {
+            assert_eq!(status(&anonymous, addr, m, p), 401, "{} {m} {p} without a certificate", c.binary());
+            assert_eq!(status(&agent, addr, m, p), 403, "{} {m} {p} with an agent's certificate", c.binary());
+            assert_eq!(status(&foreign, addr, m, p), 0, "{} {m} {p} with a foreign CA's certificate", c.binary());
+            let s = status(&orchestrator, addr, m, p);
+            assert!(![0, 401, 403].contains(&s), "{} {m} {p} with the orchestrator's certificate: {s}", c.binary());
+        }
+        // Health and metrics stay open and read-only.
+        assert_eq!(status(&anonymous, addr, "GET", "/healthz"), 200);
+        assert_eq!(status(&anonymous, addr, "GET", "/metrics"), 200);
+        assert_eq!(status(&anonymous, addr, "POST", "/metrics"), 405);
+    }
+}
+
+#[test]
+fn nbd_exports_take_only_tls_with_an_nbd_client_certificate() {
+    let dir = test_dir();
+    let local = one_disk(dir.path());
+    let _mt = local.start(Component::MasterTarget).unwrap();
+    let _ps = local.start(Component::ProcessServer).unwrap();
+    let _agent = local.start(Component::Agent).unwrap();
+    qemu_io(&local.agent_uri("d"), &["write -P 0x5a 0 2M".into(), "flush".into()]).unwrap();
+    // The agent's own front end is the machine's disk: root and the agent's user only.
+    let other_user = run("runuser", &["-u", "nobody", "--", "nbdinfo", &local.agent_uri("d")]);
+    assert!(other_user.is_err(), "another local user opened the protected disk");
+    wait_caught_up(&local, Duration::from_secs(60)).unwrap();
+    let export = format!("{}/item-1-disk-1", local.addrs.mt_nbd);
+
+    // With the NBD client certificate: nbdinfo, qemu-img and qemu-io over TLS.
+    let info = run("nbdinfo", &[&local.replica_uri(1)]).unwrap();
+    assert!(info.contains("export-size: 16777216"), "{info}");
+    compare(local.disks[0].path.to_str().unwrap(), &local.replica_uri(1)).unwrap();
+    let image = sr_devkit::qemu_image(&local.replica_uri(1), "tls0").unwrap();
+    run("qemu-io", &["-r", "--object", &image.objects[0], "--image-opts", &image.opts, "-c", "read -P 0x5a 0 2M"])
+        .unwrap();
+
+    // Refused: in clear, without a client certificate, with another role's, with another CA's.
+    assert!(run("nbdinfo", &[&format!("nbd://{export}")]).is_err(), "plain NBD must be refused");
+    let certless = dir.path().join("certless");
+    std::fs::create_dir_all(&certless).unwrap();
+    std::fs::copy(local.certs.join("ca.pem"), certless.join("ca-cert.pem")).unwrap();
+    let as_dir = |name: &str, paths: &TlsPaths| {
+        let d = dir.path().join(name);
+        let read = |p: &std::path::Path| std::fs::read_to_string(p).unwrap();
+        sr_common::register::write_nbd_client_dir(&d, &read(&paths.ca), &read(&paths.cert), &read(&paths.key)).unwrap();
+        d
+    };
+    let agent_dir = as_dir("agent-as-client", &local.tls("agent"));
+    let other = sr_common::tls::generate_deployment(&dir.path().join("other"), &[("nbd", Role::NbdClient)]).unwrap();
+    let foreign_dir = as_dir("foreign", &other[0]);
+    for (what, certs) in
+        [("no client certificate", &certless), ("an agent's", &agent_dir), ("a foreign CA's", &foreign_dir)]
+    {
+        let uri = format!("nbds://{export}?tls-certificates={}", certs.display());
+        assert!(run("nbdinfo", &[&uri]).is_err(), "nbds with {what} must be refused");
+        assert!(qemu_io(&uri, &["read 0 4k".into()]).is_err(), "qemu-io with {what} must be refused");
+    }
+
+    // A view open to one named client only.
+    let mt = local.client(Component::MasterTarget).unwrap();
+    let view = |name: &str, clients: Value| {
+        let body = json!({ "name": name, "item": 1, "point": "latest", "clients": clients, "writable": true });
+        mt.post_json(local.addrs.mt_http, "/v1/views", &body).unwrap()["disks"][0]["uri"].as_str().unwrap().to_string()
+    };
+    let theirs = view("theirs", json!(["someone-else"]));
+    assert!(theirs.starts_with("nbds://"), "{theirs}");
+    assert!(run("nbdinfo", &[&local.with_certs(&theirs)]).is_err(), "a view open to another client is refused");
+    let ours = view("ours", json!(["nbd"]));
+    qemu_io(&local.with_certs(&ours), &["read -P 0x5a 0 2M".into(), "write -P 0x6b 4M 1M".into()]).unwrap();
+    let listed = run("nbdinfo", &["--list", &local.with_certs(&format!("nbds://{}", local.addrs.mt_nbd))]).unwrap();
+    assert!(listed.contains("ours-disk-1") && !listed.contains("theirs-disk-1"), "{listed}");
+}
+
+#[test]
+fn the_configuration_servers_routes_follow_their_documented_roles() {
+    let dir = test_dir();
+    let d = Deployment::start(dir.path());
+    let disk = dir.path().join("source.img");
+    make_disk(&disk, 16 * MIB).unwrap();
+    let site = d.site(&dir.path().join("a"), "", &disk);
+    let api = d.cp.api;
+    let token = |role: &str| {
+        let (code, v) = d.api("POST", "/v1/tokens", Some(json!({"name": format!("t-{role}"), "role": role})));
+        assert_eq!(code, 200, "{v}");
+        v["token"].as_str().unwrap().to_string()
+    };
+    let (reader, operator) = (token("reader"), token("operator"));
+    let as_token = |t: &str| d.cp.client(t).unwrap();
+    let anonymous = d.cp.client("").unwrap().without_token();
+    let component = {
+        let id = Identity::load(&site.tls("agent-1")).unwrap();
+        Client::new(ServerTrust::Mutual(&id, Role::ConfigServer)).unwrap()
+    };
+    let (_, doc) = d.api("GET", "/openapi.json", None);
+    let mut checked = 0;
+    for (path, ops) in doc["paths"].as_object().unwrap() {
+        for (method, op) in ops.as_object().unwrap() {
+            let who = op["description"].as_str().unwrap().trim_start_matches("Who may call: ").trim_end_matches('.');
+            // Ids and names that do not exist: a permitted caller gets 404 or 400, never 401 or 403.
+            let p = path.replace("{id}", "000000000999").replace("{name}", "nobody");
+            let m = method.to_uppercase();
+            let call = |c: &Client| c.request(api, &m, &p, Some("{}")).map(|r| r.0).unwrap_or(0);
+            let allowed = |s: u16| ![0, 401, 403].contains(&s);
+            let (none, r, o, a, comp) = (
+                call(&anonymous),
+                call(&as_token(&reader)),
+                call(&as_token(&operator)),
+                call(&as_token(&d.admin)),
+                call(&component),
+            );
+            let ctx = format!("{m} {path} ({who}): none {none}, reader {r}, operator {o}, admin {a}, component {comp}");
+            match who {
+                "anyone" | "registration key" => assert!(allowed(none) && allowed(r) && allowed(comp), "{ctx}"),
+                "reader" => assert!(none == 401 && allowed(r) && allowed(o) && allowed(a) && comp == 403, "{ctx}"),
+                "operator" => assert!(none == 401 && r == 403 && allowed(o) && allowed(a) && comp == 403, "{ctx}"),
+                "admin" => assert!(none == 401 && r == 403 && o == 403 && allowed(a) && comp == 403, "{ctx}"),
+                "component" => assert!(none == 401 && r == 403 && a == 403 && allowed(comp), "{ctx}"),
+                other => panic!("{m} {path}: unknown caller class {other:?}"),
+            }
+            checked += 1;
+        }
+    }
+    assert!(checked >= 40, "only {checked} operations in the document");
+}
+
+/// Runs tcpdump on loopback into `file` until dropped.
+struct Capture {
+    child: std::process::Child,
+}
+
+impl Capture {
+    fn start(file: &std::path::Path) -> Capture {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new("tcpdump")
+            .args(["-i", "lo", "-U", "-s", "0", "-Z", "root", "-w"])
+            .arg(file)
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("running tcpdump (scripts/setup.sh installs it)");
+        // tcpdump says "listening on lo" once it captures.
+        let mut err = std::io::BufReader::new(child.stderr.take().unwrap());
+        let mut line = String::new();
+        while err.read_line(&mut line).unwrap() > 0 && !line.contains("listening on") {
+            line.clear();
+        }
+        assert!(line.contains("listening on"), "tcpdump did not start: {line}");
+        std::thread::spawn(move || std::io::copy(&mut err, &mut std::io::sink()));
+        Capture { child }
+    }
+
+    fn stop(mut self) {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Capture {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn a_capture_of_loopback_holds_no_key_token_or_disk_content() {
+    let dir = test_dir();
+    let pcap = dir.path().join("lo.pcap");
+    let capture = Capture::start(&pcap);
+    let d = Deployment::start(dir.path());
+    let disk = dir.path().join("source.img");
+    make_disk(&disk, 16 * MIB).unwrap();
+    let site = d.site(&dir.path().join("a"), "", &disk);
+    let _mt = site.start(Component::MasterTarget).unwrap();
+    let _ps = site.start(Component::ProcessServer).unwrap();
+    let _agent = site.start(Component::Agent).unwrap();
+    let id = d.protect("agent-1");
+    // A recognisable pattern written through the agent's Unix socket (its loopback TCP front end
+    // is the machine's own disk interface, outside what crosses between the parts).
+    let pattern: Vec<u8> = b"SR-CLEARTEXT-CANARY-0123456789-".iter().copied().cycle().take(256 << 10).collect();
+    let pattern_file = dir.path().join("pattern.bin");
+    std::fs::write(&pattern_file, &pattern).unwrap();
+    let unix = format!("nbd+unix:///disk0?socket={}", site.addrs.agent_unix.display());
+    run("qemu-io", &["-f", "raw", "-c", &format!("write -s {} 1M 256k", pattern_file.display()), "-c", "flush", &unix])
+        .unwrap();
+    wait_caught_up(&site, Duration::from_secs(60)).unwrap();
+    // A test failover read back over NBD, then a planned failover.
+    let (code, v) = d.api("POST", &format!("/v1/items/{id}/test-failover"), Some(json!({"point": "latest"})));
+    assert_eq!(code, 200, "{v}");
+    let tf = d.with_certs(v["machine"]["disks"][0]["uri"].as_str().unwrap());
+    let copy = dir.path().join("tf.img");
+    run("nbdcopy", &[&tf, copy.to_str().unwrap()]).unwrap();
+    assert!(std::fs::read(&copy).unwrap().windows(pattern.len()).any(|w| w == pattern), "the pattern was replicated");
+    d.srctl(&["test-failover", &id.to_string(), "--cleanup"]);
+    d.srctl(&["failover", &id.to_string(), "--planned"]);
+    capture.stop();
+
+    let bytes = std::fs::read(&pcap).unwrap();
+    assert!(bytes.len() > 100_000, "the capture saw the traffic ({} bytes)", bytes.len());
+    let has = |needle: &[u8]| bytes.windows(needle.len()).any(|w| w == needle);
+    assert!(!has(&pattern[..64]), "disk content crossed loopback in clear");
+    assert!(!has(d.admin.as_bytes()), "the admin token crossed loopback in clear");
+    assert!(!has(b"data_key") && !has(b"\"keys\""), "an assignment (with data keys) crossed loopback in clear");
+    assert!(!has(b"Authorization"), "an HTTP header crossed loopback in clear");
+    assert!(!has(b"BEGIN CERTIFICATE REQUEST"), "a registration crossed loopback in clear");
+}
