@@ -60,9 +60,9 @@ fn main() {
         });
     }
     let payload = compress::compress(&random, compress::DEFAULT_LEVEL);
-    let sealed = key.seal(ItemId(1), DiskId(1), 1 << 30, Seq(1), Seq(64), &payload);
+    let sealed = key.seal(0, ItemId(1), DiskId(1), 1 << 30, Seq(1), Seq(64), &payload);
     measure("seal AES-256-GCM", payload.len(), || {
-        black_box(key.seal(ItemId(1), DiskId(1), 1 << 30, Seq(1), Seq(64), black_box(&payload)));
+        black_box(key.seal(0, ItemId(1), DiskId(1), 1 << 30, Seq(1), Seq(64), black_box(&payload)));
     });
     measure("open AES-256-GCM", payload.len(), || {
         black_box(key.open(black_box(&sealed)).expect("authentic"));

@@ -86,25 +86,9 @@ impl Ca {
         Ok(p)
     }
 
-    /// Issues a certificate for a key held here (tests, single-host setups), valid for the role's
-    /// name and for `names` (host names or IP addresses).
+    /// Issues a certificate for a key held here (the configuration server's own, tests, single-host
+    /// setups), valid for the role's name and for `names` (host names or IP addresses).
     pub fn issue_local(
-        &self,
-        name: &str,
-        role: Role,
-        serial_no: u64,
-        names: &[String],
-    ) -> anyhow::Result<(String, String)> {
-        let key = KeyPair::generate()?;
-        let mut p = Self::leaf_params(name, role, serial_no)?;
-        add_names(&mut p, names)?;
-        let cert = p.signed_by(&key, &self.issuer)?;
-        Ok((cert.pem(), key.serialize_pem()))
-    }
-
-    /// Issues a server certificate for a key held here, valid for the role's name and for `names`
-    /// (host names or IP addresses clients may connect by): the configuration server's API.
-    pub fn issue_server(
         &self,
         name: &str,
         role: Role,

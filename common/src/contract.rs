@@ -164,6 +164,9 @@ pub struct Heartbeat {
     /// A process server's or master target's streams that cannot go on by retrying.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub faults: Option<Vec<ReplicaFault>>,
+    /// A process server's seals per item under the current key epoch.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub seals: Vec<SealCount>,
 }
 
 /// The answer to `GET /v1/assignments`, for the role the caller's token has.
@@ -205,8 +208,8 @@ pub struct AgentAssignment {
 #[serde(deny_unknown_fields)]
 pub struct ProcessServerAssignment {
     pub item: ItemId,
-    /// The item's data key, hex.
-    pub data_key: String,
+    /// The epochs of the item's data key: the newest seals, the others open what is still cached.
+    pub keys: Vec<EpochKey>,
     /// The master target to forward to (its QUIC address).
     pub master_target: String,
     pub compression_level: i32,
@@ -216,6 +219,25 @@ pub struct ProcessServerAssignment {
     /// The agent (its certificate's name) whose batches and checksum queries for this item the
     /// process server takes; any other agent is refused.
     pub agent: String,
+}
+
+/// One epoch of an item's data key.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct EpochKey {
+    pub epoch: u32,
+    /// The key, hex.
+    pub key: String,
+}
+
+/// What a process server has sealed under an item's current key epoch (reported in heartbeats, so
+/// the configuration server rotates the key long before a key seals too much).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct SealCount {
+    pub item: ItemId,
+    pub epoch: u32,
+    pub seals: u64,
 }
 
 /// A disk a master target replicates into in place (reprotect: the old source disk).
@@ -231,8 +253,8 @@ pub struct AdoptDisk {
 #[serde(deny_unknown_fields)]
 pub struct MasterTargetAssignment {
     pub item: ItemId,
-    /// The item's data key, hex.
-    pub data_key: String,
+    /// The epochs of the item's data key a batch may come sealed under.
+    pub keys: Vec<EpochKey>,
     /// How long recovery points are kept (0: the master target's default).
     #[serde(default)]
     pub retention_secs: u64,
@@ -322,6 +344,13 @@ pub fn data_key(item: ItemId, hex_key: &str) -> anyhow::Result<crate::seal::Item
     Ok(crate::seal::ItemKey::from_bytes(&key))
 }
 
+/// An item's key epochs from an assignment.
+pub fn item_keys(item: ItemId, keys: &[EpochKey]) -> anyhow::Result<crate::seal::ItemKeys> {
+    let epochs = keys.iter().map(|k| Ok((k.epoch, data_key(item, &k.key)?))).collect::<anyhow::Result<Vec<_>>>()?;
+    crate::seal::ItemKeys::new(epochs)
+        .ok_or_else(|| anyhow::anyhow!("the assignment of item {item} carries no data key"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -345,11 +374,15 @@ mod tests {
         .unwrap();
         assert_eq!(a.items[0].item, ItemId(7));
         assert_eq!(a.items[0].baseline, Some(3));
-        let mt: MasterTargetAssignment =
-            serde_json::from_str(r#"{"item":1,"data_key":"00","retention_secs":60,"adopt":[{"disk":2,"path":"/d"}]}"#)
-                .unwrap();
+        let mt: MasterTargetAssignment = serde_json::from_str(
+            r#"{"item":1,"keys":[{"epoch":0,"key":"00"}],"retention_secs":60,"adopt":[{"disk":2,"path":"/d"}]}"#,
+        )
+        .unwrap();
         assert_eq!(mt.adopt.unwrap()[0].disk, DiskId(2));
         assert!(data_key(ItemId(1), "00").is_err());
         assert!(data_key(ItemId(1), &"ab".repeat(32)).is_ok());
+        assert!(item_keys(ItemId(1), &[]).is_err());
+        let keys = [EpochKey { epoch: 3, key: "ab".repeat(32) }, EpochKey { epoch: 4, key: "cd".repeat(32) }];
+        assert_eq!(item_keys(ItemId(1), &keys).unwrap().current_epoch(), 4);
     }
 }

@@ -139,6 +139,20 @@ pub fn decode_record<T: DeserializeOwned>(
 
 #[cfg(test)]
 mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn a_secret_is_owner_only_and_a_stale_temporary_file_is_not_reused() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("k.key");
+        // A temporary file left world-readable by a crash must not carry the secret.
+        std::fs::write(d.path().join(".k.key.tmp"), b"old").unwrap();
+        std::fs::set_permissions(d.path().join(".k.key.tmp"), std::fs::Permissions::from_mode(0o644)).unwrap();
+        super::write_secret(&path, b"secret").unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(std::fs::read(&path).unwrap(), b"secret");
+    }
+
     use super::*;
 
     #[derive(Debug, PartialEq, serde::Serialize, serde::Deserialize)]

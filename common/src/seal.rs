@@ -6,9 +6,12 @@
 //! reordering of authentic batches are caught by the master target, which applies only the next
 //! sequence number of each disk.
 //!
-//! Nonces are 96 random bits from the OS for each seal. With at most 2^32 seals per key (NIST SP 800-38D
-//! section 8.3) the chance of a repeat stays below 2^-32; a key seals one batch of up to several MiB per
-//! call, so an item reaches that bound only after petabytes.
+//! Nonces are 96 random bits from the OS for each seal, so a key must seal far fewer than 2^32 batches
+//! (NIST SP 800-38D section 8.3). An item's data key therefore has epochs: [`ItemKeys`] seals under
+//! the newest, counts its seals and refuses past [`SEAL_LIMIT`]; the configuration server rotates an
+//! item's key (a new epoch) long before, by age or by the seal counts the process servers report, while
+//! replication runs. The epoch is sent beside the ciphertext and bound into the associated data; a
+//! master target opens a batch with the key of its epoch.
 
 use crate::types::{DiskId, ItemId, Seq};
 use crate::wire::{SealedBatch, PROTOCOL_VERSION};
@@ -23,6 +26,10 @@ pub enum SealError {
     Auth { item: ItemId, disk: DiskId, first: Seq, last: Seq },
     #[error("key file {path}: {reason}")]
     KeyFile { path: String, reason: String },
+    #[error("item {item}: epoch {epoch} of its data key has sealed {seals} batches, the most one key may; waiting for a new key from the configuration server")]
+    Exhausted { item: ItemId, epoch: u32, seals: u64 },
+    #[error("item {item}: a batch sealed under key epoch {epoch}, which this service does not hold (rotated away, or not yet assigned)")]
+    UnknownEpoch { item: ItemId, epoch: u32 },
 }
 
 /// The data key of one protected item.
@@ -58,8 +65,11 @@ impl ItemKey {
         Ok(Self::from_bytes(&key))
     }
 
+    /// Seals `payload` as epoch `epoch` of the item's key.
+    #[allow(clippy::too_many_arguments)]
     pub fn seal(
         &self,
+        epoch: u32,
         item: ItemId,
         disk: DiskId,
         disk_size: u64,
@@ -69,31 +79,106 @@ impl ItemKey {
     ) -> SealedBatch {
         let mut nonce = [0u8; 12];
         rand::rngs::OsRng.fill_bytes(&mut nonce);
-        let aad = aad(item, disk, disk_size, first, last);
+        let aad = aad(epoch, item, disk, disk_size, first, last);
         let ciphertext = self
             .cipher
             .encrypt(Nonce::from_slice(&nonce), Payload { msg: payload, aad: &aad })
             .expect("AES-GCM encryption of an in-memory buffer cannot fail");
-        SealedBatch { item, disk, disk_size, first, last, nonce, ciphertext }
+        SealedBatch { epoch, item, disk, disk_size, first, last, nonce, ciphertext }
     }
 
     pub fn open(&self, b: &SealedBatch) -> Result<Vec<u8>, SealError> {
-        let aad = aad(b.item, b.disk, b.disk_size, b.first, b.last);
+        let aad = aad(b.epoch, b.item, b.disk, b.disk_size, b.first, b.last);
         self.cipher
             .decrypt(Nonce::from_slice(&b.nonce), Payload { msg: &b.ciphertext, aad: &aad })
             .map_err(|_| SealError::Auth { item: b.item, disk: b.disk, first: b.first, last: b.last })
     }
 }
 
-fn aad(item: ItemId, disk: DiskId, disk_size: u64, first: Seq, last: Seq) -> [u8; 44] {
-    let mut a = [0u8; 44];
+fn aad(epoch: u32, item: ItemId, disk: DiskId, disk_size: u64, first: Seq, last: Seq) -> [u8; 48] {
+    let mut a = [0u8; 48];
     a[0..4].copy_from_slice(&PROTOCOL_VERSION.to_le_bytes());
     a[4..12].copy_from_slice(&item.0.to_le_bytes());
     a[12..20].copy_from_slice(&disk.0.to_le_bytes());
     a[20..28].copy_from_slice(&disk_size.to_le_bytes());
     a[28..36].copy_from_slice(&first.0.to_le_bytes());
     a[36..44].copy_from_slice(&last.0.to_le_bytes());
+    a[44..48].copy_from_slice(&epoch.to_le_bytes());
     a
+}
+
+/// Most seals one process makes under one epoch of a key: far below the 2^32 that random 96-bit
+/// nonces allow, and far above where the configuration server rotates ([`ROTATE_AFTER_SEALS`]).
+pub const SEAL_LIMIT: u64 = 1 << 30;
+
+/// Seals under one epoch after which the configuration server gives the item a new key.
+pub const ROTATE_AFTER_SEALS: u64 = 1 << 24;
+
+/// The epochs of one item's data key: seals under the newest (counting them), opens any.
+#[derive(Debug)]
+pub struct ItemKeys {
+    epochs: std::collections::BTreeMap<u32, ItemKey>,
+    sealed: std::sync::atomic::AtomicU64,
+    limit: u64,
+}
+
+impl ItemKeys {
+    /// One key as epoch 0 (a static deployment's key file).
+    pub fn single(key: ItemKey) -> ItemKeys {
+        ItemKeys::new([(0, key)]).expect("one epoch")
+    }
+
+    /// The given epochs; the newest seals. `None` when there is none.
+    pub fn new(epochs: impl IntoIterator<Item = (u32, ItemKey)>) -> Option<ItemKeys> {
+        let epochs: std::collections::BTreeMap<u32, ItemKey> = epochs.into_iter().collect();
+        (!epochs.is_empty()).then(|| ItemKeys { epochs, sealed: Default::default(), limit: SEAL_LIMIT })
+    }
+
+    /// The same keys refusing after `limit` seals (tests).
+    pub fn with_limit(mut self, limit: u64) -> ItemKeys {
+        self.limit = limit;
+        self
+    }
+
+    /// The epoch new batches are sealed under.
+    pub fn current_epoch(&self) -> u32 {
+        *self.epochs.keys().next_back().expect("at least one epoch")
+    }
+
+    pub fn epochs(&self) -> Vec<u32> {
+        self.epochs.keys().copied().collect()
+    }
+
+    /// Seals made under the current epoch by this holder.
+    pub fn seals(&self) -> u64 {
+        self.sealed.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Seals `payload` under the current epoch, counting it; refused once the epoch sealed
+    /// [`SEAL_LIMIT`] batches here (a new epoch must come first).
+    pub fn seal(
+        &self,
+        item: ItemId,
+        disk: DiskId,
+        disk_size: u64,
+        first: Seq,
+        last: Seq,
+        payload: &[u8],
+    ) -> Result<SealedBatch, SealError> {
+        let epoch = self.current_epoch();
+        let n = self.sealed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if n >= self.limit {
+            self.sealed.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            return Err(SealError::Exhausted { item, epoch, seals: n });
+        }
+        Ok(self.epochs[&epoch].seal(epoch, item, disk, disk_size, first, last, payload))
+    }
+
+    /// Opens a batch with the key of its epoch.
+    pub fn open(&self, b: &SealedBatch) -> Result<Vec<u8>, SealError> {
+        let key = self.epochs.get(&b.epoch).ok_or(SealError::UnknownEpoch { item: b.item, epoch: b.epoch })?;
+        key.open(b)
+    }
 }
 
 #[cfg(test)]
@@ -102,8 +187,32 @@ mod tests {
 
     fn sealed() -> (ItemKey, SealedBatch) {
         let (_, key) = ItemKey::generate();
-        let s = key.seal(ItemId(1), DiskId(2), 1 << 20, Seq(3), Seq(9), b"payload bytes");
+        let s = key.seal(0, ItemId(1), DiskId(2), 1 << 20, Seq(3), Seq(9), b"payload bytes");
         (key, s)
+    }
+
+    #[test]
+    fn epochs_seal_under_the_newest_open_any_and_stop_at_the_limit() {
+        let (k0, k1) = (ItemKey::generate().1, ItemKey::generate().1);
+        let old = ItemKeys::single(k0.clone());
+        let before = old.seal(ItemId(1), DiskId(1), 1 << 20, Seq(1), Seq(2), b"old").unwrap();
+        assert_eq!(before.epoch, 0);
+        let keys = ItemKeys::new([(0, k0), (1, k1)]).unwrap().with_limit(2);
+        let after = keys.seal(ItemId(1), DiskId(1), 1 << 20, Seq(3), Seq(4), b"new").unwrap();
+        assert_eq!((after.epoch, keys.current_epoch()), (1, 1));
+        assert_eq!(keys.open(&before).unwrap(), b"old", "a batch of the previous epoch still opens");
+        assert_eq!(keys.open(&after).unwrap(), b"new");
+        assert!(old.open(&after).is_err(), "the old holder lacks the new epoch");
+        let mut moved = after.clone();
+        moved.epoch = 0;
+        assert!(keys.open(&moved).is_err(), "the epoch is bound into the associated data");
+        keys.seal(ItemId(1), DiskId(1), 1 << 20, Seq(5), Seq(5), b"x").unwrap();
+        assert!(matches!(
+            keys.seal(ItemId(1), DiskId(1), 1 << 20, Seq(6), Seq(6), b"x"),
+            Err(SealError::Exhausted { epoch: 1, seals: 2, .. })
+        ));
+        assert_eq!(keys.seals(), 2);
+        assert!(ItemKeys::new([]).is_none());
     }
 
     #[test]
@@ -115,7 +224,7 @@ mod tests {
     #[test]
     fn nonces_differ() {
         let (key, s) = sealed();
-        let t = key.seal(ItemId(1), DiskId(2), 1 << 20, Seq(3), Seq(9), b"payload bytes");
+        let t = key.seal(0, ItemId(1), DiskId(2), 1 << 20, Seq(3), Seq(9), b"payload bytes");
         assert_ne!(s.nonce, t.nonce);
         assert_ne!(s.ciphertext, t.ciphertext);
     }
@@ -156,22 +265,23 @@ pub struct ItemKeyConfig {
 /// The data keys a service holds, by item.
 #[derive(Debug, Clone, Default)]
 pub struct KeyRing {
-    keys: std::collections::HashMap<ItemId, ItemKey>,
+    keys: std::collections::HashMap<ItemId, std::sync::Arc<ItemKeys>>,
 }
 
 impl KeyRing {
+    /// Static deployments: one key file per item, epoch 0.
     pub fn load(items: &[ItemKeyConfig]) -> Result<KeyRing, SealError> {
         let mut keys = std::collections::HashMap::new();
         for i in items {
-            keys.insert(ItemId(i.id), ItemKey::load(&i.key_file)?);
+            keys.insert(ItemId(i.id), std::sync::Arc::new(ItemKeys::single(ItemKey::load(&i.key_file)?)));
         }
         Ok(KeyRing { keys })
     }
-    pub fn from_keys(keys: impl IntoIterator<Item = (ItemId, ItemKey)>) -> KeyRing {
+    pub fn from_keys(keys: impl IntoIterator<Item = (ItemId, std::sync::Arc<ItemKeys>)>) -> KeyRing {
         KeyRing { keys: keys.into_iter().collect() }
     }
 
-    pub fn get(&self, item: ItemId) -> Option<&ItemKey> {
+    pub fn get(&self, item: ItemId) -> Option<&std::sync::Arc<ItemKeys>> {
         self.keys.get(&item)
     }
 }

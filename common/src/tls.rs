@@ -191,29 +191,28 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 
 /// TLS 1.3 server configuration that demands a client certificate from the deployment CA.
 pub fn server_config(id: &Identity) -> anyhow::Result<rustls::ServerConfig> {
-    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(id.roots.clone(), provider())
-        .with_crls(id.crls())
-        .only_check_end_entity_revocation()
-        .allow_unknown_revocation_status()
-        .build()
-        .context("building the client certificate verifier")?;
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_client_cert_verifier(verifier)
+        .with_client_cert_verifier(client_verifier(id, false)?)
         .with_single_cert(id.chain.clone(), id.key.clone_key())
         .context("server certificate and key do not match")?;
     cfg.alpn_protocols = vec![ALPN.to_vec()];
     Ok(cfg)
 }
 
-/// TLS 1.3 client configuration presenting our certificate and trusting only the deployment CA.
-pub fn client_config(id: &Identity) -> anyhow::Result<rustls::ClientConfig> {
-    let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(id.roots.clone(), provider())
+/// A server-certificate verifier against the deployment CA and the revocation list in force.
+fn server_verifier(id: &Identity) -> anyhow::Result<Arc<rustls::client::WebPkiServerVerifier>> {
+    rustls::client::WebPkiServerVerifier::builder_with_provider(id.roots.clone(), provider())
         .with_crls(id.crls())
         .only_check_end_entity_revocation()
         .allow_unknown_revocation_status()
         .build()
-        .context("building the server certificate verifier")?;
+        .context("building the server certificate verifier")
+}
+
+/// TLS 1.3 client configuration presenting our certificate and trusting only the deployment CA.
+pub fn client_config(id: &Identity) -> anyhow::Result<rustls::ClientConfig> {
+    let verifier = server_verifier(id)?;
     let mut cfg = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_webpki_verifier(verifier)
@@ -229,29 +228,52 @@ pub fn client_config(id: &Identity) -> anyhow::Result<rustls::ClientConfig> {
 /// optional at the TLS layer so `/healthz` and `/metrics` stay open; every API route demands the
 /// caller's certificate (or an operator token) itself. Rebuilt only when the revocation list changed.
 pub fn https_server_config(id: &Identity) -> anyhow::Result<Arc<rustls::ServerConfig>> {
+    cached_server_config(
+        id,
+        |c| &mut c.https,
+        || {
+            let mut chain = id.chain.clone();
+            chain.extend(id.ca_ders.iter().filter(|ca| !chain.contains(ca)).cloned().collect::<Vec<_>>());
+            let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
+                .with_protocol_versions(&[&rustls::version::TLS13])?
+                .with_client_cert_verifier(client_verifier(id, true)?)
+                .with_single_cert(chain, id.key.clone_key())
+                .context("server certificate and key do not match")?;
+            cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+            Ok(cfg)
+        },
+    )
+}
+
+/// A client-certificate verifier against the deployment CA and the revocation list in force;
+/// `optional`: a client may also come without one.
+fn client_verifier(
+    id: &Identity,
+    optional: bool,
+) -> anyhow::Result<Arc<dyn rustls::server::danger::ClientCertVerifier>> {
+    let b = rustls::server::WebPkiClientVerifier::builder_with_provider(id.roots.clone(), provider())
+        .with_crls(id.crls())
+        .only_check_end_entity_revocation()
+        .allow_unknown_revocation_status();
+    let b = if optional { b.allow_unauthenticated() } else { b };
+    b.build().context("building the client certificate verifier")
+}
+
+/// The server configuration kept in `slot`, built again with `build` when the revocation list
+/// changed since.
+fn cached_server_config(
+    id: &Identity,
+    slot: impl Fn(&mut CrlState) -> &mut Option<(u64, Arc<rustls::ServerConfig>)>,
+    build: impl FnOnce() -> anyhow::Result<rustls::ServerConfig>,
+) -> anyhow::Result<Arc<rustls::ServerConfig>> {
     let generation = id.crl_generation();
-    if let Some((g, cfg)) = &id.crl.read().expect("crl lock poisoned").https {
+    if let Some((g, cfg)) = slot(&mut id.crl.write().expect("crl lock poisoned")).as_ref() {
         if *g == generation {
             return Ok(cfg.clone());
         }
     }
-    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(id.roots.clone(), provider())
-        .with_crls(id.crls())
-        .only_check_end_entity_revocation()
-        .allow_unknown_revocation_status()
-        .allow_unauthenticated()
-        .build()
-        .context("building the client certificate verifier")?;
-    let mut chain = id.chain.clone();
-    chain.extend(id.ca_ders.iter().filter(|ca| !chain.contains(ca)).cloned().collect::<Vec<_>>());
-    let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_client_cert_verifier(verifier)
-        .with_single_cert(chain, id.key.clone_key())
-        .context("server certificate and key do not match")?;
-    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
-    let cfg = Arc::new(cfg);
-    id.crl.write().expect("crl lock poisoned").https = Some((generation, cfg.clone()));
+    let cfg = Arc::new(build()?);
+    *slot(&mut id.crl.write().expect("crl lock poisoned")) = Some((generation, cfg.clone()));
     Ok(cfg)
 }
 
@@ -259,26 +281,17 @@ pub fn https_server_config(id: &Identity) -> anyhow::Result<Arc<rustls::ServerCo
 /// libnbd's GnuTLS offer), and a client certificate from the deployment CA, checked against the
 /// revocation list, required. Rebuilt only when the revocation list changed.
 pub fn nbd_server_config(id: &Identity) -> anyhow::Result<Arc<rustls::ServerConfig>> {
-    let generation = id.crl_generation();
-    if let Some((g, cfg)) = &id.crl.read().expect("crl lock poisoned").nbd {
-        if *g == generation {
-            return Ok(cfg.clone());
-        }
-    }
-    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(id.roots.clone(), provider())
-        .with_crls(id.crls())
-        .only_check_end_entity_revocation()
-        .allow_unknown_revocation_status()
-        .build()
-        .context("building the client certificate verifier")?;
-    let cfg = rustls::ServerConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
-        .with_client_cert_verifier(verifier)
-        .with_single_cert(id.chain.clone(), id.key.clone_key())
-        .context("server certificate and key do not match")?;
-    let cfg = Arc::new(cfg);
-    id.crl.write().expect("crl lock poisoned").nbd = Some((generation, cfg.clone()));
-    Ok(cfg)
+    cached_server_config(
+        id,
+        |c| &mut c.nbd,
+        || {
+            rustls::ServerConfig::builder_with_provider(provider())
+                .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+                .with_client_cert_verifier(client_verifier(id, false)?)
+                .with_single_cert(id.chain.clone(), id.key.clone_key())
+                .context("server certificate and key do not match")
+        },
+    )
 }
 
 /// Who the server must be, for an HTTPS client.
@@ -301,24 +314,10 @@ pub enum ServerTrust<'a> {
 /// whatever address it is reached at: the role name, not the host, is what its certificate must name.
 pub fn https_client_config(trust: ServerTrust<'_>) -> anyhow::Result<rustls::ClientConfig> {
     let (verifier, identity): (Arc<dyn rustls::client::danger::ServerCertVerifier>, Option<&Identity>) = match trust {
-        ServerTrust::Mutual(id, role) => {
-            let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(id.roots.clone(), provider())
-                .with_crls(id.crls())
-                .only_check_end_entity_revocation()
-                .allow_unknown_revocation_status()
-                .build()
-                .context("building the server certificate verifier")?;
-            (Arc::new(NamedServer::new(inner, &[role])?), Some(id))
-        }
+        ServerTrust::Mutual(id, role) => (Arc::new(NamedServer::new(server_verifier(id)?, &[role])?), Some(id)),
         ServerTrust::AnyComponent(id) => {
-            let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(id.roots.clone(), provider())
-                .with_crls(id.crls())
-                .only_check_end_entity_revocation()
-                .allow_unknown_revocation_status()
-                .build()
-                .context("building the server certificate verifier")?;
             let roles = [Role::Agent, Role::ProcessServer, Role::MasterTarget];
-            (Arc::new(NamedServer::new(inner, &roles)?), Some(id))
+            (Arc::new(NamedServer::new(server_verifier(id)?, &roles)?), Some(id))
         }
         ServerTrust::Ca(pem, role) => {
             let mut roots = RootCertStore::empty();
@@ -541,4 +540,51 @@ pub fn generate_deployment(dir: &Path, nodes: &[(&str, Role)]) -> anyhow::Result
         out.push(paths);
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn deployment(dir: &Path) -> (crate::ca::Ca, Identity) {
+        let paths = generate_deployment(dir, &[("mt", Role::MasterTarget)]).unwrap();
+        let ca = crate::ca::Ca::load_or_create(dir).unwrap();
+        (ca, Identity::load(&paths[0]).unwrap())
+    }
+
+    #[test]
+    fn only_a_signed_list_no_older_than_the_one_in_force_is_taken_and_it_is_kept() {
+        let d = tempfile::tempdir().unwrap();
+        let (ca, id) = deployment(d.path());
+        assert_eq!(id.set_crl_pem(""), Err(CrlError::Empty));
+        assert!(matches!(
+            id.set_crl_pem("-----BEGIN X509 CRL-----\nAAAA\n-----END X509 CRL-----\n"),
+            Err(CrlError::Malformed(_))
+        ));
+        let (other, _) = crate::ca::Ca::create().unwrap();
+        assert_eq!(id.set_crl_pem(&other.crl_pem(&[1], 9).unwrap()), Err(CrlError::NotSigned));
+        assert_eq!(id.crl_generation(), 0, "nothing refused changed anything");
+        assert_eq!(id.set_crl_pem(&ca.crl_pem(&[5], 3).unwrap()), Ok(true));
+        assert_eq!((id.crl_number(), id.crl_generation()), (3, 1));
+        assert_eq!(id.set_crl_pem(&ca.crl_pem(&[], 2).unwrap()), Err(CrlError::Older { got: 2, have: 3 }), "a replay");
+        assert_eq!(id.crl_number(), 3);
+        // Kept across restarts: a new start has the list in force before any server is reached.
+        let file = d.path().join("crl.pem");
+        let paths =
+            TlsPaths { ca: d.path().join("ca.pem"), cert: d.path().join("mt.pem"), key: d.path().join("mt.key") };
+        let kept = Identity::load(&paths).unwrap().keep_crl_in(file.clone());
+        assert_eq!(kept.set_crl_pem(&ca.crl_pem(&[5, 6], 4).unwrap()), Ok(true));
+        let again = Identity::load(&paths).unwrap().keep_crl_in(file);
+        assert_eq!(again.crl_number(), 4);
+        assert_eq!(again.set_crl_pem(&ca.crl_pem(&[], 3).unwrap()), Err(CrlError::Older { got: 3, have: 4 }));
+    }
+
+    #[test]
+    fn a_certificate_naming_two_roles_is_nobodys() {
+        let (ca, _) = crate::ca::Ca::create().unwrap();
+        let (pem, _) = ca.issue_local("x", Role::Agent, 1, &[]).unwrap();
+        let der = CertificateDer::from_pem_slice(pem.as_bytes()).unwrap();
+        assert_eq!(Peer::of(&der).map(|p| p.role), Some(Role::Agent));
+        assert!(ca.issue_local("x", Role::Agent, 2, &[role_name(Role::ConfigServer)]).is_err(), "the CA refuses it");
+    }
 }

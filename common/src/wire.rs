@@ -29,7 +29,7 @@ use rkyv::util::AlignedVec;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// Version of this protocol. A peer with another version is refused at hello.
-pub const PROTOCOL_VERSION: u32 = 4;
+pub const PROTOCOL_VERSION: u32 = 5;
 /// Largest frame either side accepts (a batch holds at most a few MiB of changes).
 pub const MAX_FRAME: usize = 64 * 1024 * 1024;
 /// Largest single write carried in one change.
@@ -125,6 +125,8 @@ pub struct Batch {
 /// A batch after the process server compressed and sealed it for the master target.
 #[derive(Debug, Clone, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub struct SealedBatch {
+    /// The epoch of the item's data key it is sealed under.
+    pub epoch: u32,
     pub item: ItemId,
     pub disk: DiskId,
     pub disk_size: u64,

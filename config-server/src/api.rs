@@ -27,6 +27,7 @@ pub fn routes(cs: Arc<Cs>) -> Router {
         .route("/v1/items", get(crate::items::list).post(crate::items::enable))
         .route("/v1/items/{id}", get(crate::items::get).delete(crate::items::disable))
         .route("/v1/items/{id}/resync", post(crate::items::resync))
+        .route("/v1/items/{id}/rotate-key", post(crate::items::rotate_key))
         .route("/v1/items/{id}/points", get(crate::recovery::points))
         .route("/v1/items/{id}/test-failover", post(crate::recovery::test_failover))
         .route("/v1/items/{id}/test-failover/cleanup", post(crate::recovery::test_failover_cleanup))

@@ -36,6 +36,46 @@ pub fn public(i: &Item) -> Value {
     })
 }
 
+/// Gives an item's data key a new epoch now, while replication runs: new batches are sealed under
+/// it once the process server has it; what is sealed under the earlier epoch still opens.
+pub async fn rotate_key(AxState(cs): AxState<Arc<Cs>>, h: HeaderMap, Path(id): Path<u64>) -> R<Value> {
+    let by = require(cs.store(), &h, ApiRole::Operator)?;
+    let epoch = rotate(&cs, id, &format!("asked by {by}"))?;
+    Ok(Json(json!({ "item": id, "key_epoch": epoch })))
+}
+
+/// Rotates item `id`'s key (see [`rotate_key`]); returns the new epoch.
+pub fn rotate(cs: &Cs, id: u64, why: &str) -> Result<u32, ApiError> {
+    let store = cs.store();
+    let mut item =
+        store.get::<Item>(ITEMS, &id_key(id))?.ok_or_else(|| ApiError::not_found(&format!("no item {id}")))?;
+    if item.data_key.is_empty() {
+        return Err(ApiError::conflict(&format!("item {id} is not protected: it has no data key")));
+    }
+    item.rotate_key(now());
+    store.put(ITEMS, &id_key(id), &item)?;
+    cs.event("info", &item.machine, &format!("data key of item {id} rotated to epoch {} ({why})", item.key_epoch))?;
+    Ok(item.key_epoch)
+}
+
+/// Rotates the keys whose epoch is due (see [`crate::model::rotation_due`]); `seals` are the process
+/// servers' reports by item stream id.
+pub fn rotate_due(cs: &Cs, seals: &[sr_common::contract::SealCount]) -> Result<(), ApiError> {
+    let items: Vec<Item> = cs.store().list(ITEMS)?;
+    for i in items.iter().filter(|i| !i.data_key.is_empty()) {
+        let reported = seals
+            .iter()
+            .filter(|s| s.item.0 == i.wire_id() && s.epoch == i.key_epoch)
+            .map(|s| s.seals)
+            .max()
+            .unwrap_or(0);
+        if let Some(why) = crate::model::rotation_due(i.key_since, now(), reported) {
+            rotate(cs, i.id, why)?;
+        }
+    }
+    Ok(())
+}
+
 pub async fn list(AxState(cs): AxState<Arc<Cs>>, h: HeaderMap) -> R<Value> {
     require(cs.store(), &h, ApiRole::Reader)?;
     Ok(Json(Value::Array(cs.store().list::<Item>(ITEMS)?.iter().map(public).collect())))
@@ -138,7 +178,7 @@ pub async fn enable(AxState(cs): AxState<Arc<Cs>>, h: HeaderMap, b: Body<Enable>
     item.master_target = Some(mt.name.clone());
     job.step_done(EnableStep::Choose.index())?;
     job.step(EnableStep::DataKey.index())?;
-    item.data_key = hex::encode(rand::random::<[u8; 32]>());
+    item.new_data_key(now());
     job.step_done(EnableStep::DataKey.index())?;
     job.step(EnableStep::Assign.index())?;
     item.state = item.state.on(&Event::PrerequisitesMet).map_err(|e| ApiError::bad(&e.to_string()))?;
@@ -170,6 +210,7 @@ pub async fn disable(AxState(cs): AxState<Arc<Cs>>, h: HeaderMap, Path(id): Path
     item.process_server = None;
     item.master_target = None;
     item.data_key.clear();
+    item.old_keys.clear();
     item.caught_up_at = None;
     store.put(ITEMS, &id_key(id), &item)?;
     job.step_done(0)?;
@@ -281,7 +322,7 @@ pub async fn assignments(AxState(cs): AxState<Arc<Cs>>, h: HeaderMap) -> R<Value
                     let p = policy(&i.policy);
                     Some(ProcessServerAssignment {
                         item: ItemId(i.wire_id()),
-                        data_key: i.data_key.clone(),
+                        keys: i.keys(),
                         master_target: address(&i.master_target)?,
                         compression_level: p
                             .as_ref()
@@ -298,7 +339,7 @@ pub async fn assignments(AxState(cs): AxState<Arc<Cs>>, h: HeaderMap) -> R<Value
                 .filter(|i| i.master_target.as_deref() == Some(name.as_str()))
                 .map(|i| MasterTargetAssignment {
                     item: ItemId(i.wire_id()),
-                    data_key: i.data_key.clone(),
+                    keys: i.keys(),
                     retention_secs: policy(&i.policy).map_or(0, |p| p.retention_hours * 3600),
                     adopt: i.reprotect.as_ref().map(|r| r.adopt.clone()),
                 })

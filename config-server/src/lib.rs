@@ -154,7 +154,7 @@ fn api_identity(cfg: &CsConfig, ca: &Ca, store: &RedbControlStore) -> anyhow::Re
     if expiring || current.as_deref() != Some(names.as_str()) {
         let serial = store.next_id("certificate_serials")? + 1000;
         let (cert, key) =
-            ca.issue_server("config-server", sr_common::wire::Role::ConfigServer, serial, &cfg.api_names)?;
+            ca.issue_local("config-server", sr_common::wire::Role::ConfigServer, serial, &cfg.api_names)?;
         sr_common::crashsafe::write_secret(&paths.key, key.as_bytes())?;
         sr_common::crashsafe::write_file(&paths.cert, cert.as_bytes())?;
         sr_common::crashsafe::write_file(&names_file, names.as_bytes())?;
@@ -201,6 +201,7 @@ pub async fn run(cfg: CsConfig, shutdown: CancellationToken) -> anyhow::Result<(
     let stop = shutdown.clone();
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+        let mut prune_tick = std::time::Instant::now() - std::time::Duration::from_secs(60);
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
@@ -210,6 +211,20 @@ pub async fn run(cfg: CsConfig, shutdown: CancellationToken) -> anyhow::Result<(
                 tracing::error!(error = %e, "evaluating items failed");
             }
             plans::due_points(&ev);
+            // Jobs and events are kept by count and age (checked once a minute).
+            if prune_tick.elapsed() >= std::time::Duration::from_secs(60) {
+                prune_tick = std::time::Instant::now();
+                match activity::prune(&ev) {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(removed = n, "old jobs and events removed"),
+                    Err(e) => tracing::error!(error = %e, "removing old jobs and events failed"),
+                }
+                // Keys are rotated by age too.
+                let _g = ev.items_lock.lock().await;
+                if let Err(e) = items::rotate_due(&ev, &[]) {
+                    tracing::error!(error = %e.message, "rotating data keys failed");
+                }
+            }
         }
     });
     let http = sr_common::telemetry::serve_http(

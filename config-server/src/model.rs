@@ -210,9 +210,18 @@ pub struct Item {
     pub state: State,
     pub process_server: Option<String>,
     pub master_target: Option<String>,
-    /// The item's data key (hex); released only to its process server and master target, never shown
-    /// by the operator API.
+    /// The item's data key (hex), its current epoch; released only to its process server and master
+    /// target, never shown by the operator API.
     pub data_key: String,
+    /// The epoch of `data_key` (each rotation adds one).
+    #[serde(default)]
+    pub key_epoch: u32,
+    /// Earlier epochs still held, so batches sealed under them (cached, in flight) still open.
+    #[serde(default)]
+    pub old_keys: Vec<sr_common::contract::EpochKey>,
+    /// When the current epoch began (Unix seconds).
+    #[serde(default)]
+    pub key_since: u64,
     /// The enable-protection job, running until the item is protected.
     pub job: Option<u64>,
     pub created: u64,
@@ -256,7 +265,50 @@ pub struct Item {
     pub chain_broken: bool,
 }
 
+/// Earlier key epochs an item keeps.
+pub const KEEP_KEY_EPOCHS: usize = 8;
+/// A key epoch older than this is rotated.
+pub const KEY_MAX_AGE_SECS: u64 = 7 * 24 * 3600;
+
+/// Why an item's key needs a new epoch now: too old, or the process server reports that the current
+/// epoch sealed [`sr_common::seal::ROTATE_AFTER_SEALS`] batches.
+pub fn rotation_due(key_since: u64, now: u64, reported_seals: u64) -> Option<&'static str> {
+    if reported_seals >= sr_common::seal::ROTATE_AFTER_SEALS {
+        Some("its current key sealed enough batches")
+    } else if now.saturating_sub(key_since) > KEY_MAX_AGE_SECS {
+        Some("its current key is a week old")
+    } else {
+        None
+    }
+}
+
 impl Item {
+    /// A fresh data key, epoch 0, no earlier epochs (protection enabled, a new stream).
+    pub fn new_data_key(&mut self, now: u64) {
+        self.data_key = hex::encode(rand::random::<[u8; 32]>());
+        self.key_epoch = 0;
+        self.old_keys.clear();
+        self.key_since = now;
+    }
+
+    /// The next epoch of the data key; the current one is kept (with at most [`KEEP_KEY_EPOCHS`]
+    /// earlier ones) so what is sealed under it still opens.
+    pub fn rotate_key(&mut self, now: u64) {
+        self.old_keys.push(sr_common::contract::EpochKey { epoch: self.key_epoch, key: self.data_key.clone() });
+        let over = self.old_keys.len().saturating_sub(KEEP_KEY_EPOCHS);
+        self.old_keys.drain(..over);
+        self.data_key = hex::encode(rand::random::<[u8; 32]>());
+        self.key_epoch += 1;
+        self.key_since = now;
+    }
+
+    /// Every epoch held, for an assignment.
+    pub fn keys(&self) -> Vec<sr_common::contract::EpochKey> {
+        let mut k = self.old_keys.clone();
+        k.push(sr_common::contract::EpochKey { epoch: self.key_epoch, key: self.data_key.clone() });
+        k
+    }
+
     /// A new item of `machine` under `policy`, in `state`, placed nowhere yet.
     pub fn new(id: u64, machine: &str, policy: &str, state: State, created: u64) -> Item {
         Item {
@@ -267,6 +319,9 @@ impl Item {
             process_server: None,
             master_target: None,
             data_key: String::new(),
+            key_epoch: 0,
+            old_keys: Vec::new(),
+            key_since: 0,
             job: None,
             created,
             caught_up_at: None,

@@ -55,6 +55,13 @@ pub const ROUTES: &[(&str, &str, &str, &str, &str)] = &[
         "operator",
         "",
     ),
+    (
+        "post",
+        "/v1/items/{id}/rotate-key",
+        "Give the item's data key a new epoch now (replication goes on; keys also rotate by age and seal count)",
+        "operator",
+        "",
+    ),
     ("get", "/v1/items/{id}/points", "Recovery points of an item's disks (from its master target)", "reader", ""),
     (
         "post",
@@ -129,9 +136,15 @@ pub const ROUTES: &[(&str, &str, &str, &str, &str)] = &[
     ("post", "/v1/network-mappings", "Map a source network to a target network", "operator", "NetworkMapping"),
     ("delete", "/v1/network-mappings/{id}", "Delete a network mapping", "operator", ""),
     ("get", "/v1/assignments", "What the calling component should carry: items, peers, keys", "component", ""),
-    ("get", "/v1/jobs", "Jobs, filtered by state, kind and target", "reader", ""),
+    (
+        "get",
+        "/v1/jobs",
+        "Jobs, filtered by state, kind and target; the newest `limit` (at most 1000) with an id below `before`",
+        "reader",
+        "",
+    ),
     ("get", "/v1/jobs/{id}", "One job with its steps and progress", "reader", ""),
-    ("get", "/v1/events", "The event log", "reader", ""),
+    ("get", "/v1/events", "The event log: the newest `limit` (at most 1000) with an id below `before`", "reader", ""),
 ];
 
 fn schemas() -> Value {

@@ -51,6 +51,14 @@ pub async fn heartbeat(State(cs): State<Arc<Cs>>, h: HeaderMap, b: Body<Heartbea
         let faults: Vec<ReplicaFault> = faults.into_iter().take(1000).collect();
         store.put(FAULTS, &name, &faults)?;
     }
+    if !req.seals.is_empty() {
+        if role != ComponentRole::ProcessServer {
+            return Err(ApiError::bad("only process servers report seals"));
+        }
+        let seals: Vec<_> = req.seals.into_iter().take(10_000).collect();
+        let _g = cs.items_lock.lock().await;
+        crate::items::rotate_due(&cs, &seals)?;
+    }
     if let Some(applied) = req.applied {
         if role != ComponentRole::MasterTarget {
             return Err(ApiError::bad("only master targets report applied positions"));

@@ -138,7 +138,7 @@ pub async fn begin_reprotect(cs: &Arc<Cs>, id: u64, req: ReprotectReq, by: &str)
     item.master_target = Some(mt.clone());
     item.process_server = Some(ps.clone());
     item.stream = Some(stream);
-    item.data_key = hex::encode(rand::random::<[u8; 32]>());
+    item.new_data_key(now());
     item.resync_request = if known { 0 } else { sr_common::types::now_micros() };
     item.reprotect =
         Some(ReprotectRecord { baseline: generation, known, adopt, job: job.job.id, initial_dirty: 0, failover: fo });

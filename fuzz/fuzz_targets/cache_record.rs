@@ -9,7 +9,7 @@ fuzz_target!(|data: &[u8]| {
     let mut bytes = data.to_vec();
     bytes.extend_from_slice(&crc32c::crc32c(data).to_le_bytes());
     let path = std::path::Path::new("fuzz.batch");
-    if let Ok(b) = process_server::cache::decode(&bytes, Seq(1), Seq(4), path) {
+    if let Ok(process_server::cache::Cached::Plain(b)) = process_server::cache::decode(&bytes, Seq(1), Seq(4), path) {
         b.check().expect("a decoded batch passes its checks");
     }
     let _ = process_server::cache::decode(data, Seq(1), Seq(4), path);

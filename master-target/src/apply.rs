@@ -36,7 +36,7 @@ pub async fn session(
         }
         other => bail!("expected Open or TreeOpen, got {}", other.kind()),
     };
-    let Some(item_key) = server.item_key(item) else {
+    let Some(mut item_key) = server.item_key(item) else {
         return Err(sr_common::wire::Coded::new(
             sr_common::wire::ErrorCode::NotConfigured,
             format!(
@@ -96,7 +96,21 @@ pub async fn session(
             }
         }
         let sealed_last = sealed.last;
-        let plain = item_key.open(&sealed).inspect_err(|_| reject("authentication"))?;
+        // A batch of a key epoch not assigned here yet (the key was just rotated): retried once the
+        // assignment with the new epoch arrives. Anything else that does not open is tampering.
+        if !item_key.epochs().contains(&sealed.epoch) {
+            // The key was rotated since the session began: take the item's keys as they are now.
+            if let Some(k) = server.item_key(item) {
+                item_key = k;
+            }
+        }
+        let plain = item_key.open(&sealed).inspect_err(|e| {
+            reject(match e {
+                sr_common::seal::SealError::UnknownEpoch { .. } => "unknown_key_epoch",
+                _ => "authentication",
+            })
+        })?;
+        metrics::gauge!(m::KEY_EPOCH, "item" => key.item.0.to_string()).set(sealed.epoch as f64);
         let r = replica.clone();
         let store = server.store.clone();
         let started = std::time::Instant::now();

@@ -91,7 +91,7 @@ pub fn export_name(key: StreamKey) -> String {
 }
 
 impl Server {
-    pub fn item_key(&self, item: sr_common::types::ItemId) -> Option<sr_common::seal::ItemKey> {
+    pub fn item_key(&self, item: sr_common::types::ItemId) -> Option<Arc<sr_common::seal::ItemKeys>> {
         self.keys.read().expect("keys lock poisoned").get(item).cloned()
     }
 
@@ -328,7 +328,7 @@ async fn control_loop(server: Arc<Server>, client: sr_common::control::ControlCl
             let mut items = Vec::new();
             let mut retention = Vec::new();
             for a in cl.assignments::<MasterTargetAssignment>().await? {
-                let (item, key) = (a.item, sr_common::contract::data_key(a.item, &a.data_key)?);
+                let (item, key) = (a.item, Arc::new(sr_common::contract::item_keys(a.item, &a.keys)?));
                 for d in a.adopt.iter().flatten() {
                     let key = StreamKey { item, disk: d.disk };
                     // Until the disk is adopted its stream is refused: it must never go to a new file.

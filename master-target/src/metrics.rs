@@ -18,3 +18,6 @@ pub const INCONSISTENT_SECONDS: &str = "sr_master_target_inconsistent_window_sec
 pub const EXPIRY_RUNS: &str = "sr_master_target_expiry_runs_total";
 pub const VIEWS_OPEN: &str = "sr_master_target_views_open";
 pub const HASHED_BYTES: &str = "sr_master_target_checksummed_bytes_total";
+
+/// The key epoch of the last batch applied for an item (label `item`).
+pub const KEY_EPOCH: &str = "sr_master_target_key_epoch";

@@ -1,14 +1,20 @@
-//! The process server's durable cache of one stream: each batch an agent sent, in its own file,
-//! fsynced before the agent is told it is durable, deleted once the master target applied it.
+//! The process server's durable cache of one stream: each batch an agent sent, compressed and sealed
+//! under the item's data key (so the cache is encrypted at rest), in its own file, fsynced before the
+//! agent is told it is durable, deleted once the master target applied it.
 //!
 //! ```text
 //! cache/item-1-disk-1/
-//!   00000000000000000001-00000000000000000042.batch   rkyv Batch bytes + crc32c (4 bytes LE)
+//!   00000000000000000001-00000000000000000042.batch   "SRS1" + rkyv SealedBatch + crc32c (4 bytes LE)
 //!   00000000000000000043-00000000000000000090.batch
 //! ```
+//!
+//! A file without the tag is a plaintext batch written by a release before batches were sealed at
+//! rest; it is still read (and sealed when it is forwarded).
 
+use sr_common::compress;
+use sr_common::seal::{ItemKeys, SealError};
 use sr_common::types::Seq;
-use sr_common::wire::{Batch, WireError};
+use sr_common::wire::{Batch, SealedBatch, WireError};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -101,11 +107,14 @@ impl StreamCache {
         self.lock().values().map(|e| e.bytes).sum()
     }
 
-    /// Makes a batch durable. Blocking (fsyncs).
-    pub fn put(&self, batch: &Batch) -> std::io::Result<()> {
-        let mut bytes =
-            rkyv::api::high::to_bytes_in::<_, rkyv::rancor::Error>(batch, Vec::with_capacity(batch.size_hint() + 4))
-                .map_err(std::io::Error::other)?;
+    /// Makes a sealed batch durable. Blocking (fsyncs).
+    pub fn put(&self, batch: &SealedBatch) -> std::io::Result<()> {
+        // Serialized on its own (rkyv lays it out for offset 0), then put behind the tag.
+        let body =
+            rkyv::api::high::to_bytes_in::<_, rkyv::rancor::Error>(batch, Vec::new()).map_err(std::io::Error::other)?;
+        let mut bytes = Vec::with_capacity(SEALED_TAG.len() + body.len() + 4);
+        bytes.extend_from_slice(SEALED_TAG);
+        bytes.extend_from_slice(&body);
         let crc = crc32c::crc32c(&bytes);
         bytes.extend_from_slice(&crc.to_le_bytes());
         let path = self.dir.join(name(batch.first, batch.last));
@@ -148,15 +157,35 @@ impl StreamCache {
     }
 
     /// Reads and validates a cached batch. Blocking.
-    pub fn read(entry: &Entry) -> Result<Batch, WireError> {
+    pub fn read(entry: &Entry) -> Result<Cached, WireError> {
         let bytes = std::fs::read(&entry.path)?;
         decode(&bytes, entry.first, entry.last, &entry.path)
     }
 }
 
+/// What a cache file holds.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Cached {
+    Sealed(SealedBatch),
+    /// Written by a release that cached plaintext.
+    Plain(Batch),
+}
+
+/// The first bytes of a sealed cache file.
+const SEALED_TAG: &[u8; 4] = b"SRS1";
+
+/// Compresses and seals a batch under the current epoch of `key`: what the cache holds and the
+/// master target receives. Returns it with the batch's payload bytes before compression.
+pub fn seal_batch(key: &ItemKeys, level: i32, mut batch: Batch) -> Result<(SealedBatch, u64), SealError> {
+    let raw_bytes = batch.payload_bytes();
+    compress::zero_writes_to_markers(&mut batch);
+    let payload = compress::compress(&batch, level);
+    Ok((key.seal(batch.item, batch.disk, batch.disk_size, batch.first, batch.last, &payload)?, raw_bytes))
+}
+
 /// Validates and decodes the bytes of a cache file named for `first..=last` (its `path` for errors):
 /// checksum, rkyv validation, the batch's own checks, and the name.
-pub fn decode(bytes: &[u8], first: Seq, last: Seq, path: &Path) -> Result<Batch, WireError> {
+pub fn decode(bytes: &[u8], first: Seq, last: Seq, path: &Path) -> Result<Cached, WireError> {
     let bad = |reason: &str| WireError::Malformed {
         len: bytes.len(),
         reason: format!("cache file {}: {reason}", path.display()),
@@ -169,13 +198,21 @@ pub fn decode(bytes: &[u8], first: Seq, last: Seq, path: &Path) -> Result<Batch,
         return Err(bad("checksum mismatch"));
     }
     let mut aligned = rkyv::util::AlignedVec::<16>::with_capacity(body.len());
+    if let Some(sealed) = body.strip_prefix(SEALED_TAG) {
+        aligned.extend_from_slice(sealed);
+        let b = rkyv::from_bytes::<SealedBatch, rkyv::rancor::Error>(&aligned).map_err(|e| bad(&e.to_string()))?;
+        if b.first != first || b.last != last || b.last < b.first {
+            return Err(bad("contents do not match the file name"));
+        }
+        return Ok(Cached::Sealed(b));
+    }
     aligned.extend_from_slice(body);
     let batch = rkyv::from_bytes::<Batch, rkyv::rancor::Error>(&aligned).map_err(|e| bad(&e.to_string()))?;
     batch.check()?;
     if batch.first != first || batch.last != last {
         return Err(bad("contents do not match the file name"));
     }
-    Ok(batch)
+    Ok(Cached::Plain(batch))
 }
 
 impl StreamCache {
@@ -202,9 +239,41 @@ mod tests {
     use sr_common::types::{DiskId, ItemId};
     use sr_common::wire::Op;
 
-    fn batch(first: u64, last: u64) -> Batch {
+    fn plain(first: u64, last: u64) -> Batch {
         let ops = (first..=last).map(|s| (s, Op::Write { offset: s * 512, data: vec![s as u8; 512] }));
         Batch::numbered(ItemId(1), DiskId(1), 1 << 20, Seq(first), ops)
+    }
+
+    fn key() -> ItemKeys {
+        ItemKeys::single(sr_common::seal::ItemKey::from_bytes(&[7; 32]))
+    }
+
+    fn batch(first: u64, last: u64) -> SealedBatch {
+        seal_batch(&key(), 3, plain(first, last)).unwrap().0
+    }
+
+    /// The batch a cached one holds, opened with the item key.
+    fn opened(c: Cached) -> Batch {
+        match c {
+            Cached::Sealed(s) => compress::decompress(&key().open(&s).unwrap()).unwrap(),
+            Cached::Plain(b) => b,
+        }
+    }
+
+    #[test]
+    fn the_cache_holds_no_plaintext_and_still_reads_plaintext_files_of_earlier_releases() {
+        let d = tempfile::tempdir().unwrap();
+        let c = StreamCache::open(d.path(), Arc::new(CacheSpace::default())).unwrap();
+        c.put(&batch(1, 4)).unwrap();
+        let bytes = std::fs::read(&c.find(Seq(1)).unwrap().path).unwrap();
+        assert!(!bytes.windows(512).any(|w| w == [3u8; 512]), "a write's data is in the cache file in clear");
+        assert_eq!(opened(StreamCache::read(&c.find(Seq(1)).unwrap()).unwrap()), plain(1, 4));
+        // An earlier release's plaintext file.
+        let mut old = rkyv::api::high::to_bytes_in::<_, rkyv::rancor::Error>(&plain(5, 6), Vec::new()).unwrap();
+        old.extend_from_slice(&crc32c::crc32c(&old).to_le_bytes());
+        let path = d.path().join(name(Seq(5), Seq(6)));
+        std::fs::write(&path, &old).unwrap();
+        assert_eq!(decode(&old, Seq(5), Seq(6), &path).unwrap(), Cached::Plain(plain(5, 6)));
     }
 
     #[test]
@@ -218,7 +287,7 @@ mod tests {
         assert_eq!(c.find(Seq(6)).unwrap().first, Seq(5));
         assert_eq!(c.find(Seq(0)).unwrap().first, Seq(1));
         assert!(c.find(Seq(10)).is_none());
-        assert_eq!(StreamCache::read(&c.find(Seq(2)).unwrap()).unwrap(), batch(1, 4));
+        assert_eq!(opened(StreamCache::read(&c.find(Seq(2)).unwrap()).unwrap()), plain(1, 4));
         let before = total.used();
         c.drop_through(Seq(4)).unwrap();
         assert!(total.used() < before);
@@ -286,8 +355,7 @@ mod tests {
     fn damaged_cache_bytes_are_errors_never_panics_or_wrong_batches() {
         let d = tempfile::tempdir().unwrap();
         let c = StreamCache::open(d.path(), Arc::new(CacheSpace::default())).unwrap();
-        let good_batch = batch(1, 4);
-        c.put(&good_batch).unwrap();
+        c.put(&batch(1, 4)).unwrap();
         let e = c.find(Seq(1)).unwrap();
         let good = std::fs::read(&e.path).unwrap();
         let mut state = 0x9e37_79b9_7f4a_7c15u64;
@@ -306,9 +374,19 @@ mod tests {
             if round % 7 == 0 {
                 b.truncate((next(&mut state) % b.len() as u64) as usize);
             }
-            if let Ok(got) = decode(&b, Seq(1), Seq(4), &e.path) {
-                got.check().unwrap();
-                assert_eq!((got.first, got.last), (Seq(1), Seq(4)));
+            match decode(&b, Seq(1), Seq(4), &e.path) {
+                // Damage that survives decoding fails the seal's authentication, or is none at all.
+                Ok(Cached::Sealed(s)) => {
+                    assert_eq!((s.first, s.last), (Seq(1), Seq(4)));
+                    if let Ok(p) = key().open(&s) {
+                        assert_eq!(compress::decompress(&p).unwrap(), plain(1, 4));
+                    }
+                }
+                Ok(Cached::Plain(got)) => {
+                    got.check().unwrap();
+                    assert_eq!((got.first, got.last), (Seq(1), Seq(4)));
+                }
+                Err(_) => {}
             }
         }
     }

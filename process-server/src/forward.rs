@@ -1,14 +1,14 @@
-//! Master-target-facing side of one stream: read cached batches in order, compress, seal, send; on
+//! Master-target-facing side of one stream: read cached batches (sealed at ingest) in order, send; on
 //! AppliedAck persist the position and free the cache.
 //!
 //! ```text
 //! connect (server must be a master target) --> Hello --> Open{item,disk,size} --> Resume{next}
-//!   sender: cache.find(next) --> cut changes below next --> zero writes become markers --> zstd --> AES-GCM
-//!           --> Sealed --> at most window_bytes unapplied
+//!   sender: cache.find(next) --> the sealed batch as cached (opened, cut below next and sealed again
+//!           only when next falls inside it) --> Sealed --> at most window_bytes unapplied
 //!   receiver: AppliedAck{through} --> stream.set_applied(through) (persist, then delete cache files)
 //! ```
 
-use crate::cache::StreamCache;
+use crate::cache::{Cached, StreamCache};
 use crate::metrics as m;
 use crate::stream::Stream;
 use crate::Server;
@@ -139,20 +139,21 @@ async fn session(server: &Arc<Server>, stream: &Arc<Stream>) -> anyhow::Result<(
         let skip = sender.place(entry.first, entry.last).with_context(|| format!("{key}: reading the cache"))?;
         let cursor = Seq(entry.first.0 + skip);
         let span = tracing::info_span!("seal_batch", item = key.item.0, disk = key.disk.0, from = cursor.0);
-        let (sealed, raw_bytes) = tokio::task::spawn_blocking({
+        // The item's keys as they are now (a rotation adds an epoch while the stream runs).
+        let item_key = server.route(key.item).map_or_else(|| item_key.clone(), |r| r.key);
+        let sealed = tokio::task::spawn_blocking({
             let item_key = item_key.clone();
             move || -> anyhow::Result<_> {
                 let _in = span.enter();
-                let mut batch = StreamCache::read(&entry)?;
+                // The cache holds batches sealed at ingest; one is opened only to send a part of it.
+                let mut batch = match StreamCache::read(&entry)? {
+                    Cached::Sealed(s) if skip == 0 => return Ok(s),
+                    Cached::Sealed(s) => compress::decompress(&item_key.open(&s)?)?,
+                    Cached::Plain(b) => b,
+                };
                 batch.changes.drain(..skip as usize);
                 batch.first = cursor;
-                let raw_bytes = batch.payload_bytes();
-                compress::zero_writes_to_markers(&mut batch);
-                let payload = compress::compress(&batch, level);
-                Ok((
-                    item_key.seal(batch.item, batch.disk, batch.disk_size, batch.first, batch.last, &payload),
-                    raw_bytes,
-                ))
+                Ok(crate::cache::seal_batch(&item_key, level, batch)?.0)
             }
         })
         .await??;
@@ -175,7 +176,6 @@ async fn session(server: &Arc<Server>, stream: &Arc<Stream>) -> anyhow::Result<(
             }
         };
         metrics::counter!(m::BYTES_OUT).increment(frame_len);
-        metrics::counter!(m::PAYLOAD_BYTES).increment(raw_bytes);
         metrics::counter!(m::BATCHES_OUT).increment(1);
         sender.sent(first, last, frame_len, Instant::now());
     }

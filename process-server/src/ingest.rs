@@ -3,8 +3,8 @@
 //! ```text
 //! agent --Hello, Open{item,disk,size}--> check item key, find or create stream, wait until the
 //!        replica position is known --Resume{next}--> agent
-//! agent --Batch--> validate --> drop duplicate prefix --> wait while the cache is full --> cache.put
-//!       (fsync) --> DurableAck{last} --> wake forwarder
+//! agent --Batch--> validate --> drop duplicate prefix --> wait while the cache is full --> zero writes
+//!       become markers --> zstd --> AES-GCM --> cache.put (fsync) --> DurableAck{last} --> wake forwarder
 //! ```
 
 use crate::metrics as m;
@@ -154,7 +154,19 @@ pub async fn session(
             first = batch.first.0,
             last = last.0
         );
-        let mut batch = Some(batch);
+        // Sealed now, so the cache holds nothing in clear; under the item's key as it is now (the
+        // configuration server may have rotated it since the session began).
+        let now_route =
+            server.route(item).with_context(|| format!("{key}: no longer assigned to this process server"))?;
+        let sealed = tokio::task::spawn_blocking({
+            let (key, level, span) = (now_route.key.clone(), now_route.compression_level, span.clone());
+            move || span.in_scope(|| crate::cache::seal_batch(&key, level, batch))
+        })
+        .await
+        .context("sealing task panicked")?
+        .with_context(|| format!("{key}: sealing a batch"))?;
+        metrics::counter!(m::PAYLOAD_BYTES).increment(sealed.1);
+        let mut batch = Some(sealed.0);
         let mut full_since = None;
         loop {
             let freed = server.cache_total.freed();
@@ -178,7 +190,7 @@ pub async fn session(
                     }
                     // Written again only once the volume has room for it (a partial write would fill the
                     // volume for everyone sharing it), and only while the item is still carried here.
-                    let need = b.size_hint() as u64;
+                    let need = b.ciphertext.len() as u64 + 4096;
                     batch = Some(b);
                     let mut freed = std::pin::pin!(freed);
                     loop {

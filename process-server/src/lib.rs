@@ -17,8 +17,8 @@ pub mod stream;
 
 use anyhow::Context;
 use config::PsConfig;
-use sr_common::contract::{Heartbeat, Load, ProcessServerAssignment, ReplicaFault};
-use sr_common::seal::{ItemKey, KeyRing};
+use sr_common::contract::{Heartbeat, Load, ProcessServerAssignment, ReplicaFault, SealCount};
+use sr_common::seal::{ItemKeys, KeyRing};
 use sr_common::state::{RedbStore, StateStore, StreamRecord};
 use sr_common::types::ItemId;
 use sr_common::types::{Seq, StreamKey};
@@ -32,7 +32,8 @@ use tokio_util::sync::CancellationToken;
 /// Where an item's batches go and the key they are sealed with.
 #[derive(Clone)]
 pub struct Route {
-    pub key: ItemKey,
+    /// The item's data key epochs (shared, so seals are counted once whatever copy seals).
+    pub key: Arc<ItemKeys>,
     pub master_target: SocketAddr,
     /// zstd level for this item (the policy's, or the server's default).
     pub compression_level: i32,
@@ -221,17 +222,36 @@ async fn control_loop(server: Arc<Server>, client: sr_common::control::ControlCl
                     Some(ReplicaFault { item: s.key.item.0, disk: s.key.disk.0, code, reason })
                 })
                 .collect();
+            let seals = srv
+                .routes
+                .read()
+                .expect("routes lock poisoned")
+                .iter()
+                .map(|(item, r)| SealCount { item: *item, epoch: r.key.current_epoch(), seals: r.key.seals() })
+                .collect();
             let report = Heartbeat {
                 address: Some(srv.cfg.listen.to_string()),
                 load: Some(Load { cache_bytes: cache, ..Default::default() }),
                 faults: Some(faults),
+                seals,
                 ..Default::default()
             };
             cl.heartbeat(&report).await?;
             cl.refresh_crl(&srv.identity, Some((&srv.listener, &srv.conns))).await?;
             let mut routes = HashMap::new();
+            let old = srv.routes.read().expect("routes lock poisoned").clone();
             for a in cl.assignments::<ProcessServerAssignment>().await? {
-                let key = sr_common::contract::data_key(a.item, &a.data_key)?;
+                let fresh = sr_common::contract::item_keys(a.item, &a.keys)?;
+                // The same epochs keep their seal count; a new epoch starts at zero.
+                let key = match old.get(&a.item) {
+                    Some(r) if r.key.epochs() == fresh.epochs() => r.key.clone(),
+                    _ => {
+                        tracing::info!(item = %a.item, epoch = fresh.current_epoch(), "data key epoch in force");
+                        Arc::new(fresh)
+                    }
+                };
+                ::metrics::gauge!(crate::metrics::KEY_EPOCH, "item" => a.item.0.to_string())
+                    .set(key.current_epoch() as f64);
                 let master_target = a
                     .master_target
                     .parse()

@@ -16,3 +16,6 @@ pub const ERRORS: &str = "sr_process_server_stream_errors_total";
 pub const BANDWIDTH_WAIT_MS: &str = "sr_process_server_bandwidth_wait_milliseconds_total";
 /// Bytes of checksum queries and answers relayed for resyncs (both ways).
 pub const CHECKSUM_BYTES: &str = "sr_process_server_checksum_bytes_total";
+
+/// The epoch of an item's data key new batches are sealed under (label `item`).
+pub const KEY_EPOCH: &str = "sr_process_server_key_epoch";

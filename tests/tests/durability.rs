@@ -291,7 +291,11 @@ fn a_full_process_server_cache_volume_holds_writes_back_and_loses_none() {
     let _agent = local.start(Component::Agent).unwrap();
     wait_caught_up(&local, Duration::from_secs(60)).unwrap();
     mt.kill();
-    let cmds: Vec<String> = (0..12).map(|i| format!("write -P {} {}M 1M", i + 1, i)).chain(["flush".into()]).collect();
+    // Incompressible data: the cache holds batches compressed and sealed.
+    let noise = dir.path().join("noise.bin");
+    std::fs::write(&noise, (0..MIB).map(|_| rand::random::<u8>()).collect::<Vec<u8>>()).unwrap();
+    let cmds: Vec<String> =
+        (0..12).map(|i| format!("write -s {} {i}M 1M", noise.display())).chain(["flush".into()]).collect();
     qemu_io(&local.agent_uri("d"), &cmds).unwrap();
     // The agent keeps what the cache cannot take: more journaled than the volume holds.
     wait_for("the agent to hold the writes back", Duration::from_secs(60), || {

@@ -178,7 +178,10 @@ fn full_cache_is_backpressure_not_loss() {
     mt.stop().unwrap();
     let waits = metric(&local, Component::ProcessServer, "sr_process_server_backpressure_waits_total").unwrap();
     let uri = local.agent_uri("disk0");
-    let mut cmds: Vec<String> = (0..30).map(|i| format!("write -P {} {}M 1M", 0x31 + i, i * 2)).collect();
+    // Incompressible data: the cache holds batches compressed and sealed.
+    let noise = dir.path().join("noise.bin");
+    std::fs::write(&noise, (0..MIB).map(|_| rand::random::<u8>()).collect::<Vec<u8>>()).unwrap();
+    let mut cmds: Vec<String> = (0..30).map(|i| format!("write -s {} {}M 1M", noise.display(), i * 2)).collect();
     cmds.push("flush".into());
     qemu_io(&uri, &cmds).unwrap();
     // The journal holds what the process server could not take. Once the process server holds the agent

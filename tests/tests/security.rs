@@ -287,3 +287,118 @@ fn a_capture_of_loopback_holds_no_key_token_or_disk_content() {
     assert!(!has(b"Authorization"), "an HTTP header crossed loopback in clear");
     assert!(!has(b"BEGIN CERTIFICATE REQUEST"), "a registration crossed loopback in clear");
 }
+
+#[test]
+fn a_data_key_rotated_twice_under_churn_leaves_the_replica_identical() {
+    let dir = test_dir();
+    let d = Deployment::start(dir.path());
+    let disk = dir.path().join("source.img");
+    make_disk(&disk, 32 * MIB).unwrap();
+    let site = d.site(&dir.path().join("a"), "", &disk);
+    let _mt = site.start(Component::MasterTarget).unwrap();
+    let _ps = site.start(Component::ProcessServer).unwrap();
+    let _agent = site.start(Component::Agent).unwrap();
+    let id = d.protect("agent-1");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let churn = {
+        let (stop, uri) = (stop.clone(), site.agent_uri("disk0"));
+        std::thread::spawn(move || {
+            let mut i = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let cmd = format!("write -P {} {}k 512k", i % 250 + 1, (i * 1237) % 30000);
+                qemu_io(&uri, &[cmd, "flush".into()]).unwrap();
+                i += 1;
+            }
+            i
+        })
+    };
+    let epoch = || metric(&site, Component::ProcessServer, "sr_process_server_key_epoch").unwrap();
+    let opened = || metric(&site, Component::MasterTarget, "sr_master_target_key_epoch").unwrap();
+    for want in [1.0, 2.0] {
+        let (code, v) = d.api("POST", &format!("/v1/items/{id}/rotate-key"), None);
+        assert_eq!(code, 200, "{v}");
+        assert_eq!(v["key_epoch"], want as u64);
+        wait_for("the process server to seal under the new epoch", Duration::from_secs(30), || epoch() == want);
+        // The master target opens and applies batches sealed under it.
+        wait_for("a batch sealed under the new epoch to be applied", Duration::from_secs(30), || opened() == want);
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    assert!(churn.join().unwrap() > 0);
+    wait_caught_up(&site, Duration::from_secs(60)).unwrap();
+    compare(disk.to_str().unwrap(), &site.replica_uri(1)).unwrap();
+    let (_, events) = d.api("GET", "/v1/events", None);
+    assert!(events.to_string().contains("rotated to epoch 2"), "{events}");
+    // Rotating needs an operator; a reader may not.
+    let (code, v) = d.api("POST", "/v1/tokens", Some(json!({"name": "r", "role": "reader"})));
+    assert_eq!(code, 200, "{v}");
+    let reader = d.cp.client(v["token"].as_str().unwrap()).unwrap();
+    let refused = reader.call_json(d.cp.api, "POST", &format!("/v1/items/{id}/rotate-key"), None).unwrap_err();
+    assert_eq!(refused.status(), Some(403));
+}
+
+#[test]
+fn the_process_server_takes_an_items_batches_only_from_its_agent_and_secrets_are_owner_only() {
+    use sr_common::types::{DiskId, ItemId};
+    use sr_common::wire::{self, ErrorCode, Message, WireError};
+    use std::os::unix::fs::PermissionsExt;
+    let dir = test_dir();
+    let d = Deployment::start(dir.path());
+    let (disk_a, disk_b) = (dir.path().join("a.img"), dir.path().join("b.img"));
+    make_disk(&disk_a, 16 * MIB).unwrap();
+    make_disk(&disk_b, 16 * MIB).unwrap();
+    let a = d.site(&dir.path().join("a"), "", &disk_a);
+    let _mt = a.start(Component::MasterTarget).unwrap();
+    let _ps = a.start(Component::ProcessServer).unwrap();
+    let _agent = a.start(Component::Agent).unwrap();
+    let id = d.protect("agent-1");
+    let stream = d.item(id)["stream"].as_u64().unwrap();
+    // Another machine of the deployment, with a valid agent certificate of its own.
+    let b = d.site(&dir.path().join("b"), "dr-", &disk_b);
+    let intruder = Identity::load(&b.tls("dr-agent-1")).unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    for tree in [false, true] {
+        let refusal = rt.block_on(async {
+            let ep = sr_common::quic::client(&intruder).unwrap();
+            let conn = sr_common::quic::connect(&ep, a.addrs.ps_quic, Role::ProcessServer).await.unwrap();
+            let (mut send, mut recv) = conn.open_bi().await.unwrap();
+            // It even claims to be the item's agent: the certificate is what counts.
+            let hello = Message::Hello { version: wire::PROTOCOL_VERSION, role: Role::Agent, node: "agent-1".into() };
+            wire::write_msg(&mut send, &hello).await.unwrap();
+            wire::check_hello(wire::expect_msg(&mut recv).await.unwrap(), Role::ProcessServer).unwrap();
+            let (item, disk, disk_size) = (ItemId(stream), DiskId(1), 16 * MIB);
+            let open = if tree {
+                Message::TreeOpen { item, disk, disk_size, block: 1 << 20 }
+            } else {
+                Message::Open { item, disk, disk_size }
+            };
+            wire::write_msg(&mut send, &open).await.unwrap();
+            wire::read_msg(&mut recv).await
+        });
+        match refusal {
+            Err(WireError::Peer { code: ErrorCode::NotAssigned, message }) => {
+                assert!(message.contains("replicated from agent agent-1, not from dr-agent-1"), "{message}")
+            }
+            other => panic!("another machine's agent was not refused (checksums: {tree}): {other:?}"),
+        }
+    }
+    // The item's own agent goes on replicating.
+    qemu_io(&a.agent_uri("disk0"), &["write -P 0x44 0 1M".into(), "flush".into()]).unwrap();
+    wait_caught_up(&a, Duration::from_secs(60)).unwrap();
+    compare(disk_a.to_str().unwrap(), &a.replica_uri(1)).unwrap();
+
+    // Secrets and data are owner-only.
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    for f in [
+        a.certs.join("agent-1.key"),
+        a.certs.join("ps-1.key"),
+        a.nbd_certs().join("client-key.pem"),
+        d.admin_file.clone(),
+        d.cp.root.join("cs").join("ca").join("ca.key"),
+        d.cp.root.join("cs").join("ca").join("config-server.key"),
+    ] {
+        assert_eq!(mode(&f), 0o600, "{}", f.display());
+    }
+    for dir in [a.root.join("mt"), a.root.join("ps"), a.root.join("agent"), d.cp.root.join("cs"), a.certs.clone()] {
+        assert_eq!(mode(&dir), 0o700, "{}", dir.display());
+    }
+}

@@ -20,7 +20,7 @@ fn batch(first: u64, last: u64) -> Batch {
 
 fn seal(key: &ItemKey, b: &Batch) -> SealedBatch {
     let payload = sr_common::compress::compress(b, 3);
-    key.seal(b.item, b.disk, b.disk_size, b.first, b.last, &payload)
+    key.seal(0, b.item, b.disk, b.disk_size, b.first, b.last, &payload)
 }
 
 struct Session {
@@ -97,6 +97,9 @@ async fn altered_truncated_replayed_and_reordered_frames_are_refused() {
     let mut t = seal(&ItemKey::generate().1, &batch(1, 3));
     t.item = ItemId(1);
     flips.push(("sealed under another key".into(), t));
+    let mut t = b1.clone();
+    t.epoch = 1;
+    flips.push(("key epoch changed (one the master target does not hold)".into(), t));
     for (what, t) in flips {
         refused(&ep, &local, &wire::encode(&Message::Sealed(t)), &what).await;
     }
