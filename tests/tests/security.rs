@@ -206,7 +206,8 @@ fn the_configuration_servers_routes_follow_their_documented_roles() {
     assert!(checked >= 40, "only {checked} operations in the document");
 }
 
-/// Runs tcpdump on loopback into `file` until dropped.
+/// Runs tcpdump on loopback into `file` until dropped (the whole cycle: registration, protection, a
+/// test failover read over NBD, planned failover, commit, reprotect and failback).
 struct Capture {
     child: std::process::Child,
 }
@@ -276,12 +277,40 @@ fn a_capture_of_loopback_holds_no_key_token_or_disk_content() {
     assert!(std::fs::read(&copy).unwrap().windows(pattern.len()).any(|w| w == pattern), "the pattern was replicated");
     d.srctl(&["test-failover", &id.to_string(), "--cleanup"]);
     d.srctl(&["failover", &id.to_string(), "--planned"]);
+    // Commit, reprotect from the recovery site (a second pattern written there), failback.
+    d.srctl(&["commit", &id.to_string()]);
+    let committed = std::path::PathBuf::from(d.item(id)["failover"]["committed"][0]["path"].as_str().unwrap());
+    let b = d.site(&dir.path().join("b"), "b-", &committed);
+    let _bmt = b.start(Component::MasterTarget).unwrap();
+    let _bps = b.start(Component::ProcessServer).unwrap();
+    let _bagent = b.start(Component::Agent).unwrap();
+    d.wait_machine("b-agent-1");
+    let reverse: Vec<u8> = b"SR-REVERSE-CANARY-9876543210-".iter().copied().cycle().take(256 << 10).collect();
+    let reverse_file = dir.path().join("reverse.bin");
+    std::fs::write(&reverse_file, &reverse).unwrap();
+    let b_unix = format!("nbd+unix:///disk0?socket={}", b.addrs.agent_unix.display());
+    run(
+        "qemu-io",
+        &["-f", "raw", "-c", &format!("write -s {} 3M 256k", reverse_file.display()), "-c", "flush", &b_unix],
+    )
+    .unwrap();
+    d.srctl(&["reprotect", &id.to_string(), "--machine", "b-agent-1"]);
+    wait_for("the reprotect to bring the source up to date", Duration::from_secs(60), || {
+        compare(disk.to_str().unwrap(), committed.to_str().unwrap()).is_ok()
+    });
+    let (code, v) = d.api("POST", &format!("/v1/items/{id}/failback"), None);
+    assert_eq!(code, 200, "{v}");
+    d.wait_job(v["job"].as_u64().unwrap(), true);
+    assert_eq!(d.item(id)["state"]["direction"], "forward");
+    let source = std::fs::read(&disk).unwrap();
+    assert!(source.windows(reverse.len()).any(|w| w == reverse), "the reverse pattern reached the source");
     capture.stop();
 
     let bytes = std::fs::read(&pcap).unwrap();
     assert!(bytes.len() > 100_000, "the capture saw the traffic ({} bytes)", bytes.len());
     let has = |needle: &[u8]| bytes.windows(needle.len()).any(|w| w == needle);
     assert!(!has(&pattern[..64]), "disk content crossed loopback in clear");
+    assert!(!has(&reverse[..64]), "disk content replicated back crossed loopback in clear");
     assert!(!has(d.admin.as_bytes()), "the admin token crossed loopback in clear");
     assert!(!has(b"data_key") && !has(b"\"keys\""), "an assignment (with data keys) crossed loopback in clear");
     assert!(!has(b"Authorization"), "an HTTP header crossed loopback in clear");
