@@ -50,11 +50,14 @@ fio_bw() {
     python3 -c 'import json,sys; s=sys.stdin.read(); print(json.loads(s[s.index("{"):])["jobs"][0]["write"]["bw_bytes"])'
 }
 
+# The components' APIs take the orchestrator's certificate that srctl local made.
+certs="$out/dep/certs"
+status() { target/release/srctl status "$1" --cert "$certs/cs.pem" --key "$certs/cs.key" --ca "$certs/ca.pem"; }
 applied() {
-  target/release/srctl status "$mt_http" | python3 -c 'import json,sys; r=json.load(sys.stdin)["replicas"]; print(r[0]["applied_seq"] if r else 0)'
+  status "$mt_http" | python3 -c 'import json,sys; r=json.load(sys.stdin)["replicas"]; print(r[0]["applied_seq"] if r else 0)'
 }
 last() {
-  target/release/srctl status "$agent_http" | python3 -c 'import json,sys; print(json.load(sys.stdin)["disks"][0]["last_seq"])'
+  status "$agent_http" | python3 -c 'import json,sys; print(json.load(sys.stdin)["disks"][0]["last_seq"])'
 }
 
 declare -A qemu_bw pipe_bw front_bw
@@ -75,7 +78,9 @@ for _ in $(seq 6000); do
   sleep 0.1
 done
 caught_up=$(date +%s.%N)
-qemu-img compare -f raw -F raw "$out/agent.img" "$replica_uri" >/dev/null
+# The replica is served over NBD with TLS (nbds://, which qemu does not spell): copy it, then compare.
+nbdcopy "$replica_uri" "$out/replica.img"
+qemu-img compare -f raw -F raw "$out/agent.img" "$out/replica.img" >/dev/null
 catch="replica caught up $(python3 -c "print(f'{$caught_up-$writes_done:.1f} s after the last write, {$caught_up-$started:.1f} s after the first')"); qemu-img compare: identical"
 
 mem="peak resident memory (VmHWM):"

@@ -34,21 +34,26 @@ agent_http=$(json 'j["agent_http"]')
 ps_http=$(json 'j["ps_http"]')
 replica_uri=$(json 'j["exports"][0]["replica_uri"]')
 replica="$out/dep/mt/replicas/item-1-disk-1.img"
+# The components' APIs take the orchestrator's certificate that srctl local made.
+certs="$out/dep/certs"
 # Polls the agent every 20 ms until the disk is copied, compared, shipped and applied.
 wait_caught_up() {
-  python3 - "$agent_http" <<'PY'
-import json, sys, time, urllib.request
-url = f"http://{sys.argv[1]}/v1/status"
+  python3 - "$agent_http" "$certs" <<'PY'
+import json, ssl, sys, time, urllib.request
+url = f"https://{sys.argv[1]}/v1/status"
+ctx = ssl.create_default_context(cafile=f"{sys.argv[2]}/ca.pem")
+ctx.load_cert_chain(f"{sys.argv[2]}/cs.pem", f"{sys.argv[2]}/cs.key")
 deadline = time.time() + 1800
 while time.time() < deadline:
-    d = json.load(urllib.request.urlopen(url))["disks"][0]
+    d = json.load(urllib.request.urlopen(url, context=ctx))["disks"][0]
     if d["initial_copy"]["done"] and d["dirty_bytes"] == 0 and not d["resync"]["active"] and d["applied_seq"] >= d["last_seq"]:
         sys.exit(0)
     time.sleep(0.02)
 sys.exit("replication did not catch up")
 PY
 }
-metric() { curl -s "http://$ps_http/metrics" | awk -v m="$1" '$1 == m {s += $2} END {printf "%.0f", s}'; }
+tls=(--cacert "$certs/ca.pem" --cert "$certs/cs.pem" --key "$certs/cs.key")
+metric() { curl -s "${tls[@]}" "https://$ps_http/metrics" | awk -v m="$1" '$1 == m {s += $2} END {printf "%.0f", s}'; }
 
 echo "initial replication" >&2
 wait_caught_up
@@ -80,13 +85,15 @@ in0=$(metric sr_process_server_received_bytes_total)
 out0=$(metric sr_process_server_forwarded_bytes_total)
 sum0=$(metric sr_process_server_checksum_bytes_total)
 t0=$(date +%s.%N)
-curl -s -X POST "http://$agent_http/v1/resync" >/dev/null
+curl -s "${tls[@]}" -X POST "https://$agent_http/v1/resync" >/dev/null
 wait_caught_up
 t1=$(date +%s.%N)
 in1=$(metric sr_process_server_received_bytes_total)
 out1=$(metric sr_process_server_forwarded_bytes_total)
 sum1=$(metric sr_process_server_checksum_bytes_total)
-qemu-img compare -f raw -F raw "$out/source.img" "$replica_uri" >/dev/null
+# The replica is served over NBD with TLS (nbds://, which qemu does not spell): copy it, then compare.
+nbdcopy "$replica_uri" "$out/replica-copy.img"
+qemu-img compare -f raw -F raw "$out/source.img" "$out/replica-copy.img" >/dev/null
 
 # The peer: rsync's delta transfer of the same source onto a copy of the same diverged replica.
 sync; echo 3 >/proc/sys/vm/drop_caches 2>/dev/null || true

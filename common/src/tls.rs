@@ -245,6 +245,13 @@ pub fn https_server_config(id: &Identity) -> anyhow::Result<Arc<rustls::ServerCo
     )
 }
 
+/// Whether a client certificate accepted earlier still passes the checks, against the revocation
+/// list in force now.
+pub fn client_still_valid(id: &Identity, cert: &CertificateDer<'_>) -> bool {
+    client_verifier(id, false)
+        .is_ok_and(|v| v.verify_client_cert(cert, &[], rustls::pki_types::UnixTime::now()).is_ok())
+}
+
 /// A client-certificate verifier against the deployment CA and the revocation list in force;
 /// `optional`: a client may also come without one.
 fn client_verifier(

@@ -31,9 +31,16 @@ fn env(name: &str, default: u64) -> u64 {
 
 fn wait_readable(uri: &str, timeout: Duration) -> Duration {
     let started = Instant::now();
+    // A path, nbd:// or nbds:// (the master target's exports are TLS only).
+    let image = sr_devkit::qemu_image(uri, "tls0").expect("an image qemu can open");
+    let mut args: Vec<&str> = vec!["-r"];
+    for o in &image.objects {
+        args.extend(["--object", o]);
+    }
+    args.extend(["--image-opts", &image.opts, "-c", "read 0 4k"]);
     loop {
         let ok = Command::new("qemu-io")
-            .args(["-r", "-f", "raw", "-c", "read 0 4k", uri])
+            .args(&args)
             .output()
             .is_ok_and(|o| o.status.success() && !String::from_utf8_lossy(&o.stdout).contains("error"));
         if ok {
@@ -132,7 +139,7 @@ fn one_disk(size: u64, batches: u64, writes: u64, rows: &mut Vec<Row>) {
         let body = serde_json::json!({ "name": view, "item": local.item, "point": point, "writable": true });
         let started = Instant::now();
         let v = local.post(sr_devkit::Component::MasterTarget, "/v1/views", &body).unwrap();
-        let uri = v["disks"][0]["uri"].as_str().unwrap().to_string();
+        let uri = local.with_certs(v["disks"][0]["uri"].as_str().unwrap());
         wait_readable(&uri, Duration::from_secs(60));
         let ms = started.elapsed().as_secs_f64() * 1000.0;
         rows.push(Row {
@@ -155,8 +162,9 @@ fn one_disk(size: u64, batches: u64, writes: u64, rows: &mut Vec<Row>) {
     if size <= 1 << 30 {
         // Reading a whole point: the view 12 h back (every undo record on top) beside qemu-nbd.
         let started = Instant::now();
-        let out =
-            Command::new("nbdcopy").args([&format!("nbd://{}/back-disk-1", local.addrs.mt_nbd), "null:"]).output();
+        let out = Command::new("nbdcopy")
+            .args([&local.with_certs(&format!("nbds://{}/back-disk-1", local.addrs.mt_nbd)), "null:"])
+            .output();
         let ok = out.is_ok_and(|o| o.status.success());
         rows.push(Row {
             disk: label.clone(),

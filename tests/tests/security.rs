@@ -431,3 +431,57 @@ fn the_process_server_takes_an_items_batches_only_from_its_agent_and_secrets_are
         assert_eq!(mode(&dir), 0o700, "{}", dir.display());
     }
 }
+
+#[test]
+fn an_nbd_client_revoked_while_connected_loses_its_connection() {
+    use std::io::{BufRead, Write};
+    let dir = test_dir();
+    let d = Deployment::start(dir.path());
+    let disk = dir.path().join("source.img");
+    make_disk(&disk, 16 * MIB).unwrap();
+    let site = d.site(&dir.path().join("a"), "", &disk);
+    let _mt = site.start(Component::MasterTarget).unwrap();
+    let _ps = site.start(Component::ProcessServer).unwrap();
+    let _agent = site.start(Component::Agent).unwrap();
+    let id = d.protect("agent-1");
+    let (code, v) = d.api("POST", &format!("/v1/items/{id}/test-failover"), Some(json!({"point": "latest"})));
+    assert_eq!(code, 200, "{v}");
+    let image = sr_devkit::qemu_image(&d.with_certs(v["machine"]["disks"][0]["uri"].as_str().unwrap()), "t").unwrap();
+    // One qemu-io session, fed a command at a time.
+    // stdbuf: qemu-io's answers come a line at a time through the pipe.
+    let mut qemu = std::process::Command::new("stdbuf")
+        .args(["-oL", "qemu-io", "--object", &image.objects[0], "--image-opts", &image.opts])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = qemu.stdin.take().unwrap();
+    let mut out = std::io::BufReader::new(qemu.stdout.take().unwrap());
+    // Each read answers two lines (what was read, then the timing).
+    let mut read = |stdin: &mut std::process::ChildStdin| {
+        writeln!(stdin, "read 0 4k").unwrap();
+        stdin.flush().unwrap();
+        let (mut line, mut stats) = (String::new(), String::new());
+        out.read_line(&mut line).unwrap();
+        if line.contains("read 4096/4096") {
+            let _ = out.read_line(&mut stats);
+        }
+        line
+    };
+    let first = read(&mut stdin);
+    assert!(first.contains("read 4096/4096"), "{first}");
+    // The certificate is revoked; once the master target has the new list, the open connection ends.
+    let (code, v) = d.api("POST", "/v1/components/tests/revoke", None);
+    assert_eq!(code, 200, "{v}");
+    let mt_log = site.log(Component::MasterTarget);
+    wait_for("the master target to take the new revocation list", Duration::from_secs(30), || {
+        std::fs::read_to_string(&mt_log).unwrap().matches("revocation list updated").count() >= 2
+    });
+    let after = read(&mut stdin);
+    assert!(!after.contains("read 4096/4096"), "a revoked client was still served: {after}");
+    drop(stdin);
+    let _ = qemu.wait();
+    let log = std::fs::read_to_string(&mt_log).unwrap();
+    assert!(log.contains("certificate was revoked"), "the master target said why");
+}

@@ -286,7 +286,7 @@ fn run_conn<S: Stream>(s: S, exports: &Exports, tls: Option<&NbdTls>) -> Result<
     w.get_ref().set_timeout(None)?;
     r.get_ref().set_timeout(None)?;
     let _slot = slot;
-    let res = transmission(&mut r, &mut w, backend.as_ref());
+    let res = transmission(&mut r, &mut w, backend.as_ref(), &mut || true);
     let _ = w.flush();
     res
 }
@@ -298,7 +298,8 @@ fn serve_tls<S: Stream>(sock: S, exports: &Exports, tls: &NbdTls, mut ctx: Negot
     while stream.conn.is_handshaking() {
         stream.conn.complete_io(&mut stream.sock).map_err(|e| ConnError::Tls(format!("handshake: {e}")))?;
     }
-    let peer = stream.conn.peer_certificates().and_then(|c| c.first()).and_then(Peer::of);
+    let cert = stream.conn.peer_certificates().and_then(|c| c.first()).map(|c| c.clone().into_owned());
+    let peer = cert.as_ref().and_then(Peer::of);
     match &peer {
         Some(p) if tls.roles.contains(&p.role) => {}
         Some(p) => {
@@ -318,7 +319,18 @@ fn serve_tls<S: Stream>(sock: S, exports: &Exports, tls: &NbdTls, mut ctx: Negot
     };
     shared.borrow().sock.set_timeout(None)?;
     let _slot = slot;
-    let res = transmission(&mut r, &mut w, backend.as_ref());
+    // A certificate revoked while its connection is open loses the connection at its next request.
+    let cert = cert.expect("a peer was found above");
+    let mut seen = tls.id.crl_generation();
+    let mut trusted = || {
+        let now = tls.id.crl_generation();
+        if now == seen {
+            return true;
+        }
+        seen = now;
+        crate::tls::client_still_valid(&tls.id, &cert)
+    };
+    let res = transmission(&mut r, &mut w, backend.as_ref(), &mut trusted);
     let _ = w.flush();
     shared.borrow_mut().conn.send_close_notify();
     let _ = w.flush();
@@ -383,7 +395,7 @@ pub fn serve_connection<R: Read, W: Write>(r: R, w: W, exports: &Exports) -> std
         let no_zeroes = greet(&mut r, &mut w)?;
         let mut ctx = Negotiation { started: std::time::Instant::now(), no_zeroes, tls_required: false, peer: None };
         match negotiate(&mut r, &mut w, exports, &mut ctx)? {
-            Negotiated::Go(b, _slot) => transmission(&mut r, &mut w, b.as_ref()),
+            Negotiated::Go(b, _slot) => transmission(&mut r, &mut w, b.as_ref(), &mut || true),
             Negotiated::Done | Negotiated::StartTls => Ok(()),
         }
     })();
@@ -622,7 +634,14 @@ fn may_change(bad_flags: bool, read_only: bool, in_range: bool, len: u32) -> std
     }
 }
 
-fn transmission<R: Read, W: Write>(r: &mut BufReader<R>, w: &mut W, b: &dyn Backend) -> Result<()> {
+/// Serves requests until the client leaves; `trusted` is asked before each one whether the client
+/// may still be served (its certificate not revoked since).
+fn transmission<R: Read, W: Write>(
+    r: &mut BufReader<R>,
+    w: &mut W,
+    b: &dyn Backend,
+    trusted: &mut dyn FnMut() -> bool,
+) -> Result<()> {
     let size = b.size();
     let counters = Counters::new();
     let mut buf: Vec<u8> = Vec::new();
@@ -632,6 +651,10 @@ fn transmission<R: Read, W: Write>(r: &mut BufReader<R>, w: &mut W, b: &dyn Back
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
             Err(e) => return Err(e.into()),
+        }
+        if !trusted() {
+            w.flush()?;
+            return Err(ConnError::Tls("the client's certificate was revoked; connection closed".into()));
         }
         let magic = u32::from_be_bytes(h[0..4].try_into().expect("4 bytes"));
         if magic != REQUEST_MAGIC {
