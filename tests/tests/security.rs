@@ -99,7 +99,8 @@ fn every_component_route_takes_only_the_configuration_servers_certificate() {
 fn nbd_exports_take_only_tls_with_an_nbd_client_certificate() {
     let dir = test_dir();
     let local = one_disk(dir.path());
-    let _mt = local.start(Component::MasterTarget).unwrap();
+    // At most two views open at once here.
+    let _mt = local.start_env(Component::MasterTarget, &[("SR_MT__MAX_VIEWS", "2")]).unwrap();
     let _ps = local.start(Component::ProcessServer).unwrap();
     let _agent = local.start(Component::Agent).unwrap();
     qemu_io(&local.agent_uri("d"), &["write -P 0x5a 0 2M".into(), "flush".into()]).unwrap();
@@ -152,6 +153,25 @@ fn nbd_exports_take_only_tls_with_an_nbd_client_certificate() {
     qemu_io(&local.with_certs(&ours), &["read -P 0x5a 0 2M".into(), "write -P 0x6b 4M 1M".into()]).unwrap();
     let listed = run("nbdinfo", &["--list", &local.with_certs(&format!("nbds://{}", local.addrs.mt_nbd))]).unwrap();
     assert!(listed.contains("ours-disk-1") && !listed.contains("theirs-disk-1"), "{listed}");
+
+    // Limits: a third view is refused; the apply log comes a page at a time; a client that connects
+    // and says nothing is dropped once the negotiation time is up.
+    let third =
+        mt.post_json(local.addrs.mt_http, "/v1/views", &json!({ "name": "third", "item": 1, "point": "latest" }));
+    assert_eq!(third.unwrap_err().status(), Some(409));
+    let page = local.get(Component::MasterTarget, "/v1/apply-log?item=1&disk=1&limit=1").unwrap();
+    assert_eq!(page["batches"].as_array().unwrap().len(), 1, "{page}");
+    let next = page["next_after"].as_u64().unwrap();
+    let rest = local.get(Component::MasterTarget, &format!("/v1/apply-log?item=1&disk=1&after={next}")).unwrap();
+    assert!(rest["batches"].as_array().unwrap().iter().all(|b| b[0].as_u64().unwrap() > next), "{rest}");
+    let mut silent = std::net::TcpStream::connect(local.addrs.mt_nbd).unwrap();
+    let mut greeting = [0u8; 18];
+    std::io::Read::read_exact(&mut silent, &mut greeting).unwrap();
+    // The server closes it (end of stream); a server that held it would let this read time out.
+    silent.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+    let mut rest = Vec::new();
+    let ended = std::io::Read::read_to_end(&mut silent, &mut rest);
+    assert!(ended.is_ok(), "a silent client was held: {ended:?}");
 }
 
 #[test]
@@ -204,6 +224,30 @@ fn the_configuration_servers_routes_follow_their_documented_roles() {
         }
     }
     assert!(checked >= 40, "only {checked} operations in the document");
+
+    // A revoked certificate gets nowhere on any route: the server checks the list in force.
+    let (code, v) = d.api("POST", "/v1/components/ps-1/revoke", None);
+    assert_eq!(code, 200, "{v}");
+    let revoked = {
+        let id = Identity::load(&site.tls("ps-1")).unwrap();
+        Client::new(ServerTrust::Mutual(&id, Role::ConfigServer)).unwrap()
+    };
+    for (path, ops) in doc["paths"].as_object().unwrap() {
+        for method in ops.as_object().unwrap().keys() {
+            let p = path.replace("{id}", "000000000999").replace("{name}", "nobody");
+            let s = revoked.request(api, &method.to_uppercase(), &p, Some("{}")).map(|r| r.0).unwrap_or(0);
+            assert!([0, 401, 403].contains(&s), "{method} {path} with a revoked certificate: {s}");
+        }
+    }
+
+    // Limits: jobs and events come a page at a time.
+    let (_, jobs) = d.api("GET", "/v1/jobs?limit=1", None);
+    assert_eq!(jobs.as_array().unwrap().len(), 1, "{jobs}");
+    let newest = jobs[0]["id"].as_u64().unwrap();
+    let (_, older) = d.api("GET", &format!("/v1/jobs?limit=1000&before={newest}"), None);
+    assert!(older.as_array().unwrap().iter().all(|j| j["id"].as_u64().unwrap() < newest), "{older}");
+    let (code, _) = d.api("GET", "/v1/events?limit=1", None);
+    assert_eq!(code, 200);
 }
 
 /// Runs tcpdump on loopback into `file` until dropped (the whole cycle: registration, protection, a
@@ -414,6 +458,30 @@ fn the_process_server_takes_an_items_batches_only_from_its_agent_and_secrets_are
     qemu_io(&a.agent_uri("disk0"), &["write -P 0x44 0 1M".into(), "flush".into()]).unwrap();
     wait_caught_up(&a, Duration::from_secs(60)).unwrap();
     compare(disk_a.to_str().unwrap(), &a.replica_uri(1)).unwrap();
+
+    // The cache is encrypted at rest: with the master target away, what waits there is sealed.
+    _mt.kill();
+    let pattern: Vec<u8> = b"SR-CACHE-AT-REST-CANARY-".iter().copied().cycle().take(256 << 10).collect();
+    let pattern_file = dir.path().join("pattern.bin");
+    std::fs::write(&pattern_file, &pattern).unwrap();
+    let unix = format!("nbd+unix:///disk0?socket={}", a.addrs.agent_unix.display());
+    run("qemu-io", &["-f", "raw", "-c", &format!("write -s {} 2M 256k", pattern_file.display()), "-c", "flush", &unix])
+        .unwrap();
+    wait_for("the batch to wait in the process server's cache", Duration::from_secs(30), || {
+        a.get(Component::ProcessServer, "/v1/status").unwrap()["streams"][0]["cache_bytes"].as_u64().unwrap_or(0) > 0
+    });
+    let mut files = vec![a.root.join("ps")];
+    let mut scanned = 0;
+    while let Some(p) = files.pop() {
+        if p.is_dir() {
+            files.extend(std::fs::read_dir(&p).unwrap().map(|e| e.unwrap().path()));
+        } else {
+            let bytes = std::fs::read(&p).unwrap();
+            assert!(!bytes.windows(64).any(|w| w == &pattern[..64]), "{} holds the disk's data in clear", p.display());
+            scanned += 1;
+        }
+    }
+    assert!(scanned > 1, "the cache was scanned");
 
     // Secrets and data are owner-only.
     let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
