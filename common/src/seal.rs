@@ -1,6 +1,6 @@
 //! AES-256-GCM sealing of batches under the protected item's data key.
 //!
-//! The associated data binds a sealed batch to (protocol version, item, disk, disk size, first and last
+//! The associated data binds a sealed batch to (seal format, item, disk, disk size, first and last
 //! sequence), all sent in clear beside the ciphertext. Flipping a bit anywhere, truncating the ciphertext,
 //! or presenting a batch under another item, disk or sequence range fails authentication. Replay and
 //! reordering of authentic batches are caught by the master target, which applies only the next
@@ -14,7 +14,7 @@
 //! master target opens a batch with the key of its epoch.
 
 use crate::types::{DiskId, ItemId, Seq};
-use crate::wire::{SealedBatch, PROTOCOL_VERSION};
+use crate::wire::SealedBatch;
 use aes_gcm::aead::{Aead, KeyInit, Payload};
 use aes_gcm::{Aes256Gcm, Nonce};
 use rand::RngCore;
@@ -36,6 +36,8 @@ pub enum SealError {
 #[derive(Clone)]
 pub struct ItemKey {
     cipher: Aes256Gcm,
+    /// The key's bytes, to tell two keys apart (never printed).
+    raw: [u8; 32],
 }
 
 impl std::fmt::Debug for ItemKey {
@@ -46,7 +48,7 @@ impl std::fmt::Debug for ItemKey {
 
 impl ItemKey {
     pub fn from_bytes(key: &[u8; 32]) -> Self {
-        ItemKey { cipher: Aes256Gcm::new(key.into()) }
+        ItemKey { cipher: Aes256Gcm::new(key.into()), raw: *key }
     }
 
     pub fn generate() -> ([u8; 32], Self) {
@@ -95,9 +97,13 @@ impl ItemKey {
     }
 }
 
+/// The sealing format bound into every batch: apart from the wire protocol's version, so batches
+/// cached before an upgrade that changes only the protocol still open.
+pub const SEAL_FORMAT: u32 = 1;
+
 fn aad(epoch: u32, item: ItemId, disk: DiskId, disk_size: u64, first: Seq, last: Seq) -> [u8; 48] {
     let mut a = [0u8; 48];
-    a[0..4].copy_from_slice(&PROTOCOL_VERSION.to_le_bytes());
+    a[0..4].copy_from_slice(&SEAL_FORMAT.to_le_bytes());
     a[4..12].copy_from_slice(&item.0.to_le_bytes());
     a[12..20].copy_from_slice(&disk.0.to_le_bytes());
     a[20..28].copy_from_slice(&disk_size.to_le_bytes());
@@ -147,6 +153,12 @@ impl ItemKeys {
 
     pub fn epochs(&self) -> Vec<u32> {
         self.epochs.keys().copied().collect()
+    }
+
+    /// Whether `other` holds the same keys under the same epochs.
+    pub fn same_keys(&self, other: &ItemKeys) -> bool {
+        self.epochs.len() == other.epochs.len()
+            && self.epochs.iter().zip(&other.epochs).all(|((e, k), (f, l))| e == f && k.raw == l.raw)
     }
 
     /// Seals made under the current epoch by this holder.

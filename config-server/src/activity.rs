@@ -52,7 +52,9 @@ pub const MAX_AGE_SECS: u64 = 90 * 24 * 3600;
 pub fn prune(cs: &Cs) -> Result<usize, crate::store::StoreError> {
     let store = cs.store();
     let jobs: Vec<Job> = store.list(JOBS)?;
-    let j: Vec<(u64, u64, bool)> = jobs.iter().map(|j| (j.id, j.started, j.ended.is_some())).collect();
+    // A job's age counts from when it ended.
+    let j: Vec<(u64, u64, bool)> =
+        jobs.iter().map(|j| (j.id, j.ended.unwrap_or(j.started), j.ended.is_some())).collect();
     let events: Vec<EventRecord> = store.list(EVENTS)?;
     let e: Vec<(u64, u64, bool)> = events.iter().map(|e| (e.id, e.time, true)).collect();
     let mut gone = 0;

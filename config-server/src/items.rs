@@ -40,6 +40,8 @@ pub fn public(i: &Item) -> Value {
 /// it once the process server has it; what is sealed under the earlier epoch still opens.
 pub async fn rotate_key(AxState(cs): AxState<Arc<Cs>>, h: HeaderMap, Path(id): Path<u64>) -> R<Value> {
     let by = require(cs.store(), &h, ApiRole::Operator)?;
+    // Item changes are serialized: an evaluation in flight must not write back the old key.
+    let _g = cs.items_lock.lock().await;
     let epoch = rotate(&cs, id, &format!("asked by {by}"))?;
     Ok(Json(json!({ "item": id, "key_epoch": epoch })))
 }
@@ -58,14 +60,15 @@ pub fn rotate(cs: &Cs, id: u64, why: &str) -> Result<u32, ApiError> {
     Ok(item.key_epoch)
 }
 
-/// Rotates the keys whose epoch is due (see [`crate::model::rotation_due`]); `seals` are the process
-/// servers' reports by item stream id.
-pub fn rotate_due(cs: &Cs, seals: &[sr_common::contract::SealCount]) -> Result<(), ApiError> {
+/// Rotates the keys whose epoch is due (see [`crate::model::rotation_due`]); `seals` are what process
+/// server `reporter` says it sealed, by item stream id (only its own items count).
+pub fn rotate_due(cs: &Cs, reporter: Option<&str>, seals: &[sr_common::contract::SealCount]) -> Result<(), ApiError> {
     let items: Vec<Item> = cs.store().list(ITEMS)?;
     for i in items.iter().filter(|i| !i.data_key.is_empty()) {
+        let carries = reporter.is_some_and(|r| i.process_server.as_deref() == Some(r));
         let reported = seals
             .iter()
-            .filter(|s| s.item.0 == i.wire_id() && s.epoch == i.key_epoch)
+            .filter(|s| carries && s.item.0 == i.wire_id() && s.epoch == i.key_epoch)
             .map(|s| s.seals)
             .max()
             .unwrap_or(0);

@@ -221,7 +221,7 @@ pub async fn run(cfg: CsConfig, shutdown: CancellationToken) -> anyhow::Result<(
                 }
                 // Keys are rotated by age too.
                 let _g = ev.items_lock.lock().await;
-                if let Err(e) = items::rotate_due(&ev, &[]) {
+                if let Err(e) = items::rotate_due(&ev, None, &[]) {
                     tracing::error!(error = %e.message, "rotating data keys failed");
                 }
             }

@@ -266,7 +266,7 @@ pub struct Item {
 }
 
 /// Earlier key epochs an item keeps.
-pub const KEEP_KEY_EPOCHS: usize = 8;
+pub const KEEP_KEY_EPOCHS: usize = 32;
 /// A key epoch older than this is rotated.
 pub const KEY_MAX_AGE_SECS: u64 = 7 * 24 * 3600;
 

@@ -242,9 +242,9 @@ async fn control_loop(server: Arc<Server>, client: sr_common::control::ControlCl
             let old = srv.routes.read().expect("routes lock poisoned").clone();
             for a in cl.assignments::<ProcessServerAssignment>().await? {
                 let fresh = sr_common::contract::item_keys(a.item, &a.keys)?;
-                // The same epochs keep their seal count; a new epoch starts at zero.
+                // The same keys keep their seal count; a new epoch (or a key that changed) starts anew.
                 let key = match old.get(&a.item) {
-                    Some(r) if r.key.epochs() == fresh.epochs() => r.key.clone(),
+                    Some(r) if r.key.same_keys(&fresh) => r.key.clone(),
                     _ => {
                         tracing::info!(item = %a.item, epoch = fresh.current_epoch(), "data key epoch in force");
                         Arc::new(fresh)

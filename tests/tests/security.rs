@@ -23,6 +23,29 @@ fn one_disk(dir: &std::path::Path) -> Local {
         .unwrap()
 }
 
+/// A configuration server and one site (master target, process server, agent) protecting one disk.
+struct Protected {
+    d: Deployment,
+    site: Local,
+    disk: std::path::PathBuf,
+    /// The master target, process server and agent, in that order.
+    procs: Vec<Proc>,
+    id: u64,
+}
+
+fn protected(dir: &std::path::Path, size: u64) -> Protected {
+    let d = Deployment::start(dir);
+    let disk = dir.join("source.img");
+    make_disk(&disk, size).unwrap();
+    let site = d.site(&dir.join("a"), "", &disk);
+    let procs = [Component::MasterTarget, Component::ProcessServer, Component::Agent]
+        .map(|c| site.start(c).unwrap())
+        .into_iter()
+        .collect();
+    let id = d.protect("agent-1");
+    Protected { d, site, disk, procs, id }
+}
+
 fn client(local: &Local, name: &str, server: Role) -> Client {
     let id = Identity::load(&local.tls(name)).unwrap();
     Client::new(ServerTrust::Mutual(&id, server)).unwrap()
@@ -295,14 +318,7 @@ fn a_capture_of_loopback_holds_no_key_token_or_disk_content() {
     let dir = test_dir();
     let pcap = dir.path().join("lo.pcap");
     let capture = Capture::start(&pcap);
-    let d = Deployment::start(dir.path());
-    let disk = dir.path().join("source.img");
-    make_disk(&disk, 16 * MIB).unwrap();
-    let site = d.site(&dir.path().join("a"), "", &disk);
-    let _mt = site.start(Component::MasterTarget).unwrap();
-    let _ps = site.start(Component::ProcessServer).unwrap();
-    let _agent = site.start(Component::Agent).unwrap();
-    let id = d.protect("agent-1");
+    let Protected { d, site, disk, procs: _procs, id } = protected(dir.path(), 16 * MIB);
     // A recognisable pattern written through the agent's Unix socket (its loopback TCP front end
     // is the machine's own disk interface, outside what crosses between the parts).
     let pattern: Vec<u8> = b"SR-CLEARTEXT-CANARY-0123456789-".iter().copied().cycle().take(256 << 10).collect();
@@ -364,14 +380,7 @@ fn a_capture_of_loopback_holds_no_key_token_or_disk_content() {
 #[test]
 fn a_data_key_rotated_twice_under_churn_leaves_the_replica_identical() {
     let dir = test_dir();
-    let d = Deployment::start(dir.path());
-    let disk = dir.path().join("source.img");
-    make_disk(&disk, 32 * MIB).unwrap();
-    let site = d.site(&dir.path().join("a"), "", &disk);
-    let _mt = site.start(Component::MasterTarget).unwrap();
-    let _ps = site.start(Component::ProcessServer).unwrap();
-    let _agent = site.start(Component::Agent).unwrap();
-    let id = d.protect("agent-1");
+    let Protected { d, site, disk, procs: _procs, id } = protected(dir.path(), 32 * MIB);
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let churn = {
         let (stop, uri) = (stop.clone(), site.agent_uri("disk0"));
@@ -415,15 +424,11 @@ fn the_process_server_takes_an_items_batches_only_from_its_agent_and_secrets_are
     use sr_common::wire::{self, ErrorCode, Message, WireError};
     use std::os::unix::fs::PermissionsExt;
     let dir = test_dir();
-    let d = Deployment::start(dir.path());
-    let (disk_a, disk_b) = (dir.path().join("a.img"), dir.path().join("b.img"));
-    make_disk(&disk_a, 16 * MIB).unwrap();
+    let Protected { d, site: a, disk: disk_a, procs, id } = protected(dir.path(), 16 * MIB);
+    let mut procs = procs.into_iter();
+    let mt = procs.next().unwrap();
+    let disk_b = dir.path().join("b.img");
     make_disk(&disk_b, 16 * MIB).unwrap();
-    let a = d.site(&dir.path().join("a"), "", &disk_a);
-    let _mt = a.start(Component::MasterTarget).unwrap();
-    let _ps = a.start(Component::ProcessServer).unwrap();
-    let _agent = a.start(Component::Agent).unwrap();
-    let id = d.protect("agent-1");
     let stream = d.item(id)["stream"].as_u64().unwrap();
     // Another machine of the deployment, with a valid agent certificate of its own.
     let b = d.site(&dir.path().join("b"), "dr-", &disk_b);
@@ -454,13 +459,28 @@ fn the_process_server_takes_an_items_batches_only_from_its_agent_and_secrets_are
             other => panic!("another machine's agent was not refused (checksums: {tree}): {other:?}"),
         }
     }
+    // Seal counts rotate an item's key only when its own process server reports them.
+    let report = json!({ "seals": [{ "item": stream, "epoch": 0, "seals": 1u64 << 25 }] });
+    let as_ps = |tls: TlsPaths| {
+        let id = Identity::load(&tls).unwrap();
+        Client::new(ServerTrust::Mutual(&id, Role::ConfigServer)).unwrap()
+    };
+    let rotated = || d.api("GET", "/v1/events", None).1.to_string().contains("rotated to epoch 1");
+    as_ps(b.tls("dr-ps-1")).post_json(d.cp.api, "/v1/heartbeat", &report).unwrap();
+    assert!(!rotated(), "another process server's report rotated the key");
+    wait_for("the item's process server's report to rotate the key", Duration::from_secs(30), || {
+        // The report is taken when no evaluation holds the items: sent until it is.
+        as_ps(a.tls("ps-1")).post_json(d.cp.api, "/v1/heartbeat", &report).unwrap();
+        rotated()
+    });
+
     // The item's own agent goes on replicating.
     qemu_io(&a.agent_uri("disk0"), &["write -P 0x44 0 1M".into(), "flush".into()]).unwrap();
     wait_caught_up(&a, Duration::from_secs(60)).unwrap();
     compare(disk_a.to_str().unwrap(), &a.replica_uri(1)).unwrap();
 
     // The cache is encrypted at rest: with the master target away, what waits there is sealed.
-    _mt.kill();
+    mt.kill();
     let pattern: Vec<u8> = b"SR-CACHE-AT-REST-CANARY-".iter().copied().cycle().take(256 << 10).collect();
     let pattern_file = dir.path().join("pattern.bin");
     std::fs::write(&pattern_file, &pattern).unwrap();
@@ -504,14 +524,7 @@ fn the_process_server_takes_an_items_batches_only_from_its_agent_and_secrets_are
 fn an_nbd_client_revoked_while_connected_loses_its_connection() {
     use std::io::{BufRead, Write};
     let dir = test_dir();
-    let d = Deployment::start(dir.path());
-    let disk = dir.path().join("source.img");
-    make_disk(&disk, 16 * MIB).unwrap();
-    let site = d.site(&dir.path().join("a"), "", &disk);
-    let _mt = site.start(Component::MasterTarget).unwrap();
-    let _ps = site.start(Component::ProcessServer).unwrap();
-    let _agent = site.start(Component::Agent).unwrap();
-    let id = d.protect("agent-1");
+    let Protected { d, site, disk: _, procs: _procs, id } = protected(dir.path(), 16 * MIB);
     let (code, v) = d.api("POST", &format!("/v1/items/{id}/test-failover"), Some(json!({"point": "latest"})));
     assert_eq!(code, 200, "{v}");
     let image = sr_devkit::qemu_image(&d.with_certs(v["machine"]["disks"][0]["uri"].as_str().unwrap()), "t").unwrap();

@@ -292,6 +292,9 @@ fn run_conn<S: Stream>(s: S, exports: &Exports, tls: Option<&NbdTls>) -> Result<
 }
 
 fn serve_tls<S: Stream>(sock: S, exports: &Exports, tls: &NbdTls, mut ctx: Negotiation) -> Result<()> {
+    // The revocation list the handshake checks against (or an older one): a change after this point is
+    // checked again before the first request.
+    let checked_at = tls.id.crl_generation();
     let cfg = crate::tls::nbd_server_config(&tls.id).map_err(|e| ConnError::Tls(format!("{e:#}")))?;
     let conn = rustls::ServerConnection::new(cfg).map_err(|e| ConnError::Tls(e.to_string()))?;
     let mut stream = rustls::StreamOwned::new(conn, sock);
@@ -321,7 +324,7 @@ fn serve_tls<S: Stream>(sock: S, exports: &Exports, tls: &NbdTls, mut ctx: Negot
     let _slot = slot;
     // A certificate revoked while its connection is open loses the connection at its next request.
     let cert = cert.expect("a peer was found above");
-    let mut seen = tls.id.crl_generation();
+    let mut seen = checked_at;
     let mut trusted = || {
         let now = tls.id.crl_generation();
         if now == seen {
