@@ -6,7 +6,7 @@ set -euo pipefail
 need_pkgs=()
 for pair in qemu-img:qemu-utils qemu-io:qemu-utils nbdcopy:libnbd-bin nbdinfo:libnbd-bin fio:fio \
             nbdkit:nbdkit mke2fs:e2fsprogs e2fsck:e2fsprogs debugfs:e2fsprogs rsync:rsync \
-            tcpdump:tcpdump; do
+            tcpdump:tcpdump ethtool:ethtool ip:iproute2; do
   command -v "${pair%%:*}" >/dev/null 2>&1 || need_pkgs+=("${pair#*:}")
 done
 if [ ${#need_pkgs[@]} -gt 0 ]; then

@@ -76,6 +76,28 @@ pub fn parse_with_env<T: DeserializeOwned>(
     toml::from_str(&merged).map_err(|e| invalid(format!("{e} (after environment overrides)")))
 }
 
+/// The address peers reach a listener at: `advertise` when it is set (behind NAT, a Kubernetes Service,
+/// a proxy), else the address it binds. The answer must name one host and a port: a listener bound
+/// to the unspecified address (`0.0.0.0`, `[::]`) needs an advertised address.
+/// `keys` names the two settings (bind, advertise) for the error message.
+pub fn advertised(
+    keys: (&str, &str),
+    bind: std::net::SocketAddr,
+    advertise: Option<std::net::SocketAddr>,
+) -> Result<std::net::SocketAddr, String> {
+    let (bind_key, advertise_key) = keys;
+    match advertise {
+        Some(a) if a.ip().is_unspecified() || a.port() == 0 => {
+            Err(format!("key {advertise_key}: {a} is not an address peers can reach; name a host address and a port"))
+        }
+        Some(a) => Ok(a),
+        None if bind.ip().is_unspecified() || bind.port() == 0 => Err(format!(
+            "key {bind_key}: {bind} binds every address or any port; set {advertise_key} to the address peers reach"
+        )),
+        None => Ok(bind),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -111,5 +133,20 @@ mod tests {
         assert!(e.contains("bogus"), "{e}");
         let e = parse("name = 'a'\n[net]\nport = 1\n", &[("SR_X__NET__PORT", "70000")]).unwrap_err().to_string();
         assert!(e.contains("port") && e.contains("environment"), "{e}");
+    }
+
+    #[test]
+    fn advertised_address_names_one_host() {
+        let a = |s: &str| s.parse::<std::net::SocketAddr>().unwrap();
+        let keys = ("listen", "advertise");
+        assert_eq!(advertised(keys, a("10.0.0.1:7"), None), Ok(a("10.0.0.1:7")));
+        assert_eq!(advertised(keys, a("[fd00::1]:7"), None), Ok(a("[fd00::1]:7")));
+        assert_eq!(advertised(keys, a("0.0.0.0:7"), Some(a("192.0.2.9:70"))), Ok(a("192.0.2.9:70")));
+        assert_eq!(advertised(keys, a("[::]:7"), Some(a("[2001:db8::5]:7"))), Ok(a("[2001:db8::5]:7")));
+        for (bind, adv) in [("0.0.0.0:7", None), ("[::]:7", None), ("10.0.0.1:0", None), ("[::]:7", Some("[::]:7"))] {
+            let e = advertised(keys, a(bind), adv.map(a)).unwrap_err();
+            assert!(e.contains("advertise"), "{e}");
+        }
+        assert!(advertised(keys, a("0.0.0.0:7"), Some(a("10.0.0.1:0"))).unwrap_err().contains("key advertise:"));
     }
 }

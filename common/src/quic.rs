@@ -34,8 +34,20 @@ fn endpoint_config() -> quinn::EndpointConfig {
     c
 }
 
+/// A UDP socket on `addr`; an IPv6 wildcard takes IPv4 too (dual stack), whatever the host's
+/// `bindv6only` default says.
+fn udp_socket(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if addr.is_ipv6() && addr.ip().is_unspecified() {
+        socket.set_only_v6(false)?;
+    }
+    socket.bind(&addr.into())?;
+    Ok(socket.into())
+}
+
 fn bind(addr: SocketAddr, server: Option<quinn::ServerConfig>) -> anyhow::Result<quinn::Endpoint> {
-    let socket = std::net::UdpSocket::bind(addr).with_context(|| format!("binding UDP {addr}"))?;
+    let socket = udp_socket(addr).with_context(|| format!("binding UDP {addr}"))?;
     quinn::Endpoint::new(endpoint_config(), server, socket, Arc::new(quinn::TokioRuntime))
         .with_context(|| format!("starting a QUIC endpoint on {addr}"))
 }
@@ -61,10 +73,12 @@ pub fn server(id: &Identity, addr: SocketAddr) -> anyhow::Result<quinn::Endpoint
     bind(addr, Some(server_cfg(id)?))
 }
 
-/// A client endpoint presenting our certificate.
+/// A client endpoint presenting our certificate, bound to every address of both families (the
+/// kernel picks the source address of each route), or of IPv4 alone where the host has no IPv6.
 pub fn client(id: &Identity) -> anyhow::Result<quinn::Endpoint> {
-    let bind: SocketAddr = "127.0.0.1:0".parse().expect("literal address");
-    let mut ep = self::bind(bind, None)?;
+    let any6 = SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0));
+    let any4 = SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, 0));
+    let mut ep = self::bind(any6, None).or_else(|_| self::bind(any4, None))?;
     ep.set_default_client_config(client_cfg(id)?);
     Ok(ep)
 }

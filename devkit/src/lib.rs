@@ -17,6 +17,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+pub mod netns;
+pub mod wan;
+
 pub const ITEM: u64 = 1;
 
 /// Ports are picked below the kernel's ephemeral range (32768 and up on Linux), where outgoing

@@ -15,11 +15,21 @@ pub struct MtConfig {
     /// Replicas and state live here.
     pub data_dir: PathBuf,
     pub http: SocketAddr,
-    /// QUIC address process servers connect to.
+    /// The API address the configuration server reaches, when it is not `http`.
+    #[serde(default)]
+    pub advertise_http: Option<SocketAddr>,
+    /// QUIC address this server binds (`0.0.0.0:PORT` or `[::]:PORT` for every address).
     pub listen: SocketAddr,
-    /// Read-only NBD exports of the replicas (`item-I-disk-D`).
+    /// The QUIC address process servers reach this server at, when it is not `listen` (NAT, a
+    /// Kubernetes Service, a proxy between sites).
+    #[serde(default)]
+    pub advertise: Option<SocketAddr>,
+    /// NBD exports of the replicas and failover disks (TLS only).
     #[serde(default)]
     pub nbd_tcp: Option<SocketAddr>,
+    /// The NBD address clients reach (in machine descriptions' `nbds://` URIs), when it is not `nbd_tcp`.
+    #[serde(default)]
+    pub advertise_nbd: Option<SocketAddr>,
     pub tls: TlsPaths,
     /// The configuration server to report to and take item keys from.
     #[serde(default)]
@@ -43,6 +53,21 @@ fn default_max_views() -> usize {
 }
 
 impl MtConfig {
+    /// Where process servers reach this server's QUIC listener.
+    pub fn advertised(&self) -> SocketAddr {
+        self.advertise.unwrap_or(self.listen)
+    }
+
+    /// Where the configuration server reaches this server's API.
+    pub fn advertised_http(&self) -> SocketAddr {
+        self.advertise_http.unwrap_or(self.http)
+    }
+
+    /// Where NBD clients reach the exports.
+    pub fn advertised_nbd(&self) -> Option<SocketAddr> {
+        self.advertise_nbd.or(self.nbd_tcp)
+    }
+
     /// Where exports are written.
     pub fn export_dir(&self) -> PathBuf {
         self.export_dir.clone().unwrap_or_else(|| self.data_dir.join("exports"))
@@ -103,9 +128,12 @@ impl sr_common::config::Validate for MtConfig {
         let MtConfig {
             node,
             data_dir: _,
-            http: _,
-            listen: _,
-            nbd_tcp: _,
+            http,
+            advertise_http,
+            listen,
+            advertise,
+            nbd_tcp,
+            advertise_nbd,
             tls: _,
             control: _,
             items,
@@ -121,6 +149,13 @@ impl sr_common::config::Validate for MtConfig {
         }
         if node.is_empty() {
             return Err("key node: must not be empty".into());
+        }
+        sr_common::config::advertised(("http", "advertise_http"), *http, *advertise_http)?;
+        sr_common::config::advertised(("listen", "advertise"), *listen, *advertise)?;
+        match nbd_tcp {
+            Some(n) => _ = sr_common::config::advertised(("nbd_tcp", "advertise_nbd"), *n, *advertise_nbd)?,
+            None if advertise_nbd.is_some() => return Err("key advertise_nbd: set without nbd_tcp".into()),
+            None => {}
         }
         let PointsConfig { retention_secs, segment_bytes, segment_secs, expiry_interval_secs } = points;
         for (key, v) in [

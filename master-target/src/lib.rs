@@ -314,13 +314,13 @@ async fn control_loop(server: Arc<Server>, client: sr_common::control::ControlCl
                 .collect();
             let report = Heartbeat {
                 faults: Some(srv.faults()),
-                address: Some(srv.cfg.listen.to_string()),
+                address: Some(srv.cfg.advertised().to_string()),
                 load: Some(Load {
                     free_bytes: sr_common::control::free_bytes(&srv.cfg.data_dir),
                     ..Default::default()
                 }),
                 applied: Some(applied),
-                http: Some(srv.cfg.http.to_string()),
+                http: Some(srv.cfg.advertised_http().to_string()),
                 ..Default::default()
             };
             cl.heartbeat(&report).await?;

@@ -334,7 +334,7 @@ impl Server {
     }
 
     pub fn view_info(&self, v: &OpenView) -> sr_common::contract::ViewInfo {
-        let nbd = self.cfg.nbd_tcp.map(|a| a.to_string());
+        let nbd = self.cfg.advertised_nbd().map(|a| a.to_string());
         let disks = v
             .record
             .disks

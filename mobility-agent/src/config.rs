@@ -24,6 +24,9 @@ pub struct AgentConfig {
     pub data_dir: PathBuf,
     /// Operations endpoint: /metrics, /healthz, /v1/status.
     pub http: SocketAddr,
+    /// The API address the configuration server reaches, when it is not `http` (NAT, a proxy).
+    #[serde(default)]
+    pub advertise_http: Option<SocketAddr>,
     /// NBD over TCP (loopback); at least one of `nbd_tcp` and `nbd_unix` is required.
     #[serde(default)]
     pub nbd_tcp: Option<SocketAddr>,
@@ -148,7 +151,8 @@ impl sr_common::config::Validate for AgentConfig {
             node,
             item,
             data_dir: _,
-            http: _,
+            http,
+            advertise_http,
             nbd_tcp,
             nbd_unix,
             process_server,
@@ -170,6 +174,7 @@ impl sr_common::config::Validate for AgentConfig {
         if node.is_empty() {
             return Err("key node: must not be empty".into());
         }
+        sr_common::config::advertised(("http", "advertise_http"), *http, *advertise_http)?;
         // The protected machine's own disk, like a local block device: served to this host only.
         if let Some(a) = nbd_tcp.filter(|a| !a.ip().is_loopback()) {
             return Err(format!(

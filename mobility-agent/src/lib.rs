@@ -256,7 +256,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Resul
             events,
             journal: cfg.journal.clone(),
             points: cfg.points.clone(),
-            http,
+            http: cfg.advertise_http.unwrap_or(http),
         };
         tasks.spawn(control_loop(client, to_cs, shutdown.clone()));
     }

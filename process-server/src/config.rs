@@ -16,8 +16,12 @@ pub struct PsConfig {
     pub node: String,
     pub data_dir: PathBuf,
     pub http: SocketAddr,
-    /// QUIC address agents connect to.
+    /// QUIC address this server binds (`0.0.0.0:PORT` or `[::]:PORT` for every address).
     pub listen: SocketAddr,
+    /// The QUIC address agents reach this server at, when it is not `listen` (NAT, a Kubernetes
+    /// Service, a proxy between sites).
+    #[serde(default)]
+    pub advertise: Option<SocketAddr>,
     /// The master target of the statically configured items (with `[control]`, each item's master
     /// target is assigned).
     #[serde(default)]
@@ -50,6 +54,11 @@ fn default_window() -> u64 {
 }
 
 impl PsConfig {
+    /// Where agents reach this server's QUIC listener.
+    pub fn advertised(&self) -> SocketAddr {
+        self.advertise.unwrap_or(self.listen)
+    }
+
     pub fn load(path: &std::path::Path) -> anyhow::Result<PsConfig> {
         Ok(sr_common::config::load_valid(path, ENV_PREFIX)?)
     }
@@ -61,7 +70,8 @@ impl sr_common::config::Validate for PsConfig {
             node,
             data_dir: _,
             http: _,
-            listen: _,
+            listen,
+            advertise,
             master_target,
             control,
             tls: _,
@@ -73,6 +83,7 @@ impl sr_common::config::Validate for PsConfig {
         if node.is_empty() {
             return Err("key node: must not be empty".into());
         }
+        sr_common::config::advertised(("listen", "advertise"), *listen, *advertise)?;
         if control.is_none() && master_target.is_none() {
             return Err("set [control] (items are assigned) or master_target (for the [[item]] list)".into());
         }

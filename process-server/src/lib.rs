@@ -230,7 +230,7 @@ async fn control_loop(server: Arc<Server>, client: sr_common::control::ControlCl
                 .map(|(item, r)| SealCount { item: *item, epoch: r.key.current_epoch(), seals: r.key.seals() })
                 .collect();
             let report = Heartbeat {
-                address: Some(srv.cfg.listen.to_string()),
+                address: Some(srv.cfg.advertised().to_string()),
                 load: Some(Load { cache_bytes: cache, ..Default::default() }),
                 faults: Some(faults),
                 seals,
