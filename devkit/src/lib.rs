@@ -150,7 +150,64 @@ pub struct Addrs {
     pub mt_nbd: SocketAddr,
 }
 
+/// Where a deployment's components run when they are not all on this host's loopback: each in its
+/// own host (network namespace) of a [`netns::Topology`], binding the wildcard address of `family`
+/// and advertising its host's address.
+#[derive(Debug, Clone)]
+pub struct Placement {
+    pub family: netns::Family,
+    pub agent: netns::Host,
+    pub ps: netns::Host,
+    pub mt: netns::Host,
+}
+
+impl Placement {
+    fn host(&self, c: Component) -> Option<&netns::Host> {
+        match c {
+            Component::Agent => Some(&self.agent),
+            Component::ProcessServer => Some(&self.ps),
+            Component::MasterTarget => Some(&self.mt),
+            Component::ConfigServer => None,
+        }
+    }
+
+    /// The wildcard address of the family, at `port`.
+    pub fn any(&self, port: u16) -> SocketAddr {
+        match self.family {
+            netns::Family::V4 => SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, port)),
+            netns::Family::V6 => SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, port)),
+        }
+    }
+}
+
+/// Well-known ports of a placed deployment (each host has its own port space).
+pub mod ports {
+    pub const API: u16 = 9443;
+    pub const AGENT_HTTP: u16 = 9101;
+    pub const AGENT_NBD: u16 = 10810;
+    pub const PS_HTTP: u16 = 9102;
+    pub const PS_QUIC: u16 = 9201;
+    pub const MT_HTTP: u16 = 9103;
+    pub const MT_QUIC: u16 = 9202;
+    pub const MT_NBD: u16 = 10809;
+}
+
 impl Addrs {
+    /// Addresses of a placed deployment as its peers (and the tests) reach them.
+    fn placed(root: &Path, p: &Placement) -> Addrs {
+        let at = |h: &netns::Host, port| SocketAddr::new(h.ip(p.family), port);
+        Addrs {
+            agent_http: at(&p.agent, ports::AGENT_HTTP),
+            agent_nbd: SocketAddr::from(([127, 0, 0, 1], ports::AGENT_NBD)),
+            agent_unix: root.join("agent.sock"),
+            ps_http: at(&p.ps, ports::PS_HTTP),
+            ps_quic: at(&p.ps, ports::PS_QUIC),
+            mt_http: at(&p.mt, ports::MT_HTTP),
+            mt_quic: at(&p.mt, ports::MT_QUIC),
+            mt_nbd: at(&p.mt, ports::MT_NBD),
+        }
+    }
+
     fn new(root: &Path) -> Addrs {
         Addrs {
             agent_http: free_tcp(),
@@ -179,6 +236,8 @@ pub struct Local {
     /// The certificate the components' APIs take (the configuration server's role): what srctl
     /// quickstart and the tests call the agent, process server and master target with.
     pub orchestrator: TlsPaths,
+    /// Set when the components run in hosts of a [`netns::Topology`].
+    pub placement: Option<Placement>,
     clients: std::sync::Mutex<Vec<(Role, http::Client)>>,
 }
 
@@ -226,6 +285,7 @@ impl Local {
             certs,
             site: String::new(),
             orchestrator: paths[3].clone(),
+            placement: None,
             clients: Default::default(),
         };
         local.write_configs(opts, None)?;
@@ -254,6 +314,19 @@ impl Local {
         admin_token: &str,
         site: &str,
     ) -> anyhow::Result<Local> {
+        Local::managed_placed(root, disks, opts, cp, admin_token, site, None)
+    }
+
+    /// [`Local::managed_site`] with the components on the hosts of `placement` (or on loopback).
+    pub fn managed_placed(
+        root: &Path,
+        disks: Vec<DiskSpec>,
+        opts: &Options,
+        cp: &ControlPlane,
+        admin_token: &str,
+        site: &str,
+        placement: Option<Placement>,
+    ) -> anyhow::Result<Local> {
         let api = cp.api;
         let admin = cp.client(admin_token)?;
         std::fs::create_dir_all(root.join("logs")).with_context(|| format!("creating {}", root.display()))?;
@@ -261,12 +334,16 @@ impl Local {
         let local = Local {
             item: ITEM,
             root: root.to_path_buf(),
-            addrs: Addrs::new(root),
+            addrs: match &placement {
+                Some(p) => Addrs::placed(root, p),
+                None => Addrs::new(root),
+            },
             disks,
             key_file: PathBuf::new(),
             certs,
             site: site.to_string(),
             orchestrator: cp.orchestrator(),
+            placement,
             clients: Default::default(),
         };
         for c in [Component::MasterTarget, Component::ProcessServer, Component::Agent] {
@@ -322,6 +399,11 @@ impl Local {
 
     fn write_configs(&self, opts: &Options, control_api: Option<SocketAddr>) -> anyhow::Result<()> {
         let (root, addrs, certs) = (&self.root, &self.addrs, &self.certs);
+        // `key = "bind"`, and `advertise_key = "address"` when placed (bound to the wildcard).
+        let listen = |key: &str, adv_key: &str, a: SocketAddr| match &self.placement {
+            Some(p) => format!("{key} = \"{}\"\n{adv_key} = \"{a}\"\n", p.any(a.port())),
+            None => format!("{key} = \"{a}\"\n"),
+        };
         // Static deployments name certificates by role; registered ones by node name.
         let cert_name = |c: Component| if control_api.is_some() { self.node(c) } else { c.short().to_string() };
         let control = |c: Component| match control_api {
@@ -337,24 +419,24 @@ impl Local {
             format!("[[item]]\nid = {ITEM}\nkey_file = {:?}\n", self.key_file)
         };
         let mt = format!(
-            "node = \"{}\"\ndata_dir = {:?}\nexport_dir = {:?}\nhttp = \"{}\"\nlisten = \"{}\"\nnbd_tcp = \"{}\"\n{}\n{}{item}",
+            "node = \"{}\"\ndata_dir = {:?}\nexport_dir = {:?}\n{}{}{}{}\n{}{item}",
             self.node(Component::MasterTarget),
             root.join("mt"),
             self.export_dir(),
-            addrs.mt_http,
-            addrs.mt_quic,
-            addrs.mt_nbd,
+            listen("http", "advertise_http", addrs.mt_http),
+            listen("listen", "advertise", addrs.mt_quic),
+            listen("nbd_tcp", "advertise_nbd", addrs.mt_nbd),
             tls_toml(certs, &cert_name(Component::MasterTarget)),
             control(Component::MasterTarget),
         );
         let static_mt =
             if control_api.is_some() { String::new() } else { format!("master_target = \"{}\"\n", addrs.mt_quic) };
         let ps = format!(
-            "node = \"{}\"\ndata_dir = {:?}\nhttp = \"{}\"\nlisten = \"{}\"\n{static_mt}cache_limit_bytes = {}\n{}\n{}{item}",
+            "node = \"{}\"\ndata_dir = {:?}\nhttp = \"{}\"\n{}{static_mt}cache_limit_bytes = {}\n{}\n{}{item}",
             self.node(Component::ProcessServer),
             root.join("ps"),
-            addrs.ps_http,
-            addrs.ps_quic,
+            self.placement.as_ref().map_or(addrs.ps_http, |p| p.any(addrs.ps_http.port())),
+            listen("listen", "advertise", addrs.ps_quic),
             opts.ps_cache_limit_bytes,
             tls_toml(certs, &cert_name(Component::ProcessServer)),
             control(Component::ProcessServer),
@@ -365,10 +447,10 @@ impl Local {
             format!("item = {ITEM}\nprocess_server = \"{}\"\n", addrs.ps_quic)
         };
         let mut agent = format!(
-            "node = \"{}\"\n{static_agent}data_dir = {:?}\nhttp = \"{}\"\nnbd_tcp = \"{}\"\nnbd_unix = {:?}\n{}\n{}[ship]\nbatch_bytes = {}\nwindow_bytes = {}\n[copy]\nchunk_bytes = {}\n",
+            "node = \"{}\"\n{static_agent}data_dir = {:?}\n{}nbd_tcp = \"{}\"\nnbd_unix = {:?}\n{}\n{}[ship]\nbatch_bytes = {}\nwindow_bytes = {}\n[copy]\nchunk_bytes = {}\n",
             self.node(Component::Agent),
             root.join("agent"),
-            addrs.agent_http,
+            listen("http", "advertise_http", addrs.agent_http),
             addrs.agent_nbd,
             addrs.agent_unix,
             tls_toml(certs, &cert_name(Component::Agent)),
@@ -423,7 +505,8 @@ impl Local {
 
     /// [`Local::start`] with extra environment variables.
     pub fn start_env(&self, c: Component, env: &[(&str, &str)]) -> anyhow::Result<Proc> {
-        spawn_env(c, &self.config(c), &self.log(c), self.http(c), &self.certs.join("ca.pem"), env)
+        let ns = self.placement.as_ref().and_then(|p| p.host(c)).map(|h| h.ns.as_str());
+        spawn_in(ns, c, &self.config(c), &self.log(c), self.http(c), &self.certs.join("ca.pem"), env)
     }
 
     /// An HTTPS client for component `c`'s API, holding the orchestrator's certificate (the one the
@@ -502,9 +585,13 @@ impl Local {
         self.with_certs(&format!("nbds://{}/item-{}-disk-{disk}", self.addrs.mt_nbd, self.item))
     }
 
-    /// NBD URI of a protected disk's export at the agent.
+    /// NBD URI of a protected disk's export at the agent (its Unix socket when the agent runs in a
+    /// host of its own, whose loopback this process cannot reach).
     pub fn agent_uri(&self, name: &str) -> String {
-        format!("nbd://{}/{name}", self.addrs.agent_nbd)
+        match self.placement {
+            Some(_) => format!("nbd+unix:///{name}?socket={}", self.addrs.agent_unix.display()),
+            None => format!("nbd://{}/{name}", self.addrs.agent_nbd),
+        }
     }
 }
 
@@ -590,12 +677,34 @@ pub fn spawn_env(
     ca: &Path,
     env: &[(&str, &str)],
 ) -> anyhow::Result<Proc> {
+    spawn_in(None, c, config, log_path, http_addr, ca, env)
+}
+
+/// [`spawn_env`] inside network namespace `ns` (`ip netns exec` executes the binary itself, so the
+/// process is the service's).
+pub fn spawn_in(
+    ns: Option<&str>,
+    c: Component,
+    config: &Path,
+    log_path: &Path,
+    http_addr: SocketAddr,
+    ca: &Path,
+    env: &[(&str, &str)],
+) -> anyhow::Result<Proc> {
     let bin = bin_dir().join(c.binary());
     if !bin.exists() {
         bail!("{} not found: build the workspace first (cargo build --workspace)", bin.display());
     }
     let log = std::fs::OpenOptions::new().create(true).append(true).open(log_path)?;
-    let child = Command::new(&bin)
+    let mut cmd = match ns {
+        Some(ns) => {
+            let mut cmd = Command::new("ip");
+            cmd.args(["netns", "exec", ns]).arg(&bin);
+            cmd
+        }
+        None => Command::new(&bin),
+    };
+    let child = cmd
         .arg("run")
         .arg("--config")
         .arg(config)
@@ -627,6 +736,8 @@ pub fn spawn_env(
 pub struct ControlPlane {
     pub root: PathBuf,
     pub api: SocketAddr,
+    /// The network namespace it runs in (None: this host's).
+    pub ns: Option<String>,
 }
 
 impl ControlPlane {
@@ -641,11 +752,35 @@ impl ControlPlane {
         let text =
             format!("data_dir = {:?}\nlisten = \"{api}\"\ncomponent_timeout_secs = 5\n{extra_toml}", root.join("cs"));
         sr_common::crashsafe::write_file(&root.join("cs.toml"), text.as_bytes())?;
-        Ok(ControlPlane { root: root.to_path_buf(), api })
+        Ok(ControlPlane { root: root.to_path_buf(), api, ns: None })
+    }
+
+    /// A configuration server on `host` of a topology, listening on the wildcard address of `family`,
+    /// its certificate naming the host's address.
+    pub fn create_on(
+        root: &Path,
+        host: &netns::Host,
+        family: netns::Family,
+        extra_toml: &str,
+    ) -> anyhow::Result<ControlPlane> {
+        std::fs::create_dir_all(root.join("logs")).with_context(|| format!("creating {}", root.display()))?;
+        let ip = host.ip(family);
+        let any: std::net::IpAddr = match family {
+            netns::Family::V4 => std::net::Ipv4Addr::UNSPECIFIED.into(),
+            netns::Family::V6 => std::net::Ipv6Addr::UNSPECIFIED.into(),
+        };
+        let text = format!(
+            "data_dir = {:?}\nlisten = \"{}\"\napi_names = [\"{ip}\"]\ncomponent_timeout_secs = 5\n{extra_toml}",
+            root.join("cs"),
+            SocketAddr::new(any, ports::API)
+        );
+        sr_common::crashsafe::write_file(&root.join("cs.toml"), text.as_bytes())?;
+        Ok(ControlPlane { root: root.to_path_buf(), api: SocketAddr::new(ip, ports::API), ns: Some(host.ns.clone()) })
     }
 
     pub fn start(&self) -> anyhow::Result<Proc> {
-        spawn_env(Component::ConfigServer, &self.root.join("cs.toml"), &self.log(), self.api, &self.ca(), &[])
+        let cfg = self.root.join("cs.toml");
+        spawn_in(self.ns.as_deref(), Component::ConfigServer, &cfg, &self.log(), self.api, &self.ca(), &[])
     }
 
     /// The deployment CA's certificate, written at the server's first start.

@@ -127,8 +127,15 @@ impl Topology {
     /// random choices from `seed`.
     pub fn create(hosts: &[(&str, Site)], wan: Impairment, seed: u64) -> anyhow::Result<Topology> {
         // Claim an index no other topology on this machine holds: `ip netns add` fails when the name exists.
+        // A namespace is torn down by the kernel after `ip netns del` returns: an index whose root
+        // interfaces are still there is not free yet.
         let index = (0..150u8)
-            .find(|k| run(&["ip", "netns", "add", &format!("sr{k}-swa")]).is_ok())
+            .find(|k| {
+                let lingering = ["wa", "wb", "ma", "mb"]
+                    .iter()
+                    .any(|e| std::path::Path::new(&format!("/sys/class/net/sr{k}{e}")).exists());
+                !lingering && run(&["ip", "netns", "add", &format!("sr{k}-swa")]).is_ok()
+            })
             .context("no free topology index (150 in use?)")?;
         let k = index;
         let mut topo = Topology { index, hosts: Vec::new(), wan: Pipe::idle(), namespaces: vec![format!("sr{k}-swa")] };
@@ -224,6 +231,10 @@ impl Topology {
 impl Drop for Topology {
     fn drop(&mut self) {
         self.wan.stop();
+        // Deleting one end of a veth pair deletes both at once, unlike a namespace's teardown.
+        for e in ["wa", "wb", "ma", "mb"] {
+            let _ = run(&["ip", "link", "del", &format!("sr{}{e}", self.index)]);
+        }
         for ns in self.namespaces.iter().rev() {
             let _ = run(&["ip", "netns", "del", ns]);
         }

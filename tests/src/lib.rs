@@ -273,8 +273,14 @@ pub struct Deployment {
 impl Deployment {
     pub fn start(dir: &Path) -> Deployment {
         let cp = sr_devkit::ControlPlane::create(&dir.join("cp")).expect("control plane config");
+        Deployment::on(cp, dir)
+    }
+
+    /// Starts the configuration server `cp` (its files under `dir`/cp) and takes an NBD client
+    /// certificate from it.
+    pub fn on(cp: sr_devkit::ControlPlane, dir: &Path) -> Deployment {
         let cs = cp.start().expect("starting the configuration server");
-        let admin_file = dir.join("cp").join("cs").join("admin.token");
+        let admin_file = cp.root.join("cs").join("admin.token");
         let admin = cp.admin_token().expect("admin token");
         let nbd_certs = dir.join("nbd-client");
         let (csr, key) = sr_common::ca::make_csr("tests").expect("a CSR");

@@ -1,9 +1,17 @@
 //! Two sites joined by an emulated WAN (`sr_devkit::netns`): each component in its own network
 //! namespace, the sites' traffic through a userspace link with latency, loss, a bandwidth cap and
-//! partitions. Skipped, with the reason printed, where network namespaces cannot be made.
+//! partitions; the real binaries, bound to the wildcard address and advertising their host's.
+//! Skipped, with the reason printed, where network namespaces cannot be made.
+//!
+//! ```text
+//! site A: agent-1, ps-1 (ps-2)          ==WAN==          site B: mt-1, cs
+//! ```
 
-use sr_devkit::netns::{Site, Topology};
+use serde_json::json;
+use sr_devkit::netns::{Family, Site, Topology};
 use sr_devkit::wan::Impairment;
+use sr_devkit::{Placement, Proc};
+use sr_tests::*;
 use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
@@ -15,6 +23,100 @@ fn topology_or_skip() -> bool {
             false
         }
     }
+}
+
+/// The WAN the issue names: 50 ms round trip, 1% loss each way, 200 Mbit/s.
+fn lossy_wan() -> Impairment {
+    Impairment::wan(Duration::from_millis(50), 0.01, Some(200))
+}
+
+/// Site A (agent, process server) and site B (master target, configuration server) with one
+/// protected disk, every component started.
+struct TwoSites {
+    topo: Topology,
+    dep: Deployment,
+    local: Local,
+    disk: std::path::PathBuf,
+    procs: Vec<(Component, Proc)>,
+}
+
+impl TwoSites {
+    fn start(
+        dir: &std::path::Path,
+        wan: Impairment,
+        family: Family,
+        disk_mib: u64,
+        extra: &[(&str, Site)],
+    ) -> TwoSites {
+        let mut hosts = vec![("agent-1", Site::A), ("ps-1", Site::A), ("mt-1", Site::B), ("cs", Site::B)];
+        hosts.extend_from_slice(extra);
+        let topo = Topology::create(&hosts, wan, 0x5eed).expect("the two-site topology");
+        let cp = ControlPlane::create_on(&dir.join("cp"), topo.host("cs"), family, "").unwrap();
+        let dep = Deployment::on(cp, dir);
+        let disk = dir.join("source.img");
+        make_disk(&disk, disk_mib << 20).unwrap();
+        let placement = Placement {
+            family,
+            agent: topo.host("agent-1").clone(),
+            ps: topo.host("ps-1").clone(),
+            mt: topo.host("mt-1").clone(),
+        };
+        let local = Local::managed_placed(
+            &dir.join("dep"),
+            vec![DiskSpec { id: 1, name: "disk0".into(), path: disk.clone() }],
+            &Options { batch_bytes: 1 << 20, ..Options::default() },
+            &dep.cp,
+            &dep.admin,
+            "",
+            Some(placement),
+        )
+        .unwrap();
+        let mut s = TwoSites { topo, dep, local, disk, procs: Vec::new() };
+        for c in [Component::MasterTarget, Component::ProcessServer, Component::Agent] {
+            let p = s.local.start(c).unwrap();
+            s.procs.push((c, p));
+        }
+        s
+    }
+
+    /// Protects the disk under a policy made with `policy_args`; waits for initial replication.
+    fn protect(&mut self, policy_args: &[&str]) -> u64 {
+        self.dep.wait_machine("agent-1");
+        let mut args = vec!["policies", "create", "--name", "p"];
+        args.extend_from_slice(policy_args);
+        self.dep.srctl(&args);
+        self.dep.srctl(&["protect", "--machine", "agent-1", "--policy", "p", "--watch"]);
+        self.local.item = item_of(&self.dep.cp, &self.dep.admin_file, "agent-1")["id"].as_u64().unwrap();
+        self.local.item
+    }
+
+    fn write(&self, cmds: &[String]) {
+        let mut all = cmds.to_vec();
+        all.push("flush".into());
+        qemu_io(&self.local.agent_uri("disk0"), &all).unwrap();
+    }
+
+    fn item(&self) -> serde_json::Value {
+        self.dep.item(self.local.item)
+    }
+
+    fn assert_identical(&self, within: Duration) {
+        wait_caught_up(&self.local, within).unwrap();
+        compare(self.disk.to_str().unwrap(), &self.local.replica_uri(1)).unwrap();
+    }
+}
+
+/// Writes `n` random patterns of 64 KiB to 1 MiB spread over a disk of `mib` MiB; a seed per call.
+fn churn(seed: u64, n: usize, mib: u64) -> Vec<String> {
+    use rand::{Rng, SeedableRng};
+    let mut r = rand::rngs::StdRng::seed_from_u64(seed);
+    (0..n)
+        .map(|_| {
+            let len = r.gen_range(1..=16u64) * 64;
+            let off = r.gen_range(0..(mib << 10) - len) / 4 * 4;
+            format!("write -P {} {off}k {len}k", r.gen_range(1..255))
+        })
+        .collect()
 }
 
 /// The link itself: a TCP round trip across it takes the latency asked, a partition stops
@@ -42,10 +144,7 @@ fn wan_link_delays_and_partitions() {
         let mut s = loop {
             match std::net::TcpStream::connect((b, 7000)) {
                 Ok(s) => break s,
-                Err(e) if Instant::now() < deadline => {
-                    let _ = e;
-                    std::thread::sleep(Duration::from_millis(20))
-                }
+                Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
                 Err(e) => panic!("connecting across the WAN: {e}"),
             }
         };
@@ -63,17 +162,181 @@ fn wan_link_delays_and_partitions() {
         tx.send(()).unwrap();
         rtts.push(rrx.recv().unwrap());
     }
-    eprintln!("round trips {rtts:?}");
     assert!(rtts.iter().all(|r| *r >= Duration::from_millis(40)), "{rtts:?}");
     topo.wan.set_partitioned(true);
     tx.send(()).unwrap();
     assert!(rrx.recv_timeout(Duration::from_secs(2)).is_err(), "an answer crossed a partitioned link");
     topo.wan.set_partitioned(false);
-    let late = rrx.recv_timeout(Duration::from_secs(30)).expect("the connection went on after healing");
-    eprintln!("round trip across the partition {late:?}");
+    rrx.recv_timeout(Duration::from_secs(30)).expect("the connection went on after healing");
     drop(tx);
     client.join().unwrap().unwrap();
     server.join().unwrap().unwrap();
     let c = topo.wan.counters();
     assert!(c[0].partitioned > 0 && c[0].frames > 10, "{c:?}");
+}
+
+/// Protection over IPv6 across 50 ms, 1% loss and 200 Mbit/s: every component binds `[::]` and
+/// advertises its host's address; the replica ends byte-identical.
+#[test]
+fn replicates_across_a_lossy_capped_wan_over_ipv6() {
+    if !topology_or_skip() {
+        return;
+    }
+    let dir = test_dir();
+    let mut s = TwoSites::start(dir.path(), lossy_wan(), Family::V6, 64, &[]);
+    s.write(&["write -P 0x5a 0 16M".into()]);
+    s.protect(&[]);
+    for round in 0..4 {
+        s.write(&churn(round, 40, 64));
+    }
+    s.assert_identical(Duration::from_secs(120));
+    // What the configuration server knows of the process server is the address it advertised.
+    let (_, comps) = s.dep.api("GET", "/v1/components", None);
+    let ps = comps.as_array().unwrap().iter().find(|c| c["name"] == "ps-1").cloned().unwrap();
+    assert_eq!(ps["address"], json!(s.local.addrs.ps_quic.to_string()), "{ps}");
+    let c = s.topo.wan.counters();
+    assert!(c[0].lost > 0 && c[1].lost > 0, "the link lost nothing: {c:?}");
+}
+
+/// How long the long partition lasts: 60 s, or `SR_WAN_PARTITION_SECS`.
+fn partition_secs() -> u64 {
+    std::env::var("SR_WAN_PARTITION_SECS").ok().and_then(|v| v.parse().ok()).unwrap_or(60)
+}
+
+/// A partition of a minute during churn: the agent journals, the RPO alert fires; once healed,
+/// replication resumes by itself, the RPO comes back under the policy, the alert clears and the
+/// replica is byte-identical.
+#[test]
+fn a_long_partition_during_churn_heals_by_itself() {
+    if !topology_or_skip() {
+        return;
+    }
+    let dir = test_dir();
+    let mut s = TwoSites::start(dir.path(), lossy_wan(), Family::V4, 64, &[]);
+    s.protect(&["--rpo-secs", "10"]);
+    s.write(&churn(1, 20, 64));
+    s.assert_identical(Duration::from_secs(120));
+
+    s.topo.wan.set_partitioned(true);
+    let cut_at = Instant::now();
+    let mut round = 100;
+    let alert = loop {
+        s.write(&churn(round, 5, 64));
+        round += 1;
+        let item = s.item();
+        if item["rpo_alert"] == true {
+            break item;
+        }
+        assert!(cut_at.elapsed() < Duration::from_secs(60), "no RPO alert during the partition: {item}");
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    assert!(alert["rpo_seconds"].as_u64().unwrap() > 10, "{alert}");
+    // Churn goes on for the rest of the partition.
+    while cut_at.elapsed() < Duration::from_secs(partition_secs()) {
+        s.write(&churn(round, 5, 64));
+        round += 1;
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    s.topo.wan.set_partitioned(false);
+    s.assert_identical(Duration::from_secs(180));
+    let item = wait_until("the RPO alert to clear", Duration::from_secs(60), || {
+        let i = s.item();
+        (i["rpo_alert"] == false && i["rpo_seconds"].as_u64().is_some_and(|r| r <= 10)).then_some(i)
+    });
+    assert_eq!(item["state_name"], "protected", "{item}");
+    let events = s.dep.srctl(&["events"]);
+    assert!(events.contains("over the policy's 10 s"), "{events}");
+}
+
+/// A partition long enough to overflow the journal: the agent keeps a dirty map, and after healing
+/// the item is resynchronized by itself and ends byte-identical.
+#[test]
+fn a_partition_past_the_journal_limit_resyncs_after_healing() {
+    if !topology_or_skip() {
+        return;
+    }
+    let dir = test_dir();
+    let mut s = TwoSites::start(dir.path(), lossy_wan(), Family::V4, 32, &[]);
+    // 1% of 32 MiB: about 330 KiB of journal.
+    s.protect(&["--journal-limit-percent", "1"]);
+    s.topo.wan.set_partitioned(true);
+    s.write(&["write -P 0x71 1M 4M".into()]);
+    s.write(&churn(7, 30, 32));
+    wait_for("the agent to overflow into its dirty map", Duration::from_secs(30), || {
+        let st = s.local.agent_status().unwrap();
+        st["disks"][0]["overflow"] == true || st["disks"][0]["dirty_bytes"].as_u64().unwrap_or(0) > 0
+    });
+    s.topo.wan.set_partitioned(false);
+    let resync = wait_until("the item to need a resync", Duration::from_secs(60), || {
+        let i = s.item();
+        (i["state_name"] == "resync_required" || i["state_name"] == "resynchronizing").then_some(i)
+    });
+    eprintln!("after healing: {resync}");
+    wait_until("the item to be protected again", Duration::from_secs(180), || {
+        (s.item()["state_name"] == "protected").then_some(())
+    });
+    s.assert_identical(Duration::from_secs(120));
+    let events = s.dep.srctl(&["events"]);
+    let required = events.find("resync required").unwrap_or_else(|| panic!("no resync in the events: {events}"));
+    assert!(events.rfind("is protected").is_some_and(|p| p > required), "{events}");
+}
+
+/// Registers a second process server on host `name` (a copy of ps-1's config with its own node
+/// name, data directory, certificate and advertised address) and starts it.
+fn second_process_server(s: &TwoSites, name: &str) -> Proc {
+    let host = s.topo.host(name);
+    let advertise = std::net::SocketAddr::new(host.ip(Family::V4), sr_devkit::ports::PS_QUIC);
+    let key = s.dep.api("POST", "/v1/registration-keys", Some(json!({ "role": "process-server" }))).1["key"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let out = std::process::Command::new(sr_devkit::bin_dir().join("process-server"))
+        .args(["register", "--server", &s.dep.cp.api.to_string(), "--key", &key, "--name", name])
+        .args(["--address", &advertise.to_string(), "--dir"])
+        .arg(&s.local.certs)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let root = &s.local.root;
+    let text = std::fs::read_to_string(root.join("ps.toml"))
+        .unwrap()
+        .replace("node = \"ps-1\"", &format!("node = \"{name}\""))
+        .replace(&s.local.addrs.ps_quic.to_string(), &advertise.to_string())
+        .replace(&format!("{:?}", root.join("ps")), &format!("{:?}", root.join(name)))
+        .replace("ps-1.", &format!("{name}."));
+    let config = root.join(format!("{name}.toml"));
+    std::fs::write(&config, text).unwrap();
+    let http = std::net::SocketAddr::new(host.ip(Family::V4), sr_devkit::ports::PS_HTTP);
+    let log = root.join("logs").join(format!("{name}.log"));
+    sr_devkit::spawn_in(Some(&host.ns), Component::ProcessServer, &config, &log, http, &s.dep.cp.ca(), &[]).unwrap()
+}
+
+/// A process server cut off from the network (its agents, the master target, the configuration
+/// server) while writes go on: the item moves to the other process server with nothing lost.
+#[test]
+fn a_process_server_cut_off_hands_its_items_to_another() {
+    if !topology_or_skip() {
+        return;
+    }
+    let dir = test_dir();
+    let mut s = TwoSites::start(dir.path(), lossy_wan(), Family::V4, 64, &[("ps-2", Site::A)]);
+    s.protect(&[]);
+    let _ps2 = second_process_server(&s, "ps-2");
+    assert_eq!(s.item()["process_server"], "ps-1");
+    s.write(&churn(3, 20, 64));
+    s.assert_identical(Duration::from_secs(120));
+
+    s.topo.set_cut("ps-1", true).unwrap();
+    let mut round = 200;
+    while s.item()["process_server"] != "ps-2" {
+        s.write(&churn(round, 5, 64));
+        round += 1;
+        assert!(round < 600, "the item did not move to ps-2: {}", s.item());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    s.write(&churn(round, 20, 64));
+    s.assert_identical(Duration::from_secs(120));
+    let events = s.dep.srctl(&["events"]);
+    assert!(events.contains("moved to ps-2"), "{events}");
+    s.topo.set_cut("ps-1", false).unwrap();
 }
