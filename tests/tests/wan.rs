@@ -7,6 +7,9 @@
 //! site A: agent-1, ps-1 (ps-2)          ==WAN==          site B: mt-1, cs
 //! ```
 
+// Test code: a failed unwrap is a failed test, with its message.
+#![allow(clippy::unwrap_used)]
+
 use serde_json::json;
 use sr_devkit::netns::{Family, Site, Topology};
 use sr_devkit::wan::Impairment;
@@ -339,4 +342,94 @@ fn a_process_server_cut_off_hands_its_items_to_another() {
     let events = s.dep.srctl(&["events"]);
     assert!(events.contains("moved to ps-2"), "{events}");
     s.topo.set_cut("ps-1", false).unwrap();
+}
+
+/// The whole cycle across the WAN: planned failover to site B, commit, reprotect from site B back
+/// into the source disk through a master target on site A, failback; then an unplanned failover
+/// while site A is cut off entirely, at the last point that reached site B.
+#[test]
+fn failover_commit_reprotect_failback_across_the_wan_and_unplanned_with_the_primary_cut_off() {
+    if !topology_or_skip() {
+        return;
+    }
+    let dir = test_dir();
+    let extra = [("mt-a", Site::A), ("dr-agent", Site::B), ("dr-ps", Site::B)];
+    let mut s = TwoSites::start(dir.path(), lossy_wan(), Family::V4, 64, &extra);
+    s.write(&["write -P 0x0a 0 16M".into()]);
+    let id = s.protect(&[]).to_string();
+    s.write(&["write -P 0x11 1M 2M".into()]);
+    let source = s.disk.to_str().unwrap().to_string();
+
+    let out = s.dep.srctl(&["failover", &id, "--planned"]);
+    assert!(out.contains("commit"), "{out}");
+    let item = s.item();
+    assert_eq!(item["state_name"], "failed_over", "{item}");
+    let fo_uri = s.dep.with_certs(item["failover"]["machine"]["disks"][0]["uri"].as_str().unwrap());
+    assert!(fo_uri.contains(&s.topo.host("mt-1").v4.to_string()), "the failover disk is served on site B: {fo_uri}");
+    compare(&source, &fo_uri).unwrap();
+    qemu_io(&fo_uri, &["write -P 0x22 8M 1M".into(), "flush".into()]).unwrap();
+    s.dep.srctl(&["commit", &id]);
+    let item = s.item();
+    let failed_over = item["failover"]["committed"][0]["path"].as_str().unwrap().to_string();
+
+    // Site B fronts the committed disk with its own agent and process server; a master target on
+    // site A replicates back into the source disk.
+    let placement = Placement {
+        family: Family::V4,
+        agent: s.topo.host("dr-agent").clone(),
+        ps: s.topo.host("dr-ps").clone(),
+        mt: s.topo.host("mt-a").clone(),
+    };
+    let b = Local::managed_placed(
+        &dir.path().join("b"),
+        vec![DiskSpec { id: 1, name: "disk0".into(), path: failed_over.clone().into() }],
+        &Options { batch_bytes: 1 << 20, ..Options::default() },
+        &s.dep.cp,
+        &s.dep.admin,
+        "b-",
+        Some(placement),
+    )
+    .unwrap();
+    let _b: Vec<Proc> = [Component::MasterTarget, Component::ProcessServer, Component::Agent]
+        .into_iter()
+        .map(|c| b.start(c).unwrap())
+        .collect();
+    s.dep.wait_machine("b-agent-1");
+    qemu_io(&b.agent_uri("disk0"), &["write -P 0x33 20M 3M".into(), "flush".into()]).unwrap();
+    let out = s.dep.srctl(&["reprotect", &id, "--machine", "b-agent-1"]);
+    assert!(out.contains("b-mt-1"), "{out}");
+    assert_eq!(s.item()["state"]["direction"], "reverse");
+    wait_for("the source to take the recovery site's writes", Duration::from_secs(120), || {
+        compare(&source, &failed_over).is_ok()
+    });
+    qemu_io(&b.agent_uri("disk0"), &["write -P 0x44 30M 1M".into(), "flush".into()]).unwrap();
+
+    let (code, v) = s.dep.api("POST", &format!("/v1/items/{id}/failback"), None);
+    assert_eq!(code, 200, "{v}");
+    s.dep.wait_job(v["job"].as_u64().unwrap(), true);
+    let item = s.item();
+    assert_eq!(
+        (item["state_name"].as_str(), item["state"]["direction"].as_str()),
+        (Some("protected"), Some("forward"))
+    );
+    compare(&source, &failed_over).unwrap();
+    qemu_io(&source, &["read -P 0x44 30M 1M".into(), "read -P 0x33 20M 3M".into(), "read -P 0x22 8M 1M".into()])
+        .unwrap();
+
+    // Forward again; then site A drops off the WAN entirely and site B fails over on its own.
+    // (The replica is now the committed disk, which site B's master target adopted.)
+    s.write(&["write -P 0x55 40M 1M".into()]);
+    wait_for("the replica to take the write", Duration::from_secs(120), || compare(&source, &failed_over).is_ok());
+    let then = dir.path().join("then.img");
+    run("cp", &["--sparse=always", &source, then.to_str().unwrap()]).unwrap();
+    s.topo.wan.set_partitioned(true);
+    s.write(&["write -P 0x66 44M 1M".into()]);
+    let (code, v) = s.dep.api("POST", &format!("/v1/items/{id}/failover"), Some(json!({ "planned": false })));
+    assert_eq!(code, 200, "{v}");
+    s.dep.wait_job(v["job"].as_u64().unwrap(), true);
+    let item = s.item();
+    assert_eq!(item["state_name"], "failed_over", "{item}");
+    let fo_uri = s.dep.with_certs(item["failover"]["machine"]["disks"][0]["uri"].as_str().unwrap());
+    compare(then.to_str().unwrap(), &fo_uri).unwrap();
+    assert!(compare(&source, &fo_uri).is_err(), "the write made during the cut cannot have reached site B");
 }
