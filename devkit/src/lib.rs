@@ -18,6 +18,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 pub mod netns;
+pub mod sites;
 pub mod wan;
 
 pub const ITEM: u64 = 1;

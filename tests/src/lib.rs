@@ -280,6 +280,11 @@ impl Deployment {
     /// certificate from it.
     pub fn on(cp: sr_devkit::ControlPlane, dir: &Path) -> Deployment {
         let cs = cp.start().expect("starting the configuration server");
+        Deployment { cs: Some(cs), ..Deployment::attach(cp, dir) }
+    }
+
+    /// A deployment around the running configuration server `cp` (which someone else stops).
+    pub fn attach(cp: sr_devkit::ControlPlane, dir: &Path) -> Deployment {
         let admin_file = cp.root.join("cs").join("admin.token");
         let admin = cp.admin_token().expect("admin token");
         let nbd_certs = dir.join("nbd-client");
@@ -292,7 +297,7 @@ impl Deployment {
         let field = |k: &str| v[k].as_str().expect("certificate fields").to_string();
         sr_common::register::write_nbd_client_dir(&nbd_certs, &field("ca_pem"), &field("certificate_pem"), &key)
             .expect("writing the NBD client certificate");
-        Deployment { cp, admin_file, admin, nbd_certs, cs: Some(cs) }
+        Deployment { cp, admin_file, admin, nbd_certs, cs: None }
     }
 
     /// An `nbds://` URI the API described, with the tests' NBD client certificate.

@@ -13,7 +13,7 @@
 use serde_json::json;
 use sr_devkit::netns::{Family, Site, Topology};
 use sr_devkit::wan::Impairment;
-use sr_devkit::{Placement, Proc};
+use sr_devkit::{sites, Placement, Proc};
 use sr_tests::*;
 use std::io::{Read, Write};
 use std::time::{Duration, Instant};
@@ -33,14 +33,10 @@ fn lossy_wan() -> Impairment {
     Impairment::wan(Duration::from_millis(50), 0.01, Some(200))
 }
 
-/// Site A (agent, process server) and site B (master target, configuration server) with one
-/// protected disk, every component started.
+/// The two sites (`sr_devkit::sites`) and the test kit's handle on their configuration server.
 struct TwoSites {
-    topo: Topology,
+    site: sites::TwoSites,
     dep: Deployment,
-    local: Local,
-    disk: std::path::PathBuf,
-    procs: Vec<(Component, Proc)>,
 }
 
 impl TwoSites {
@@ -51,61 +47,34 @@ impl TwoSites {
         disk_mib: u64,
         extra: &[(&str, Site)],
     ) -> TwoSites {
-        let mut hosts = vec![("agent-1", Site::A), ("ps-1", Site::A), ("mt-1", Site::B), ("cs", Site::B)];
-        hosts.extend_from_slice(extra);
-        let topo = Topology::create(&hosts, wan, 0x5eed).expect("the two-site topology");
-        let cp = ControlPlane::create_on(&dir.join("cp"), topo.host("cs"), family, "").unwrap();
-        let dep = Deployment::on(cp, dir);
         let disk = dir.join("source.img");
         make_disk(&disk, disk_mib << 20).unwrap();
-        let placement = Placement {
-            family,
-            agent: topo.host("agent-1").clone(),
-            ps: topo.host("ps-1").clone(),
-            mt: topo.host("mt-1").clone(),
-        };
-        let local = Local::managed_placed(
-            &dir.join("dep"),
-            vec![DiskSpec { id: 1, name: "disk0".into(), path: disk.clone() }],
-            &Options { batch_bytes: 1 << 20, ..Options::default() },
-            &dep.cp,
-            &dep.admin,
-            "",
-            Some(placement),
-        )
-        .unwrap();
-        let mut s = TwoSites { topo, dep, local, disk, procs: Vec::new() };
-        for c in [Component::MasterTarget, Component::ProcessServer, Component::Agent] {
-            let p = s.local.start(c).unwrap();
-            s.procs.push((c, p));
-        }
-        s
+        let opts = Options { batch_bytes: 1 << 20, ..Options::default() };
+        let site = sites::TwoSites::start(dir, wan, 0x5eed, family, &disk, &opts, extra).unwrap();
+        let dep = Deployment::attach(site.cp.clone(), dir);
+        TwoSites { site, dep }
     }
 
-    /// Protects the disk under a policy made with `policy_args`; waits for initial replication.
-    fn protect(&mut self, policy_args: &[&str]) -> u64 {
-        self.dep.wait_machine("agent-1");
-        let mut args = vec!["policies", "create", "--name", "p"];
-        args.extend_from_slice(policy_args);
-        self.dep.srctl(&args);
-        self.dep.srctl(&["protect", "--machine", "agent-1", "--policy", "p", "--watch"]);
-        self.local.item = item_of(&self.dep.cp, &self.dep.admin_file, "agent-1")["id"].as_u64().unwrap();
-        self.local.item
+    /// Protects the disk under a policy made with `policy` (API fields); waits for Protected.
+    fn protect(&mut self, policy: serde_json::Value) -> u64 {
+        let (item, job) = self.site.protect(policy).unwrap();
+        self.dep.wait_job(job, true);
+        item
     }
 
     fn write(&self, cmds: &[String]) {
         let mut all = cmds.to_vec();
         all.push("flush".into());
-        qemu_io(&self.local.agent_uri("disk0"), &all).unwrap();
+        qemu_io(&self.site.local.agent_uri("disk0"), &all).unwrap();
     }
 
     fn item(&self) -> serde_json::Value {
-        self.dep.item(self.local.item)
+        self.site.item().unwrap()
     }
 
     fn assert_identical(&self, within: Duration) {
-        wait_caught_up(&self.local, within).unwrap();
-        compare(self.disk.to_str().unwrap(), &self.local.replica_uri(1)).unwrap();
+        wait_caught_up(&self.site.local, within).unwrap();
+        compare(self.site.disk.to_str().unwrap(), &self.site.local.replica_uri(1)).unwrap();
     }
 }
 
@@ -188,7 +157,7 @@ fn replicates_across_a_lossy_capped_wan_over_ipv6() {
     let dir = test_dir();
     let mut s = TwoSites::start(dir.path(), lossy_wan(), Family::V6, 64, &[]);
     s.write(&["write -P 0x5a 0 16M".into()]);
-    s.protect(&[]);
+    s.protect(json!({}));
     for round in 0..4 {
         s.write(&churn(round, 40, 64));
     }
@@ -196,8 +165,8 @@ fn replicates_across_a_lossy_capped_wan_over_ipv6() {
     // What the configuration server knows of the process server is the address it advertised.
     let (_, comps) = s.dep.api("GET", "/v1/components", None);
     let ps = comps.as_array().unwrap().iter().find(|c| c["name"] == "ps-1").cloned().unwrap();
-    assert_eq!(ps["address"], json!(s.local.addrs.ps_quic.to_string()), "{ps}");
-    let c = s.topo.wan.counters();
+    assert_eq!(ps["address"], json!(s.site.local.addrs.ps_quic.to_string()), "{ps}");
+    let c = s.site.topo.wan.counters();
     assert!(c[0].lost > 0 && c[1].lost > 0, "the link lost nothing: {c:?}");
 }
 
@@ -216,11 +185,11 @@ fn a_long_partition_during_churn_heals_by_itself() {
     }
     let dir = test_dir();
     let mut s = TwoSites::start(dir.path(), lossy_wan(), Family::V4, 64, &[]);
-    s.protect(&["--rpo-secs", "10"]);
+    s.protect(json!({ "rpo_threshold_secs": 10 }));
     s.write(&churn(1, 20, 64));
     s.assert_identical(Duration::from_secs(120));
 
-    s.topo.wan.set_partitioned(true);
+    s.site.topo.wan.set_partitioned(true);
     let cut_at = Instant::now();
     let mut round = 100;
     let alert = loop {
@@ -240,7 +209,7 @@ fn a_long_partition_during_churn_heals_by_itself() {
         round += 1;
         std::thread::sleep(Duration::from_millis(200));
     }
-    s.topo.wan.set_partitioned(false);
+    s.site.topo.wan.set_partitioned(false);
     s.assert_identical(Duration::from_secs(180));
     let item = wait_until("the RPO alert to clear", Duration::from_secs(60), || {
         let i = s.item();
@@ -261,15 +230,15 @@ fn a_partition_past_the_journal_limit_resyncs_after_healing() {
     let dir = test_dir();
     let mut s = TwoSites::start(dir.path(), lossy_wan(), Family::V4, 32, &[]);
     // 1% of 32 MiB: about 330 KiB of journal.
-    s.protect(&["--journal-limit-percent", "1"]);
-    s.topo.wan.set_partitioned(true);
+    s.protect(json!({ "journal_limit_percent": 1 }));
+    s.site.topo.wan.set_partitioned(true);
     s.write(&["write -P 0x71 1M 4M".into()]);
     s.write(&churn(7, 30, 32));
     wait_for("the agent to overflow into its dirty map", Duration::from_secs(30), || {
-        let st = s.local.agent_status().unwrap();
+        let st = s.site.local.agent_status().unwrap();
         st["disks"][0]["overflow"] == true || st["disks"][0]["dirty_bytes"].as_u64().unwrap_or(0) > 0
     });
-    s.topo.wan.set_partitioned(false);
+    s.site.topo.wan.set_partitioned(false);
     let resync = wait_until("the item to need a resync", Duration::from_secs(60), || {
         let i = s.item();
         (i["state_name"] == "resync_required" || i["state_name"] == "resynchronizing").then_some(i)
@@ -287,7 +256,7 @@ fn a_partition_past_the_journal_limit_resyncs_after_healing() {
 /// Registers a second process server on host `name` (a copy of ps-1's config with its own node
 /// name, data directory, certificate and advertised address) and starts it.
 fn second_process_server(s: &TwoSites, name: &str) -> Proc {
-    let host = s.topo.host(name);
+    let host = s.site.topo.host(name);
     let advertise = std::net::SocketAddr::new(host.ip(Family::V4), sr_devkit::ports::PS_QUIC);
     let key = s.dep.api("POST", "/v1/registration-keys", Some(json!({ "role": "process-server" }))).1["key"]
         .as_str()
@@ -296,15 +265,15 @@ fn second_process_server(s: &TwoSites, name: &str) -> Proc {
     let out = std::process::Command::new(sr_devkit::bin_dir().join("process-server"))
         .args(["register", "--server", &s.dep.cp.api.to_string(), "--key", &key, "--name", name])
         .args(["--address", &advertise.to_string(), "--dir"])
-        .arg(&s.local.certs)
+        .arg(&s.site.local.certs)
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let root = &s.local.root;
+    let root = &s.site.local.root;
     let text = std::fs::read_to_string(root.join("ps.toml"))
         .unwrap()
         .replace("node = \"ps-1\"", &format!("node = \"{name}\""))
-        .replace(&s.local.addrs.ps_quic.to_string(), &advertise.to_string())
+        .replace(&s.site.local.addrs.ps_quic.to_string(), &advertise.to_string())
         .replace(&format!("{:?}", root.join("ps")), &format!("{:?}", root.join(name)))
         .replace("ps-1.", &format!("{name}."));
     let config = root.join(format!("{name}.toml"));
@@ -323,13 +292,13 @@ fn a_process_server_cut_off_hands_its_items_to_another() {
     }
     let dir = test_dir();
     let mut s = TwoSites::start(dir.path(), lossy_wan(), Family::V4, 64, &[("ps-2", Site::A)]);
-    s.protect(&[]);
+    s.protect(json!({}));
     let _ps2 = second_process_server(&s, "ps-2");
     assert_eq!(s.item()["process_server"], "ps-1");
     s.write(&churn(3, 20, 64));
     s.assert_identical(Duration::from_secs(120));
 
-    s.topo.set_cut("ps-1", true).unwrap();
+    s.site.topo.set_cut("ps-1", true).unwrap();
     let mut round = 200;
     while s.item()["process_server"] != "ps-2" {
         s.write(&churn(round, 5, 64));
@@ -341,7 +310,7 @@ fn a_process_server_cut_off_hands_its_items_to_another() {
     s.assert_identical(Duration::from_secs(120));
     let events = s.dep.srctl(&["events"]);
     assert!(events.contains("moved to ps-2"), "{events}");
-    s.topo.set_cut("ps-1", false).unwrap();
+    s.site.topo.set_cut("ps-1", false).unwrap();
 }
 
 /// The whole cycle across the WAN: planned failover to site B, commit, reprotect from site B back
@@ -356,16 +325,19 @@ fn failover_commit_reprotect_failback_across_the_wan_and_unplanned_with_the_prim
     let extra = [("mt-a", Site::A), ("dr-agent", Site::B), ("dr-ps", Site::B)];
     let mut s = TwoSites::start(dir.path(), lossy_wan(), Family::V4, 64, &extra);
     s.write(&["write -P 0x0a 0 16M".into()]);
-    let id = s.protect(&[]).to_string();
+    let id = s.protect(json!({})).to_string();
     s.write(&["write -P 0x11 1M 2M".into()]);
-    let source = s.disk.to_str().unwrap().to_string();
+    let source = s.site.disk.to_str().unwrap().to_string();
 
     let out = s.dep.srctl(&["failover", &id, "--planned"]);
     assert!(out.contains("commit"), "{out}");
     let item = s.item();
     assert_eq!(item["state_name"], "failed_over", "{item}");
     let fo_uri = s.dep.with_certs(item["failover"]["machine"]["disks"][0]["uri"].as_str().unwrap());
-    assert!(fo_uri.contains(&s.topo.host("mt-1").v4.to_string()), "the failover disk is served on site B: {fo_uri}");
+    assert!(
+        fo_uri.contains(&s.site.topo.host("mt-1").v4.to_string()),
+        "the failover disk is served on site B: {fo_uri}"
+    );
     compare(&source, &fo_uri).unwrap();
     qemu_io(&fo_uri, &["write -P 0x22 8M 1M".into(), "flush".into()]).unwrap();
     s.dep.srctl(&["commit", &id]);
@@ -376,9 +348,9 @@ fn failover_commit_reprotect_failback_across_the_wan_and_unplanned_with_the_prim
     // site A replicates back into the source disk.
     let placement = Placement {
         family: Family::V4,
-        agent: s.topo.host("dr-agent").clone(),
-        ps: s.topo.host("dr-ps").clone(),
-        mt: s.topo.host("mt-a").clone(),
+        agent: s.site.topo.host("dr-agent").clone(),
+        ps: s.site.topo.host("dr-ps").clone(),
+        mt: s.site.topo.host("mt-a").clone(),
     };
     let b = Local::managed_placed(
         &dir.path().join("b"),
@@ -422,7 +394,7 @@ fn failover_commit_reprotect_failback_across_the_wan_and_unplanned_with_the_prim
     wait_for("the replica to take the write", Duration::from_secs(120), || compare(&source, &failed_over).is_ok());
     let then = dir.path().join("then.img");
     run("cp", &["--sparse=always", &source, then.to_str().unwrap()]).unwrap();
-    s.topo.wan.set_partitioned(true);
+    s.site.topo.wan.set_partitioned(true);
     s.write(&["write -P 0x66 44M 1M".into()]);
     let (code, v) = s.dep.api("POST", &format!("/v1/items/{id}/failover"), Some(json!({ "planned": false })));
     assert_eq!(code, 200, "{v}");
