@@ -288,6 +288,17 @@ impl ProtectedDisk {
         self.lock().segments()
     }
 
+    /// [`Self::segments`] with the journal's incarnation they belong to.
+    pub fn journal_snapshot(&self) -> (u64, Vec<journal::Segment>) {
+        let j = self.lock();
+        (j.incarnation(), j.segments())
+    }
+
+    /// The journal's incarnation now: it changes each time a new protection starts it over.
+    pub fn journal_incarnation(&self) -> u64 {
+        self.lock().incarnation()
+    }
+
     pub fn first_seq(&self) -> Seq {
         self.lock().first_seq()
     }

@@ -310,6 +310,9 @@ pub struct Journal {
     logical: u64,
     /// (seq, `logical` just after it), about every [`MARK_EVERY`] bytes: how much follows a position.
     marks: std::collections::VecDeque<(Seq, u64)>,
+    /// How many times the journal started over ([`Journal::reset`]) since it was opened: a reader
+    /// whose snapshot is from an earlier one read files that may have been replaced under it.
+    incarnation: u64,
 }
 
 /// Spacing of the position marks that measure how many bytes follow a sequence number.
@@ -432,6 +435,7 @@ impl Journal {
             bytes,
             logical,
             marks,
+            incarnation: 0,
         })
     }
 
@@ -560,6 +564,7 @@ impl Journal {
         self.next = Seq(1);
         self.bytes = 0;
         self.logical = 0;
+        self.incarnation += 1;
         self.marks.clear();
         Ok(())
     }
@@ -658,6 +663,10 @@ impl Journal {
 
     pub fn segments(&self) -> Vec<Segment> {
         self.segments.clone()
+    }
+    /// How many times the journal started over since it was opened.
+    pub fn incarnation(&self) -> u64 {
+        self.incarnation
     }
     /// Sequence number of the oldest change still held.
     pub fn first_seq(&self) -> Seq {
@@ -761,6 +770,22 @@ mod tests {
         })
         .unwrap();
         v
+    }
+
+    #[test]
+    fn a_reset_is_told_apart_from_damage() {
+        let d = tempfile::tempdir().unwrap();
+        let mut j = Journal::open(d.path()).unwrap();
+        for i in 0..8 {
+            j.append(&write(i * 4096, 1, 4096)).unwrap();
+        }
+        let (before, snapshot) = (j.incarnation(), j.segments());
+        // A new protection starts over while a reader holds the old snapshot.
+        j.reset().unwrap();
+        j.append(&write(0, 2, 512)).unwrap();
+        let mut c = Cursor::at(Seq(1));
+        assert!(matches!(read_batch(&snapshot, &mut c, 1 << 20), Err(JournalError::Corrupt { .. })));
+        assert_ne!(j.incarnation(), before, "the reader can tell the journal started over");
     }
 
     #[test]

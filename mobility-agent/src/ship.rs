@@ -179,17 +179,20 @@ async fn session(
                 budget
             }
         };
-        let segments = disk.segments();
-        let records = tokio::task::block_in_place(|| journal::read_batch(&segments, &mut cursor, budget)).map_err(
-            |e| match e {
-                // A damaged journal cannot be shipped past: the chain is broken until a resync.
-                journal::JournalError::Corrupt { .. } => anyhow::Error::new(sr_common::wire::Coded::new(
-                    sr_common::wire::ErrorCode::ChainBroken,
-                    e.to_string(),
-                )),
-                e => e.into(),
-            },
-        )?;
+        let (incarnation, segments) = disk.journal_snapshot();
+        let read = tokio::task::block_in_place(|| journal::read_batch(&segments, &mut cursor, budget));
+        // A new protection started the journal over during the read: what was read (or why it
+        // failed) belongs to files replaced under the reader, not to damage. This session is over.
+        if disk.journal_incarnation() != incarnation {
+            anyhow::bail!("the journal started over (a new protection); shipping starts again");
+        }
+        let records = read.map_err(|e| match e {
+            // A damaged journal cannot be shipped past: the chain is broken until a resync.
+            journal::JournalError::Corrupt { .. } => {
+                anyhow::Error::new(sr_common::wire::Coded::new(sr_common::wire::ErrorCode::ChainBroken, e.to_string()))
+            }
+            e => e.into(),
+        })?;
         if records.is_empty() {
             // `appended` keeps a permit, so an append between the read and this wait is not missed.
             tokio::select! {

@@ -47,8 +47,27 @@ impl TwoSites {
         disk_mib: u64,
         extra: &[(&str, Site)],
     ) -> TwoSites {
+        Self::start_filled(dir, wan, family, disk_mib, 0, extra)
+    }
+
+    /// [`TwoSites::start`] with the disk's first `random_mib` MiB random (an initial copy that takes
+    /// a while over the WAN) before the agent starts.
+    fn start_filled(
+        dir: &std::path::Path,
+        wan: Impairment,
+        family: Family,
+        disk_mib: u64,
+        random_mib: u64,
+        extra: &[(&str, Site)],
+    ) -> TwoSites {
         let disk = dir.join("source.img");
         make_disk(&disk, disk_mib << 20).unwrap();
+        let mut buf = vec![0u8; 1 << 20];
+        let f = std::fs::OpenOptions::new().write(true).open(&disk).unwrap();
+        for i in 0..random_mib {
+            rand::Rng::fill(&mut rand::thread_rng(), &mut buf[..]);
+            std::os::unix::fs::FileExt::write_all_at(&f, &buf, i << 20).unwrap();
+        }
         let opts = Options { batch_bytes: 1 << 20, ..Options::default() };
         let site = sites::TwoSites::start(dir, wan, 0x5eed, family, &disk, &opts, extra).unwrap();
         let dep = Deployment::attach(site.cp.clone(), dir);
@@ -148,16 +167,19 @@ fn wan_link_delays_and_partitions() {
 }
 
 /// Protection over IPv6 across 50 ms, 1% loss and 200 Mbit/s: every component binds `[::]` and
-/// advertises its host's address; the replica ends byte-identical.
+/// advertises its host's address; the replica ends byte-identical. The disk holds 48 MiB of random
+/// data, so its initial copy is still running, held back by the WAN, when the protection arrives:
+/// the protection starts one fresh journal, once.
 #[test]
 fn replicates_across_a_lossy_capped_wan_over_ipv6() {
     if !topology_or_skip() {
         return;
     }
     let dir = test_dir();
-    let mut s = TwoSites::start(dir.path(), lossy_wan(), Family::V6, 64, &[]);
-    s.write(&["write -P 0x5a 0 16M".into()]);
+    let mut s = TwoSites::start_filled(dir.path(), lossy_wan(), Family::V6, 64, 48, &[]);
     s.protect(json!({}));
+    let log = std::fs::read_to_string(s.site.local.log(Component::Agent)).unwrap();
+    assert_eq!(log.matches("starting a fresh journal").count(), 1, "{log}");
     for round in 0..4 {
         s.write(&churn(round, 40, 64));
     }

@@ -65,13 +65,9 @@ impl ProtectedDisk {
             self.save_copy(st)?;
         }
         self.copy_dirty(chunk, backlog, stop)?;
-        if self.dirty_bytes() > 0 || stop() {
+        if self.dirty_bytes() > 0 || stop() || !self.finish_copy(st.item, st)? {
             return Ok(());
         }
-        st.done_seq = self.mark(MarkerKind::InitialCopyDone)?.0;
-        st.done = true;
-        self.save_copy(st)?;
-        self.metrics.copy_ratio.set(1.0);
         tracing::info!(disk = self.name, "initial copy finished (scan capture)");
         Ok(())
     }
@@ -110,8 +106,10 @@ impl ProtectedDisk {
             }
             let len = chunk.min(size - pos) as usize;
             {
+                // Checked again under the lock: a protection that came since `stop` was asked has
+                // its own journal and copy, which this one must neither write into nor save over.
                 let mut j = self.lock();
-                if !self.journaling() {
+                if !self.still_copying_for(item) {
                     return Ok(());
                 }
                 self.disk.read_at(pos, &mut buf[..len]).with_context(|| format!("reading {} at {pos}", self.name))?;
@@ -119,25 +117,44 @@ impl ProtectedDisk {
                     j.append_write(pos, &buf[..len]).inspect_err(|e| self.journal_failed(e))?;
                     self.metrics.copy_bytes.increment(len as u64);
                 }
+                st.cursor = pos + len as u64;
+                if last_save.elapsed() > std::time::Duration::from_millis(500) {
+                    self.save_copy(st)?;
+                    last_save = std::time::Instant::now();
+                }
             }
             self.after_append();
-            st.cursor = pos + len as u64;
             self.metrics.copy_ratio.set(st.cursor as f64 / size.max(1) as f64);
-            if last_save.elapsed() > std::time::Duration::from_millis(500) {
-                self.save_copy(st)?;
-                last_save = std::time::Instant::now();
-            }
         }
-        if stop() {
+        if stop() || !self.finish_copy(item, st)? {
             return Ok(());
         }
-        st.done_seq = self.mark(MarkerKind::InitialCopyDone)?.0;
-        st.cursor = size;
-        st.done = true;
-        self.save_copy(st)?;
-        self.metrics.copy_ratio.set(1.0);
         tracing::info!(disk = self.name, "initial copy finished");
         Ok(())
+    }
+
+    /// Whether the disk is still journaling for the protection (`item`) a copy started under. Asked
+    /// under the journal's lock, which every new protection takes to start over.
+    fn still_copying_for(&self, item: Option<u64>) -> bool {
+        self.journaling() && self.copy_state().item == item
+    }
+
+    /// Ends the copy of protection `item`: its done marker and its saved state, together under the
+    /// journal's lock, unless another protection started meanwhile (false: nothing written).
+    fn finish_copy(&self, item: Option<u64>, mut st: CopyState) -> anyhow::Result<bool> {
+        {
+            let mut j = self.lock();
+            if !self.still_copying_for(item) {
+                return Ok(false);
+            }
+            st.done_seq = j.append(&Op::Marker { kind: MarkerKind::InitialCopyDone })?.0;
+            st.cursor = self.size();
+            st.done = true;
+            self.save_copy(st)?;
+        }
+        self.after_append();
+        self.metrics.copy_ratio.set(1.0);
+        Ok(true)
     }
 
     /// Copies the dirty blocks into the journal (zeroes as zero changes), clearing them as it goes.
