@@ -2,6 +2,7 @@
 
 mod api;
 mod quickstart;
+mod sites;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use std::net::SocketAddr;

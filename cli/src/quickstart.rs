@@ -22,25 +22,42 @@ pub struct Args {
     /// Directory for the disk, the replica, configs, certificates and logs (replaced if it holds an
     /// earlier quickstart).
     #[arg(long, default_value = "sr-quickstart")]
-    dir: PathBuf,
+    pub(crate) dir: PathBuf,
     /// Size of the sample disk in MiB.
     #[arg(long, default_value_t = 256)]
-    size_mib: u64,
+    pub(crate) size_mib: u64,
     /// File-system generations written through the agent after the initial replication.
     #[arg(long, default_value_t = 3)]
-    generations: u32,
+    pub(crate) generations: u32,
     /// Leave the services running at the end (stop them with Ctrl-C).
     #[arg(long)]
-    keep_running: bool,
+    pub(crate) keep_running: bool,
+    /// Two sites instead of one host: each component in its own network namespace, site A (agent,
+    /// process server) and site B (master target, configuration server) joined by an emulated WAN,
+    /// which is cut for a while during writes and healed (needs root).
+    #[arg(long)]
+    pub(crate) sites: bool,
+    /// With --sites: the WAN's round trip in milliseconds.
+    #[arg(long, default_value_t = 50, requires = "sites")]
+    pub(crate) rtt_ms: u64,
+    /// With --sites: the share of packets the WAN loses each way, in percent.
+    #[arg(long, default_value_t = 1.0, requires = "sites")]
+    pub(crate) loss_percent: f64,
+    /// With --sites: the WAN's bandwidth in Mbit/s.
+    #[arg(long, default_value_t = 200, requires = "sites")]
+    pub(crate) mbit: u64,
+    /// With --sites: how long the WAN stays cut, in seconds.
+    #[arg(long, default_value_t = 30, requires = "sites")]
+    pub(crate) partition_secs: u64,
 }
 
 /// `qemu-img compare` of two images (paths, or `nbds://` URIs with the NBD client certificate).
-fn compare_images(a: &str, b: &str) -> anyhow::Result<String> {
+pub(crate) fn compare_images(a: &str, b: &str) -> anyhow::Result<String> {
     let args = sr_devkit::qemu_compare_args(a, b)?;
     tool("qemu-img", &args.iter().map(String::as_str).collect::<Vec<_>>())
 }
 
-fn tool(program: &str, args: &[&str]) -> anyhow::Result<String> {
+pub(crate) fn tool(program: &str, args: &[&str]) -> anyhow::Result<String> {
     let out = Command::new(program).args(args).output().with_context(|| {
         format!("running {program}: is it installed? scripts/quickstart.sh installs what the quickstart needs")
     })?;
@@ -56,19 +73,20 @@ fn tool(program: &str, args: &[&str]) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-struct Ui {
-    json: bool,
-    step: u32,
+pub(crate) struct Ui {
+    pub json: bool,
+    pub step: u32,
+    pub steps: u32,
 }
 
 impl Ui {
-    fn step(&mut self, msg: &str) {
+    pub fn step(&mut self, msg: &str) {
         self.step += 1;
         if !self.json {
-            println!("[{}/7] {msg}", self.step);
+            println!("[{}/{}] {msg}", self.step, self.steps);
         }
     }
-    fn bar(&self, len: u64, template: &str) -> ProgressBar {
+    pub fn bar(&self, len: u64, template: &str) -> ProgressBar {
         if self.json {
             return ProgressBar::hidden();
         }
@@ -140,7 +158,7 @@ fn agent_disk(local: &Local) -> anyhow::Result<(u64, f64, bool)> {
 }
 
 /// Waits until the master target applied the agent's last change; shows applied/last.
-fn catch_up(local: &Local, ui: &Ui, timeout: Duration) -> anyhow::Result<u64> {
+pub(crate) fn catch_up(local: &Local, ui: &Ui, timeout: Duration) -> anyhow::Result<u64> {
     let bar = ui.bar(1, "  applied {pos}/{len} changes [{bar:40}] {msg}");
     let deadline = Instant::now() + timeout;
     loop {
@@ -163,9 +181,8 @@ fn catch_up(local: &Local, ui: &Ui, timeout: Duration) -> anyhow::Result<u64> {
     }
 }
 
-pub fn run(a: Args, json: bool) -> anyhow::Result<()> {
-    let started = Instant::now();
-    let mut ui = Ui { json, step: 0 };
+/// The quickstart's directory, made anew (an earlier quickstart's is replaced, anything else refused).
+pub(crate) fn fresh_dir(a: &Args) -> anyhow::Result<PathBuf> {
     if a.size_mib < 32 {
         bail!("--size-mib {}: the sample disk needs at least 32 MiB", a.size_mib);
     }
@@ -178,7 +195,16 @@ pub fn run(a: Args, json: bool) -> anyhow::Result<()> {
     }
     std::fs::create_dir_all(&a.dir)?;
     std::fs::write(a.dir.join(MARKER), "made by srctl quickstart\n")?;
-    let dir = std::fs::canonicalize(&a.dir)?;
+    Ok(std::fs::canonicalize(&a.dir)?)
+}
+
+pub fn run(a: Args, json: bool) -> anyhow::Result<()> {
+    if a.sites {
+        return crate::sites::run(a, json);
+    }
+    let started = Instant::now();
+    let mut ui = Ui { json, step: 0, steps: 7 };
+    let dir = fresh_dir(&a)?;
 
     let fill = a.size_mib * (1 << 20) / 4;
     ui.step(&format!("Sample disk: {} MiB ext4 holding {} MiB of files (mke2fs -d)", a.size_mib, fill >> 20));
@@ -394,7 +420,7 @@ pub fn run(a: Args, json: bool) -> anyhow::Result<()> {
 }
 
 /// Blocks a thread on SIGINT/SIGTERM and signals `tx`.
-fn ctrlc_wait(tx: std::sync::mpsc::Sender<()>) -> anyhow::Result<()> {
+pub(crate) fn ctrlc_wait(tx: std::sync::mpsc::Sender<()>) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     std::thread::spawn(move || {
         rt.block_on(async {

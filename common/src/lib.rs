@@ -28,6 +28,7 @@ pub mod https;
 pub mod merkle;
 pub mod nbd;
 pub mod quic;
+pub mod rate_cc;
 pub mod ratelimit;
 pub mod register;
 pub mod retry;

@@ -17,6 +17,10 @@ fn transport() -> Arc<quinn::TransportConfig> {
     t.stream_receive_window((16u32 << 20).into());
     t.receive_window((32u32 << 20).into());
     t.send_window(32 << 20);
+    // A window from the measured delivery rate and round trip, not from losses: across a WAN that
+    // drops 1% of packets a loss-based controller (Cubic, New Reno) falls to a few Mbit/s (see
+    // rate_cc.rs; bench/wan.sh measures it beside TCP).
+    t.congestion_controller_factory(Arc::new(crate::rate_cc::RateConfig::default()));
     // Search past Ethernet's 1500 bytes: data-centre links often carry jumbo frames (and loopback
     // carries 64 KiB). Fewer, larger datagrams cost the kernel far less per byte; discovery stops at
     // what the path really carries.

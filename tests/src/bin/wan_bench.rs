@@ -2,7 +2,8 @@
 //! namespaces joined by the emulated WAN link (`sr_devkit::netns`), at several round trips and loss
 //! rates under one bandwidth cap, beside a plain TCP copy over the same link in the same run (nbdcopy
 //! on site A into qemu-nbd on site B). For each setting:
-//! - initial replication of SIZE_MIB of random data: protect to caught up, MiB/s and share of the cap;
+//! - initial replication of SIZE_MIB of random data: MiB/s applied at site B while the data flows (10%
+//!   to 90% of it, sampled every 100 ms) and its share of the cap, and protect to caught up;
 //! - the TCP copy of the same file: MiB/s and share of the cap;
 //! - a burst of BURST_MIB of random writes at the agent, and how long until the replica holds it
 //!   (the RPO after a burst), with the replica checked byte for byte.
@@ -37,6 +38,7 @@ struct Row {
     rtt_ms: u64,
     loss: f64,
     replication: f64,
+    end_to_end: f64,
     tcp: f64,
     burst_catch_up: f64,
 }
@@ -69,6 +71,18 @@ fn tcp_copy(s: &TwoSites, src: &Path, dir: &Path) -> f64 {
     len as f64 / MIB as f64 / secs
 }
 
+/// MiB/s between the samples where 10% and 90% of the bytes in the series had arrived: the rate
+/// while the data flows, without the control plane's start (assignment polls) and the tail.
+fn steady_rate(samples: &[(f64, f64)]) -> f64 {
+    let total = samples.last().map_or(0.0, |s| s.1);
+    let at = |share: f64| samples.iter().find(|s| s.1 >= total * share).copied().unwrap_or((0.0, 0.0));
+    let ((t0, b0), (t1, b1)) = (at(0.1), at(0.9));
+    if t1 <= t0 {
+        return 0.0;
+    }
+    (b1 - b0) / MIB as f64 / (t1 - t0)
+}
+
 fn run_one(dir: &Path, random: &Path, burst: &Path, rtt_ms: u64, loss: f64, mbit: u64) -> Row {
     let _ = std::fs::remove_dir_all(dir);
     std::fs::create_dir_all(dir).expect("bench dir");
@@ -82,9 +96,32 @@ fn run_one(dir: &Path, random: &Path, burst: &Path, rtt_ms: u64, loss: f64, mbit
     let d = Deployment::attach(cp, dir);
     let start = Instant::now();
     let (_, job) = s.protect(serde_json::json!({})).expect("protecting");
-    d.wait_job(job, true);
-    wait_caught_up(&s.local, Duration::from_secs(3600)).expect("initial replication");
-    let replication = size_mib as f64 / start.elapsed().as_secs_f64();
+    // Bytes applied at site B, sampled every 100 ms while the initial replication runs.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = {
+        let (stop, local) = (stop.clone(), &s.local);
+        let applied =
+            move || metric(local, Component::MasterTarget, "sr_master_target_applied_bytes_total").unwrap_or(0.0);
+        let mut samples = Vec::new();
+        std::thread::scope(|sc| {
+            sc.spawn(|| {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    samples.push((start.elapsed().as_secs_f64(), applied()));
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            });
+            d.wait_job(job, true);
+            wait_caught_up(&s.local, Duration::from_secs(3600)).expect("initial replication");
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        });
+        samples
+    };
+    let end_to_end = size_mib as f64 / start.elapsed().as_secs_f64();
+    let replication = steady_rate(&sampler);
+    // Where the time went at site B: the master target's apply of each batch (it applies in order).
+    let busy = metric(&s.local, Component::MasterTarget, "sr_master_target_apply_seconds_sum").unwrap_or(0.0);
+    let batches = metric(&s.local, Component::MasterTarget, "sr_master_target_apply_seconds_count").unwrap_or(0.0);
+    eprintln!("master target: {batches} batches applied in {busy:.1} s of {:.1} s", start.elapsed().as_secs_f64());
 
     // A burst of random writes (as an application's), then the time until the replica holds it.
     let burst_mib = std::fs::metadata(burst).expect("burst size").len() / MIB;
@@ -98,7 +135,7 @@ fn run_one(dir: &Path, random: &Path, burst: &Path, rtt_ms: u64, loss: f64, mbit
     let tcp = tcp_copy(&s, random, dir);
     let c = s.topo.wan.counters();
     eprintln!("link A->B {:?}", c[0]);
-    Row { rtt_ms, loss, replication, tcp, burst_catch_up }
+    Row { rtt_ms, loss, replication, end_to_end, tcp, burst_catch_up }
 }
 
 fn main() {
@@ -118,18 +155,19 @@ fn main() {
     let burst = root.join("burst.bin");
     random_file(&burst, burst_mib);
     let cap = mbit as f64 * 1e6 / 8.0 / MIB as f64;
-    println!("| RTT | loss | replication MiB/s | of the cap | TCP copy (nbdcopy) MiB/s | of the cap | {burst_mib} MiB burst replicated in |");
-    println!("|---|---|---|---|---|---|---|");
+    println!("| RTT | loss | replication MiB/s (while flowing) | of the cap | protect to caught up, MiB/s | TCP copy (nbdcopy) MiB/s | of the cap | {burst_mib} MiB burst replicated in |");
+    println!("|---|---|---|---|---|---|---|---|");
     for s in settings.split(',') {
         let (rtt, loss) = s.split_once('/').expect("SETTINGS entries are RTT_MS/LOSS_PERCENT");
         let (rtt, loss): (u64, f64) = (rtt.parse().expect("RTT_MS"), loss.parse().expect("LOSS_PERCENT"));
         let r = run_one(&root.join(format!("rtt{rtt}-loss{loss}")), &random, &burst, rtt, loss, mbit);
         println!(
-            "| {} ms | {}% | {:.1} | {:.0}% | {:.1} | {:.0}% | {:.1} s |",
+            "| {} ms | {}% | {:.1} | {:.0}% | {:.1} | {:.1} | {:.0}% | {:.1} s |",
             r.rtt_ms,
             r.loss,
             r.replication,
             100.0 * r.replication / cap,
+            r.end_to_end,
             r.tcp,
             100.0 * r.tcp / cap,
             r.burst_catch_up
