@@ -60,13 +60,11 @@ pub fn run(a: Args, json: bool) -> anyhow::Result<()> {
             println!("  site {site}: {}", names.join(", "));
         }
         println!(
-            "  across the WAN: UDP {} (process server to master target, QUIC); TCP {} (configuration server API), \
-             {} {} (its calls to the agent and master target), {} (NBD of failover disks)",
+            "  across the WAN: A to B UDP {} (process server to master target, QUIC) and TCP {} (the \
+             configuration server's API); B to A TCP {} (its calls to the agent)",
             ports::MT_QUIC,
             ports::API,
             ports::AGENT_HTTP,
-            ports::MT_HTTP,
-            ports::MT_NBD
         );
     }
 
