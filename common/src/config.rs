@@ -86,12 +86,17 @@ pub fn advertised(
     advertise: Option<std::net::SocketAddr>,
 ) -> Result<std::net::SocketAddr, String> {
     let (bind_key, advertise_key) = keys;
+    // (`[::ffff:0.0.0.0]` is the unspecified address too.)
+    let nowhere = |a: std::net::SocketAddr| {
+        let ip = a.ip().to_canonical();
+        ip.is_unspecified() || ip.is_multicast() || a.port() == 0
+    };
     match advertise {
-        Some(a) if a.ip().is_unspecified() || a.port() == 0 => {
+        Some(a) if nowhere(a) => {
             Err(format!("key {advertise_key}: {a} is not an address peers can reach; name a host address and a port"))
         }
         Some(a) => Ok(a),
-        None if bind.ip().is_unspecified() || bind.port() == 0 => Err(format!(
+        None if nowhere(bind) => Err(format!(
             "key {bind_key}: {bind} binds every address or any port; set {advertise_key} to the address peers reach"
         )),
         None => Ok(bind),
@@ -148,5 +153,8 @@ mod tests {
             assert!(e.contains("advertise"), "{e}");
         }
         assert!(advertised(keys, a("0.0.0.0:7"), Some(a("10.0.0.1:0"))).unwrap_err().contains("key advertise:"));
+        for adv in ["[::ffff:0.0.0.0]:7", "224.0.0.1:7", "[ff02::1]:7"] {
+            assert!(advertised(keys, a("0.0.0.0:7"), Some(a(adv))).is_err(), "{adv}");
+        }
     }
 }

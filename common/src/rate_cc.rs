@@ -157,7 +157,7 @@ impl RateControl {
     /// Packets were lost; `persistent`: all of them for longer than the persistent-congestion period.
     pub fn lost(&mut self, persistent: bool) {
         if persistent {
-            self.window = self.initial;
+            self.window = self.initial.max(self.floor());
             self.rates.clear();
             self.round = None;
             self.phase = Phase::Startup { stalls: 0, last_best: 0 };

@@ -171,6 +171,10 @@ impl Topology {
         }
         let mut counts = [0u8; 2];
         for (name, site) in hosts {
+            // An interface name (`h-NAME`) has at most 15 bytes.
+            if name.is_empty() || name.len() > 13 || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
+                bail!("host name {name:?}: 1 to 13 letters, digits or dashes");
+            }
             let n = &mut counts[site.number() as usize - 1];
             *n += 1;
             let ns = format!("sr{k}-{name}");
@@ -311,9 +315,14 @@ impl PacketSocket {
             let buf: i32 = 8 << 20;
             libc::setsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, &buf as *const _ as *const libc::c_void, 4);
             libc::setsockopt(fd, libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, &buf as *const _ as *const libc::c_void, 4);
+            // Reads wake every 100 ms, so the pipe's threads see their stop flag.
             let tv = libc::timeval { tv_sec: 0, tv_usec: 100_000 };
             let tvlen = std::mem::size_of::<libc::timeval>() as u32;
-            libc::setsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVTIMEO, &tv as *const _ as *const libc::c_void, tvlen);
+            if libc::setsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVTIMEO, &tv as *const _ as *const libc::c_void, tvlen)
+                != 0
+            {
+                bail!("a read timeout on the packet socket of {dev}: {}", std::io::Error::last_os_error());
+            }
             Ok(s)
         }
     }

@@ -52,7 +52,12 @@ impl Impairment {
     /// A link of `rtt` round trip (each direction half of it), `loss` in each direction and a
     /// `mbit` Mbit/s cap.
     pub fn wan(rtt: Duration, loss: f64, mbit: Option<u64>) -> Impairment {
-        Impairment { latency: rtt / 2, loss, rate_bits: mbit.map(|m| m * 1_000_000), ..Default::default() }
+        Impairment {
+            latency: rtt / 2,
+            loss,
+            rate_bits: mbit.map(|m| m.saturating_mul(1_000_000)),
+            ..Default::default()
+        }
     }
 }
 

@@ -135,7 +135,7 @@ impl sr_common::config::Validate for MtConfig {
             nbd_tcp,
             advertise_nbd,
             tls: _,
-            control: _,
+            control,
             items,
             points,
             export_dir,
@@ -150,12 +150,17 @@ impl sr_common::config::Validate for MtConfig {
         if node.is_empty() {
             return Err("key node: must not be empty".into());
         }
-        sr_common::config::advertised(("http", "advertise_http"), *http, *advertise_http)?;
-        sr_common::config::advertised(("listen", "advertise"), *listen, *advertise)?;
-        match nbd_tcp {
-            Some(n) => _ = sr_common::config::advertised(("nbd_tcp", "advertise_nbd"), *n, *advertise_nbd)?,
-            None if advertise_nbd.is_some() => return Err("key advertise_nbd: set without nbd_tcp".into()),
-            None => {}
+        if advertise_nbd.is_some() && nbd_tcp.is_none() {
+            return Err("key advertise_nbd: set without nbd_tcp".into());
+        }
+        // Advertised to the configuration server (and through it to process servers and in machine
+        // descriptions) when it runs one.
+        if control.is_some() {
+            sr_common::config::advertised(("http", "advertise_http"), *http, *advertise_http)?;
+            sr_common::config::advertised(("listen", "advertise"), *listen, *advertise)?;
+            if let Some(n) = nbd_tcp {
+                sr_common::config::advertised(("nbd_tcp", "advertise_nbd"), *n, *advertise_nbd)?;
+            }
         }
         let PointsConfig { retention_secs, segment_bytes, segment_secs, expiry_interval_secs } = points;
         for (key, v) in [

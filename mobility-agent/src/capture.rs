@@ -790,6 +790,37 @@ mod tests {
         out
     }
 
+    /// The protection starts over (unprotected and protected again as the same item) while an
+    /// initial copy runs: the old copy writes nothing into the new journal and does not mark it done;
+    /// the new protection's own copy covers the whole disk.
+    #[test]
+    fn a_copy_overtaken_by_a_new_protection_leaves_the_new_journal_alone() {
+        let d = tempfile::tempdir().unwrap();
+        let path = disk(d.path(), "source.img", 8 << 20);
+        std::fs::write(&path, vec![7u8; 8 << 20]).unwrap();
+        let state = d.path().join("state");
+        let pd = ProtectedDisk::open(DiskId(1), "d", &path, &state, 4096, None).unwrap();
+        pd.protect(3).unwrap();
+        let asked = std::cell::Cell::new(0);
+        let again = || {
+            asked.set(asked.get() + 1);
+            if asked.get() == 3 {
+                pd.unprotect().unwrap();
+                pd.protect(3).unwrap();
+            }
+            false
+        };
+        pd.initial_copy(1 << 20, 64 << 20, &again).unwrap();
+        assert!(asked.get() >= 3, "the copy asked to stop {} times", asked.get());
+        let st = pd.copy_state();
+        assert!(!st.done && st.cursor == 0, "the new protection's copy state was written by the old copy");
+        assert_eq!(pd.last_seq(), Seq::ZERO, "the old copy appended to the new journal");
+        pd.initial_copy(1 << 20, 64 << 20, &|| false).unwrap();
+        assert!(pd.copy_state().done);
+        assert_eq!(markers(&pd, Seq(1)), vec![MarkerKind::InitialCopyDone]);
+        assert_eq!(pd.last_seq(), Seq(9), "eight 1 MiB chunks and the marker");
+    }
+
     #[test]
     fn a_bypass_opens_a_block_order_window_that_closes_once_the_dirty_blocks_are_copied() {
         let d = tempfile::tempdir().unwrap();

@@ -174,7 +174,9 @@ impl sr_common::config::Validate for AgentConfig {
         if node.is_empty() {
             return Err("key node: must not be empty".into());
         }
-        sr_common::config::advertised(("http", "advertise_http"), *http, *advertise_http)?;
+        if control.is_some() {
+            sr_common::config::advertised(("http", "advertise_http"), *http, *advertise_http)?;
+        }
         // The protected machine's own disk, like a local block device: served to this host only.
         if let Some(a) = nbd_tcp.filter(|a| !a.ip().is_loopback()) {
             return Err(format!(

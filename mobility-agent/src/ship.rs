@@ -133,6 +133,9 @@ async fn session(
         Message::Resume { next } => next,
         other => bail!("process server answered Open with {}", other.kind()),
     };
+    // The journal this session ships: a new protection starts it over, and this session must end
+    // then rather than read the new journal's records as the old stream's continuation.
+    let incarnation = disk.journal_incarnation();
     let (first, last) = (disk.first_seq(), disk.last_seq());
     let limits = SenderLimits { window_bytes: t.window_bytes, batch_bytes: t.batch_bytes, ack_timeout: t.ack_timeout };
     let mut sender = Sender::resume(limits, next, first, last, Instant::now())
@@ -179,11 +182,12 @@ async fn session(
                 budget
             }
         };
-        let (incarnation, segments) = disk.journal_snapshot();
+        let (now, segments) = disk.journal_snapshot();
         let read = tokio::task::block_in_place(|| journal::read_batch(&segments, &mut cursor, budget));
-        // A new protection started the journal over during the read: what was read (or why it
-        // failed) belongs to files replaced under the reader, not to damage. This session is over.
-        if disk.journal_incarnation() != incarnation {
+        // A new protection started the journal over since the session began (or during the read:
+        // what was read, or why it failed, belongs to files replaced under the reader, not to
+        // damage). This session is over.
+        if now != incarnation || disk.journal_incarnation() != incarnation {
             anyhow::bail!("the journal started over (a new protection); shipping starts again");
         }
         let records = read.map_err(|e| match e {

@@ -83,7 +83,10 @@ impl sr_common::config::Validate for PsConfig {
         if node.is_empty() {
             return Err("key node: must not be empty".into());
         }
-        sr_common::config::advertised(("listen", "advertise"), *listen, *advertise)?;
+        // Advertised to the configuration server (and through it to agents) when it runs one.
+        if control.is_some() {
+            sr_common::config::advertised(("listen", "advertise"), *listen, *advertise)?;
+        }
         if control.is_none() && master_target.is_none() {
             return Err("set [control] (items are assigned) or master_target (for the [[item]] list)".into());
         }

@@ -18,9 +18,13 @@ use sr_tests::*;
 use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
+/// Whether the two-site tests can run here; with `SR_REQUIRE_NETNS` set (CI sets it) they must.
 fn topology_or_skip() -> bool {
     match Topology::available() {
         Ok(()) => true,
+        Err(why) if std::env::var_os("SR_REQUIRE_NETNS").is_some() => {
+            panic!("SR_REQUIRE_NETNS is set but network namespaces cannot be made: {why}")
+        }
         Err(why) => {
             eprintln!("SKIPPED: two-site tests need network namespaces: {why}");
             false

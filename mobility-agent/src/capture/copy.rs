@@ -54,18 +54,22 @@ impl ProtectedDisk {
     /// Scan capture's initial copy: a first scan against a map of zeroes, its blocks shipped, then the
     /// initial-copy-done marker.
     pub fn scan_initial_copy(&self, chunk: u64, backlog: u64, stop: &dyn Fn() -> bool) -> anyhow::Result<()> {
-        let mut st = self.copy_state();
+        let st = self.copy_state();
         if !self.journaling() || st.done {
             return Ok(());
         }
+        let started = (st.item, self.lock().incarnation());
         if st.cursor == 0 {
             let marked = self.scan_once(stop)?;
             tracing::info!(disk = self.name, bytes = marked, "scan capture: first scan done, copying");
-            st.cursor = self.size();
-            self.save_copy(st)?;
+            let j = self.lock();
+            if !self.still_copying_for(started, &j) {
+                return Ok(());
+            }
+            self.save_copy(CopyState { cursor: self.size(), ..self.copy_state() })?;
         }
         self.copy_dirty(chunk, backlog, stop)?;
-        if self.dirty_bytes() > 0 || stop() || !self.finish_copy(st.item, st)? {
+        if self.dirty_bytes() > 0 || stop() || !self.finish_copy(started)? {
             return Ok(());
         }
         tracing::info!(disk = self.name, "initial copy finished (scan capture)");
@@ -88,9 +92,10 @@ impl ProtectedDisk {
         let mut buf = vec![0u8; chunk as usize];
         let mut last_save = std::time::Instant::now();
         tracing::info!(disk = self.name, from = st.cursor, size, "initial copy running");
-        // A new protection (another item) restarts the copy: this run must not save its cursor over it.
-        let item = st.item;
-        let stop = || stop() || !self.journaling() || self.copy_state().item != item;
+        // A new protection (another item, or the same one again) restarts the journal and the copy:
+        // this run must not write into the new journal nor save its cursor over the new copy's.
+        let started = (st.item, self.lock().incarnation());
+        let stop = || stop() || !self.journaling() || self.copy_state().item != started.0;
         while let Some(data_at) = self.disk.next_data(st.cursor) {
             if stop() {
                 return Ok(());
@@ -109,7 +114,7 @@ impl ProtectedDisk {
                 // Checked again under the lock: a protection that came since `stop` was asked has
                 // its own journal and copy, which this one must neither write into nor save over.
                 let mut j = self.lock();
-                if !self.still_copying_for(item) {
+                if !self.still_copying_for(started, &j) {
                     return Ok(());
                 }
                 self.disk.read_at(pos, &mut buf[..len]).with_context(|| format!("reading {} at {pos}", self.name))?;
@@ -119,38 +124,39 @@ impl ProtectedDisk {
                 }
                 st.cursor = pos + len as u64;
                 if last_save.elapsed() > std::time::Duration::from_millis(500) {
-                    self.save_copy(st)?;
+                    // Only the cursor is this run's: the rest of the state is as it is now.
+                    self.save_copy(CopyState { cursor: st.cursor, ..self.copy_state() })?;
                     last_save = std::time::Instant::now();
                 }
             }
             self.after_append();
             self.metrics.copy_ratio.set(st.cursor as f64 / size.max(1) as f64);
         }
-        if stop() || !self.finish_copy(item, st)? {
+        if stop() || !self.finish_copy(started)? {
             return Ok(());
         }
         tracing::info!(disk = self.name, "initial copy finished");
         Ok(())
     }
 
-    /// Whether the disk is still journaling for the protection (`item`) a copy started under. Asked
-    /// under the journal's lock, which every new protection takes to start over.
-    fn still_copying_for(&self, item: Option<u64>) -> bool {
-        self.journaling() && self.copy_state().item == item
+    /// Whether the disk is still journaling for the protection a copy started under: its item and
+    /// the journal's incarnation then (`started`). Asked under the journal's lock `j`, which every
+    /// new protection takes to start the journal over.
+    fn still_copying_for(&self, started: (Option<u64>, u64), j: &Journal) -> bool {
+        self.journaling() && self.copy_state().item == started.0 && j.incarnation() == started.1
     }
 
-    /// Ends the copy of protection `item`: its done marker and its saved state, together under the
-    /// journal's lock, unless another protection started meanwhile (false: nothing written).
-    fn finish_copy(&self, item: Option<u64>, mut st: CopyState) -> anyhow::Result<bool> {
+    /// Ends the copy of the protection it `started` under: its done marker and its saved state,
+    /// together under the journal's lock, unless another protection started meanwhile (false:
+    /// nothing written).
+    fn finish_copy(&self, started: (Option<u64>, u64)) -> anyhow::Result<bool> {
         {
             let mut j = self.lock();
-            if !self.still_copying_for(item) {
+            if !self.still_copying_for(started, &j) {
                 return Ok(false);
             }
-            st.done_seq = j.append(&Op::Marker { kind: MarkerKind::InitialCopyDone })?.0;
-            st.cursor = self.size();
-            st.done = true;
-            self.save_copy(st)?;
+            let done_seq = j.append(&Op::Marker { kind: MarkerKind::InitialCopyDone })?.0;
+            self.save_copy(CopyState { done_seq, cursor: self.size(), done: true, ..self.copy_state() })?;
         }
         self.after_append();
         self.metrics.copy_ratio.set(1.0);
