@@ -10,7 +10,7 @@
 //! ```text
 //! every round (one minimum RTT, at least 5 ms): rate = bytes acknowledged in it / its length
 //! best = max(rate over the last 10 rounds)      (app-limited rounds count only when they raise it)
-//! bdp  = best * max(min_rtt, 5 ms)
+//! bdp  = best * max(min_rtt, 5 ms)        (min_rtt: the least round trip of the last 10 s)
 //! startup: window = 2 * bdp (doubling each round) until best stops growing by a quarter for 3
 //!          rounds
 //! cruise:  window = gain * bdp, gain cycling 1.75, 1, then 1.5 for six rounds (probe, drain, cruise)
@@ -36,6 +36,9 @@ const STARTUP_STALLS: u8 = 3;
 /// Acknowledgements arrive in bursts (delayed ACKs, reads batched by the receiver): on paths shorter
 /// than this the window covers this long at the measured rate, and rounds last at least this long.
 const MIN_ROUND: Duration = Duration::from_millis(5);
+/// The minimum round trip is the least sample of this long: a path that became longer (a new route)
+/// is believed within this time, instead of sizing the window from a round trip that is gone.
+const RTT_WINDOW: Duration = Duration::from_secs(10);
 
 /// Builds [`RateControl`] for each connection.
 #[derive(Debug, Clone)]
@@ -74,6 +77,8 @@ pub struct RateControl {
     /// Delivery rate (bytes per second) of the last rounds.
     rates: VecDeque<u64>,
     min_rtt: Duration,
+    /// When `min_rtt` was sampled.
+    min_rtt_at: Option<Instant>,
     phase: Phase,
 }
 
@@ -87,6 +92,7 @@ impl RateControl {
             round: None,
             rates: VecDeque::new(),
             min_rtt: Duration::ZERO,
+            min_rtt_at: None,
             phase: Phase::Startup { stalls: 0, last_best: 0 },
         }
     }
@@ -136,10 +142,13 @@ impl RateControl {
         });
     }
 
-    /// `bytes` were acknowledged; the path's minimum round trip is `min_rtt`.
-    pub fn acked(&mut self, bytes: u64, min_rtt: Duration) {
+    /// `bytes` were acknowledged at `now`, `rtt` after they were sent.
+    pub fn acked(&mut self, bytes: u64, rtt: Duration, now: Instant) {
         self.delivered += bytes;
-        self.min_rtt = min_rtt;
+        let expired = self.min_rtt_at.is_none_or(|at| now.saturating_duration_since(at) >= RTT_WINDOW);
+        if expired || rtt <= self.min_rtt {
+            (self.min_rtt, self.min_rtt_at) = (rtt, Some(now));
+        }
     }
 
     /// A batch of acknowledgements ended at `now`: a round that lasted a minimum round trip is measured.
@@ -168,13 +177,13 @@ impl RateControl {
 impl Controller for RateControl {
     fn on_ack(
         &mut self,
-        _now: Instant,
-        _sent: Instant,
+        now: Instant,
+        sent: Instant,
         bytes: u64,
         _app_limited: bool,
-        rtt: &quinn_proto::RttEstimator,
+        _rtt: &quinn_proto::RttEstimator,
     ) {
-        self.acked(bytes, rtt.min());
+        self.acked(bytes, now.saturating_duration_since(sent), now);
     }
 
     fn on_end_acks(&mut self, now: Instant, _in_flight: u64, app_limited: bool, _largest: Option<u64>) {
@@ -221,7 +230,6 @@ mod tests {
         let pkt = 1200u64;
         let t0 = Instant::now();
         let mut cc = RateControl::new(14_720, 1200);
-        let mut min_rtt = f64::MAX;
         let step = Duration::from_micros(100);
         // Packets in the queue (departure time) and on their way back as acks (arrival time, sent).
         let mut queue_free_at = 0.0f64;
@@ -234,9 +242,8 @@ mod tests {
             while acks.front().is_some_and(|a| a.0 <= now) {
                 let (_, sent_at) = acks.pop_front().unwrap();
                 in_flight -= pkt;
-                min_rtt = min_rtt.min(now - sent_at);
                 smoothed = if smoothed == 0.0 { now - sent_at } else { 0.875 * smoothed + 0.125 * (now - sent_at) };
-                cc.acked(pkt, Duration::from_secs_f64(min_rtt));
+                cc.acked(pkt, Duration::from_secs_f64(now - sent_at), at);
                 if now > secs / 2.0 {
                     delivered_late += pkt;
                 }
@@ -276,6 +283,22 @@ mod tests {
             assert!(used > 0.85, "{rtt_ms} ms, {loss} loss: {:.0}% of the link used", used * 100.0);
             assert!(dropped < 0.02, "{rtt_ms} ms, {loss} loss: {:.1}% dropped by the queue", dropped * 100.0);
         }
+    }
+
+    #[test]
+    fn a_longer_path_is_believed_within_the_window() {
+        let t0 = Instant::now();
+        let mut cc = RateControl::new(14_720, 1200);
+        let ms = Duration::from_millis;
+        for i in 0..1000u32 {
+            cc.acked(1200, ms(10) + ms(u64::from(i % 3)), t0 + ms(u64::from(i) * 5));
+        }
+        assert_eq!(cc.min_rtt, ms(10));
+        // The route changes: 50 ms from 5 s on; 10 s after the last short sample it is the minimum.
+        for i in 0..3000u32 {
+            cc.acked(1200, ms(50) + ms(u64::from(i % 3)), t0 + ms(5000 + u64::from(i) * 5));
+        }
+        assert_eq!(cc.min_rtt, ms(50));
     }
 
     #[test]
