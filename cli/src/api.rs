@@ -124,6 +124,16 @@ fn rows(v: &Value, f: impl Fn(&Value) -> String) -> String {
 
 /// Follows a job (and the item it enables) with a progress bar until it ends.
 fn follow(c: &Client, job: u64, item: Option<u64>, json_out: bool) -> anyhow::Result<()> {
+    let j = follow_job(c, job, item, json_out)?;
+    if json_out {
+        println!("{}", serde_json::to_string_pretty(&j)?);
+    }
+    Ok(())
+}
+
+/// Follows a job to its end (a progress bar and the item's states, unless `json_out`); the job's
+/// final record.
+fn follow_job(c: &Client, job: u64, item: Option<u64>, json_out: bool) -> anyhow::Result<serde_json::Value> {
     let bar = if json_out { ProgressBar::hidden() } else { ProgressBar::new(100) };
     bar.set_style(
         ProgressStyle::with_template("  {msg:32} [{bar:40}] {pos}%").expect("valid template").progress_chars("=> "),
@@ -153,10 +163,7 @@ fn follow(c: &Client, job: u64, item: Option<u64>, json_out: bool) -> anyhow::Re
         match j["state"].as_str() {
             Some("succeeded") => {
                 bar.finish();
-                if json_out {
-                    println!("{}", serde_json::to_string_pretty(&j)?);
-                }
-                return Ok(());
+                return Ok(j);
             }
             Some("failed") => {
                 bar.abandon();

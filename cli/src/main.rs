@@ -171,6 +171,10 @@ enum Cmd {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let json = cli.output == Output::Json;
+    if matches!(cli.cmd, Cmd::Quickstart(_) | Cmd::Local { .. }) {
+        // The services these start go when srctl goes, however it goes.
+        sr_devkit::services_die_with_parent();
+    }
     let res = match cli.cmd {
         Cmd::Quickstart(a) => quickstart::run(a, json),
         Cmd::Certs { dir, nodes } => certs(&dir, &nodes, json),

@@ -379,21 +379,26 @@ pub fn run(a: Args, json: bool) -> anyhow::Result<()> {
         println!("  changes applied: {applied}");
         println!("  initial replication of {} MiB: {initial_secs:.1} s", a.size_mib);
         println!("  workload: {workload_secs:.1} s, largest lag {max_lag} changes, largest RPO {max_rpo} s, caught up {catch_secs:.1} s after it ended");
-        println!(
-            "  configuration server: https://{} (srctl --server {} --token-file {} items list)",
-            cp.api,
-            cp.api,
-            cp.root.join("cs/admin.token").display()
-        );
+        let srctl = format!("srctl --server {} --token-file {}", cp.api, cp.root.join("cs/admin.token").display());
+        println!("  configuration server: https://{}", cp.api);
         println!(
             "  failover drill: disks up at the latest point in {drill_ms:.0} ms, identical to the source: {}",
             if drill_ok { "yes" } else { "NO" }
         );
         println!("  logs: {}", local.root.join("logs").display());
-        println!(
-            "  next: srctl ... failover {} --planned (stops the source; then commit, reprotect, failback: see README)",
-            local.item
-        );
+        if a.keep_running {
+            println!("  while the services run: {srctl} items list");
+            println!(
+                "  next: {srctl} failover {} --planned (stops the source; then commit, reprotect, failback: see README)",
+                local.item
+            );
+        } else {
+            println!(
+                "  the services stopped with the quickstart; `srctl quickstart --keep-running` leaves them up for \
+                 `{srctl} items list` and `{srctl} failover {} --planned`",
+                local.item
+            );
+        }
     }
     if a.keep_running && identical && fs_ok && drill_ok {
         println!("Services keep running; press Ctrl-C to stop them.");
@@ -422,9 +427,14 @@ pub fn run(a: Args, json: bool) -> anyhow::Result<()> {
 /// Blocks a thread on SIGINT/SIGTERM and signals `tx`.
 pub(crate) fn ctrlc_wait(tx: std::sync::mpsc::Sender<()>) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    // Registered here, before the caller waits: a SIGTERM from now on is taken, not fatal.
+    let mut term = rt.block_on(async { tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) })?;
     std::thread::spawn(move || {
         rt.block_on(async {
-            let _ = tokio::signal::ctrl_c().await;
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
         });
         let _ = tx.send(());
     });

@@ -179,12 +179,12 @@ pub fn run(a: Args, json: bool) -> anyhow::Result<()> {
             yes(cleared)
         );
         println!("  caught up {catch_secs:.1} s after the WAN came back");
-        println!(
-            "  configuration server: srctl --server {} --token-file {} --ca {} items list",
-            s.cp.api,
-            s.cp.root.join("cs/admin.token").display(),
-            s.cp.ca().display()
-        );
+        let srctl = format!("srctl --server {} --token-file {}", s.cp.api, s.cp.root.join("cs/admin.token").display());
+        if a.keep_running {
+            println!("  while the services run: {srctl} items list");
+        } else {
+            println!("  the services and sites stopped with the quickstart; --keep-running leaves them up for `{srctl} items list`");
+        }
         println!("  logs: {}", s.local.root.join("logs").display());
     }
     if a.keep_running && identical {

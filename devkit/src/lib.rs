@@ -681,6 +681,16 @@ pub fn spawn_env(
     spawn_in(None, c, config, log_path, http_addr, ca, env)
 }
 
+static DIE_WITH_PARENT: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Services started from now on get SIGTERM when the thread that started them dies (the kernel's
+/// parent-death signal), so that a command running them (`srctl local`, `srctl quickstart
+/// --keep-running`) never leaves them behind, even when it is killed. Call it from the thread that
+/// starts the services and outlives them (the main thread).
+pub fn services_die_with_parent() {
+    DIE_WITH_PARENT.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// [`spawn_env`] inside network namespace `ns` (`ip netns exec` executes the binary itself, so the
 /// process is the service's).
 pub fn spawn_in(
@@ -705,6 +715,18 @@ pub fn spawn_in(
         }
         None => Command::new(&bin),
     };
+    if DIE_WITH_PARENT.load(std::sync::atomic::Ordering::Relaxed) {
+        use std::os::unix::process::CommandExt;
+        // SAFETY: prctl is async-signal-safe and touches only the child being started.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
     let child = cmd
         .arg("run")
         .arg("--config")

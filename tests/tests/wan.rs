@@ -355,10 +355,14 @@ fn failover_commit_reprotect_failback_across_the_wan_and_unplanned_with_the_prim
     s.write(&["write -P 0x11 1M 2M".into()]);
     let source = s.site.disk.to_str().unwrap().to_string();
 
-    let out = s.dep.srctl(&["failover", &id, "--planned"]);
-    assert!(out.contains("commit"), "{out}");
+    // The JSON output carries the machine description, as the text output does.
+    let out: serde_json::Value =
+        serde_json::from_str(&s.dep.srctl(&["--output", "json", "failover", &id, "--planned"]))
+            .expect("srctl failover --output json prints one JSON document");
+    assert_eq!(out["state"], "succeeded", "{out}");
     let item = s.item();
     assert_eq!(item["state_name"], "failed_over", "{item}");
+    assert_eq!(out["machine"], item["failover"]["machine"], "{out}");
     let fo_uri = s.dep.with_certs(item["failover"]["machine"]["disks"][0]["uri"].as_str().unwrap());
     assert!(
         fo_uri.contains(&s.site.topo.host("mt-1").v4.to_string()),

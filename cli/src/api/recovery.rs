@@ -202,9 +202,13 @@ pub fn failover(
     if !json_out {
         println!("{} failover of item {item} (job {job})", if planned { "planned" } else { "unplanned" });
     }
-    follow(c, job, Some(item), json_out)?;
+    let mut j = follow_job(c, job, Some(item), json_out)?;
     let i = c.call("GET", &format!("/v1/items/{item}"), None)?;
-    if !json_out {
+    if json_out {
+        // The job's record, with the machine description the text output shows.
+        j["machine"] = i["failover"]["machine"].clone();
+        println!("{}", serde_json::to_string_pretty(&j)?);
+    } else {
         println!("failed over; `srctl commit {item}` makes it final\n{}", describe_machine(&i["failover"]["machine"]));
     }
     Ok(())
