@@ -110,7 +110,9 @@ pub fn wait_caught_up(local: &Local, timeout: Duration) -> anyhow::Result<Vec<u6
     }
 }
 
-fn caught_up(local: &Local) -> anyhow::Result<Option<Vec<u64>>> {
+/// Whether the initial copy is done and the master target applied the agent's last change of every
+/// disk (then the applied sequence numbers).
+pub fn caught_up(local: &Local) -> anyhow::Result<Option<Vec<u64>>> {
     let st = local.agent_status()?;
     let mut out = Vec::new();
     for d in st["disks"].as_array().context("status has no disks")? {

@@ -124,8 +124,10 @@ fn wan_link_delays_and_partitions() {
     let wan = Impairment::wan(Duration::from_millis(40), 0.0, Some(100));
     let topo = Topology::create(&[("a1", Site::A), ("b1", Site::B)], wan, 1).unwrap();
     let b = topo.host("b1").v4;
+    let (listening_tx, listening) = std::sync::mpsc::channel::<()>();
     let server = topo.spawn_in("b1", move || {
         let l = std::net::TcpListener::bind((b, 7000)).unwrap();
+        listening_tx.send(()).unwrap();
         let (mut s, _) = l.accept().unwrap();
         let mut buf = [0u8; 1];
         while s.read_exact(&mut buf).is_ok() {
@@ -134,15 +136,9 @@ fn wan_link_delays_and_partitions() {
     });
     let (tx, rx) = std::sync::mpsc::channel::<()>();
     let (rtx, rrx) = std::sync::mpsc::channel::<Duration>();
+    listening.recv().expect("the server on site B listens");
     let client = topo.spawn_in("a1", move || {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let mut s = loop {
-            match std::net::TcpStream::connect((b, 7000)) {
-                Ok(s) => break s,
-                Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
-                Err(e) => panic!("connecting across the WAN: {e}"),
-            }
-        };
+        let mut s = std::net::TcpStream::connect((b, 7000)).expect("connecting across the WAN");
         s.set_nodelay(true).unwrap();
         let mut buf = [0u8; 1];
         while rx.recv().is_ok() {
@@ -217,24 +213,26 @@ fn a_long_partition_during_churn_heals_by_itself() {
 
     s.site.topo.wan.set_partitioned(true);
     let cut_at = Instant::now();
-    let mut round = 100;
-    let alert = loop {
-        s.write(&churn(round, 5, 64));
-        round += 1;
-        let item = s.item();
-        if item["rpo_alert"] == true {
-            break item;
+    // Churn through the partition: a round of writes every 200 ms (about 13 MiB a minute, well
+    // inside the journal's limit), the first rounds until the RPO alert is raised.
+    let mut round = 0u32;
+    let mut churn_due = || {
+        if cut_at.elapsed() >= Duration::from_millis(200) * round {
+            s.write(&churn(100 + u64::from(round), 5, 64));
+            round += 1;
         }
-        assert!(cut_at.elapsed() < Duration::from_secs(60), "no RPO alert during the partition: {item}");
-        std::thread::sleep(Duration::from_millis(500));
     };
+    let alert = wait_until("an RPO alert during the partition", Duration::from_secs(60), || {
+        churn_due();
+        let item = s.item();
+        (item["rpo_alert"] == true).then_some(item)
+    });
     assert!(alert["rpo_seconds"].as_u64().unwrap() > 10, "{alert}");
-    // Churn goes on for the rest of the partition.
-    while cut_at.elapsed() < Duration::from_secs(partition_secs()) {
-        s.write(&churn(round, 5, 64));
-        round += 1;
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    let partition = Duration::from_secs(partition_secs());
+    wait_for("the partition's end", partition + Duration::from_secs(10), || {
+        churn_due();
+        cut_at.elapsed() >= partition
+    });
     s.site.topo.wan.set_partitioned(false);
     s.assert_identical(Duration::from_secs(180));
     let item = wait_until("the RPO alert to clear", Duration::from_secs(60), || {
@@ -325,13 +323,13 @@ fn a_process_server_cut_off_hands_its_items_to_another() {
     s.assert_identical(Duration::from_secs(120));
 
     s.site.topo.set_cut("ps-1", true).unwrap();
+    // Writes go on while the configuration server notices and moves the item.
     let mut round = 200;
-    while s.item()["process_server"] != "ps-2" {
+    wait_for("the item to move to ps-2", Duration::from_secs(120), || {
         s.write(&churn(round, 5, 64));
         round += 1;
-        assert!(round < 600, "the item did not move to ps-2: {}", s.item());
-        std::thread::sleep(Duration::from_millis(200));
-    }
+        s.item()["process_server"] == "ps-2"
+    });
     s.write(&churn(round, 20, 64));
     s.assert_identical(Duration::from_secs(120));
     let events = s.dep.srctl(&["events"]);

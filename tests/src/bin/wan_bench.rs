@@ -3,7 +3,7 @@
 //! rates under one bandwidth cap, beside a plain TCP copy over the same link in the same run (nbdcopy
 //! on site A into qemu-nbd on site B). For each setting:
 //! - initial replication of SIZE_MIB of random data: MiB/s applied at site B while the data flows (10%
-//!   to 90% of it, sampled every 100 ms) and its share of the cap, and protect to caught up;
+//!   to 90% of it, sampled every 50 ms) and its share of the cap, and protect to caught up;
 //! - the TCP copy of the same file: MiB/s and share of the cap;
 //! - a burst of BURST_MIB of random writes at the agent, and how long until the replica holds it
 //!   (the RPO after a burst), with the replica checked byte for byte.
@@ -56,11 +56,9 @@ fn tcp_copy(s: &TwoSites, src: &Path, dir: &Path) -> f64 {
         .spawn()
         .expect("starting qemu-nbd on site B");
     let uri = format!("nbd://{mt}:10900/t");
-    let ready = Instant::now() + Duration::from_secs(30);
-    while !s.topo.command("agent-1", "nbdinfo").arg("--size").arg(&uri).output().is_ok_and(|o| o.status.success()) {
-        assert!(Instant::now() < ready, "qemu-nbd on site B did not answer");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_for("qemu-nbd on site B to answer", Duration::from_secs(30), || {
+        s.topo.command("agent-1", "nbdinfo").arg("--size").arg(&uri).output().is_ok_and(|o| o.status.success())
+    });
     let start = Instant::now();
     let out = s.topo.command("agent-1", "nbdcopy").arg(src).arg(&uri).output().expect("running nbdcopy");
     let secs = start.elapsed().as_secs_f64();
@@ -96,28 +94,16 @@ fn run_one(dir: &Path, random: &Path, burst: &Path, rtt_ms: u64, loss: f64, mbit
     let d = Deployment::attach(cp, dir);
     let start = Instant::now();
     let (_, job) = s.protect(serde_json::json!({})).expect("protecting");
-    // Bytes applied at site B, sampled every 100 ms while the initial replication runs.
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let sampler = {
-        let (stop, local) = (stop.clone(), &s.local);
-        let applied =
-            move || metric(local, Component::MasterTarget, "sr_master_target_applied_bytes_total").unwrap_or(0.0);
-        let mut samples = Vec::new();
-        std::thread::scope(|sc| {
-            sc.spawn(|| {
-                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    samples.push((start.elapsed().as_secs_f64(), applied()));
-                    std::thread::sleep(Duration::from_millis(100));
-                }
-            });
-            d.wait_job(job, true);
-            wait_caught_up(&s.local, Duration::from_secs(3600)).expect("initial replication");
-            stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        });
-        samples
-    };
+    // Bytes applied at site B, sampled at each look (every 50 ms) until the replica caught up.
+    let mut samples = Vec::new();
+    wait_until("the initial replication", Duration::from_secs(3600), || {
+        let applied = metric(&s.local, Component::MasterTarget, "sr_master_target_applied_bytes_total");
+        samples.push((start.elapsed().as_secs_f64(), applied.unwrap_or(0.0)));
+        caught_up(&s.local).ok().flatten()
+    });
     let end_to_end = size_mib as f64 / start.elapsed().as_secs_f64();
-    let replication = steady_rate(&sampler);
+    d.wait_job(job, true);
+    let replication = steady_rate(&samples);
     // Where the time went at site B: the master target's apply of each batch (it applies in order).
     let busy = metric(&s.local, Component::MasterTarget, "sr_master_target_apply_seconds_sum").unwrap_or(0.0);
     let batches = metric(&s.local, Component::MasterTarget, "sr_master_target_apply_seconds_count").unwrap_or(0.0);
