@@ -104,15 +104,20 @@ impl ControlClient {
 
 /// Free bytes of the file system holding `path`.
 pub fn free_bytes(path: &std::path::Path) -> u64 {
+    volume_bytes(path).map_or(0, |(_, free)| free)
+}
+
+/// The size of the file system holding `path` and the bytes free to unprivileged users, in bytes.
+pub fn volume_bytes(path: &std::path::Path) -> Option<(u64, u64)> {
     use std::os::unix::ffi::OsStrExt;
-    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else { return 0 };
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
     // SAFETY: statvfs writes into the zeroed struct we pass; the path is a valid C string.
     unsafe {
         let mut s: libc::statvfs = std::mem::zeroed();
         if libc::statvfs(c.as_ptr(), &mut s) != 0 {
-            return 0;
+            return None;
         }
-        s.f_bavail as u64 * s.f_frsize as u64
+        Some((s.f_blocks as u64 * s.f_frsize as u64, s.f_bavail as u64 * s.f_frsize as u64))
     }
 }
 

@@ -26,6 +26,9 @@ pub struct TlsPaths {
     pub key: PathBuf,
 }
 
+/// Unix seconds at which a certificate expires (label `certificate`: `component` or `ca`).
+pub const CERT_EXPIRY: &str = "sr_tls_certificate_expiry_timestamp_seconds";
+
 /// A component's loaded identity: its chain, its key, the deployment's CA and its revocation list.
 pub struct Identity {
     pub chain: Vec<CertificateDer<'static>>,
@@ -90,7 +93,24 @@ impl Identity {
             .with_context(|| format!("reading CA certificate {}", paths.ca.display()))?
             .collect::<Result<Vec<_>, _>>()
             .with_context(|| format!("parsing CA certificate {}", paths.ca.display()))?;
-        Ok(Identity { chain, key, roots: Arc::new(roots), ca_ders, crl: Default::default(), crl_file: None })
+        let id = Identity { chain, key, roots: Arc::new(roots), ca_ders, crl: Default::default(), crl_file: None };
+        id.export_expiry();
+        Ok(id)
+    }
+
+    /// Sets `sr_tls_certificate_expiry_timestamp_seconds` for this identity's own certificate
+    /// (`certificate="component"`) and the deployment CA (`certificate="ca"`): Unix seconds of `notAfter`.
+    pub fn export_expiry(&self) {
+        let not_after = |der: &CertificateDer<'_>| {
+            use x509_parser::prelude::FromDer;
+            let (_, x) = x509_parser::certificate::X509Certificate::from_der(der).ok()?;
+            Some(x.validity().not_after.timestamp() as f64)
+        };
+        for (which, der) in [("component", self.chain.first()), ("ca", self.ca_ders.first())] {
+            if let Some(t) = der.and_then(not_after) {
+                metrics::gauge!(CERT_EXPIRY, "certificate" => which).set(t);
+            }
+        }
     }
 
     /// Keeps the revocation list in force in `file`: the list kept there (when it is still valid)

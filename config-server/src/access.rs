@@ -166,6 +166,7 @@ pub async fn register(State(cs): State<Arc<Cs>>, b: Body<Registration>) -> R<Val
     store.put(COMPONENTS, &c.name, &c)?;
     job.step_done(2)?;
     let job = job.succeed()?;
+    ::metrics::counter!(crate::metrics::REGISTRATIONS, "role" => c.role.wire().name()).increment(1);
     cs.event("info", &c.name, &format!("{} registered as {:?} (certificate serial {serial})", c.name, c.role))?;
     Ok(Json(json!({ "certificate_pem": cert, "ca_pem": cs.ca.cert_pem(), "job": job.id })))
 }

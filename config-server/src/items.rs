@@ -366,6 +366,7 @@ pub async fn evaluate(cs: &Cs) -> Result<(), crate::store::StoreError> {
     let comps: Vec<Component> = store.list(COMPONENTS)?;
     let all: Vec<Item> = store.list(ITEMS)?;
     let policies: Vec<Policy> = store.list(POLICIES)?;
+    let mut after = Vec::with_capacity(all.len());
     for item in &all {
         let machine = store.get::<Machine>(MACHINES, &item.machine)?;
         let mut stream_faults = Vec::new();
@@ -400,13 +401,11 @@ pub async fn evaluate(cs: &Cs) -> Result<(), crate::store::StoreError> {
         if next != *item {
             store.put(ITEMS, &id_key(item.id), &next)?;
         }
+        after.push(next);
         for e in effects {
             match e {
                 Effect::Alert(m) => cs.alert(&item.machine, &m).await?,
                 Effect::Event { severity, message } => cs.event(severity, &item.machine, &message)?,
-                Effect::Rpo(secs) => {
-                    metrics::gauge!(crate::metrics::ITEM_RPO_SECONDS, "item" => item.id.to_string()).set(secs as f64)
-                }
                 Effect::Job { job, update } => {
                     let Some(mut job) = JobHandle::load(store, job)? else { continue };
                     match update {
@@ -432,5 +431,6 @@ pub async fn evaluate(cs: &Cs) -> Result<(), crate::store::StoreError> {
             }
         }
     }
+    crate::metrics::Fleet::of(&after, &policies, &comps, now(), cs.cfg.component_timeout_secs).export();
     Ok(())
 }

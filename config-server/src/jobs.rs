@@ -83,6 +83,7 @@ impl<'a> JobHandle<'a> {
         };
         let h = JobHandle { store, job };
         h.save()?;
+        metrics::counter!(crate::metrics::JOBS_STARTED, "kind" => kind.to_string()).increment(1);
         Ok(h)
     }
 
@@ -124,7 +125,13 @@ impl<'a> JobHandle<'a> {
         self.job.progress = 100;
         self.job.ended = Some(now());
         self.save()?;
+        self.count("succeeded");
         Ok(self.job)
+    }
+
+    fn count(&self, result: &'static str) {
+        let kind = self.job.kind.clone();
+        metrics::counter!(crate::metrics::JOBS_ENDED, "kind" => kind, "result" => result).increment(1);
     }
 
     /// Fails the job (and its running step) with `error`.
@@ -139,6 +146,7 @@ impl<'a> JobHandle<'a> {
         self.job.ended = Some(now());
         self.job.error = Some(error.to_string());
         self.save()?;
+        self.count("failed");
         Ok(self.job)
     }
 }

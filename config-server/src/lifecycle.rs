@@ -112,6 +112,24 @@ pub struct Refused {
 }
 
 impl State {
+    /// Every state's [`State::name`], in lifecycle order.
+    pub const NAMES: &'static [&'static str] = &[
+        "unprotected",
+        "enabling_protection",
+        "initial_replication",
+        "protected",
+        "resync_required",
+        "resynchronizing",
+        "critical",
+        "failover_in_progress",
+        "failed_over",
+        "committed",
+        "reprotecting",
+        "failing_back",
+        "failed_back",
+        "disabling_protection",
+    ];
+
     /// Short name for messages and filters (`protected`, `initial_replication`, ...).
     pub fn name(&self) -> &'static str {
         match self {

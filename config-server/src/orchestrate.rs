@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! heartbeats (machine progress, applied positions, faults, component liveness)
-//!     --> Observed --> step(item, observed) --> (item', [Alert | Event | Job | Rpo])
+//!     --> Observed --> step(item, observed) --> (item', [Alert | Event | Job])
 //! ```
 //!
 //! In order: a silent process server is replaced, a revoked agent makes the item Critical, a transient
@@ -72,8 +72,6 @@ pub enum Effect {
         job: u64,
         update: JobUpdate,
     },
-    /// The item's recovery point age (seconds), for the RPO gauge.
-    Rpo(u64),
 }
 
 /// Whether a component is up: registered, not revoked, serving, and heard from recently.
@@ -204,7 +202,6 @@ pub fn step(item: &Item, o: &Observed) -> (Item, Vec<Effect>) {
                 item.caught_up_at = Some(machine.last_heartbeat.max(item.caught_up_at.unwrap_or(0)));
             }
             let rpo = item.caught_up_at.map(|t| o.now.saturating_sub(t)).unwrap_or(0);
-            fx.push(Effect::Rpo(rpo));
             let threshold = o.rpo_threshold_secs;
             if rpo > threshold && !item.rpo_alert {
                 item.rpo_alert = true;
@@ -491,13 +488,11 @@ mod tests {
         let old = Item { caught_up_at: Some(NOW - 400), ..item(State::Protected { direction: Forward }) };
         let (i, fx) = step(&old, &observe(&c, Some(&m), 8));
         assert!(i.rpo_alert);
-        assert_eq!(fx[0], Effect::Rpo(400));
         assert_eq!(alerts(&fx).len(), 1);
         assert!(alerts(&step(&i, &observe(&c, Some(&m), 8)).1).is_empty(), "alerted once");
-        let (i, fx) = step(&i, &observe(&c, Some(&m), 9));
+        let (i, _) = step(&i, &observe(&c, Some(&m), 9));
         assert!(!i.rpo_alert);
         assert_eq!(i.caught_up_at, Some(NOW - 1), "the heartbeat that showed it caught up");
-        assert_eq!(fx[0], Effect::Rpo(1));
     }
 
     #[test]

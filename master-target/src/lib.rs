@@ -312,13 +312,13 @@ async fn control_loop(server: Arc<Server>, client: sr_common::control::ControlCl
                 .values()
                 .map(|r| AppliedSeq { item: r.key.item.0, disk: r.key.disk.0, seq: r.applied().0 })
                 .collect();
+            let (size, free) = sr_common::control::volume_bytes(&srv.cfg.data_dir).unwrap_or_default();
+            ::metrics::gauge!(crate::metrics::VOLUME_SIZE).set(size as f64);
+            ::metrics::gauge!(crate::metrics::VOLUME_FREE).set(free as f64);
             let report = Heartbeat {
                 faults: Some(srv.faults()),
                 address: Some(srv.cfg.advertised().to_string()),
-                load: Some(Load {
-                    free_bytes: sr_common::control::free_bytes(&srv.cfg.data_dir),
-                    ..Default::default()
-                }),
+                load: Some(Load { free_bytes: free, ..Default::default() }),
                 applied: Some(applied),
                 http: Some(srv.cfg.advertised_http().to_string()),
                 ..Default::default()

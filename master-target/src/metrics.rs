@@ -21,3 +21,8 @@ pub const HASHED_BYTES: &str = "sr_master_target_checksummed_bytes_total";
 
 /// The key epoch of the last batch applied for an item (label `item`).
 pub const KEY_EPOCH: &str = "sr_master_target_key_epoch";
+
+/// Size of the file system that holds the replicas and undo journals, in bytes.
+pub const VOLUME_SIZE: &str = "sr_master_target_volume_size_bytes";
+/// Bytes free on that file system.
+pub const VOLUME_FREE: &str = "sr_master_target_volume_free_bytes";

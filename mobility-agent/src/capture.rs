@@ -86,6 +86,7 @@ pub struct ProtectedDisk {
 /// Metric handles resolved once, so the write path does not look them up per request.
 struct DiskMetrics {
     journal_bytes: metrics::Gauge,
+    journal_limit: metrics::Gauge,
     last_seq: metrics::Gauge,
     acked: metrics::Gauge,
     lag: metrics::Gauge,
@@ -102,6 +103,7 @@ impl DiskMetrics {
         let d = disk.to_string();
         DiskMetrics {
             journal_bytes: metrics::gauge!(m::JOURNAL_BYTES, "disk" => d.clone()),
+            journal_limit: metrics::gauge!(m::JOURNAL_LIMIT, "disk" => d.clone()),
             last_seq: metrics::gauge!(m::JOURNAL_LAST_SEQ, "disk" => d.clone()),
             acked: metrics::gauge!(m::ACKED_SEQ, "disk" => d.clone()),
             lag: metrics::gauge!(m::LAG_CHANGES, "disk" => d.clone()),
@@ -427,6 +429,7 @@ impl ProtectedDisk {
     /// Sets the journal's limit in bytes.
     pub fn set_limit(&self, bytes: u64) {
         self.limit.store(bytes.max(1), Ordering::Relaxed);
+        self.metrics.journal_limit.set(bytes.max(1) as f64);
     }
 
     /// Ends the dirty map's turn once the journal drained to half its limit (also when no change

@@ -95,6 +95,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Resul
     let wake = client.as_ref().map(|c| c.wake.clone());
     let status_disks = disks.clone();
     let node = cfg.node.clone();
+    ::metrics::gauge!(crate::metrics::INFO, "node" => node.clone()).set(1.0);
     let resync_disks = disks.clone();
     let holder = Arc::new(failover::Holder::default());
     let (hold_disks, hold_h, release_h) = (disks.clone(), holder.clone(), holder.clone());

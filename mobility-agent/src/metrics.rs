@@ -1,6 +1,12 @@
-//! Every metric the agent exports, by name. Each has the label `disk` (the NBD export name).
+//! Every metric the agent exports, by name. Each has the label `disk` (the NBD export name) but
+//! [`INFO`].
+
+/// Always 1, with the label `node`: the machine's name, as items name it (to join on `instance`).
+pub const INFO: &str = "sr_agent_info";
 
 pub const JOURNAL_BYTES: &str = "sr_agent_journal_bytes";
+/// The journal's limit: past it, changes are tracked in the dirty map and a resync follows.
+pub const JOURNAL_LIMIT: &str = "sr_agent_journal_limit_bytes";
 pub const JOURNAL_LAST_SEQ: &str = "sr_agent_journal_last_seq";
 pub const ACKED_SEQ: &str = "sr_agent_durable_acked_seq";
 pub const LAG_CHANGES: &str = "sr_agent_replication_lag_changes";
