@@ -335,6 +335,9 @@ pub enum ServerTrust<'a> {
     /// A configuration server whose CA has this SHA-256 fingerprint (hex), before this component has
     /// the CA: registration. The server sends its CA with its chain.
     Pinned(&'a str),
+    /// Any server: its CA is proven afterwards by the answer itself (a registration key's proof,
+    /// [`crate::register::ca_proof`]). Nothing secret may be sent over such a connection.
+    ProvenLater,
 }
 
 /// A TLS 1.3 client configuration for HTTPS (ALPN http/1.1) that checks the server as `trust` says,
@@ -362,6 +365,7 @@ pub fn https_client_config(trust: ServerTrust<'_>) -> anyhow::Result<rustls::Cli
         ServerTrust::Pinned(fingerprint) => {
             (Arc::new(PinnedCa { fingerprint: fingerprint.to_ascii_lowercase() }), None)
         }
+        ServerTrust::ProvenLater => (Arc::new(AnyServer), None),
     };
     let builder = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
@@ -467,6 +471,42 @@ impl rustls::client::danger::ServerCertVerifier for PinnedCa {
         now: rustls::pki_types::UnixTime,
     ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
         self.verifier(intermediates)?.verify_server_cert(end_entity, intermediates, reached_as, ocsp, now)
+    }
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &provider().signature_verification_algorithms)
+    }
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &provider().signature_verification_algorithms)
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        provider().signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// Takes any server certificate (its handshake signature still checked): for [`ServerTrust::ProvenLater`].
+#[derive(Debug)]
+struct AnyServer;
+
+impl rustls::client::danger::ServerCertVerifier for AnyServer {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _reached_as: &ServerName<'_>,
+        _ocsp: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
     }
     fn verify_tls12_signature(
         &self,

@@ -73,6 +73,101 @@ pub async fn create_key(State(cs): State<Arc<Cs>>, h: HeaderMap, b: Body<NewKey>
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+pub struct CaRequest {
+    key_id: String,
+}
+
+/// The CA, for a component whose registration key has no fingerprint, with the proof that this
+/// server holds the key (see `sr_common::register`). Only an unused, unexpired key answers.
+pub async fn register_ca(State(cs): State<Arc<Cs>>, b: Body<CaRequest>) -> R<Value> {
+    let req = body(b)?;
+    let refused = || {
+        ::metrics::counter!(crate::metrics::REGISTRATIONS_REFUSED).increment(1);
+        Err(ApiError::new(StatusCode::UNAUTHORIZED, "unknown, used or expired registration key"))
+    };
+    if req.key_id.len() != 12 || !req.key_id.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(ApiError::bad("key_id: the 12 hex digits of a registration key's id"));
+    }
+    let t = now();
+    let keys: Vec<RegistrationKey> = cs.store().list(KEYS)?;
+    let Some(key) = keys.iter().find(|k| k.id == req.key_id && k.used_by.is_none() && t <= k.expires_at) else {
+        return refused();
+    };
+    let fingerprint = cs.ca_fingerprint();
+    Ok(Json(json!({
+        "ca_pem": cs.ca.cert_pem(),
+        "proof": sr_common::register::ca_proof(&key.hash, &fingerprint),
+    })))
+}
+
+/// Registration keys from files (a Kubernetes Secret mounted as a directory): each file named
+/// `ROLE-ANYTHING` (`process-server-0`, `master-target-1`, `agent-web`) holds one secret. Names that
+/// start with `.` are skipped (a mounted Secret's own entries). Pure: names and contents in, keys out.
+pub fn keys_from_files(files: &[(String, String)]) -> Result<Vec<(ComponentRole, String)>, String> {
+    let mut out = Vec::new();
+    for (name, content) in files.iter().filter(|(n, _)| !n.starts_with('.')) {
+        let role = [
+            ("process-server-", ComponentRole::ProcessServer),
+            ("master-target-", ComponentRole::MasterTarget),
+            ("agent-", ComponentRole::Agent),
+        ]
+        .iter()
+        .find(|(prefix, _)| name.starts_with(prefix))
+        .map(|(_, r)| *r)
+        .ok_or_else(|| {
+            format!("registration key file {name}: its name must start with process-server-, master-target- or agent-")
+        })?;
+        let secret = content.trim();
+        if !sr_common::register::strong_secret(secret) {
+            return Err(format!("registration key file {name}: not a secret of at least 24 letters and digits"));
+        }
+        out.push((role, secret.to_string()));
+    }
+    Ok(out)
+}
+
+/// Adds the keys of `dir` that the store has never seen (a used key stays used; a deleted file's key
+/// stays valid until used or revoked by an admin). Returns how many were added.
+pub fn import_keys(cs: &Cs, dir: &std::path::Path) -> anyhow::Result<usize> {
+    use anyhow::Context;
+    let mut files = Vec::new();
+    for e in std::fs::read_dir(dir).with_context(|| format!("registration_keys_dir {}", dir.display()))? {
+        let e = e?;
+        let name = e.file_name().to_string_lossy().to_string();
+        if name.starts_with('.') || !e.path().is_file() {
+            continue;
+        }
+        let text = std::fs::read_to_string(e.path()).with_context(|| format!("reading {}", e.path().display()))?;
+        files.push((name, text));
+    }
+    let keys = keys_from_files(&files).map_err(|m| anyhow::anyhow!("registration_keys_dir {}: {m}", dir.display()))?;
+    let mut added = 0;
+    for (role, secret) in keys {
+        let hash = auth::hash(&secret);
+        if cs.store().get::<RegistrationKey>(KEYS, &hash)?.is_some() {
+            continue;
+        }
+        // Valid as long as the file's owner keeps it (ten years): the Secret is the authority.
+        let k = RegistrationKey {
+            id: hash[..12].to_string(),
+            hash,
+            role,
+            expires_at: now() + 10 * 365 * 24 * 3600,
+            used_by: None,
+        };
+        cs.store().put(KEYS, &k.hash, &k)?;
+        cs.event(
+            "info",
+            &k.id,
+            &format!("registration key {} for a {:?} imported from {}", k.id, k.role, dir.display()),
+        )?;
+        added += 1;
+    }
+    Ok(added)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Registration {
     key: String,
     name: String,
@@ -280,4 +375,30 @@ pub async fn revoke(State(cs): State<Arc<Cs>>, h: HeaderMap, Path(name): Path<St
     cs.identity.set_crl_pem(&pem).map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()))?;
     cs.event("warning", &name, &format!("certificate of {name} (serial {}) revoked by {by}", c.serial))?;
     Ok(Json(public(&c, cs.cfg.component_timeout_secs)))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_files_name_their_role_and_hold_strong_secrets() {
+        let f = |n: &str, c: &str| (n.to_string(), c.to_string());
+        let s = "a".repeat(32);
+        let keys = keys_from_files(&[
+            f("process-server-0", &format!("{s}\n")),
+            f("master-target-1", &s),
+            f("agent-web", &s),
+            f("..data", "whatever"),
+        ])
+        .unwrap();
+        let roles: Vec<ComponentRole> = keys.iter().map(|k| k.0).collect();
+        assert_eq!(roles, vec![ComponentRole::ProcessServer, ComponentRole::MasterTarget, ComponentRole::Agent]);
+        assert!(keys.iter().all(|k| k.1 == s), "trimmed");
+        let e = keys_from_files(&[f("config-server-0", &s)]).unwrap_err();
+        assert!(e.contains("config-server-0") && e.contains("process-server-"), "{e}");
+        let e = keys_from_files(&[f("process-server-0", "short")]).unwrap_err();
+        assert!(e.contains("process-server-0") && e.contains("24"), "{e}");
+    }
 }

@@ -13,6 +13,7 @@ pub fn routes(cs: Arc<Cs>) -> Router {
         .route("/v1/tokens", post(crate::access::create_token))
         .route("/v1/registration-keys", post(crate::access::create_key))
         .route("/v1/register", post(crate::access::register))
+        .route("/v1/register/ca", post(crate::access::register_ca))
         .route("/v1/crl", get(crate::access::crl))
         .route("/v1/components", get(crate::access::list_components))
         .route("/v1/components/{name}/revoke", post(crate::access::revoke))

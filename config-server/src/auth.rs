@@ -18,7 +18,7 @@ pub enum Caller {
 
 /// SHA-256 of a secret, hex: what the store keeps instead of the secret.
 pub fn hash(secret: &str) -> String {
-    hex::encode(ring::digest::digest(&ring::digest::SHA256, secret.as_bytes()))
+    sr_common::register::secret_hash(secret)
 }
 
 /// A new random secret, hex.

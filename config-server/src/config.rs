@@ -29,6 +29,11 @@ pub struct CsConfig {
     /// role name (for clients that check the host they connect to).
     #[serde(default)]
     pub api_names: Vec<String>,
+    /// Registration keys made outside the server (a Kubernetes Secret mounted here): files named
+    /// `process-server-*`, `master-target-*` or `agent-*`, each holding one secret. Read at start;
+    /// each key works once.
+    #[serde(default)]
+    pub registration_keys_dir: Option<PathBuf>,
 }
 
 fn default_ttl() -> u64 {
@@ -57,6 +62,7 @@ impl sr_common::config::Validate for CsConfig {
             alert_webhook,
             component_timeout_secs,
             api_names,
+            registration_keys_dir: _,
         } = self;
         for n in api_names {
             let ok = n.parse::<std::net::IpAddr>().is_ok()

@@ -197,6 +197,10 @@ pub async fn run(cfg: CsConfig, shutdown: CancellationToken) -> anyhow::Result<(
     let crl = access::current_crl(&cs).map_err(|e| anyhow::anyhow!("making the revocation list: {}", e.message))?;
     identity.set_crl_pem(&crl).context("the revocation list this server made")?;
     failover::resume_failovers(&cs);
+    if let Some(dir) = &cs.cfg.registration_keys_dir {
+        let added = access::import_keys(&cs, dir)?;
+        tracing::info!(dir = %dir.display(), added, "registration keys read");
+    }
     crate::metrics::register_counters();
     let ev = cs.clone();
     let stop = shutdown.clone();

@@ -20,6 +20,13 @@ pub const ROUTES: &[(&str, &str, &str, &str, &str)] = &[
         "registration key",
         "Registration",
     ),
+    (
+        "post",
+        "/v1/register/ca",
+        "The deployment CA and a proof that this server holds the registration key with this id",
+        "registration key",
+        "CaRequest",
+    ),
     ("get", "/v1/crl", "The deployment CA's certificate revocation list (PEM)", "anyone", ""),
     ("get", "/v1/components", "Registered agents, process servers and master targets", "reader", ""),
     ("post", "/v1/components/{name}/revoke", "Revoke a component's certificate", "admin", ""),
@@ -162,6 +169,8 @@ fn schemas() -> Value {
             "csr_pem": {"type": "string"}, "address": {"type": "string"},
             "role": {"type": "string", "enum": ["agent", "process-server", "master-target"]},
             "names": {"type": "array", "items": {"type": "string"}}}},
+        "CaRequest": {"type": "object", "required": ["key_id"], "additionalProperties": false, "properties": {
+            "key_id": {"type": "string", "pattern": "^[0-9a-f]{12}$"}}},
         "Heartbeat": {"type": "object", "additionalProperties": false, "properties": {
             "address": {"type": "string"},
             "disks": {"type": "array", "items": {"type": "object", "required": ["id", "name", "size"], "properties": {

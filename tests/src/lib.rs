@@ -2,7 +2,7 @@
 //! compare images. The deployment itself is `sr_devkit`, the same code `srctl quickstart` uses.
 
 use anyhow::{bail, Context};
-pub use sr_devkit::{Component, ControlPlane, DiskSpec, Local, Options, Proc};
+pub use sr_devkit::{bin_dir, Component, ControlPlane, DiskSpec, Local, Options, Proc};
 use std::io::{Read, Write};
 use std::path::Path;
 use std::process::Command;

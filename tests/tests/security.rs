@@ -566,3 +566,47 @@ fn an_nbd_client_revoked_while_connected_loses_its_connection() {
     let log = std::fs::read_to_string(&mt_log).unwrap();
     assert!(log.contains("certificate was revoked"), "the master target said why");
 }
+
+/// Registration keys made before the CA (a Helm chart's Secret): the server reads them from a
+/// directory, and a component with the bare secret registers only with a server that proves it holds
+/// the key; each key works once, also across a restart.
+#[test]
+fn a_bare_registration_key_registers_only_with_the_server_that_holds_it() {
+    let dir = test_dir();
+    let keys = dir.path().join("keys");
+    std::fs::create_dir_all(&keys).unwrap();
+    let secret = "Zq7".repeat(11);
+    std::fs::write(keys.join("process-server-0"), format!("{secret}\n")).unwrap();
+    std::fs::write(keys.join("master-target-0"), "M".repeat(40)).unwrap();
+    let cp = ControlPlane::create_with(&dir.path().join("cp"), &format!("registration_keys_dir = {keys:?}\n")).unwrap();
+    let other = ControlPlane::create(&dir.path().join("other")).unwrap();
+    let cs = cp.start().unwrap();
+    let _other = other.start().unwrap();
+    let register = |api: std::net::SocketAddr, name: &str, key: &str| {
+        std::process::Command::new(bin_dir().join("process-server"))
+            .args(["register", "--server", &api.to_string(), "--key", key, "--name", name, "--dir"])
+            .arg(dir.path().join(name))
+            .output()
+            .unwrap()
+    };
+    // Another deployment's server does not know the key, so it cannot prove it holds it (the proof
+    // itself is checked in sr_common::register's tests).
+    let out = register(other.api, "ps-0", &secret);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("unknown, used or expired"), "another server: {err}");
+    assert!(!dir.path().join("ps-0").join("ca.pem").exists(), "no CA taken from it");
+    let out = register(cp.api, "ps-0", &secret);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let ca = std::fs::read_to_string(dir.path().join("ps-0").join("ca.pem")).unwrap();
+    assert_eq!(ca, std::fs::read_to_string(cp.ca()).unwrap(), "the proven CA");
+    let out = register(cp.api, "ps-1", &secret);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("unknown, used or expired"), "used once: {err}");
+    // A master-target key is not a process server's.
+    let out = register(cp.api, "ps-2", &"M".repeat(40));
+    assert!(!out.status.success(), "a key of another role");
+    cs.stop().unwrap();
+    let _cs = cp.start().unwrap();
+    let out = register(cp.api, "ps-3", &secret);
+    assert!(!out.status.success(), "read again at a restart, the key stays used");
+}
