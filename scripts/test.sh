@@ -4,6 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
+# The Helm chart, alert rules and dashboards (no cluster needed).
+scripts/chart-check.sh
 # The end-to-end tests start the service binaries from target/debug: build them first.
 cargo build --locked --workspace --bins
 cargo nextest run --locked --workspace --no-fail-fast "$@"

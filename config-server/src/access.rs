@@ -117,7 +117,8 @@ pub fn keys_from_files(files: &[(String, String)]) -> Result<Vec<(ComponentRole,
         .ok_or_else(|| {
             format!("registration key file {name}: its name must start with process-server-, master-target- or agent-")
         })?;
-        let secret = content.trim();
+        // A key `srctl keys create` printed (SECRET.FINGERPRINT) counts by its secret.
+        let secret = content.trim().split_once('.').map_or(content.trim(), |(s, _)| s);
         if !sr_common::register::strong_secret(secret) {
             return Err(format!("registration key file {name}: not a secret of at least 24 letters and digits"));
         }
@@ -389,7 +390,7 @@ mod tests {
         let keys = keys_from_files(&[
             f("process-server-0", &format!("{s}\n")),
             f("master-target-1", &s),
-            f("agent-web", &s),
+            f("agent-web", &format!("{s}.{}", "0f".repeat(32))),
             f("..data", "whatever"),
         ])
         .unwrap();
