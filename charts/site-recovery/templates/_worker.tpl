@@ -8,7 +8,7 @@ A process server's or master target's StatefulSet, headless Service and per-pod 
 {{- $name := printf "%s-%s" (include "sr.fullname" $root) .short -}}
 {{- $c := dict "root" $root "component" .component -}}
 {{- if gt (int $v.replicas) (int $v.maxReplicas) }}
-{{- fail (printf "%s: replicas (%d) is more than maxReplicas (%d), the pods registration keys are made for" .component (int $v.replicas) (int $v.maxReplicas)) }}
+{{- fail (printf "%s: replicas (%d) is more than maxReplicas (%d): registration keys are made for ordinals below maxReplicas" .component (int $v.replicas) (int $v.maxReplicas)) }}
 {{- end -}}
 apiVersion: v1
 kind: Service
