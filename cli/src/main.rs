@@ -94,6 +94,9 @@ enum Cmd {
     /// Protected items with their state and RPO.
     #[command(subcommand)]
     Items(api::ItemsCmd),
+    /// Process servers: drain before removing one, balance after adding one.
+    #[command(subcommand)]
+    ProcessServers(api::ProcessServersCmd),
     /// Recovery points of an item: the retained range and the named points.
     Points { item: u64 },
     /// Brings an item's disks up, writable, at a recovery point while replication goes on, and prints
@@ -193,6 +196,7 @@ fn main() -> ExitCode {
             api::Client::new(&cli.conn).and_then(|cl| api::resync(&cl, item, watch, full, json))
         }
         Cmd::Items(c) => api::Client::new(&cli.conn).and_then(|cl| api::items(&cl, c, json)),
+        Cmd::ProcessServers(c) => api::Client::new(&cli.conn).and_then(|cl| api::process_servers(&cl, c, json)),
         Cmd::Points { item } => api::Client::new(&cli.conn).and_then(|cl| api::points(&cl, item, json)),
         Cmd::TestFailover { item, point, cleanup } => {
             api::Client::new(&cli.conn).and_then(|cl| api::test_failover(&cl, item, &point, cleanup, json))

@@ -256,6 +256,7 @@ pub async fn register(State(cs): State<Arc<Cs>>, b: Body<Registration>) -> R<Val
         http: None,
         revoked: false,
         load: Load::default(),
+        draining: false,
     };
     key.used_by = Some(req.name.clone());
     store.put(KEYS, &key.hash, &key)?;
@@ -301,6 +302,7 @@ pub async fn create_nbd_client(State(cs): State<Arc<Cs>>, h: HeaderMap, b: Body<
         http: None,
         revoked: false,
         load: Load::default(),
+        draining: false,
     };
     store.put(COMPONENTS, &c.name, &c)?;
     cs.event("info", &c.name, &format!("NBD client certificate for {} issued by {by} (serial {serial})", c.name))?;

@@ -426,6 +426,11 @@ pub async fn evaluate(cs: &Cs) -> Result<(), crate::store::StoreError> {
                             }
                             job.succeed()?;
                         }
+                        JobUpdate::Fail(why) => {
+                            if job.job.state == JobState::Running {
+                                job.fail(&why)?;
+                            }
+                        }
                     }
                 }
             }

@@ -11,6 +11,7 @@ pub mod access;
 pub mod activity;
 pub mod api;
 pub mod auth;
+pub mod balance;
 pub mod config;
 pub mod error;
 pub mod failover;

@@ -191,6 +191,7 @@ mod tests {
             http: None,
             revoked,
             load: Default::default(),
+            draining: false,
         }
     }
 

@@ -92,6 +92,9 @@ pub struct Component {
     pub revoked: bool,
     #[serde(default)]
     pub load: Load,
+    /// A process server being emptied for removal: it gets no new items.
+    #[serde(default)]
+    pub draining: bool,
 }
 
 /// A protected-machine candidate: what its agent reported.
@@ -263,6 +266,19 @@ pub struct Item {
     /// a new stream (comparing checksums cannot close a gap).
     #[serde(default)]
     pub chain_broken: bool,
+    /// A move to another process server under way: its job, and when the assignment changed (the job
+    /// ends once the replica caught up through the new one).
+    #[serde(default)]
+    pub moving: Option<MoveRecord>,
+}
+
+/// See [`Item::moving`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MoveRecord {
+    pub job: u64,
+    pub from: String,
+    pub to: String,
+    pub since: u64,
 }
 
 /// Earlier key epochs an item keeps.
@@ -336,6 +352,7 @@ impl Item {
             previous_master_target: None,
             problem: None,
             chain_broken: false,
+            moving: None,
         }
     }
 

@@ -64,6 +64,29 @@ pub const ROUTES: &[(&str, &str, &str, &str, &str)] = &[
     ),
     (
         "post",
+        "/v1/items/{id}/move",
+        "Move an item to another process server (the named one, or the least busy); a job that ends once \
+         the replica caught up through it",
+        "operator",
+        "MoveItem",
+    ),
+    (
+        "post",
+        "/v1/process-servers/{name}/drain",
+        "Stop giving a process server new items and move its items to the others (before removing it)",
+        "operator",
+        "",
+    ),
+    ("post", "/v1/process-servers/{name}/resume", "End a drain: the process server takes items again", "operator", ""),
+    (
+        "post",
+        "/v1/process-servers/balance",
+        "Move items from the busiest process servers to the least busy until their counts differ by at most one",
+        "operator",
+        "",
+    ),
+    (
+        "post",
         "/v1/items/{id}/rotate-key",
         "Give the item's data key a new epoch now (replication goes on; keys also rotate by age and seal count)",
         "operator",
@@ -169,6 +192,8 @@ fn schemas() -> Value {
             "csr_pem": {"type": "string"}, "address": {"type": "string"},
             "role": {"type": "string", "enum": ["agent", "process-server", "master-target"]},
             "names": {"type": "array", "items": {"type": "string"}}}},
+        "MoveItem": {"type": "object", "additionalProperties": false, "properties": {
+            "process_server": {"type": "string", "description": "the target; default: the least busy other one"}}},
         "CaRequest": {"type": "object", "required": ["key_id"], "additionalProperties": false, "properties": {
             "key_id": {"type": "string", "pattern": "^[0-9a-f]{12}$"}}},
         "Heartbeat": {"type": "object", "additionalProperties": false, "properties": {

@@ -57,6 +57,8 @@ pub enum JobUpdate {
     Succeed {
         done: Vec<usize>,
     },
+    /// The job failed, for this reason.
+    Fail(String),
 }
 
 /// Something the step asks the driver to do besides storing the item.
@@ -90,7 +92,8 @@ pub fn pick_process_server<'a>(
     let assigned = |name: &str| items.iter().filter(|i| i.process_server.as_deref() == Some(name)).count();
     comps
         .iter()
-        .filter(|c| c.role == ComponentRole::ProcessServer && live(c, now, timeout) && Some(c.name.as_str()) != except)
+        .filter(|c| c.role == ComponentRole::ProcessServer && !c.draining && live(c, now, timeout))
+        .filter(|c| Some(c.name.as_str()) != except)
         .min_by_key(|c| (c.load.cache_bytes, assigned(&c.name), c.name.clone()))
 }
 
@@ -125,6 +128,13 @@ pub fn step(item: &Item, o: &Observed) -> (Item, Vec<Effect>) {
             item.state = next;
             alert(&mut fx, format!("item {} is critical: {reason}; re-register the agent", item.id));
         }
+    }
+    // A move ends with the replication it moved (a failover, a disable).
+    let flowing = item.state.replicating() || matches!(item.state, State::Critical { .. });
+    if let Some(m) = item.moving.clone().filter(|_| !flowing) {
+        item.moving = None;
+        let why = format!("item {} is {} now: its move to {} ended", item.id, item.state.name(), m.to);
+        fx.push(Effect::Job { job: m.job, update: JobUpdate::Fail(why) });
     }
     let Some(machine) = o.machine else { return (item, fx) };
     // A fault retrying cannot fix, reported by the item's agent or master target (never read from
@@ -200,6 +210,12 @@ pub fn step(item: &Item, o: &Observed) -> (Item, Vec<Effect>) {
             let caught_up = !p.is_empty() && p.iter().all(|d| o.applied(d.id) >= d.last_seq);
             if caught_up {
                 item.caught_up_at = Some(machine.last_heartbeat.max(item.caught_up_at.unwrap_or(0)));
+            }
+            // A move to another process server is done once the replica caught up through it.
+            if let Some(m) = item.moving.clone().filter(|m| item.caught_up_at.is_some_and(|t| t > m.since)) {
+                item.moving = None;
+                fx.push(Effect::Job { job: m.job, update: JobUpdate::Succeed { done: vec![1] } });
+                event(&mut fx, "info", format!("item {}: moved from {} to {}, caught up", item.id, m.from, m.to));
             }
             let rpo = item.caught_up_at.map(|t| o.now.saturating_sub(t)).unwrap_or(0);
             let threshold = o.rpo_threshold_secs;
@@ -344,6 +360,7 @@ mod tests {
             http: None,
             revoked: false,
             load: Load { cache_bytes: cache, ..Load::default() },
+            draining: false,
         }
     }
 
@@ -479,6 +496,30 @@ mod tests {
         assert!(fx
             .iter()
             .any(|e| matches!(e, Effect::Event { severity: "info", message } if message.contains("goes on"))));
+    }
+
+    #[test]
+    fn a_move_ends_once_the_replica_caught_up_through_the_new_process_server() {
+        let c = comps();
+        let rec = MoveRecord { job: 8, from: "ps-2".into(), to: "ps-1".into(), since: NOW - 1 };
+        let moving = Item { moving: Some(rec.clone()), ..item(State::Protected { direction: Forward }) };
+        // Not caught up yet: applied 8 of 9.
+        let (i, fx) = step(&moving, &observe(&c, Some(&machine(vec![disk(9)])), 8));
+        assert_eq!(i.moving, Some(rec.clone()));
+        assert!(!fx.iter().any(|e| matches!(e, Effect::Job { .. })), "{fx:?}");
+        // Caught up at a heartbeat after the move (the machine's, at NOW - 1, is not after it).
+        let (i, _) = step(&moving, &observe(&c, Some(&machine(vec![disk(9)])), 9));
+        assert_eq!(i.moving, Some(rec.clone()), "a heartbeat from before the move proves nothing");
+        let mut later = machine(vec![disk(9)]);
+        later.last_heartbeat = NOW;
+        let (i, fx) = step(&moving, &observe(&c, Some(&later), 9));
+        assert_eq!(i.moving, None);
+        assert!(fx.contains(&Effect::Job { job: 8, update: JobUpdate::Succeed { done: vec![1] } }), "{fx:?}");
+        // A failover ends it as failed.
+        let failing = Item { state: State::FailedOver { direction: Forward }, ..moving };
+        let (i, fx) = step(&failing, &observe(&c, Some(&later), 9));
+        assert_eq!(i.moving, None);
+        assert!(fx.iter().any(|e| matches!(e, Effect::Job { job: 8, update: JobUpdate::Fail(_) })), "{fx:?}");
     }
 
     #[test]
