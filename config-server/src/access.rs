@@ -349,7 +349,7 @@ fn public(c: &Component, timeout: u64) -> Value {
     json!({
         "name": c.name, "role": c.role, "serial": c.serial, "registered_at": c.registered_at,
         "last_heartbeat": c.last_heartbeat, "health": health, "address": c.address, "revoked": c.revoked,
-        "load": c.load,
+        "load": c.load, "draining": c.draining,
     })
 }
 

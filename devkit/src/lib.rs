@@ -706,7 +706,6 @@ pub fn spawn_in(
     if !bin.exists() {
         bail!("{} not found: build the workspace first (cargo build --workspace)", bin.display());
     }
-    let log = std::fs::OpenOptions::new().create(true).append(true).open(log_path)?;
     let mut cmd = match ns {
         Some(ns) => {
             let mut cmd = Command::new("ip");
@@ -715,6 +714,41 @@ pub fn spawn_in(
         }
         None => Command::new(&bin),
     };
+    cmd.arg("run").arg("--config").arg(config);
+    cmd.env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info,quinn=warn,rustls=warn".into()));
+    cmd.envs(env.iter().copied());
+    start_until_healthy(cmd, c, log_path, http_addr, ca, &bin)
+}
+
+/// Runs a container's entrypoint as the chart gives it: `sh SCRIPT COMPONENT` in network namespace
+/// `ns`, with only `env` (and PATH) in its environment. The script execs the service, so the process
+/// is the service's once it registered.
+pub fn spawn_entrypoint(
+    ns: &str,
+    c: Component,
+    script: &Path,
+    env: &[(String, String)],
+    log_path: &Path,
+    http_addr: SocketAddr,
+    ca: &Path,
+) -> anyhow::Result<Proc> {
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", ns, "/bin/sh"]).arg(script).arg(c.binary());
+    cmd.env_clear().env("PATH", "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin");
+    cmd.envs(env.iter().map(|(k, v)| (k, v)));
+    start_until_healthy(cmd, c, log_path, http_addr, ca, script)
+}
+
+fn start_until_healthy(
+    mut cmd: Command,
+    c: Component,
+    log_path: &Path,
+    http_addr: SocketAddr,
+    ca: &Path,
+    what: &Path,
+) -> anyhow::Result<Proc> {
+    let bin = what;
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(log_path)?;
     if DIE_WITH_PARENT.load(std::sync::atomic::Ordering::Relaxed) {
         use std::os::unix::process::CommandExt;
         // SAFETY: prctl is async-signal-safe and touches only the child being started.
@@ -728,11 +762,6 @@ pub fn spawn_in(
         }
     }
     let child = cmd
-        .arg("run")
-        .arg("--config")
-        .arg(config)
-        .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info,quinn=warn,rustls=warn".into()))
-        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)
