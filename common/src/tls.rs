@@ -363,9 +363,9 @@ pub fn https_client_config(trust: ServerTrust<'_>) -> anyhow::Result<rustls::Cli
             (Arc::new(NamedServer::new(inner, &[role])?), None)
         }
         ServerTrust::Pinned(fingerprint) => {
-            (Arc::new(PinnedCa { fingerprint: fingerprint.to_ascii_lowercase() }), None)
+            (Arc::new(PinnedCa { fingerprint: Some(fingerprint.to_ascii_lowercase()) }), None)
         }
-        ServerTrust::ProvenLater => (Arc::new(AnyServer), None),
+        ServerTrust::ProvenLater => (Arc::new(PinnedCa { fingerprint: None }), None),
     };
     let builder = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
@@ -444,12 +444,13 @@ impl rustls::client::danger::ServerCertVerifier for NamedServer {
 /// configuration server's role.
 #[derive(Debug)]
 struct PinnedCa {
-    fingerprint: String,
+    /// None: any server ([`ServerTrust::ProvenLater`]); its handshake signature is still checked.
+    fingerprint: Option<String>,
 }
 
 impl PinnedCa {
-    fn verifier(&self, intermediates: &[CertificateDer<'_>]) -> Result<NamedServer, rustls::Error> {
-        let ca = intermediates.iter().find(|c| crate::ca::fingerprint(c) == self.fingerprint).ok_or_else(|| {
+    fn verifier(&self, fingerprint: &str, intermediates: &[CertificateDer<'_>]) -> Result<NamedServer, rustls::Error> {
+        let ca = intermediates.iter().find(|c| crate::ca::fingerprint(c) == fingerprint).ok_or_else(|| {
             rustls::Error::General("the server's CA does not have the fingerprint the registration key carries".into())
         })?;
         let mut roots = RootCertStore::empty();
@@ -470,43 +471,12 @@ impl rustls::client::danger::ServerCertVerifier for PinnedCa {
         ocsp: &[u8],
         now: rustls::pki_types::UnixTime,
     ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        self.verifier(intermediates)?.verify_server_cert(end_entity, intermediates, reached_as, ocsp, now)
-    }
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &provider().signature_verification_algorithms)
-    }
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &provider().signature_verification_algorithms)
-    }
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        provider().signature_verification_algorithms.supported_schemes()
-    }
-}
-
-/// Takes any server certificate (its handshake signature still checked): for [`ServerTrust::ProvenLater`].
-#[derive(Debug)]
-struct AnyServer;
-
-impl rustls::client::danger::ServerCertVerifier for AnyServer {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _reached_as: &ServerName<'_>,
-        _ocsp: &[u8],
-        _now: rustls::pki_types::UnixTime,
-    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        Ok(rustls::client::danger::ServerCertVerified::assertion())
+        match &self.fingerprint {
+            Some(fp) => {
+                self.verifier(fp, intermediates)?.verify_server_cert(end_entity, intermediates, reached_as, ocsp, now)
+            }
+            None => Ok(rustls::client::danger::ServerCertVerified::assertion()),
+        }
     }
     fn verify_tls12_signature(
         &self,
