@@ -131,9 +131,10 @@ pub fn plan(req: &Request, comps: &[Component], items: &[Item], now: u64, timeou
         }
         Request::Balance => {
             let mut moves = Vec::new();
+            // An item on its way somewhere is left to finish its move.
             let mut placed: Vec<(u64, String)> = items
                 .iter()
-                .filter(|i| movable(i))
+                .filter(|i| movable(i) && i.moving.is_none())
                 .filter_map(|i| Some((i.id, i.process_server.clone()?)))
                 .filter(|(_, ps)| load.contains_key(ps.as_str()))
                 .collect();
@@ -232,6 +233,16 @@ pub async fn move_item(
 pub async fn drain(AxState(cs): AxState<Arc<Cs>>, h: HeaderMap, Path(name): Path<String>) -> R<Value> {
     let by = require(cs.store(), &h, ApiRole::Operator)?;
     carry_out(&cs, &by, Request::Drain(&name), Some(&name)).await
+}
+
+/// The configuration's automatic balance (`auto_balance_secs`).
+pub async fn auto_balance(cs: &Cs) -> Result<(), ApiError> {
+    let v = carry_out(cs, "automatic balance", Request::Balance, None).await?;
+    let n = v.0["moves"].as_array().map_or(0, |m| m.len());
+    if n > 0 {
+        tracing::info!(moves = n, "items moved to even out the process servers");
+    }
+    Ok(())
 }
 
 pub async fn balance(AxState(cs): AxState<Arc<Cs>>, h: HeaderMap) -> R<Value> {
@@ -344,5 +355,9 @@ mod tests {
         assert_eq!(m.len(), 3, "6, 1, 0 become 3, 2, 2: no more moves than needed: {m:?}");
         let even: Vec<Item> = vec![item(1, "ps-1"), item(2, "ps-2"), item(3, "ps-3"), item(4, "ps-1")];
         assert_eq!(plan(&Request::Balance, &comps, &even, NOW, 10), Ok(vec![]));
+        // Items still moving stay put (they count where they go).
+        let rec = |id| MoveRecord { job: id, from: "ps-2".into(), to: "ps-1".into(), since: NOW };
+        let busy: Vec<Item> = (1..=3).map(|i| Item { moving: Some(rec(i)), ..item(i, "ps-1") }).collect();
+        assert_eq!(plan(&Request::Balance, &comps, &busy, NOW, 10), Ok(vec![]));
     }
 }

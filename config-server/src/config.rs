@@ -34,6 +34,11 @@ pub struct CsConfig {
     /// each key works once.
     #[serde(default)]
     pub registration_keys_dir: Option<PathBuf>,
+    /// Every this many seconds, items move from the busiest process servers to the least busy when
+    /// their counts differ by more than one (a process server added by scaling out gets its share).
+    /// 0: only on request (`POST /v1/process-servers/balance`).
+    #[serde(default)]
+    pub auto_balance_secs: u64,
 }
 
 fn default_ttl() -> u64 {
@@ -63,6 +68,7 @@ impl sr_common::config::Validate for CsConfig {
             component_timeout_secs,
             api_names,
             registration_keys_dir: _,
+            auto_balance_secs: _,
         } = self;
         for n in api_names {
             let ok = n.parse::<std::net::IpAddr>().is_ok()

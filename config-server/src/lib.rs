@@ -208,6 +208,7 @@ pub async fn run(cfg: CsConfig, shutdown: CancellationToken) -> anyhow::Result<(
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
         let mut prune_tick = std::time::Instant::now() - std::time::Duration::from_secs(60);
+        let mut balance_tick = std::time::Instant::now();
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
@@ -217,6 +218,13 @@ pub async fn run(cfg: CsConfig, shutdown: CancellationToken) -> anyhow::Result<(
                 tracing::error!(error = %e, "evaluating items failed");
             }
             plans::due_points(&ev);
+            let every = ev.cfg.auto_balance_secs;
+            if every > 0 && balance_tick.elapsed() >= std::time::Duration::from_secs(every) {
+                balance_tick = std::time::Instant::now();
+                if let Err(e) = balance::auto_balance(&ev).await {
+                    tracing::error!(error = %e.message, "balancing items over the process servers failed");
+                }
+            }
             // Jobs and events are kept by count and age (checked once a minute).
             if prune_tick.elapsed() >= std::time::Duration::from_secs(60) {
                 prune_tick = std::time::Instant::now();
