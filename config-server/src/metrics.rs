@@ -30,9 +30,13 @@ pub const ITEM_SYNC_PROGRESS: &str = "sr_config_server_item_sync_progress_ratio"
 /// Seconds since a component's last heartbeat (labels `component`, `role`; -1 when it never reported).
 pub const COMPONENT_HEARTBEAT_AGE: &str = "sr_config_server_component_heartbeat_age_seconds";
 
-/// 1 when a component reported within the component timeout (labels `component`, `role`; revoked
-/// components have none).
+/// 1 when a component reported within the component timeout and is not revoked (labels `component`,
+/// `role`).
 pub const COMPONENT_UP: &str = "sr_config_server_component_up";
+
+/// 1 when a component's certificate was revoked (labels `component`, `role`): it is gone for good, so
+/// alerts leave it out.
+pub const COMPONENT_REVOKED: &str = "sr_config_server_component_revoked";
 
 /// The component timeout, in seconds: how long a component may be silent before its work moves.
 pub const COMPONENT_TIMEOUT_SECONDS: &str = "sr_config_server_component_timeout_seconds";
@@ -92,6 +96,7 @@ pub struct ComponentGauges {
     /// Seconds since its last heartbeat; None when it never reported.
     pub age_secs: Option<u64>,
     pub up: bool,
+    pub revoked: bool,
 }
 
 /// What the fleet gauges say at one instant.
@@ -129,17 +134,16 @@ impl Fleet {
                 },
             })
             .collect();
-        // A revoked component is gone for good: it has no gauges, so it raises no alert.
         let components = comps
             .iter()
-            .filter(|c| !c.revoked)
             .map(|c| {
                 let age_secs = c.last_heartbeat.map(|t| now.saturating_sub(t));
                 ComponentGauges {
                     name: c.name.clone(),
                     role: c.role.wire().name(),
                     age_secs,
-                    up: age_secs.is_some_and(|a| a <= timeout),
+                    up: !c.revoked && age_secs.is_some_and(|a| a <= timeout),
+                    revoked: c.revoked,
                 }
             })
             .collect();
@@ -222,8 +226,9 @@ mod tests {
         assert_eq!(f.items[0].sync_progress, 0.0);
         assert_eq!(f.items.iter().map(|i| i.rpo_secs).collect::<Vec<_>>(), vec![Some(10), None, None]);
         let up: Vec<(Option<u64>, bool)> = f.components.iter().map(|c| (c.age_secs, c.up)).collect();
-        assert_eq!(up, vec![(Some(5), true), (Some(100), false), (None, false)], "ps-4 is revoked: no gauges");
-        assert_eq!(f.components[0].role, "process-server");
+        assert_eq!(up, vec![(Some(5), true), (Some(100), false), (None, false), (Some(0), false)]);
+        assert_eq!(f.components.iter().map(|c| c.revoked).collect::<Vec<_>>(), vec![false, false, false, true]);
+        assert_eq!(f.components[3].role, "master-target");
     }
 
     #[test]
