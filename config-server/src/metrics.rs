@@ -172,6 +172,8 @@ impl Fleet {
             metrics::gauge!(COMPONENT_HEARTBEAT_AGE, "component" => c.name.clone(), "role" => c.role).set(age);
             metrics::gauge!(COMPONENT_UP, "component" => c.name.clone(), "role" => c.role)
                 .set(f64::from(u8::from(c.up)));
+            metrics::gauge!(COMPONENT_REVOKED, "component" => c.name.clone(), "role" => c.role)
+                .set(f64::from(u8::from(c.revoked)));
         }
         metrics::gauge!(COMPONENT_TIMEOUT_SECONDS).set(self.component_timeout_secs as f64);
     }
