@@ -26,7 +26,7 @@ pub struct RegisterArgs {
     #[arg(long)]
     pub server: SocketAddr,
     /// The one-time registration key an admin created for this role.
-    #[arg(long, env = "SR_REGISTRATION_KEY")]
+    #[arg(long, env = "SR_REGISTRATION_KEY", hide_env_values = true)]
     pub key: String,
     /// This component's name (letters, digits, '-', '_').
     #[arg(long)]
@@ -80,10 +80,11 @@ pub fn ca_proof_holds(secret: &str, ca_fingerprint: &str, proof: &str) -> bool {
     ring::hmac::verify(&key, ca_fingerprint.as_bytes(), &tag).is_ok()
 }
 
-/// Whether a secret alone is strong enough to be a registration key: at least 24 letters, digits,
-/// `-` or `_` (what `srctl keys create` and the Helm chart make are longer).
+/// Whether a secret alone is strong enough to be a registration key: at least 32 letters, digits,
+/// `-` or `_` (`srctl keys create` makes 64 hex digits, the Helm chart 40 letters and digits). Its id
+/// travels before the server is proven, so it must not be guessable from the id.
 pub fn strong_secret(secret: &str) -> bool {
-    secret.len() >= 24
+    secret.len() >= 32
         && secret.len() <= 256
         && secret.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
@@ -96,7 +97,7 @@ impl RegistrationKey {
     pub fn parse(key: &str) -> anyhow::Result<RegistrationKey> {
         let Some((secret, fp)) = key.trim().split_once('.') else {
             if !strong_secret(key.trim()) {
-                bail!("the registration key is neither SECRET.FINGERPRINT, as `srctl keys create` prints it, nor a secret of at least 24 letters and digits");
+                bail!("the registration key is neither SECRET.FINGERPRINT, as `srctl keys create` prints it, nor a secret of at least 32 letters and digits");
             }
             return Ok(RegistrationKey { secret: key.trim().to_string(), ca_fingerprint: None });
         };
@@ -160,9 +161,10 @@ fn write(dir: &Path, name: &str, ca: &str, cert: &str, key: &str) -> anyhow::Res
         cert: dir.join(format!("{name}.pem")),
         key: dir.join(format!("{name}.key")),
     };
+    // The certificate last: once it is there, so are the key and the CA (an entrypoint checks it).
+    crate::crashsafe::write_file(&tls.ca, ca.as_bytes())?;
     crate::crashsafe::write_secret(&tls.key, key.as_bytes())?;
     crate::crashsafe::write_file(&tls.cert, cert.as_bytes())?;
-    crate::crashsafe::write_file(&tls.ca, ca.as_bytes())?;
     Ok(Registered { tls })
 }
 
@@ -207,9 +209,9 @@ mod tests {
         let fp = "AB".repeat(32);
         let k = RegistrationKey::parse(&format!(" s3cret.{fp}\n")).unwrap();
         assert_eq!(k, RegistrationKey { secret: "s3cret".into(), ca_fingerprint: Some(fp.to_ascii_lowercase()) });
-        let alone = "Zx9".repeat(10);
+        let alone = "Zx9".repeat(11);
         assert_eq!(RegistrationKey::parse(&alone).unwrap().ca_fingerprint, None);
-        for weak in ["short", "", "has space in it and is long enough", &"é".repeat(30)] {
+        for weak in ["short", "", &"a".repeat(31), "has space in it and is long enough to pass", &"é".repeat(30)] {
             assert!(RegistrationKey::parse(weak).is_err(), "{weak:?}");
         }
         assert!(RegistrationKey::parse("s.notahexfingerprint").is_err());

@@ -89,15 +89,30 @@ pub async fn register_ca(State(cs): State<Arc<Cs>>, b: Body<CaRequest>) -> R<Val
         return Err(ApiError::bad("key_id: the 12 hex digits of a registration key's id"));
     }
     let t = now();
-    let keys: Vec<RegistrationKey> = cs.store().list(KEYS)?;
-    let Some(key) = keys.iter().find(|k| k.id == req.key_id && k.used_by.is_none() && t <= k.expires_at) else {
-        return refused();
+    let find = |keys: &[RegistrationKey]| {
+        keys.iter().find(|k| k.id == req.key_id && k.used_by.is_none() && t <= k.expires_at).cloned()
     };
+    let mut key = find(&cs.store().list::<RegistrationKey>(KEYS)?);
+    if key.is_none() {
+        reread_keys(&cs);
+        key = find(&cs.store().list::<RegistrationKey>(KEYS)?);
+    }
+    let Some(key) = key else { return refused() };
     let fingerprint = cs.ca_fingerprint();
     Ok(Json(json!({
         "ca_pem": cs.ca.cert_pem(),
         "proof": sr_common::register::ca_proof(&key.hash, &fingerprint),
     })))
+}
+
+/// Reads `registration_keys_dir` again (a key added since the start, a Secret grown for more
+/// replicas); a failure is logged, the registration then refused as for any unknown key.
+fn reread_keys(cs: &Cs) {
+    if let Some(dir) = &cs.cfg.registration_keys_dir {
+        if let Err(e) = import_keys(cs, dir) {
+            tracing::warn!(dir = %dir.display(), error = format!("{e:#}"), "reading registration keys failed");
+        }
+    }
 }
 
 /// Registration keys from files (a Kubernetes Secret mounted as a directory): each file named
@@ -120,7 +135,7 @@ pub fn keys_from_files(files: &[(String, String)]) -> Result<Vec<(ComponentRole,
         // A key `srctl keys create` printed (SECRET.FINGERPRINT) counts by its secret.
         let secret = content.trim().split_once('.').map_or(content.trim(), |(s, _)| s);
         if !sr_common::register::strong_secret(secret) {
-            return Err(format!("registration key file {name}: not a secret of at least 24 letters and digits"));
+            return Err(format!("registration key file {name}: not a secret of at least 32 letters and digits"));
         }
         out.push((role, secret.to_string()));
     }
@@ -202,6 +217,9 @@ pub async fn register(State(cs): State<Arc<Cs>>, b: Body<Registration>) -> R<Val
         tracing::warn!(name = req.name, "registration refused: {msg}");
         Err(ApiError::new(status, &msg))
     };
+    if store.get::<RegistrationKey>(KEYS, &key_hash)?.is_none() {
+        reread_keys(&cs);
+    }
     let Some(mut key) = store.get::<RegistrationKey>(KEYS, &key_hash)? else {
         return refused(StatusCode::UNAUTHORIZED, "unknown registration key".into());
     };
@@ -402,6 +420,6 @@ mod tests {
         let e = keys_from_files(&[f("config-server-0", &s)]).unwrap_err();
         assert!(e.contains("config-server-0") && e.contains("process-server-"), "{e}");
         let e = keys_from_files(&[f("process-server-0", "short")]).unwrap_err();
-        assert!(e.contains("process-server-0") && e.contains("24"), "{e}");
+        assert!(e.contains("process-server-0") && e.contains("32"), "{e}");
     }
 }

@@ -173,18 +173,24 @@ async fn carry_out(cs: &Cs, by: &str, req: Request<'_>, drain: Option<&str>) -> 
     let store = cs.store();
     let _g = cs.items_lock.lock().await;
     let mut comps: Vec<Component> = store.list(COMPONENTS)?;
+    let items: Vec<Item> = store.list(ITEMS)?;
+    let mut newly_draining = None;
     if let Some(ps) = drain {
         let Some(c) = comps.iter_mut().find(|c| c.name == ps && c.role == ComponentRole::ProcessServer) else {
             return Err(refused(Refused::NoProcessServer(ps.to_string())));
         };
         if !c.draining {
             c.draining = true;
-            store.put(COMPONENTS, &c.name, &*c)?;
-            cs.event("info", ps, &format!("process server {ps} is draining (asked by {by}): it takes no new items"))?;
+            newly_draining = Some(c.clone());
         }
     }
-    let items: Vec<Item> = store.list(ITEMS)?;
+    // Planned first: a drain with nowhere to go changes nothing.
     let moves = plan(&req, &comps, &items, now(), cs.cfg.component_timeout_secs).map_err(refused)?;
+    if let Some(c) = newly_draining {
+        store.put(COMPONENTS, &c.name, &c)?;
+        let ps = &c.name;
+        cs.event("info", ps, &format!("process server {ps} is draining (asked by {by}): it takes no new items"))?;
+    }
     let mut out = Vec::new();
     for m in moves {
         let Some(mut item) = store.get::<Item>(ITEMS, &id_key(m.item))? else { continue };

@@ -6,7 +6,7 @@ use crate::lifecycle::State;
 use crate::model::{Component, Item, Policy, DEFAULT_RPO_SECS};
 
 /// Seconds since an item's replica last held everything its source had written (label `item`), for
-/// items that replicate or are Critical and have caught up once.
+/// items that replicate or are Critical and have caught up once; NaN for the others.
 pub const ITEM_RPO_SECONDS: &str = "sr_config_server_item_rpo_seconds";
 
 /// Registrations refused (unknown, used, expired or other-role key, or a taken name).
@@ -38,6 +38,10 @@ pub const COMPONENT_UP: &str = "sr_config_server_component_up";
 /// alerts leave it out.
 pub const COMPONENT_REVOKED: &str = "sr_config_server_component_revoked";
 
+/// 1 while a process server drains (it gets no new items; it may then be removed): alerts leave it
+/// out (labels `component`, `role`).
+pub const COMPONENT_DRAINING: &str = "sr_config_server_component_draining";
+
 /// The component timeout, in seconds: how long a component may be silent before its work moves.
 pub const COMPONENT_TIMEOUT_SECONDS: &str = "sr_config_server_component_timeout_seconds";
 
@@ -59,6 +63,9 @@ pub const JOB_KINDS: &[&str] = &[
     "planned failover",
     "unplanned failover",
     "failback",
+    "plan test failover",
+    "plan planned failover",
+    "plan unplanned failover",
     "change recovery point",
     "commit failover",
     "reprotect",
@@ -97,6 +104,7 @@ pub struct ComponentGauges {
     pub age_secs: Option<u64>,
     pub up: bool,
     pub revoked: bool,
+    pub draining: bool,
 }
 
 /// What the fleet gauges say at one instant.
@@ -134,8 +142,10 @@ impl Fleet {
                 },
             })
             .collect();
+        // NBD clients hold certificates but never report: they are not watched.
         let components = comps
             .iter()
+            .filter(|c| c.role != crate::model::ComponentRole::NbdClient)
             .map(|c| {
                 let age_secs = c.last_heartbeat.map(|t| now.saturating_sub(t));
                 ComponentGauges {
@@ -144,6 +154,7 @@ impl Fleet {
                     age_secs,
                     up: !c.revoked && age_secs.is_some_and(|a| a <= timeout),
                     revoked: c.revoked,
+                    draining: c.draining,
                 }
             })
             .collect();
@@ -162,9 +173,10 @@ impl Fleet {
                     .set(v);
             }
             metrics::gauge!(ITEM_RPO_THRESHOLD_SECONDS, "item" => item.clone()).set(i.rpo_threshold_secs as f64);
-            if let Some(rpo) = i.rpo_secs {
-                metrics::gauge!(ITEM_RPO_SECONDS, "item" => item.clone()).set(rpo as f64);
-            }
+            // NaN where there is no RPO (failed over, disabled): no comparison holds, so no alert
+            // stays open on a value from before.
+            let rpo = i.rpo_secs.map_or(f64::NAN, |r| r as f64);
+            metrics::gauge!(ITEM_RPO_SECONDS, "item" => item.clone()).set(rpo);
             metrics::gauge!(ITEM_SYNC_PROGRESS, "item" => item).set(i.sync_progress);
         }
         for c in &self.components {
@@ -174,6 +186,8 @@ impl Fleet {
                 .set(f64::from(u8::from(c.up)));
             metrics::gauge!(COMPONENT_REVOKED, "component" => c.name.clone(), "role" => c.role)
                 .set(f64::from(u8::from(c.revoked)));
+            metrics::gauge!(COMPONENT_DRAINING, "component" => c.name.clone(), "role" => c.role)
+                .set(f64::from(u8::from(c.draining)));
         }
         metrics::gauge!(COMPONENT_TIMEOUT_SECONDS).set(self.component_timeout_secs as f64);
     }

@@ -82,28 +82,65 @@ fn doc<'a>(docs: &'a [Value], kind: &str, name: &str) -> &'a Value {
 
 /// What the chart gives one component's pods.
 struct Pod {
-    /// The StatefulSet's container environment: literal values, and the downward API's fields.
-    env: Vec<(String, Value)>,
+    /// The init containers, then the service's container.
+    init: Vec<Value>,
+    main: Value,
     /// Its config file, with the chart's volume path `/data` to be mapped.
     config: String,
-    /// The container's command.
-    command: Vec<String>,
 }
 
 fn pod_spec(docs: &[Value], sts: &str, component: &str) -> Pod {
     let s = doc(docs, "StatefulSet", sts);
-    let c = &s["spec"]["template"]["spec"]["containers"][0];
-    let env = c["env"]
-        .as_array()
-        .map(|e| e.iter().map(|v| (v["name"].as_str().unwrap().to_string(), v.clone())).collect())
-        .unwrap_or_default();
-    let command = c["command"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_string()).collect();
+    let spec = &s["spec"]["template"]["spec"];
+    let init = spec["initContainers"].as_array().cloned().unwrap_or_default();
+    let main = spec["containers"][0].clone();
     let config = doc(docs, "ConfigMap", &format!("{RELEASE}-site-recovery-config"))["data"]
         [format!("{component}.toml")]
     .as_str()
     .unwrap()
     .to_string();
-    Pod { env, config, command }
+    Pod { init, main, config }
+}
+
+/// A container's environment as the kubelet would make it, its volumes mapped to directories here
+/// (a volume the container does not mount maps to a directory that does not exist).
+fn container_env(
+    c: &Value,
+    volumes: &BTreeMap<&str, PathBuf>,
+    pod_name: &str,
+    pod_ip: std::net::IpAddr,
+) -> Vec<(String, String)> {
+    let mounted: Vec<&str> =
+        c["volumeMounts"].as_array().unwrap().iter().map(|m| m["mountPath"].as_str().unwrap()).collect();
+    for m in &mounted {
+        assert!(volumes.contains_key(m), "the chart mounts {m}, which this test does not map");
+    }
+    let at = |path: &str| {
+        if mounted.contains(&path) {
+            volumes[path].display().to_string()
+        } else {
+            format!("{}-not-mounted", volumes[path].display())
+        }
+    };
+    let mut env: Vec<(String, String)> = vec![
+        ("SR_DATA".into(), at("/data")),
+        ("SR_CONFIG_DIR".into(), at("/etc/site-recovery/config")),
+        ("SR_KEYS_DIR".into(), at("/etc/site-recovery/registration")),
+        ("SR_BIN_DIR".into(), bin_dir().display().to_string()),
+    ];
+    for v in c["env"].as_array().into_iter().flatten() {
+        let name = v["name"].as_str().unwrap();
+        let value = match v["valueFrom"]["fieldRef"]["fieldPath"].as_str() {
+            Some("metadata.name") => pod_name.to_string(),
+            Some("status.podIP") => pod_ip.to_string(),
+            Some(other) => panic!("{name}: a downward API field this test does not know: {other}"),
+            None => v["value"].as_str().unwrap_or_default().to_string(),
+        };
+        env.push((name.to_string(), value));
+    }
+    let command: Vec<&str> = c["command"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+    assert_eq!(&command[..2], ["/bin/sh", "/etc/site-recovery/bin/entrypoint.sh"], "the container runs the entrypoint");
+    env
 }
 
 /// A running topology, with the name the chart gives the configuration server in each host's
@@ -127,7 +164,8 @@ impl Cluster {
     }
 }
 
-/// Starts one pod of `component` (ordinal `ordinal`) on `host` as the chart runs it.
+/// Starts one pod of `component` (ordinal `ordinal`) on `host` as the chart runs it: its init
+/// containers to their end, then the service's container.
 #[allow(clippy::too_many_arguments)]
 fn start_pod(
     cl: &Cluster,
@@ -142,41 +180,56 @@ fn start_pod(
     let sts = format!("{RELEASE}-site-recovery-{short}");
     let pod = pod_spec(docs, &sts, component);
     let root = dir.join(format!("{short}-{ordinal}"));
-    let (data, config_dir, bin) = (root.join("data"), root.join("config"), root.join("bin"));
-    for d in [&data, &config_dir, &bin] {
+    let volumes: BTreeMap<&str, PathBuf> = BTreeMap::from([
+        ("/data", root.join("data")),
+        ("/etc/site-recovery/config", root.join("config")),
+        ("/etc/site-recovery/bin", root.join("bin")),
+        ("/etc/site-recovery/registration", registration_keys(docs, dir)),
+        ("/tmp", root.join("tmp")),
+    ]);
+    for d in volumes.values() {
         std::fs::create_dir_all(d).unwrap();
     }
-    // The volumes: the config file, the entrypoint, the role's registration keys.
-    let config = pod.config.replace("\"/data/", &format!("\"{}/", data.display()));
-    std::fs::write(config_dir.join(format!("{component}.toml")), config).unwrap();
+    // The volumes: the config file (its paths under /data mapped), the entrypoint.
+    let config = pod.config.replace("\"/data/", &format!("\"{}/", volumes["/data"].display()));
+    std::fs::write(volumes["/etc/site-recovery/config"].join(format!("{component}.toml")), config).unwrap();
     let entrypoint = doc(docs, "ConfigMap", &format!("{RELEASE}-site-recovery-entrypoint"))["data"]["entrypoint.sh"]
         .as_str()
         .unwrap()
         .to_string();
-    std::fs::write(bin.join("entrypoint.sh"), entrypoint).unwrap();
-    assert_eq!(pod.command[1], "/etc/site-recovery/bin/entrypoint.sh", "the container runs the entrypoint");
-    assert_eq!(pod.command[2], component);
-    let keys = registration_keys(docs, dir);
-    let mut env: Vec<(String, String)> = vec![
-        ("SR_DATA".into(), data.display().to_string()),
-        ("SR_CONFIG_DIR".into(), config_dir.display().to_string()),
-        ("SR_KEYS_DIR".into(), keys.display().to_string()),
-        ("SR_BIN_DIR".into(), bin_dir().display().to_string()),
-    ];
-    for (name, v) in &pod.env {
-        let value = match v["valueFrom"]["fieldRef"]["fieldPath"].as_str() {
-            Some("metadata.name") => format!("{sts}-{ordinal}"),
-            Some("status.podIP") => cl.ip(host).to_string(),
-            Some(other) => panic!("{name}: a downward API field this test does not know: {other}"),
-            None => v["value"].as_str().unwrap_or_default().to_string(),
-        };
-        env.push((name.clone(), value));
-    }
-    let c = if component == "process-server" { Component::ProcessServer } else { Component::MasterTarget };
+    let script = volumes["/etc/site-recovery/bin"].join("entrypoint.sh");
+    std::fs::write(&script, entrypoint).unwrap();
+    let (pod_name, ip) = (format!("{sts}-{ordinal}"), cl.ip(host));
     let log = dir.join(format!("{short}-{ordinal}.log"));
-    let ca = data.join("certs").join("ca.pem");
-    let http = SocketAddr::new(cl.ip(host), http_port);
-    sr_devkit::spawn_entrypoint(&cl.topo.host(host).ns, c, &bin.join("entrypoint.sh"), &env, &log, http, &ca)
+    let ns = &cl.topo.host(host).ns;
+    for c in &pod.init {
+        assert_eq!(c["command"][2], component);
+        let env = container_env(c, &volumes, &pod_name, ip);
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec", ns, "/bin/sh"])
+            .arg(&script)
+            .arg(component)
+            .env_clear()
+            .env("PATH", "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin")
+            .envs(env)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "init container {} of {pod_name}: {}{}",
+            c["name"],
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert_eq!(pod.main["command"][2], component);
+    let mounts = pod.main["volumeMounts"].to_string();
+    assert!(!mounts.contains("/etc/site-recovery/registration"), "the service's container sees no keys: {mounts}");
+    let env = container_env(&pod.main, &volumes, &pod_name, ip);
+    let c = if component == "process-server" { Component::ProcessServer } else { Component::MasterTarget };
+    let ca = volumes["/data"].join("certs").join("ca.pem");
+    let http = SocketAddr::new(ip, http_port);
+    sr_devkit::spawn_entrypoint(ns, c, &script, &env, &log, http, &ca)
         .unwrap_or_else(|e| panic!("{e:#}\n{}", std::fs::read_to_string(&log).unwrap_or_default()))
 }
 
@@ -251,11 +304,14 @@ fn the_chart_as_rendered_replicates_scales_out_and_drains_with_replicas_identica
             .unwrap(),
     )
     .unwrap();
-    let mut cs_env: Vec<(String, String)> = vec![
-        ("SR_CONFIG_DIR".into(), cs_root.join("config").display().to_string()),
-        ("SR_BIN_DIR".into(), bin_dir().display().to_string()),
-    ];
-    cs_env.extend(cs_pod.env.iter().map(|(k, v)| (k.clone(), v["value"].as_str().unwrap_or_default().to_string())));
+    let cs_volumes: BTreeMap<&str, PathBuf> = BTreeMap::from([
+        ("/data", cs_data.clone()),
+        ("/etc/site-recovery/config", cs_root.join("config")),
+        ("/etc/site-recovery/bin", cs_root.join("bin")),
+        ("/etc/site-recovery/registration", keys.clone()),
+        ("/tmp", cs_root.join("tmp")),
+    ]);
+    let cs_env = container_env(&cs_pod.main, &cs_volumes, "t-site-recovery-cs-0", cs_ip);
     let cp = ControlPlane {
         root: cs_data.clone(),
         api: SocketAddr::new(cs_ip, 9443),

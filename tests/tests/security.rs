@@ -575,7 +575,7 @@ fn a_bare_registration_key_registers_only_with_the_server_that_holds_it() {
     let dir = test_dir();
     let keys = dir.path().join("keys");
     std::fs::create_dir_all(&keys).unwrap();
-    let secret = "Zq7".repeat(11);
+    let secret = "Zq7".repeat(12);
     std::fs::write(keys.join("process-server-0"), format!("{secret}\n")).unwrap();
     std::fs::write(keys.join("master-target-0"), "M".repeat(40)).unwrap();
     let cp = ControlPlane::create_with(&dir.path().join("cp"), &format!("registration_keys_dir = {keys:?}\n")).unwrap();

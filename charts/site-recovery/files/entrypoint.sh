@@ -4,7 +4,8 @@
 #
 # A process server or master target registers with the configuration server on its first start, with
 # the one-time key of its pod's ordinal (a file of the mounted registration Secret), and keeps its
-# certificate on its volume. Every service then runs with the chart's config file; what differs from
+# certificate on its volume. With SR_REGISTER_ONLY=1 (the chart's init container, the only one that
+# mounts the keys) it stops there; the service's container then finds the certificate. Every service then runs with the chart's config file; what differs from
 # pod to pod (node name, advertised addresses, certificate paths, the configuration server's address)
 # is given as environment overrides of that file (SR_PS__ADVERTISE sets `advertise`, and so on).
 #
@@ -16,6 +17,8 @@
 # volume, default /data); SR_CONFIG_DIR (default /etc/site-recovery/config); SR_KEYS_DIR (default
 # /etc/site-recovery/registration); SR_BIN_DIR (default /usr/local/bin).
 set -eu
+# No word of a value is a file pattern.
+set -f
 
 component=${1:?usage: entrypoint.sh config-server|process-server|master-target}
 bin=${SR_BIN_DIR:-/usr/local/bin}
@@ -77,8 +80,11 @@ done
 quic=$(hostport "$ip" "${SR_PORT_QUIC:?}")
 
 certs=$data/certs
+# register writes the certificate last: it is there only when the key and the CA are.
 if [ ! -f "$certs/$node.pem" ]; then
-  keyfile=${SR_KEYS_DIR:-/etc/site-recovery/registration}/$component-$ordinal
+  keys=${SR_KEYS_DIR:-/etc/site-recovery/registration}
+  [ -d "$keys" ] || fail "$node is not registered and no registration keys are mounted at $keys (the chart's init container registers it)"
+  keyfile=$keys/$component-$ordinal
   [ -f "$keyfile" ] || fail "no registration key $keyfile for pod ordinal $ordinal: raise the chart's maxReplicas, or put a key made by srctl keys create under that name in the registration Secret"
   sans=""
   for s in ${SR_SANS:-}; do sans="$sans --san $s"; done
@@ -86,6 +92,10 @@ if [ ! -f "$certs/$node.pem" ]; then
   # shellcheck disable=SC2086 # $sans is a list of options
   SR_REGISTRATION_KEY=$(cat "$keyfile") "$bin/$component" register --server "$cs" --name "$node" \
     --dir "$certs" --address "$quic" $sans
+fi
+if [ "${SR_REGISTER_ONLY:-}" = 1 ]; then
+  echo "entrypoint ($component): $node is registered"
+  exit 0
 fi
 
 export "${prefix}__NODE=$node" "${prefix}__ADVERTISE=$quic" "${prefix}__CONTROL__SERVER=$cs"
