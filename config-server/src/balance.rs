@@ -140,8 +140,13 @@ pub fn plan(req: &Request, comps: &[Component], items: &[Item], now: u64, timeou
                 .collect();
             placed.sort();
             for _ in 0..placed.len() {
-                let Some((busiest, most)) =
-                    load.iter().max_by_key(|(n, c)| (**c, std::cmp::Reverse(**n))).map(|(n, c)| (n.to_string(), *c))
+                // The busiest process server that has an item free to move (one whose items are all
+                // still moving or cannot move does not stop the others from evening out).
+                let Some((busiest, most)) = load
+                    .iter()
+                    .filter(|(n, _)| placed.iter().any(|(_, ps)| ps == **n))
+                    .max_by_key(|(n, c)| (**c, std::cmp::Reverse(**n)))
+                    .map(|(n, c)| (n.to_string(), *c))
                 else {
                     break;
                 };
@@ -365,5 +370,9 @@ mod tests {
         let rec = |id| MoveRecord { job: id, from: "ps-2".into(), to: "ps-1".into(), since: NOW };
         let busy: Vec<Item> = (1..=3).map(|i| Item { moving: Some(rec(i)), ..item(i, "ps-1") }).collect();
         assert_eq!(plan(&Request::Balance, &comps, &busy, NOW, 10), Ok(vec![]));
+        // ps-1 holds 3 items that are all moving; ps-2's 2 still even out with the empty ps-3.
+        let mixed: Vec<Item> = [busy, vec![item(4, "ps-2"), item(5, "ps-2")]].concat();
+        let m = plan(&Request::Balance, &comps, &mixed, NOW, 10).unwrap();
+        assert_eq!(moves(&m), vec![(4, "ps-2", "ps-3")]);
     }
 }
