@@ -52,13 +52,7 @@ pub async fn create_key(State(cs): State<Arc<Cs>>, h: HeaderMap, b: Body<NewKey>
         return Err(ApiError::bad("ttl_seconds: 1 to 2592000 (30 days)"));
     }
     let secret = auth::secret();
-    let k = RegistrationKey {
-        id: auth::hash(&secret)[..12].to_string(),
-        hash: auth::hash(&secret),
-        role: req.role,
-        expires_at: now() + ttl,
-        used_by: None,
-    };
+    let k = RegistrationKey::new(&secret, req.role, now() + ttl);
     cs.store().put(KEYS, &k.hash, &k)?;
     cs.event("info", &k.id, &format!("registration key {} for a {:?} created by {by}", k.id, k.role))?;
     let fingerprint = cs.ca_fingerprint();
@@ -159,18 +153,11 @@ pub fn import_keys(cs: &Cs, dir: &std::path::Path) -> anyhow::Result<usize> {
     let keys = keys_from_files(&files).map_err(|m| anyhow::anyhow!("registration_keys_dir {}: {m}", dir.display()))?;
     let mut added = 0;
     for (role, secret) in keys {
-        let hash = auth::hash(&secret);
-        if cs.store().get::<RegistrationKey>(KEYS, &hash)?.is_some() {
+        // Valid as long as the file's owner keeps it (ten years): the Secret is the authority.
+        let k = RegistrationKey::new(&secret, role, now() + 10 * 365 * 24 * 3600);
+        if cs.store().get::<RegistrationKey>(KEYS, &k.hash)?.is_some() {
             continue;
         }
-        // Valid as long as the file's owner keeps it (ten years): the Secret is the authority.
-        let k = RegistrationKey {
-            id: hash[..12].to_string(),
-            hash,
-            role,
-            expires_at: now() + 10 * 365 * 24 * 3600,
-            used_by: None,
-        };
         cs.store().put(KEYS, &k.hash, &k)?;
         cs.event(
             "info",

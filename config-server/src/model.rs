@@ -76,6 +76,14 @@ pub struct RegistrationKey {
     pub used_by: Option<String>,
 }
 
+impl RegistrationKey {
+    /// An unused key for `secret`: kept as its hash, known by the hash's first 12 hex digits.
+    pub fn new(secret: &str, role: ComponentRole, expires_at: u64) -> RegistrationKey {
+        let hash = sr_common::register::secret_hash(secret);
+        RegistrationKey { id: hash[..12].to_string(), hash, role, expires_at, used_by: None }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Component {
     pub name: String,

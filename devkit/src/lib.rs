@@ -732,11 +732,17 @@ pub fn spawn_entrypoint(
     http_addr: SocketAddr,
     ca: &Path,
 ) -> anyhow::Result<Proc> {
+    let cmd = entrypoint_command(ns, script, c.binary(), env);
+    start_until_healthy(cmd, c, log_path, http_addr, ca, script)
+}
+
+/// `sh SCRIPT COMPONENT` in network namespace `ns` with only `env` and PATH: a container's command.
+pub fn entrypoint_command(ns: &str, script: &Path, component: &str, env: &[(String, String)]) -> Command {
     let mut cmd = Command::new("ip");
-    cmd.args(["netns", "exec", ns, "/bin/sh"]).arg(script).arg(c.binary());
+    cmd.args(["netns", "exec", ns, "/bin/sh"]).arg(script).arg(component);
     cmd.env_clear().env("PATH", "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin");
     cmd.envs(env.iter().map(|(k, v)| (k, v)));
-    start_until_healthy(cmd, c, log_path, http_addr, ca, script)
+    cmd
 }
 
 fn start_until_healthy(
@@ -745,9 +751,8 @@ fn start_until_healthy(
     log_path: &Path,
     http_addr: SocketAddr,
     ca: &Path,
-    what: &Path,
+    bin: &Path,
 ) -> anyhow::Result<Proc> {
-    let bin = what;
     let log = std::fs::OpenOptions::new().create(true).append(true).open(log_path)?;
     if DIE_WITH_PARENT.load(std::sync::atomic::Ordering::Relaxed) {
         use std::os::unix::process::CommandExt;

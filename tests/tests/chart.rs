@@ -205,15 +205,7 @@ fn start_pod(
     for c in &pod.init {
         assert_eq!(c["command"][2], component);
         let env = container_env(c, &volumes, &pod_name, ip);
-        let out = std::process::Command::new("ip")
-            .args(["netns", "exec", ns, "/bin/sh"])
-            .arg(&script)
-            .arg(component)
-            .env_clear()
-            .env("PATH", "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin")
-            .envs(env)
-            .output()
-            .unwrap();
+        let out = sr_devkit::entrypoint_command(ns, &script, component, &env).output().unwrap();
         assert!(
             out.status.success(),
             "init container {} of {pod_name}: {}{}",
