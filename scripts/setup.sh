@@ -6,7 +6,7 @@ set -euo pipefail
 need_pkgs=()
 for pair in qemu-img:qemu-utils qemu-io:qemu-utils nbdcopy:libnbd-bin nbdinfo:libnbd-bin fio:fio \
             nbdkit:nbdkit mke2fs:e2fsprogs e2fsck:e2fsprogs debugfs:e2fsprogs rsync:rsync \
-            tcpdump:tcpdump ethtool:ethtool ip:iproute2 promtool:prometheus npm:npm; do
+            tcpdump:tcpdump ethtool:ethtool ip:iproute2 promtool:prometheus npm:npm chromium:chromium; do
   command -v "${pair%%:*}" >/dev/null 2>&1 || need_pkgs+=("${pair#*:}")
 done
 if [ ${#need_pkgs[@]} -gt 0 ]; then
@@ -43,4 +43,11 @@ if ! command -v kubernetes-validate >/dev/null 2>&1; then
   echo "setup: installing kubernetes-validate"
   python3 -m pip install -q --user kubernetes-validate 2>/dev/null ||
     python3 -m pip install -q --user --break-system-packages kubernetes-validate
+fi
+
+# The portal's browser tests: playwright-core (no browser download; it drives Debian's chromium).
+browser_tests="$(dirname "$0")/../tests/browser"
+if [ ! -d "$browser_tests/node_modules/playwright-core" ]; then
+  echo "setup: installing playwright-core for the browser tests"
+  (cd "$browser_tests" && npm ci --silent --no-audit --no-fund)
 fi

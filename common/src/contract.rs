@@ -105,6 +105,11 @@ pub struct DiskProgress {
     /// The journal is over its limit: changes are tracked in the dirty map.
     #[serde(default)]
     pub overflow: bool,
+    /// Bytes the journal holds, and its limit: the headroom before changes go to the dirty map.
+    #[serde(default)]
+    pub journal_bytes: u64,
+    #[serde(default)]
+    pub journal_limit_bytes: u64,
     /// The failover generation the disk parted at (0: none), whether a planned failover stopped it, and
     /// the sequence number of its final marker.
     #[serde(default)]

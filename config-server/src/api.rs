@@ -10,6 +10,12 @@ use std::sync::Arc;
 pub fn routes(cs: Arc<Cs>) -> Router {
     Router::new()
         .route("/openapi.json", get(openapi))
+        .route("/", get(crate::portal::root))
+        .route("/portal/", get(crate::portal::index))
+        .route("/portal/{*path}", get(crate::portal::asset))
+        .route("/v1/whoami", get(crate::portal::whoami))
+        .route("/v1/overview", get(crate::portal::overview))
+        .route("/v1/items/{id}/history", get(crate::portal::item_history))
         .route("/v1/tokens", post(crate::access::create_token))
         .route("/v1/registration-keys", post(crate::access::create_key))
         .route("/v1/register", post(crate::access::register))

@@ -436,6 +436,9 @@ pub async fn evaluate(cs: &Cs) -> Result<(), crate::store::StoreError> {
             }
         }
     }
-    crate::metrics::Fleet::of(&after, &policies, &comps, now(), cs.cfg.component_timeout_secs).export();
+    let t = now();
+    let fleet = crate::metrics::Fleet::of(&after, &policies, &comps, t, cs.cfg.component_timeout_secs);
+    fleet.export();
+    cs.history.lock().expect("history lock poisoned").record(t, &fleet, &comps);
     Ok(())
 }

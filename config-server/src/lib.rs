@@ -23,8 +23,10 @@ pub mod model;
 pub mod netmap;
 pub mod openapi;
 pub mod orchestrate;
+pub mod overview;
 pub mod plans;
 pub mod policies;
+pub mod portal;
 pub mod recovery;
 pub mod reports;
 pub mod reprotect;
@@ -56,6 +58,8 @@ pub struct Cs {
     pub plan_waits: std::sync::Mutex<std::collections::HashMap<String, tokio::sync::oneshot::Sender<String>>>,
     /// Plans taking a consistency point right now.
     pub plan_busy: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// The last hour of RPO and churn, for the portal's charts (sampled by the evaluation loop).
+    pub history: std::sync::Mutex<overview::History>,
 }
 
 impl Cs {
@@ -194,6 +198,7 @@ pub async fn run(cfg: CsConfig, shutdown: CancellationToken) -> anyhow::Result<(
         items_lock: tokio::sync::Mutex::new(()),
         plan_waits: Default::default(),
         plan_busy: Default::default(),
+        history: Default::default(),
     });
     let crl = access::current_crl(&cs).map_err(|e| anyhow::anyhow!("making the revocation list: {}", e.message))?;
     identity.set_crl_pem(&crl).context("the revocation list this server made")?;

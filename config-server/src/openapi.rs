@@ -175,6 +175,17 @@ pub const ROUTES: &[(&str, &str, &str, &str, &str)] = &[
     ),
     ("get", "/v1/jobs/{id}", "One job with its steps and progress", "reader", ""),
     ("get", "/v1/events", "The event log: the newest `limit` (at most 1000) with an id below `before`", "reader", ""),
+    ("get", "/v1/whoami", "The calling token's name and role", "reader", ""),
+    (
+        "get",
+        "/v1/overview",
+        "Items by state, the worst RPOs, alerts firing, running jobs, components' health and load, and the \
+         last hour of RPO and churn",
+        "reader",
+        "",
+    ),
+    ("get", "/v1/items/{id}/history", "An item's RPO over the last hour", "reader", ""),
+    ("get", "/portal/", "The web portal (a page and its script; it signs in with an API token)", "anyone", ""),
 ];
 
 fn schemas() -> Value {

@@ -426,6 +426,11 @@ impl ProtectedDisk {
         &self.disk
     }
 
+    /// The journal's limit in bytes (`u64::MAX` until one is set).
+    pub fn limit(&self) -> u64 {
+        self.limit.load(Ordering::Relaxed)
+    }
+
     /// Sets the journal's limit in bytes.
     pub fn set_limit(&self, bytes: u64) {
         self.limit.store(bytes.max(1), Ordering::Relaxed);

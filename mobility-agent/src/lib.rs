@@ -367,6 +367,8 @@ async fn control_loop(client: sr_common::control::ControlClient, c: Control, shu
                                 last_seq: d.last_seq().0,
                                 dirty_bytes: d.dirty_bytes(),
                                 overflow: d.overflowed(),
+                                journal_bytes: d.journal_bytes(),
+                                journal_limit_bytes: Some(d.limit()).filter(|l| *l != u64::MAX).unwrap_or(0),
                                 resync_active: d.resync_state().active(),
                                 resync_done: d.resync_state().done,
                                 resync_waiting: d.dirty_bytes() > 0 && !d.copy_allowed(),
