@@ -122,7 +122,6 @@ enum Cmd {
         #[command(flatten)]
         point: api::PointArgs,
     },
-    /// Jobs: list, show, watch.
     /// Fail an item over to the recovery site: planned (the source is stopped and drained first: no data
     /// loss) or unplanned at a point (the latest by default). Follows the job.
     Failover {
@@ -151,10 +150,14 @@ enum Cmd {
     },
     /// Planned failover back to the primary site, then reprotect forward. Follows the job.
     Failback { item: u64 },
+    /// Recovery plans: groups of items that fail over together, in order, with scripts and manual
+    /// actions between groups.
     #[command(subcommand)]
     Plans(api::PlansCmd),
+    /// Network mappings: the addresses failed-over machines take on the recovery site's networks.
     #[command(subcommand)]
     NetworkMappings(api::NetMapCmd),
+    /// Jobs: list, show, watch.
     #[command(subcommand)]
     Jobs(api::JobsCmd),
     /// The event log.

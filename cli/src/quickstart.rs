@@ -363,6 +363,7 @@ pub fn run(a: Args, json: bool) -> anyhow::Result<()> {
         "test_failover_ms": drill_ms,
         "test_failover_identical": drill_ok,
         "total_seconds": started.elapsed().as_secs_f64(),
+        "portal": format!("https://{}/portal/", cp.api),
         "dir": dir,
     });
     if json {
@@ -387,6 +388,12 @@ pub fn run(a: Args, json: bool) -> anyhow::Result<()> {
         );
         println!("  logs: {}", local.root.join("logs").display());
         if a.keep_running {
+            println!("  portal: https://{}/portal/", cp.api);
+            println!("  portal sign-in token (admin): {}", cp.admin_token()?);
+            println!(
+                "    (the browser warns about the certificate unless it trusts the deployment's CA {})",
+                cp.ca().display()
+            );
             println!("  while the services run: {srctl} items list");
             println!(
                 "  next: {srctl} failover {} --planned (stops the source; then commit, reprotect, failback: see README)",
@@ -395,7 +402,7 @@ pub fn run(a: Args, json: bool) -> anyhow::Result<()> {
         } else {
             println!(
                 "  the services stopped with the quickstart; `srctl quickstart --keep-running` leaves them up for \
-                 `{srctl} items list` and `{srctl} failover {} --planned`",
+                 the web portal, `{srctl} items list` and `{srctl} failover {} --planned`",
                 local.item
             );
         }

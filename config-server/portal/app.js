@@ -26,9 +26,21 @@ function h(tag, attrs, ...children) {
   return el;
 }
 
+// What identifies a focusable element across a re-render: a refresh rebuilds a table, and the same
+// link or button gets the focus back (keyboard users keep their place).
+function focusKey(el) {
+  return el && el !== document.body ? `${el.tagName}|${el.getAttribute("href") || ""}|${el.id}|${el.dataset.action || ""}|${el.textContent}` : null;
+}
+
 function fill(el, ...children) {
+  const active = document.activeElement;
+  const key = active && el.contains(active) ? focusKey(active) : null;
   el.replaceChildren();
   for (const c of children.flat(Infinity)) if (c !== null && c !== undefined && c !== false) el.append(c instanceof Node ? c : String(c));
+  if (key) {
+    const again = [...el.querySelectorAll("a, button, input, select, textarea")].find((e) => focusKey(e) === key);
+    if (again) again.focus();
+  }
 }
 
 function duration(s) {
@@ -117,8 +129,12 @@ async function api(method, path, body) {
   return data;
 }
 
-function banner(message, kind) {
+// The message under the header. `source` says who set it: a page's refresh clears its own error once
+// it works again, and the reason for a sign-out outlives the move to the sign-in page.
+let bannerSource = null;
+function banner(message, kind, source) {
   const b = document.getElementById("banner");
+  bannerSource = message ? source || null : null;
   if (!message) { b.hidden = true; b.textContent = ""; return; }
   b.className = kind === "info" ? "info" : "";
   b.textContent = message;
@@ -130,8 +146,8 @@ function banner(message, kind) {
 function signOut(message) {
   sessionStorage.removeItem(TOKEN_KEY);
   me = null;
+  if (message) banner(message, "error", "signout");
   location.hash = "#/signin";
-  if (message) banner(message);
 }
 
 async function signIn(token) {
@@ -155,7 +171,7 @@ function renderWho() {
 }
 
 function signInPage(main) {
-  const input = h("input", { type: "password", id: "token", name: "token", autocomplete: "current-password", required: true });
+  const input = h("input", { type: "password", id: "token", name: "token", autocomplete: "off", spellcheck: "false", required: true });
   const form = h("form", {
     onsubmit: async (ev) => {
       ev.preventDefault();
@@ -228,9 +244,22 @@ async function run(call) {
 
 // ---- Charts (uPlot) --------------------------------------------------------------------------------
 
+// Chart axes in UTC, like every other time the portal shows.
+const utc = (ts) => uPlot.tzDate(new Date(ts * 1000), "Etc/UTC");
+
+// The chart drawn in each element, destroyed before it is replaced (uPlot keeps a global listener
+// per chart until then).
+const charts = new WeakMap();
+function dropChart(el) {
+  const old = charts.get(el);
+  if (old) { old.destroy(); charts.delete(el); }
+}
+
 function chart(el, title, label, xs, ys, fmt) {
+  dropChart(el);
   el.replaceChildren();
   if (!window.uPlot) { el.append(h("p", { class: "muted" }, "Charts are loading.")); return null; }
+  if (xs.length < 2) { el.append(h("p", { class: "muted" }, "Collecting: one sample every 10 seconds.")); return null; }
   // Measured inside the panel's padding, so the chart never pushes the page wider.
   const box = h("div", {});
   el.append(box);
@@ -240,7 +269,9 @@ function chart(el, title, label, xs, ys, fmt) {
     series: [{}, { label, stroke: "#0b5cad", width: 2, points: { show: true, size: 4 }, value: (_, v) => (v === null ? "—" : fmt(v)) }],
     axes: [{}, { values: (_, t) => t.map(fmt), size: 70 }],
     scales: { x: { time: true } },
+    tzDate: utc,
   }, [xs, ys], box);
+  charts.set(el, u);
   return u;
 }
 
@@ -248,7 +279,7 @@ function chart(el, title, label, xs, ys, fmt) {
 
 const ROUTES = [
   [/^#\/?$/, overviewPage],
-  [/^#\/items$/, itemsPage],
+  [/^#\/items(?:\?.*)?$/, itemsPage],
   [/^#\/items\/(\d+)$/, itemPage],
   [/^#\/jobs$/, jobsPage],
   [/^#\/jobs\/(\d+)$/, jobPage],
@@ -271,14 +302,6 @@ async function route() {
   const mine = ++page;
   const main = document.getElementById("main");
   const hash = location.hash || "#/";
-  const frag = new URLSearchParams(hash.startsWith("#token=") ? hash.slice(1) : "");
-  if (frag.get("token")) {
-    // A sign-in link (srctl quickstart prints one): take the token and drop it from the address bar.
-    const token = frag.get("token");
-    history.replaceState(null, "", location.pathname + "#/");
-    try { await signIn(token); banner(null); } catch (e) { banner(`Sign-in failed: ${e.message}`); }
-    return route();
-  }
   if (!me && sessionStorage.getItem(TOKEN_KEY)) {
     try { me = await api("GET", "/v1/whoami"); } catch { me = null; }
   }
@@ -297,11 +320,25 @@ async function route() {
   if (!found) { fill(main, h("h1", {}, "Not found"), h("p", {}, h("a", { href: "#/" }, "Back to the overview"))); return; }
   const args = hash.match(found[0]).slice(1).map(decodeURIComponent);
   main.replaceChildren();
+  delete main.dataset.loaded;
   const refresh = found[1](main, ...args);
   if (!refresh) return;
+  let busy = false;
   refresher = async () => {
-    if (mine !== page) return;
-    try { await refresh(() => mine === page); } catch (e) { if (mine === page) banner(e.message); }
+    // One refresh at a time (a slow server does not pile them up), none in a hidden tab.
+    if (mine !== page || busy || document.hidden) return;
+    busy = true;
+    try {
+      await refresh(() => mine === page);
+      if (mine === page) {
+        main.dataset.loaded = "1";
+        if (bannerSource === "refresh") banner(null);
+      }
+    } catch (e) {
+      if (mine === page) banner(e.message, "error", "refresh");
+    } finally {
+      busy = false;
+    }
   };
   await refresher();
   timer = setInterval(refresher, REFRESH_MS);
@@ -432,7 +469,8 @@ function itemsPage(main) {
 async function enableProtection() {
   try {
     const [machines, items, policies] = await Promise.all([api("GET", "/v1/machines"), api("GET", "/v1/items"), api("GET", "/v1/policies")]);
-    const taken = new Set(items.map((i) => i.machine));
+    // An unprotected item (disabled, or an enable that failed) leaves its machine free to protect again.
+    const taken = new Set(items.filter((i) => i.state_name !== "unprotected").map((i) => i.machine));
     const free = machines.filter((m) => !taken.has(m.name));
     if (free.length === 0) { banner("No machine waits for protection: start a mobility agent on it first (it reports its disks)."); return; }
     if (policies.length === 0) { banner("There is no replication policy yet: create one under Policies first."); return; }
@@ -508,7 +546,7 @@ function itemPage(main, id) {
     if (item.master_target && !["unprotected", "enabling_protection"].includes(item.state_name)) {
       try { picker.update(await api("GET", `/v1/items/${id}/points`)); } catch (e) { picker.error(e.message); }
     } else picker.error("No recovery points yet: they start with initial replication.");
-    const key = JSON.stringify([item.state, !!item.test_failover, me.role]);
+    const key = JSON.stringify([item.actions, me.role]);
     if (key !== lastActions) { lastActions = key; fill(actions, itemActions(item, picker)); }
   };
 }
@@ -518,7 +556,7 @@ function journalCell(p) {
     const used = p.journal_bytes || 0;
     const pct = Math.round((100 * used) / p.journal_limit_bytes);
     return h("span", { title: `${bytes(used)} of ${bytes(p.journal_limit_bytes)}` }, h("progress", { max: 100, value: pct, "aria-label": "journal used" }),
-      ` ${bytes(p.journal_limit_bytes - used)} free`, p.overflow ? h("span", { class: "s-warn" }, " (over its limit: tracking in the dirty map)") : "");
+      ` ${bytes(Math.max(0, p.journal_limit_bytes - used))} free`, p.overflow ? h("span", { class: "s-warn" }, " (over its limit: tracking in the dirty map)") : "");
   }
   return p.overflow ? h("span", { class: "s-warn" }, "over its limit") : "within its limit";
 }
@@ -586,11 +624,14 @@ function timelinePicker(el) {
         : h("ul", {}, recent.map((mk) => h("li", {}, markLabel(mk)))));
       if (!window.uPlot) return;
       const xs = [range[0] / 1e6, ...marks.map((mk) => mk.at_us / 1e6).filter((x) => x >= range[0] / 1e6 && x <= range[1] / 1e6), range[1] / 1e6].sort((a, b) => a - b);
-      const kindY = (x) => { const mk = marks.find((m2) => Math.abs(m2.at_us / 1e6 - x) < 1e-7); return mk ? (String(mk.kind).startsWith("app") ? 2 : 1) : null; };
+      const kinds = new Map(marks.map((mk) => [mk.at_us / 1e6, String(mk.kind).startsWith("app") ? 2 : 1]));
+      const kindY = (x) => kinds.get(x) ?? null;
+      dropChart(chartEl);
       chartEl.replaceChildren();
       u = new uPlot({
         width: Math.max(200, chartEl.clientWidth || 600), height: 120,
         legend: { show: false },
+        tzDate: utc,
         cursor: { y: false },
         scales: { x: { time: true }, y: { range: [0, 3] } },
         axes: [{}, { show: false }],
@@ -620,53 +661,61 @@ function timelinePicker(el) {
           }],
         },
       }, [xs, xs.map(kindY)], chartEl);
+      charts.set(chartEl, u);
     },
   };
 }
 
+// The buttons for what the item allows now (`actions`, decided by the server the way its handlers
+// decide), each confirmed and followed to its job.
 function itemActions(item, picker) {
   if (!canOperate()) return [h("p", { class: "muted" }, `Your token (${me.role}) may look but not act.`)];
   const id = item.id;
-  const s = item.state_name;
   const at = () => picker.choice();
-  const out = [];
-  const btn = (label, fn, cls) => out.push(h("button", { type: "button", class: cls || "", onclick: fn }, label));
-  const replicating = ["protected", "resync_required", "resynchronizing", "critical"].includes(s);
-  if (replicating && !item.test_failover) {
-    btn("Test failover", () => act("Test failover", `Bring up item ${id}'s disks at ${at().label} as writable test disks on the recovery site. Replication goes on; the test's writes go to overlays and never reach the replica.`, "Start test failover", () => api("POST", `/v1/items/${id}/test-failover`, { point: at().spec })), "primary");
-  }
-  if (item.test_failover) {
-    btn("Clean up test failover", () => act("Clean up test failover", `Delete the test disks of item ${id} (${item.test_failover.view}) and what was written to them.`, "Clean up", () => api("POST", `/v1/items/${id}/test-failover/cleanup`)), "primary");
-  }
-  if (replicating && item.state.direction === "forward") {
-    btn("Planned failover", () => act("Planned failover", `Stop ${item.machine}, ship everything its journal holds, and bring it up on the recovery site with no data loss.`, "Fail over", () => api("POST", `/v1/items/${id}/failover`, { planned: true }), true), "danger");
-    btn("Unplanned failover", () => act("Unplanned failover", `Cut off the source of ${item.machine} and bring it up on the recovery site at ${at().label}. Changes after that point are not in the replica.`, "Fail over", () => api("POST", `/v1/items/${id}/failover`, { planned: false, point: at().spec }), true), "danger");
-  }
-  if (replicating && item.state.direction === "reverse") {
-    btn("Fail back", () => act("Fail back", `Stop ${item.machine} on the recovery site, ship what it wrote back to the primary site, and bring it up there.`, "Fail back", () => api("POST", `/v1/items/${id}/failback`), true), "danger");
-  }
-  if (s === "failed_over") {
-    btn("Change recovery point", () => act("Change recovery point", `Bring the failed-over disks of item ${id} to ${at().label} instead. Writes made on them since the failover are discarded.`, "Change point", () => api("POST", `/v1/items/${id}/failover/point`, { point: at().spec }), true));
-    btn("Commit", () => act("Commit failover", `Make the failover of item ${id} final: its recovery points are deleted and the point can no longer change.`, "Commit", () => api("POST", `/v1/items/${id}/commit`), true), "primary");
-  }
-  if (s === "committed") {
-    btn("Reprotect", () => act("Reprotect", `Replicate ${item.machine} from the recovery site back to the primary site (only what differs is shipped).`, "Reprotect", () => api("POST", `/v1/items/${id}/reprotect`, {})), "primary");
-  }
-  if (replicating || s === "initial_replication") {
-    btn("Resync", () => act("Resync", `Compare checksums of ${item.machine}'s disks and their replicas and ship what differs.`, "Resync", () => api("POST", `/v1/items/${id}/resync`)));
-    btn("Move to another process server", async () => {
-      const comps = await api("GET", "/v1/components").catch((e) => { banner(e.message); return null; });
-      if (!comps) return;
-      const ps = comps.filter((c) => c.role === "process-server" && !c.revoked && !c.draining && c.name !== item.process_server);
-      const v = await dialog("Move to another process server", [h("label", { for: "mv-ps" }, "Process server", h("select", { id: "mv-ps", name: "ps" },
-        h("option", { value: "" }, "the least busy"), ps.map((c) => h("option", { value: c.name }, c.name))))], "Move");
-      if (v) run(() => api("POST", `/v1/items/${id}/move`, v.ps ? { process_server: v.ps } : {}));
-    });
-  }
-  if (!["disabling_protection", "failover_in_progress", "failing_back"].includes(s)) {
-    btn("Disable protection", () => act("Disable protection", `Stop replicating ${item.machine} and delete its replica and recovery points on the recovery site. The source disk is not touched.`, "Disable", () => api("DELETE", `/v1/items/${id}`), true), "danger");
-  }
-  return out;
+  const ACTIONS = {
+    "test-failover": ["Test failover", "primary", () => act("Test failover", `Bring up item ${id}'s disks at ${at().label} as writable test disks on the recovery site. Replication goes on; the test's writes go to overlays and never reach the replica.`, "Start test failover", () => api("POST", `/v1/items/${id}/test-failover`, { point: at().spec }))],
+    "test-failover-cleanup": ["Clean up test failover", "primary", () => act("Clean up test failover", `Delete the test disks of item ${id} (${item.test_failover.view}) and what was written to them.`, "Clean up", () => api("POST", `/v1/items/${id}/test-failover/cleanup`))],
+    "planned-failover": ["Planned failover", "danger", () => act("Planned failover", `Stop ${item.machine}, ship everything its journal holds, and bring it up on the ${item.state.direction === "reverse" ? "primary" : "recovery"} site with no data loss.`, "Fail over", () => api("POST", `/v1/items/${id}/failover`, { planned: true }), true)],
+    "unplanned-failover": ["Unplanned failover", "danger", () => act("Unplanned failover", `Cut off the source of ${item.machine} and bring it up on the other site at ${at().label}. Changes after that point are not in the replica.`, "Fail over", () => api("POST", `/v1/items/${id}/failover`, { planned: false, point: at().spec }), true)],
+    "failback": ["Fail back", "danger", () => act("Fail back", `Stop ${item.machine} on the recovery site, ship what it wrote back to the primary site, and bring it up there.`, "Fail back", () => api("POST", `/v1/items/${id}/failback`), true)],
+    "change-point": ["Change recovery point", "", () => act("Change recovery point", `Bring the failed-over disks of item ${id} to ${at().label} instead. Writes made on them since the failover are discarded.`, "Change point", () => api("POST", `/v1/items/${id}/failover/point`, { point: at().spec }), true)],
+    "commit": ["Commit", "primary", () => act("Commit failover", `Make the failover of item ${id} final: its recovery points are deleted and the point can no longer change.`, "Commit", () => api("POST", `/v1/items/${id}/commit`), true)],
+    "reprotect": ["Reprotect", "primary", () => act("Reprotect", `Replicate ${item.machine} from the primary site to the recovery site again (only what differs is shipped).`, "Reprotect", () => api("POST", `/v1/items/${id}/reprotect`, {}))],
+    "reprotect-naming-machine": ["Reprotect", "primary", () => reprotect(item)],
+    "resync": ["Resync", "", () => act("Resync", `Compare checksums of ${item.machine}'s disks and their replicas and ship what differs.`, "Resync", () => api("POST", `/v1/items/${id}/resync`))],
+    "full-resync": ["Full resync", "", () => act("Full resync", `Copy ${item.machine}'s disks whole into a new replica. Its recovery points stay until they expire; new ones start when the copy is done.`, "Full resync", () => api("POST", `/v1/items/${id}/resync?full=true`), true)],
+    "move": ["Move to another process server", "", () => moveItem(item)],
+    "disable": ["Disable protection", "danger", () => act("Disable protection", `Stop replicating ${item.machine} and delete its replica and recovery points on the recovery site. The source disk is not touched.`, "Disable", () => api("DELETE", `/v1/items/${id}`), true)],
+  };
+  const out = (item.actions || []).filter((a) => ACTIONS[a]).map((a) => {
+    const [label, cls, fn] = ACTIONS[a];
+    return h("button", { type: "button", class: cls, "data-action": a, onclick: fn }, label);
+  });
+  return out.length ? out : [h("p", { class: "muted" }, `Nothing can be done while the item is ${item.state_name.replaceAll("_", " ")}: wait for its job.`)];
+}
+
+async function moveItem(item) {
+  const comps = await api("GET", "/v1/components").catch((e) => { banner(e.message); return null; });
+  if (!comps) return;
+  const ps = comps.filter((c) => c.role === "process-server" && !c.revoked && !c.draining && c.name !== item.process_server);
+  const v = await dialog("Move to another process server", [h("label", { for: "mv-ps" }, "Process server", h("select", { id: "mv-ps", name: "ps" },
+    h("option", { value: "" }, "the least busy"), ps.map((c) => h("option", { value: c.name }, c.name))))], "Move");
+  if (v) run(() => api("POST", `/v1/items/${item.id}/move`, v.ps ? { process_server: v.ps } : {}));
+}
+
+// After a committed failover, the machine that now runs the failed-over disks (on the other site)
+// replicates them back: its agent must be named.
+async function reprotect(item) {
+  const machines = await api("GET", "/v1/machines").catch((e) => { banner(e.message); return null; });
+  if (!machines) return;
+  const others = machines.filter((m) => m.name !== item.machine);
+  if (others.length === 0) { banner(`No other machine has reported: start a mobility agent in front of the failed-over disks of ${item.machine} (srctl failover printed where they are), then reprotect.`); return; }
+  const v = await dialog("Reprotect", [
+    h("p", {}, `Replicate the failed-over disks of ${item.machine} back to the other site. Only blocks that differ are shipped.`),
+    h("label", { for: "rp-machine" }, "Machine fronting the failed-over disks", h("select", { id: "rp-machine", name: "machine", required: true },
+      others.map((m) => h("option", { value: m.name }, `${m.name} (${m.disks.map((d) => d.path || d.name).join(", ")})`)))),
+  ], "Reprotect");
+  if (v) run(() => api("POST", `/v1/items/${item.id}/reprotect`, { machine: v.machine }));
 }
 
 // ---- Jobs ------------------------------------------------------------------------------------------
@@ -809,6 +858,9 @@ function planPage(main, id) {
     if (drawn) return;
     drawn = true;
     if (!canOperate()) { fill(actions, h("p", { class: "muted" }, `Your token (${me.role}) may look but not act.`)); return; }
+    // Scripts run on the configuration server's host: a plan with any is run by an admin only.
+    const scripted = p.groups.some((g) => [...(g.pre || []), ...(g.post || [])].some((a) => a.script));
+    if (scripted && !isAdmin()) { fill(actions, h("p", { class: "muted" }, "This plan runs scripts on the configuration server's host: only an admin may run it.")); return; }
     const runPlan = (kind, label, danger) => h("button", { type: "button", class: danger ? "danger" : "primary", onclick: () =>
       act(`${label}: ${p.name}`, `Run the plan's ${kind.replaceAll("-", " ")}: its groups in order, each group's items together, with its manual actions waiting for Resume.`, label, () => api("POST", `/v1/plans/${encodeURIComponent(id)}/failover`, { kind }), danger) }, label);
     fill(actions, runPlan("test", "Test failover"), runPlan("planned", "Planned failover", true), runPlan("unplanned", "Unplanned failover", true),
@@ -886,5 +938,6 @@ function networksPage(main) {
   };
 }
 
-window.addEventListener("hashchange", () => { banner(null); route(); });
+window.addEventListener("hashchange", () => { if (bannerSource !== "signout") banner(null); else bannerSource = null; route(); });
+document.addEventListener("visibilitychange", () => { if (!document.hidden) refreshNow(); });
 window.addEventListener("DOMContentLoaded", route);

@@ -59,6 +59,7 @@ pub fn routes(cs: Arc<Cs>) -> Router {
         .route("/v1/jobs", get(crate::activity::list_jobs))
         .route("/v1/jobs/{id}", get(crate::activity::get_job))
         .route("/v1/events", get(crate::activity::list_events))
+        .layer(axum::middleware::map_response(crate::portal::no_store))
         .with_state(cs)
 }
 

@@ -68,7 +68,7 @@ impl Refused {
 }
 
 /// Whether an item's data flows through its process server, so that it can move.
-fn movable(i: &Item) -> bool {
+pub fn movable(i: &Item) -> bool {
     i.process_server.is_some() && (i.state.replicating() || matches!(i.state, State::Critical { .. }))
 }
 

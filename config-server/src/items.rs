@@ -32,7 +32,7 @@ pub fn public(i: &Item) -> Value {
         "rpo_seconds": i.caught_up_at.map(|t| now().saturating_sub(t)), "rpo_alert": i.rpo_alert,
         "test_failover": i.test_failover, "stream": i.wire_id(), "failover": i.failover,
         "reprotect": i.reprotect, "previous_machine": i.previous_machine, "problem": i.problem,
-        "chain_broken": i.chain_broken,
+        "chain_broken": i.chain_broken, "actions": crate::actions::allowed(i),
     })
 }
 

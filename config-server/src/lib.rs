@@ -8,6 +8,7 @@
 //! ```
 
 pub mod access;
+pub mod actions;
 pub mod activity;
 pub mod api;
 pub mod auth;

@@ -67,7 +67,13 @@ fn asset_response(path: &str) -> Response {
     h.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
     h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
     h.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
-    h.insert(header::STRICT_TRANSPORT_SECURITY, HeaderValue::from_static("max-age=31536000"));
+    r
+}
+
+/// Answers of the API are never cached (some carry secrets, all change): added to every answer that
+/// does not say otherwise.
+pub async fn no_store(mut r: Response) -> Response {
+    r.headers_mut().entry(header::CACHE_CONTROL).or_insert(HeaderValue::from_static("no-store"));
     r
 }
 
@@ -104,4 +110,36 @@ pub async fn item_history(State(cs): State<Arc<Cs>>, h: HeaderMap, Path(id): Pat
     require(cs.store(), &h, ApiRole::Reader)?;
     crate::recovery::load_item(&cs, id)?;
     Ok(Json(cs.history.lock().expect("history lock poisoned").item(id)))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn assets_carry_their_type_and_the_locks_and_unknown_paths_are_404() {
+        for (path, kind, _) in ASSETS {
+            let r = asset_response(path);
+            assert_eq!(r.status(), StatusCode::OK, "{path}");
+            let h = r.headers();
+            assert_eq!(h[header::CONTENT_TYPE], *kind, "{path}");
+            assert_eq!(h[header::CONTENT_SECURITY_POLICY], CSP, "{path}");
+            assert_eq!(h[header::X_CONTENT_TYPE_OPTIONS], "nosniff");
+            assert_eq!(h[header::X_FRAME_OPTIONS], "DENY");
+            assert_eq!(h[header::REFERRER_POLICY], "no-referrer");
+        }
+        for bad in ["../Cargo.toml", "vendor/../../src/lib.rs", "app.js/", "index.html", "APP.JS"] {
+            assert_eq!(asset_response(bad).status(), StatusCode::NOT_FOUND, "{bad}");
+        }
+        assert!(CSP.contains("script-src 'self';") && !CSP.contains("unsafe"), "{CSP}");
+    }
+
+    #[tokio::test]
+    async fn api_answers_are_not_stored_unless_they_say_otherwise() {
+        let r = no_store((StatusCode::OK, "{}").into_response()).await;
+        assert_eq!(r.headers()[header::CACHE_CONTROL], "no-store");
+        let r = no_store(asset_response("app.js")).await;
+        assert_eq!(r.headers()[header::CACHE_CONTROL], "no-cache");
+    }
 }

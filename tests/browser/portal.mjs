@@ -11,6 +11,7 @@
 //   cleanup   clean up the test failover, follow its job
 //   reader    sign in with a reader token: every page shows, no action is offered
 //   phone     the overview and the item at phone width, with no page-wide horizontal scroll
+//   quickstart  sign in at the address (SR_PORTAL) with the token srctl quickstart printed
 import { chromium } from "playwright-core";
 import fs from "node:fs";
 import path from "node:path";
@@ -118,6 +119,7 @@ try {
     await page.getByLabel("Or type it (UTC)").fill(instant);
     await page.getByLabel("Or type it (UTC)").press("Enter");
     out.chosen.final = await page.locator("#tl-chosen").textContent();
+    if (out.chosen.final !== `${instant}.000000 UTC`) throw new Error(`the typed instant ${instant} was taken as ${out.chosen.final}`);
     await slider.focus();
     await shot("timeline");
     // Tab from the slider to the Test failover button, then Enter, by keyboard only.
@@ -158,9 +160,8 @@ try {
     out.buttons = {};
     for (const p of pages) {
       await page.goto(`${base}/portal/${p}`);
-      await page.locator("main h1").waitFor();
-      // Let the page's data arrive before counting what it offers.
-      await page.waitForLoadState("networkidle");
+      // The page's data arrived (its first refresh is done) before counting what it offers.
+      await page.locator("main[data-loaded]").waitFor();
       const labels = await page.locator("main button").evaluateAll((bs) => bs.map((b) => b.textContent));
       out.buttons[p] = labels;
     }
@@ -171,13 +172,19 @@ try {
     // (Sent from outside the page, whose console would rightly log the refusal.)
     const forced = await context.request.post(`${base}/v1/items/${item}/resync`, { headers: { Authorization: `Bearer ${token}` } });
     out.forced = forced.status();
+  } else if (phase === "quickstart") {
+    // The address and token srctl quickstart prints.
+    await signIn(token);
+    out.who = await page.locator("#who [data-role]").textContent();
+    await page.locator("#worst table").waitFor();
+    out.worst = await page.locator("#worst tbody tr").count();
+    await shot("overview");
   } else if (phase === "phone") {
     await signIn(token);
     out.overflow = {};
     for (const p of ["#/", "#/items", `#/items/${item}`, "#/jobs"]) {
       await page.goto(`${base}/portal/${p}`);
-      await page.locator("main h1").waitFor();
-      await page.waitForLoadState("networkidle");
+      await page.locator("main[data-loaded]").waitFor();
       out.overflow[p] = await page.evaluate(() => document.documentElement.scrollWidth - window.innerWidth);
       await shot(p.replace(/[#/]+/g, "-").replace(/^-|-$/g, "") || "overview");
     }

@@ -20,15 +20,18 @@ fn browser_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("browser")
 }
 
-fn shots_dir() -> PathBuf {
+/// Where a test's screenshots go: `target/portal-screenshots/<test>`, emptied when the test starts.
+fn shots_dir(test: &str) -> PathBuf {
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join("target"));
-    target.join("portal-screenshots")
+    let dir = target.join("portal-screenshots").join(test);
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
 }
 
 /// Runs one phase of `tests/browser/portal.mjs`; what it saw. Panics with its report when it failed.
-fn browser(phase: &str, portal: &str, token: &str, env: &[(&str, String)]) -> Value {
+fn browser(shots: &Path, phase: &str, portal: &str, token: &str, env: &[(&str, String)]) -> Value {
     assert!(
         browser_dir().join("node_modules").join("playwright-core").exists(),
         "playwright-core is not installed: run scripts/setup.sh (npm ci in tests/browser)"
@@ -39,7 +42,7 @@ fn browser(phase: &str, portal: &str, token: &str, env: &[(&str, String)]) -> Va
         .arg(phase)
         .env("SR_PORTAL", portal)
         .env("SR_TOKEN", token)
-        .env("SR_SHOTS", shots_dir());
+        .env("SR_SHOTS", shots);
     for (k, v) in env {
         cmd.env(k, v);
     }
@@ -76,10 +79,16 @@ fn an_operator_protects_and_test_fails_over_at_a_chosen_instant_in_the_portal_an
     };
     let (operator, reader) = (token("operator"), token("reader"));
     let portal = format!("https://{}", d.cp.api);
+    let shots = shots_dir("operator");
 
     // Protect from the portal and watch initial replication reach Protected.
-    let seen =
-        browser("protect", &portal, &operator, &[("SR_MACHINE", machine.clone()), ("SR_POLICY", "gold".to_string())]);
+    let seen = browser(
+        &shots,
+        "protect",
+        &portal,
+        &operator,
+        &[("SR_MACHINE", machine.clone()), ("SR_POLICY", "gold".to_string())],
+    );
     assert_eq!(seen["enable"]["succeeded"], true, "{seen}");
     let item = seen["item"].as_u64().unwrap();
     local.item = item;
@@ -100,6 +109,7 @@ fn an_operator_protects_and_test_fails_over_at_a_chosen_instant_in_the_portal_an
 
     // The instant typed on the timeline, the slider moved by keyboard, Test failover by Tab and Enter.
     let seen = browser(
+        &shots,
         "failover",
         &portal,
         &operator,
@@ -118,12 +128,12 @@ fn an_operator_protects_and_test_fails_over_at_a_chosen_instant_in_the_portal_an
         "the test disk is at the chosen instant, not the latest"
     );
 
-    let seen = browser("cleanup", &portal, &operator, &[("SR_ITEM", item.to_string())]);
+    let seen = browser(&shots, "cleanup", &portal, &operator, &[("SR_ITEM", item.to_string())]);
     assert_eq!(seen["job"]["succeeded"], true, "{seen}");
     assert!(d.item(item)["test_failover"].is_null());
 
     // A reader sees every page and is offered nothing; the API refuses a forced action.
-    let seen = browser("reader", &portal, &reader, &[("SR_ITEM", item.to_string())]);
+    let seen = browser(&shots, "reader", &portal, &reader, &[("SR_ITEM", item.to_string())]);
     assert_eq!(seen["who"], "portal-reader (reader)", "{seen}");
     for (page, buttons) in seen["buttons"].as_object().unwrap() {
         assert_eq!(buttons.as_array().unwrap().len(), 0, "a reader is offered actions on {page}: {buttons}");
@@ -131,11 +141,50 @@ fn an_operator_protects_and_test_fails_over_at_a_chosen_instant_in_the_portal_an
     assert_eq!(seen["forced"], 403, "{seen}");
 
     // At a phone's width no page scrolls sideways (wide tables scroll inside their panel).
-    let seen = browser("phone", &portal, &operator, &[("SR_ITEM", item.to_string())]);
+    let seen = browser(&shots, "phone", &portal, &operator, &[("SR_ITEM", item.to_string())]);
     for (page, overflow) in seen["overflow"].as_object().unwrap() {
         assert!(overflow.as_i64().unwrap() <= 0, "{page} is wider than a phone: {seen}");
     }
     // The replica is still identical to its source after all of it.
     wait_caught_up(&local, Duration::from_secs(60)).unwrap();
     compare(disk.to_str().unwrap(), &local.replica_uri(1)).unwrap();
+}
+
+#[test]
+fn the_quickstart_prints_the_portals_address_and_a_token_that_signs_in() {
+    use std::io::BufRead;
+    let dir = test_dir();
+    let mut child = std::process::Command::new(sr_devkit::bin_dir().join("srctl"))
+        .args(["quickstart", "--keep-running", "--size-mib", "32", "--generations", "1", "--dir"])
+        .arg(dir.path().join("qs"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut printed = Vec::new();
+    let (mut portal, mut token) = (None, None);
+    while portal.is_none() || token.is_none() {
+        let Some(Ok(line)) = lines.next() else {
+            let _ = child.kill();
+            panic!("srctl quickstart ended without printing the portal's address and token:\n{}", printed.join("\n"));
+        };
+        if let Some(l) = line.trim().strip_prefix("portal: ") {
+            portal = Some(l.trim_end_matches("/portal/").to_string());
+        }
+        if let Some(l) = line.trim().strip_prefix("portal sign-in token (admin): ") {
+            token = Some(l.to_string());
+        }
+        printed.push(line);
+    }
+    let (portal, token) = (portal.unwrap(), token.unwrap());
+    let admin = std::fs::read_to_string(dir.path().join("qs").join("control").join("cs").join("admin.token"));
+    let seen = browser(&shots_dir("quickstart"), "quickstart", &portal, &token, &[]);
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = child.wait().unwrap();
+    assert!(status.success(), "srctl quickstart exited with {status} on SIGTERM");
+    assert_eq!(admin.unwrap().trim(), token, "the printed token is the admin token");
+    assert_eq!(seen["who"], "admin (admin)", "{seen}");
+    assert_eq!(seen["worst"], 1, "the quickstart's item is on the overview: {seen}");
 }

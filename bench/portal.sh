@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# The portal's answer times with ITEMS protected items and JOBS jobs in the store: every API call its
+# pages make (ROUNDS times, beside /healthz on the same server) and every page in headless Chromium,
+# from navigation until its data shows.
+#
+#   bench/portal.sh                       # ITEMS=1000 JOBS=10000 ROUNDS=30
+#   SHORT=1 bench/portal.sh               # ITEMS=100 JOBS=1000 ROUNDS=3, a debug build (CI)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh
+if [ "${SHORT:-}" = 1 ]; then
+  export ITEMS=${ITEMS:-100} JOBS=${JOBS:-1000} ROUNDS=${ROUNDS:-3}
+  cargo build --locked --workspace --bins 2>&1 | tail -1
+  bin=target/debug
+else
+  cargo build --locked --release --workspace --bins 2>&1 | tail -1
+  bin=target/release
+fi
+mkdir -p bench/out
+SR_BIN_DIR="$PWD/$bin" "$bin/portal_bench" bench/out/portal
