@@ -5,6 +5,8 @@
 
 const TOKEN_KEY = "sr-token";
 const REFRESH_MS = 2000;
+// Rows a long table shows unless asked for all (a page stays fast with thousands of items).
+const ROWS = 200;
 let me = null; // { name, role }
 let timer = null; // the shown page's refresh
 let page = 0; // bumped on each navigation: a late answer for an earlier page is dropped
@@ -368,6 +370,7 @@ function overviewPage(main) {
     const o = await api("GET", "/v1/overview");
     if (!current()) return;
     fill(cards, h("a", { class: "card", href: "#/items" }, h("div", { class: "n" }, o.items), h("div", { class: "l" }, "replicated items")),
+      h("a", { class: "card", href: "#/infrastructure" }, h("div", { class: "n" }, `${o.agents.up}/${o.agents.total}`), h("div", { class: "l" }, "agents reporting")),
       o.by_state.filter(([, n]) => n > 0).map(([s, n]) =>
         h("a", { class: "card", href: `#/items?state=${s}` }, h("div", { class: "n" }, n), h("div", { class: "l" }, stateBadge(s)))));
     fill(alerts, o.alerts.length === 0 ? h("p", { class: "muted" }, "No alerts.") :
@@ -427,15 +430,20 @@ function itemsPage(main) {
   const state = h("select", { id: "f-state", name: "state" }, h("option", { value: "" }, "any"));
   const text = h("input", { id: "f-text", type: "search", placeholder: "machine, process server, master target" });
   const table = h("div", { class: "panel scroll", id: "items" });
-  const count = h("p", { class: "muted" });
+  const count = h("p", { class: "muted", id: "items-count" });
+  const all = h("input", { type: "checkbox", id: "f-all" });
   let items = [];
   let policies = {};
+  let stateOptions = "";
   const draw = () => {
     const s = state.value;
     const t = text.value.trim().toLowerCase();
-    const shown = items.filter((i) => (!s || i.state_name === s) &&
+    const matching = items.filter((i) => (!s || i.state_name === s) &&
       (!t || [i.machine, i.process_server, i.master_target, String(i.id)].some((v) => v && v.toLowerCase().includes(t))));
-    fill(count, `${shown.length} of ${items.length} items`);
+    // A page shows ROWS rows unless asked for all: the filters find the rest.
+    const shown = all.checked ? matching : matching.slice(0, ROWS);
+    fill(count, matching.length > shown.length ? `The first ${shown.length} of ${matching.length} matching items (${items.length} in all): narrow them with the filters, or show all.`
+      : `${matching.length} of ${items.length} items`);
     fill(table, h("table", {}, h("thead", {}, h("tr", {}, h("th", {}, "Id"), h("th", {}, "Machine"), h("th", {}, "State"), h("th", {}, "RPO"),
       h("th", {}, "Last caught up"), h("th", {}, "Policy"), h("th", {}, "Process server"), h("th", {}, "Master target"))),
     h("tbody", {}, shown.map((i) => h("tr", {},
@@ -447,20 +455,23 @@ function itemsPage(main) {
   };
   state.addEventListener("change", draw);
   text.addEventListener("input", draw);
+  all.addEventListener("change", draw);
   const enable = canOperate() && h("button", { type: "button", class: "primary", onclick: enableProtection }, "Enable protection");
   main.append(h("h1", {}, "Replicated items"),
-    h("div", { class: "filters" }, h("label", { for: "f-state" }, "State", state), h("label", { for: "f-text" }, "Search", text), enable), count, table);
-  let statesFilled = false;
+    h("div", { class: "filters" }, h("label", { for: "f-state" }, "State", state), h("label", { for: "f-text" }, "Search", text),
+    h("label", { for: "f-all" }, "Show all", all), enable), count, table);
   return async (current) => {
     const [list, pols] = await Promise.all([api("GET", "/v1/items"), api("GET", "/v1/policies")]);
     if (!current()) return;
     items = list;
     policies = Object.fromEntries(pols.map((p) => [p.id, p.name]));
-    if (!statesFilled) {
-      statesFilled = true;
-      const o = await api("GET", "/v1/overview");
-      for (const [s] of o.by_state) state.append(h("option", { value: s }, s.replaceAll("_", " ")));
-      if (params.get("state")) state.value = params.get("state");
+    // The states the items are in (and the one a card asked for).
+    const states = [...new Set([...items.map((i) => i.state_name), params.get("state")].filter(Boolean))].sort();
+    if (states.join() !== stateOptions) {
+      const chosen = stateOptions ? state.value : params.get("state") || "";
+      stateOptions = states.join();
+      fill(state, h("option", { value: "" }, "any"), states.map((x) => h("option", { value: x }, x.replaceAll("_", " "))));
+      state.value = chosen;
     }
     draw();
   };
@@ -906,11 +917,38 @@ function infraPage(main) {
       } catch (e) { banner(e.message); }
     } }, "New API token"));
   }
-  main.append(h("h1", {}, "Infrastructure"), tools, table);
+  const agentsNote = h("p", { class: "muted", id: "agents-count" });
+  const agentsText = h("input", { id: "a-text", type: "search", placeholder: "machine name" });
+  const agents = h("div", { class: "panel scroll", id: "agents" });
+  main.append(h("h1", {}, "Infrastructure"), tools, h("h2", {}, "Process servers and master targets"), table,
+    h("h2", {}, "Mobility agents"), h("div", { class: "filters" }, h("label", { for: "a-text" }, "Search", agentsText)), agentsNote, agents);
+  let last = null;
+  const drawAgents = () => {
+    if (!last) return;
+    const [o, comps] = last;
+    const t = agentsText.value.trim().toLowerCase();
+    const list = comps.filter((c) => c.role === "agent" && (!t || c.name.toLowerCase().includes(t)));
+    const shown = list.slice(0, ROWS);
+    fill(agentsNote, `${o.agents.up} of ${o.agents.total} agents reported within ${duration(o.component_timeout_secs)}` +
+      (shown.length < list.length ? `; the first ${shown.length} of ${list.length} shown: search for the others.` : "."));
+    fill(agents, shown.length === 0 ? h("p", { class: "muted" }, "None.") : h("table", {}, h("thead", {}, h("tr", {},
+      h("th", {}, "Machine"), h("th", {}, "Health"), h("th", {}, "Last heartbeat"), h("th", {}, "Churn"), isAdmin() && h("th", {}, "Actions"))),
+    h("tbody", {}, shown.map((c) => {
+      const age = c.last_heartbeat ? o.now - c.last_heartbeat : null;
+      const up = c.health === "healthy";
+      return h("tr", {}, h("td", {}, c.name),
+        h("td", {}, h("span", { class: `state ${up ? "s-ok" : c.revoked ? "s-warn" : "s-bad"}` }, c.health)),
+        h("td", {}, age === null ? "never" : `${duration(age)} ago`), h("td", {}, `${bytes((c.load || {}).churn_bytes_per_sec || 0)}/s`),
+        isAdmin() && h("td", {}, componentActions({ ...c, up })));
+    }))));
+  };
+  agentsText.addEventListener("input", drawAgents);
   return async (current) => {
-    const o = await api("GET", "/v1/overview");
+    const [o, comps] = await Promise.all([api("GET", "/v1/overview"), api("GET", "/v1/components")]);
     if (!current()) return;
-    fill(table, o.components.length === 0 ? h("p", { class: "muted" }, "No component registered yet.") : componentTable(o.components, true));
+    fill(table, o.components.length === 0 ? h("p", { class: "muted" }, "No process server or master target registered yet.") : componentTable(o.components, true));
+    last = [o, comps];
+    drawAgents();
   };
 }
 

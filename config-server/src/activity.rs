@@ -25,11 +25,32 @@ pub struct JobFilter {
 /// Most entries one page of jobs or events holds.
 pub const PAGE: usize = 1000;
 
-/// The last `limit` (at most [`PAGE`]) of `items` (in id order), oldest first.
-fn page<T>(items: Vec<T>, limit: Option<usize>) -> Vec<T> {
+/// The newest `limit` (at most [`PAGE`]) documents of `collection` below id `before` that `keep`
+/// takes, oldest first. Only the newest are read: a page of 10,000 jobs parses what it returns and
+/// what `keep` refused on the way, not the rest.
+fn newest<T: serde::de::DeserializeOwned>(
+    store: &dyn crate::store::ControlStore,
+    collection: &str,
+    before: Option<u64>,
+    limit: Option<usize>,
+    keep: impl Fn(&T) -> bool,
+) -> Result<Vec<T>, crate::store::StoreError> {
     let n = limit.unwrap_or(PAGE).clamp(1, PAGE);
-    let skip = items.len().saturating_sub(n);
-    items.into_iter().skip(skip).collect()
+    let mut out = Vec::with_capacity(n);
+    for (id, bytes) in store.list_raw(collection)?.iter().rev() {
+        if before.is_some_and(|b| id.parse::<u64>().is_ok_and(|i| i >= b)) {
+            continue;
+        }
+        let doc: T = crate::store::parse(collection, id, bytes)?;
+        if keep(&doc) {
+            out.push(doc);
+            if out.len() == n {
+                break;
+            }
+        }
+    }
+    out.reverse();
+    Ok(out)
 }
 
 /// Jobs and events kept: at most `keep` of them, none older than `max_age_secs` (an unfinished job is
@@ -74,15 +95,12 @@ pub async fn list_jobs(
 ) -> R<Vec<Job>> {
     require(cs.store(), &h, ApiRole::Reader)?;
     let Query(f) = q.map_err(|e| ApiError::bad(&format!("invalid filter: {}", e.body_text())))?;
-    let jobs = cs.store().list::<Job>(JOBS)?;
-    let matching = jobs
-        .into_iter()
-        .filter(|j| f.state.is_none_or(|s| j.state == s))
-        .filter(|j| f.kind.as_ref().is_none_or(|k| &j.kind == k))
-        .filter(|j| f.target.as_ref().is_none_or(|t| &j.target == t))
-        .filter(|j| f.before.is_none_or(|b| j.id < b))
-        .collect();
-    Ok(Json(page(matching, f.limit)))
+    Ok(Json(newest(cs.store(), JOBS, f.before, f.limit, |j: &Job| {
+        f.state.is_none_or(|s| j.state == s)
+            && f.kind.as_ref().is_none_or(|k| &j.kind == k)
+            && f.target.as_ref().is_none_or(|t| &j.target == t)
+            && f.before.is_none_or(|b| j.id < b)
+    })?))
 }
 
 pub async fn get_job(State(cs): State<Arc<Cs>>, h: HeaderMap, Path(id): Path<u64>) -> R<Job> {
@@ -105,9 +123,7 @@ pub async fn list_events(
 ) -> R<Vec<EventRecord>> {
     require(cs.store(), &h, ApiRole::Reader)?;
     let Query(f) = q.map_err(|e| ApiError::bad(&format!("invalid filter: {}", e.body_text())))?;
-    let events: Vec<EventRecord> = cs.store().list(EVENTS)?;
-    let matching = events.into_iter().filter(|e| f.before.is_none_or(|b| e.id < b)).collect();
-    Ok(Json(page(matching, f.limit)))
+    Ok(Json(newest(cs.store(), EVENTS, f.before, f.limit, |e: &EventRecord| f.before.is_none_or(|b| e.id < b))?))
 }
 
 #[cfg(test)]
@@ -123,7 +139,34 @@ mod tests {
         assert_eq!(to_prune(&e, now, 10, 3600), vec![1], "old");
         assert_eq!(to_prune(&e, now, 10, u64::MAX), Vec::<u64>::new());
         assert_eq!(to_prune(&e, now, 1, u64::MAX), vec![1, 3, 4]);
-        assert_eq!(page(vec![1, 2, 3, 4], Some(2)), vec![3, 4]);
-        assert_eq!(page(vec![1, 2], Some(0)), vec![2], "at least one");
+    }
+
+    #[test]
+    fn a_page_is_the_newest_that_match_below_before_oldest_first() {
+        use crate::store::MemControlStore;
+        let store = MemControlStore::default();
+        for id in 1..=20u64 {
+            store
+                .put(
+                    EVENTS,
+                    &id_key(id),
+                    &EventRecord {
+                        id,
+                        time: id,
+                        severity: if id % 2 == 0 { "warning" } else { "info" }.into(),
+                        subject: "s".into(),
+                        message: "m".into(),
+                    },
+                )
+                .unwrap();
+        }
+        let ids = |v: Vec<EventRecord>| v.into_iter().map(|e| e.id).collect::<Vec<_>>();
+        let all = |_: &EventRecord| true;
+        assert_eq!(ids(newest(&store, EVENTS, None, Some(3), all).unwrap()), vec![18, 19, 20]);
+        assert_eq!(ids(newest(&store, EVENTS, Some(5), None, all).unwrap()), vec![1, 2, 3, 4]);
+        assert_eq!(ids(newest(&store, EVENTS, None, Some(0), all).unwrap()), vec![20], "at least one");
+        let warnings = |e: &EventRecord| e.severity == "warning";
+        assert_eq!(ids(newest(&store, EVENTS, Some(15), Some(2), warnings).unwrap()), vec![12, 14]);
+        assert_eq!(ids(newest(&store, EVENTS, None, Some(PAGE + 5), all).unwrap()).len(), 20);
     }
 }

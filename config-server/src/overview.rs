@@ -235,8 +235,18 @@ pub struct Overview {
     pub worst: Vec<Worst>,
     pub alerts: Vec<Alert>,
     pub running: Vec<Running>,
+    /// Process servers and master targets (agents are counted in `agents`: one per machine).
     pub components: Vec<ComponentHealth>,
+    pub agents: AgentCount,
+    pub component_timeout_secs: u64,
     pub history: Vec<FleetSample>,
+}
+
+/// Agents registered, and how many of them reported within the component timeout.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct AgentCount {
+    pub total: u64,
+    pub up: u64,
 }
 
 impl Overview {
@@ -265,9 +275,15 @@ impl Overview {
             .collect();
         worst.sort_by(|a, b| b.rpo_secs.cmp(&a.rpo_secs).then(a.item.cmp(&b.item)));
         worst.truncate(WORST);
+        let agents = fleet
+            .components
+            .iter()
+            .filter(|g| g.role == "agent")
+            .fold(AgentCount::default(), |a, g| AgentCount { total: a.total + 1, up: a.up + u64::from(g.up) });
         let components = fleet
             .components
             .iter()
+            .filter(|g| g.role != "agent")
             .filter_map(|g| {
                 let c = comps.iter().find(|c| c.name == g.name)?;
                 Some(ComponentHealth {
@@ -305,6 +321,8 @@ impl Overview {
             alerts: alerts(fleet, items),
             running,
             components,
+            agents,
+            component_timeout_secs: fleet.component_timeout_secs,
             history,
         }
     }
@@ -399,7 +417,12 @@ mod tests {
         let items: Vec<Item> = (1..=12).map(|i| protected(i, 1000 - i * 10)).collect();
         let mut ps = comp("ps-1", ComponentRole::ProcessServer, Some(1000));
         ps.load.churn_bytes_per_sec = 5;
-        let fleet = Fleet::of(&items, &[policy(300)], std::slice::from_ref(&ps), 1000, 30);
+        let comps = vec![
+            ps.clone(),
+            comp("agent-1", ComponentRole::Agent, Some(1000)),
+            comp("agent-2", ComponentRole::Agent, Some(10)),
+        ];
+        let fleet = Fleet::of(&items, &[policy(300)], &comps, 1000, 30);
         let job = |id, ended: Option<u64>| Job {
             id,
             kind: "resync".into(),
@@ -416,13 +439,15 @@ mod tests {
         };
         let placed = BTreeMap::from([("ps-1".to_string(), 12)]);
         let o =
-            Overview::of(1000, &fleet, &items, &[ps], &placed, &[job(1, Some(3)), job(2, None), job(3, None)], vec![]);
+            Overview::of(1000, &fleet, &items, &comps, &placed, &[job(1, Some(3)), job(2, None), job(3, None)], vec![]);
         assert_eq!(o.worst.len(), WORST);
         assert_eq!(o.worst[0].item, 12);
         assert_eq!(o.worst[0].rpo_secs, 120);
         assert_eq!(o.running.iter().map(|r| r.id).collect::<Vec<_>>(), vec![3, 2]);
         assert_eq!(o.running[0].step.as_deref(), Some("b"));
         assert_eq!(o.components[0].items, 12);
+        assert_eq!(o.components.len(), 1, "agents are counted, not listed");
+        assert_eq!(o.agents, AgentCount { total: 2, up: 1 });
         assert_eq!(o.components[0].churn_bytes_per_sec, 5);
         assert_eq!(o.items, 12);
     }

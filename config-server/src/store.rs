@@ -36,7 +36,8 @@ pub trait Docs {
     fn list<T: DeserializeOwned>(&self, collection: &str) -> Result<Vec<T>, StoreError>;
 }
 
-fn parse<T: DeserializeOwned>(collection: &str, id: &str, bytes: &[u8]) -> Result<T, StoreError> {
+/// Reads one stored document (what [`Docs`] does for each).
+pub fn parse<T: DeserializeOwned>(collection: &str, id: &str, bytes: &[u8]) -> Result<T, StoreError> {
     serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt {
         collection: collection.into(),
         id: id.into(),

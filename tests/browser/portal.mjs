@@ -164,6 +164,7 @@ try {
       await page.locator("main[data-loaded]").waitFor();
       const labels = await page.locator("main button").evaluateAll((bs) => bs.map((b) => b.textContent));
       out.buttons[p] = labels;
+      await shot(p.replace(/[#/]+/g, "-").replace(/^-|-$/g, "") || "overview");
     }
     await page.goto(`${base}/portal/#/items/${item}`);
     await page.locator("#item-actions p").waitFor();
