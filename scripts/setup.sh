@@ -9,6 +9,8 @@ for pair in qemu-img:qemu-utils qemu-io:qemu-utils nbdcopy:libnbd-bin nbdinfo:li
             tcpdump:tcpdump ethtool:ethtool ip:iproute2 promtool:prometheus npm:npm chromium:chromium; do
   command -v "${pair%%:*}" >/dev/null 2>&1 || need_pkgs+=("${pair#*:}")
 done
+# The browser tests' screenshots need a font.
+[ -d /usr/share/fonts/truetype/dejavu ] || need_pkgs+=(fonts-dejavu-core)
 if [ ${#need_pkgs[@]} -gt 0 ]; then
   mapfile -t need_pkgs < <(printf '%s\n' "${need_pkgs[@]}" | sort -u)
   echo "setup: installing ${need_pkgs[*]}"
