@@ -226,7 +226,13 @@ async function act(title, text, confirmLabel, call, danger) {
   return run(call);
 }
 
+// One action at a time: a second click while one runs (a commit or a test failover answers when its
+// job ends) would only be refused by the API.
+let acting = false;
+
 async function run(call) {
+  if (acting) { banner("An action is still running: wait for it to answer.", "info"); return null; }
+  acting = true;
   banner("Working…", "info");
   try {
     const r = await call();
@@ -241,6 +247,8 @@ async function run(call) {
   } catch (e) {
     banner(e.message);
     return null;
+  } finally {
+    acting = false;
   }
 }
 
