@@ -30,17 +30,26 @@ function h(tag, attrs, ...children) {
 
 // What identifies a focusable element across a re-render: a refresh rebuilds a table, and the same
 // link or button gets the focus back (keyboard users keep their place).
+// Row buttons carry `data-key` (the row's id or name), so a Delete keeps its row; the position among
+// equal keys settles the rest.
 function focusKey(el) {
-  return el && el !== document.body ? `${el.tagName}|${el.getAttribute("href") || ""}|${el.id}|${el.dataset.action || ""}|${el.textContent}` : null;
+  return `${el.tagName}|${el.getAttribute("href") || ""}|${el.id}|${el.dataset.action || ""}|${el.dataset.key || ""}|${el.textContent}`;
 }
+
+const FOCUSABLE = "a, button, input, select, textarea";
 
 function fill(el, ...children) {
   const active = document.activeElement;
-  const key = active && el.contains(active) ? focusKey(active) : null;
+  let key = null;
+  let nth = 0;
+  if (active && active !== document.body && el.contains(active)) {
+    key = focusKey(active);
+    nth = [...el.querySelectorAll(FOCUSABLE)].filter((e) => focusKey(e) === key).indexOf(active);
+  }
   el.replaceChildren();
   for (const c of children.flat(Infinity)) if (c !== null && c !== undefined && c !== false) el.append(c instanceof Node ? c : String(c));
   if (key) {
-    const again = [...el.querySelectorAll("a, button, input, select, textarea")].find((e) => focusKey(e) === key);
+    const again = [...el.querySelectorAll(FOCUSABLE)].filter((e) => focusKey(e) === key)[Math.max(0, nth)];
     if (again) again.focus();
   }
 }
@@ -180,7 +189,9 @@ function signInPage(main) {
       try {
         await signIn(input.value);
         banner(null);
-        location.hash = "#/";
+        // The page asked for before signing in (a deep link), else the overview.
+        const target = location.hash && location.hash !== "#/signin" ? location.hash : "#/";
+        if (location.hash === target) route(); else location.hash = target;
       } catch (e) {
         banner(`Sign-in failed: ${e.message}`);
       }
@@ -195,15 +206,16 @@ function signInPage(main) {
 
 // ---- Dialogs ---------------------------------------------------------------------------------------
 
-// A modal with fields; resolves with the form's values, or null when cancelled.
-function dialog(title, fields, confirmLabel, danger) {
+// A modal with fields; resolves with the form's values, or null when cancelled. `showOnly` is for
+// what is only read (a secret shown once): one button closes it.
+function dialog(title, fields, confirmLabel, danger, showOnly) {
   return new Promise((resolve) => {
     const d = h("dialog", { "aria-label": title });
     const form = h("form", { method: "dialog" },
       h("h2", {}, title),
       fields,
       h("div", { class: "actions" },
-        h("button", { type: "button", onclick: () => { d.close(); resolve(null); } }, "Cancel"),
+        !showOnly && h("button", { type: "button", onclick: () => { d.close(); resolve(null); } }, "Cancel"),
         h("button", { type: "submit", class: danger ? "danger" : "primary", value: "ok" }, confirmLabel)));
     form.addEventListener("submit", (ev) => {
       ev.preventDefault();
@@ -236,9 +248,11 @@ async function run(call) {
   banner("Working…", "info");
   try {
     const r = await call();
-    if (r && r.job !== undefined && r.job !== null) {
+    // A move, drain or balance answers its moves, each a job: follow the first.
+    const job = r && (r.job ?? (Array.isArray(r.moves) && r.moves.length ? r.moves[0].job : null));
+    if (job !== undefined && job !== null) {
       banner(null);
-      location.hash = `#/jobs/${r.job}`;
+      location.hash = `#/jobs/${job}`;
     } else {
       banner("Done.", "info");
       refreshNow();
@@ -328,7 +342,11 @@ async function route() {
   }
   const found = ROUTES.find(([re]) => re.test(hash));
   if (!found) { fill(main, h("h1", {}, "Not found"), h("p", {}, h("a", { href: "#/" }, "Back to the overview"))); return; }
-  const args = hash.match(found[0]).slice(1).map(decodeURIComponent);
+  let args;
+  try { args = hash.match(found[0]).slice(1).map(decodeURIComponent); } catch {
+    fill(main, h("h1", {}, "Not found"), h("p", {}, h("a", { href: "#/" }, "Back to the overview")));
+    return;
+  }
   main.replaceChildren();
   delete main.dataset.loaded;
   const refresh = found[1](main, ...args);
@@ -351,6 +369,7 @@ async function route() {
     }
   };
   await refresher();
+  if (mine !== page) return;
   timer = setInterval(refresher, REFRESH_MS);
 }
 
@@ -424,10 +443,10 @@ function componentActions(c) {
   const out = [];
   if (c.revoked) return "—";
   if (canOperate() && c.role === "process-server") {
-    if (c.draining) out.push(h("button", { type: "button", onclick: () => act(`Resume ${c.name}`, `${c.name} will take new items again.`, "Resume", () => api("POST", `/v1/process-servers/${encodeURIComponent(c.name)}/resume`)) }, "Resume"));
-    else out.push(h("button", { type: "button", onclick: () => act(`Drain ${c.name}`, `No new items go to ${c.name}, and each of its items moves to another process server (one job each).`, "Drain", () => api("POST", `/v1/process-servers/${encodeURIComponent(c.name)}/drain`)) }, "Drain"));
+    if (c.draining) out.push(h("button", { type: "button", "data-key": c.name, onclick: () => act(`Resume ${c.name}`, `${c.name} will take new items again.`, "Resume", () => api("POST", `/v1/process-servers/${encodeURIComponent(c.name)}/resume`)) }, "Resume"));
+    else out.push(h("button", { type: "button", "data-key": c.name, onclick: () => act(`Drain ${c.name}`, `No new items go to ${c.name}, and each of its items moves to another process server (one job each).`, "Drain", () => api("POST", `/v1/process-servers/${encodeURIComponent(c.name)}/drain`)) }, "Drain"));
   }
-  if (isAdmin()) out.push(h("button", { type: "button", class: "danger", onclick: () => act(`Revoke ${c.name}`, `${c.name}'s certificate is revoked: it can no longer reach any service of this deployment. This cannot be undone; it must register again with a new key.`, "Revoke", () => api("POST", `/v1/components/${encodeURIComponent(c.name)}/revoke`), true) }, "Revoke"));
+  if (isAdmin()) out.push(h("button", { type: "button", class: "danger", "data-key": c.name, onclick: () => act(`Revoke ${c.name}`, `${c.name}'s certificate is revoked: it can no longer reach any service of this deployment. This cannot be undone; it must register again with a new key.`, "Revoke", () => api("POST", `/v1/components/${encodeURIComponent(c.name)}/revoke`), true) }, "Revoke"));
   return out.length ? h("div", { class: "actions" }, out) : "—";
 }
 
@@ -520,6 +539,8 @@ function itemPage(main, id) {
   const picker = timelinePicker(points);
   let lastRpo = -1;
   let lastActions = "";
+  // The item as last read: the action buttons read it when clicked, not when they were drawn.
+  let latest = null;
   return async (current) => {
     const [item, machines, hist, policies] = await Promise.all([
       api("GET", `/v1/items/${id}`), api("GET", "/v1/machines"), api("GET", `/v1/items/${id}/history`), api("GET", "/v1/policies")]);
@@ -566,7 +587,8 @@ function itemPage(main, id) {
       try { picker.update(await api("GET", `/v1/items/${id}/points`)); } catch (e) { picker.error(e.message); }
     } else picker.error("No recovery points yet: they start with initial replication.");
     const key = JSON.stringify([item.actions, me.role]);
-    if (key !== lastActions) { lastActions = key; fill(actions, itemActions(item, picker)); }
+    latest = item;
+    if (key !== lastActions) { lastActions = key; fill(actions, itemActions(() => latest, picker)); }
   };
 }
 
@@ -604,6 +626,8 @@ function timelinePicker(el) {
     if (u) u.redraw(false);
   };
   slider.addEventListener("input", () => { if (range) setInstant(range[0] + Number(slider.value) * 1e6); });
+  // No range any more (the points expired, or the master target did not answer): no chart to redraw.
+  const forget = () => { range = null; dropChart(chartEl); chartEl.replaceChildren(); u = null; sig = ""; };
   const takeTyped = () => {
     const us = parseInstantUs(typed.value);
     if (us === null) { banner(`"${typed.value}" is not an instant: write it as 2026-12-04 15:30:12 (UTC) or with a zone.`); return; }
@@ -621,14 +645,20 @@ function timelinePicker(el) {
     named);
   return {
     choice: () => choice,
-    error(msg) { fill(status, msg); },
+    error(msg) { fill(status, msg); forget(); },
     update(p) {
       const disks = p.disks || [];
       const withRange = disks.filter((d) => d.oldest_us !== null && d.latest_us !== null);
-      if (withRange.length === 0) { fill(status, "No recovery point yet."); range = null; return; }
+      if (withRange.length === 0) { fill(status, "No recovery point yet."); forget(); return; }
       range = [Math.max(...withRange.map((d) => d.oldest_us)), Math.min(...withRange.map((d) => d.latest_us))];
-      windows = disks.flatMap((d) => d.inconsistent || []).filter((w) => w.begin_time).map((w) => [Date.parse(w.begin_time) / 1000, w.end_time ? Date.parse(w.end_time) / 1000 : range[1] / 1e6]);
-      const marks = disks[0].named || [];
+      // Retention moves the range on: a chosen instant that fell out of it is the oldest one left.
+      if (choice.spec["time-us"] !== undefined && choice.spec["time-us"] < range[0]) setInstant(range[0]);
+      // A window without a beginning began before the oldest retained point.
+      windows = disks.flatMap((d) => d.inconsistent || []).map((w) => [
+        w.begin_time ? Date.parse(w.begin_time) / 1000 : range[0] / 1e6,
+        w.end_time ? Date.parse(w.end_time) / 1000 : range[1] / 1e6]);
+      // The points an operator may choose (not a window's edges or the end of the initial copy).
+      const marks = (disks[0].named || []).filter((mk) => mk.kind === "app-consistent" || mk.kind === "crash-consistent");
       const undo = disks.reduce((a, d) => a + (d.undo_bytes || 0), 0);
       fill(status, `Retained: ${whenUs(range[0])} to ${whenUs(range[1])} (${duration((range[1] - range[0]) / 1e6)}), ${marks.length} named points, ${bytes(undo)} of undo data.`);
       slider.max = String(Math.max(0, Math.round((range[1] - range[0]) / 1e6)));
@@ -687,23 +717,24 @@ function timelinePicker(el) {
 
 // The buttons for what the item allows now (`actions`, decided by the server the way its handlers
 // decide), each confirmed and followed to its job.
-function itemActions(item, picker) {
+function itemActions(get, picker) {
   if (!canOperate()) return [h("p", { class: "muted" }, `Your token (${me.role}) may look but not act.`)];
+  const item = get();
   const id = item.id;
   const at = () => picker.choice();
   const ACTIONS = {
     "test-failover": ["Test failover", "primary", () => act("Test failover", `Bring up item ${id}'s disks at ${at().label} as writable test disks on the recovery site. Replication goes on; the test's writes go to overlays and never reach the replica.`, "Start test failover", () => api("POST", `/v1/items/${id}/test-failover`, { point: at().spec }))],
-    "test-failover-cleanup": ["Clean up test failover", "primary", () => act("Clean up test failover", `Delete the test disks of item ${id} (${item.test_failover.view}) and what was written to them.`, "Clean up", () => api("POST", `/v1/items/${id}/test-failover/cleanup`))],
+    "test-failover-cleanup": ["Clean up test failover", "primary", () => act("Clean up test failover", `Delete the test disks of item ${id} (${(get().test_failover || {}).view}) and what was written to them.`, "Clean up", () => api("POST", `/v1/items/${id}/test-failover/cleanup`))],
     "planned-failover": ["Planned failover", "danger", () => act("Planned failover", `Stop ${item.machine}, ship everything its journal holds, and bring it up on the ${item.state.direction === "reverse" ? "primary" : "recovery"} site with no data loss.`, "Fail over", () => api("POST", `/v1/items/${id}/failover`, { planned: true }), true)],
     "unplanned-failover": ["Unplanned failover", "danger", () => act("Unplanned failover", `Cut off the source of ${item.machine} and bring it up on the other site at ${at().label}. Changes after that point are not in the replica.`, "Fail over", () => api("POST", `/v1/items/${id}/failover`, { planned: false, point: at().spec }), true)],
     "failback": ["Fail back", "danger", () => act("Fail back", `Stop ${item.machine} on the recovery site, ship what it wrote back to the primary site, and bring it up there.`, "Fail back", () => api("POST", `/v1/items/${id}/failback`), true)],
     "change-point": ["Change recovery point", "", () => act("Change recovery point", `Bring the failed-over disks of item ${id} to ${at().label} instead. Writes made on them since the failover are discarded.`, "Change point", () => api("POST", `/v1/items/${id}/failover/point`, { point: at().spec }), true)],
     "commit": ["Commit", "primary", () => act("Commit failover", `Make the failover of item ${id} final: its recovery points are deleted and the point can no longer change.`, "Commit", () => api("POST", `/v1/items/${id}/commit`), true)],
     "reprotect": ["Reprotect", "primary", () => act("Reprotect", `Replicate ${item.machine} from the primary site to the recovery site again (only what differs is shipped).`, "Reprotect", () => api("POST", `/v1/items/${id}/reprotect`, {}))],
-    "reprotect-naming-machine": ["Reprotect", "primary", () => reprotect(item)],
+    "reprotect-naming-machine": ["Reprotect", "primary", () => reprotect(get())],
     "resync": ["Resync", "", () => act("Resync", `Compare checksums of ${item.machine}'s disks and their replicas and ship what differs.`, "Resync", () => api("POST", `/v1/items/${id}/resync`))],
     "full-resync": ["Full resync", "", () => act("Full resync", `Copy ${item.machine}'s disks whole into a new replica. Its recovery points stay until they expire; new ones start when the copy is done.`, "Full resync", () => api("POST", `/v1/items/${id}/resync?full=true`), true)],
-    "move": ["Move to another process server", "", () => moveItem(item)],
+    "move": ["Move to another process server", "", () => moveItem(get())],
     "disable": ["Disable protection", "danger", () => act("Disable protection", `Stop replicating ${item.machine} and delete its replica and recovery points on the recovery site. The source disk is not touched.`, "Disable", () => api("DELETE", `/v1/items/${id}`), true)],
   };
   const out = (item.actions || []).filter((a) => ACTIONS[a]).map((a) => {
@@ -716,7 +747,7 @@ function itemActions(item, picker) {
 async function moveItem(item) {
   const comps = await api("GET", "/v1/components").catch((e) => { banner(e.message); return null; });
   if (!comps) return;
-  const ps = comps.filter((c) => c.role === "process-server" && !c.revoked && !c.draining && c.name !== item.process_server);
+  const ps = comps.filter((c) => c.role === "process-server" && c.health === "healthy" && !c.draining && c.name !== item.process_server);
   const v = await dialog("Move to another process server", [h("label", { for: "mv-ps" }, "Process server", h("select", { id: "mv-ps", name: "ps" },
     h("option", { value: "" }, "the least busy"), ps.map((c) => h("option", { value: c.name }, c.name))))], "Move");
   if (v) run(() => api("POST", `/v1/items/${item.id}/move`, v.ps ? { process_server: v.ps } : {}));
@@ -829,7 +860,7 @@ function policiesPage(main) {
       h("tbody", {}, ps.map((p) => h("tr", {}, h("td", {}, p.name), h("td", {}, duration(p.rpo_threshold_secs)), h("td", {}, `${p.retention_hours} h`),
         h("td", {}, `every ${duration(p.crash_consistent_interval_secs)}`), h("td", {}, p.app_consistent_interval_secs ? `every ${duration(p.app_consistent_interval_secs)}` : "off"),
         h("td", {}, p.compression_level), h("td", {}, p.bandwidth_limit_mbps ? `${p.bandwidth_limit_mbps} Mbit/s` : "unlimited"),
-        canOperate() && h("td", {}, h("button", { type: "button", class: "danger", onclick: () => act(`Delete policy ${p.name}`, "Only a policy no item uses can be deleted.", "Delete", () => api("DELETE", `/v1/policies/${encodeURIComponent(p.id)}`), true) }, "Delete")))))));
+        canOperate() && h("td", {}, h("button", { type: "button", class: "danger", "data-key": p.id, onclick: () => act(`Delete policy ${p.name}`, "Only a policy no item uses can be deleted.", "Delete", () => api("DELETE", `/v1/policies/${encodeURIComponent(p.id)}`), true) }, "Delete")))))));
   };
 }
 
@@ -879,10 +910,11 @@ function planPage(main, id) {
     if (!canOperate()) { fill(actions, h("p", { class: "muted" }, `Your token (${me.role}) may look but not act.`)); return; }
     // Scripts run on the configuration server's host: a plan with any is run by an admin only.
     const scripted = p.groups.some((g) => [...(g.pre || []), ...(g.post || [])].some((a) => a.script));
-    if (scripted && !isAdmin()) { fill(actions, h("p", { class: "muted" }, "This plan runs scripts on the configuration server's host: only an admin may run it.")); return; }
+    const mayRun = !scripted || isAdmin();
     const runPlan = (kind, label, danger) => h("button", { type: "button", class: danger ? "danger" : "primary", onclick: () =>
       act(`${label}: ${p.name}`, `Run the plan's ${kind.replaceAll("-", " ")}: its groups in order, each group's items together, with its manual actions waiting for Resume.`, label, () => api("POST", `/v1/plans/${encodeURIComponent(id)}/failover`, { kind }), danger) }, label);
-    fill(actions, runPlan("test", "Test failover"), runPlan("planned", "Planned failover", true), runPlan("unplanned", "Unplanned failover", true),
+    fill(actions, mayRun ? [runPlan("test", "Test failover"), runPlan("planned", "Planned failover", true), runPlan("unplanned", "Unplanned failover", true)]
+      : h("p", { class: "muted" }, "This plan runs scripts on the configuration server's host: only an admin may run it."),
       h("button", { type: "button", onclick: () => act("Resume plan", "Go on past the manual action the plan waits at.", "Resume", () => api("POST", `/v1/plans/${encodeURIComponent(id)}/resume`)) }, "Resume"),
       h("button", { type: "button", onclick: () => act("Consistency point", "Take a crash-consistent point across all the plan's items at one instant.", "Take point", () => api("POST", `/v1/plans/${encodeURIComponent(id)}/consistency-point`)) }, "Take consistency point"),
       h("button", { type: "button", class: "danger", onclick: () => act(`Delete plan ${p.name}`, "The items stay protected.", "Delete", async () => { const r = await api("DELETE", `/v1/plans/${encodeURIComponent(id)}`); location.hash = "#/plans"; return r; }, true) }, "Delete"));
@@ -905,12 +937,12 @@ function infraPage(main) {
     tools.append(h("button", { type: "button", onclick: async () => {
       const v = await dialog("New registration key", [
         h("label", { for: "k-role" }, "For a", h("select", { id: "k-role", name: "role" }, ["agent", "process-server", "master-target"].map((r) => h("option", { value: r }, r)))),
-        h("label", { for: "k-ttl" }, "Valid for (hours)", h("input", { id: "k-ttl", name: "ttl", type: "number", min: 1, max: 720, value: 24 })),
+        h("label", { for: "k-ttl" }, "Valid for (hours)", h("input", { id: "k-ttl", name: "ttl", type: "number", min: 1, max: 720, value: 24, required: true })),
       ], "Create key");
       if (!v) return;
       try {
         const k = await api("POST", "/v1/registration-keys", { role: v.role, ttl_seconds: Number(v.ttl) * 3600 });
-        await dialog("Registration key", [h("p", {}, "Shown once: give it to the component's --registration-key (it works once)."), h("p", { class: "secret" }, k.key || JSON.stringify(k))], "Done");
+        await dialog("Registration key", [h("p", {}, "Shown once: give it to the component's --registration-key (it works once)."), h("p", { class: "secret" }, k.key || JSON.stringify(k))], "Done", false, true);
       } catch (e) { banner(e.message); }
     } }, "New registration key"));
     tools.append(h("button", { type: "button", onclick: async () => {
@@ -921,7 +953,7 @@ function infraPage(main) {
       if (!v) return;
       try {
         const t = await api("POST", "/v1/tokens", { name: v.name, role: v.role });
-        await dialog("API token", [h("p", {}, "Shown once: keep it in a file only its user can read."), h("p", { class: "secret" }, t.token || JSON.stringify(t))], "Done");
+        await dialog("API token", [h("p", {}, "Shown once: keep it in a file only its user can read."), h("p", { class: "secret" }, t.token || JSON.stringify(t))], "Done", false, true);
       } catch (e) { banner(e.message); }
     } }, "New API token"));
   }
@@ -980,10 +1012,14 @@ function networksPage(main) {
     fill(table, ms.length === 0 ? h("p", { class: "muted" }, "No network mapping: failed-over machines keep their addresses.") : h("table", {},
       h("thead", {}, h("tr", {}, h("th", {}, "Name"), h("th", {}, "Source"), h("th", {}, "Target"), h("th", {}, "Target network"), h("th", {}, "Gateway"), canOperate() && h("th", {}, "Actions"))),
       h("tbody", {}, ms.map((m) => h("tr", {}, h("td", {}, m.name), h("td", {}, m.source), h("td", {}, m.target), h("td", {}, m.target_network), h("td", {}, m.gateway || "—"),
-        canOperate() && h("td", {}, h("button", { type: "button", class: "danger", onclick: () => act(`Delete mapping ${m.name}`, "Failovers after this keep the source addresses for this network.", "Delete", () => api("DELETE", `/v1/network-mappings/${encodeURIComponent(m.id)}`), true) }, "Delete")))))));
+        canOperate() && h("td", {}, h("button", { type: "button", class: "danger", "data-key": m.id, onclick: () => act(`Delete mapping ${m.name}`, "Failovers after this keep the source addresses for this network.", "Delete", () => api("DELETE", `/v1/network-mappings/${encodeURIComponent(m.id)}`), true) }, "Delete")))))));
   };
 }
 
 window.addEventListener("hashchange", () => { if (bannerSource !== "signout") banner(null); else bannerSource = null; route(); });
 document.addEventListener("visibilitychange", () => { if (!document.hidden) refreshNow(); });
-window.addEventListener("DOMContentLoaded", route);
+window.addEventListener("DOMContentLoaded", () => {
+  // The skip link moves the focus; it is not a page.
+  document.querySelector(".skip").addEventListener("click", (ev) => { ev.preventDefault(); document.getElementById("main").focus(); });
+  route();
+});

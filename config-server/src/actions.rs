@@ -22,21 +22,26 @@ pub const FULL_RESYNC: &str = "full-resync";
 pub const MOVE: &str = "move";
 pub const DISABLE: &str = "disable";
 
-pub fn allowed(i: &Item) -> Vec<&'static str> {
-    let s = &i.state;
-    let ok = |e: Event| s.on(&e).is_ok();
-    let mut out = Vec::new();
-    let has_points = matches!(
+/// States whose replica keeps recovery points a test failover can bring up (the test failover handler
+/// takes these only).
+pub fn has_points(s: &State) -> bool {
+    matches!(
         s,
         State::Protected { .. }
             | State::ResyncRequired { .. }
             | State::Resynchronizing { .. }
             | State::Critical { .. }
             | State::Reprotecting { .. }
-    );
+    )
+}
+
+pub fn allowed(i: &Item) -> Vec<&'static str> {
+    let s = &i.state;
+    let ok = |e: Event| s.on(&e).is_ok();
+    let mut out = Vec::new();
     if i.test_failover.is_some() {
         out.push(TEST_FAILOVER_CLEANUP);
-    } else if has_points && i.master_target.is_some() {
+    } else if has_points(s) && i.master_target.is_some() {
         out.push(TEST_FAILOVER);
     }
     if i.master_target.is_some() {
@@ -50,7 +55,11 @@ pub fn allowed(i: &Item) -> Vec<&'static str> {
             out.push(UNPLANNED_FAILOVER);
         }
     }
-    if *s == (State::Protected { direction: Direction::Reverse }) && i.master_target.is_some() {
+    // A failback is a planned failover back: it drains the journal through the process server.
+    if *s == (State::Protected { direction: Direction::Reverse })
+        && i.master_target.is_some()
+        && i.process_server.is_some()
+    {
         out.push(FAILBACK);
     }
     if matches!(s, State::FailedOver { .. }) {
@@ -62,11 +71,14 @@ pub fn allowed(i: &Item) -> Vec<&'static str> {
             _ => REPROTECT_NAMING_MACHINE,
         });
     }
+    // The resync handler's gates: a resync keeps a running one, or starts one where the lifecycle
+    // allows; a Critical item or a broken chain takes a full one only.
+    let resyncable = matches!(s, State::ResyncRequired { .. } | State::Resynchronizing { .. })
+        || ok(Event::ResyncNeeded { reason: String::new() });
     match s {
         State::Critical { .. } => out.push(FULL_RESYNC),
-        _ if i.chain_broken => out.push(FULL_RESYNC),
-        State::ResyncRequired { .. } | State::Resynchronizing { .. } => out.extend([RESYNC, FULL_RESYNC]),
-        _ if ok(Event::ResyncNeeded { reason: String::new() }) => out.extend([RESYNC, FULL_RESYNC]),
+        _ if resyncable && i.chain_broken => out.push(FULL_RESYNC),
+        _ if resyncable => out.extend([RESYNC, FULL_RESYNC]),
         _ => {}
     }
     if crate::balance::movable(i) && i.moving.is_none() {
@@ -131,6 +143,18 @@ mod tests {
         back.previous_machine = Some("m-dr".into());
         assert_eq!(allowed(&back), [REPROTECT, DISABLE]);
         assert!(allowed(&item(State::Unprotected)).is_empty());
+        // A broken chain: only a full resync repairs it, and only where a resync may start.
+        let mut broken = protected.clone();
+        broken.chain_broken = true;
+        assert!(allowed(&broken).contains(&FULL_RESYNC) && !allowed(&broken).contains(&RESYNC));
+        let mut broken_over = item(State::FailedOver { direction: Forward });
+        broken_over.chain_broken = true;
+        assert_eq!(allowed(&broken_over), [CHANGE_POINT, COMMIT]);
+        // No process server: nothing to drain through, so no planned failover and no failback.
+        let mut bare = reverse.clone();
+        bare.process_server = None;
+        let b = allowed(&bare);
+        assert!(!b.contains(&FAILBACK) && !b.contains(&PLANNED_FAILOVER) && b.contains(&UNPLANNED_FAILOVER), "{b:?}");
         assert!(allowed(&item(State::FailoverInProgress { direction: Forward, planned: true })).is_empty());
         let mut testing = protected.clone();
         testing.test_failover = Some(

@@ -13,7 +13,6 @@
 use crate::auth::require;
 use crate::error::{body, ApiError, Body, R};
 use crate::jobs::JobHandle;
-use crate::lifecycle::State;
 use crate::model::*;
 use crate::store::Docs;
 use crate::Cs;
@@ -157,9 +156,9 @@ pub async fn test_failover_item(cs: &Arc<Cs>, id: u64, point: PointSpec, by: &st
             tf.view
         )));
     }
-    if matches!(item.state, State::Unprotected | State::EnablingProtection | State::InitialReplication { .. }) {
+    if !crate::actions::has_points(&item.state) {
         return Err(ApiError::conflict(&format!(
-            "item {id} is {}: test failover needs a protected item with recovery points",
+            "item {id} is {}: test failover needs a replicating item with recovery points",
             item.state.name()
         )));
     }

@@ -6,7 +6,7 @@ import { chromium } from "playwright-core";
 const base = process.env.SR_PORTAL;
 const item = process.env.SR_ITEM;
 const rounds = Number(process.env.ROUNDS || 10);
-const browser = await chromium.launch({ executablePath: "/usr/bin/chromium", args: ["--no-sandbox", "--disable-dev-shm-usage"] });
+const browser = await chromium.launch({ executablePath: process.env.SR_CHROMIUM || "/usr/bin/chromium", args: ["--no-sandbox", "--disable-dev-shm-usage"] });
 const context = await browser.newContext({ ignoreHTTPSErrors: true, viewport: { width: 1280, height: 800 } });
 const page = await context.newPage();
 const errors = [];

@@ -9,6 +9,7 @@
 //   failover  pick SR_INSTANT_SECS (Unix seconds) on the timeline, run a test failover by
 //             keyboard, follow its job to the end
 //   cleanup   clean up the test failover, follow its job
+//   manage    an admin creates a policy, a network mapping, a plan, a registration key and a token
 //   reader    sign in with a reader token: every page shows, no action is offered
 //   phone     the overview and the item at phone width, with no page-wide horizontal scroll
 //   quickstart  sign in at the address (SR_PORTAL) with the token srctl quickstart printed
@@ -153,6 +154,47 @@ try {
     await page.locator("#worst table").waitFor();
     await page.locator(".uplot").first().waitFor();
     await shot("overview");
+  } else if (phase === "manage") {
+    // An admin's forms: a policy, a network mapping, a recovery plan, a registration key, a token.
+    await signIn(token);
+    const submit = async (dialogName, fields, button) => {
+      const dlg = page.getByRole("dialog", { name: dialogName });
+      await dlg.waitFor();
+      for (const [id, value] of fields) {
+        const f = dlg.locator(`#${id}`);
+        if ((await f.evaluate((e) => e.tagName)) === "SELECT") await f.selectOption(value); else await f.fill(value);
+      }
+      await dlg.getByRole("button", { name: button }).click();
+      await dlg.waitFor({ state: "detached" });
+    };
+    await page.goto(`${base}/portal/#/policies`);
+    await page.getByRole("button", { name: "New policy" }).click();
+    await submit("New replication policy", [["p-name", "silver"], ["p-rpo_threshold_secs", "120"]], "Create");
+    await page.locator("main td", { hasText: "silver" }).waitFor();
+    await page.goto(`${base}/portal/#/networks`);
+    await page.getByRole("button", { name: "New mapping" }).click();
+    await submit("New network mapping", [["n-name", "lan"], ["n-source", "10.0.0.0/24"], ["n-target", "10.1.0.0/24"], ["n-target_network", "dr-lan"]], "Create");
+    await page.locator("main td", { hasText: "dr-lan" }).waitFor();
+    await page.goto(`${base}/portal/#/plans`);
+    await page.getByRole("button", { name: "New plan" }).click();
+    await submit("New recovery plan", [["rp-name", "app"], ["rp-groups", item]], "Create");
+    await page.getByRole("link", { name: "app", exact: true }).click();
+    await page.getByRole("heading", { name: "Recovery plan app" }).waitFor();
+    out.planButtons = await page.locator("main button").evaluateAll((bs) => bs.map((b) => b.textContent));
+    await shot("plan");
+    await page.goto(`${base}/portal/#/infrastructure`);
+    await page.locator("#agents table").waitFor();
+    await page.getByRole("button", { name: "New registration key" }).click();
+    await submit("New registration key", [["k-role", "agent"], ["k-ttl", "1"]], "Create key");
+    const keyDialog = page.getByRole("dialog", { name: "Registration key" });
+    out.key = await keyDialog.locator(".secret").textContent();
+    await keyDialog.getByRole("button", { name: "Done" }).click();
+    await page.getByRole("button", { name: "New API token" }).click();
+    await submit("New API token", [["t-name", "ops"], ["t-role", "operator"]], "Create token");
+    const tokenDialog = page.getByRole("dialog", { name: "API token" });
+    out.token = await tokenDialog.locator(".secret").textContent();
+    await shot("infrastructure");
+    await tokenDialog.getByRole("button", { name: "Done" }).click();
   } else if (phase === "reader") {
     await signIn(token);
     out.who = await page.locator("#who [data-role]").textContent();

@@ -132,6 +132,20 @@ fn an_operator_protects_and_test_fails_over_at_a_chosen_instant_in_the_portal_an
     assert_eq!(seen["job"]["succeeded"], true, "{seen}");
     assert!(d.item(item)["test_failover"].is_null());
 
+    // An admin's forms reach the API: what they made is there, and the secrets they showed work.
+    let seen = browser(&shots, "manage", &portal, &d.admin, &[("SR_ITEM", item.to_string())]);
+    let names = |path: &str, key: &str| -> Vec<String> {
+        d.api("GET", path, None).1.as_array().unwrap().iter().map(|v| v[key].as_str().unwrap().to_string()).collect()
+    };
+    assert!(names("/v1/policies", "name").contains(&"silver".to_string()), "{seen}");
+    assert!(names("/v1/network-mappings", "target_network").contains(&"dr-lan".to_string()), "{seen}");
+    let plan = d.api("GET", "/v1/plans", None).1[0].clone();
+    assert_eq!((plan["name"].as_str(), plan["groups"][0]["items"][0].as_u64()), (Some("app"), Some(item)), "{plan}");
+    assert!(seen["planButtons"].as_array().unwrap().iter().any(|b| b == "Test failover"), "{seen}");
+    let ops = seen["token"].as_str().unwrap();
+    assert_eq!(call(&d.cp, "GET", "/v1/whoami", None, Some(ops)).1["role"], "operator", "{seen}");
+    assert!(seen["key"].as_str().unwrap().len() > 32, "{seen}");
+
     // A reader sees every page and is offered nothing; the API refuses a forced action.
     let seen = browser(&shots, "reader", &portal, &reader, &[("SR_ITEM", item.to_string())]);
     assert_eq!(seen["who"], "portal-reader (reader)", "{seen}");
