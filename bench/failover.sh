@@ -11,4 +11,4 @@ cd "$(dirname "$0")/.."
 scripts/setup.sh
 cargo build --locked --release --workspace --bins 2>&1 | tail -1
 mkdir -p bench/out
-target/release/failover_bench bench/out/failover | tee bench/out/failover.json
+target/release/failover_bench "$PWD/bench/out/failover" | tee bench/out/failover.json

@@ -10,4 +10,4 @@ cd "$(dirname "$0")/.."
 scripts/setup.sh
 cargo build --locked --release --workspace --bins 2>&1 | tail -1
 mkdir -p bench/out
-target/release/wan_bench bench/out/wan | tee bench/out/wan.md
+target/release/wan_bench "$PWD/bench/out/wan" | tee bench/out/wan.md

@@ -65,7 +65,15 @@ impl fmt::Display for StreamKey {
 /// Microseconds since the Unix epoch, the clock recovery points are named by.
 /// The tag of a planned failover's final bookmark on every disk of the machine.
 pub fn stop_tag(generation: u64) -> String {
-    format!("failover-{generation}")
+    format!("{STOP_TAG_PREFIX}{generation}")
+}
+
+const STOP_TAG_PREFIX: &str = "failover-";
+
+/// Whether `tag` is a planned failover's final bookmark ([`stop_tag`]): a master target that applied
+/// it reports at once, for the failover waits on it.
+pub fn is_stop_tag(tag: &str) -> bool {
+    tag.strip_prefix(STOP_TAG_PREFIX).is_some_and(|g| !g.is_empty() && g.bytes().all(|b| b.is_ascii_digit()))
 }
 
 pub fn now_micros() -> u64 {
@@ -111,5 +119,16 @@ mod window_tests {
         assert!(parse_daily_window("25:00-01:00").is_err() && parse_daily_window("1-2").is_err());
         assert!(in_daily_window((1320, 390), 1400) && in_daily_window((1320, 390), 10));
         assert!(!in_daily_window((1320, 390), 600) && in_daily_window((60, 120), 90));
+    }
+}
+
+#[cfg(test)]
+mod stop_tag_tests {
+    #[test]
+    fn stop_tags_are_recognised_and_nothing_else() {
+        assert!(super::is_stop_tag(&super::stop_tag(1_700_000_000_000_000)));
+        for other in ["failover-", "failover-12a", "crash-12", "xfailover-1", "failover-1 "] {
+            assert!(!super::is_stop_tag(other), "{other}");
+        }
     }
 }

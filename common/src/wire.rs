@@ -122,6 +122,15 @@ pub struct Batch {
     pub changes: Vec<Change>,
 }
 
+impl Batch {
+    /// Whether the batch carries a planned failover's final bookmark ([`crate::types::stop_tag`]).
+    pub fn has_stop_mark(&self) -> bool {
+        self.changes.iter().any(
+            |c| matches!(&c.op, Op::Marker { kind: MarkerKind::Bookmark { tag } } if crate::types::is_stop_tag(tag)),
+        )
+    }
+}
+
 /// A batch after the process server compressed and sealed it for the master target.
 #[derive(Debug, Clone, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub struct SealedBatch {

@@ -67,8 +67,10 @@ const FAILBACK_STEPS: &[&str] = &[
     "reprotect in the forward direction",
 ];
 
-/// Waits until `check` gives a value, polling every 200 ms; `progress` gets a fraction when known.
+/// Waits until `check` gives a value: it looks again when a component reports (`reports`) and at
+/// least every 200 ms; `progress` gets a fraction when known.
 async fn wait_for<T>(
+    reports: &tokio::sync::Notify,
     timeout: Duration,
     what: &str,
     mut check: impl FnMut() -> Result<(Option<T>, Option<f64>), String>,
@@ -76,6 +78,10 @@ async fn wait_for<T>(
 ) -> Result<T, String> {
     let start = Instant::now();
     loop {
+        // Registered before the check, so a report that lands during it is not missed.
+        let reported = reports.notified();
+        tokio::pin!(reported);
+        reported.as_mut().enable();
         let (v, p) = check()?;
         if let Some(v) = v {
             return Ok(v);
@@ -86,7 +92,10 @@ async fn wait_for<T>(
         if start.elapsed() > timeout {
             return Err(format!("{what} did not happen within {} s", timeout.as_secs()));
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+            _ = reported => {}
+        }
     }
 }
 
@@ -228,6 +237,7 @@ async fn failover_steps(cs: &Arc<Cs>, id: u64, job_id: u64) -> Result<MachineDes
             Ok(m.map(|m| m.progress).unwrap_or_default())
         };
         wait_for(
+            &cs.reports,
             STOP_TIMEOUT,
             &format!(
                 "the agent of {machine} stopping its disks (is it running? an unplanned failover does not need it)"
@@ -250,6 +260,7 @@ async fn failover_steps(cs: &Arc<Cs>, id: u64, job_id: u64) -> Result<MachineDes
         // The final point is marked once dirty blocks left by the journal's limit are in the journal too;
         // then everything through it must reach the master target.
         wait_for(
+            &cs.reports,
             DRAIN_TIMEOUT,
             "the journal draining to the master target",
             || {
@@ -317,6 +328,7 @@ async fn failover_steps(cs: &Arc<Cs>, id: u64, job_id: u64) -> Result<MachineDes
             .map_err(|e| e.message)?;
         let mut pct_job = JobHandle::load(store, job_id).map_err(s)?.ok_or("the job is gone")?;
         wait_for(
+            &cs.reports,
             DRAIN_TIMEOUT,
             "the forward reprotect",
             || {

@@ -61,6 +61,9 @@ pub struct Cs {
     pub plan_busy: std::sync::Mutex<std::collections::HashSet<String>>,
     /// The last hour of RPO and churn, for the portal's charts (sampled by the evaluation loop).
     pub history: std::sync::Mutex<overview::History>,
+    /// Told of every heartbeat stored: a failover waiting on an agent's stop or a master target's
+    /// applied position looks again at once instead of at its next check.
+    pub reports: tokio::sync::Notify,
 }
 
 impl Cs {
@@ -200,6 +203,7 @@ pub async fn run(cfg: CsConfig, shutdown: CancellationToken) -> anyhow::Result<(
         plan_waits: Default::default(),
         plan_busy: Default::default(),
         history: Default::default(),
+        reports: Default::default(),
     });
     let crl = access::current_crl(&cs).map_err(|e| anyhow::anyhow!("making the revocation list: {}", e.message))?;
     identity.set_crl_pem(&crl).context("the revocation list this server made")?;

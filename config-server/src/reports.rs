@@ -74,6 +74,8 @@ pub async fn heartbeat(State(cs): State<Arc<Cs>>, h: HeaderMap, b: Body<Heartbea
             }
         }
     }
+    // Waits on reports (a planned failover's stop and drain) look again now.
+    cs.reports.notify_waiters();
     Ok(Json(json!({ "ok": true })))
 }
 

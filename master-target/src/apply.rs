@@ -122,7 +122,7 @@ pub async fn session(
             last = sealed.last.0,
             ciphertext_bytes = sealed.ciphertext.len()
         );
-        let bytes = tokio::task::spawn_blocking(move || -> anyhow::Result<u64> {
+        let (bytes, stop_mark) = tokio::task::spawn_blocking(move || -> anyhow::Result<(u64, bool)> {
             let _in = span.enter();
             let batch = compress::decompress(&plain).inspect_err(|_| reject("malformed"))?;
             if batch.item != sealed.item
@@ -135,7 +135,7 @@ pub async fn session(
                 bail!("sealed header and batch contents disagree");
             }
             batch.check().inspect_err(|_| reject("invalid"))?;
-            r.apply(&batch, store.as_ref())
+            Ok((r.apply(&batch, store.as_ref())?, batch.has_stop_mark()))
         })
         .await
         .context("apply task panicked")??;
@@ -145,5 +145,9 @@ pub async fn session(
         let through = receiver.taken(sealed_last);
         debug_assert_eq!(through, replica.applied(), "the replica recorded the batch");
         wire::write_msg(send, &Message::AppliedAck { through }).await?;
+        if stop_mark {
+            // A planned failover waits for this position: report it now, not at the next poll.
+            server.report_now.notify_one();
+        }
     }
 }

@@ -55,6 +55,9 @@ pub struct Server {
     pub next_export: std::sync::atomic::AtomicU64,
     /// Retention per item from the configuration server's policies, persisted.
     retention: retention::Retention,
+    /// Wakes the control loop to report at once (after a planned failover's final bookmark was
+    /// applied: the configuration server waits on it), instead of at the next poll.
+    pub report_now: Arc<tokio::sync::Notify>,
 }
 
 /// Why a stream's replica cannot be used; its sessions are refused with [`ErrorCode::ReplicaUnusable`].
@@ -219,6 +222,7 @@ pub async fn run(cfg: MtConfig, shutdown: CancellationToken) -> anyhow::Result<(
         export_jobs: Mutex::new(HashMap::new()),
         next_export: std::sync::atomic::AtomicU64::new(0),
         retention,
+        report_now: Default::default(),
     });
     server.finish_commits();
     server.load_ended();
@@ -269,7 +273,8 @@ pub async fn run(cfg: MtConfig, shutdown: CancellationToken) -> anyhow::Result<(
         tracing::info!(%addr, "NBD exports listening (TLS with client certificates)");
     }
     if let Some(control) = &server.cfg.control {
-        let client = sr_common::control::ControlClient::new(control, server.identity.clone())?;
+        let mut client = sr_common::control::ControlClient::new(control, server.identity.clone())?;
+        client.wake = server.report_now.clone();
         tokio::spawn(control_loop(server.clone(), client, shutdown.clone()));
     }
     let router = export::routes(server.clone());
