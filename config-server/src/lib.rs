@@ -67,12 +67,13 @@ pub struct Cs {
 }
 
 impl Cs {
-    /// Asks an agent to fetch its assignment now rather than at its next poll (best effort: it polls
-    /// anyway).
-    pub fn nudge(&self, agent: &str) {
-        let c = self.store().get::<model::Component>(model::COMPONENTS, agent).ok().flatten();
-        let Some(addr) = c.and_then(|c| c.http?.parse::<std::net::SocketAddr>().ok()) else { return };
-        let Ok(client) = self.client(sr_common::wire::Role::Agent) else { return };
+    /// Asks a component (agent, process server or master target) to fetch its assignment now rather
+    /// than at its next poll (best effort: it polls anyway).
+    pub fn nudge(&self, name: &str) {
+        let Some(c) = self.store().get::<model::Component>(model::COMPONENTS, name).ok().flatten() else { return };
+        let role = c.role.wire();
+        let Some(addr) = c.http.and_then(|h| h.parse::<std::net::SocketAddr>().ok()) else { return };
+        let Ok(client) = self.client(role) else { return };
         tokio::task::spawn_blocking(move || {
             if let Err(e) = client.request(addr, "POST", "/v1/poll", None) {
                 tracing::debug!(%addr, error = format!("{e:#}"), "agent not nudged; it polls by itself");

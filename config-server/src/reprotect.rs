@@ -148,7 +148,10 @@ pub async fn begin_reprotect(cs: &Arc<Cs>, id: u64, req: ReprotectReq, by: &str)
     item.test_failover = None;
     item.state = next;
     store.put(ITEMS, &id_key(id), &item)?;
-    cs.nudge(&source);
+    // The new stream's three holders take it now, not at their next polls.
+    for name in [&mt, &ps, &source] {
+        cs.nudge(name);
+    }
     job.step_done(ReprotectStep::Check.index())?;
     job.step(ReprotectStep::Replicate.index())?;
     let how = if known {

@@ -162,8 +162,26 @@ pub async fn run(cfg: PsConfig, shutdown: CancellationToken) -> anyhow::Result<(
     }
     ::metrics::gauge!(crate::metrics::CACHE_BYTES).set(cache_total.used() as f64);
     let st = server.clone();
+    let client = server
+        .cfg
+        .control
+        .as_ref()
+        .map(|control| sr_common::control::ControlClient::new(control, server.identity.clone()))
+        .transpose()?;
+    let wake = client.as_ref().map(|c| c.wake.clone());
     let router = axum::Router::new()
-        .route("/v1/status", axum::routing::get(move || std::future::ready(axum::Json(st.status()))));
+        .route("/v1/status", axum::routing::get(move || std::future::ready(axum::Json(st.status()))))
+        .route(
+            "/v1/poll",
+            axum::routing::post(move || {
+                // Only makes the process server ask the configuration server for its assignment now
+                // (a reprotect gave it a new stream).
+                if let Some(w) = &wake {
+                    w.notify_one();
+                }
+                std::future::ready(axum::Json(serde_json::json!({ "polling": wake.is_some() })))
+            }),
+        );
     let http = sr_common::telemetry::serve_http(
         server.cfg.http,
         server.identity.clone(),
@@ -172,8 +190,7 @@ pub async fn run(cfg: PsConfig, shutdown: CancellationToken) -> anyhow::Result<(
         shutdown.clone(),
     )
     .await?;
-    if let Some(control) = &server.cfg.control {
-        let client = sr_common::control::ControlClient::new(control, server.identity.clone())?;
+    if let Some(client) = client {
         tokio::spawn(control_loop(server.clone(), client, shutdown.clone()));
     }
     tracing::info!(%http, quic = %server.cfg.listen, "process server listening");

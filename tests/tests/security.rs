@@ -81,6 +81,7 @@ fn every_component_route_takes_only_the_configuration_servers_certificate() {
                 ("POST", "/v1/views"),
                 ("DELETE", "/v1/views/x"),
                 ("POST", "/v1/commit"),
+                ("POST", "/v1/poll"),
             ],
         ),
         (
@@ -94,7 +95,7 @@ fn every_component_route_takes_only_the_configuration_servers_certificate() {
                 ("GET", "/v1/status"),
             ],
         ),
-        (Component::ProcessServer, Role::ProcessServer, &[("GET", "/v1/status")]),
+        (Component::ProcessServer, Role::ProcessServer, &[("GET", "/v1/status"), ("POST", "/v1/poll")]),
     ];
     for (c, role, routes) in tables {
         let addr = local.http(c);
