@@ -108,6 +108,20 @@ pub fn free_bytes(path: &std::path::Path) -> u64 {
 }
 
 /// The size of the file system holding `path` and the bytes free to unprivileged users, in bytes.
+/// `POST /v1/poll` of a component's API: the configuration server asks it to fetch its assignment
+/// now (after changing it) instead of at its next poll, by waking `wake` (the control client's; None
+/// for a component without a configuration server, which answers `polling: false`).
+pub fn poll_route<S: Clone + Send + Sync + 'static>(
+    wake: Option<std::sync::Arc<tokio::sync::Notify>>,
+) -> axum::routing::MethodRouter<S> {
+    axum::routing::post(move || {
+        if let Some(w) = &wake {
+            w.notify_one();
+        }
+        std::future::ready(axum::Json(serde_json::json!({ "polling": wake.is_some() })))
+    })
+}
+
 pub fn volume_bytes(path: &std::path::Path) -> Option<(u64, u64)> {
     use std::os::unix::ffi::OsStrExt;
     let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;

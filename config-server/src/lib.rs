@@ -76,7 +76,7 @@ impl Cs {
         let Ok(client) = self.client(role) else { return };
         tokio::task::spawn_blocking(move || {
             if let Err(e) = client.request(addr, "POST", "/v1/poll", None) {
-                tracing::debug!(%addr, error = format!("{e:#}"), "agent not nudged; it polls by itself");
+                tracing::debug!(%addr, error = format!("{e:#}"), "component not nudged; it polls by itself");
             }
         });
     }

@@ -91,7 +91,10 @@ pub fn routes(server: Arc<Server>) -> axum::Router {
         .route("/v1/views", axum::routing::get(list_views).post(create_view))
         .route("/v1/views/{name}", axum::routing::delete(delete_view))
         .route("/v1/commit", axum::routing::post(commit))
-        .route("/v1/poll", axum::routing::post(poll))
+        .route(
+            "/v1/poll",
+            sr_common::control::poll_route(server.cfg.control.is_some().then(|| server.report_now.clone())),
+        )
         .with_state(server)
 }
 
@@ -334,11 +337,4 @@ async fn export_progress(
     let j = jobs.get(&id).ok_or_else(|| api_err(StatusCode::NOT_FOUND, format!("no export {id}")))?;
     let j = j.lock().expect("export job lock poisoned").clone();
     Ok(Json(j))
-}
-
-/// Makes the master target report and ask for its assignment now, not at its next poll (the
-/// configuration server asks after a reprotect gave it a new stream).
-async fn poll(State(s): State<Arc<Server>>) -> Json<serde_json::Value> {
-    s.report_now.notify_one();
-    Json(serde_json::json!({ "polling": s.cfg.control.is_some() }))
 }

@@ -100,16 +100,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Resul
     let holder = Arc::new(failover::Holder::default());
     let (hold_disks, hold_h, release_h) = (disks.clone(), holder.clone(), holder.clone());
     let router = axum::Router::new()
-        .route(
-            "/v1/poll",
-            axum::routing::post(move || {
-                // Only makes the agent ask the configuration server for its assignment now.
-                if let Some(w) = &wake {
-                    w.notify_one();
-                }
-                std::future::ready(axum::Json(serde_json::json!({ "polling": wake.is_some() })))
-            }),
-        )
+        .route("/v1/poll", sr_common::control::poll_route(wake))
         .route(
             "/v1/hold",
             axum::routing::post(move |body: axum::body::Bytes| {

@@ -171,17 +171,8 @@ pub async fn run(cfg: PsConfig, shutdown: CancellationToken) -> anyhow::Result<(
     let wake = client.as_ref().map(|c| c.wake.clone());
     let router = axum::Router::new()
         .route("/v1/status", axum::routing::get(move || std::future::ready(axum::Json(st.status()))))
-        .route(
-            "/v1/poll",
-            axum::routing::post(move || {
-                // Only makes the process server ask the configuration server for its assignment now
-                // (a reprotect gave it a new stream).
-                if let Some(w) = &wake {
-                    w.notify_one();
-                }
-                std::future::ready(axum::Json(serde_json::json!({ "polling": wake.is_some() })))
-            }),
-        );
+        // A reprotect gives it a new stream: it takes it at once when asked.
+        .route("/v1/poll", sr_common::control::poll_route(wake));
     let http = sr_common::telemetry::serve_http(
         server.cfg.http,
         server.identity.clone(),
