@@ -354,6 +354,15 @@ impl Deployment {
         });
     }
 
+    /// Waits until component `name` has reported within the component timeout (a master target or
+    /// process server a reprotect should pick must be live, and an agent can report before it).
+    pub fn wait_healthy(&self, name: &str) {
+        wait_for(&format!("{name} to report"), Duration::from_secs(30), || {
+            let (_, c) = self.api("GET", "/v1/components", None);
+            c.as_array().expect("test deployment").iter().any(|c| c["name"] == name && c["health"] == "healthy")
+        });
+    }
+
     /// Protects `machine` under policy "p" (created on first use); returns the item id.
     pub fn protect(&self, machine: &str) -> u64 {
         self.wait_machine(machine);

@@ -71,6 +71,7 @@ fn planned_failover_commit_reprotect_failback_and_forward_again() {
     let _bps = b.start(Component::ProcessServer).unwrap();
     let bagent = b.start(Component::Agent).unwrap();
     d.wait_machine("b-agent-1");
+    d.wait_healthy("b-mt-1");
     let dr_uri = b.agent_uri("disk0");
     io(&dr_uri, &["write -P 0x33 20M 3M", "flush"]).unwrap();
 
@@ -227,6 +228,7 @@ fn unplanned_failover_with_the_agent_killed_comes_up_at_the_chosen_point_with_ma
     let _bps = b.start(Component::ProcessServer).unwrap();
     let _bagent = b.start(Component::Agent).unwrap();
     d.wait_machine("b-agent-1");
+    d.wait_healthy("b-mt-1");
     io(&b.agent_uri("disk0"), &["write -P 0x78 20M 1M", "flush"]).unwrap();
     let out = d.srctl(&["reprotect", &id.to_string(), "--machine", "b-agent-1"]);
     assert!(out.contains("b-mt-1"), "{out}");

@@ -346,6 +346,7 @@ fn a_capture_of_loopback_holds_no_key_token_or_disk_content() {
     let _bps = b.start(Component::ProcessServer).unwrap();
     let _bagent = b.start(Component::Agent).unwrap();
     d.wait_machine("b-agent-1");
+    d.wait_healthy("b-mt-1");
     let reverse: Vec<u8> = b"SR-REVERSE-CANARY-9876543210-".iter().copied().cycle().take(256 << 10).collect();
     let reverse_file = dir.path().join("reverse.bin");
     std::fs::write(&reverse_file, &reverse).unwrap();

@@ -395,6 +395,9 @@ fn failover_commit_reprotect_failback_across_the_wan_and_unplanned_with_the_prim
         .map(|c| b.start(c).unwrap())
         .collect();
     s.dep.wait_machine("b-agent-1");
+    // The reprotect picks a live master target other than the one failed over to: site A's must have
+    // reported (the agent can report first).
+    s.dep.wait_healthy("b-mt-1");
     qemu_io(&b.agent_uri("disk0"), &["write -P 0x33 20M 3M".into(), "flush".into()]).unwrap();
     let out = s.dep.srctl(&["reprotect", &id, "--machine", "b-agent-1"]);
     assert!(out.contains("b-mt-1"), "{out}");
