@@ -38,7 +38,7 @@ fn newest<T: serde::de::DeserializeOwned>(
     let n = limit.unwrap_or(PAGE).clamp(1, PAGE);
     let mut out = Vec::with_capacity(n);
     for (id, bytes) in store.list_raw(collection)?.iter().rev() {
-        if before.is_some_and(|b| id.parse::<u64>().is_ok_and(|i| i >= b)) {
+        if before.is_some_and(|b| !id.parse::<u64>().is_ok_and(|i| i < b)) {
             continue;
         }
         let doc: T = crate::store::parse(collection, id, bytes)?;
@@ -99,7 +99,6 @@ pub async fn list_jobs(
         f.state.is_none_or(|s| j.state == s)
             && f.kind.as_ref().is_none_or(|k| &j.kind == k)
             && f.target.as_ref().is_none_or(|t| &j.target == t)
-            && f.before.is_none_or(|b| j.id < b)
     })?))
 }
 
@@ -123,7 +122,7 @@ pub async fn list_events(
 ) -> R<Vec<EventRecord>> {
     require(cs.store(), &h, ApiRole::Reader)?;
     let Query(f) = q.map_err(|e| ApiError::bad(&format!("invalid filter: {}", e.body_text())))?;
-    Ok(Json(newest(cs.store(), EVENTS, f.before, f.limit, |e: &EventRecord| f.before.is_none_or(|b| e.id < b))?))
+    Ok(Json(newest(cs.store(), EVENTS, f.before, f.limit, |_: &EventRecord| true)?))
 }
 
 #[cfg(test)]

@@ -36,6 +36,8 @@ const ASSETS: &[(&str, &str, &[u8])] = &[
         include_bytes!("../portal/vendor/uPlot.iife.min.js"),
     ),
     ("vendor/uPlot.min.css", "text/css; charset=utf-8", include_bytes!("../portal/vendor/uPlot.min.css")),
+    // uPlot's MIT license travels with the copy of it this binary serves.
+    ("vendor/uPlot.LICENSE", "text/plain; charset=utf-8", include_bytes!("../portal/vendor/uPlot.LICENSE")),
 ];
 
 /// Only this server's own scripts, styles and API; no framing, no referrer.

@@ -249,6 +249,39 @@ fn the_configuration_servers_routes_follow_their_documented_roles() {
     }
     assert!(checked >= 40, "only {checked} operations in the document");
 
+    // Outside the document, only `/` and the portal's own files answer without a credential: they
+    // hold no data (the page signs in with a token and calls the routes above). Every file of
+    // config-server/portal is served, and nothing else: other paths, and paths that climb out, are
+    // refused or unknown, and no answer carries a secret.
+    let portal = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../config-server/portal");
+    let mut files = Vec::new();
+    for dir in [portal.clone(), portal.join("vendor")] {
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_file() {
+                files.push(format!("/portal/{}", p.strip_prefix(&portal).unwrap().display()));
+            }
+        }
+    }
+    files.retain(|f| f != "/portal/index.html");
+    files.push("/portal/".to_string());
+    assert_eq!(anonymous.request(api, "GET", "/", None).unwrap().0, 303, "/ leads to the portal");
+    for path in &files {
+        let (code, body) = anonymous.request(api, "GET", path, None).unwrap();
+        assert_eq!(code, 200, "GET {path} without a credential");
+        assert!(!body.contains(&d.admin) && !body.contains(&reader), "GET {path} carries a token");
+    }
+    for path in
+        ["/portal/index.html", "/portal/nothing.js", "/portal/vendor/../../src/lib.rs", "/portal/%2e%2e/Cargo.toml"]
+    {
+        let code = anonymous.request(api, "GET", path, None).map(|r| r.0).unwrap_or(0);
+        assert!([401, 404].contains(&code), "GET {path} without a credential: {code}");
+    }
+    for path in ["/v1/whoami", "/v1/overview", "/v1/items/1/history"] {
+        let code = anonymous.request(api, "GET", path, None).map(|r| r.0).unwrap_or(0);
+        assert_eq!(code, 401, "GET {path} without a credential");
+    }
+
     // A revoked certificate gets nowhere on any route: the server checks the list in force.
     let (code, v) = d.api("POST", "/v1/components/ps-1/revoke", None);
     assert_eq!(code, 200, "{v}");
