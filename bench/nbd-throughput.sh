@@ -1,32 +1,44 @@
 #!/usr/bin/env bash
-# Write throughput through the agent's NBD export beside qemu-nbd serving the same kind of file, in the
-# same run, with the same fio jobs: SIZE of 4 KiB random writes and SIZE of 1 MiB sequential writes at
-# queue depth QD. The agent is measured twice:
-#   - "agent, pipeline on": process server and master target run on the same two cores and replicate
-#     every write while fio runs (a protected machine's real load, plus the other sites' load);
-#   - "agent front end": the agent alone, journaling every write, with no process server to ship to.
-# Then: how long the replica took to catch up, and a byte-for-byte check of it.
+# A protected disk in steady state beside unprotected peers, in the same run: fio's nbd engine against
+# the agent's export (SIZE of random data, protected, initial replication done and the replica caught
+# up before each job) and against qemu-nbd and nbdkit serving a copy of the same image. Jobs: 4 KiB
+# random writes at QD32, 1 MiB sequential writes at QD32 (each ending with a FLUSH), 4 KiB random writes
+# at QD1 with a FLUSH after each, 4 KiB random reads at QD32; RUNTIME seconds each.
+#   - pinned: fio and the NBD server under test on core 0, the process server and master target on
+#     core 1 (in a deployment they run on other hosts);
+#   - unpinned: everything shares both cores.
+# Also: the initial replication's speed, how long the replica took to catch up after each job, peak
+# memory, and a byte-for-byte check of the replica at the end.
 #
-#   bench/nbd-throughput.sh            # SIZE=1G QD=32 ROUNDS=2
-#   SIZE=256M ROUNDS=1 bench/nbd-throughput.sh
+#   bench/nbd-throughput.sh            # SIZE=1G RUNTIME=10, pinned and unpinned
+#   SHORT=1 bench/nbd-throughput.sh    # SIZE=64M RUNTIME=1, pinned only, debug build (CI)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if [ "${SHORT:-}" = 1 ]; then
+  SIZE=${SIZE:-64M} RUNTIME=${RUNTIME:-1} PINNINGS=${PINNINGS:-pinned}
+fi
 SIZE=${SIZE:-1G}
-QD=${QD:-32}
-ROUNDS=${ROUNDS:-2}
-scripts/setup.sh
-cargo build --locked --release --workspace --bins 2>&1 | tail -1
+RUNTIME=${RUNTIME:-10}
+PINNINGS=${PINNINGS:-pinned unpinned}
+. bench/lib.sh
 out=bench/out/nbd
 rm -rf "$out"
 mkdir -p "$out"
-truncate -s "$SIZE" "$out/agent.img" "$out/qemu.img"
+bytes=$(numfmt --from=iec "$SIZE")
+echo "making $SIZE of random data" >&2
+head -c "$bytes" /dev/urandom >"$out/agent.img"
+cp "$out/agent.img" "$out/qemu.img"
+cp "$out/agent.img" "$out/nbdkit.img"
 
-target/release/srctl local --dir "$out/dep" --disk "disk0=$out/agent.img" >"$out/local.json" 2>"$out/local.err" &
+started=$(date +%s.%N)
+"$bin/srctl" local --dir "$out/dep" --disk "disk0=$out/agent.img" >"$out/local.json" 2>"$out/local.err" &
 lpid=$!
 qpid=""
+kpid=""
 cleanup() {
   kill "$lpid" 2>/dev/null || true
   [ -n "$qpid" ] && kill "$qpid" 2>/dev/null || true
+  [ -n "$kpid" ] && kill "$kpid" 2>/dev/null || true
   wait 2>/dev/null || true
 }
 trap cleanup EXIT
@@ -36,80 +48,91 @@ json() { python3 -c "import json,sys; j=json.load(open('$out/local.json')); prin
 agent_uri=$(json 'j["exports"][0]["uri"]')
 replica_uri=$(json 'j["exports"][0]["replica_uri"]')
 agent_http=$(json 'j["agent_http"]')
-mt_http=$(json 'j["mt_http"]')
-qport=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+certs="$out/dep/certs"
+echo "initial replication" >&2
+wait_caught_up "$agent_http" "$certs" >/dev/null
+initial=$(python3 -c "import time; print(f'{time.time() - $started:.1f}')")
+
+port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+qport=$(port)
 qemu-nbd -f raw -x disk0 -b 127.0.0.1 -p "$qport" -t --cache=writeback "$out/qemu.img" &
 qpid=$!
-for _ in $(seq 100); do nbdinfo --size "nbd://127.0.0.1:$qport/disk0" >/dev/null 2>&1 && break; sleep 0.1; done
+kport=$(port)
+nbdkit -f -i 127.0.0.1 -p "$kport" file "$out/nbdkit.img" &
+kpid=$!
 qemu_uri="nbd://127.0.0.1:$qport/disk0"
+nbdkit_uri="nbd://127.0.0.1:$kport/"
+for u in "$qemu_uri" "$nbdkit_uri"; do
+  for _ in $(seq 100); do nbdinfo --size "$u" >/dev/null 2>&1 && break; sleep 0.1; done
+done
 
-# Prints the write bandwidth of one fio job in bytes per second.
-fio_bw() {
-  fio --name=bench --ioengine=nbd --uri="$1" --rw="$2" --bs="$3" --size="$SIZE" --iodepth="$QD" \
-      --randrepeat=0 --end_fsync=1 --output-format=json 2>/dev/null |
-    python3 -c 'import json,sys; s=sys.stdin.read(); print(json.loads(s[s.index("{"):])["jobs"][0]["write"]["bw_bytes"])'
+# Pins the NBD servers (and fio, through $on_fio) to core 0 and the rest of the pipeline to core 1, or
+# lets everything share both.
+pin() {
+  local front rest
+  if [ "$1" = pinned ]; then front=0 rest=1; else front=0,1 rest=0,1; fi
+  for p in "$(component_pid "$out/dep" agent)" "$qpid" "$kpid"; do taskset -a -pc "$front" "$p" >/dev/null; done
+  for c in ps mt; do taskset -a -pc "$rest" "$(component_pid "$out/dep" "$c")" >/dev/null; done
+  on_fio=(taskset -c "$front")
 }
 
-# The components' APIs take the orchestrator's certificate that srctl local made.
-certs="$out/dep/certs"
-status() { target/release/srctl status "$1" --cert "$certs/cs.pem" --key "$certs/cs.key" --ca "$certs/ca.pem"; }
-applied() {
-  status "$mt_http" | python3 -c 'import json,sys; r=json.load(sys.stdin)["replicas"]; print(r[0]["applied_seq"] if r else 0)'
-}
-last() {
-  status "$agent_http" | python3 -c 'import json,sys; print(json.load(sys.stdin)["disks"][0]["last_seq"])'
+# One fio job against $1 (the rest of the arguments are fio's); prints bytes per second and IOPS.
+fio_run() {
+  local uri=$1 rw=$2
+  shift 2
+  "${on_fio[@]}" fio --name=bench --ioengine=nbd --uri="$uri" --rw="$rw" --size="$SIZE" --time_based \
+    --runtime="$RUNTIME" --randrepeat=0 --output-format=json "$@" 2>/dev/null |
+    python3 -c 'import json,sys; s=sys.stdin.read(); j=json.loads(s[s.index("{"):])["jobs"][0]; d=j["read"] if j["read"]["io_bytes"] else j["write"]; print(d["bw_bytes"], round(d["iops"]))'
 }
 
-declare -A qemu_bw pipe_bw front_bw
-workloads=("randwrite 4k" "write 1m")
-started=$(date +%s.%N)
-for w in "${workloads[@]}"; do
-  set -- $w
-  best_q=0; best_a=0
-  for _ in $(seq "$ROUNDS"); do
-    q=$(fio_bw "$qemu_uri" "$1" "$2"); [ "$q" -gt "$best_q" ] && best_q=$q
-    a=$(fio_bw "$agent_uri" "$1" "$2"); [ "$a" -gt "$best_a" ] && best_a=$a
+jobs=(
+  "4k random writes, QD32|randwrite --bs=4k --iodepth=32 --end_fsync=1"
+  "1M sequential writes, QD32|write --bs=1m --iodepth=32 --end_fsync=1"
+  "4k random writes, QD1, FLUSH after each|randwrite --bs=4k --iodepth=1 --fsync=1"
+  "4k random reads, QD32|randread --bs=4k --iodepth=32"
+)
+results="$out/results"
+: >"$results"
+for pinning in $PINNINGS; do
+  pin "$pinning"
+  for job in "${jobs[@]}"; do
+    name=${job%%|*}
+    read -r -a args <<<"${job#*|}"
+    echo "$pinning: $name" >&2
+    q=$(fio_run "$qemu_uri" "${args[@]}")
+    k=$(fio_run "$nbdkit_uri" "${args[@]}")
+    wait_caught_up "$agent_http" "$certs" >/dev/null
+    a=$(fio_run "$agent_uri" "${args[@]}")
+    c=$(wait_caught_up "$agent_http" "$certs")
+    echo "$pinning|$name|$q|$k|$a|$c" >>"$results"
   done
-  qemu_bw[$w]=$best_q; pipe_bw[$w]=$best_a
 done
-writes_done=$(date +%s.%N)
-for _ in $(seq 6000); do
-  [ "$(applied)" -ge "$(last)" ] && break
-  sleep 0.1
-done
-caught_up=$(date +%s.%N)
-# The replica is served over NBD with TLS (nbds://, which qemu does not spell): copy it, then compare.
+
 nbdcopy "$replica_uri" "$out/replica.img"
 qemu-img compare -f raw -F raw "$out/agent.img" "$out/replica.img" >/dev/null
-catch="replica caught up $(python3 -c "print(f'{$caught_up-$writes_done:.1f} s after the last write, {$caught_up-$started:.1f} s after the first')"); qemu-img compare: identical"
-
 mem="peak resident memory (VmHWM):"
 for c in agent ps mt; do
-  pid=$(pgrep -f "run --config $(pwd)/$out/dep/$c.toml" | head -1 || true)
+  pid=$(component_pid "$out/dep" "$c" || true)
   [ -n "$pid" ] && mem="$mem $c $(awk '/VmHWM/ {printf "%.0f MiB", $2/1024}' "/proc/$pid/status"),"
 done
 
-# The agent alone: same config, fresh journal, nothing to ship to.
-kill "$lpid"; wait "$lpid" 2>/dev/null || true
-rm -f "$out/agent.img"; truncate -s "$SIZE" "$out/agent.img"
-SR_AGENT__DATA_DIR="$out/agent-alone" SR_AGENT__PROCESS_SERVER="127.0.0.1:9" \
-  target/release/mobility-agent run --config "$out/dep/agent.toml" 2>"$out/agent-alone.log" &
-lpid=$!
-for _ in $(seq 100); do nbdinfo --size "$agent_uri" >/dev/null 2>&1 && break; sleep 0.1; done
-for w in "${workloads[@]}"; do
-  set -- $w
-  best_a=0
-  for _ in $(seq "$ROUNDS"); do
-    a=$(fio_bw "$agent_uri" "$1" "$2"); [ "$a" -gt "$best_a" ] && best_a=$a
-  done
-  front_bw[$w]=$best_a
-done
-
-echo "| workload ($SIZE, qd=$QD) | qemu-nbd MiB/s | agent front end MiB/s | ratio | agent, pipeline on MiB/s | ratio |"
-echo "|---|---|---|---|---|---|"
-for w in "${workloads[@]}"; do
-  python3 -c "q=${qemu_bw[$w]}; f=${front_bw[$w]}; p=${pipe_bw[$w]}; print(f'| $w | {q/2**20:.1f} | {f/2**20:.1f} | {f/q:.2f}x | {p/2**20:.1f} | {p/q:.2f}x |')"
-done
+python3 - "$results" "$SIZE" "$RUNTIME" <<'PY'
+import sys
+rows = [l.rstrip("\n").split("|") for l in open(sys.argv[1])]
+print(f"SIZE={sys.argv[2]} of random data, RUNTIME={sys.argv[3]} s per job; MiB/s (IOPS for the QD1 job)\n")
+print("| cores | job | qemu-nbd | nbdkit | protected disk | vs qemu-nbd | vs nbdkit | replica caught up after, s |")
+print("|---|---|---:|---:|---:|---:|---:|---:|")
+for pinning, job, q, k, a, caught in rows:
+    (qb, qi), (kb, ki), (ab, ai) = (tuple(map(float, x.split())) for x in (q, k, a))
+    if "QD1" in job:
+        f = lambda b, i: f"{i:.0f}"
+        qv, kv, av = qi, ki, ai
+    else:
+        f = lambda b, i: f"{b / 2**20:.1f}"
+        qv, kv, av = qb, kb, ab
+    print(f"| {pinning} | {job} | {f(qb, qi)} | {f(kb, ki)} | {f(ab, ai)} | {av / qv:.2f}x | {av / kv:.2f}x | {caught} |")
+PY
 echo
-echo "$catch"
+echo "initial replication of $SIZE of random data: $initial s ($(python3 -c "print(f'{$bytes / 2**20 / $initial:.0f}')") MiB/s, from start to caught up)"
+echo "replica at the end: identical to the source (qemu-img compare)"
 echo "${mem%,}"

@@ -80,6 +80,8 @@ pub struct ProtectedDisk {
     hold_gate: std::sync::RwLock<()>,
     /// The journal's limit in bytes.
     limit: AtomicU64,
+    /// Times the disk was made durable since it was opened.
+    disk_syncs: AtomicU64,
     metrics: DiskMetrics,
 }
 
@@ -96,6 +98,7 @@ struct DiskMetrics {
     dirty_bytes: metrics::Gauge,
     overflow: metrics::Gauge,
     resync_bytes: metrics::Counter,
+    disk_syncs: metrics::Counter,
 }
 
 impl DiskMetrics {
@@ -112,7 +115,8 @@ impl DiskMetrics {
             copy_bytes: metrics::counter!(m::COPY_BYTES, "disk" => d.clone()),
             dirty_bytes: metrics::gauge!(m::DIRTY_BYTES, "disk" => d.clone()),
             overflow: metrics::gauge!(m::OVERFLOW, "disk" => d.clone()),
-            resync_bytes: metrics::counter!(m::RESYNC_BYTES, "disk" => d),
+            resync_bytes: metrics::counter!(m::RESYNC_BYTES, "disk" => d.clone()),
+            disk_syncs: metrics::counter!(m::DISK_SYNCS, "disk" => d),
         }
     }
 }
@@ -165,9 +169,11 @@ impl ProtectedDisk {
         }
         disk.sync().with_context(|| format!("syncing {}", path.display()))?;
         let mut journal = journal;
-        if capture == Capture::Scan && !journal.sealed() {
-            // A scanned disk's records are copies never newer than the disk: mark them as on it, so that
-            // capturing it through NBD later never redoes them over the machine's own writes.
+        if !journal.sealed() {
+            // Every record is on the disk for good now: redone and synced (a FLUSH made only the journal
+            // durable), or, for a scanned disk, copies never newer than the disk. The next open redoes
+            // nothing again, and capturing a scanned disk through NBD later never redoes its records
+            // over the machine's own writes.
             journal
                 .mark_on_disk()
                 .with_context(|| format!("recording the journal of {} as on the disk", path.display()))?;
@@ -246,6 +252,7 @@ impl ProtectedDisk {
             fatal: Mutex::new(None),
             hold_gate: std::sync::RwLock::new(()),
             limit: AtomicU64::new(u64::MAX),
+            disk_syncs: AtomicU64::new(0),
             metrics: DiskMetrics::new(name),
         };
         if pd.copy_state().done && pd.mode().protected() && !pd.scanned() {
@@ -333,7 +340,7 @@ impl ProtectedDisk {
         if j.trims_anything(through) && j.on_disk() < through.min(j.last_seq()) {
             // What leaves the journal must be on the disk for good: after a power loss a restart could
             // no longer redo it, and the replica (which has it) would stay ahead of the disk.
-            self.disk.sync().map_err(|source| JournalError::Io { path: self.disk.path().to_path_buf(), source })?;
+            self.sync_disk().map_err(|source| JournalError::Io { path: self.disk.path().to_path_buf(), source })?;
             j.mark_on_disk()?;
         }
         let freed = j.trim_through(through)?;
@@ -630,7 +637,7 @@ impl ProtectedDisk {
                 }
                 Route::FlushDisk => {
                     drop(j);
-                    return Ok(self.disk.sync()?);
+                    return Ok(self.sync_disk()?);
                 }
                 Route::FlushJournal => {
                     if let Err(e) = j.append(&Op::Marker { kind: MarkerKind::Flush }) {
@@ -641,8 +648,11 @@ impl ProtectedDisk {
                     let (last, bytes, handle) = (j.last_seq(), j.bytes(), j.sync_handle());
                     drop(j);
                     self.after_append_with(last, bytes);
-                    handle.sync_data()?;
-                    return Ok(self.disk.sync()?);
+                    // The journal is the durability point: every acknowledged change is in it, and the
+                    // redo rule puts whatever the disk lost back at the next open. The disk is made
+                    // durable behind it, before records leave the journal (`on_applied_ack`) and before
+                    // a change bypasses it (the seal), so a FLUSH costs one fsync, not two.
+                    return Ok(handle.sync_data()?);
                 }
                 Route::Disk | Route::Dirty => {
                     if d.mode == Mode::Overflow {
@@ -708,9 +718,33 @@ impl ProtectedDisk {
     /// The redo rule's seal (see `mode.rs`): the disk and the journal durable, and the redo mark at the
     /// journal's newest record, before a change reaches the disk without a journal record.
     fn seal(&self, j: &mut Journal) -> Result<(), BackendError> {
-        self.disk.sync()?;
+        self.sync_disk()?;
         j.mark_on_disk().map_err(to_backend)?;
         tracing::debug!(disk = self.name, through = j.on_disk().0, "journaled changes sealed onto the disk");
+        Ok(())
+    }
+
+    /// Makes the disk durable (counted: a FLUSH while journaling leaves the disk to these checkpoints).
+    fn sync_disk(&self) -> std::io::Result<()> {
+        self.disk.sync()?;
+        self.disk_syncs.fetch_add(1, Ordering::Relaxed);
+        self.metrics.disk_syncs.increment(1);
+        Ok(())
+    }
+
+    /// How many times the disk was made durable since it was opened.
+    pub fn disk_syncs(&self) -> u64 {
+        self.disk_syncs.load(Ordering::Relaxed)
+    }
+
+    /// Drops every record of the journal (a new protection, or none), after sealing: a FLUSH made its
+    /// changes durable in the journal only, so the disk must hold them for good before they go.
+    fn drop_journal(&self, j: &mut Journal) -> anyhow::Result<()> {
+        if !j.sealed() {
+            use anyhow::Context;
+            self.seal(j).context("making the disk durable before dropping its journal")?;
+        }
+        j.reset()?;
         Ok(())
     }
 }
@@ -743,6 +777,69 @@ mod tests {
         drop(pd);
         let pd = ProtectedDisk::open(DiskId(1), "d", &path, &state, 4096, None).unwrap();
         assert_eq!(read(&pd, 8192), vec![5u8; 4096], "the journal's change was redone");
+    }
+
+    /// A FLUSH while journaling makes the journal durable and not the disk: the disk may lose what
+    /// was flushed (a power loss takes its page cache), and the next open puts it back from the journal,
+    /// once.
+    #[test]
+    fn a_flush_is_durable_in_the_journal_and_the_disk_is_redone_from_it() {
+        let d = tempfile::tempdir().unwrap();
+        let path = disk(d.path(), "source.img", 1 << 20);
+        let state = d.path().join("state");
+        let pd = ProtectedDisk::open(DiskId(1), "d", &path, &state, 4096, None).unwrap();
+        pd.protect(3).unwrap();
+        pd.write(8192, &[5u8; 4096], false).unwrap();
+        pd.zero(16384, 4096, false).unwrap();
+        pd.write(65536, &[6u8; 4096], true).unwrap();
+        pd.flush().unwrap();
+        assert_eq!(pd.disk_syncs(), 0, "a FLUSH while journaling synced the disk");
+        assert_eq!(pd.redo_mark(), Seq::ZERO);
+        drop(pd);
+        // The power loss: the disk lost every change since it was last durable (it never was).
+        let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&f, &[9u8; 3 << 12], 8192).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&f, &[0u8; 4096], 65536).unwrap();
+        drop(f);
+        let pd = ProtectedDisk::open(DiskId(1), "d", &path, &state, 4096, None).unwrap();
+        assert_eq!(read(&pd, 8192), vec![5u8; 4096], "a flushed write was lost");
+        assert_eq!(read(&pd, 16384), vec![0u8; 4096], "a flushed zeroing was lost");
+        assert_eq!(read(&pd, 65536), vec![6u8; 4096], "a FUA write was lost");
+        assert_eq!(pd.redo_mark(), pd.last_seq(), "what was redone is on the disk for good");
+        // Redone once: a write the machine makes past the journal later is never undone by it.
+        drop(pd);
+        let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&f, &[7u8; 4096], 8192).unwrap();
+        drop(f);
+        let pd = ProtectedDisk::open(DiskId(1), "d", &path, &state, 4096, None).unwrap();
+        assert_eq!(read(&pd, 8192), vec![7u8; 4096]);
+    }
+
+    /// Protection starting over, ending, or reprotect drops the journal: the disk holds its records for
+    /// good first, as a FLUSH left them in the journal only.
+    #[test]
+    fn the_journal_is_dropped_only_once_the_disk_holds_its_records_for_good() {
+        let d = tempfile::tempdir().unwrap();
+        let path = disk(d.path(), "source.img", 1 << 20);
+        let state = d.path().join("state");
+        let pd = ProtectedDisk::open(DiskId(1), "d", &path, &state, 4096, None).unwrap();
+        type Drop = fn(&ProtectedDisk);
+        let drops: [(&str, Drop); 3] = [
+            ("unprotect", |pd| pd.unprotect().unwrap()),
+            ("protect as another item", |pd| pd.protect(4).unwrap()),
+            ("reprotect", |pd| {
+                pd.reprotect(5, 0).unwrap();
+            }),
+        ];
+        for (what, drop_it) in drops {
+            pd.protect(3).unwrap();
+            pd.write(0, &[1u8; 4096], false).unwrap();
+            pd.flush().unwrap();
+            let before = pd.disk_syncs();
+            drop_it(&pd);
+            assert!(pd.disk_syncs() > before, "{what} dropped flushed records before the disk held them");
+            pd.unprotect().unwrap();
+        }
     }
 
     #[test]

@@ -538,7 +538,10 @@ impl Journal {
     }
 
     /// Drops every record and starts again at sequence number 1 (a new protection of the disk).
+    /// The caller made the disk hold every record for good first (the journal is sealed): a FLUSH
+    /// made changes durable in the journal only.
     pub fn reset(&mut self) -> Result<(), JournalError> {
+        debug_assert!(self.sealed(), "a journal dropped before the disk held its records");
         // Oldest first, so a failure part way leaves a journal that still opens (a run of newer segments).
         while let Some(s) = self.segments.first() {
             std::fs::remove_file(&s.path).map_err(io(&s.path))?;
@@ -781,6 +784,7 @@ mod tests {
         }
         let (before, snapshot) = (j.incarnation(), j.segments());
         // A new protection starts over while a reader holds the old snapshot.
+        j.mark_on_disk().unwrap();
         j.reset().unwrap();
         j.append(&write(0, 2, 512)).unwrap();
         let mut c = Cursor::at(Seq(1));
@@ -862,6 +866,7 @@ mod tests {
         for i in 0..12 {
             j.append(&write(0, i, 4 << 20)).unwrap();
         }
+        j.mark_on_disk().unwrap();
         j.reset().unwrap();
         assert_eq!((j.last_seq(), j.bytes(), j.segments().len()), (Seq(0), 0, 1));
         assert_eq!(j.append(&write(0, 1, 10)).unwrap(), Seq(1));
@@ -931,6 +936,8 @@ mod tests {
         f.write_all_at(&[0xff; 8], newest + 16).unwrap();
         let mut j = Journal::open(d.path()).unwrap();
         assert_eq!(j.on_disk(), Seq(1));
+        j.mark_on_disk().unwrap();
+        assert_eq!(j.on_disk(), Seq(3));
         j.reset().unwrap();
         assert_eq!(j.on_disk(), Seq::ZERO, "a new journal starts unmarked");
         j.append(&write(0, 3, 4096)).unwrap();

@@ -23,5 +23,8 @@ pub const FATAL: &str = "sr_agent_shipping_fatal";
 pub const DIRTY_BYTES: &str = "sr_agent_dirty_bytes";
 /// 1 while the journal is over its limit and changes are tracked in the dirty map.
 pub const OVERFLOW: &str = "sr_agent_journal_overflow";
+/// Times the disk was made durable: a FLUSH makes the journal durable, and the disk follows at
+/// checkpoints (before applied records leave the journal, before a change bypasses it).
+pub const DISK_SYNCS: &str = "sr_agent_disk_syncs_total";
 pub const RESYNC_BYTES: &str = "sr_agent_resync_copied_bytes_total";
 pub const RESYNC_COMPARED_RATIO: &str = "sr_agent_resync_compared_ratio";

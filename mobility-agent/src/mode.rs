@@ -148,7 +148,9 @@ pub enum Route {
     Dirty,
     /// Written to the disk only.
     Disk,
-    /// FLUSH: a flush marker appended, then the journal and the disk fsynced.
+    /// FLUSH: a flush marker appended, then the journal fsynced. The journal is the durability point;
+    /// the disk is made durable behind it (before applied records are trimmed, before a bypass), and a
+    /// restart redoes what it lost (the redo rule).
     FlushJournal,
     /// FLUSH: the disk fsynced (nothing new in the journal needs it).
     FlushDisk,

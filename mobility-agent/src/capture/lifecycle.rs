@@ -14,7 +14,7 @@ impl ProtectedDisk {
         }
         tracing::info!(disk = self.name, item, "protection assigned: starting a fresh journal and initial copy");
         let mut j = self.lock();
-        j.reset()?;
+        self.drop_journal(&mut j)?;
         self.clear_dirty()?;
         self.end_resync()?;
         self.start_protection(j, CopyState { cursor: 0, done: false, done_seq: 0, item: Some(item), ..st })?;
@@ -50,7 +50,7 @@ impl ProtectedDisk {
             _ => Mode::Tracking,
         };
         self.set_mode(&j, next);
-        j.reset()?;
+        self.drop_journal(&mut j)?;
         if st.generation == 0 {
             tracing::info!(disk = self.name, "not protected: journaling stopped, journal dropped");
             self.clear_dirty()?;
@@ -167,7 +167,7 @@ impl ProtectedDisk {
         let from_split = split.as_ref().is_some_and(|s| s.generation == baseline);
         let known = from_split || st.generation == baseline;
         let mut j = self.lock();
-        j.reset()?;
+        self.drop_journal(&mut j)?;
         if let Some(s) = split.filter(|_| from_split) {
             let mut d = self.dirty.lock().expect("dirty lock poisoned");
             for (o, l) in &s.changed {
