@@ -109,21 +109,10 @@ pub async fn begin_reprotect(cs: &Arc<Cs>, id: u64, req: ReprotectReq, by: &str)
                 prefer: &Option<String>,
                 avoid: &Option<String>|
      -> Result<String, ApiError> {
-        if let Some(w) = want {
-            return comps
-                .iter()
-                .find(|c| &c.name == w && c.role == role && live(c))
-                .map(|c| c.name.clone())
-                .ok_or_else(|| ApiError::conflict(&format!("{w} is not a live {role:?}")));
-        }
-        let cands: Vec<&Component> = comps.iter().filter(|c| c.role == role && live(c)).collect();
-        cands
-            .iter()
-            .find(|c| Some(&c.name) == prefer.as_ref())
-            .or_else(|| cands.iter().find(|c| Some(&c.name) != avoid.as_ref()))
-            .or_else(|| cands.first())
-            .map(|c| c.name.clone())
-            .ok_or_else(|| ApiError::conflict(&format!("no live {role:?} to reprotect with")))
+        let of_role: Vec<(&str, bool)> =
+            comps.iter().filter(|c| c.role == role).map(|c| (c.name.as_str(), live(c))).collect();
+        choose(&of_role, want.as_deref(), prefer.as_deref(), avoid.as_deref())
+            .map_err(|e| ApiError::conflict(&e.message(&format!("{role:?}"))))
     };
     let mt = pick(&req.master_target, ComponentRole::MasterTarget, &item.previous_master_target, &item.master_target)?;
     let ps = pick(&req.process_server, ComponentRole::ProcessServer, &None, &None)?;
@@ -168,4 +157,93 @@ pub async fn begin_reprotect(cs: &Arc<Cs>, id: u64, req: ReprotectReq, by: &str)
         ),
     )?;
     Ok(job.job.id)
+}
+
+/// Why no component could be chosen for a reprotect.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ChoiceError {
+    /// The one asked for is not a live component of the role.
+    NotLive(String),
+    /// None of the role is live.
+    NoneLive,
+    /// Only the one to avoid (the failed-over-to master target, on the recovery site) is live, and the
+    /// deployment has others: the reverse replica would land on the wrong site.
+    OnlyAvoided { avoided: String, others: Vec<String> },
+}
+
+impl ChoiceError {
+    fn message(&self, role: &str) -> String {
+        match self {
+            ChoiceError::NotLive(w) => format!("{w} is not a live {role}"),
+            ChoiceError::NoneLive => format!("no live {role} to reprotect with"),
+            ChoiceError::OnlyAvoided { avoided, others } => format!(
+                "the only live {role} is {avoided}, which serves the failed-over disks on the recovery site; \
+                 start one on the other site ({}) or name it with master_target",
+                others.join(", ")
+            ),
+        }
+    }
+}
+
+/// The component a reprotect uses, among `of_role` (name, live): the one asked for (`want`), else the
+/// one preferred (the master target that held the item before the failover), else any live one but
+/// `avoid` (the one failed over to). `avoid` itself only when it is the only one of its role (a
+/// deployment on one host).
+pub fn choose(
+    of_role: &[(&str, bool)],
+    want: Option<&str>,
+    prefer: Option<&str>,
+    avoid: Option<&str>,
+) -> Result<String, ChoiceError> {
+    let live: Vec<&str> = of_role.iter().filter(|(_, l)| *l).map(|(n, _)| *n).collect();
+    if let Some(w) = want {
+        return live
+            .iter()
+            .find(|n| **n == w)
+            .map(|n| n.to_string())
+            .ok_or_else(|| ChoiceError::NotLive(w.to_string()));
+    }
+    if let Some(p) = live.iter().find(|n| Some(**n) == prefer) {
+        return Ok(p.to_string());
+    }
+    if let Some(n) = live.iter().find(|n| Some(**n) != avoid) {
+        return Ok(n.to_string());
+    }
+    match live.first() {
+        None => Err(ChoiceError::NoneLive),
+        Some(only) if of_role.len() == 1 => Ok(only.to_string()),
+        Some(only) => Err(ChoiceError::OnlyAvoided {
+            avoided: only.to_string(),
+            others: of_role.iter().filter(|(n, _)| n != only).map(|(n, _)| n.to_string()).collect(),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reprotect_never_puts_the_reverse_replica_on_the_recovery_site_unless_it_is_the_only_one() {
+        let two = [("mt-a", true), ("mt-b", true)];
+        // The one asked for, if live.
+        assert_eq!(choose(&two, Some("mt-b"), Some("mt-a"), None), Ok("mt-b".into()));
+        assert_eq!(choose(&[("mt-a", false)], Some("mt-a"), None, None), Err(ChoiceError::NotLive("mt-a".into())));
+        // The one that held the item before, else any but the failed-over-to one.
+        assert_eq!(choose(&two, None, Some("mt-a"), Some("mt-b")), Ok("mt-a".into()));
+        assert_eq!(choose(&two, None, None, Some("mt-a")), Ok("mt-b".into()));
+        // Site A's master target not (yet) live: refused, naming it, not placed on site B.
+        let down = [("mt-a", false), ("mt-b", true)];
+        assert_eq!(
+            choose(&down, None, Some("mt-a"), Some("mt-b")),
+            Err(ChoiceError::OnlyAvoided { avoided: "mt-b".into(), others: vec!["mt-a".into()] })
+        );
+        // One master target in the whole deployment (one host): it is used.
+        assert_eq!(choose(&[("mt", true)], None, Some("mt"), Some("mt")), Ok("mt".into()));
+        assert_eq!(choose(&[("mt", true)], None, None, Some("mt")), Ok("mt".into()));
+        assert_eq!(choose(&[("mt", false)], None, None, None), Err(ChoiceError::NoneLive));
+        assert_eq!(choose(&[], None, None, None), Err(ChoiceError::NoneLive));
+        // Nothing to avoid (process servers): any live one.
+        assert_eq!(choose(&down, None, None, None), Ok("mt-b".into()));
+    }
 }

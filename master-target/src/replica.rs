@@ -241,6 +241,10 @@ impl Backend for ReplicaExport {
     fn flush(&self) -> Result<(), BackendError> {
         Ok(())
     }
+    fn extents(&self, offset: u64, len: u64, max: usize) -> Result<Vec<sr_common::nbd::Extent>, BackendError> {
+        let _r = self.0.gate.read().expect("replica gate poisoned");
+        Ok(self.0.disk.extents(offset, len, max))
+    }
 }
 
 #[cfg(test)]

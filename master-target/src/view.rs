@@ -65,6 +65,16 @@ impl ViewMap {
         self.pieces.len()
     }
 
+    /// The (offset, length) ranges inside `start..end` where the point differs from the replica.
+    pub fn ranges_within(&self, start: u64, end: u64) -> Vec<(u64, u64)> {
+        if end <= start {
+            return Vec::new();
+        }
+        let first = self.pieces.range(..=start).next_back().filter(|(_, (e, _))| *e > start);
+        let rest = self.pieces.range(start.saturating_add(1)..end);
+        first.into_iter().chain(rest).map(|(s, (e, _))| (*s, e - s)).collect()
+    }
+
     /// The (offset, length) ranges where the point differs from the replica.
     pub fn ranges(&self) -> Vec<(u64, u64)> {
         self.pieces.iter().map(|(s, (e, _))| (*s, e - s)).collect()
@@ -282,6 +292,23 @@ impl Backend for PointView {
             ov.sync()?;
         }
         Ok(())
+    }
+    /// The replica's holes, less what the point's undo records and the overlay's blocks hold there.
+    fn extents(&self, offset: u64, len: u64, max: usize) -> Result<Vec<sr_common::nbd::Extent>, BackendError> {
+        let end = offset.saturating_add(len);
+        let written = self.overlay.as_ref().map(|ov| ov.written.lock().expect("overlay lock poisoned"));
+        let _r = self.replica.gate.read().expect("replica gate poisoned");
+        let map = self.map.lock().expect("view map poisoned");
+        let mut over = map.ranges_within(offset, end);
+        if let Some(w) = &written {
+            for b in offset / BLOCK..end.div_ceil(BLOCK) {
+                if Overlay::is_written(w, b) {
+                    over.push((b * BLOCK, BLOCK));
+                }
+            }
+        }
+        let ext = self.replica.disk.extents(offset, len, max);
+        Ok(sr_common::disk::cover(&ext, offset, &over))
     }
 }
 

@@ -3,13 +3,17 @@
 //!
 //! ```text
 //! NBD WRITE --> lock --> journal.append (in kernel) --> disk.pwrite --> unlock --> wake shipper --> reply
-//! NBD FLUSH --> lock --> journal.append(Flush marker) --> unlock --> fsync journal, fsync disk --> reply
+//! NBD FLUSH --> lock --> journal.append(Flush marker) --> unlock --> fsync journal --> reply
+//!              (the disk too only when changes bypassed the journal since it was last durable; else
+//!              the disk is synced behind the journal: before applied records are trimmed, before a
+//!              bypass, before the journal is dropped, and a restart redoes what it lost)
 //! initial copy --> lock --> pread chunk --> journal.append (unless zero) --> unlock
 //! journal over its limit --> writes mark the dirty map (durably) instead of the journal, until the
 //!              journal drained to half its limit; then the dirty blocks are copied into the journal
 //!              like the initial copy (lock --> pread --> append --> clear bit --> unlock)
-//! start-up --> redo the journaled changes after the redo mark onto the disk (the journal is written
-//!              first, so the disk may lack the last change when the agent was killed between the two)
+//! start-up --> redo the journaled changes after the redo mark onto the disk, sync it, move the mark
+//!              (the journal is written first and made durable first, so the disk may lack changes
+//!              after a kill or a power loss)
 //! ```
 //!
 //! Which way a change goes is decided by one pure rule, [`crate::mode::route`], for WRITE,
@@ -30,7 +34,7 @@ use sr_common::nbd::{Backend, BackendError};
 use sr_common::types::{DiskId, Seq};
 use sr_common::wire::{MarkerKind, Op};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 
 mod copy;
@@ -82,6 +86,11 @@ pub struct ProtectedDisk {
     limit: AtomicU64,
     /// Times the disk was made durable since it was opened.
     disk_syncs: AtomicU64,
+    /// The disk holds changes that bypassed the journal since it was last durable: a FLUSH syncs it.
+    disk_behind: AtomicBool,
+    /// A sync of the disk failed: a failed fsync is reported once, so none may count as durable again
+    /// (no FLUSH succeeds, no record leaves the journal) until a restart redoes the journal onto it.
+    disk_failed: AtomicBool,
     metrics: DiskMetrics,
 }
 
@@ -253,6 +262,8 @@ impl ProtectedDisk {
             hold_gate: std::sync::RwLock::new(()),
             limit: AtomicU64::new(u64::MAX),
             disk_syncs: AtomicU64::new(0),
+            disk_behind: AtomicBool::new(false),
+            disk_failed: AtomicBool::new(false),
             metrics: DiskMetrics::new(name),
         };
         if pd.copy_state().done && pd.mode().protected() && !pd.scanned() {
@@ -598,6 +609,10 @@ impl Backend for ProtectedDisk {
     fn flush(&self) -> Result<(), BackendError> {
         self.change(Operation::Flush, 0, None, false)
     }
+    fn extents(&self, offset: u64, len: u64, max: usize) -> Result<Vec<sr_common::nbd::Extent>, BackendError> {
+        // Holes read as zeroes: trimming and zeroing punch them.
+        Ok(self.disk.extents(offset, len, max))
+    }
 }
 
 impl ProtectedDisk {
@@ -621,6 +636,7 @@ impl ProtectedDisk {
             limit: self.limit.load(Ordering::Relaxed),
             sealed: j.sealed(),
             append_failed: self.journal_trouble.load(Ordering::Acquire),
+            disk_behind: self.disk_behind.load(Ordering::Acquire) || j.failed(),
         };
         let appended = loop {
             let d = mode::route(self.mode(), op, view);
@@ -639,12 +655,14 @@ impl ProtectedDisk {
                     drop(j);
                     return Ok(self.sync_disk()?);
                 }
-                Route::FlushJournal => {
+                Route::FlushJournal | Route::FlushBoth => {
                     if let Err(e) = j.append(&Op::Marker { kind: MarkerKind::Flush }) {
                         self.journal_failed(&e);
                         view = JournalView { sealed: j.sealed(), append_failed: true, ..view };
                         continue;
                     }
+                    // The append may have closed a segment, and that fsync may have failed.
+                    let disk_too = d.route == Route::FlushBoth || j.failed();
                     let (last, bytes, handle) = (j.last_seq(), j.bytes(), j.sync_handle());
                     drop(j);
                     self.after_append_with(last, bytes);
@@ -652,12 +670,21 @@ impl ProtectedDisk {
                     // redo rule puts whatever the disk lost back at the next open. The disk is made
                     // durable behind it, before records leave the journal (`on_applied_ack`) and before
                     // a change bypasses it (the seal), so a FLUSH costs one fsync, not two.
-                    return Ok(handle.sync_data()?);
+                    if let Err(e) = handle.sync_data() {
+                        self.lock().fail(format!("a FLUSH's fsync of the journal failed ({e}); restart the agent"));
+                        return Err(e.into());
+                    }
+                    if disk_too {
+                        self.sync_disk()?;
+                    }
+                    return Ok(());
                 }
                 Route::Disk | Route::Dirty => {
                     if d.mode == Mode::Overflow {
                         self.note_bypass(&mut j);
                     }
+                    // Not in the journal: only a sync of the disk makes it durable.
+                    self.disk_behind.store(true, Ordering::Release);
                     if d.route == Route::Dirty {
                         self.dirty.lock().expect("dirty lock poisoned").mark(offset, len)?;
                     }
@@ -725,8 +752,21 @@ impl ProtectedDisk {
     }
 
     /// Makes the disk durable (counted: a FLUSH while journaling leaves the disk to these checkpoints).
-    fn sync_disk(&self) -> std::io::Result<()> {
-        self.disk.sync()?;
+    pub(super) fn sync_disk(&self) -> std::io::Result<()> {
+        if self.disk_failed.load(Ordering::Acquire) {
+            return Err(std::io::Error::other(format!(
+                "an earlier sync of {} failed; restart the agent to redo its journal onto it",
+                self.disk.path().display()
+            )));
+        }
+        // Cleared first: a change that bypasses the journal during the sync sets it again.
+        let behind = self.disk_behind.swap(false, Ordering::AcqRel);
+        if let Err(e) = self.disk.sync() {
+            self.disk_behind.fetch_or(behind, Ordering::AcqRel);
+            self.disk_failed.store(true, Ordering::Release);
+            tracing::error!(disk = self.name, error = %e, "syncing the disk failed: no change counts as durable until a restart");
+            return Err(e);
+        }
         self.disk_syncs.fetch_add(1, Ordering::Relaxed);
         self.metrics.disk_syncs.increment(1);
         Ok(())
@@ -813,6 +853,41 @@ mod tests {
         drop(f);
         let pd = ProtectedDisk::open(DiskId(1), "d", &path, &state, 4096, None).unwrap();
         assert_eq!(read(&pd, 8192), vec![7u8; 4096]);
+    }
+
+    /// Changes that bypassed the journal (past its limit, or unprotected) are durable only once the disk
+    /// is: the first FLUSH after them syncs the disk too, also once the disk journals again.
+    #[test]
+    fn a_flush_after_changes_that_bypassed_the_journal_syncs_the_disk_too() {
+        let d = tempfile::tempdir().unwrap();
+        let path = disk(d.path(), "source.img", 1 << 20);
+        let state = d.path().join("state");
+        let pd = ProtectedDisk::open(DiskId(1), "d", &path, &state, 4096, None).unwrap();
+        pd.protect(3).unwrap();
+        pd.set_limit(8192);
+        pd.write(0, &[1u8; 4096], false).unwrap();
+        pd.write(65536, &[2u8; 16384], false).unwrap();
+        assert_eq!(pd.mode(), Mode::Overflow);
+        // Journaling again before any FLUSH: the overflowed write is in no journal record.
+        pd.set_limit(1 << 30);
+        pd.write(4096, &[3u8; 4096], false).unwrap();
+        assert_eq!(pd.mode(), Mode::Journaling);
+        let before = pd.disk_syncs();
+        pd.flush().unwrap();
+        assert!(pd.disk_syncs() > before, "a FLUSH left a write that bypassed the journal in the page cache");
+        // Once durable, FLUSHes go back to syncing the journal only.
+        let before = pd.disk_syncs();
+        pd.write(8192, &[4u8; 4096], false).unwrap();
+        pd.flush().unwrap();
+        assert_eq!(pd.disk_syncs(), before);
+
+        // Unprotected, then protected: the first FLUSH syncs the disk.
+        pd.unprotect().unwrap();
+        pd.write(0, &[5u8; 4096], false).unwrap();
+        pd.protect(4).unwrap();
+        let before = pd.disk_syncs();
+        pd.write(4096, &[6u8; 4096], true).unwrap();
+        assert!(pd.disk_syncs() > before, "a FUA write after unprotected writes left them in the page cache");
     }
 
     /// Protection starting over, ending, or reprotect drops the journal: the disk holds its records for

@@ -521,14 +521,31 @@ impl Journal {
     }
 
     fn rotate(&mut self) -> Result<(), JournalError> {
-        let old = self.segments.last().expect("at least one segment");
-        self.active.sync_data().map_err(io(&old.path))?;
+        let old = self.segments.last().expect("at least one segment").path.clone();
+        if let Err(e) = self.active.sync_data() {
+            // A failed fsync is reported once: trying again would report success for data that may be
+            // gone. The journal takes no more appends until a restart.
+            self.fail(format!("an fsync of {} failed ({e}); restart the agent to recover", old.display()));
+            return Err(io(&old)(e));
+        }
         let path = seg_path(&self.dir, self.next);
         let f = OpenOptions::new().create(true).append(true).open(&path).map_err(io(&path))?;
         sr_common::crashsafe::fsync_dir(&self.dir).map_err(io(&self.dir))?;
         self.active = Arc::new(f);
         self.segments.push(Segment { first: self.next, last: Seq(self.next.0 - 1), path, bytes: 0 });
         Ok(())
+    }
+
+    /// A write or fsync of the journal failed in a way that may have lost records: it takes no more
+    /// appends until the agent restarts (and its FLUSHes make the disk durable instead).
+    pub fn fail(&mut self, reason: String) {
+        tracing::error!(dir = %self.dir.display(), reason, "the journal takes no more changes");
+        self.broken = Some(reason);
+    }
+
+    /// Whether [`Journal::fail`] stopped the journal.
+    pub fn failed(&self) -> bool {
+        self.broken.is_some()
     }
 
     /// The active segment's file, to fsync outside the disk's lock. Closed segments were fsynced when

@@ -135,6 +135,9 @@ pub struct JournalView {
     /// The journal cannot take an append: its volume is full, or an append failed, and no space has
     /// been freed since. Changes then go to the dirty map, never refused.
     pub append_failed: bool,
+    /// The journal alone does not make every acknowledged change durable: changes bypassed it since the
+    /// disk was last durable, or one of its fsyncs failed. A FLUSH syncs the disk too.
+    pub disk_behind: bool,
 }
 
 /// Where a change goes.
@@ -152,6 +155,9 @@ pub enum Route {
     /// the disk is made durable behind it (before applied records are trimmed, before a bypass), and a
     /// restart redoes what it lost (the redo rule).
     FlushJournal,
+    /// FLUSH: as [`Route::FlushJournal`], and the disk fsynced too: it holds changes the journal does
+    /// not (they bypassed it since the disk was last durable), or a journal fsync failed.
+    FlushBoth,
     /// FLUSH: the disk fsynced (nothing new in the journal needs it).
     FlushDisk,
 }
@@ -173,6 +179,7 @@ pub fn route(mode: Mode, op: Operation, j: JournalView) -> Decision {
     if op == Operation::Flush {
         return match mode {
             Mode::Journaling if j.append_failed => bypass(Mode::Overflow, Route::FlushDisk),
+            Mode::Journaling if j.disk_behind => keep(Route::FlushBoth),
             Mode::Journaling => keep(Route::FlushJournal),
             _ => keep(Route::FlushDisk),
         };
@@ -242,7 +249,9 @@ mod tests {
         for pending in [0, LIMIT / 4, LIMIT * 3 / 4, LIMIT] {
             for sealed in [false, true] {
                 for append_failed in [false, true] {
-                    out.push(JournalView { pending, limit: LIMIT, sealed, append_failed });
+                    for disk_behind in [false, true] {
+                        out.push(JournalView { pending, limit: LIMIT, sealed, append_failed, disk_behind });
+                    }
                 }
             }
         }
@@ -256,6 +265,7 @@ mod tests {
         let d = |mode, route, seal| Decision { mode, route, seal };
         match (mode, change) {
             (Mode::Journaling, false) if j.append_failed => d(Mode::Overflow, Route::FlushDisk, !j.sealed),
+            (Mode::Journaling, false) if j.disk_behind => d(mode, Route::FlushBoth, false),
             (Mode::Journaling, false) => d(mode, Route::FlushJournal, false),
             (_, false) => d(mode, Route::FlushDisk, false),
             (Mode::Stopped { .. }, true) => d(mode, Route::Refuse, false),
@@ -289,7 +299,7 @@ mod tests {
                 }
             }
         }
-        assert_eq!(cases, 6 * 4 * 16);
+        assert_eq!(cases, 6 * 4 * 32);
     }
 
     #[test]
@@ -306,7 +316,7 @@ mod tests {
     #[test]
     fn a_full_journal_volume_never_refuses_a_write_or_a_flush() {
         for mode in [Mode::Journaling, Mode::Overflow] {
-            let j = JournalView { pending: 0, limit: LIMIT, sealed: false, append_failed: true };
+            let j = JournalView { pending: 0, limit: LIMIT, sealed: false, append_failed: true, disk_behind: true };
             let d = route(mode, Operation::Write { len: 4096 }, j);
             assert_eq!((d.mode, d.route, d.seal), (Mode::Overflow, Route::Dirty, true));
             let d = route(mode, Operation::Flush, j);

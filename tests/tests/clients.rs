@@ -1,5 +1,6 @@
 //! Real NBD clients against the agent's export: fio with data verification at queue depth 1 and 32,
-//! and a malformed client that must get errors or a closed connection while others are served.
+//! a malformed client that must get errors or a closed connection while others are served, and block
+//! status (nbdinfo --map, qemu-img map) on the agent's and the replica's exports.
 
 // Test code: a failed unwrap is a failed test, with its message.
 #![allow(clippy::unwrap_used)]
@@ -206,4 +207,74 @@ fn malformed_clients_get_errors_and_others_are_still_served() {
     wait_caught_up(&local, Duration::from_secs(60)).unwrap();
     compare(local.disks[0].path.to_str().unwrap(), &local.replica_uri(1)).unwrap();
     check_apply_log(&local, 1).unwrap();
+}
+
+/// The data extents (offset, length) of an NBD export as `nbdinfo --map` (libnbd's block status)
+/// reads them; every other byte is reported as a hole that reads as zeroes.
+fn data_extents(uri: &str) -> Vec<(u64, u64)> {
+    let out = run("nbdinfo", &["--map", "--json", uri]).unwrap();
+    let map: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
+    let mut data = Vec::new();
+    for e in map {
+        let (offset, length, kind) = (e["offset"].as_u64().unwrap(), e["length"].as_u64().unwrap(), e["type"].as_u64());
+        match kind {
+            Some(0) => data.push((offset, length)),
+            Some(3) => {}
+            other => panic!("{uri}: unexpected extent type {other:?} in {out}"),
+        }
+    }
+    data
+}
+
+#[test]
+fn block_status_lets_real_clients_skip_the_holes_of_the_agents_and_the_replicas_exports() {
+    let dir = test_dir();
+    let size = 64 * MIB;
+    let (local, _procs) = start(dir.path(), size);
+    let uri = local.agent_uri("disk0");
+    run(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0x11 8M 1M",
+            "-c",
+            "write -P 0x22 40M 64k",
+            "-c",
+            "write -z 40M 4k",
+            "-c",
+            "flush",
+            &uri,
+        ],
+    )
+    .unwrap();
+    let want = vec![(8 * MIB, MIB), (40 * MIB + 4096, 60 << 10)];
+    assert_eq!(data_extents(&uri), want, "the agent's export");
+    // qemu-img reads the same map through qemu's own NBD client.
+    let map = run("qemu-img", &["map", "--output=json", "-f", "raw", &uri]).unwrap();
+    let map: Vec<serde_json::Value> = serde_json::from_str(&map).unwrap();
+    let data: Vec<(u64, u64)> = map
+        .iter()
+        .filter(|e| e["data"] == true)
+        .map(|e| (e["start"].as_u64().unwrap(), e["length"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(data, want, "qemu-img map: {map:?}");
+    // nbdcopy copies the export and its destination is the source byte for byte.
+    let copy = dir.path().join("copy.img");
+    run("nbdcopy", &[&uri, copy.to_str().unwrap()]).unwrap();
+    compare(local.disks[0].path.to_str().unwrap(), copy.to_str().unwrap()).unwrap();
+
+    // The master target's replica export (TLS) has the same holes once it caught up.
+    wait_caught_up(&local, Duration::from_secs(60)).unwrap();
+    let replica = data_extents(&local.replica_uri(1));
+    for (o, l) in &want {
+        assert!(
+            replica.iter().any(|(ro, rl)| ro <= o && o + l <= ro + rl),
+            "the replica lacks data at {o}: {replica:?}"
+        );
+    }
+    let data: u64 = replica.iter().map(|(_, l)| l).sum();
+    assert!(data <= 2 * MIB, "the replica reports {data} bytes of data for 1 MiB written: {replica:?}");
+    compare(local.disks[0].path.to_str().unwrap(), &local.replica_uri(1)).unwrap();
 }

@@ -1,5 +1,6 @@
-//! An NBD server (fixed newstyle handshake, simple replies, STARTTLS with client certificates when
-//! configured TLS-only) over any [`Backend`].
+//! An NBD server (fixed newstyle handshake, simple replies, structured replies with block status
+//! (`base:allocation`) when the client asks, STARTTLS with client certificates when configured
+//! TLS-only) over any [`Backend`].
 //!
 //! The agent serves protected disks through it (each write journaled before it is acknowledged), and
 //! the master target serves replicas read-only. Each connection runs on its own thread with blocking
@@ -7,14 +8,17 @@
 //! already buffered, so a pipelining client (queue depth 32) gets its replies in batches.
 //!
 //! ```text
-//! client --handshake--> options (GO / INFO / EXPORT_NAME / LIST / ABORT) --> transmission
-//! transmission: request --> check range and size --> Backend op --> simple reply (+ data for READ)
+//! client --handshake--> options (GO / INFO / EXPORT_NAME / LIST / ABORT / STRUCTURED_REPLY /
+//!                                 LIST_META_CONTEXT / SET_META_CONTEXT) --> transmission
+//! transmission: request --> check range and size --> Backend op --> simple reply (+ data for READ),
+//!               or with structured replies: READ as one data chunk, BLOCK_STATUS as one extents chunk
 //! ```
 
 pub mod local;
 pub mod proto;
 pub mod server;
 
+pub use crate::disk::Extent;
 pub use server::{serve_tcp, serve_unix, Allowed, Exports, NbdTls, TcpAccess};
 
 /// Error of a backend operation, mapped to an NBD error code in the reply.
@@ -46,4 +50,11 @@ pub trait Backend: Send + Sync {
     }
     /// Makes every completed write durable.
     fn flush(&self) -> Result<(), BackendError>;
+    /// What `offset..offset+len` (inside the disk) holds: data, or holes that read as zeroes, at most
+    /// `max` extents covering a prefix of the range (NBD_CMD_BLOCK_STATUS, `base:allocation`). A
+    /// backend that cannot tell says data.
+    fn extents(&self, offset: u64, len: u64, max: usize) -> Result<Vec<Extent>, BackendError> {
+        let _ = (offset, max);
+        Ok(vec![Extent { len, hole: false }])
+    }
 }

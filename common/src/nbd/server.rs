@@ -267,10 +267,9 @@ fn run_conn<S: Stream>(s: S, exports: &Exports, tls: Option<&NbdTls>) -> Result<
     let mut r = BufReader::with_capacity(512 * 1024, s.split()?);
     let mut w = BufWriter::with_capacity(512 * 1024, s);
     let no_zeroes = greet(&mut r, &mut w)?;
-    let mut ctx =
-        Negotiation { started: std::time::Instant::now(), no_zeroes, tls_required: tls.is_some(), peer: None };
-    let (backend, slot) = match negotiate(&mut r, &mut w, exports, &mut ctx)? {
-        Negotiated::Go(b, slot) => (b, slot),
+    let mut ctx = Negotiation::new(no_zeroes, tls.is_some());
+    let (backend, slot, session) = match negotiate(&mut r, &mut w, exports, &mut ctx)? {
+        Negotiated::Go(b, slot, session) => (b, slot, session),
         Negotiated::Done => return Ok(()),
         Negotiated::StartTls => {
             let tls = tls.expect("STARTTLS is accepted only when TLS is configured");
@@ -286,7 +285,7 @@ fn run_conn<S: Stream>(s: S, exports: &Exports, tls: Option<&NbdTls>) -> Result<
     w.get_ref().set_timeout(None)?;
     r.get_ref().set_timeout(None)?;
     let _slot = slot;
-    let res = transmission(&mut r, &mut w, backend.as_ref(), &mut || true);
+    let res = transmission(&mut r, &mut w, backend.as_ref(), session, &mut || true);
     let _ = w.flush();
     res
 }
@@ -310,13 +309,13 @@ fn serve_tls<S: Stream>(sock: S, exports: &Exports, tls: &NbdTls, mut ctx: Negot
         }
         None => return Err(ConnError::Tls("the client certificate names no role".into())),
     }
-    ctx.peer = peer;
-    ctx.tls_required = false;
+    // Options agreed before TLS do not carry over (only STARTTLS was answered anyway).
+    ctx = Negotiation { peer, tls_required: false, ..Negotiation::new(ctx.no_zeroes, false) };
     let shared = std::rc::Rc::new(std::cell::RefCell::new(stream));
     let mut r = BufReader::with_capacity(512 * 1024, Half(shared.clone()));
     let mut w = BufWriter::with_capacity(512 * 1024, Half(shared.clone()));
-    let (backend, slot) = match negotiate(&mut r, &mut w, exports, &mut ctx)? {
-        Negotiated::Go(b, slot) => (b, slot),
+    let (backend, slot, session) = match negotiate(&mut r, &mut w, exports, &mut ctx)? {
+        Negotiated::Go(b, slot, session) => (b, slot, session),
         Negotiated::Done => return Ok(()),
         Negotiated::StartTls => unreachable!("STARTTLS is refused once TLS is on"),
     };
@@ -333,7 +332,7 @@ fn serve_tls<S: Stream>(sock: S, exports: &Exports, tls: &NbdTls, mut ctx: Negot
         seen = now;
         crate::tls::client_still_valid(&tls.id, &cert)
     };
-    let res = transmission(&mut r, &mut w, backend.as_ref(), &mut trusted);
+    let res = transmission(&mut r, &mut w, backend.as_ref(), session, &mut trusted);
     let _ = w.flush();
     shared.borrow_mut().conn.send_close_notify();
     let _ = w.flush();
@@ -396,9 +395,9 @@ pub fn serve_connection<R: Read, W: Write>(r: R, w: W, exports: &Exports) -> std
     let mut w = BufWriter::new(w);
     let res = (|| {
         let no_zeroes = greet(&mut r, &mut w)?;
-        let mut ctx = Negotiation { started: std::time::Instant::now(), no_zeroes, tls_required: false, peer: None };
+        let mut ctx = Negotiation::new(no_zeroes, false);
         match negotiate(&mut r, &mut w, exports, &mut ctx)? {
-            Negotiated::Go(b, _slot) => transmission(&mut r, &mut w, b.as_ref(), &mut || true),
+            Negotiated::Go(b, _slot, session) => transmission(&mut r, &mut w, b.as_ref(), session, &mut || true),
             Negotiated::Done | Negotiated::StartTls => Ok(()),
         }
     })();
@@ -427,10 +426,42 @@ struct Negotiation {
     tls_required: bool,
     /// The client's certificate, once TLS is on.
     peer: Option<Peer>,
+    /// The client asked for structured replies (NBD_OPT_STRUCTURED_REPLY).
+    structured: bool,
+    /// The export the last SET_META_CONTEXT named, and whether it selected `base:allocation`.
+    meta: Option<(String, bool)>,
+}
+
+impl Negotiation {
+    fn new(no_zeroes: bool, tls_required: bool) -> Negotiation {
+        Negotiation {
+            started: std::time::Instant::now(),
+            no_zeroes,
+            tls_required,
+            peer: None,
+            structured: false,
+            meta: None,
+        }
+    }
+
+    /// What transmission on export `name` may use.
+    fn session(&self, name: &str) -> Session {
+        let allocation = self.structured && self.meta.as_ref().is_some_and(|(n, on)| *on && n == name);
+        Session { structured: self.structured, allocation }
+    }
+}
+
+/// What a connection agreed on for transmission.
+#[derive(Debug, Clone, Copy, Default)]
+struct Session {
+    /// READ answers with a structured reply.
+    structured: bool,
+    /// BLOCK_STATUS answers for `base:allocation`.
+    allocation: bool,
 }
 
 enum Negotiated {
-    Go(Arc<dyn Backend>, Slot),
+    Go(Arc<dyn Backend>, Slot, Session),
     StartTls,
     Done,
 }
@@ -492,7 +523,7 @@ fn negotiate<R: Read, W: Write>(
                     w.write_all(&[0u8; 124])?;
                 }
                 w.flush()?;
-                return Ok(Negotiated::Go(b, slot));
+                return Ok(Negotiated::Go(b, slot, ctx.session(&name)));
             }
             OPT_ABORT => {
                 let _ = opt_reply(w, opt, REP_ACK, &[]);
@@ -554,12 +585,82 @@ fn negotiate<R: Read, W: Write>(
                 opt_reply(w, opt, REP_INFO, &bs)?;
                 opt_reply(w, opt, REP_ACK, &[])?;
                 if opt == OPT_GO {
-                    return Ok(Negotiated::Go(b, slot));
+                    return Ok(Negotiated::Go(b, slot, ctx.session(&name)));
                 }
+            }
+            OPT_STRUCTURED_REPLY => {
+                if len != 0 {
+                    opt_reply(w, opt, REP_ERR_INVALID, b"STRUCTURED_REPLY takes no data")?;
+                    continue;
+                }
+                ctx.structured = true;
+                opt_reply(w, opt, REP_ACK, &[])?;
+            }
+            OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
+                let set = opt == OPT_SET_META_CONTEXT;
+                if set && !ctx.structured {
+                    opt_reply(w, opt, REP_ERR_INVALID, b"SET_META_CONTEXT needs structured replies first")?;
+                    continue;
+                }
+                let Some((name, queries)) = parse_meta_request(&data) else {
+                    opt_reply(w, opt, REP_ERR_INVALID, b"malformed META_CONTEXT request")?;
+                    continue;
+                };
+                match exports.find(&name, peer) {
+                    Lookup::Found(_) => {}
+                    Lookup::Missing => {
+                        opt_reply(w, opt, REP_ERR_UNKNOWN, format!("no export named {name:?}").as_bytes())?;
+                        continue;
+                    }
+                    Lookup::Denied => {
+                        let who = peer.map_or("this client".to_string(), |p| p.name.clone());
+                        opt_reply(w, opt, REP_ERR_POLICY, format!("{who} may not open export {name:?}").as_bytes())?;
+                        continue;
+                    }
+                }
+                let chosen = meta_selects(&queries, set);
+                if set {
+                    ctx.meta = Some((name, chosen));
+                }
+                if chosen {
+                    let mut d = META_BASE_ALLOCATION_ID.to_be_bytes().to_vec();
+                    d.extend_from_slice(META_BASE_ALLOCATION.as_bytes());
+                    opt_reply(w, opt, REP_META_CONTEXT, &d)?;
+                }
+                opt_reply(w, opt, REP_ACK, &[])?;
             }
             _ => opt_reply(w, opt, REP_ERR_UNSUP, b"option not supported")?,
         }
     }
+}
+
+/// META_CONTEXT data: u32 name length, export name, u32 count, count x (u32 length, query).
+fn parse_meta_request(d: &[u8]) -> Option<(String, Vec<String>)> {
+    let u32_at = |at: usize| -> Option<usize> {
+        Some(u32::from_be_bytes(d.get(at..at.checked_add(4)?)?.try_into().ok()?) as usize)
+    };
+    let n = u32_at(0)?;
+    let name = String::from_utf8(d.get(4..4usize.checked_add(n)?)?.to_vec()).ok()?;
+    let mut at = 4 + n;
+    let count = u32_at(at)?;
+    at += 4;
+    let mut queries = Vec::new();
+    for _ in 0..count {
+        let l = u32_at(at)?;
+        at += 4;
+        queries.push(String::from_utf8(d.get(at..at.checked_add(l)?)?.to_vec()).ok()?);
+        at += l;
+    }
+    (at == d.len()).then_some((name, queries))
+}
+
+/// Whether META_CONTEXT `queries` select `base:allocation`: named, or the whole `base:` namespace;
+/// LIST with no query lists every context, SET with none selects none.
+fn meta_selects(queries: &[String], set: bool) -> bool {
+    if queries.is_empty() {
+        return !set;
+    }
+    queries.iter().any(|q| q == META_BASE_ALLOCATION || (!set && q == "base:"))
 }
 
 /// INFO/GO data: u32 name length, name, u16 count, count x u16 info types.
@@ -588,6 +689,48 @@ fn reply<W: Write>(w: &mut W, err: u32, cookie: u64, data: Option<&[u8]>) -> Res
     Ok(())
 }
 
+/// A structured reply chunk's header (the last chunk of its request: the only one sent here).
+fn chunk_header<W: Write>(w: &mut W, kind: u16, cookie: u64, len: u32) -> Result<()> {
+    let mut h = [0u8; 20];
+    h[0..4].copy_from_slice(&STRUCTURED_REPLY_MAGIC.to_be_bytes());
+    h[4..6].copy_from_slice(&REPLY_FLAG_DONE.to_be_bytes());
+    h[6..8].copy_from_slice(&kind.to_be_bytes());
+    h[8..16].copy_from_slice(&cookie.to_be_bytes());
+    h[16..20].copy_from_slice(&len.to_be_bytes());
+    w.write_all(&h)?;
+    Ok(())
+}
+
+/// A READ's answer: simple, or with structured replies one data chunk (or an error chunk).
+fn read_reply<W: Write>(w: &mut W, s: Session, err: u32, cookie: u64, offset: u64, data: &[u8]) -> Result<()> {
+    if !s.structured {
+        return reply(w, err, cookie, (err == 0).then_some(data));
+    }
+    if err != 0 {
+        metrics::counter!("sr_nbd_errors_total").increment(1);
+        chunk_header(w, REPLY_TYPE_ERROR, cookie, 6)?;
+        w.write_all(&err.to_be_bytes())?;
+        w.write_all(&0u16.to_be_bytes())?;
+        return Ok(());
+    }
+    chunk_header(w, REPLY_TYPE_OFFSET_DATA, cookie, 8 + data.len() as u32)?;
+    w.write_all(&offset.to_be_bytes())?;
+    w.write_all(data)?;
+    Ok(())
+}
+
+/// BLOCK_STATUS descriptors for `extents`: (length, flags) pairs, a hole reading as zeroes.
+fn block_status_payload(extents: &[crate::disk::Extent]) -> Vec<u8> {
+    let mut d = META_BASE_ALLOCATION_ID.to_be_bytes().to_vec();
+    for e in extents {
+        // Each extent lies inside one request, whose length is a u32.
+        d.extend_from_slice(&(e.len as u32).to_be_bytes());
+        let flags = if e.hole { STATE_HOLE | STATE_ZERO } else { 0 };
+        d.extend_from_slice(&flags.to_be_bytes());
+    }
+    d
+}
+
 fn errno(e: &BackendError) -> u32 {
     match e {
         BackendError::Io(_) => EIO,
@@ -604,6 +747,7 @@ struct Counters {
     flush: metrics::Counter,
     trim: metrics::Counter,
     write_zeroes: metrics::Counter,
+    block_status: metrics::Counter,
     read_bytes: metrics::Counter,
     write_bytes: metrics::Counter,
 }
@@ -617,6 +761,7 @@ impl Counters {
             flush: req("flush"),
             trim: req("trim"),
             write_zeroes: req("write_zeroes"),
+            block_status: req("block_status"),
             read_bytes: metrics::counter!("sr_nbd_read_bytes_total"),
             write_bytes: metrics::counter!("sr_nbd_write_bytes_total"),
         }
@@ -643,6 +788,7 @@ fn transmission<R: Read, W: Write>(
     r: &mut BufReader<R>,
     w: &mut W,
     b: &dyn Backend,
+    session: Session,
     trusted: &mut dyn FnMut() -> bool,
 ) -> Result<()> {
     let size = b.size();
@@ -675,17 +821,17 @@ fn transmission<R: Read, W: Write>(
             CMD_READ => {
                 counters.read.increment(1);
                 if len > MAX_REQUEST || !in_range || bad_flags {
-                    reply(w, EINVAL, cookie, None)?;
+                    read_reply(w, session, EINVAL, cookie, offset, &[])?;
                 } else {
                     buf.resize(len as usize, 0);
                     match b.read(offset, &mut buf) {
                         Ok(()) => {
                             counters.read_bytes.increment(len as u64);
-                            reply(w, 0, cookie, Some(&buf))?
+                            read_reply(w, session, 0, cookie, offset, &buf)?
                         }
                         Err(e) => {
                             tracing::warn!(offset, len, error = %e, "NBD read failed");
-                            reply(w, errno(&e), cookie, None)?
+                            read_reply(w, session, errno(&e), cookie, offset, &[])?
                         }
                     }
                 }
@@ -745,6 +891,27 @@ fn transmission<R: Read, W: Write>(
                 reply(w, res.err().unwrap_or(0), cookie, None)?;
             }
             CMD_CACHE => reply(w, if in_range { 0 } else { EINVAL }, cookie, None)?,
+            CMD_BLOCK_STATUS => {
+                counters.block_status.increment(1);
+                if !session.allocation || !in_range || len == 0 || bad_flags {
+                    // No context was agreed on (or a bad range): the spec's EINVAL.
+                    reply(w, EINVAL, cookie, None)?;
+                } else {
+                    let max = if flags & CMD_FLAG_REQ_ONE != 0 { 1 } else { MAX_EXTENTS };
+                    match b.extents(offset, len as u64, max) {
+                        Ok(ext) if !ext.is_empty() && ext.iter().all(|e| e.len > 0) => {
+                            let d = block_status_payload(&ext[..ext.len().min(max)]);
+                            chunk_header(w, REPLY_TYPE_BLOCK_STATUS, cookie, d.len() as u32)?;
+                            w.write_all(&d)?;
+                        }
+                        Ok(_) => reply(w, EIO, cookie, None)?,
+                        Err(e) => {
+                            tracing::warn!(offset, len, error = %e, "NBD block status failed");
+                            reply(w, errno(&e), cookie, None)?
+                        }
+                    }
+                }
+            }
             CMD_DISC => {
                 w.flush()?;
                 return Ok(());
@@ -754,5 +921,79 @@ fn transmission<R: Read, W: Write>(
         if r.buffer().is_empty() {
             w.flush()?;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta(name: &str, queries: &[&str]) -> Vec<u8> {
+        let mut d = (name.len() as u32).to_be_bytes().to_vec();
+        d.extend_from_slice(name.as_bytes());
+        d.extend_from_slice(&(queries.len() as u32).to_be_bytes());
+        for q in queries {
+            d.extend_from_slice(&(q.len() as u32).to_be_bytes());
+            d.extend_from_slice(q.as_bytes());
+        }
+        d
+    }
+
+    #[test]
+    fn meta_context_requests_parse_exactly_or_not_at_all() {
+        let d = meta("disk0", &["base:allocation", "qemu:dirty-bitmap:x"]);
+        assert_eq!(
+            parse_meta_request(&d),
+            Some(("disk0".to_string(), vec!["base:allocation".to_string(), "qemu:dirty-bitmap:x".to_string()]))
+        );
+        // Every cut, one byte too many, a count larger than the queries, lengths past the end.
+        for cut in 0..d.len() {
+            assert_eq!(parse_meta_request(&d[..cut]), None, "cut at {cut}");
+        }
+        let mut long = d.clone();
+        long.push(0);
+        assert_eq!(parse_meta_request(&long), None);
+        let mut more = meta("disk0", &["base:allocation"]);
+        more[9..13].copy_from_slice(&u32::MAX.to_be_bytes());
+        assert_eq!(parse_meta_request(&more), None);
+        assert_eq!(parse_meta_request(&[0xff, 0xff, 0xff, 0xff, 0, 0, 0, 0]), None);
+        assert_eq!(parse_meta_request(&meta("", &[])), Some((String::new(), vec![])));
+    }
+
+    #[test]
+    fn base_allocation_is_selected_by_name_and_listed_by_namespace() {
+        let q = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        for set in [false, true] {
+            assert!(meta_selects(&q(&["base:allocation"]), set));
+            assert!(meta_selects(&q(&["other:x", "base:allocation"]), set));
+            assert!(!meta_selects(&q(&["qemu:dirty-bitmap:x"]), set));
+            assert!(!meta_selects(&q(&["base:allocation2"]), set));
+        }
+        assert!(meta_selects(&q(&[]), false), "LIST with no query lists every context");
+        assert!(!meta_selects(&q(&[]), true), "SET with no query selects none");
+        assert!(meta_selects(&q(&["base:"]), false));
+        assert!(!meta_selects(&q(&["base:"]), true));
+    }
+
+    #[test]
+    fn block_status_uses_a_context_only_on_the_export_it_was_set_for_with_structured_replies() {
+        let mut n = Negotiation::new(false, false);
+        assert!(!n.session("disk0").allocation);
+        n.meta = Some(("disk0".into(), true));
+        assert!(!n.session("disk0").allocation, "no structured replies");
+        n.structured = true;
+        assert!(n.session("disk0").allocation);
+        assert!(!n.session("disk1").allocation, "set for another export");
+        n.meta = Some(("disk0".into(), false));
+        assert!(!n.session("disk0").allocation, "set without base:allocation");
+        assert!(n.session("disk0").structured);
+    }
+
+    #[test]
+    fn block_status_descriptors_say_hole_and_zero_for_holes() {
+        use crate::disk::Extent;
+        let d = block_status_payload(&[Extent { len: 4096, hole: true }, Extent { len: 8192, hole: false }]);
+        let words: Vec<u32> = d.chunks(4).map(|c| u32::from_be_bytes(c.try_into().unwrap())).collect();
+        assert_eq!(words, vec![META_BASE_ALLOCATION_ID, 4096, STATE_HOLE | STATE_ZERO, 8192, 0]);
     }
 }

@@ -124,7 +124,7 @@ impl ProtectedDisk {
         } else {
             Seq::ZERO
         };
-        self.disk.sync().context("syncing the disk")?;
+        self.sync_disk().context("syncing the disk")?;
         // Everything journaled is on the disk now; whatever reaches it later (a failback) is newer.
         j.mark_on_disk().context("recording the journal as on the disk")?;
         if !(st.stopped && st.generation == generation && seq == Seq::ZERO) {
