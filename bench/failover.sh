@@ -6,9 +6,9 @@
 # SIZE_MIB/16 MiB more through the recovery site's agent before the reprotect.
 #
 #   bench/failover.sh            # SIZE_MIB=1024
+#   SHORT=1 bench/failover.sh    # SIZE_MIB=64, debug build (CI)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/setup.sh
-cargo build --locked --release --workspace --bins 2>&1 | tail -1
-mkdir -p bench/out
-target/release/failover_bench "$PWD/bench/out/failover" | tee bench/out/failover.json
+[ "${SHORT:-}" = 1 ] && export SIZE_MIB=${SIZE_MIB:-64}
+. bench/lib.sh
+"$bin/failover_bench" "$PWD/bench/out/failover" | tee bench/out/failover.json

@@ -5,9 +5,13 @@
 #
 #   bench/points.sh                       # BATCHES=4320 WRITES=48 SIZES_GIB=1,64
 #   BATCHES=500 SIZES_GIB=1 bench/points.sh
+#   SHORT=1 bench/points.sh               # BATCHES=50 WRITES=8 SIZES_GIB=1, debug build (CI)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/setup.sh
-cargo build --locked --release --workspace --bins 2>&1 | tail -1
-mkdir -p bench/out
-BENCH_DIR="$PWD/bench/out" cargo bench --locked -p master-target --bench points
+profile=bench
+if [ "${SHORT:-}" = 1 ]; then
+  export BATCHES=${BATCHES:-50} WRITES=${WRITES:-8} SIZES_GIB=${SIZES_GIB:-1}
+  profile=dev
+fi
+. bench/lib.sh
+BENCH_DIR="$PWD/bench/out" cargo bench --locked --profile "$profile" -p master-target --bench points

@@ -7,14 +7,6 @@
 #   SHORT=1 bench/portal.sh               # ITEMS=100 JOBS=1000 ROUNDS=3, a debug build (CI)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/setup.sh
-if [ "${SHORT:-}" = 1 ]; then
-  export ITEMS=${ITEMS:-100} JOBS=${JOBS:-1000} ROUNDS=${ROUNDS:-3}
-  cargo build --locked --workspace --bins 2>&1 | tail -1
-  bin=target/debug
-else
-  cargo build --locked --release --workspace --bins 2>&1 | tail -1
-  bin=target/release
-fi
-mkdir -p bench/out
-SR_BIN_DIR="$PWD/$bin" "$bin/portal_bench" bench/out/portal
+[ "${SHORT:-}" = 1 ] && export ITEMS=${ITEMS:-100} JOBS=${JOBS:-1000} ROUNDS=${ROUNDS:-3}
+. bench/lib.sh
+"$bin/portal_bench" bench/out/portal

@@ -4,13 +4,17 @@
 # the same run (`openssl speed -evp aes-256-gcm`), both pinned to core 0; prints MiB/s and the ratio.
 #
 #   bench/seal.sh            # about 20 s of measuring
-#   SHORT=1 bench/seal.sh    # the same, shorter OpenSSL run (CI)
+#   SHORT=1 bench/seal.sh    # a debug build and a shorter OpenSSL run (CI; its figures mean nothing)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 seconds=3
-[ "${SHORT:-}" = 1 ] && seconds=1
-cargo bench --locked -p sr-common --bench codec --no-run 2>&1 | tail -1
-ours=$(taskset -c 0 cargo bench --locked -q -p sr-common --bench codec 2>/dev/null | grep -E '^(seal|open) AES-256-GCM')
+profile=bench
+if [ "${SHORT:-}" = 1 ]; then
+  seconds=1
+  profile=dev
+fi
+cargo bench --locked --profile "$profile" -p sr-common --bench codec --no-run 2>&1 | tail -1
+ours=$(taskset -c 0 cargo bench --locked --profile "$profile" -q -p sr-common --bench codec 2>/dev/null | grep -E '^(seal|open) AES-256-GCM')
 echo "$ours"
 # openssl speed's last line: "aes-256-gcm  <kilobytes per second>k" for the one block size.
 theirs_k=$(taskset -c 0 openssl speed -evp aes-256-gcm -bytes 4194304 -seconds "$seconds" 2>/dev/null | awk '/^(AES-256-GCM|aes-256-gcm)/ {v=$NF} END {sub("k","",v); print v}')

@@ -56,7 +56,16 @@ impl DiskFile {
 
     /// Makes a range read as zeroes: a hole punched in a file, else zeroes written.
     pub fn zero(&self, offset: u64, len: u64) -> std::io::Result<()> {
-        let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+        self.zero_with(offset, len, libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE)
+    }
+
+    /// Makes a range read as zeroes and keeps it allocated (NBD's NO_HOLE): the file system's zero
+    /// range, else zeroes written.
+    pub fn zero_allocated(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.zero_with(offset, len, libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE)
+    }
+
+    fn zero_with(&self, offset: u64, len: u64, mode: libc::c_int) -> std::io::Result<()> {
         // SAFETY: fallocate on a valid open descriptor with in-range arguments has no memory effects.
         let rc = unsafe { libc::fallocate(self.file.as_raw_fd(), mode, offset as i64, len as i64) };
         if rc == 0 {
@@ -144,7 +153,8 @@ pub struct Extent {
 }
 
 /// `extents` (starting at `start`) with every part that `data` ranges (offset, length) overlap made
-/// data: what another layer holds over a file's holes. Neighbours of the same kind are merged.
+/// data: what another layer holds over a file's holes. Neighbours of the same kind are merged. Linear
+/// in the extents and ranges once the ranges are sorted.
 pub fn cover(extents: &[Extent], start: u64, data: &[(u64, u64)]) -> Vec<Extent> {
     let mut out: Vec<Extent> = Vec::new();
     let mut push = |len: u64, hole: bool| {
@@ -156,8 +166,18 @@ pub fn cover(extents: &[Extent], start: u64, data: &[(u64, u64)]) -> Vec<Extent>
             _ => out.push(Extent { len, hole }),
         }
     };
-    let mut data: Vec<(u64, u64)> = data.iter().map(|&(o, l)| (o, o.saturating_add(l))).filter(|r| r.1 > r.0).collect();
-    data.sort_unstable();
+    // The ranges as a sorted union of disjoint [start, end) runs.
+    let mut ranges: Vec<(u64, u64)> =
+        data.iter().map(|&(o, l)| (o, o.saturating_add(l))).filter(|r| r.1 > r.0).collect();
+    ranges.sort_unstable();
+    let mut union: Vec<(u64, u64)> = Vec::with_capacity(ranges.len());
+    for (s, e) in ranges {
+        match union.last_mut() {
+            Some(last) if s <= last.1 => last.1 = last.1.max(e),
+            _ => union.push((s, e)),
+        }
+    }
+    let mut i = 0;
     let mut pos = start;
     for e in extents {
         let end = pos + e.len;
@@ -166,15 +186,17 @@ pub fn cover(extents: &[Extent], start: u64, data: &[(u64, u64)]) -> Vec<Extent>
             pos = end;
             continue;
         }
+        while i < union.len() && union[i].1 <= pos {
+            i += 1;
+        }
         let mut cur = pos;
-        for &(ds, de) in data.iter().filter(|&&(ds, de)| de > pos && ds < end) {
-            let (ds, de) = (ds.max(cur), de.min(end));
-            if de <= cur {
-                continue;
-            }
+        let mut j = i;
+        while j < union.len() && union[j].0 < end {
+            let (ds, de) = (union[j].0.max(cur), union[j].1.min(end));
             push(ds - cur, true);
             push(de - ds, false);
             cur = de;
+            j += 1;
         }
         push(end - cur, true);
         pos = end;

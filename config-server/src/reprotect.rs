@@ -110,7 +110,7 @@ pub async fn begin_reprotect(cs: &Arc<Cs>, id: u64, req: ReprotectReq, by: &str)
                 avoid: &Option<String>|
      -> Result<String, ApiError> {
         let of_role: Vec<(&str, bool)> =
-            comps.iter().filter(|c| c.role == role).map(|c| (c.name.as_str(), live(c))).collect();
+            comps.iter().filter(|c| c.role == role && !c.revoked).map(|c| (c.name.as_str(), live(c))).collect();
         choose(&of_role, want.as_deref(), prefer.as_deref(), avoid.as_deref())
             .map_err(|e| ApiError::conflict(&e.message(&format!("{role:?}"))))
     };
@@ -169,6 +169,8 @@ pub enum ChoiceError {
     /// Only the one to avoid (the failed-over-to master target, on the recovery site) is live, and the
     /// deployment has others: the reverse replica would land on the wrong site.
     OnlyAvoided { avoided: String, others: Vec<String> },
+    /// Several could take it and none is known to be on the other site: the operator names one.
+    Ambiguous(Vec<String>),
 }
 
 impl ChoiceError {
@@ -181,14 +183,20 @@ impl ChoiceError {
                  start one on the other site ({}) or name it with master_target",
                 others.join(", ")
             ),
+            ChoiceError::Ambiguous(names) => format!(
+                "several live {role}s could take the reverse replica ({}); name the one on the other site with \
+                 master_target",
+                names.join(", ")
+            ),
         }
     }
 }
 
-/// The component a reprotect uses, among `of_role` (name, live): the one asked for (`want`), else the
-/// one preferred (the master target that held the item before the failover), else any live one but
-/// `avoid` (the one failed over to). `avoid` itself only when it is the only one of its role (a
-/// deployment on one host).
+/// The component a reprotect uses, among `of_role` (name, live; revoked ones left out): the one asked
+/// for (`want`), else the one preferred (the master target that held the item before the failover)
+/// unless it is `avoid` (the one failed over to), else the one live component but `avoid` (several:
+/// refused, the operator names one; with nothing to avoid, the first). `avoid` itself only when it is
+/// the only one of its role (a deployment on one host).
 pub fn choose(
     of_role: &[(&str, bool)],
     want: Option<&str>,
@@ -203,11 +211,14 @@ pub fn choose(
             .map(|n| n.to_string())
             .ok_or_else(|| ChoiceError::NotLive(w.to_string()));
     }
-    if let Some(p) = live.iter().find(|n| Some(**n) == prefer) {
+    if let Some(p) = live.iter().find(|n| Some(**n) == prefer && Some(**n) != avoid) {
         return Ok(p.to_string());
     }
-    if let Some(n) = live.iter().find(|n| Some(**n) != avoid) {
-        return Ok(n.to_string());
+    let others: Vec<&str> = live.iter().copied().filter(|n| Some(*n) != avoid).collect();
+    match (others.as_slice(), avoid) {
+        ([], _) => {}
+        ([one], _) | ([one, ..], None) => return Ok(one.to_string()),
+        (many, Some(_)) => return Err(ChoiceError::Ambiguous(many.iter().map(|n| n.to_string()).collect())),
     }
     match live.first() {
         None => Err(ChoiceError::NoneLive),
@@ -245,5 +256,16 @@ mod tests {
         assert_eq!(choose(&[], None, None, None), Err(ChoiceError::NoneLive));
         // Nothing to avoid (process servers): any live one.
         assert_eq!(choose(&down, None, None, None), Ok("mt-b".into()));
+        // The one held before is the one failed over to (an earlier reprotect on one host): not kept.
+        assert_eq!(choose(&two, None, Some("mt-b"), Some("mt-b")), Ok("mt-a".into()));
+        // Three master targets, the one held before down: which of the two others is on the other site
+        // is not known, so the operator names it.
+        let three = [("mt-a", false), ("mt-b", true), ("mt-c", true)];
+        assert_eq!(
+            choose(&[("mt-a", true), ("mt-b", true), ("mt-c", true)], None, None, Some("mt-a")),
+            Err(ChoiceError::Ambiguous(vec!["mt-b".into(), "mt-c".into()]))
+        );
+        assert_eq!(choose(&three, None, Some("mt-a"), Some("mt-b")), Ok("mt-c".into()));
+        assert_eq!(choose(&three, Some("mt-c"), None, Some("mt-b")), Ok("mt-c".into()));
     }
 }

@@ -147,6 +147,28 @@ impl Overlay {
         map[(block / 64) as usize] & (1 << (block % 64)) != 0
     }
 
+    /// The written blocks among `first..last`, as (offset, length) runs; words with no block written
+    /// are skipped whole.
+    fn runs(map: &[u64], first: u64, last: u64) -> Vec<(u64, u64)> {
+        let last = last.min(map.len() as u64 * 64);
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        let mut b = first;
+        while b < last {
+            if b.is_multiple_of(64) && map[(b / 64) as usize] == 0 {
+                b += 64;
+                continue;
+            }
+            if Self::is_written(map, b) {
+                match out.last_mut() {
+                    Some((o, l)) if *o + *l == b * BLOCK => *l += BLOCK,
+                    _ => out.push((b * BLOCK, BLOCK)),
+                }
+            }
+            b += 1;
+        }
+        out
+    }
+
     /// Makes the overlay and its map durable.
     pub fn sync(&self) -> std::io::Result<()> {
         self.file.sync_data()?;
@@ -295,19 +317,18 @@ impl Backend for PointView {
     }
     /// The replica's holes, less what the point's undo records and the overlay's blocks hold there.
     fn extents(&self, offset: u64, len: u64, max: usize) -> Result<Vec<sr_common::nbd::Extent>, BackendError> {
-        let end = offset.saturating_add(len);
-        let written = self.overlay.as_ref().map(|ov| ov.written.lock().expect("overlay lock poisoned"));
-        let _r = self.replica.gate.read().expect("replica gate poisoned");
-        let map = self.map.lock().expect("view map poisoned");
-        let mut over = map.ranges_within(offset, end);
-        if let Some(w) = &written {
-            for b in offset / BLOCK..end.div_ceil(BLOCK) {
-                if Overlay::is_written(w, b) {
-                    over.push((b * BLOCK, BLOCK));
-                }
+        let (ext, over) = {
+            let written = self.overlay.as_ref().map(|ov| ov.written.lock().expect("overlay lock poisoned"));
+            let _r = self.replica.gate.read().expect("replica gate poisoned");
+            let ext = self.replica.disk.extents(offset, len, max);
+            // Only the part the extents cover: a prefix when there are more than `max`.
+            let end = offset + ext.iter().map(|e| e.len).sum::<u64>();
+            let mut over = self.map.lock().expect("view map poisoned").ranges_within(offset, end);
+            if let Some(w) = &written {
+                over.extend(Overlay::runs(w, offset / BLOCK, end.div_ceil(BLOCK)));
             }
-        }
-        let ext = self.replica.disk.extents(offset, len, max);
+            (ext, over)
+        };
         Ok(sr_common::disk::cover(&ext, offset, &over))
     }
 }
@@ -361,6 +382,27 @@ mod tests {
         file.read_exact_at(&mut payload, pos).unwrap();
         let check = Arc::new(crate::undo::PayloadCheck::new(pos, len as u32, crc32c::crc32c(&payload)));
         Rec { seq: Seq(seq), offset, len, old: Old::Data { file: file.clone(), pos, check } }
+    }
+
+    #[test]
+    fn ranges_within_a_window_and_written_runs_of_the_overlay() {
+        let mut m = ViewMap::default();
+        m.add(&Rec { seq: Seq(1), offset: 100, len: 50, old: Old::Zero });
+        m.add(&Rec { seq: Seq(2), offset: 300, len: 10, old: Old::Zero });
+        assert_eq!(m.ranges_within(0, 1000), vec![(100, 50), (300, 10)]);
+        assert_eq!(m.ranges_within(120, 130), vec![(100, 50)], "a piece that starts before the window");
+        assert_eq!(m.ranges_within(150, 300), vec![]);
+        assert_eq!(m.ranges_within(5, 5), vec![]);
+        let mut map = vec![0u64; 4];
+        for b in [1u64, 2, 3, 63, 64, 130] {
+            map[(b / 64) as usize] |= 1 << (b % 64);
+        }
+        assert_eq!(
+            Overlay::runs(&map, 0, 256),
+            vec![(BLOCK, 3 * BLOCK), (63 * BLOCK, 2 * BLOCK), (130 * BLOCK, BLOCK)]
+        );
+        assert_eq!(Overlay::runs(&map, 2, 64), vec![(2 * BLOCK, 2 * BLOCK), (63 * BLOCK, BLOCK)]);
+        assert_eq!(Overlay::runs(&map, 200, 1 << 40), vec![], "past the map's end");
     }
 
     #[test]

@@ -603,6 +603,9 @@ impl Backend for ProtectedDisk {
     fn zero(&self, offset: u64, len: u64, fua: bool) -> Result<(), BackendError> {
         self.change(Operation::WriteZeroes { len }, offset, None, fua)
     }
+    fn zero_allocated(&self, offset: u64, len: u64, fua: bool) -> Result<(), BackendError> {
+        self.change_zeroing(Operation::WriteZeroes { len }, offset, None, fua, true)
+    }
     fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<(), BackendError> {
         self.change(Operation::Trim { len }, offset, None, fua)
     }
@@ -619,6 +622,19 @@ impl ProtectedDisk {
     /// Carries out [`mode::route`]'s decision for one front-end operation: `data` for a write, none for
     /// zeroing, trimming (both make the range read as zeroes) and flushing.
     fn change(&self, op: Operation, offset: u64, data: Option<&[u8]>, fua: bool) -> Result<(), BackendError> {
+        self.change_zeroing(op, offset, data, fua, false)
+    }
+
+    /// [`Self::change`]; `allocated`: a zeroed range stays allocated on the disk (NBD's NO_HOLE). The
+    /// journal and the replica only need it to read as zeroes.
+    fn change_zeroing(
+        &self,
+        op: Operation,
+        offset: u64,
+        data: Option<&[u8]>,
+        fua: bool,
+        allocated: bool,
+    ) -> Result<(), BackendError> {
         let len = match op {
             Operation::Write { len } | Operation::WriteZeroes { len } | Operation::Trim { len } => len,
             Operation::Flush => 0,
@@ -626,6 +642,7 @@ impl ProtectedDisk {
         let to_disk = |this: &Self| -> std::io::Result<()> {
             match data {
                 Some(d) => this.disk.write_at(offset, d),
+                None if allocated => this.disk.zero_allocated(offset, len),
                 None => this.disk.zero(offset, len),
             }
         };

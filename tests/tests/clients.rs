@@ -242,7 +242,7 @@ fn block_status_lets_real_clients_skip_the_holes_of_the_agents_and_the_replicas_
             "-c",
             "write -P 0x22 40M 64k",
             "-c",
-            "write -z 40M 4k",
+            "write -z -u 40M 4k",
             "-c",
             "flush",
             &uri,

@@ -43,6 +43,11 @@ pub trait Backend: Send + Sync {
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), BackendError>;
     /// Makes `offset..offset+len` read as zeroes (WRITE_ZEROES).
     fn zero(&self, offset: u64, len: u64, fua: bool) -> Result<(), BackendError>;
+    /// WRITE_ZEROES with NO_HOLE: reads as zeroes and stays allocated. Backends whose zeroing never
+    /// punches holes keep the default.
+    fn zero_allocated(&self, offset: u64, len: u64, fua: bool) -> Result<(), BackendError> {
+        self.zero(offset, len, fua)
+    }
     /// TRIM: the range's contents are no longer needed. Backends here make it read as zeroes, so that a
     /// replica and its source always agree on what a trimmed range holds.
     fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<(), BackendError> {

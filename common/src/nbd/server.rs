@@ -309,8 +309,8 @@ fn serve_tls<S: Stream>(sock: S, exports: &Exports, tls: &NbdTls, mut ctx: Negot
         }
         None => return Err(ConnError::Tls("the client certificate names no role".into())),
     }
-    // Options agreed before TLS do not carry over (only STARTTLS was answered anyway).
-    ctx = Negotiation { peer, tls_required: false, ..Negotiation::new(ctx.no_zeroes, false) };
+    // Options agreed before TLS do not carry over (only STARTTLS was answered anyway); the deadline does.
+    ctx = Negotiation { peer, tls_required: false, started: ctx.started, ..Negotiation::new(ctx.no_zeroes, false) };
     let shared = std::rc::Rc::new(std::cell::RefCell::new(stream));
     let mut r = BufReader::with_capacity(512 * 1024, Half(shared.clone()));
     let mut w = BufWriter::with_capacity(512 * 1024, Half(shared.clone()));
@@ -378,8 +378,12 @@ fn opt_reply(w: &mut impl Write, opt: u32, kind: u32, data: &[u8]) -> Result<()>
     Ok(())
 }
 
-fn transmission_flags(b: &dyn Backend) -> u16 {
+fn transmission_flags(b: &dyn Backend, structured: bool) -> u16 {
     let mut f = TFLAG_HAS_FLAGS | TFLAG_SEND_FLUSH | TFLAG_CAN_MULTI_CONN;
+    if structured {
+        // A READ is always answered in one chunk.
+        f |= TFLAG_SEND_DF;
+    }
     if b.read_only() {
         f |= TFLAG_READ_ONLY;
     } else {
@@ -518,7 +522,7 @@ fn negotiate<R: Read, W: Write>(
                     return Err(ConnError::Protocol(format!("EXPORT_NAME for unknown export {name:?}")));
                 };
                 w.write_all(&b.size().to_be_bytes())?;
-                w.write_all(&transmission_flags(b.as_ref()).to_be_bytes())?;
+                w.write_all(&transmission_flags(b.as_ref(), ctx.structured).to_be_bytes())?;
                 if !ctx.no_zeroes {
                     w.write_all(&[0u8; 124])?;
                 }
@@ -576,7 +580,7 @@ fn negotiate<R: Read, W: Write>(
                 };
                 let mut info = INFO_EXPORT.to_be_bytes().to_vec();
                 info.extend_from_slice(&b.size().to_be_bytes());
-                info.extend_from_slice(&transmission_flags(b.as_ref()).to_be_bytes());
+                info.extend_from_slice(&transmission_flags(b.as_ref(), ctx.structured).to_be_bytes());
                 opt_reply(w, opt, REP_INFO, &info)?;
                 let mut bs = INFO_BLOCK_SIZE.to_be_bytes().to_vec();
                 bs.extend_from_slice(&1u32.to_be_bytes());
@@ -598,6 +602,10 @@ fn negotiate<R: Read, W: Write>(
             }
             OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
                 let set = opt == OPT_SET_META_CONTEXT;
+                if set {
+                    // A SET replaces what was set before, also when it fails.
+                    ctx.meta = None;
+                }
                 if set && !ctx.structured {
                     opt_reply(w, opt, REP_ERR_INVALID, b"SET_META_CONTEXT needs structured replies first")?;
                     continue;
@@ -623,7 +631,9 @@ fn negotiate<R: Read, W: Write>(
                     ctx.meta = Some((name, chosen));
                 }
                 if chosen {
-                    let mut d = META_BASE_ALLOCATION_ID.to_be_bytes().to_vec();
+                    // A listed context has no id yet (0); a set one has the id BLOCK_STATUS names.
+                    let id = if set { META_BASE_ALLOCATION_ID } else { 0 };
+                    let mut d = id.to_be_bytes().to_vec();
                     d.extend_from_slice(META_BASE_ALLOCATION.as_bytes());
                     opt_reply(w, opt, REP_META_CONTEXT, &d)?;
                 }
@@ -713,6 +723,10 @@ fn read_reply<W: Write>(w: &mut W, s: Session, err: u32, cookie: u64, offset: u6
         w.write_all(&0u16.to_be_bytes())?;
         return Ok(());
     }
+    if data.is_empty() {
+        // A data chunk carries at least one byte.
+        return chunk_header(w, REPLY_TYPE_NONE, cookie, 0);
+    }
     chunk_header(w, REPLY_TYPE_OFFSET_DATA, cookie, 8 + data.len() as u32)?;
     w.write_all(&offset.to_be_bytes())?;
     w.write_all(data)?;
@@ -768,6 +782,19 @@ impl Counters {
     }
 }
 
+/// Whether a request's flags are ones its command takes: FUA on changes, NO_HOLE on WRITE_ZEROES, DF
+/// on READ with structured replies, REQ_ONE on BLOCK_STATUS.
+fn flags_fit(cmd: u16, flags: u16, structured: bool) -> bool {
+    let allowed = match cmd {
+        CMD_WRITE | CMD_TRIM => CMD_FLAG_FUA,
+        CMD_WRITE_ZEROES => CMD_FLAG_FUA | CMD_FLAG_NO_HOLE,
+        CMD_READ if structured => CMD_FLAG_DF,
+        CMD_BLOCK_STATUS => CMD_FLAG_REQ_ONE,
+        _ => 0,
+    };
+    flags & !allowed == 0
+}
+
 /// Whether a WRITE, TRIM or WRITE_ZEROES may go to the backend: the NBD error to answer if not,
 /// `Ok(false)` when there is nothing to do (zero length), `Ok(true)` to proceed.
 fn may_change(bad_flags: bool, read_only: bool, in_range: bool, len: u32) -> std::result::Result<bool, u32> {
@@ -816,7 +843,7 @@ fn transmission<R: Read, W: Write>(
         let len = u32::from_be_bytes(h[24..28].try_into().expect("4 bytes"));
         let in_range = offset.checked_add(len as u64).is_some_and(|end| end <= size);
         let fua = flags & CMD_FLAG_FUA != 0;
-        let bad_flags = flags & !KNOWN_CMD_FLAGS != 0;
+        let bad_flags = !flags_fit(cmd, flags, session.structured);
         match cmd {
             CMD_READ => {
                 counters.read.increment(1);
@@ -881,8 +908,13 @@ fn transmission<R: Read, W: Write>(
                     if !go {
                         return Ok(());
                     }
-                    let r =
-                        if cmd == CMD_TRIM { b.trim(offset, len as u64, fua) } else { b.zero(offset, len as u64, fua) };
+                    let r = if cmd == CMD_TRIM {
+                        b.trim(offset, len as u64, fua)
+                    } else if flags & CMD_FLAG_NO_HOLE != 0 {
+                        b.zero_allocated(offset, len as u64, fua)
+                    } else {
+                        b.zero(offset, len as u64, fua)
+                    };
                     r.map_err(|e| {
                         tracing::warn!(offset, len, error = %e, "NBD zero failed");
                         errno(&e)
@@ -899,7 +931,11 @@ fn transmission<R: Read, W: Write>(
                 } else {
                     let max = if flags & CMD_FLAG_REQ_ONE != 0 { 1 } else { MAX_EXTENTS };
                     match b.extents(offset, len as u64, max) {
-                        Ok(ext) if !ext.is_empty() && ext.iter().all(|e| e.len > 0) => {
+                        Ok(ext)
+                            if !ext.is_empty()
+                                && ext.iter().all(|e| e.len > 0)
+                                && ext.iter().take(max).map(|e| e.len).sum::<u64>() <= len as u64 =>
+                        {
                             let d = block_status_payload(&ext[..ext.len().min(max)]);
                             chunk_header(w, REPLY_TYPE_BLOCK_STATUS, cookie, d.len() as u32)?;
                             w.write_all(&d)?;
