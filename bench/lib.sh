@@ -1,15 +1,22 @@
 # Sourced by the bench scripts: installs what is missing and builds the binaries, optimized, or as a
 # debug build when SHORT=1 (the short mode CI runs, so the scripts keep working; its timings mean
-# nothing). Sets $bin to the directory of the binaries.
+# nothing), or uses BENCH_BIN's binaries. Sets $bin to the directory of the binaries.
 scripts/setup.sh
-if [ "${SHORT:-}" = 1 ]; then
+if [ -n "${BENCH_BIN:-}" ]; then
+  # Binaries built elsewhere (for example an older commit's, to compare two builds in one go).
+  case $BENCH_BIN in
+    /*) bin=$BENCH_BIN ;;
+    *) echo "BENCH_BIN must be an absolute path" >&2; exit 1 ;;
+  esac
+elif [ "${SHORT:-}" = 1 ]; then
   cargo build --locked --workspace --bins 2>&1 | tail -1
   bin=target/debug
 else
   cargo build --locked --release --workspace --bins 2>&1 | tail -1
   bin=target/release
 fi
-export SR_BIN_DIR="$PWD/$bin"
+SR_BIN_DIR=$(cd "$bin" && pwd)
+export SR_BIN_DIR
 mkdir -p bench/out
 
 # Waits until the agent at $1 (certificates in $2) has copied, compared, shipped and had applied every
@@ -22,16 +29,22 @@ ctx = ssl.create_default_context(cafile=f"{sys.argv[2]}/ca.pem")
 ctx.load_cert_chain(f"{sys.argv[2]}/cs.pem", f"{sys.argv[2]}/cs.key")
 start = time.time()
 while time.time() < start + 1800:
-    d = json.load(urllib.request.urlopen(url, context=ctx))["disks"][0]
+    try:
+        d = json.load(urllib.request.urlopen(url, context=ctx, timeout=10))["disks"][0]
+    except (OSError, ValueError):
+        time.sleep(0.2)
+        continue
     if d["initial_copy"]["done"] and d["dirty_bytes"] == 0 and not d["resync"]["active"] and d["applied_seq"] >= d["last_seq"]:
         print(f"{time.time() - start:.2f}")
         sys.exit(0)
     time.sleep(0.02)
-sys.exit("replication did not catch up in 30 minutes")
+sys.exit(f"replication did not catch up in 30 minutes ({url})")
 PY
 }
 
 # The pid of the component of the `srctl local` deployment in $1 whose config is $2 (agent, ps, mt).
 component_pid() {
-  pgrep -f "run --config $PWD/$1/$2.toml" | head -1
+  local cfg
+  cfg="$(cd "$1" && pwd -P)/$2.toml"
+  ps -eo pid=,args= | awk -v s="run --config $cfg" 'index($0, s) {print $1; exit}'
 }

@@ -7,11 +7,15 @@
 #   - pinned: fio and the NBD server under test on core 0, the process server and master target on
 #     core 1 (in a deployment they run on other hosts);
 #   - unpinned: everything shares both cores.
-# Also: the initial replication's speed, how long the replica took to catch up after each job, peak
-# memory, and a byte-for-byte check of the replica at the end.
+# Also: the initial replication's speed, how long the replica took to catch up after each job, whether
+# the journal reached its limit during the job (changes then go to the dirty map, each newly dirtied
+# block synced before the write: a slower, degraded mode), peak memory, and a byte-for-byte check of
+# the replica at the end. JOURNAL_LIMIT sets the agent's journal limit (8G: a burst of RUNTIME seconds
+# of 1 MiB writes fits; the default is half the disk).
 #
 #   bench/nbd-throughput.sh            # SIZE=1G RUNTIME=10, pinned and unpinned
 #   SHORT=1 bench/nbd-throughput.sh    # SIZE=64M RUNTIME=1, pinned only, debug build (CI)
+#   ONLY=QD1 PINNINGS=pinned bench/nbd-throughput.sh   # the jobs whose names contain ONLY
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ "${SHORT:-}" = 1 ]; then
@@ -19,6 +23,7 @@ if [ "${SHORT:-}" = 1 ]; then
 fi
 SIZE=${SIZE:-1G}
 RUNTIME=${RUNTIME:-10}
+JOURNAL_LIMIT=${JOURNAL_LIMIT:-8G}
 PINNINGS=${PINNINGS:-pinned unpinned}
 . bench/lib.sh
 out=bench/out/nbd
@@ -31,7 +36,7 @@ cp "$out/agent.img" "$out/qemu.img"
 cp "$out/agent.img" "$out/nbdkit.img"
 
 started=$(date +%s.%N)
-"$bin/srctl" local --dir "$out/dep" --disk "disk0=$out/agent.img" >"$out/local.json" 2>"$out/local.err" &
+SR_AGENT__JOURNAL__LIMIT_BYTES=$(numfmt --from=iec "$JOURNAL_LIMIT") "$bin/srctl" local --dir "$out/dep" --disk "disk0=$out/agent.img" >"$out/local.json" 2>"$out/local.err" &
 lpid=$!
 qpid=""
 kpid=""
@@ -97,14 +102,18 @@ for pinning in $PINNINGS; do
   pin "$pinning"
   for job in "${jobs[@]}"; do
     name=${job%%|*}
+    [[ "$name" == *"${ONLY:-}"* ]] || continue
     read -r -a args <<<"${job#*|}"
     echo "$pinning: $name" >&2
     q=$(fio_run "$qemu_uri" "${args[@]}")
     k=$(fio_run "$nbdkit_uri" "${args[@]}")
     wait_caught_up "$agent_http" "$certs" >/dev/null
+    overflows=$(grep -c "journal reached its limit" "$out/dep/logs/agent.log" || true)
     a=$(fio_run "$agent_uri" "${args[@]}")
     c=$(wait_caught_up "$agent_http" "$certs")
-    echo "$pinning|$name|$q|$k|$a|$c" >>"$results"
+    o=no
+    [ "$(grep -c "journal reached its limit" "$out/dep/logs/agent.log" || true)" -gt "$overflows" ] && o=yes
+    echo "$pinning|$name|$q|$k|$a|$c|$o" >>"$results"
   done
 done
 
@@ -116,13 +125,13 @@ for c in agent ps mt; do
   [ -n "$pid" ] && mem="$mem $c $(awk '/VmHWM/ {printf "%.0f MiB", $2/1024}' "/proc/$pid/status"),"
 done
 
-python3 - "$results" "$SIZE" "$RUNTIME" <<'PY'
+python3 - "$results" "$SIZE" "$RUNTIME" "$JOURNAL_LIMIT" <<'PY'
 import sys
 rows = [l.rstrip("\n").split("|") for l in open(sys.argv[1])]
-print(f"SIZE={sys.argv[2]} of random data, RUNTIME={sys.argv[3]} s per job; MiB/s (IOPS for the QD1 job)\n")
-print("| cores | job | qemu-nbd | nbdkit | protected disk | vs qemu-nbd | vs nbdkit | replica caught up after, s |")
-print("|---|---|---:|---:|---:|---:|---:|---:|")
-for pinning, job, q, k, a, caught in rows:
+print(f"SIZE={sys.argv[2]} of random data, RUNTIME={sys.argv[3]} s per job, journal limit {sys.argv[4]}; MiB/s (IOPS for the QD1 job)\n")
+print("| cores | job | qemu-nbd | nbdkit | protected disk | vs qemu-nbd | vs nbdkit | replica caught up after, s | journal overflowed |")
+print("|---|---|---:|---:|---:|---:|---:|---:|---|")
+for pinning, job, q, k, a, caught, overflowed in rows:
     (qb, qi), (kb, ki), (ab, ai) = (tuple(map(float, x.split())) for x in (q, k, a))
     if "QD1" in job:
         f = lambda b, i: f"{i:.0f}"
@@ -130,7 +139,7 @@ for pinning, job, q, k, a, caught in rows:
     else:
         f = lambda b, i: f"{b / 2**20:.1f}"
         qv, kv, av = qb, kb, ab
-    print(f"| {pinning} | {job} | {f(qb, qi)} | {f(kb, ki)} | {f(ab, ai)} | {av / qv:.2f}x | {av / kv:.2f}x | {caught} |")
+    print(f"| {pinning} | {job} | {f(qb, qi)} | {f(kb, ki)} | {f(ab, ai)} | {av / qv:.2f}x | {av / kv:.2f}x | {caught} | {overflowed} |")
 PY
 echo
 echo "initial replication of $SIZE of random data: $initial s ($(python3 -c "print(f'{$bytes / 2**20 / $initial:.0f}')") MiB/s, from start to caught up)"

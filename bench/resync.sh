@@ -46,7 +46,11 @@ wait_caught_up "$agent_http" "$certs" >/dev/null
 # Diverge the replica: 1% of its 4 KiB blocks, with the master target stopped.
 mt_old=$(component_pid "$out/dep" mt)
 kill "$mt_old"
-while kill -0 "$mt_old" 2>/dev/null; do sleep 0.05; done
+# Gone, or a zombie (srctl local reaps its children only when it stops).
+for _ in $(seq 400); do
+  s=$(awk '{print $3}' "/proc/$mt_old/stat" 2>/dev/null) && [ "$s" != Z ] || break
+  sleep 0.05
+done
 python3 - "$replica" "$SIZE_MIB" >"$out/changed" <<'PY'
 import os, random, sys
 path, mib = sys.argv[1], int(sys.argv[2])

@@ -6,7 +6,8 @@ set -euo pipefail
 need_pkgs=()
 for pair in qemu-img:qemu-utils qemu-io:qemu-utils nbdcopy:libnbd-bin nbdinfo:libnbd-bin fio:fio \
             nbdkit:nbdkit mke2fs:e2fsprogs e2fsck:e2fsprogs debugfs:e2fsprogs rsync:rsync \
-            tcpdump:tcpdump ethtool:ethtool ip:iproute2 promtool:prometheus npm:npm chromium:chromium; do
+            tcpdump:tcpdump ethtool:ethtool ip:iproute2 promtool:prometheus npm:npm chromium:chromium \
+            ps:procps curl:curl openssl:openssl; do
   command -v "${pair%%:*}" >/dev/null 2>&1 || need_pkgs+=("${pair#*:}")
 done
 # The browser tests' screenshots need a font.
