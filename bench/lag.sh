@@ -73,6 +73,8 @@ spid=$!
 tls=(--cacert "$certs/ca.pem" --cert "$certs/cs.pem" --key "$certs/cs.key")
 metric() { curl -s "${tls[@]}" "https://$1/metrics" | awk -v m="$2" '$1 == m {s += $2} END {printf "%.0f", s}'; }
 cpu() { awk '{print $14 + $15}' "/proc/$(component_pid "$out/dep" "$1")/stat"; }
+# Bytes written to the machine's disks so far (every site shares them here).
+disk_written() { awk '$3 ~ /^(vd[a-z]+|sd[a-z]+|xvd[a-z]+|nvme[0-9]+n[0-9]+)$/ {s += $10} END {printf "%.0f", s * 512}' /proc/diskstats; }
 fio_churn() {
   fio --name=churn --ioengine=nbd --uri="$agent_uri" --rw=randwrite --bs=64k --iodepth=8 --size="$SIZE" \
     --time_based --runtime="$1" --buffer_compress_percentage=50 --refill_buffers --randrepeat=0 \
@@ -84,9 +86,11 @@ echo "steady churn at $RATE for $RUNTIME s" >&2
 fwd0=$(metric "$ps_http" sr_process_server_forwarded_bytes_total)
 in0=$(metric "$ps_http" sr_process_server_received_bytes_total)
 cpu0=$(cpu ps)
+disk0=$(disk_written)
 steady_start=$(date +%s.%N)
 steady_bw=$(fio_churn "$RUNTIME" --rate="$RATE")
 steady_end=$(date +%s.%N)
+disk1=$(disk_written)
 wait_caught_up "$agent_http" "$certs" >/dev/null
 fwd1=$(metric "$ps_http" sr_process_server_forwarded_bytes_total)
 in1=$(metric "$ps_http" sr_process_server_received_bytes_total)
@@ -137,6 +141,8 @@ print(f"| seconds | {q(0.5):.2f} | {q(0.9):.2f} | {q(0.99):.2f} | {lags[-1] if l
 print()
 fwd, got, cpu = $fwd1 - $fwd0, $in1 - $in0, ($cpu1 - $cpu0) / hz
 print(f"process server: {cpu:.1f} CPU s for {got / 2**30:.2f} GiB received and {fwd / 2**30:.2f} GiB forwarded: {cpu / max(got / 2**30, 1e-9):.2f} CPU s per GiB received")
+disk = ($disk1 - $disk0) / (t1 - t0)
+print(f"the machine's disk wrote {disk / mib:.0f} MiB/s during the churn ({disk / max($steady_bw, 1):.1f}x the churn: the agent's journal and disk, the process server's cache, the master target's undo journal and replica share it here)")
 rss = [r for t, _, _, r in rows if t0 <= t <= t1]
 print(f"agent resident memory during the churn: peak {max(rss) / 1024:.0f} MiB" if rss else "no memory samples")
 print(f"burst: {$burst_bw / mib:.1f} MiB/s for $BURST s, unthrottled; the replica caught up {$catch} s after it ended")
