@@ -358,8 +358,9 @@ pub async fn assignments(AxState(cs): AxState<Arc<Cs>>, h: HeaderMap) -> R<Value
 }
 
 /// Moves items along from what components reported. Runs every second: gathers each item's
-/// observations, lets [`crate::orchestrate::step`] decide, and carries its effects out.
-pub async fn evaluate(cs: &Cs) -> Result<(), crate::store::StoreError> {
+/// observations, lets [`crate::orchestrate::step`] decide, and carries its effects out. Returns
+/// whether a reprotect waits for its stream to catch up (then the next runs follow the reports).
+pub async fn evaluate(cs: &Cs) -> Result<bool, crate::store::StoreError> {
     use crate::orchestrate::{step, Effect, JobUpdate, Observed};
     let store = cs.store();
     let _g = cs.items_lock.lock().await;
@@ -440,5 +441,5 @@ pub async fn evaluate(cs: &Cs) -> Result<(), crate::store::StoreError> {
     let fleet = crate::metrics::Fleet::of(&after, &policies, &comps, t, cs.cfg.component_timeout_secs);
     fleet.export();
     cs.history.lock().expect("history lock poisoned").record(t, &fleet, &comps);
-    Ok(())
+    Ok(after.iter().any(|i| i.reprotect.is_some()))
 }

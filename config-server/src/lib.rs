@@ -220,13 +220,22 @@ pub async fn run(cfg: CsConfig, shutdown: CancellationToken) -> anyhow::Result<(
         let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
         let mut prune_tick = std::time::Instant::now() - std::time::Duration::from_secs(60);
         let mut balance_tick = std::time::Instant::now();
+        // While a reprotect waits for its stream to catch up, every report is looked at (at most every
+        // REPORT_GAP), so the item turns Protected when it is, not at the next second.
+        const REPORT_GAP: std::time::Duration = std::time::Duration::from_millis(100);
+        let mut follow_reports = false;
+        let mut last = tokio::time::Instant::now();
         loop {
+            let reported = ev.reports.notified();
             tokio::select! {
                 _ = tick.tick() => {}
+                _ = reported, if follow_reports => tokio::time::sleep_until(last + REPORT_GAP).await,
                 _ = stop.cancelled() => return,
             }
-            if let Err(e) = items::evaluate(&ev).await {
-                tracing::error!(error = %e, "evaluating items failed");
+            last = tokio::time::Instant::now();
+            match items::evaluate(&ev).await {
+                Ok(waiting) => follow_reports = waiting,
+                Err(e) => tracing::error!(error = %e, "evaluating items failed"),
             }
             plans::due_points(&ev);
             let every = ev.cfg.auto_balance_secs;

@@ -433,10 +433,10 @@ impl Local {
         let static_mt =
             if control_api.is_some() { String::new() } else { format!("master_target = \"{}\"\n", addrs.mt_quic) };
         let ps = format!(
-            "node = \"{}\"\ndata_dir = {:?}\nhttp = \"{}\"\n{}{static_mt}cache_limit_bytes = {}\n{}\n{}{item}",
+            "node = \"{}\"\ndata_dir = {:?}\n{}{}{static_mt}cache_limit_bytes = {}\n{}\n{}{item}",
             self.node(Component::ProcessServer),
             root.join("ps"),
-            self.placement.as_ref().map_or(addrs.ps_http, |p| p.any(addrs.ps_http.port())),
+            listen("http", "advertise_http", addrs.ps_http),
             listen("listen", "advertise", addrs.ps_quic),
             opts.ps_cache_limit_bytes,
             tls_toml(certs, &cert_name(Component::ProcessServer)),

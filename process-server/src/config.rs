@@ -16,6 +16,11 @@ pub struct PsConfig {
     pub node: String,
     pub data_dir: PathBuf,
     pub http: SocketAddr,
+    /// Where the configuration server reaches the API (`/v1/poll` after a reassignment), when it is not
+    /// `http`. Without it, an `http` bound to every address is not reported, and the process server
+    /// takes a new assignment at its next poll instead of at once.
+    #[serde(default)]
+    pub advertise_http: Option<SocketAddr>,
     /// QUIC address this server binds (`0.0.0.0:PORT` or `[::]:PORT` for every address).
     pub listen: SocketAddr,
     /// The QUIC address agents reach this server at, when it is not `listen` (NAT, a Kubernetes
@@ -59,6 +64,11 @@ impl PsConfig {
         self.advertise.unwrap_or(self.listen)
     }
 
+    /// The API's address as the configuration server reaches it, if known.
+    pub fn advertised_http(&self) -> Option<SocketAddr> {
+        self.advertise_http.or_else(|| sr_common::config::advertised(("http", "advertise_http"), self.http, None).ok())
+    }
+
     pub fn load(path: &std::path::Path) -> anyhow::Result<PsConfig> {
         Ok(sr_common::config::load_valid(path, ENV_PREFIX)?)
     }
@@ -69,7 +79,8 @@ impl sr_common::config::Validate for PsConfig {
         let PsConfig {
             node,
             data_dir: _,
-            http: _,
+            http,
+            advertise_http,
             listen,
             advertise,
             master_target,
@@ -86,6 +97,9 @@ impl sr_common::config::Validate for PsConfig {
         // Advertised to the configuration server (and through it to agents) when it runs one.
         if control.is_some() {
             sr_common::config::advertised(("listen", "advertise"), *listen, *advertise)?;
+        }
+        if advertise_http.is_some() {
+            sr_common::config::advertised(("http", "advertise_http"), *http, *advertise_http)?;
         }
         if control.is_none() && master_target.is_none() {
             return Err("set [control] (items are assigned) or master_target (for the [[item]] list)".into());
@@ -105,5 +119,33 @@ impl sr_common::config::Validate for PsConfig {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(extra: &str) -> Result<PsConfig, String> {
+        let text = format!(
+            "node = \"ps\"\ndata_dir = \"/d\"\nlisten = \"127.0.0.1:7000\"\nmaster_target = \"127.0.0.1:7001\"\n\
+             {extra}[tls]\nca = \"/c\"\ncert = \"/c\"\nkey = \"/c\"\n"
+        );
+        let cfg: PsConfig = sr_common::config::parse_with_env(std::path::Path::new("ps.toml"), &text, ENV_PREFIX, &[])
+            .map_err(|e| e.to_string())?;
+        sr_common::config::Validate::validate(&cfg)?;
+        Ok(cfg)
+    }
+
+    #[test]
+    fn the_api_is_reported_where_the_configuration_server_reaches_it() {
+        let at = |a: &str| Some(a.parse::<SocketAddr>().unwrap());
+        // A bound address is reachable as it is; every address is not, unless advertised.
+        assert_eq!(parse("http = \"127.0.0.1:9000\"\n").unwrap().advertised_http(), at("127.0.0.1:9000"));
+        assert_eq!(parse("http = \"0.0.0.0:9000\"\n").unwrap().advertised_http(), None);
+        let cfg = parse("http = \"0.0.0.0:9000\"\nadvertise_http = \"10.0.0.5:9000\"\n").unwrap();
+        assert_eq!(cfg.advertised_http(), at("10.0.0.5:9000"));
+        let e = parse("http = \"0.0.0.0:9000\"\nadvertise_http = \"0.0.0.0:9000\"\n").unwrap_err();
+        assert!(e.contains("advertise_http"), "{e}");
     }
 }

@@ -239,6 +239,8 @@ async fn control_loop(server: Arc<Server>, client: sr_common::control::ControlCl
                 .collect();
             let report = Heartbeat {
                 address: Some(srv.cfg.advertised().to_string()),
+                // Where the configuration server nudges it (POST /v1/poll) after a reassignment.
+                http: srv.cfg.advertised_http().map(|a| a.to_string()),
                 load: Some(Load { cache_bytes: cache, ..Default::default() }),
                 faults: Some(faults),
                 seals,

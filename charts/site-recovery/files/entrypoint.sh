@@ -100,7 +100,8 @@ fi
 
 export "${prefix}__NODE=$node" "${prefix}__ADVERTISE=$quic" "${prefix}__CONTROL__SERVER=$cs"
 export "${prefix}__TLS__CA=$certs/ca.pem" "${prefix}__TLS__CERT=$certs/$node.pem" "${prefix}__TLS__KEY=$certs/$node.key"
+export "${prefix}__ADVERTISE_HTTP=$(hostport "$ip" "${SR_PORT_HTTP:?}")"
 if [ "$component" = master-target ]; then
-  export "SR_MT__ADVERTISE_HTTP=$(hostport "$ip" "${SR_PORT_HTTP:?}")" "SR_MT__ADVERTISE_NBD=$(hostport "$ip" "${SR_PORT_NBD:?}")"
+  export "SR_MT__ADVERTISE_NBD=$(hostport "$ip" "${SR_PORT_NBD:?}")"
 fi
 exec "$bin/$component" run --config "$config"
