@@ -5,7 +5,9 @@
 # a FLUSH through the NBD server each time). Both disks start as the same empty image of SIZE. Printed:
 # transactions per second and latency for each, the ratio, then, after a clean stop (PostgreSQL stopped,
 # file system unmounted, FLUSHed), whether the replica equals the protected disk byte for byte.
-# Needs root (loop devices, FUSE mounts).
+# Needs root (loop devices, FUSE mounts). APART=1 puts the process server's and master target's state on a
+# tmpfs: on this one-disk machine their fsyncs otherwise queue with the protected disk's (in a
+# deployment they run on other hosts).
 #
 #   bench/pgbench.sh              # SIZE=2G SCALE=20 CLIENTS=4 DURATION=60 ROUNDS=2
 #   SHORT=1 bench/pgbench.sh      # SIZE=256M SCALE=2 DURATION=5 ROUNDS=1, debug build (CI)
@@ -27,6 +29,13 @@ for m in "$out"/*/mnt; do mountpoint -q "$m" 2>/dev/null && umount "$m"; done 2>
 rm -rf "$out"
 mkdir -p "$out"
 truncate -s "$SIZE" "$out/agent.img" "$out/qemu.img"
+if [ "${APART:-}" = 1 ]; then
+  # The process server and master target on a disk of their own, as on their own hosts: a tmpfs.
+  apart=$(mktemp -d /dev/shm/sr-pgbench.XXXXXX)
+  mkdir -p "$out/dep" "$apart/ps" "$apart/mt"
+  ln -s "$apart/ps" "$out/dep/ps"
+  ln -s "$apart/mt" "$out/dep/mt"
+fi
 
 "$bin/srctl" local --dir "$out/dep" --disk "disk0=$out/agent.img" >"$out/local.json" 2>"$out/local.err" &
 lpid=$!
@@ -43,6 +52,7 @@ cleanup() {
   kill "$lpid" 2>/dev/null || true
   [ -n "$qpid" ] && kill "$qpid" 2>/dev/null || true
   wait 2>/dev/null || true
+  [ -n "${apart:-}" ] && rm -rf "$apart"
 }
 trap cleanup EXIT
 for _ in $(seq 300); do [ -s "$out/local.json" ] && break; sleep 0.1; done
@@ -72,7 +82,9 @@ start_db() {
   mount "$(cat "$d/loop")" "$d/mnt"
   mkdir "$d/mnt/data"
   chown postgres: "$d/mnt/data"
-  runuser -u postgres -- "$pgbin/initdb" -q --data-checksums -D "$d/mnt/data" >/dev/null
+  runuser -u postgres -- "$pgbin/initdb" --data-checksums -A trust -D "$d/mnt/data" >/dev/null
+  touch "$d/pg.log"
+  chown postgres: "$d/pg.log"
   runuser -u postgres -- "$pgbin/pg_ctl" -D "$d/mnt/data" -l "$d/pg.log" -w \
     -o "-p $port -k /tmp -c listen_addresses='' -c shared_buffers=128MB" start >/dev/null
   runuser -u postgres -- pgbench -q -i -s "$SCALE" -h /tmp -p "$port" postgres >/dev/null 2>&1
@@ -109,7 +121,7 @@ caught=$(wait_caught_up "$agent_http" "$certs")
 nbdcopy "$replica_uri" "$out/replica.img"
 qemu-img compare -f raw -F raw "$out/agent.img" "$out/replica.img" >/dev/null
 
-echo "pgbench TPC-B, scale $SCALE, $CLIENTS clients, $DURATION s a round, ext4 on a $SIZE disk (nbdfuse + loop)"
+echo "pgbench TPC-B, scale $SCALE, $CLIENTS clients, $DURATION s a round, ext4 on a $SIZE disk (nbdfuse + loop)${APART:+, process server and master target on a tmpfs}"
 echo
 echo "| round | qemu-nbd tps | latency ms | protected disk tps | latency ms | ratio |"
 echo "|---|---:|---:|---:|---:|---:|"

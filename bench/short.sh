@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export SHORT=1
 mkdir -p bench/out
-for b in seal nbd-throughput lag failover resync points wan portal; do
+for b in seal nbd-throughput lag pgbench failover resync points wan portal; do
   echo "== bench/$b.sh (short)"
   start=$(date +%s)
   bash "bench/$b.sh" >"bench/out/short-$b.log" 2>&1 || { tail -40 "bench/out/short-$b.log"; echo "bench/$b.sh failed"; exit 1; }

@@ -12,6 +12,10 @@ for pair in qemu-img:qemu-utils qemu-io:qemu-utils nbdcopy:libnbd-bin nbdinfo:li
 done
 # The browser tests' screenshots need a font.
 [ -d /usr/share/fonts/truetype/dejavu ] || need_pkgs+=(fonts-dejavu-core)
+# bench/pgbench.sh: a PostgreSQL 15 server (its binaries are not on PATH) and FUSE for nbdfuse.
+[ -x /usr/lib/postgresql/15/bin/postgres ] || need_pkgs+=(postgresql)
+command -v losetup >/dev/null 2>&1 || need_pkgs+=(mount)
+[ -e /dev/fuse ] || echo "setup: /dev/fuse is missing: bench/pgbench.sh cannot mount NBD exports" >&2
 if [ ${#need_pkgs[@]} -gt 0 ]; then
   mapfile -t need_pkgs < <(printf '%s\n' "${need_pkgs[@]}" | sort -u)
   echo "setup: installing ${need_pkgs[*]}"

@@ -91,6 +91,11 @@ pub struct ProtectedDisk {
     /// A sync of the disk failed: a failed fsync is reported once, so none may count as durable again
     /// (no FLUSH succeeds, no record leaves the journal) until a restart redoes the journal onto it.
     disk_failed: AtomicBool,
+    /// Concurrent FLUSHes share fsyncs of the journal (group commit).
+    group: Mutex<crate::group_sync::GroupSync>,
+    group_done: std::sync::Condvar,
+    /// Fsyncs FLUSHes ran on the journal since the disk was opened.
+    journal_syncs: AtomicU64,
     metrics: DiskMetrics,
 }
 
@@ -264,6 +269,9 @@ impl ProtectedDisk {
             disk_syncs: AtomicU64::new(0),
             disk_behind: AtomicBool::new(false),
             disk_failed: AtomicBool::new(false),
+            group: Default::default(),
+            group_done: Default::default(),
+            journal_syncs: AtomicU64::new(0),
             metrics: DiskMetrics::new(name),
         };
         if pd.copy_state().done && pd.mode().protected() && !pd.scanned() {
@@ -680,17 +688,15 @@ impl ProtectedDisk {
                     }
                     // The append may have closed a segment, and that fsync may have failed.
                     let disk_too = d.route == Route::FlushBoth || j.failed();
-                    let (last, bytes, handle) = (j.last_seq(), j.bytes(), j.sync_handle());
+                    let (last, bytes, marker) = (j.last_seq(), j.bytes(), (j.incarnation(), j.last_seq()));
                     drop(j);
                     self.after_append_with(last, bytes);
                     // The journal is the durability point: every acknowledged change is in it, and the
                     // redo rule puts whatever the disk lost back at the next open. The disk is made
                     // durable behind it, before records leave the journal (`on_applied_ack`) and before
-                    // a change bypasses it (the seal), so a FLUSH costs one fsync, not two.
-                    if let Err(e) = handle.sync_data() {
-                        self.lock().fail(format!("a FLUSH's fsync of the journal failed ({e}); restart the agent"));
-                        return Err(e.into());
-                    }
+                    // a change bypasses it (the seal), so a FLUSH costs one fsync, not two, and
+                    // concurrent FLUSHes share it.
+                    self.sync_journal_through(marker)?;
                     if disk_too {
                         self.sync_disk()?;
                     }
@@ -789,6 +795,53 @@ impl ProtectedDisk {
         Ok(())
     }
 
+    /// Makes the journal durable through `marker` (its incarnation and sequence number), sharing an
+    /// fsync with concurrent FLUSHes ([`crate::group_sync`]).
+    fn sync_journal_through(&self, marker: crate::group_sync::Pos) -> std::io::Result<()> {
+        use crate::group_sync::Next;
+        let mut g = self.group.lock().expect("group sync lock poisoned");
+        loop {
+            match g.next(marker) {
+                Next::Done => return Ok(()),
+                Next::Failed => {
+                    return Err(std::io::Error::other(format!(
+                        "an fsync of the journal of {} failed; restart the agent",
+                        self.disk.path().display()
+                    )))
+                }
+                Next::Wait => g = self.group_done.wait(g).expect("group sync lock poisoned"),
+                Next::Start => {
+                    drop(g);
+                    // Everything appended before this point is covered: closed segments were synced
+                    // when they were closed, and this is the active one.
+                    let (upto, handle, closed_ok) = {
+                        let j = self.lock();
+                        ((j.incarnation(), j.last_seq()), j.sync_handle(), !j.failed())
+                    };
+                    // A segment closed since the marker whose fsync failed holds it: not durable.
+                    let r = if closed_ok {
+                        handle.sync_data()
+                    } else {
+                        Err(std::io::Error::other("an fsync of a closed journal segment failed"))
+                    };
+                    self.journal_syncs.fetch_add(1, Ordering::Relaxed);
+                    if let Err(e) = &r {
+                        self.lock().fail(format!("a FLUSH's fsync of the journal failed ({e}); restart the agent"));
+                    }
+                    g = self.group.lock().expect("group sync lock poisoned");
+                    g.finished(upto, r.is_ok());
+                    self.group_done.notify_all();
+                    r?;
+                }
+            }
+        }
+    }
+
+    /// Fsyncs of the journal that FLUSHes ran since the disk was opened.
+    pub fn journal_syncs(&self) -> u64 {
+        self.journal_syncs.load(Ordering::Relaxed)
+    }
+
     /// How many times the disk was made durable since it was opened.
     pub fn disk_syncs(&self) -> u64 {
         self.disk_syncs.load(Ordering::Relaxed)
@@ -870,6 +923,33 @@ mod tests {
         drop(f);
         let pd = ProtectedDisk::open(DiskId(1), "d", &path, &state, 4096, None).unwrap();
         assert_eq!(read(&pd, 8192), vec![7u8; 4096]);
+    }
+
+    /// FLUSHes from many connections at once all return, each after an fsync that started after its
+    /// marker; they share fsyncs rather than run one each.
+    #[test]
+    fn concurrent_flushes_all_finish_and_share_fsyncs() {
+        let d = tempfile::tempdir().unwrap();
+        let path = disk(d.path(), "source.img", 8 << 20);
+        let pd = ProtectedDisk::open(DiskId(1), "d", &path, &d.path().join("state"), 4096, None).unwrap();
+        pd.protect(3).unwrap();
+        let (threads, rounds) = (8u64, 25u64);
+        std::thread::scope(|s| {
+            for t in 0..threads {
+                let pd = &pd;
+                s.spawn(move || {
+                    for r in 0..rounds {
+                        pd.write((t * rounds + r) * 4096, &[t as u8 + 1; 4096], false).unwrap();
+                        pd.flush().unwrap();
+                    }
+                });
+            }
+        });
+        assert!(pd.journal_syncs() <= threads * rounds);
+        assert_eq!(pd.disk_syncs(), 0);
+        for t in 0..threads {
+            assert_eq!(read(&pd, t * rounds * 4096), vec![t as u8 + 1; 4096]);
+        }
     }
 
     /// Changes that bypassed the journal (past its limit, or unprotected) are durable only once the disk

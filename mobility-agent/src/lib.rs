@@ -12,6 +12,7 @@ pub mod config;
 pub mod consistency;
 pub mod dirty;
 pub mod failover;
+pub mod group_sync;
 pub mod journal;
 pub mod metrics;
 pub mod mode;
