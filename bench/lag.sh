@@ -27,24 +27,14 @@ out=bench/out/lag
 rm -rf "$out"
 mkdir -p "$out"
 head -c "$(numfmt --from=iec "$SIZE")" /dev/urandom >"$out/disk.img"
-SR_AGENT__JOURNAL__LIMIT_BYTES=$(numfmt --from=iec 8G) "$bin/srctl" local --dir "$out/dep" --disk "disk0=$out/disk.img" \
-  >"$out/local.json" 2>"$out/local.err" &
-lpid=$!
 spid=""
 cleanup() {
   [ -n "$spid" ] && kill "$spid" 2>/dev/null || true
-  kill "$lpid" 2>/dev/null || true
+  [ -n "$lpid" ] && kill "$lpid" 2>/dev/null || true
   wait 2>/dev/null || true
 }
 trap cleanup EXIT
-for _ in $(seq 300); do [ -s "$out/local.json" ] && break; sleep 0.1; done
-[ -s "$out/local.json" ] || { echo "srctl local did not start:"; cat "$out/local.err"; exit 1; }
-json() { python3 -c "import json,sys; j=json.load(open('$out/local.json')); print($1)"; }
-agent_uri=$(json 'j["exports"][0]["uri"]')
-agent_http=$(json 'j["agent_http"]')
-mt_http=$(json 'j["mt_http"]')
-ps_http=$(json 'j["ps_http"]')
-certs="$out/dep/certs"
+SR_AGENT__JOURNAL__LIMIT_BYTES=$(numfmt --from=iec 8G) start_local "$out" "$out/disk.img"
 echo "initial replication" >&2
 wait_caught_up "$agent_http" "$certs" >/dev/null
 

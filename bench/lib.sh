@@ -48,3 +48,25 @@ component_pid() {
   cfg="$(cd "$1" && pwd -P)/$2.toml"
   ps -eo pid=,args= | awk -v s="run --config $cfg" 'index($0, s) {print $1; exit}'
 }
+
+# Starts `srctl local` serving the disk image $2 from $1/dep in the background (the caller's environment
+# passes through; the caller's trap stops $lpid), waits for its address file, and sets agent_uri,
+# replica_uri, agent_http, mt_http, ps_http and certs.
+lpid=""
+start_local() {
+  "$bin/srctl" local --dir "$1/dep" --disk "disk0=$2" >"$1/local.json" 2>"$1/local.err" &
+  lpid=$!
+  for _ in $(seq 300); do [ -s "$1/local.json" ] && break; sleep 0.1; done
+  [ -s "$1/local.json" ] || { echo "srctl local did not start:"; cat "$1/local.err"; exit 1; }
+  eval "$(python3 - "$1/local.json" <<'PY'
+import json, shlex, sys
+j = json.load(open(sys.argv[1]))
+e = j["exports"][0]
+pairs = [("agent_uri", e["uri"]), ("replica_uri", e["replica_uri"]), ("agent_http", j["agent_http"]),
+         ("mt_http", j["mt_http"]), ("ps_http", j["ps_http"])]
+for k, v in pairs:
+    print(f"{k}={shlex.quote(v)}")
+PY
+)"
+  certs=$1/dep/certs
+}

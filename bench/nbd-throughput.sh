@@ -36,24 +36,16 @@ cp "$out/agent.img" "$out/qemu.img"
 cp "$out/agent.img" "$out/nbdkit.img"
 
 started=$(date +%s.%N)
-SR_AGENT__JOURNAL__LIMIT_BYTES=$(numfmt --from=iec "$JOURNAL_LIMIT") "$bin/srctl" local --dir "$out/dep" --disk "disk0=$out/agent.img" >"$out/local.json" 2>"$out/local.err" &
-lpid=$!
 qpid=""
 kpid=""
 cleanup() {
-  kill "$lpid" 2>/dev/null || true
+  [ -n "$lpid" ] && kill "$lpid" 2>/dev/null || true
   [ -n "$qpid" ] && kill "$qpid" 2>/dev/null || true
   [ -n "$kpid" ] && kill "$kpid" 2>/dev/null || true
   wait 2>/dev/null || true
 }
 trap cleanup EXIT
-for _ in $(seq 300); do [ -s "$out/local.json" ] && break; sleep 0.1; done
-[ -s "$out/local.json" ] || { echo "srctl local did not start:"; cat "$out/local.err"; exit 1; }
-json() { python3 -c "import json,sys; j=json.load(open('$out/local.json')); print($1)"; }
-agent_uri=$(json 'j["exports"][0]["uri"]')
-replica_uri=$(json 'j["exports"][0]["replica_uri"]')
-agent_http=$(json 'j["agent_http"]')
-certs="$out/dep/certs"
+SR_AGENT__JOURNAL__LIMIT_BYTES=$(numfmt --from=iec "$JOURNAL_LIMIT") start_local "$out" "$out/agent.img"
 echo "initial replication" >&2
 wait_caught_up "$agent_http" "$certs" >/dev/null
 initial=$(python3 -c "import time; print(f'{time.time() - $started:.1f}')")

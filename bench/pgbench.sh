@@ -37,8 +37,6 @@ if [ "${APART:-}" = 1 ]; then
   ln -s "$apart/mt" "$out/dep/mt"
 fi
 
-"$bin/srctl" local --dir "$out/dep" --disk "disk0=$out/agent.img" >"$out/local.json" 2>"$out/local.err" &
-lpid=$!
 qpid=""
 mounted=()  # the directories under $out with something mounted
 cleanup() {
@@ -49,19 +47,13 @@ cleanup() {
     [ -f "$d/loop" ] && losetup -d "$(cat "$d/loop")" 2>/dev/null || true
     umount "$d/fuse" 2>/dev/null || true
   done
-  kill "$lpid" 2>/dev/null || true
+  [ -n "$lpid" ] && kill "$lpid" 2>/dev/null || true
   [ -n "$qpid" ] && kill "$qpid" 2>/dev/null || true
   wait 2>/dev/null || true
-  [ -n "${apart:-}" ] && rm -rf "$apart"
+  [ -z "${apart:-}" ] || rm -rf "$apart"
 }
 trap cleanup EXIT
-for _ in $(seq 300); do [ -s "$out/local.json" ] && break; sleep 0.1; done
-[ -s "$out/local.json" ] || { echo "srctl local did not start:"; cat "$out/local.err"; exit 1; }
-json() { python3 -c "import json,sys; j=json.load(open('$out/local.json')); print($1)"; }
-agent_uri=$(json 'j["exports"][0]["uri"]')
-replica_uri=$(json 'j["exports"][0]["replica_uri"]')
-agent_http=$(json 'j["agent_http"]')
-certs="$out/dep/certs"
+start_local "$out" "$out/agent.img"
 wait_caught_up "$agent_http" "$certs" >/dev/null
 qport=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 qemu-nbd -f raw -x disk0 -b 127.0.0.1 -p "$qport" -t --cache=writeback "$out/qemu.img" &

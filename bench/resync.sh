@@ -19,24 +19,15 @@ mkdir -p "$out"
 echo "making a ${SIZE_MIB} MiB source of random data" >&2
 head -c "$((SIZE_MIB << 20))" /dev/urandom >"$out/source.img"
 
-"$bin/srctl" local --dir "$out/dep" --disk "disk0=$out/source.img" >"$out/local.json" 2>"$out/local.err" &
-lpid=$!
 mtpid=""
 cleanup() {
-  kill "$lpid" 2>/dev/null || true
+  [ -n "$lpid" ] && kill "$lpid" 2>/dev/null || true
   [ -n "$mtpid" ] && kill "$mtpid" 2>/dev/null || true
   wait 2>/dev/null || true
 }
 trap cleanup EXIT
-for _ in $(seq 300); do [ -s "$out/local.json" ] && break; sleep 0.1; done
-[ -s "$out/local.json" ] || { echo "srctl local did not start:"; cat "$out/local.err"; exit 1; }
-json() { python3 -c "import json,sys; j=json.load(open('$out/local.json')); print($1)"; }
-agent_http=$(json 'j["agent_http"]')
-ps_http=$(json 'j["ps_http"]')
-replica_uri=$(json 'j["exports"][0]["replica_uri"]')
+start_local "$out" "$out/source.img"
 replica="$out/dep/mt/replicas/item-1-disk-1.img"
-# The components' APIs take the orchestrator's certificate that srctl local made.
-certs="$out/dep/certs"
 tls=(--cacert "$certs/ca.pem" --cert "$certs/cs.pem" --key "$certs/cs.key")
 metric() { curl -s "${tls[@]}" "https://$ps_http/metrics" | awk -v m="$1" '$1 == m {s += $2} END {printf "%.0f", s}'; }
 
