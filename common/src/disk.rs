@@ -127,13 +127,11 @@ impl DiskFile {
         if from >= self.size {
             return None;
         }
-        // SAFETY: lseek on a valid descriptor has no memory effects.
-        let r = unsafe { libc::lseek(self.file.as_raw_fd(), from as i64, libc::SEEK_DATA) };
-        if r < 0 {
-            let e = std::io::Error::last_os_error();
-            return if e.raw_os_error() == Some(libc::ENXIO) { None } else { Some(from) };
+        match self.seek(from, libc::SEEK_DATA) {
+            Seek::At(d) => Some(d),
+            Seek::Beyond => None,
+            Seek::Unknown => Some(from),
         }
-        Some(r as u64)
     }
 }
 

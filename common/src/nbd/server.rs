@@ -566,9 +566,7 @@ fn negotiate<R: Read, W: Write>(
                         continue;
                     }
                     Opened::Denied => {
-                        let who = peer.map_or("this client".to_string(), |p| p.name.clone());
-                        let msg = format!("{who} may not open export {name:?}");
-                        opt_reply(w, opt, REP_ERR_POLICY, msg.as_bytes())?;
+                        opt_reply(w, opt, REP_ERR_POLICY, denied(peer, &name).as_bytes())?;
                         continue;
                     }
                     Opened::Busy => {
@@ -621,8 +619,7 @@ fn negotiate<R: Read, W: Write>(
                         continue;
                     }
                     Lookup::Denied => {
-                        let who = peer.map_or("this client".to_string(), |p| p.name.clone());
-                        opt_reply(w, opt, REP_ERR_POLICY, format!("{who} may not open export {name:?}").as_bytes())?;
+                        opt_reply(w, opt, REP_ERR_POLICY, denied(peer, &name).as_bytes())?;
                         continue;
                     }
                 }
@@ -642,6 +639,12 @@ fn negotiate<R: Read, W: Write>(
             _ => opt_reply(w, opt, REP_ERR_UNSUP, b"option not supported")?,
         }
     }
+}
+
+/// Why `peer` is refused export `name`.
+fn denied(peer: Option<&Peer>, name: &str) -> String {
+    let who = peer.map_or("this client", |p| p.name.as_str());
+    format!("{who} may not open export {name:?}")
 }
 
 /// META_CONTEXT data: u32 name length, export name, u32 count, count x (u32 length, query).
