@@ -12,6 +12,7 @@
 # is bench/nbd-throughput.sh's.
 #
 #   bench/lag.sh               # SIZE=1G RATE=54m RUNTIME=60 BURST=10
+#   APART=1 bench/lag.sh       # the process server's and master target's state on a tmpfs (bench/lib.sh)
 #   SHORT=1 bench/lag.sh       # SIZE=64M RATE=8m RUNTIME=3 BURST=1, debug build (CI)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,11 +28,13 @@ out=bench/out/lag
 rm -rf "$out"
 mkdir -p "$out"
 head -c "$(numfmt --from=iec "$SIZE")" /dev/urandom >"$out/disk.img"
+place_apart "$out"
 spid=""
 cleanup() {
   [ -n "$spid" ] && kill "$spid" 2>/dev/null || true
   [ -n "$lpid" ] && kill "$lpid" 2>/dev/null || true
   wait 2>/dev/null || true
+  [ -z "$apart" ] || rm -rf "$apart"
 }
 trap cleanup EXIT
 SR_AGENT__JOURNAL__LIMIT_BYTES=$(numfmt --from=iec 8G) start_local "$out" "$out/disk.img"
@@ -75,7 +78,8 @@ fio_churn() {
 echo "steady churn at $RATE for $RUNTIME s" >&2
 fwd0=$(metric "$ps_http" sr_process_server_forwarded_bytes_total)
 in0=$(metric "$ps_http" sr_process_server_received_bytes_total)
-cpu0=$(cpu ps)
+bin0=$(metric "$ps_http" sr_process_server_batches_received_total)
+cpu0=$(cpu ps) acpu0=$(cpu agent) mcpu0=$(cpu mt)
 disk0=$(disk_written)
 steady_start=$(date +%s.%N)
 steady_bw=$(fio_churn "$RUNTIME" --rate="$RATE")
@@ -84,7 +88,9 @@ disk1=$(disk_written)
 wait_caught_up "$agent_http" "$certs" >/dev/null
 fwd1=$(metric "$ps_http" sr_process_server_forwarded_bytes_total)
 in1=$(metric "$ps_http" sr_process_server_received_bytes_total)
-cpu1=$(cpu ps)
+bin1=$(metric "$ps_http" sr_process_server_batches_received_total)
+cpu1=$(cpu ps) acpu1=$(cpu agent) mcpu1=$(cpu mt)
+caught_end=$(date +%s.%N)
 
 echo "burst for $BURST s" >&2
 burst_bw=$(fio_churn "$BURST")
@@ -130,7 +136,10 @@ print("|---|---:|---:|---:|---:|")
 print(f"| seconds | {q(0.5):.2f} | {q(0.9):.2f} | {q(0.99):.2f} | {lags[-1] if lags else float('nan'):.2f} |")
 print()
 fwd, got, cpu = $fwd1 - $fwd0, $in1 - $in0, ($cpu1 - $cpu0) / hz
-print(f"process server: {cpu:.1f} CPU s for {got / 2**30:.2f} GiB received and {fwd / 2**30:.2f} GiB forwarded: {cpu / max(got / 2**30, 1e-9):.2f} CPU s per GiB received")
+batches = $bin1 - $bin0
+print(f"process server: {cpu:.1f} CPU s for {got / 2**30:.2f} GiB received (in {batches} batches, {got / max(batches, 1) / 1024:.0f} KiB each) and {fwd / 2**30:.2f} GiB forwarded: {cpu / max(got / 2**30, 1e-9):.2f} CPU s per GiB received")
+secs = $caught_end - t0
+print(f"CPU from the churn's start until the replica caught up ({secs:.0f} s), in cores: agent {($acpu1 - $acpu0) / hz / secs:.2f}, process server {cpu / secs:.2f}, master target {($mcpu1 - $mcpu0) / hz / secs:.2f}")
 disk = ($disk1 - $disk0) / (t1 - t0)
 print(f"the machine's disk wrote {disk / mib:.0f} MiB/s during the churn ({disk / max($steady_bw, 1):.1f}x the churn: the agent's journal and disk, the process server's cache, the master target's undo journal and replica share it here)")
 rss = [r for t, _, _, r in rows if t0 <= t <= t1]

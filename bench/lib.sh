@@ -49,6 +49,18 @@ component_pid() {
   ps -eo pid=,args= | awk -v s="run --config $cfg" 'index($0, s) {print $1; exit}'
 }
 
+# With APART=1, puts the process server's and master target's state under $1/dep on a tmpfs of its own,
+# as on hosts of their own, so their writes and fsyncs no longer share the protected disk's device. Sets
+# `apart` (the tmpfs directory, for the caller's cleanup to remove; empty otherwise).
+apart=""
+place_apart() {
+  [ "${APART:-}" = 1 ] || return 0
+  apart=$(mktemp -d /dev/shm/sr-bench.XXXXXX)
+  mkdir -p "$1/dep" "$apart/ps" "$apart/mt"
+  ln -s "$apart/ps" "$1/dep/ps"
+  ln -s "$apart/mt" "$1/dep/mt"
+}
+
 # Starts `srctl local` serving the disk image $2 from $1/dep in the background (the caller's environment
 # passes through; the caller's trap stops $lpid), waits for its address file, and sets agent_uri,
 # replica_uri, agent_http, mt_http, ps_http and certs.

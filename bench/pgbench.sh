@@ -29,13 +29,7 @@ for m in "$out"/*/mnt; do mountpoint -q "$m" 2>/dev/null && umount "$m"; done 2>
 rm -rf "$out"
 mkdir -p "$out"
 truncate -s "$SIZE" "$out/agent.img" "$out/qemu.img"
-if [ "${APART:-}" = 1 ]; then
-  # The process server and master target on a disk of their own, as on their own hosts: a tmpfs.
-  apart=$(mktemp -d /dev/shm/sr-pgbench.XXXXXX)
-  mkdir -p "$out/dep" "$apart/ps" "$apart/mt"
-  ln -s "$apart/ps" "$out/dep/ps"
-  ln -s "$apart/mt" "$out/dep/mt"
-fi
+place_apart "$out"
 
 qpid=""
 mounted=()  # the directories under $out with something mounted
@@ -50,7 +44,7 @@ cleanup() {
   [ -n "$lpid" ] && kill "$lpid" 2>/dev/null || true
   [ -n "$qpid" ] && kill "$qpid" 2>/dev/null || true
   wait 2>/dev/null || true
-  [ -z "${apart:-}" ] || rm -rf "$apart"
+  [ -z "$apart" ] || rm -rf "$apart"
 }
 trap cleanup EXIT
 start_local "$out" "$out/agent.img"

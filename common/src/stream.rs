@@ -93,6 +93,9 @@ pub struct SenderLimits {
     pub batch_bytes: u64,
     /// How long batches may stay in flight with no acknowledgement before the session is given up.
     pub ack_timeout: Option<Duration>,
+    /// How long changes may gather before a batch smaller than `batch_bytes` goes out (see
+    /// [`Sender::hold`]); zero sends whatever is ready at once.
+    pub linger: Duration,
 }
 
 /// One batch sent and not yet acknowledged.
@@ -123,6 +126,8 @@ pub struct Sender {
     inflight_bytes: u64,
     /// The last acknowledgement that freed something, or when the window last became non-empty.
     progress_at: Instant,
+    /// When the last batch went out in this session.
+    sent_at: Option<Instant>,
 }
 
 impl Sender {
@@ -138,7 +143,15 @@ impl Sender {
     /// A session resuming at `next` whose source is checked batch by batch (see [`Sender::place`]).
     pub fn at(limits: SenderLimits, next: Seq, now: Instant) -> Sender {
         let next = next.max(Seq(1));
-        Sender { limits, next, acked: Seq(next.0 - 1), inflight: VecDeque::new(), inflight_bytes: 0, progress_at: now }
+        Sender {
+            limits,
+            next,
+            acked: Seq(next.0 - 1),
+            inflight: VecDeque::new(),
+            inflight_bytes: 0,
+            progress_at: now,
+            sent_at: None,
+        }
     }
 
     /// What to do now.
@@ -148,6 +161,24 @@ impl Sender {
         }
         let budget = self.limits.batch_bytes.min(self.limits.window_bytes - self.inflight_bytes).max(1);
         Next::Send { from: self.next, budget }
+    }
+
+    /// Whether `pending` bytes of changes ready to send should wait for more to gather, and until when.
+    /// Every batch costs its receivers a fixed amount whatever its size (a file and an fsync at the
+    /// process server, a commit at the master target), so under a steady churn changes gather for up
+    /// to `linger` after the previous batch and go out together: batches grow, their count falls, and
+    /// the replica trails by at most `linger` more. A full batch goes out at once, and so does the
+    /// first change after a quiet spell (nothing was sent for `linger`). `None`: send now.
+    pub fn hold(&self, pending: u64, now: Instant) -> Option<Instant> {
+        let budget = match self.next() {
+            Next::Send { budget, .. } => budget,
+            Next::WindowFull => return None,
+        };
+        if self.limits.linger.is_zero() || pending >= budget {
+            return None;
+        }
+        let until = self.sent_at? + self.limits.linger;
+        (now < until).then_some(until)
     }
 
     /// Where a batch read from the source stands: how many of its first changes were sent already, or
@@ -168,6 +199,7 @@ impl Sender {
         self.inflight.push_back(InFlight { last, bytes });
         self.inflight_bytes += bytes;
         self.next = last.next();
+        self.sent_at = Some(now);
     }
 
     /// The receiver holds everything through `through`. Returns whether that is news.
@@ -289,8 +321,40 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    const LIMITS: SenderLimits =
-        SenderLimits { window_bytes: 100, batch_bytes: 40, ack_timeout: Some(Duration::from_secs(30)) };
+    const LIMITS: SenderLimits = SenderLimits {
+        window_bytes: 100,
+        batch_bytes: 40,
+        ack_timeout: Some(Duration::from_secs(30)),
+        linger: Duration::ZERO,
+    };
+
+    #[test]
+    fn changes_gather_for_the_linger_unless_a_full_batch_is_ready_or_the_stream_was_quiet() {
+        let ms = Duration::from_millis;
+        let t0 = Instant::now();
+        let mut s = Sender::at(SenderLimits { linger: ms(20), ..LIMITS }, Seq(1), t0);
+        assert_eq!(s.hold(1, t0), None, "the first change of a session goes at once");
+        s.sent(Seq(1), Seq(1), 1, t0);
+        assert_eq!(s.hold(5, t0 + ms(1)), Some(t0 + ms(20)), "a churn gathers after a batch");
+        assert_eq!(s.hold(39, t0 + ms(19)), Some(t0 + ms(20)));
+        assert_eq!(s.hold(40, t0 + ms(2)), None, "a full batch is ready");
+        assert_eq!(s.hold(5, t0 + ms(20)), None, "the linger is over");
+        s.acked(Seq(1), t0 + ms(3)).unwrap();
+        assert_eq!(s.hold(5, t0 + ms(4)), Some(t0 + ms(20)), "an acknowledgement does not end it");
+        s.sent(Seq(2), Seq(3), 5, t0 + ms(25));
+        assert_eq!(s.hold(1, t0 + ms(30)), Some(t0 + ms(45)), "counted from the latest batch");
+        assert_eq!(s.hold(1, t0 + ms(500)), None, "after a quiet spell a change goes at once");
+        // The budget is what the window leaves: what fills it is a full batch.
+        s.sent(Seq(4), Seq(5), 40, t0 + ms(500));
+        s.sent(Seq(6), Seq(7), 40, t0 + ms(500));
+        assert_eq!(s.hold(10, t0 + ms(501)), Some(t0 + ms(520)));
+        assert_eq!(s.hold(15, t0 + ms(501)), None, "the 15 bytes the window has left are ready");
+        s.sent(Seq(8), Seq(9), 15, t0 + ms(501));
+        assert_eq!(s.hold(5, t0 + ms(502)), None, "a full window waits for acknowledgements, not the linger");
+        let mut at_once = Sender::at(LIMITS, Seq(1), t0);
+        at_once.sent(Seq(1), Seq(1), 1, t0);
+        assert_eq!(at_once.hold(1, t0), None, "no linger: everything goes at once");
+    }
 
     #[test]
     fn placing_a_batch() {

@@ -336,6 +336,10 @@ impl ProtectedDisk {
     pub fn journal_bytes(&self) -> u64 {
         self.lock().bytes()
     }
+    /// About how many bytes of journal records follow `after` (see [`journal::Journal::bytes_after`]).
+    pub fn bytes_after(&self, after: Seq) -> u64 {
+        self.lock().bytes_after(after)
+    }
     pub fn acked(&self) -> Seq {
         Seq(self.acked.load(Ordering::Relaxed))
     }

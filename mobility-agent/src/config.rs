@@ -62,11 +62,22 @@ pub struct ShipConfig {
     pub window_bytes: u64,
     /// Scales the retry schedule (1, 2, 4, 8, 10, then 30 minutes) that follows the quick reconnects.
     pub retry_scale: f64,
+    /// Under a churn, changes gather for up to this many milliseconds after a batch before a smaller
+    /// batch goes out (`sr_common::stream::Sender::hold`); 0 sends each change as it comes.
+    pub linger_ms: u64,
 }
+
+/// Gathering a churn's changes this long makes a batch per 20 ms instead of one per write.
+pub const DEFAULT_LINGER_MS: u64 = 20;
 
 impl Default for ShipConfig {
     fn default() -> Self {
-        ShipConfig { batch_bytes: DEFAULT_BATCH_BYTES, window_bytes: DEFAULT_WINDOW_BYTES, retry_scale: 1.0 }
+        ShipConfig {
+            batch_bytes: DEFAULT_BATCH_BYTES,
+            window_bytes: DEFAULT_WINDOW_BYTES,
+            retry_scale: 1.0,
+            linger_ms: DEFAULT_LINGER_MS,
+        }
     }
 }
 
@@ -186,7 +197,12 @@ impl sr_common::config::Validate for AgentConfig {
         if nbd_tcp.is_none() && nbd_unix.is_none() {
             return Err("set nbd_tcp or nbd_unix (or both): the agent needs an NBD front end".into());
         }
-        let ShipConfig { batch_bytes, window_bytes, retry_scale } = ship;
+        let ShipConfig { batch_bytes, window_bytes, retry_scale, linger_ms } = ship;
+        if *linger_ms > 1000 {
+            return Err(format!(
+                "key ship.linger_ms: {linger_ms} is over 1000; the replica would trail the disk by that much more"
+            ));
+        }
         if !(*retry_scale > 0.0 && *retry_scale <= 1.0) {
             return Err(format!("key ship.retry_scale: {retry_scale} must be in (0, 1]"));
         }

@@ -224,6 +224,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Resul
         node: cfg.node.clone(),
         batch_bytes: cfg.ship.batch_bytes,
         window_bytes: cfg.ship.window_bytes,
+        linger: std::time::Duration::from_millis(cfg.ship.linger_ms),
         retry: sr_common::retry::RetryPolicy { scale: cfg.ship.retry_scale },
         // The process server holds batches back on purpose while its cache is full (see
         // `stream::DEFAULT_ACK_TIMEOUT`): no ack timeout here.

@@ -14,7 +14,7 @@ use crate::metrics as m;
 use anyhow::{bail, Context};
 use sr_common::retry::{self, Reconnects};
 use sr_common::stream::{Next, Sender, SenderLimits};
-use sr_common::types::ItemId;
+use sr_common::types::{ItemId, Seq};
 use sr_common::wire::{self, Batch, Change, Message, Role};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -28,6 +28,8 @@ pub struct ShipTarget {
     pub node: String,
     pub batch_bytes: u64,
     pub window_bytes: u64,
+    /// How long changes may gather into a batch ([`Sender::hold`]).
+    pub linger: std::time::Duration,
     /// After the quick reconnects, the retry schedule (scaled in tests).
     pub retry: sr_common::retry::RetryPolicy,
     /// A session with batches in flight and no acknowledgement for this long is given up.
@@ -137,7 +139,12 @@ async fn session(
     // then rather than read the new journal's records as the old stream's continuation.
     let incarnation = disk.journal_incarnation();
     let (first, last) = (disk.first_seq(), disk.last_seq());
-    let limits = SenderLimits { window_bytes: t.window_bytes, batch_bytes: t.batch_bytes, ack_timeout: t.ack_timeout };
+    let limits = SenderLimits {
+        window_bytes: t.window_bytes,
+        batch_bytes: t.batch_bytes,
+        ack_timeout: t.ack_timeout,
+        linger: t.linger,
+    };
     let mut sender = Sender::resume(limits, next, first, last, Instant::now())
         .with_context(|| format!("resuming disk {} of item {}", disk.name, route.item))?;
     disk.on_durable_ack(sender.acknowledged());
@@ -182,6 +189,17 @@ async fn session(
                 budget
             }
         };
+        if let Some(until) = sender.hold(disk.bytes_after(Seq(cursor.next.0 - 1)), Instant::now()) {
+            // Gathering: woken to look again when a change is appended (a full batch may be ready).
+            tokio::select! {
+                _ = disk.appended.notified() => {}
+                _ = tokio::time::sleep_until(until.into()) => {}
+                r = acked_rx.changed() => r.context("acknowledgement reader stopped")?,
+                r = &mut acks => return Err(sr_common::service::reader_ended(r)),
+                _ = stall => {}
+            }
+            continue;
+        }
         let (now, segments) = disk.journal_snapshot();
         let read = tokio::task::block_in_place(|| journal::read_batch(&segments, &mut cursor, budget));
         // A new protection started the journal over since the session began (or during the read:

@@ -114,6 +114,8 @@ async fn session(server: &Arc<Server>, stream: &Arc<Stream>) -> anyhow::Result<(
         window_bytes: server.cfg.window_bytes,
         batch_bytes: u64::MAX,
         ack_timeout: Some(sr_common::stream::DEFAULT_ACK_TIMEOUT),
+        // The agent gathered the changes already: each cached batch goes on as it is.
+        linger: std::time::Duration::ZERO,
     };
     let mut sender = Sender::at(limits, next, Instant::now());
     let level = route.compression_level;
