@@ -44,28 +44,40 @@ pub fn is_zero(buf: &[u8]) -> bool {
 pub fn compress(batch: &Batch, level: i32) -> Vec<u8> {
     let raw = rkyv::api::high::to_bytes_in::<_, rancor::Error>(batch, Vec::with_capacity(batch.size_hint()))
         .expect("serializing into memory cannot fail");
-    let mut out = Vec::with_capacity(raw.len() / 2 + 5);
     // Compressing incompressible data costs as much CPU as compressing anything else: try a sample of
     // the data first (past the archive's first bytes, which are mostly headers).
     let sample_from = raw.len().saturating_sub(SAMPLE).min(4096);
     let sample = &raw[sample_from..(sample_from + SAMPLE).min(raw.len())];
-    let worth_it = raw.len() <= 2 * SAMPLE
-        || zstd::bulk::compress(sample, level).is_ok_and(|z| z.len() < sample.len() - sample.len() / 8);
-    let packed =
-        worth_it.then(|| zstd::bulk::compress(&raw, level).ok()).flatten().filter(|z| z.len() + 64 < raw.len());
-    match packed {
-        Some(z) => {
-            out.push(CODEC_ZSTD);
-            out.extend_from_slice(&(raw.len() as u32).to_le_bytes());
-            out.extend_from_slice(&z);
-        }
-        None => {
-            out.push(CODEC_RAW);
-            out.extend_from_slice(&(raw.len() as u32).to_le_bytes());
-            out.extend_from_slice(&raw);
-        }
-    }
+    let packed = ZSTD.with(|z| {
+        let mut z = z.borrow_mut();
+        let z = match &mut *z {
+            Some((l, c)) if *l == level => c,
+            slot => &mut slot.insert((level, zstd::bulk::Compressor::new(level).ok()?)).1,
+        };
+        let worth_it =
+            raw.len() <= 2 * SAMPLE || z.compress(sample).is_ok_and(|c| c.len() < sample.len() - sample.len() / 8);
+        worth_it.then(|| z.compress(&raw).ok()).flatten().filter(|c| c.len() + 64 < raw.len())
+    });
+    let (codec, body) = match &packed {
+        Some(z) => (CODEC_ZSTD, z),
+        None => (CODEC_RAW, &raw),
+    };
+    // Room for the seal's tag too, so sealing in place does not move the payload again.
+    let mut out = Vec::with_capacity(5 + body.len() + TAG_ROOM);
+    out.push(codec);
+    out.extend_from_slice(&(raw.len() as u32).to_le_bytes());
+    out.extend_from_slice(body);
     out
+}
+
+/// Bytes an AES-GCM tag appends to a sealed payload.
+const TAG_ROOM: usize = 16;
+
+thread_local! {
+    /// One compression context a thread (and level), kept between batches: making one costs more than
+    /// compressing a small batch.
+    static ZSTD: std::cell::RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> =
+        const { std::cell::RefCell::new(None) };
 }
 
 /// Decodes a payload made by [`compress`], validating everything.

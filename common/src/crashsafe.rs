@@ -21,17 +21,22 @@ use std::path::{Path, PathBuf};
 const MAGIC: &str = "sr-record";
 
 pub fn write_file(path: &Path, contents: &[u8]) -> std::io::Result<()> {
-    write_file_mode(path, contents, 0o644)
+    write_file_mode(path, &[contents], 0o644)
+}
+
+/// [`write_file`] of the concatenation of `parts`, written without joining them first.
+pub fn write_file_parts(path: &Path, parts: &[&[u8]]) -> std::io::Result<()> {
+    write_file_mode(path, parts, 0o644)
 }
 
 /// [`write_file`] for a secret (a private key, a token, a data key): the file is created readable
 /// and writable by its owner only, so no other user can open it at any moment, even before the
 /// rename.
 pub fn write_secret(path: &Path, contents: &[u8]) -> std::io::Result<()> {
-    write_file_mode(path, contents, 0o600)
+    write_file_mode(path, &[contents], 0o600)
 }
 
-fn write_file_mode(path: &Path, contents: &[u8], mode: u32) -> std::io::Result<()> {
+fn write_file_mode(path: &Path, parts: &[&[u8]], mode: u32) -> std::io::Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let name = path.file_name().ok_or_else(|| std::io::Error::other("path has no file name"))?;
@@ -40,7 +45,16 @@ fn write_file_mode(path: &Path, contents: &[u8], mode: u32) -> std::io::Result<(
     let _ = std::fs::remove_file(&tmp);
     let written = (|| {
         let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(mode).open(&tmp)?;
-        f.write_all(contents)?;
+        let mut slices: Vec<std::io::IoSlice> = parts.iter().map(|p| std::io::IoSlice::new(p)).collect();
+        let mut slices = &mut slices[..];
+        while !slices.is_empty() {
+            match f.write_vectored(slices) {
+                Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+                Ok(n) => std::io::IoSlice::advance_slices(&mut slices, n),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
         f.sync_data()
     })();
     if let Err(e) = written {

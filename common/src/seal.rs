@@ -85,15 +85,31 @@ impl ItemKey {
         last: Seq,
         payload: &[u8],
     ) -> SealedBatch {
+        let mut buf = Vec::with_capacity(payload.len() + AES_256_GCM.tag_len());
+        buf.extend_from_slice(payload);
+        self.seal_owned(epoch, item, disk, disk_size, first, last, buf)
+    }
+
+    /// [`Self::seal`] in place: `payload` becomes the ciphertext (no copy when it has room for the
+    /// 16-byte tag).
+    #[allow(clippy::too_many_arguments)]
+    pub fn seal_owned(
+        &self,
+        epoch: u32,
+        item: ItemId,
+        disk: DiskId,
+        disk_size: u64,
+        first: Seq,
+        last: Seq,
+        mut payload: Vec<u8>,
+    ) -> SealedBatch {
         let mut nonce = [0u8; 12];
         rand::rngs::OsRng.fill_bytes(&mut nonce);
         let aad = aad(epoch, item, disk, disk_size, first, last);
-        let mut ciphertext = Vec::with_capacity(payload.len() + AES_256_GCM.tag_len());
-        ciphertext.extend_from_slice(payload);
         self.cipher
-            .seal_in_place_append_tag(Nonce::assume_unique_for_key(nonce), Aad::from(aad), &mut ciphertext)
+            .seal_in_place_append_tag(Nonce::assume_unique_for_key(nonce), Aad::from(aad), &mut payload)
             .expect("AES-GCM sealing of a buffer under 64 GiB cannot fail");
-        SealedBatch { epoch, item, disk, disk_size, first, last, nonce, ciphertext }
+        SealedBatch { epoch, item, disk, disk_size, first, last, nonce, ciphertext: payload }
     }
 
     pub fn open(&self, b: &SealedBatch) -> Result<Vec<u8>, SealError> {
@@ -189,13 +205,28 @@ impl ItemKeys {
         last: Seq,
         payload: &[u8],
     ) -> Result<SealedBatch, SealError> {
+        let mut buf = Vec::with_capacity(payload.len() + AES_256_GCM.tag_len());
+        buf.extend_from_slice(payload);
+        self.seal_owned(item, disk, disk_size, first, last, buf)
+    }
+
+    /// [`Self::seal`] in place (see [`ItemKey::seal_owned`]).
+    pub fn seal_owned(
+        &self,
+        item: ItemId,
+        disk: DiskId,
+        disk_size: u64,
+        first: Seq,
+        last: Seq,
+        payload: Vec<u8>,
+    ) -> Result<SealedBatch, SealError> {
         let epoch = self.current_epoch();
         let n = self.sealed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if n >= self.limit {
             self.sealed.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
             return Err(SealError::Exhausted { item, epoch, seals: n });
         }
-        Ok(self.epochs[&epoch].seal(epoch, item, disk, disk_size, first, last, payload))
+        Ok(self.epochs[&epoch].seal_owned(epoch, item, disk, disk_size, first, last, payload))
     }
 
     /// Opens a batch with the key of its epoch.

@@ -112,15 +112,12 @@ impl StreamCache {
         // Serialized on its own (rkyv lays it out for offset 0), then put behind the tag.
         let body =
             rkyv::api::high::to_bytes_in::<_, rkyv::rancor::Error>(batch, Vec::new()).map_err(std::io::Error::other)?;
-        let mut bytes = Vec::with_capacity(SEALED_TAG.len() + body.len() + 4);
-        bytes.extend_from_slice(SEALED_TAG);
-        bytes.extend_from_slice(&body);
-        let crc = crc32c::crc32c(&bytes);
-        bytes.extend_from_slice(&crc.to_le_bytes());
+        let crc = crc32c::crc32c_append(crc32c::crc32c(SEALED_TAG), &body).to_le_bytes();
         let path = self.dir.join(name(batch.first, batch.last));
-        sr_common::crashsafe::write_file(&path, &bytes)?;
-        self.total.add(bytes.len() as u64);
-        let entry = Entry { first: batch.first, last: batch.last, bytes: bytes.len() as u64, path };
+        sr_common::crashsafe::write_file_parts(&path, &[SEALED_TAG, &body, &crc])?;
+        let len = (SEALED_TAG.len() + body.len() + crc.len()) as u64;
+        self.total.add(len);
+        let entry = Entry { first: batch.first, last: batch.last, bytes: len, path };
         let mut g = self.lock();
         match g.get(&batch.first) {
             // A longer batch from the same point is cached already (an older session of the agent
@@ -158,10 +155,26 @@ impl StreamCache {
 
     /// Reads and validates a cached batch. Blocking.
     pub fn read(entry: &Entry) -> Result<Cached, WireError> {
-        let bytes = std::fs::read(&entry.path)?;
-        decode(&bytes, entry.first, entry.last, &entry.path)
+        use std::io::Read;
+        // Read behind PAD bytes, so a sealed batch's archive (after its 4-byte tag) starts 16-aligned
+        // where it lies, and is validated there without another copy.
+        let mut f = std::fs::File::open(&entry.path)?;
+        let len = f.metadata()?.len() as usize;
+        if len > sr_common::wire::MAX_FRAME + 64 {
+            return Err(WireError::Malformed {
+                len,
+                reason: format!("cache file {}: larger than any batch", entry.path.display()),
+            });
+        }
+        let mut buf = rkyv::util::AlignedVec::<16>::with_capacity(PAD + len);
+        buf.resize(PAD + len, 0);
+        f.read_exact(&mut buf[PAD..])?;
+        decode_in(&buf, PAD, entry.first, entry.last, &entry.path)
     }
 }
+
+/// Bytes before a cache file's contents in [`StreamCache::read`]'s buffer.
+const PAD: usize = 12;
 
 /// What a cache file holds.
 #[derive(Debug, Clone, PartialEq)]
@@ -180,12 +193,21 @@ pub fn seal_batch(key: &ItemKeys, level: i32, mut batch: Batch) -> Result<(Seale
     let raw_bytes = batch.payload_bytes();
     compress::zero_writes_to_markers(&mut batch);
     let payload = compress::compress(&batch, level);
-    Ok((key.seal(batch.item, batch.disk, batch.disk_size, batch.first, batch.last, &payload)?, raw_bytes))
+    Ok((key.seal_owned(batch.item, batch.disk, batch.disk_size, batch.first, batch.last, payload)?, raw_bytes))
 }
 
 /// Validates and decodes the bytes of a cache file named for `first..=last` (its `path` for errors):
 /// checksum, rkyv validation, the batch's own checks, and the name.
 pub fn decode(bytes: &[u8], first: Seq, last: Seq, path: &Path) -> Result<Cached, WireError> {
+    let mut buf = rkyv::util::AlignedVec::<16>::with_capacity(PAD + bytes.len());
+    buf.resize(PAD, 0);
+    buf.extend_from_slice(bytes);
+    decode_in(&buf, PAD, first, last, path)
+}
+
+/// [`decode`] of the file's bytes at `buf[pad..]`, where `pad + 4` is a multiple of 16.
+fn decode_in(buf: &[u8], pad: usize, first: Seq, last: Seq, path: &Path) -> Result<Cached, WireError> {
+    let bytes = &buf[pad..];
     let bad = |reason: &str| WireError::Malformed {
         len: bytes.len(),
         reason: format!("cache file {}: {reason}", path.display()),
@@ -197,15 +219,15 @@ pub fn decode(bytes: &[u8], first: Seq, last: Seq, path: &Path) -> Result<Cached
     if crc32c::crc32c(body) != u32::from_le_bytes(crc.try_into().expect("4 bytes")) {
         return Err(bad("checksum mismatch"));
     }
-    let mut aligned = rkyv::util::AlignedVec::<16>::with_capacity(body.len());
     if let Some(sealed) = body.strip_prefix(SEALED_TAG) {
-        aligned.extend_from_slice(sealed);
-        let b = rkyv::from_bytes::<SealedBatch, rkyv::rancor::Error>(&aligned).map_err(|e| bad(&e.to_string()))?;
+        let b = rkyv::from_bytes::<SealedBatch, rkyv::rancor::Error>(sealed).map_err(|e| bad(&e.to_string()))?;
         if b.first != first || b.last != last || b.last < b.first {
             return Err(bad("contents do not match the file name"));
         }
         return Ok(Cached::Sealed(b));
     }
+    // A plaintext batch from an older release: its archive starts at the file's first byte.
+    let mut aligned = rkyv::util::AlignedVec::<16>::with_capacity(body.len());
     aligned.extend_from_slice(body);
     let batch = rkyv::from_bytes::<Batch, rkyv::rancor::Error>(&aligned).map_err(|e| bad(&e.to_string()))?;
     batch.check()?;
