@@ -100,6 +100,7 @@ catch=$(python3 -c "import time; print(f'{time.time() - $burst_end:.2f}')")
 kill "$spid" 2>/dev/null || true
 wait "$spid" 2>/dev/null || true
 spid=""
+hwm=$(awk '/^VmHWM/ {print $2}' "/proc/$agent_pid/status")
 
 python3 - "$out/samples" <<PY
 import sys
@@ -144,5 +145,6 @@ disk = ($disk1 - $disk0) / (t1 - t0)
 print(f"the machine's disk wrote {disk / mib:.0f} MiB/s during the churn ({disk / max($steady_bw, 1):.1f}x the churn: the agent's journal and disk, the process server's cache, the master target's undo journal and replica share it here)")
 rss = [r for t, _, _, r in rows if t0 <= t <= t1]
 print(f"agent resident memory during the churn: peak {max(rss) / 1024:.0f} MiB" if rss else "no memory samples")
+print(f"agent resident memory, peak over the whole run (initial copy and burst included): {$hwm / 1024:.0f} MiB")
 print(f"burst: {$burst_bw / mib:.1f} MiB/s for $BURST s, unthrottled; the replica caught up {$catch} s after it ended")
 PY

@@ -30,7 +30,7 @@ fn measure(name: &str, bytes: usize, mut f: impl FnMut()) {
 }
 
 fn main() {
-    sr_common::service::tune_allocator();
+    sr_common::service::tune_allocator(sr_common::service::KEEP_FREE_BYTES);
     let mut rng = rand::rngs::StdRng::seed_from_u64(1);
     let random = batch(|_| {
         let mut v = vec![0u8; 65536];

@@ -45,7 +45,8 @@ fn write_file_mode(path: &Path, parts: &[&[u8]], mode: u32) -> std::io::Result<(
     let _ = std::fs::remove_file(&tmp);
     let written = (|| {
         let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(mode).open(&tmp)?;
-        let mut slices: Vec<std::io::IoSlice> = parts.iter().map(|p| std::io::IoSlice::new(p)).collect();
+        let mut slices: Vec<std::io::IoSlice> =
+            parts.iter().filter(|p| !p.is_empty()).map(|p| std::io::IoSlice::new(p)).collect();
         let mut slices = &mut slices[..];
         while !slices.is_empty() {
             match f.write_vectored(slices) {
@@ -206,5 +207,20 @@ mod tests {
         write_file(&p, b"two").unwrap();
         assert_eq!(std::fs::read(&p).unwrap(), b"two");
         assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 1, "no temporary file left behind");
+    }
+
+    #[test]
+    fn an_empty_file_and_a_file_of_parts_are_written_whole() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("state");
+        write_file(&p, b"").unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), b"");
+        let big = vec![b'7'; 3 << 20];
+        write_file_parts(&p, &[b"head", b"", &big, b"tail"]).unwrap();
+        let got = std::fs::read(&p).unwrap();
+        assert_eq!(got.len(), 8 + big.len());
+        assert!(got.starts_with(b"head7") && got.ends_with(b"7tail"));
+        write_file_parts(&p, &[]).unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), b"");
     }
 }

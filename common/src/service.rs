@@ -10,7 +10,15 @@ where
     F: FnOnce(CancellationToken) -> Fut,
     Fut: Future<Output = anyhow::Result<()>>,
 {
-    tune_allocator();
+    tune_allocator(KEEP_FREE_BYTES);
+    run_service(run)
+}
+
+fn run_service<F, Fut>(run: F) -> ExitCode
+where
+    F: FnOnce(CancellationToken) -> Fut,
+    Fut: Future<Output = anyhow::Result<()>>,
+{
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -62,14 +70,22 @@ pub async fn sleep_until(at: Option<std::time::Instant>) {
     }
 }
 
+/// Freed memory a service's allocator keeps for reuse, at most, per arena (two arenas).
+pub const KEEP_FREE_BYTES: usize = 32 << 20;
+
+/// What the mobility agent keeps: it runs on the protected machine, whose memory is its workload's.
+pub const AGENT_KEEP_FREE_BYTES: usize = 4 << 20;
+
 /// Batches are buffers of a few MiB allocated and freed continuously. glibc serves such sizes with a
 /// fresh mmap each time by default, so every batch pays page faults and page zeroing for each of its
-/// pages; serving them from the heap and keeping some freed memory for reuse removes that cost.
-pub fn tune_allocator() {
+/// pages; serving them from the heap and keeping up to `keep_free` of freed memory for reuse removes
+/// most of that cost.
+pub fn tune_allocator(keep_free: usize) {
+    let keep = i32::try_from(keep_free).unwrap_or(i32::MAX);
     // SAFETY: mallopt only changes allocator parameters; called before the service allocates heavily.
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 64 << 20);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, keep);
         // Every thread's arena would keep its own freed batches: two arenas bound what is kept.
         libc::mallopt(libc::M_ARENA_MAX, 2);
     }
@@ -116,5 +132,6 @@ where
             return ExitCode::from(2);
         }
     };
-    main(|shutdown| run(cfg, shutdown))
+    tune_allocator(if role == crate::wire::Role::Agent { AGENT_KEEP_FREE_BYTES } else { KEEP_FREE_BYTES });
+    run_service(|shutdown| run(cfg, shutdown))
 }
