@@ -16,6 +16,7 @@
 #   bench/nbd-throughput.sh            # SIZE=1G RUNTIME=10, pinned and unpinned
 #   SHORT=1 bench/nbd-throughput.sh    # SIZE=64M RUNTIME=1, pinned only, debug build (CI)
 #   ONLY=QD1 PINNINGS=pinned bench/nbd-throughput.sh   # the jobs whose names contain ONLY
+#   APART=1 bench/nbd-throughput.sh  # the process server's and master target's state on a tmpfs (bench/lib.sh)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ "${SHORT:-}" = 1 ]; then
@@ -34,6 +35,7 @@ echo "making $SIZE of random data" >&2
 head -c "$bytes" /dev/urandom >"$out/agent.img"
 cp "$out/agent.img" "$out/qemu.img"
 cp "$out/agent.img" "$out/nbdkit.img"
+place_apart "$out"
 
 started=$(date +%s.%N)
 qpid=""
@@ -43,6 +45,7 @@ cleanup() {
   [ -n "$qpid" ] && kill "$qpid" 2>/dev/null || true
   [ -n "$kpid" ] && kill "$kpid" 2>/dev/null || true
   wait 2>/dev/null || true
+  [ -z "$apart" ] || rm -rf "$apart"
 }
 trap cleanup EXIT
 SR_AGENT__JOURNAL__LIMIT_BYTES=$(numfmt --from=iec "$JOURNAL_LIMIT") start_local "$out" "$out/agent.img"

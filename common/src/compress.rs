@@ -48,16 +48,23 @@ pub fn compress(batch: &Batch, level: i32) -> Vec<u8> {
     // the data first (past the archive's first bytes, which are mostly headers).
     let sample_from = raw.len().saturating_sub(SAMPLE).min(4096);
     let sample = &raw[sample_from..(sample_from + SAMPLE).min(raw.len())];
-    let packed = ZSTD.with(|z| {
-        let mut z = z.borrow_mut();
-        let z = match &mut *z {
-            Some((l, c)) if *l == level => c,
-            slot => &mut slot.insert((level, zstd::bulk::Compressor::new(level).ok()?)).1,
-        };
+    let pack = |z: &mut zstd::bulk::Compressor<'static>| {
         let worth_it =
             raw.len() <= 2 * SAMPLE || z.compress(sample).is_ok_and(|c| c.len() < sample.len() - sample.len() / 8);
         worth_it.then(|| z.compress(&raw).ok()).flatten().filter(|c| c.len() + 64 < raw.len())
-    });
+    };
+    let packed = if level <= KEEP_CONTEXT_UP_TO {
+        ZSTD.with(|z| {
+            let mut z = z.borrow_mut();
+            let z = match &mut *z {
+                Some((l, c)) if *l == level => c,
+                slot => &mut slot.insert((level, zstd::bulk::Compressor::new(level).ok()?)).1,
+            };
+            pack(z)
+        })
+    } else {
+        zstd::bulk::Compressor::new(level).ok().and_then(|mut z| pack(&mut z))
+    };
     let (codec, body) = match &packed {
         Some(z) => (CODEC_ZSTD, z),
         None => (CODEC_RAW, &raw),
@@ -72,6 +79,10 @@ pub fn compress(batch: &Batch, level: i32) -> Vec<u8> {
 
 /// Bytes an AES-GCM tag appends to a sealed payload.
 const TAG_ROOM: usize = 16;
+
+/// Levels whose compression context a thread keeps between batches. Higher levels' contexts take tens
+/// of MiB each, and a process server may run many blocking threads: those are made per batch.
+const KEEP_CONTEXT_UP_TO: i32 = 3;
 
 thread_local! {
     /// One compression context a thread (and level), kept between batches: making one costs more than
@@ -128,6 +139,18 @@ mod tests {
         assert_eq!(p[0], CODEC_ZSTD);
         assert!(p.len() < 4096);
         assert_eq!(decompress(&p).unwrap(), b);
+    }
+
+    #[test]
+    fn every_level_round_trips_with_kept_and_fresh_contexts_in_any_order() {
+        let b = batch(b"abcdefgh".repeat(4096));
+        for level in [1, 19, 1, 3, 2, 9, 1] {
+            let p = compress(&b, level);
+            assert_eq!(p[0], CODEC_ZSTD, "level {level}");
+            assert!(p.len() < 4096, "level {level}");
+            assert_eq!(decompress(&p).unwrap(), b, "level {level}");
+            assert!(p.capacity() >= p.len() + TAG_ROOM, "room for the seal's tag");
+        }
     }
 
     #[test]
