@@ -10,6 +10,15 @@
 //!   | capture time (µs since the Unix epoch)
 //! ```
 //!
+//! A segment written by this release starts with a 64-byte header (magic "SRJS" | crc32c(header[8..]) |
+//! first seq | salt | pad), and its records' checksums are seeded with the salt, a random number drawn
+//! each time the file is (re)used. Trimmed segments are kept as spares (`*.spare`, at most
+//! [`MAX_SPARES`]) and reused at the next rotation, so appends overwrite blocks the file system already
+//! holds and a FLUSH's fdatasync has no file size or allocation to commit. A reused file still holds
+//! its previous records past the new ones: under the new salt they fail their checksum, so a scan
+//! stops at the true end, and nothing a guest wrote into a record's payload can pass as a record. A
+//! segment without the header (earlier releases) is read as before: unsalted, ending where the file ends.
+//!
 //! A segment's name is the sequence number of its first record, so the next sequence number survives
 //! even when every record has been trimmed. Beside the segments, `redo.mark` holds the redo mark: every
 //! record up to it is known to be on the disk (see the redo rule in `mode.rs`). It is two fixed 32-byte
@@ -32,6 +41,12 @@ const HEADER: usize = 48;
 pub const SEGMENT_BYTES: u64 = 32 << 20;
 
 const MAX_PAYLOAD: u32 = sr_common::wire::MAX_WRITE as u32;
+
+const SEG_MAGIC: u32 = u32::from_le_bytes(*b"SRJS");
+/// Bytes of a segment's header; its records follow.
+const SEG_HEADER: u64 = 64;
+/// Trimmed segments kept for reuse, at most.
+pub const MAX_SPARES: usize = 2;
 
 const KIND_WRITE: u8 = 1;
 const KIND_ZERO: u8 = 2;
@@ -76,7 +91,7 @@ impl Record {
     }
 }
 
-fn encode(seq: Seq, at: u64, op: &Op) -> Vec<u8> {
+fn encode(seed: u32, seq: Seq, at: u64, op: &Op) -> Vec<u8> {
     let (kind, offset, arg, payload): (u8, u64, u64, &[u8]) = match op {
         Op::Write { offset, data } => (KIND_WRITE, *offset, data.len() as u64, data),
         Op::Zero { offset, len } => (KIND_ZERO, *offset, *len, &[]),
@@ -88,16 +103,20 @@ fn encode(seq: Seq, at: u64, op: &Op) -> Vec<u8> {
         Op::Marker { kind: MarkerKind::InconsistentEnd } => (KIND_INCONSISTENT_END, 0, 0, &[]),
     };
     let mut out = Vec::with_capacity(HEADER + payload.len());
-    out.extend_from_slice(&encode_header(seq, at, kind, offset, arg, payload));
+    out.extend_from_slice(&encode_header(seed, seq, at, kind, offset, arg, payload));
     out.extend_from_slice(payload);
     out
 }
 
-/// Writes `head` then `tail` with as few `writev` calls as the kernel allows.
-fn write_all_vectored(f: &File, mut head: &[u8], mut tail: &[u8]) -> std::io::Result<()> {
-    use std::io::IoSlice;
+/// Writes `head` then `tail` at byte `pos` with as few `writev` calls as the kernel allows.
+fn write_all_vectored(mut f: &File, pos: u64, mut head: &[u8], mut tail: &[u8]) -> std::io::Result<()> {
+    use std::io::{IoSlice, Seek};
+    f.seek(std::io::SeekFrom::Start(pos))?;
     while !head.is_empty() || !tail.is_empty() {
-        let n = (&*f).write_vectored(&[IoSlice::new(head), IoSlice::new(tail)])?;
+        let n = match f.write_vectored(&[IoSlice::new(head), IoSlice::new(tail)]) {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            r => r?,
+        };
         if n == 0 {
             return Err(std::io::ErrorKind::WriteZero.into());
         }
@@ -108,8 +127,14 @@ fn write_all_vectored(f: &File, mut head: &[u8], mut tail: &[u8]) -> std::io::Re
     Ok(())
 }
 
-/// The header of a record whose payload is `payload` (checksummed, not copied).
-fn encode_header(seq: Seq, at: u64, kind: u8, offset: u64, arg: u64, payload: &[u8]) -> [u8; HEADER] {
+/// The checksum seed of a segment's records: its salt's, or 0 for a segment of an earlier release.
+fn seed(salt: Option<u64>) -> u32 {
+    salt.map_or(0, |s| crc32c::crc32c(&s.to_le_bytes()))
+}
+
+/// The header of a record whose payload is `payload` (checksummed, not copied), in a segment whose
+/// checksum seed is `seed`.
+fn encode_header(seed: u32, seq: Seq, at: u64, kind: u8, offset: u64, arg: u64, payload: &[u8]) -> [u8; HEADER] {
     let mut h = [0u8; HEADER];
     h[0..4].copy_from_slice(&MAGIC.to_le_bytes());
     h[8..16].copy_from_slice(&seq.0.to_le_bytes());
@@ -118,9 +143,52 @@ fn encode_header(seq: Seq, at: u64, kind: u8, offset: u64, arg: u64, payload: &[
     h[32] = kind;
     h[36..40].copy_from_slice(&(payload.len() as u32).to_le_bytes());
     h[40..48].copy_from_slice(&at.to_le_bytes());
-    let crc = crc32c::crc32c_append(crc32c::crc32c(&h[8..]), payload);
+    let crc = crc32c::crc32c_append(crc32c::crc32c_append(seed, &h[8..]), payload);
     h[4..8].copy_from_slice(&crc.to_le_bytes());
     h
+}
+
+/// A segment header: where its records start and the salt their checksums are seeded with.
+fn encode_segment_header(first: Seq, salt: u64) -> [u8; SEG_HEADER as usize] {
+    let mut h = [0u8; SEG_HEADER as usize];
+    h[0..4].copy_from_slice(&SEG_MAGIC.to_le_bytes());
+    h[8..16].copy_from_slice(&first.0.to_le_bytes());
+    h[16..24].copy_from_slice(&salt.to_le_bytes());
+    let crc = crc32c::crc32c(&h[8..]);
+    h[4..8].copy_from_slice(&crc.to_le_bytes());
+    h
+}
+
+/// Reads a segment's header: `Ok(None)` for a segment of an earlier release (no header; its records
+/// start at byte 0), else its salt, checked against the first seq its name gives.
+fn read_segment_header(path: &Path, first: Seq) -> Result<Option<u64>, JournalError> {
+    let mut f = File::open(path).map_err(io(path))?;
+    let mut h = [0u8; SEG_HEADER as usize];
+    let mut got = 0;
+    while got < h.len() {
+        match f.read(&mut h[got..]).map_err(io(path))? {
+            0 => break,
+            n => got += n,
+        }
+    }
+    let corrupt = |reason: String| JournalError::Corrupt { path: path.to_path_buf(), offset: 0, reason };
+    let magic = (got >= 4).then(|| u32::from_le_bytes(h[0..4].try_into().expect("4 bytes")));
+    match magic {
+        Some(SEG_MAGIC) => {}
+        // An earlier release's segment: empty (or shorter than a magic), or a record first.
+        None | Some(MAGIC) => return Ok(None),
+        // Neither: a damaged header, which must not pass for an unsalted segment whose records then
+        // look torn (they would be cut off).
+        Some(other) => return Err(corrupt(format!("segment starts with {other:#x}, neither a header nor a record"))),
+    }
+    if got < h.len() || crc32c::crc32c(&h[8..]) != u32::from_le_bytes(h[4..8].try_into().expect("4 bytes")) {
+        return Err(corrupt("segment header damaged".into()));
+    }
+    let named = u64::from_le_bytes(h[8..16].try_into().expect("8 bytes"));
+    if named != first.0 {
+        return Err(corrupt(format!("segment header says it starts at {named}, its name says {first}")));
+    }
+    Ok(Some(u64::from_le_bytes(h[16..24].try_into().expect("8 bytes"))))
 }
 
 /// Outcome of reading a segment from some byte offset.
@@ -137,8 +205,10 @@ pub fn scan(
     path: &Path,
     start: u64,
     end: u64,
+    salt: Option<u64>,
     mut f: impl FnMut(Record, u64) -> bool,
 ) -> Result<ScanEnd, JournalError> {
+    let seed = seed(salt);
     let mut file = File::open(path).map_err(io(path))?;
     std::io::Seek::seek(&mut file, std::io::SeekFrom::Start(start)).map_err(io(path))?;
     let mut r = BufReader::with_capacity(1 << 20, file.take(end.saturating_sub(start)));
@@ -165,7 +235,7 @@ pub fn scan(
         if let Err(e) = r.read_exact(&mut payload) {
             return Ok(ScanEnd { good_end: pos, error: Some(format!("short payload: {e}")) });
         }
-        let mut c = crc32c::crc32c(&h[8..]);
+        let mut c = crc32c::crc32c_append(seed, &h[8..]);
         c = crc32c::crc32c_append(c, &payload);
         if c != crc {
             return Ok(ScanEnd { good_end: pos, error: Some("checksum mismatch".into()) });
@@ -199,7 +269,12 @@ pub struct Segment {
     /// Last sequence number in the segment; `first - 1` while it is empty.
     pub last: Seq,
     pub path: PathBuf,
+    /// Where its records end (its header included).
     pub bytes: u64,
+    /// Where its records start: past its header, or 0 in a segment of an earlier release.
+    pub start: u64,
+    /// The salt its records' checksums are seeded with (`None`: a segment of an earlier release).
+    pub salt: Option<u64>,
 }
 
 /// The redo mark's file: two slots, written alternately in place.
@@ -313,6 +388,10 @@ pub struct Journal {
     /// How many times the journal started over ([`Journal::reset`]) since it was opened: a reader
     /// whose snapshot is from an earlier one read files that may have been replaced under it.
     incarnation: u64,
+    /// The active segment's checksum seed.
+    seed: u32,
+    /// Trimmed segment files kept for reuse (see the module's header).
+    spares: Vec<PathBuf>,
 }
 
 /// Spacing of the position marks that measure how many bytes follow a sequence number.
@@ -322,19 +401,76 @@ fn seg_path(dir: &Path, first: Seq) -> PathBuf {
     dir.join(format!("{:020}.seg", first.0))
 }
 
+fn spare_path(dir: &Path, first: Seq) -> PathBuf {
+    dir.join(format!("{:020}.spare", first.0))
+}
+
+/// Makes a segment file for records from `first` on at `path` with a fresh salt: from a spare when there
+/// is one (its old records stay behind the new ones, invalid under the new salt), else a new file. The
+/// header is durable before the file takes the segment's name, so a crash leaves either no segment or
+/// a whole one. Returns the open file and the salt.
+///
+/// `plain`: a segment without a header (as earlier releases wrote), which takes no data block until a
+/// record comes: what a full volume can still hold when a fully applied segment must be replaced.
+fn make_segment(
+    dir: &Path,
+    path: &Path,
+    first: Seq,
+    spare: Option<PathBuf>,
+    plain: bool,
+) -> Result<(File, Option<u64>), JournalError> {
+    use std::os::unix::fs::FileExt;
+    if plain {
+        let f = OpenOptions::new().write(true).create(true).truncate(true).open(path).map_err(io(path))?;
+        sr_common::crashsafe::fsync_dir(dir).map_err(io(dir))?;
+        return Ok((f, None));
+    }
+    let salt: u64 = rand::random();
+    let (from, f) = match spare {
+        Some(spare) => {
+            // The rename that made it a spare must be durable before its header changes: else a crash
+            // could leave the old segment's name on a file whose header names another first seq.
+            sr_common::crashsafe::fsync_dir(dir).map_err(io(dir))?;
+            let f = OpenOptions::new().write(true).open(&spare).map_err(io(&spare))?;
+            (spare, f)
+        }
+        None => {
+            let tmp = path.with_extension("seg.tmp");
+            let f = OpenOptions::new().write(true).create(true).truncate(true).open(&tmp).map_err(io(&tmp))?;
+            (tmp, f)
+        }
+    };
+    f.write_all_at(&encode_segment_header(first, salt), 0).map_err(io(&from))?;
+    f.sync_data().map_err(io(&from))?;
+    std::fs::rename(&from, path).map_err(io(path))?;
+    sr_common::crashsafe::fsync_dir(dir).map_err(io(dir))?;
+    Ok((f, Some(salt)))
+}
+
 impl Journal {
     /// Opens (or creates) the journal in `dir`, recovering from a torn tail.
     pub fn open(dir: &Path) -> Result<Journal, JournalError> {
         std::fs::create_dir_all(dir).map_err(io(dir))?;
         let mut firsts = Vec::new();
+        let mut spares = Vec::new();
         for e in std::fs::read_dir(dir).map_err(io(dir))? {
             let e = e.map_err(io(dir))?;
             let name = e.file_name().to_string_lossy().into_owned();
             if let Some(n) = name.strip_suffix(".seg").and_then(|n| n.parse::<u64>().ok()) {
                 firsts.push(Seq(n));
+            } else if name.ends_with(".spare") {
+                spares.push(e.path());
+            } else if name.ends_with(".seg.tmp") {
+                // A new segment whose header was not durable yet: it never held a record.
+                std::fs::remove_file(e.path()).map_err(io(&e.path()))?;
             }
         }
         firsts.sort();
+        spares.sort();
+        while spares.len() > MAX_SPARES {
+            let p = spares.pop().expect("a spare");
+            std::fs::remove_file(&p).map_err(io(&p))?;
+        }
         let mut mark = RedoMark::open(dir)?;
         if firsts.is_empty() {
             // A new journal, or one a reset emptied before it could clear the mark: nothing is on the disk
@@ -343,8 +479,7 @@ impl Journal {
                 mark.write(Seq::ZERO, false)?;
             }
             let path = seg_path(dir, Seq(1));
-            File::create(&path).map_err(io(&path))?;
-            sr_common::crashsafe::fsync_dir(dir).map_err(io(dir))?;
+            make_segment(dir, &path, Seq(1), spares.pop(), false)?;
             firsts.push(Seq(1));
         }
         let mut segments = Vec::new();
@@ -357,17 +492,19 @@ impl Journal {
         for (i, first) in firsts.into_iter().enumerate() {
             let path = seg_path(dir, first);
             let len = std::fs::metadata(&path).map_err(io(&path))?.len();
+            let salt = read_segment_header(&path, first)?;
+            let start = if salt.is_some() { SEG_HEADER } else { 0 };
             let mut expect = first;
             let mut seq_error = None;
             let before = logical;
             let mut last_mark = marks.back().map_or(0, |m: &(Seq, u64)| m.1);
-            let end = scan(&path, 0, len, |rec, after| {
+            let end = scan(&path, start, len, salt, |rec, after| {
                 if rec.seq != expect {
                     seq_error = Some(format!("record has seq {} where {} was expected", rec.seq, expect));
                     return false;
                 }
-                if before + after - last_mark >= MARK_EVERY {
-                    last_mark = before + after;
+                if before + after - start - last_mark >= MARK_EVERY {
+                    last_mark = before + after - start;
                     marks.push_back((rec.seq, last_mark));
                 }
                 match rec.op {
@@ -384,11 +521,20 @@ impl Journal {
                 // A record with a valid checksum but the wrong sequence number is not a torn write.
                 return Err(JournalError::Corrupt { path, offset: good, reason });
             }
-            if let Some(reason) = end.error {
+            // A reused segment's earlier records follow its own: a closed one ends where its records stop
+            // (the next segment's first seq checks that none are missing).
+            let stale = salt.is_some() && i + 1 != count;
+            if let Some(reason) = end.error.filter(|_| !stale) {
                 if i + 1 != count {
                     return Err(JournalError::Corrupt { path, offset: good, reason });
                 }
-                tracing::warn!(path = %path.display(), offset = good, len, reason, "cutting a torn journal tail");
+                // The last segment is cut where its records stop, so no record past a torn one can ever
+                // be read as following a newer one appended here.
+                if salt.is_some() {
+                    tracing::debug!(path = %path.display(), offset = good, len, reason, "cutting the journal's end");
+                } else {
+                    tracing::warn!(path = %path.display(), offset = good, len, reason, "cutting a torn journal tail");
+                }
                 let f = OpenOptions::new().write(true).open(&path).map_err(io(&path))?;
                 f.set_len(good).map_err(io(&path))?;
                 f.sync_all().map_err(io(&path))?;
@@ -404,16 +550,17 @@ impl Journal {
                     });
                 }
             }
-            segments.push(Segment { first, last: Seq(expect.0 - 1), path, bytes: good });
-            logical += good;
+            segments.push(Segment { first, last: Seq(expect.0 - 1), path, bytes: good, start, salt });
+            logical += good - start;
             while marks.back().is_some_and(|m| m.1 > logical) {
                 marks.pop_back();
             }
         }
         let last = segments.last().expect("at least one segment");
-        let active = OpenOptions::new().append(true).open(&last.path).map_err(io(&last.path))?;
+        let active = OpenOptions::new().write(true).open(&last.path).map_err(io(&last.path))?;
+        let active_seed = seed(last.salt);
         let next = last.last.next();
-        let bytes = segments.iter().map(|s| s.bytes).sum();
+        let bytes = segments.iter().map(|s| s.bytes - s.start).sum();
         if mark.seq > last.last {
             return Err(JournalError::Corrupt {
                 path: mark.path.clone(),
@@ -436,6 +583,8 @@ impl Journal {
             logical,
             marks,
             incarnation: 0,
+            seed: active_seed,
+            spares,
         })
     }
 
@@ -445,7 +594,7 @@ impl Journal {
         if !matches!(op, Op::Marker { kind: MarkerKind::InconsistentEnd }) {
             self.open_window_if_due()?;
         }
-        let rec = encode(self.next, sr_common::types::now_micros(), op);
+        let rec = encode(self.seed, self.next, sr_common::types::now_micros(), op);
         let change = matches!(op, Op::Write { .. } | Op::Zero { .. });
         let seq = self.append_parts(&rec, &[], change)?;
         if matches!(op, Op::Marker { kind: MarkerKind::InitialCopyDone }) && self.window_open {
@@ -460,8 +609,8 @@ impl Journal {
     /// without copying the data.
     pub fn append_write(&mut self, offset: u64, data: &[u8]) -> Result<Seq, JournalError> {
         self.open_window_if_due()?;
-        let header =
-            encode_header(self.next, sr_common::types::now_micros(), KIND_WRITE, offset, data.len() as u64, data);
+        let now = sr_common::types::now_micros();
+        let header = encode_header(self.seed, self.next, now, KIND_WRITE, offset, data.len() as u64, data);
         self.append_parts(&header, data, true)
     }
 
@@ -469,8 +618,8 @@ impl Journal {
     /// (which is encoded with its sequence number only after this).
     fn open_window_if_due(&mut self) -> Result<(), JournalError> {
         if self.window_pending && !self.window_open {
-            let begin =
-                encode(self.next, sr_common::types::now_micros(), &Op::Marker { kind: MarkerKind::InconsistentBegin });
+            let now = sr_common::types::now_micros();
+            let begin = encode(self.seed, self.next, now, &Op::Marker { kind: MarkerKind::InconsistentBegin });
             self.append_parts(&begin, &[], false)?;
             self.window_open = true;
             self.mark.set_window(true)?;
@@ -489,7 +638,7 @@ impl Journal {
                 reason: reason.clone(),
             });
         }
-        if let Err(e) = write_all_vectored(&self.active, head, tail) {
+        if let Err(e) = write_all_vectored(&self.active, active.bytes, head, tail) {
             // Undo a partial append so the segment stays a clean run of records. If even that fails,
             // nothing more may follow the torn bytes (a restart cuts them off, and would cut whatever
             // followed too): the journal takes no more appends until then.
@@ -529,10 +678,22 @@ impl Journal {
             return Err(io(&old)(e));
         }
         let path = seg_path(&self.dir, self.next);
-        let f = OpenOptions::new().create(true).append(true).open(&path).map_err(io(&path))?;
-        sr_common::crashsafe::fsync_dir(&self.dir).map_err(io(&self.dir))?;
+        // On a full volume a new segment must need no data block (see `make_segment`).
+        let spare = if self.urgent { None } else { self.spares.pop() };
+        let (f, salt) = match make_segment(&self.dir, &path, self.next, spare.clone(), self.urgent) {
+            Ok(v) => v,
+            // A spare that cannot be reused is dropped (the next rotation makes a new file).
+            Err(e) => {
+                if let Some(p) = spare {
+                    let _ = std::fs::remove_file(&p);
+                }
+                return Err(e);
+            }
+        };
         self.active = Arc::new(f);
-        self.segments.push(Segment { first: self.next, last: Seq(self.next.0 - 1), path, bytes: 0 });
+        self.seed = seed(salt);
+        let start = if salt.is_some() { SEG_HEADER } else { 0 };
+        self.segments.push(Segment { first: self.next, last: Seq(self.next.0 - 1), path, bytes: start, start, salt });
         Ok(())
     }
 
@@ -577,10 +738,11 @@ impl Journal {
         self.mark.write(Seq::ZERO, false)?;
         self.last_change = Seq::ZERO;
         let path = seg_path(&self.dir, Seq(1));
-        let f = OpenOptions::new().create(true).append(true).open(&path).map_err(io(&path))?;
-        sr_common::crashsafe::fsync_dir(&self.dir).map_err(io(&self.dir))?;
+        let (f, salt) = make_segment(&self.dir, &path, Seq(1), self.spares.pop(), false)?;
         self.active = Arc::new(f);
-        self.segments.push(Segment { first: Seq(1), last: Seq(0), path, bytes: 0 });
+        self.seed = seed(salt);
+        let start = if salt.is_some() { SEG_HEADER } else { 0 };
+        self.segments.push(Segment { first: Seq(1), last: Seq(0), path, bytes: start, start, salt });
         self.next = Seq(1);
         self.bytes = 0;
         self.logical = 0;
@@ -644,7 +806,7 @@ impl Journal {
 
     fn reclaims_active(&self, through: Seq) -> bool {
         let active = self.segments.last().expect("at least one segment");
-        self.urgent && through >= self.last_seq() && active.bytes > 0
+        self.urgent && through >= self.last_seq() && active.bytes > active.start
     }
 
     /// Whether [`Journal::trim_through`] would delete any record.
@@ -653,14 +815,27 @@ impl Journal {
     }
 
     pub fn trim_through(&mut self, through: Seq) -> Result<u64, JournalError> {
+        while self.urgent && !self.spares.is_empty() {
+            // The volume is full: spares give their space back first.
+            let p = self.spares.pop().expect("a spare");
+            std::fs::remove_file(&p).map_err(io(&p))?;
+        }
         if self.reclaims_active(through) {
             self.rotate()?;
         }
         let mut freed = 0;
         while self.segments.len() > 1 && self.segments[0].last <= through {
             let s = self.segments.remove(0);
-            std::fs::remove_file(&s.path).map_err(io(&s.path))?;
-            freed += s.bytes;
+            if self.urgent || self.spares.len() >= MAX_SPARES {
+                std::fs::remove_file(&s.path).map_err(io(&s.path))?;
+            } else {
+                // Kept for the next rotation (see the module's header). Its header changes only after the
+                // directory made the rename durable (`make_segment`).
+                let spare = spare_path(&self.dir, s.first);
+                std::fs::rename(&s.path, &spare).map_err(io(&s.path))?;
+                self.spares.push(spare);
+            }
+            freed += s.bytes - s.start;
         }
         self.bytes -= freed;
         // Keep the newest mark at or below `through`: it measures what follows the applied position.
@@ -701,6 +876,22 @@ impl Journal {
     }
 }
 
+/// The error for a segment of a snapshot that stopped reading at `offset`: damage, unless the file was
+/// trimmed and reused since the snapshot (its name is gone or its salt changed), which a new read of
+/// the journal gets past.
+fn read_error(s: &Segment, offset: u64, reason: String) -> JournalError {
+    let replaced = match read_segment_header(&s.path, s.first) {
+        Ok(salt) => salt != s.salt,
+        Err(JournalError::Io { source, .. }) => source.kind() == std::io::ErrorKind::NotFound,
+        Err(_) => false,
+    };
+    if replaced {
+        let why = format!("segment trimmed and reused while it was read ({reason}); read the journal again");
+        return JournalError::Io { path: s.path.clone(), source: std::io::Error::other(why) };
+    }
+    JournalError::Corrupt { path: s.path.clone(), offset, reason }
+}
+
 /// Reads every record at or after `from`, in order, across segments (a snapshot taken by the caller).
 pub fn read_from(segments: &[Segment], from: Seq, mut f: impl FnMut(Record) -> bool) -> Result<(), JournalError> {
     let start = segments.iter().rposition(|s| s.first <= from).unwrap_or(0);
@@ -709,7 +900,7 @@ pub fn read_from(segments: &[Segment], from: Seq, mut f: impl FnMut(Record) -> b
             continue;
         }
         let mut go_on = true;
-        let end = scan(&s.path, 0, s.bytes, |rec, _| {
+        let end = scan(&s.path, s.start, s.bytes, s.salt, |rec, _| {
             if rec.seq < from {
                 return true;
             }
@@ -717,7 +908,7 @@ pub fn read_from(segments: &[Segment], from: Seq, mut f: impl FnMut(Record) -> b
             go_on
         })?;
         if let Some(reason) = end.error {
-            return Err(JournalError::Corrupt { path: s.path.clone(), offset: end.good_end, reason });
+            return Err(read_error(s, end.good_end, reason));
         }
         if !go_on {
             break;
@@ -746,12 +937,12 @@ pub fn read_batch(segments: &[Segment], cursor: &mut Cursor, max_bytes: u64) -> 
     let Some(mut idx) = segments.iter().rposition(|s| s.first <= cursor.next) else { return Ok(out) };
     let mut start = match cursor.pos {
         Some((first, byte)) if first == segments[idx].first => byte,
-        _ => 0,
+        _ => segments[idx].start,
     };
     loop {
         let s = &segments[idx];
         let mut full = false;
-        let end = scan(&s.path, start, s.bytes, |rec, after| {
+        let end = scan(&s.path, start, s.bytes, s.salt, |rec, after| {
             start = after;
             if rec.seq < cursor.next {
                 return true;
@@ -763,14 +954,14 @@ pub fn read_batch(segments: &[Segment], cursor: &mut Cursor, max_bytes: u64) -> 
             !full
         })?;
         if let Some(reason) = end.error {
-            return Err(JournalError::Corrupt { path: s.path.clone(), offset: end.good_end, reason });
+            return Err(read_error(s, end.good_end, reason));
         }
         cursor.pos = Some((s.first, start));
         if full || idx + 1 == segments.len() || segments[idx + 1].first != cursor.next {
             return Ok(out);
         }
         idx += 1;
-        start = 0;
+        start = segments[idx].start;
     }
 }
 
@@ -805,7 +996,8 @@ mod tests {
         j.reset().unwrap();
         j.append(&write(0, 2, 512)).unwrap();
         let mut c = Cursor::at(Seq(1));
-        assert!(matches!(read_batch(&snapshot, &mut c, 1 << 20), Err(JournalError::Corrupt { .. })));
+        // The file under the old name has another salt now: not damage, a file replaced under the reader.
+        assert!(matches!(read_batch(&snapshot, &mut c, 1 << 20), Err(JournalError::Io { .. })));
         assert_ne!(j.incarnation(), before, "the reader can tell the journal started over");
     }
 
@@ -837,6 +1029,146 @@ mod tests {
         let mut j = Journal::open(d.path()).unwrap();
         assert_eq!(j.last_seq(), Seq(1));
         assert_eq!(j.append(&write(0, 3, 10)).unwrap(), Seq(2));
+    }
+
+    fn spares(dir: &Path) -> usize {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().ends_with(".spare"))
+            .count()
+    }
+
+    #[test]
+    fn trimmed_segments_are_reused_and_their_old_records_never_read_as_new() {
+        let d = tempfile::tempdir().unwrap();
+        let mut j = Journal::open(d.path()).unwrap();
+        // Records of one size, so a reused segment's old records lie exactly where new ones would.
+        let per_segment = SEGMENT_BYTES.div_ceil((1 << 20) + HEADER as u64);
+        for i in 0..per_segment * 3 {
+            j.append(&write(i << 20, i as u8, 1 << 20)).unwrap();
+        }
+        assert_eq!(j.segments().len(), 4);
+        let through = j.segments()[1].last;
+        j.mark_on_disk().unwrap();
+        j.trim_through(through).unwrap();
+        assert_eq!(spares(d.path()), MAX_SPARES, "trimmed segments are kept");
+        // Fill the active segment and start two more: both come from the spares.
+        let before = j.last_seq();
+        while j.segments().len() < 4 {
+            let n = j.last_seq().0;
+            j.append(&write(n << 20, n as u8, 1 << 20)).unwrap();
+        }
+        assert_eq!(spares(d.path()), 0, "the spares were reused");
+        // Three records into the reused active segment, where the old ones are longer.
+        for _ in 0..3 {
+            let n = j.last_seq().0;
+            j.append(&write(n << 20, n as u8, 1 << 20)).unwrap();
+        }
+        let active = j.segments().last().unwrap().clone();
+        assert!(std::fs::metadata(&active.path).unwrap().len() > active.bytes, "old records follow the new");
+        let expect = all(&j, through.0 + 1);
+        let last = j.last_seq();
+        assert!(last > before);
+        drop(j);
+        let mut j = Journal::open(d.path()).expect("old records past the end are the end, not damage");
+        assert_eq!(j.last_seq(), last);
+        assert_eq!(all(&j, through.0 + 1), expect, "exactly the records written, none of the old ones");
+        assert_eq!(std::fs::metadata(&active.path).unwrap().len(), active.bytes, "the end is cut at open");
+        // A closed reused segment keeps its old records past its end, and still reopens.
+        let n = j.last_seq().0;
+        assert_eq!(j.append(&write(n << 20, 1, 1 << 20)).unwrap(), last.next());
+        drop(j);
+        let j = Journal::open(d.path()).unwrap();
+        assert_eq!(j.last_seq(), last.next());
+        for r in all(&j, through.0 + 1) {
+            let Op::Write { offset, data } = &r.op else { panic!("a write") };
+            assert_eq!(data.len(), 1 << 20, "seq {}", r.seq);
+            assert!(*offset == (r.seq.0 - 1) << 20 || r.seq == last.next(), "seq {} at {offset}", r.seq);
+        }
+    }
+
+    #[test]
+    fn a_record_past_a_torn_one_is_cut_at_open_and_never_revived() {
+        let d = tempfile::tempdir().unwrap();
+        let mut j = Journal::open(d.path()).unwrap();
+        for i in 1..=3u8 {
+            j.append(&write(u64::from(i) << 12, i, 4096)).unwrap();
+        }
+        let seg = j.segments()[0].clone();
+        drop(j);
+        // The second record's payload did not reach the disk; the third's did (no FLUSH covered them).
+        let second = seg.start + (HEADER + 4096) as u64 + HEADER as u64 + 10;
+        let f = OpenOptions::new().write(true).open(&seg.path).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&f, b"X", second).unwrap();
+        let mut j = Journal::open(d.path()).unwrap();
+        assert_eq!(j.last_seq(), Seq(1));
+        // A record of the same size takes seq 2: the old third record (seq 3, valid) starts right after it.
+        assert_eq!(j.append(&write(0, 9, 4096)).unwrap(), Seq(2));
+        drop(j);
+        let j = Journal::open(d.path()).unwrap();
+        assert_eq!(j.last_seq(), Seq(2), "the old third record is gone, not read as the new one's successor");
+    }
+
+    #[test]
+    fn a_segment_of_an_earlier_release_still_opens_and_continues() {
+        let d = tempfile::tempdir().unwrap();
+        // Unsalted records from byte 0, no header: what earlier releases wrote.
+        let mut bytes = Vec::new();
+        for i in 1..=3u64 {
+            bytes.extend(encode(0, Seq(i), 7, &write(i, i as u8, 100)));
+        }
+        std::fs::write(seg_path(d.path(), Seq(1)), &bytes).unwrap();
+        let mut j = Journal::open(d.path()).unwrap();
+        assert_eq!(j.last_seq(), Seq(3));
+        assert_eq!(all(&j, 1).len(), 3);
+        assert_eq!(j.bytes(), bytes.len() as u64);
+        assert_eq!(j.append(&write(0, 4, 100)).unwrap(), Seq(4), "appends continue it, unsalted");
+        while j.segments().len() < 2 {
+            j.append(&write(0, 5, 1 << 20)).unwrap();
+        }
+        let last = j.last_seq();
+        drop(j);
+        let j = Journal::open(d.path()).unwrap();
+        assert_eq!(j.last_seq(), last);
+        assert_eq!(j.segments()[0].salt, None);
+        assert!(j.segments()[1].salt.is_some(), "a new segment is of this release");
+        assert_eq!(all(&j, 1).len() as u64, last.0);
+    }
+
+    #[test]
+    fn a_reader_of_a_segment_reused_since_its_snapshot_is_told_to_read_again_not_that_it_is_damaged() {
+        let d = tempfile::tempdir().unwrap();
+        let mut j = Journal::open(d.path()).unwrap();
+        for i in 0..3 {
+            j.append(&write(0, i, 4096)).unwrap();
+        }
+        let snapshot = j.segments();
+        j.mark_on_disk().unwrap();
+        j.reset().unwrap();
+        for i in 0..3 {
+            j.append(&write(0, 9 - i, 4096)).unwrap();
+        }
+        // The same name now holds another salt's records.
+        let e = read_from(&snapshot, Seq(1), |_| true).unwrap_err();
+        assert!(matches!(e, JournalError::Io { .. }), "{e}");
+        // Gone altogether: the same.
+        std::fs::remove_file(&snapshot[0].path).unwrap();
+        let e = read_batch(&snapshot, &mut Cursor::at(Seq(1)), 1 << 20).unwrap_err();
+        assert!(matches!(e, JournalError::Io { .. }), "{e}");
+    }
+
+    #[test]
+    fn a_damaged_segment_header_is_an_error_not_an_empty_segment() {
+        let d = tempfile::tempdir().unwrap();
+        let mut j = Journal::open(d.path()).unwrap();
+        j.append(&write(0, 1, 4096)).unwrap();
+        j.mark_on_disk().unwrap();
+        let path = j.segments()[0].path.clone();
+        drop(j);
+        let f = OpenOptions::new().write(true).open(&path).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&f, &[0, 0, 0, 0], 0).unwrap();
+        assert!(matches!(Journal::open(d.path()), Err(JournalError::Corrupt { .. })));
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), SEG_HEADER + 48 + 4096, "nothing was cut");
     }
 
     #[test]
@@ -998,6 +1330,8 @@ mod tests {
         assert!(j.trim_through(Seq(last.0 - 1)).unwrap() == 0, "a record not applied keeps the segment");
         assert!(j.trim_through(last).unwrap() >= 3 << 20);
         assert_eq!(j.bytes(), 0);
+        assert_eq!(spares(d.path()), 0, "a full volume keeps no spares");
+        assert_eq!(j.segments()[0].salt, None, "the new segment needs no data block for a header");
         drop(j);
         let mut j = Journal::open(d.path()).unwrap();
         assert_eq!(j.append(&write(0, 9, 1)).unwrap(), last.next());
