@@ -46,7 +46,8 @@ PY
 component_pid() {
   local cfg
   cfg="$(cd "$1" && pwd -P)/$2.toml"
-  ps -eo pid=,args= | awk -v s="run --config $cfg" 'index($0, s) {print $1; exit}'
+  # Not this awk itself, whose own arguments hold the string too.
+  ps -eo pid=,args= | awk -v s="run --config $cfg" 'index($0, s) && $2 !~ /(^|\/)awk$/ {print $1; exit}'
 }
 
 # With APART=1, puts the process server's and master target's state under $1/dep on a tmpfs of its own,
