@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Time from request to a readable disk at the latest point and at a point 12 hours back (simulated
-# churn), on sparse 1 GiB and 64 GiB disks, on the real master-target binary; beside a qcow2 overlay
-# served by qemu-nbd and a sparse full copy, in the same run. See master-target/benches/points.rs.
+# Time from request to a readable disk at the latest point and at a point 30 days back (simulated
+# churn), on sparse 1 GiB and 64 GiB disks, on the real master-target binary, with its start time and
+# memory; beside a qcow2 overlay served by qemu-nbd and a sparse full copy, in the same run. See
+# master-target/benches/points.rs.
 #
-#   bench/points.sh                       # BATCHES=4320 WRITES=48 SIZES_GIB=1,64
+#   bench/points.sh                       # BATCHES=4320 WRITES=48 HOURS=720 SIZES_GIB=1,64
 #   BATCHES=500 SIZES_GIB=1 bench/points.sh
 #   SHORT=1 bench/points.sh               # BATCHES=50 WRITES=8 SIZES_GIB=1, debug build (CI)
 set -euo pipefail

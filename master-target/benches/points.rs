@@ -1,13 +1,13 @@
-//! Time from request to a readable disk, for the latest point and for a point 12 hours back, on a
-//! sparse 1 GiB and a sparse 64 GiB disk, measured on the real master-target binary (HTTP request to
-//! create the view, then the first NBD read by `qemu-io`). Twelve hours of churn are simulated: the
-//! undo journal is filled through the library with changes whose capture times span 12 hours, then
-//! the binary starts on that data directory. Beside it, in the same run: a qcow2 overlay on the
+//! Time from request to a readable disk, for the latest point and for a point `HOURS` back (default
+//! 720: 30 days), on a sparse 1 GiB and a sparse 64 GiB disk, measured on the real master-target
+//! binary (HTTP request to create the view, then the first NBD read by `qemu-io`), with its start
+//! time and memory. The churn is simulated: the undo journal is filled through the library with
+//! changes whose capture times span `HOURS`, then the binary starts on that data directory. Beside it, in the same run: a qcow2 overlay on the
 //! replica served by qemu-nbd (the usual way to get a writable test disk of the latest state) and a
 //! sparse full copy of the replica (the usual way to get an old state from a backup).
 //!
 //!   bench/points.sh                                   # builds the binaries, then runs this
-//!   BATCHES=4320 WRITES=48 cargo bench -p master-target --bench points
+//!   BATCHES=4320 WRITES=48 HOURS=720 cargo bench -p master-target --bench points
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -65,7 +65,9 @@ struct Row {
     note: String,
 }
 
-fn one_disk(size: u64, batches: u64, writes: u64, rows: &mut Vec<Row>) {
+fn one_disk(size: u64, batches: u64, writes: u64, hours: u64, rows: &mut Vec<Row>) {
+    let span = hours * HOUR_US;
+    let back = if hours.is_multiple_of(24) { format!("{} days", hours / 24) } else { format!("{hours} h") };
     let dir = tempfile::tempdir_in(std::env::var("BENCH_DIR").unwrap_or_else(|_| "bench/out".into())).unwrap();
     let source = dir.path().join("source.img");
     std::fs::File::create(&source).unwrap().set_len(size).unwrap();
@@ -80,7 +82,7 @@ fn one_disk(size: u64, batches: u64, writes: u64, rows: &mut Vec<Row>) {
     let name = master_target::export_name(key);
     std::fs::create_dir_all(mt_dir.join("replicas")).unwrap();
     let label = format!("{} GiB sparse", size >> 30);
-    // Twelve hours of churn through the library, with simulated capture times.
+    // The churn through the library, with simulated capture times.
     let fill = Instant::now();
     let undo_records;
     {
@@ -89,7 +91,7 @@ fn one_disk(size: u64, batches: u64, writes: u64, rows: &mut Vec<Row>) {
         let disk = DiskFile::open_or_create(&mt_dir.join("replicas").join(format!("{name}.img")), size).unwrap();
         let undo = Undo::open(&mt_dir.join("undo").join(&name), 64 << 20, 24 * 3600, Seq::ZERO, &disk).unwrap();
         let r = Arc::new(Replica::new(key, disk, Seq::ZERO, undo));
-        let start = sr_common::types::now_micros() - 12 * HOUR_US - 120_000_000;
+        let start = sr_common::types::now_micros() - span - 120_000_000;
         let mut rng = rand::rngs::StdRng::seed_from_u64(1);
         let mut seq = 1;
         let marker = Change { seq: Seq(1), at: start, op: Op::Marker { kind: MarkerKind::InitialCopyDone } };
@@ -103,7 +105,7 @@ fn one_disk(size: u64, batches: u64, writes: u64, rows: &mut Vec<Row>) {
         };
         r.apply(&b, &store).unwrap();
         for i in 0..batches {
-            let at = start + 60_000_000 + i * (12 * HOUR_US / batches);
+            let at = start + 60_000_000 + i * (span / batches);
             let first = Seq(seq + 1);
             let changes: Vec<Change> = (0..writes)
                 .map(|_| {
@@ -119,21 +121,40 @@ fn one_disk(size: u64, batches: u64, writes: u64, rows: &mut Vec<Row>) {
         undo_records = seq - 1;
     }
     eprintln!(
-        "{label}: {undo_records} changes over 12 simulated hours written in {:.1} s",
+        "{label}: {undo_records} changes over {back} (simulated) written in {:.1} s",
         fill.elapsed().as_secs_f64()
     );
+    let undo_dir = mt_dir.join("undo").join(&name);
+    let (mut segments, mut index) = (0u64, 0u64);
+    for e in std::fs::read_dir(&undo_dir).unwrap() {
+        let e = e.unwrap();
+        let len = e.metadata().unwrap().len();
+        if e.file_name().to_string_lossy().ends_with(".undo") {
+            segments += len;
+        } else {
+            index += len;
+        }
+    }
+    rows.push(Row {
+        disk: label.clone(),
+        what: "undo journal on disk".into(),
+        ms: None,
+        note: format!("segments {} MiB, index {} MiB (an older build has no index)", segments >> 20, index >> 20),
+    });
     let started = Instant::now();
-    let mt = local.start(Component::MasterTarget).unwrap();
+    // Retention past the simulated span: the points must not expire while they are measured.
+    let keep = ((hours + 48) * 3600).to_string();
+    let mt = local.start_env(Component::MasterTarget, &[("SR_MT__POINTS__RETENTION_SECS", &keep)]).unwrap();
     rows.push(Row {
         disk: label.clone(),
         what: "master target start (index of the undo journal)".into(),
         ms: Some(started.elapsed().as_secs_f64() * 1000.0),
         note: format!("{undo_records} undo records; RSS {} MiB", rss_kib(mt.pid().unwrap()) >> 10),
     });
-    let twelve_back = sr_common::types::now_micros() - 12 * HOUR_US - 90_000_000;
+    let far_back = sr_common::types::now_micros() - span - 90_000_000;
     for (what, point) in [
-        ("latest point", serde_json::json!("latest")),
-        ("point 12 h back", serde_json::json!({ "time-us": twelve_back })),
+        ("latest point".to_string(), serde_json::json!("latest")),
+        (format!("point {back} back"), serde_json::json!({ "time-us": far_back })),
     ] {
         let view = if what.starts_with("latest") { "latest" } else { "back" };
         let body = serde_json::json!({ "name": view, "item": local.item, "point": point, "writable": true });
@@ -160,7 +181,7 @@ fn one_disk(size: u64, batches: u64, writes: u64, rows: &mut Vec<Row>) {
         note: format!("{} MiB", rss_kib(mt.pid().unwrap()) >> 10),
     });
     if size <= 1 << 30 {
-        // Reading a whole point: the view 12 h back (every undo record on top) beside qemu-nbd.
+        // Reading a whole point: the view furthest back (every undo record on top) beside qemu-nbd.
         let started = Instant::now();
         let out = Command::new("nbdcopy")
             .args([&local.with_certs(&format!("nbds://{}/back-disk-1", local.addrs.mt_nbd)), "null:"])
@@ -168,7 +189,7 @@ fn one_disk(size: u64, batches: u64, writes: u64, rows: &mut Vec<Row>) {
         let ok = out.is_ok_and(|o| o.status.success());
         rows.push(Row {
             disk: label.clone(),
-            what: "nbdcopy of the whole point 12 h back".into(),
+            what: format!("nbdcopy of the whole point {back} back"),
             ms: Some(started.elapsed().as_secs_f64() * 1000.0),
             note: if ok {
                 format!("{:.0} MiB/s", (size >> 20) as f64 / started.elapsed().as_secs_f64())
@@ -234,6 +255,7 @@ fn main() {
     // `cargo bench` passes --bench; nothing else is taken from the command line.
     let batches = env("BATCHES", 4320);
     let writes = env("WRITES", 48);
+    let hours = env("HOURS", 720).max(1);
     let sizes: Vec<u64> = std::env::var("SIZES_GIB")
         .unwrap_or_else(|_| "1,64".into())
         .split(',')
@@ -243,7 +265,7 @@ fn main() {
     std::fs::create_dir_all(std::env::var("BENCH_DIR").unwrap_or_else(|_| "bench/out".into())).unwrap();
     let mut rows = Vec::new();
     for size in sizes {
-        one_disk(size, batches, writes, &mut rows);
+        one_disk(size, batches, writes, hours, &mut rows);
     }
     println!("| disk | measurement | ms | note |");
     println!("|---|---|---:|---|");

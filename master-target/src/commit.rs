@@ -121,7 +121,8 @@ impl Server {
             pv.close();
             let _w = r.gate.write().expect("replica gate poisoned");
             let fail = |what: &str, e: std::io::Error| (500, format!("{}: {what}: {e}", r.key));
-            let map = pv.map.lock().expect("view map poisoned");
+            let map = r.undo.lock().expect("undo lock poisoned").view_map(pv.point, 0, r.disk.size());
+            let map = map.map_err(|e| fail("reading the point's undo records", e.into()))?;
             let mut changed = map.ranges();
             let mut buf = vec![0u8; CHUNK as usize];
             for &(start, len) in &changed {

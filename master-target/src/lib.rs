@@ -19,6 +19,7 @@ pub mod replica;
 pub mod retention;
 pub mod tree;
 pub mod undo;
+pub mod undo_index;
 pub mod view;
 
 use anyhow::Context;

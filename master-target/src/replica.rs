@@ -16,13 +16,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 use tokio_util::sync::CancellationToken;
 
-/// What follows a replica's applied batches: a view opened at a point keeps the undo records of every
-/// batch applied after it (`view::PointView`), so the replica needs nothing of views but this.
+/// What is open on a replica's points: a view reads the undo records after its point
+/// (`view::PointView`), so expiry must keep them while it is open.
 pub trait Follower: Send + Sync {
     /// The point it was opened at: undo records from there on must be kept.
     fn point(&self) -> Seq;
-    /// A batch was applied; `recs` are its undo records.
-    fn applied(&self, recs: &[crate::undo::Rec]);
 }
 
 pub struct Replica {
@@ -32,7 +30,7 @@ pub struct Replica {
     pub gate: RwLock<()>,
     applied: AtomicU64,
     pub undo: Mutex<Undo>,
-    /// Open views; each gets the records of every batch applied after it was opened.
+    /// Open views: expiry keeps what they read.
     views: Mutex<Vec<Weak<dyn Follower>>>,
     /// Cancels the current process-server session when a newer one for this disk arrives.
     pub session: Mutex<Option<CancellationToken>>,
@@ -184,12 +182,12 @@ impl Replica {
             }
             self.applied.store(batch.last.0, Ordering::Release);
             *self.failing.lock().expect("failing lock poisoned") = None;
-            let recs = undo.commit(pending);
-            let mut views = self.views.lock().expect("views lock poisoned");
-            views.retain(|v| v.strong_count() > 0);
-            for v in views.iter().filter_map(Weak::upgrade) {
-                v.applied(&recs);
+            // The batch is applied and recorded; an index that missed it would serve points without
+            // it, so they are refused and applying stops until a restart indexes the journal again.
+            if let Err(e) = undo.commit(pending) {
+                self.stop(&format!("indexing the undo records of batch {}..={} failed: {e}", batch.first, batch.last));
             }
+            self.views.lock().expect("views lock poisoned").retain(|v| v.strong_count() > 0);
         }
         self.applied_gauge.set(batch.last.0 as f64);
         self.allocated.set(self.allocated_bytes() as f64);
@@ -274,6 +272,39 @@ mod tests {
         let disk = DiskFile::open_or_create(&dir.join("replica.img"), SIZE).unwrap();
         let undo = Undo::open(&dir.join("undo"), segment_bytes, 3600, applied, &disk).unwrap();
         Arc::new(Replica::new(KEY, disk, applied, undo))
+    }
+
+    /// The replica as a crash at this instant leaves it, opened from a copy of its files (the live
+    /// handle keeps the undo index locked, as a second process would find it).
+    fn open_copy(dir: &std::path::Path, applied: Seq) -> (tempfile::TempDir, Arc<Replica>) {
+        let t = tempfile::tempdir().unwrap();
+        std::fs::copy(dir.join("replica.img"), t.path().join("replica.img")).unwrap();
+        std::fs::create_dir_all(t.path().join("undo")).unwrap();
+        for e in std::fs::read_dir(dir.join("undo")).unwrap() {
+            let e = e.unwrap();
+            std::fs::copy(e.path(), t.path().join("undo").join(e.file_name())).unwrap();
+        }
+        let r = open(t.path(), applied, 64 << 20);
+        (t, r)
+    }
+
+    /// The newest undo segment's file.
+    fn last_segment(dir: &std::path::Path) -> std::path::PathBuf {
+        let mut segs: Vec<_> = std::fs::read_dir(dir.join("undo"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|x| x == "undo"))
+            .collect();
+        segs.sort();
+        segs.pop().unwrap()
+    }
+
+    /// Restarts the replica as the master target's restart does: the old handle is closed first.
+    fn restart(rig: &mut Rig, applied: Seq) {
+        let spare = rig.dir.path().join("spare");
+        std::fs::create_dir_all(&spare).unwrap();
+        rig.replica = open(&spare, Seq::ZERO, 64 << 20);
+        rig.replica = open(rig.dir.path(), applied, 64 << 20);
     }
 
     impl Rig {
@@ -364,9 +395,8 @@ mod tests {
     /// Reopens the replica as a restart does (at `applied`): it must read `before`; then `b` applies
     /// whole and every point reads as the model says.
     fn restart_and_apply_again(rig: &mut Rig, applied: Seq, before: &[u8], b: &Batch) {
-        let reopened = open(rig.dir.path(), applied, 64 << 20);
-        assert!(base(&reopened) == before, "the restart did not roll the batch back");
-        rig.replica = reopened;
+        restart(rig, applied);
+        assert!(base(&rig.replica) == before, "the restart did not roll the batch back");
         rig.replica.apply(b, &rig.store).unwrap();
         assert!(base(&rig.replica) == rig.source);
         check_points(rig, &rig.replica);
@@ -396,7 +426,7 @@ mod tests {
             assert!(rig.replica.stopped().is_none(), "{point}: rolled back in process, not stopped");
             check_points(&rig, &rig.replica);
             // A restart now finds a consistent journal too.
-            let reopened = open(rig.dir.path(), applied, 64 << 20);
+            let (_copy, reopened) = open_copy(rig.dir.path(), applied);
             assert!(base(&reopened) == before, "{point}");
             check_points(&rig, &reopened);
             drop(reopened);
@@ -405,8 +435,11 @@ mod tests {
             assert!(base(&rig.replica) == rig.source, "{point}");
             rig.apply(random_ops(&mut rng, 4));
             check_points(&rig, &rig.replica);
-            let reopened = open(rig.dir.path(), rig.replica.applied(), 64 << 20);
+            let (_copy, reopened) = open_copy(rig.dir.path(), rig.replica.applied());
             check_points(&rig, &reopened);
+            let applied = rig.replica.applied();
+            restart(&mut rig, applied);
+            check_points(&rig, &rig.replica);
         }
     }
 
@@ -452,12 +485,13 @@ mod tests {
         let point = rig.replica.applied();
         rig.apply(vec![Op::Write { offset: 0, data: vec![0x22; 8192] }]);
         // One byte of the old contents (0x11) flipped on disk.
-        let seg = std::fs::read_dir(rig.dir.path().join("undo")).unwrap().last().unwrap().unwrap().path();
+        let seg = last_segment(rig.dir.path());
         let mut raw = std::fs::read(&seg).unwrap();
         let at = raw.windows(64).rposition(|w| w.iter().all(|b| *b == 0x11)).unwrap();
         raw[at + 10] ^= 0xff;
         std::fs::write(&seg, &raw).unwrap();
-        for replica in [rig.replica.clone(), open(rig.dir.path(), rig.replica.applied(), 64 << 20)] {
+        let (_copy, reopened) = open_copy(rig.dir.path(), rig.replica.applied());
+        for replica in [rig.replica.clone(), reopened] {
             let v = replica.open_view(point, None).unwrap();
             let mut buf = vec![0u8; 4096];
             let e = v.read(4096, &mut buf).unwrap_err();
@@ -474,7 +508,7 @@ mod tests {
             rig.apply(random_ops(&mut rng, 5));
         }
         let applied = rig.replica.applied();
-        let seg = std::fs::read_dir(rig.dir.path().join("undo")).unwrap().last().unwrap().unwrap().path();
+        let seg = last_segment(rig.dir.path());
         let good = std::fs::read(&seg).unwrap();
         for _ in 0..300 {
             let mut b = good.clone();
@@ -530,8 +564,7 @@ mod tests {
         assert!(base == rig.source);
         // Reopened after a restart, the same points are there.
         drop(early);
-        let reopened = open(rig.dir.path(), applied, 64 << 20);
-        rig.replica = reopened;
+        restart(&mut rig, applied);
         for seq in [oldest.0, oldest.0 + 5, applied.0 - 2] {
             assert!(rig.read_point(Seq(seq)) == *rig.state_at(Seq(seq)), "point {seq} after reopening");
         }
@@ -557,13 +590,12 @@ mod tests {
             }
         }
         // A torn record at the end, as a crash mid-append leaves.
-        let seg = std::fs::read_dir(rig.dir.path().join("undo")).unwrap().last().unwrap().unwrap().path();
+        let seg = last_segment(rig.dir.path());
         std::fs::OpenOptions::new().append(true).open(&seg).unwrap().write_all(b"SRU1 torn").unwrap();
-        let replica = open(rig.dir.path(), applied, 64 << 20);
+        restart(&mut rig, applied);
         let mut base = vec![0u8; SIZE as usize];
-        replica.disk.read_at(0, &mut base).unwrap();
+        rig.replica.disk.read_at(0, &mut base).unwrap();
         assert!(base == committed, "the replica was not rolled back to the committed state");
-        rig.replica = replica;
         rig.states.truncate(applied.0 as usize);
         rig.source = committed;
         rig.next = applied.0 + 1;
@@ -598,6 +630,130 @@ mod tests {
         for seq in oldest.0..=rig.replica.applied().0 {
             assert!(rig.read_point(Seq(seq)) == *rig.state_at(Seq(seq)), "point {seq}");
         }
+    }
+
+    /// Every point from the oldest retained one reads as the source did then.
+    fn check_all_points(rig: &Rig) {
+        let oldest = rig.replica.undo.lock().unwrap().oldest().unwrap();
+        for seq in oldest.0.max(1)..=rig.replica.applied().0 {
+            assert!(rig.read_point(Seq(seq)) == *rig.state_at(Seq(seq)), "point {seq}");
+        }
+    }
+
+    fn index_path(rig: &Rig) -> std::path::PathBuf {
+        rig.dir.path().join("undo").join("index.redb")
+    }
+
+    #[test]
+    fn the_undo_index_is_rebuilt_or_caught_up_from_the_segments_whatever_state_a_restart_finds_it_in() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(21);
+        // Small segments: several rotations, so that some commits synced the index and some did not.
+        let mut rig = Rig::new(48 << 10);
+        rig.apply(vec![Op::Marker { kind: MarkerKind::InitialCopyDone }]);
+        for _ in 0..6 {
+            rig.apply(random_ops(&mut rng, 5));
+        }
+        // 1. The index as it was a few batches ago: the restart indexes the rest from the segments.
+        let applied = rig.replica.applied();
+        restart(&mut rig, applied);
+        let old_index = std::fs::read(index_path(&rig)).unwrap();
+        for _ in 0..4 {
+            rig.apply(random_ops(&mut rng, 5));
+        }
+        let applied = rig.replica.applied();
+        rig.replica = open(&rig.dir.path().join("spare"), Seq::ZERO, 64 << 20);
+        std::fs::write(index_path(&rig), &old_index).unwrap();
+        rig.replica = open(rig.dir.path(), applied, 64 << 20);
+        check_all_points(&rig);
+        // 2. No index at all (a journal written before the index existed): built from every segment.
+        rig.replica = open(&rig.dir.path().join("spare"), Seq::ZERO, 64 << 20);
+        std::fs::remove_file(index_path(&rig)).unwrap();
+        rig.replica = open(rig.dir.path(), applied, 64 << 20);
+        check_all_points(&rig);
+        // 3. An index that claims more than the segments hold (not this journal's): built again.
+        let segs_then: Vec<(std::path::PathBuf, Vec<u8>)> = std::fs::read_dir(rig.dir.path().join("undo"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|x| x == "undo"))
+            .map(|p| (p.clone(), std::fs::read(&p).unwrap()))
+            .collect();
+        let replica_then = std::fs::read(rig.dir.path().join("replica.img")).unwrap();
+        let (states_then, source_then, next_then) = (rig.states.clone(), rig.source.clone(), rig.next);
+        for _ in 0..3 {
+            rig.apply(random_ops(&mut rng, 5));
+        }
+        rig.replica = open(&rig.dir.path().join("spare"), Seq::ZERO, 64 << 20);
+        for e in std::fs::read_dir(rig.dir.path().join("undo")).unwrap() {
+            let p = e.unwrap().path();
+            if p.extension().is_some_and(|x| x == "undo") {
+                std::fs::remove_file(p).unwrap();
+            }
+        }
+        for (p, b) in &segs_then {
+            std::fs::write(p, b).unwrap();
+        }
+        std::fs::write(rig.dir.path().join("replica.img"), &replica_then).unwrap();
+        (rig.states, rig.source, rig.next) = (states_then, source_then, next_then);
+        rig.replica = open(rig.dir.path(), applied, 64 << 20);
+        check_all_points(&rig);
+        // And it goes on from there.
+        rig.apply(random_ops(&mut rng, 5));
+        let applied = rig.replica.applied();
+        restart(&mut rig, applied);
+        check_all_points(&rig);
+    }
+
+    #[test]
+    fn a_restart_after_expiry_removed_segments_but_not_yet_their_index_rows_drops_those_rows() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(22);
+        let mut rig = Rig::new(16 << 10);
+        rig.apply(vec![Op::Marker { kind: MarkerKind::InitialCopyDone }]);
+        for _ in 0..30 {
+            rig.apply(random_ops(&mut rng, 4));
+        }
+        let applied = rig.replica.applied();
+        restart(&mut rig, applied);
+        let before_expiry = std::fs::read(index_path(&rig)).unwrap();
+        let time_before = rig.replica.undo.lock().unwrap().time_range().unwrap().0;
+        assert!(rig.replica.expire(Seq(applied.0 / 2)).unwrap() > 0);
+        let oldest = rig.replica.undo.lock().unwrap().oldest().unwrap();
+        // The crash came after the segments were deleted and before the index was.
+        rig.replica = open(&rig.dir.path().join("spare"), Seq::ZERO, 64 << 20);
+        std::fs::write(index_path(&rig), &before_expiry).unwrap();
+        rig.replica = open(rig.dir.path(), applied, 64 << 20);
+        let undo = rig.replica.undo.lock().unwrap();
+        assert_eq!(undo.oldest(), Some(oldest));
+        assert!(undo.marks().all(|m| m.seq > oldest));
+        let first = undo.time_range().unwrap().0;
+        assert!(first > time_before, "the expired changes' times are gone");
+        assert!(undo.point_at(time_before, applied).is_err(), "an expired time is no point");
+        assert_eq!(undo.point_at(first - 1, applied), Ok(oldest), "just before the first kept change: the oldest");
+        drop(undo);
+        check_all_points(&rig);
+    }
+
+    #[test]
+    fn a_failure_to_index_a_batch_refuses_points_and_stops_applying_until_a_restart_indexes_it() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(23);
+        let mut rig = Rig::new(64 << 20);
+        rig.apply(vec![Op::Marker { kind: MarkerKind::InitialCopyDone }]);
+        rig.apply(random_ops(&mut rng, 6));
+        let point = rig.replica.applied();
+        let view = rig.replica.open_view(point, None).unwrap();
+        crate::failpoint::arm("undo.index", 1);
+        // Applied and recorded: it is not undone, nor applied twice.
+        rig.apply(random_ops(&mut rng, 6));
+        let applied = rig.replica.applied();
+        assert!(rig.replica.stopped().is_some_and(|w| w.contains("indexing")));
+        let mut buf = vec![0u8; 4096];
+        let e = view.read(0, &mut buf).unwrap_err();
+        assert!(e.to_string().contains("missed a batch"), "{e}");
+        let next = rig.batch(random_ops(&mut rng, 3));
+        assert!(rig.replica.apply(&next, &rig.store).is_err());
+        drop(view);
+        restart(&mut rig, applied);
+        rig.replica.apply(&next, &rig.store).unwrap();
+        check_all_points(&rig);
     }
 
     #[test]

@@ -8,6 +8,7 @@
 //! ```text
 //! undo/item-I-disk-D/
 //!   00000000000000000042.undo   records of seq 42.. (named by the first seq it may hold)
+//!   index.redb                  the records' index (see crate::undo_index)
 //! record = header (56 bytes, little endian) + payload
 //!   magic "SRU1" | crc32c(header[8..56]) | seq | capture time µs | offset | len | kind | pad
 //!   | payload length u32 | crc32c(payload) | pad
@@ -15,21 +16,27 @@
 //!        bookmark, initial copy done (payload = tag)
 //! ```
 //!
+//! The index of the records (which record holds which old bytes, capture times, named points) is
+//! on disk, in redb ([`crate::undo_index`]): memory does not grow with retention, only with the
+//! number of segments (four words each) and of named points.
+//!
 //! Order of an apply: undo records written and fsynced, then the replica written and fsynced, then
-//! the applied position committed in the state store. On open, records past the committed position
+//! the applied position committed in the state store, then the records indexed. On open, records past the committed position
 //! belong to a batch that did not commit: their old contents are written back (newest first), so the
 //! replica is exactly the committed state again, and they are cut off. Nothing is kept for changes
 //! before the initial copy finished: those states are not consistent and cannot be points.
 
+use crate::undo_index::{Additions, Index, IndexedRec, IDX_BLOCK};
+use crate::view::ViewMap;
 use sr_common::disk::DiskFile;
 use sr_common::types::Seq;
 use sr_common::wire::{Batch, MarkerKind, Op};
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 const MAGIC: u32 = u32::from_le_bytes(*b"SRU1");
 const HEADER: usize = 56;
@@ -149,10 +156,9 @@ pub struct Mark {
     pub tag: String,
 }
 
+/// A segment's extent; its file is opened when read (see [`Undo::file`]).
 struct Segment {
     first: Seq,
-    path: PathBuf,
-    file: Arc<File>,
     bytes: u64,
     /// Last sequence number recorded in the segment (first - 1 while empty).
     last: Seq,
@@ -160,21 +166,36 @@ struct Segment {
     first_at: u64,
 }
 
+/// Segment files kept open for reading, most recently used last.
+const OPEN_FILES: usize = 16;
+/// Payload checks remembered (a record's payload is read whole once, then trusted).
+const CHECKS: usize = 16 * 1024;
+
 pub struct Undo {
     dir: PathBuf,
     /// Taking a failed batch's records back failed: nothing more may be appended until a restart.
     stuck: bool,
     segment_bytes: u64,
     segment_secs: u64,
+    /// Every retained segment, oldest first: a few words each, whatever the records.
     segments: VecDeque<Segment>,
-    /// Every retained record, in sequence order.
-    recs: VecDeque<Rec>,
-    /// (seq, capture time made non-decreasing) of every retained change, in sequence order.
-    times: VecDeque<(Seq, u64)>,
+    /// The last segment's file, appended to.
+    active: Option<Arc<File>>,
+    /// Older segments' files, opened when a view reads them.
+    files: Mutex<VecDeque<(Seq, Arc<File>)>>,
+    checks: Mutex<HashMap<(u64, u64), Arc<PayloadCheck>>>,
+    /// Which records hold which old bytes, capture times and points, on disk.
+    index: Index,
+    /// Named points and window edges (one per marker in the stream, not per change).
     marks: VecDeque<Mark>,
+    /// (seq, capture time made non-decreasing) of the oldest and the newest retained change.
+    first_time: Option<(Seq, u64)>,
+    last_time: Option<(Seq, u64)>,
     /// Capture time of the newest change that expiry dropped: from then until the first retained
     /// change, the state is the oldest point's.
     floor_at: Option<u64>,
+    /// The index missed a committed batch: points cannot be read until a restart indexes it again.
+    broken: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -183,6 +204,19 @@ pub enum UndoError {
     Io { path: PathBuf, source: std::io::Error },
     #[error("undo journal corrupt at {path} offset {offset}: {reason}; the replica's points need a resync")]
     Corrupt { path: PathBuf, offset: u64, reason: String },
+    #[error("undo journal index {path}: {source}")]
+    Index { path: PathBuf, source: Box<redb::Error> },
+    #[error("the undo journal's index missed a batch ({0}); its points can be read again after a restart of the master target")]
+    IndexBehind(String),
+}
+
+impl From<UndoError> for std::io::Error {
+    fn from(e: UndoError) -> std::io::Error {
+        match e {
+            UndoError::Io { source, .. } => source,
+            e => std::io::Error::other(e),
+        }
+    }
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> UndoError + '_ {
@@ -214,7 +248,8 @@ pub struct Pending {
     h: Header,
     payload_pos: u64,
     tag: String,
-    file: Arc<File>,
+    /// Its segment's first sequence number.
+    seg: Seq,
 }
 
 struct Header {
@@ -273,6 +308,16 @@ fn decode_header(b: &[u8; HEADER]) -> Result<Header, String> {
     Ok(h)
 }
 
+fn point_kind(kind: u8) -> PointKind {
+    match kind {
+        KIND_APP => PointKind::AppConsistent,
+        KIND_BOOKMARK => PointKind::CrashConsistent,
+        KIND_INCONSISTENT_BEGIN => PointKind::InconsistentBegin,
+        KIND_INCONSISTENT_END => PointKind::InconsistentEnd,
+        _ => PointKind::InitialCopyDone,
+    }
+}
+
 /// Old contents of one piece, being captured for a batch.
 struct Capture<'a> {
     disk: &'a DiskFile,
@@ -312,7 +357,8 @@ impl Capture<'_> {
 
 impl Undo {
     /// Opens the undo journal in `dir`, rolling the replica back to `applied` when a batch past it was
-    /// cut short (its records are then removed).
+    /// cut short (its records are then removed). Only what the index does not hold yet is read: the
+    /// active segment's tail after a crash, or every segment of a journal written before the index.
     pub fn open(
         dir: &Path,
         segment_bytes: u64,
@@ -330,34 +376,73 @@ impl Undo {
             }
         }
         firsts.sort();
+        let index = Index::open(dir)?;
+        let mut indexed = index.segments()?;
+        // Whatever the index holds below the oldest segment was expired (the segments went first).
+        if let Some(first) = firsts.first() {
+            if indexed.keys().next().is_some_and(|k| *k < first.0) {
+                index.expire_below(first.0)?;
+                indexed = index.segments()?;
+            }
+        }
+        // The index never claims more than a segment holds; if it does, it is not this journal's.
+        let mut lens = Vec::with_capacity(firsts.len());
+        for first in &firsts {
+            let path = seg_path(dir, *first);
+            lens.push(std::fs::metadata(&path).map_err(io(&path))?.len());
+        }
+        let claims_too_much =
+            firsts.iter().zip(&lens).any(|(f, len)| indexed.get(&f.0).is_some_and(|s| s.bytes > *len));
+        if claims_too_much || indexed.keys().any(|k| firsts.binary_search(&Seq(*k)).is_err()) {
+            tracing::warn!(dir = %dir.display(), "the undo index does not match the segments: indexing them again");
+            index.wipe()?;
+            indexed.clear();
+        }
         let mut u = Undo {
             stuck: false,
             dir: dir.to_path_buf(),
             segment_bytes,
             segment_secs,
             segments: VecDeque::new(),
-            recs: VecDeque::new(),
-            times: VecDeque::new(),
+            active: None,
+            files: Mutex::new(VecDeque::new()),
+            checks: Mutex::new(HashMap::new()),
+            index,
             marks: VecDeque::new(),
+            first_time: None,
+            last_time: None,
             floor_at: None,
+            broken: None,
         };
+        u.floor_at = u.index.floor_at()?;
+        if let Some(((fs, ft), (ls, lt))) = u.index.time_bounds()? {
+            u.first_time = Some((Seq(fs), ft));
+            u.last_time = Some((Seq(ls), lt));
+        }
+        for (seq, kind, at, tag) in u.index.marks()? {
+            u.marks.push_back(Mark { seq: Seq(seq), at_us: at, kind: point_kind(kind), tag });
+        }
         let count = firsts.len();
         let mut tail: Vec<(Header, Vec<u8>)> = Vec::new();
         let mut rollback_from: Option<(usize, u64)> = None;
-        for (i, first) in firsts.into_iter().enumerate() {
+        let mut fresh = Additions::default();
+        for (i, (first, len)) in firsts.into_iter().zip(lens).enumerate() {
             let path = seg_path(dir, first);
-            let file = Arc::new(OpenOptions::new().read(true).append(true).open(&path).map_err(io(&path))?);
-            let len = file.metadata().map_err(io(&path))?.len();
+            let known = indexed.get(&first.0).copied();
             let mut seg = Segment {
                 first,
-                path: path.clone(),
-                file: file.clone(),
-                bytes: 0,
-                last: Seq(first.0 - 1),
-                first_at: 0,
+                bytes: known.map_or(0, |s| s.bytes),
+                last: known.map_or(Seq(first.0 - 1), |s| Seq(s.last)),
+                first_at: known.map_or(0, |s| s.first_at),
             };
-            let mut pos = 0u64;
+            let mut pos = seg.bytes;
+            let file = if pos < len || i + 1 == count {
+                Some(Arc::new(OpenOptions::new().read(true).append(true).open(&path).map_err(io(&path))?))
+            } else {
+                None
+            };
             while pos < len {
+                let file = file.as_ref().expect("opened");
                 let mut hb = [0u8; HEADER];
                 let header = file
                     .read_exact_at(&mut hb, pos)
@@ -413,10 +498,22 @@ impl Undo {
                     file.read_exact_at(&mut t, payload_pos).map_err(io(&path))?;
                     String::from_utf8_lossy(&t).into_owned()
                 };
-                u.index(Pending { h, payload_pos, tag, file: file.clone() });
+                u.stage(&mut fresh, Pending { h, payload_pos, tag, seg: first });
+                if fresh.recs.len() + fresh.times.len() >= 64 * 1024 {
+                    // A journal indexed for the first time: in pieces, not all in memory at once.
+                    fresh.segs.push((first.0, seg.bytes, seg.last.0, seg.first_at));
+                    u.index.add(&std::mem::take(&mut fresh), false)?;
+                }
+            }
+            if known.is_none_or(|k| k.bytes != seg.bytes) {
+                fresh.segs.push((first.0, seg.bytes, seg.last.0, seg.first_at));
+            }
+            if i + 1 == count {
+                u.active = file;
             }
             u.segments.push_back(seg);
         }
+        u.index.add(&fresh, true)?;
         if let Some((seg_idx, pos)) = rollback_from {
             for (h, payload) in tail.iter().rev() {
                 let r = match h.kind {
@@ -430,54 +527,60 @@ impl Undo {
             tracing::warn!(dir = %dir.display(), records = tail.len(), "rolled back a batch that did not commit");
             while u.segments.len() > seg_idx + 1 {
                 let s = u.segments.pop_back().expect("segment");
-                std::fs::remove_file(&s.path).map_err(io(&s.path))?;
+                let path = seg_path(dir, s.first);
+                std::fs::remove_file(&path).map_err(io(&path))?;
             }
             let s = u.segments.back().expect("segment");
+            let path = seg_path(dir, s.first);
             if pos == 0 && u.segments.len() == 1 && s.last < s.first {
                 // The batch that started the journal did not commit: no points yet.
-                let s = u.segments.pop_back().expect("segment");
-                std::fs::remove_file(&s.path).map_err(io(&s.path))?;
+                u.segments.pop_back();
+                std::fs::remove_file(&path).map_err(io(&path))?;
+                u.active = None;
             } else {
-                s.file.set_len(pos).map_err(io(&s.path))?;
-                s.file.sync_all().map_err(io(&s.path))?;
+                let file = Arc::new(OpenOptions::new().read(true).append(true).open(&path).map_err(io(&path))?);
+                file.set_len(pos).map_err(io(&path))?;
+                file.sync_all().map_err(io(&path))?;
+                u.active = Some(file);
             }
             sr_common::crashsafe::fsync_dir(dir).map_err(io(dir))?;
         }
         Ok(u)
     }
 
-    /// Adds a committed record to the in-memory index; returns it when it holds old contents.
-    fn index(&mut self, p: Pending) -> Option<Rec> {
-        let Pending { h, payload_pos, tag, file } = p;
-        let at = self.times.back().map_or(h.at, |(_, t)| h.at.max(*t));
-        if self.times.back().is_none_or(|(s, _)| *s != h.seq) {
-            self.times.push_back((h.seq, at));
+    /// Adds a committed record to what the index is to be given, and to the marks kept in memory.
+    fn stage(&mut self, a: &mut Additions, p: Pending) {
+        let Pending { h, payload_pos, tag, seg } = p;
+        let at = self.last_time.map_or(h.at, |(_, t)| h.at.max(t));
+        if self.last_time.is_none_or(|(s, _)| s != h.seq) {
+            a.times.push((h.seq.0, at));
+            self.last_time = Some((h.seq, at));
+            self.first_time.get_or_insert((h.seq, at));
         }
-        let old = match h.kind {
-            KIND_DATA => {
-                Old::Data { file, pos: payload_pos, check: Arc::new(PayloadCheck::new(payload_pos, h.plen, h.pcrc)) }
-            }
-            KIND_ZERO => Old::Zero,
+        match h.kind {
+            KIND_DATA | KIND_ZERO => a.recs.push(IndexedRec {
+                seq: h.seq.0,
+                offset: h.offset,
+                len: h.len,
+                kind: h.kind,
+                seg: seg.0,
+                pos: payload_pos,
+                crc: h.pcrc,
+            }),
             kind => {
-                let kind = match kind {
-                    KIND_APP => PointKind::AppConsistent,
-                    KIND_BOOKMARK => PointKind::CrashConsistent,
-                    KIND_INCONSISTENT_BEGIN => PointKind::InconsistentBegin,
-                    KIND_INCONSISTENT_END => PointKind::InconsistentEnd,
-                    _ => PointKind::InitialCopyDone,
-                };
-                self.marks.push_back(Mark { seq: h.seq, at_us: h.at, kind, tag });
-                return None;
+                a.marks.push((h.seq.0, kind, h.at, tag.clone()));
+                self.marks.push_back(Mark { seq: h.seq, at_us: h.at, kind: point_kind(kind), tag });
             }
-        };
-        let rec = Rec { seq: h.seq, offset: h.offset, len: h.len, old };
-        self.recs.push_back(rec.clone());
-        Some(rec)
+        }
     }
 
     /// True once the initial copy finished: from then on every change is recorded.
     pub fn active(&self) -> bool {
         !self.segments.is_empty()
+    }
+
+    fn active_file(&self) -> &Arc<File> {
+        self.active.as_ref().expect("the active segment is open")
     }
 
     /// Writes the undo records of `batch` (which follows the applied position) and makes them durable.
@@ -499,9 +602,10 @@ impl Undo {
         let seg = self.segments.back().expect("active segment");
         let created = self.segments.len() > segments_before;
         let before = (seg.bytes, seg.last, seg.first_at);
-        let (file, path, base) = (seg.file.clone(), seg.path.clone(), seg.bytes);
+        let (path, base, name) = (seg_path(&self.dir, seg.first), seg.bytes, seg.first);
+        let file = self.active_file().clone();
         let written = self
-            .write_records(batch, start_at, disk, &file, base)
+            .write_records(batch, start_at, disk, &file, name, base)
             .and_then(|r| crate::failpoint::check("undo.sync").and_then(|_| file.sync_data()).map(|_| r));
         let (bytes, pending) = match written {
             Ok(v) => v,
@@ -521,9 +625,29 @@ impl Undo {
         Ok(PendingBatch { records: pending, before, created })
     }
 
-    /// Indexes the records of a committed batch; returns those holding old contents, for open views.
-    pub fn commit(&mut self, pending: PendingBatch) -> Vec<Rec> {
-        pending.records.into_iter().filter_map(|p| self.index(p)).collect()
+    /// Indexes the records of a committed batch. An error leaves the index behind the journal: reading
+    /// points is refused from then on ([`UndoError::IndexBehind`]) until a restart indexes the rest.
+    pub fn commit(&mut self, pending: PendingBatch) -> Result<(), UndoError> {
+        if let Some(why) = &self.broken {
+            return Err(UndoError::IndexBehind(why.clone()));
+        }
+        if pending.records.is_empty() {
+            return Ok(());
+        }
+        let mut a = Additions::default();
+        let created = pending.created;
+        for p in pending.records {
+            self.stage(&mut a, p);
+        }
+        let seg = self.segments.back().expect("active segment");
+        a.segs.push((seg.first.0, seg.bytes, seg.last.0, seg.first_at));
+        // A batch that starts a segment syncs the index: after a crash, only the active segment's
+        // records can be missing from it.
+        let r = crate::failpoint::check("undo.index").map_err(io(&self.dir)).and_then(|_| self.index.add(&a, created));
+        if let Err(e) = &r {
+            self.broken.get_or_insert_with(|| e.to_string());
+        }
+        r
     }
 
     /// Applying a batch failed after its records were written: puts the old contents they hold back
@@ -535,13 +659,14 @@ impl Undo {
         if pending.records.is_empty() {
             return Ok(());
         }
-        let path = seg.path.clone();
+        let path = seg_path(&self.dir, seg.first);
+        let file = self.active_file().clone();
         let mut buf = Vec::new();
         for p in pending.records.iter().rev() {
             match p.h.kind {
                 KIND_DATA => {
                     buf.resize(p.h.plen as usize, 0);
-                    p.file.read_exact_at(&mut buf, p.payload_pos).map_err(io(&path))?;
+                    file.read_exact_at(&mut buf, p.payload_pos).map_err(io(&path))?;
                     if crc32c::crc32c(&buf) != p.h.pcrc {
                         return Err(UndoError::Corrupt {
                             path,
@@ -564,17 +689,25 @@ impl Undo {
     fn take_back(&mut self, before: (u64, Seq, u64), created: bool) -> Result<(), UndoError> {
         // Cleared only when the journal is as it was again.
         self.stuck = true;
+        let file = self.active_file().clone();
         let seg = self.segments.back_mut().expect("active segment");
-        seg.file.set_len(before.0).and_then(|_| seg.file.sync_data()).map_err(io(&seg.path))?;
+        let path = seg_path(&self.dir, seg.first);
+        file.set_len(before.0).and_then(|_| file.sync_data()).map_err(io(&path))?;
         (seg.bytes, seg.last, seg.first_at) = before;
         if created && before.0 == 0 {
             // An empty segment the batch started must not stay: its name claims where points begin.
-            let seg = self.segments.pop_back().expect("active segment");
-            std::fs::remove_file(&seg.path).map_err(io(&seg.path))?;
+            self.segments.pop_back();
+            std::fs::remove_file(&path).map_err(io(&path))?;
             sr_common::crashsafe::fsync_dir(&self.dir).map_err(io(&self.dir))?;
+            self.active = self.segments.back().map(|s| self.open_segment(s.first)).transpose()?;
         }
         self.stuck = false;
         Ok(())
+    }
+
+    fn open_segment(&self, first: Seq) -> Result<Arc<File>, UndoError> {
+        let path = seg_path(&self.dir, first);
+        Ok(Arc::new(OpenOptions::new().read(true).append(true).open(&path).map_err(io(&path))?))
     }
 
     /// A batch's records could not be taken back: the journal may hold records past the applied
@@ -604,7 +737,8 @@ impl Undo {
         let file =
             Arc::new(OpenOptions::new().read(true).append(true).create_new(true).open(&path).map_err(io(&path))?);
         sr_common::crashsafe::fsync_dir(&self.dir).map_err(io(&self.dir))?;
-        self.segments.push_back(Segment { first: next, path, file, bytes: 0, last: Seq(next.0 - 1), first_at: 0 });
+        self.segments.push_back(Segment { first: next, bytes: 0, last: Seq(next.0 - 1), first_at: 0 });
+        self.active = Some(file);
         Ok(())
     }
 
@@ -614,6 +748,7 @@ impl Undo {
         start_at: usize,
         disk: &DiskFile,
         file: &Arc<File>,
+        seg: Seq,
         base: u64,
     ) -> std::io::Result<(u64, Vec<Pending>)> {
         let cap = Capture { disk, batch };
@@ -627,7 +762,7 @@ impl Undo {
             crate::failpoint::check("undo.write")?;
             let payload_pos = base + written + HEADER as u64;
             written += (HEADER + payload.len()) as u64;
-            pending.push(Pending { h, payload_pos, tag, file: file.clone() });
+            pending.push(Pending { h, payload_pos, tag, seg });
             std::io::Result::Ok(())
         };
         for (i, c) in batch.changes.iter().enumerate().skip(start_at) {
@@ -690,10 +825,77 @@ impl Undo {
         self.segments.front().map(|s| Seq(s.first.0 - 1))
     }
 
-    /// Records after `point`, in sequence order.
-    pub fn after(&self, point: Seq) -> impl Iterator<Item = &Rec> {
-        let from = self.recs.partition_point(|r| r.seq <= point);
-        self.recs.range(from..)
+    /// Where the contents at `point` of `start..end` differ from the replica: for each byte, the first
+    /// record after the point that covers it. Costs a few index lookups per 64 KiB block touched by
+    /// records after the point, whatever the retention.
+    pub fn view_map(&self, point: Seq, start: u64, end: u64) -> Result<ViewMap, UndoError> {
+        if let Some(why) = &self.broken {
+            return Err(UndoError::IndexBehind(why.clone()));
+        }
+        let mut map = ViewMap::default();
+        let mut failed = None;
+        let mut block = u64::MAX;
+        let mut covered = 0;
+        self.index.covering(point.0, start, end, |b, r| {
+            if b != block {
+                (block, covered) = (b, 0);
+            }
+            // The record's part inside this block and inside start..end.
+            let s = r.offset.max(start).max(b * IDX_BLOCK);
+            let e = (r.offset + r.len).min(end).min((b + 1) * IDX_BLOCK);
+            if s >= e {
+                return covered;
+            }
+            let old = match self.old_of(r) {
+                Ok(old) => old,
+                Err(err) => {
+                    failed.get_or_insert(err);
+                    return u64::MAX;
+                }
+            };
+            let piece = Rec { seq: Seq(r.seq), offset: s, len: e - s, old: advance(&old, s - r.offset) };
+            covered += map.add(&piece);
+            covered
+        })?;
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(map),
+        }
+    }
+
+    /// Where an indexed record's old contents are.
+    fn old_of(&self, r: &IndexedRec) -> Result<Old, UndoError> {
+        if r.kind != KIND_DATA {
+            return Ok(Old::Zero);
+        }
+        let file = self.file(Seq(r.seg))?;
+        let mut checks = self.checks.lock().expect("checks lock poisoned");
+        if checks.len() >= CHECKS {
+            checks.clear();
+        }
+        let check =
+            checks.entry((r.seg, r.pos)).or_insert_with(|| Arc::new(PayloadCheck::new(r.pos, r.len as u32, r.crc)));
+        Ok(Old::Data { file, pos: r.pos, check: check.clone() })
+    }
+
+    /// The file of the segment named `first`, for reading.
+    fn file(&self, first: Seq) -> Result<Arc<File>, UndoError> {
+        if self.segments.back().is_some_and(|s| s.first == first) {
+            return Ok(self.active_file().clone());
+        }
+        let mut files = self.files.lock().expect("files lock poisoned");
+        if let Some(i) = files.iter().position(|(f, _)| *f == first) {
+            let hit = files.remove(i).expect("found");
+            files.push_back(hit.clone());
+            return Ok(hit.1);
+        }
+        let path = seg_path(&self.dir, first);
+        let file = Arc::new(File::open(&path).map_err(io(&path))?);
+        if files.len() >= OPEN_FILES {
+            files.pop_front();
+        }
+        files.push_back((first, file.clone()));
+        Ok(file)
     }
 
     /// The point at capture time `at_us`: the last change captured at or before it. `latest` is the
@@ -702,26 +904,36 @@ impl Undo {
         if !self.active() {
             return Err("no recovery points yet: the initial copy has not finished".into());
         }
-        match self.times.back() {
-            Some((_, t)) if at_us >= *t => return Ok(latest),
+        match self.last_time {
+            Some((_, t)) if at_us >= t => return Ok(latest),
             None => return Ok(latest),
             _ => {}
         }
-        let i = self.times.partition_point(|(_, t)| *t <= at_us);
-        if i == 0 {
-            if self.floor_at.is_some_and(|f| at_us >= f) {
-                return self.oldest().ok_or_else(|| "no recovery points".to_string());
+        let found = self.index.seq_at(at_us).map_err(|e| e.to_string())?;
+        match found {
+            Some(seq) if self.first_time.is_some_and(|(first, _)| seq >= first.0) => Ok(Seq(seq)),
+            _ => {
+                if self.floor_at.is_some_and(|f| at_us >= f) {
+                    return self.oldest().ok_or_else(|| "no recovery points".to_string());
+                }
+                let first = self.first_time.map_or(0, |(_, t)| t);
+                Err(format!("{} is before the oldest retained point ({})", fmt_time(at_us), fmt_time(first)))
             }
-            let first = self.times.front().map_or(0, |(_, t)| *t);
-            return Err(format!("{} is before the oldest retained point ({})", fmt_time(at_us), fmt_time(first)));
         }
-        Ok(self.times[i - 1].0)
     }
 
     /// Capture time of the change at `seq` (or of the last one before it).
     pub fn time_of(&self, seq: Seq) -> Option<u64> {
-        let i = self.times.partition_point(|(s, _)| *s <= seq);
-        (i > 0).then(|| self.times[i - 1].1)
+        if self.first_time.is_none_or(|(first, _)| seq < first) {
+            return None;
+        }
+        match self.index.time_of(seq.0) {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::warn!(dir = %self.dir.display(), error = %e, "reading a capture time from the undo index");
+                None
+            }
+        }
     }
 
     pub fn marks(&self) -> impl Iterator<Item = &Mark> {
@@ -740,7 +952,7 @@ impl Undo {
 
     /// Time range of the retained changes (oldest, newest), µs.
     pub fn time_range(&self) -> Option<(u64, u64)> {
-        Some((self.times.front()?.1, self.times.back()?.1))
+        Some((self.first_time?.1, self.last_time?.1))
     }
 
     pub fn bytes(&self) -> u64 {
@@ -753,20 +965,36 @@ impl Undo {
         let mut freed = 0;
         while self.segments.len() > 1 && self.segments[1].first.0 - 1 <= keep_after.0 {
             let s = self.segments.pop_front().expect("segment");
-            std::fs::remove_file(&s.path).map_err(io(&s.path))?;
+            let path = seg_path(&self.dir, s.first);
+            std::fs::remove_file(&path).map_err(io(&path))?;
+            self.files.lock().expect("files lock poisoned").retain(|(f, _)| *f != s.first);
             freed += s.bytes;
-            let next_first = self.segments[0].first;
-            while self.recs.front().is_some_and(|r| r.seq < next_first) {
-                self.recs.pop_front();
-            }
-            while self.times.front().is_some_and(|(s, _)| *s < next_first) {
-                self.floor_at = self.times.pop_front().map(|(_, t)| t);
-            }
-            while self.marks.front().is_some_and(|m| m.seq < next_first) {
-                self.marks.pop_front();
-            }
+        }
+        if freed == 0 {
+            return Ok(0);
+        }
+        // The files go first: an index that still lists them after a crash is trimmed at open.
+        sr_common::crashsafe::fsync_dir(&self.dir).map_err(io(&self.dir))?;
+        let next_first = self.segments[0].first;
+        while self.marks.front().is_some_and(|m| m.seq < next_first) {
+            self.marks.pop_front();
+        }
+        self.checks.lock().expect("checks lock poisoned").retain(|(seg, _), _| *seg >= next_first.0);
+        if let Some(t) = self.index.expire_below(next_first.0)? {
+            self.floor_at = Some(t);
+        }
+        self.first_time = self.index.time_bounds()?.map(|((s, t), _)| (Seq(s), t));
+        if self.first_time.is_none() {
+            self.last_time = None;
         }
         Ok(freed)
+    }
+}
+
+pub(crate) fn advance(old: &Old, by: u64) -> Old {
+    match old {
+        Old::Zero => Old::Zero,
+        Old::Data { file, pos, check } => Old::Data { file: file.clone(), pos: pos + by, check: check.clone() },
     }
 }
 

@@ -1,12 +1,12 @@
 //! A recovery point served as a disk: the replica with, for each byte, the first undo record after the
-//! point laid on top. Building it costs one pass over the records after the point (metadata only, no
-//! data copied); batches applied while the view is open add their records to it, so the view stays at
-//! its point while replication goes on. A writable view keeps its writes in a copy-on-write overlay
-//! file of its own and never touches the replica.
+//! point laid on top. Opening it costs nothing; each read asks the undo journal's index which records
+//! after the point cover the bytes read (a few lookups per 64 KiB block), so batches applied while the
+//! view is open are found too, and the view stays at its point while replication goes on. A writable
+//! view keeps its writes in a copy-on-write overlay file of its own and never touches the replica.
 //!
 //! ```text
 //! read(off, len): overlay block written? --> overlay file
-//!                 else piece of the map covers it? --> undo segment (or zeroes)
+//!                 else a record after the point covers it? --> undo segment (or zeroes)
 //!                 else --> replica file
 //! ```
 
@@ -27,24 +27,17 @@ pub struct ViewMap {
     pieces: BTreeMap<u64, (u64, Old)>,
 }
 
-fn advance(old: &Old, by: u64) -> Old {
-    match old {
-        Old::Zero => Old::Zero,
-        Old::Data { file, pos, check } => Old::Data { file: file.clone(), pos: pos + by, check: check.clone() },
-    }
-}
-
 impl ViewMap {
     /// Adds a record where no earlier record (one with a smaller sequence number) already covers:
-    /// records must come in sequence order.
-    pub fn add(&mut self, r: &Rec) {
+    /// records must come in sequence order. Returns how many bytes it newly covers.
+    pub fn add(&mut self, r: &Rec) -> u64 {
         let (start, end) = (r.offset, r.offset + r.len);
         let mut cursor = start;
         if let Some((_, (e, _))) = self.pieces.range(..=start).next_back() {
             cursor = cursor.max(*e);
         }
         if cursor >= end {
-            return;
+            return 0;
         }
         let mut gaps = Vec::new();
         for (&s, &(e, _)) in self.pieces.range(cursor..end) {
@@ -56,9 +49,12 @@ impl ViewMap {
         if cursor < end {
             gaps.push((cursor, end));
         }
+        let mut added = 0;
         for (s, e) in gaps {
-            self.pieces.insert(s, (e, advance(&r.old, s - start)));
+            added += e - s;
+            self.pieces.insert(s, (e, crate::undo::advance(&r.old, s - start)));
         }
+        added
     }
 
     pub fn pieces(&self) -> usize {
@@ -206,7 +202,6 @@ impl Overlay {
 pub struct PointView {
     pub replica: Arc<Replica>,
     pub point: Seq,
-    pub map: Mutex<ViewMap>,
     pub overlay: Option<Overlay>,
     /// A commit took the view over: writes are refused.
     pub closed: std::sync::atomic::AtomicBool,
@@ -216,7 +211,8 @@ impl PointView {
     /// Reads the point's contents (without the overlay).
     fn read_point(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
         let _r = self.replica.gate.read().expect("replica gate poisoned");
-        let map = self.map.lock().expect("view map poisoned");
+        let end = offset + buf.len() as u64;
+        let map = self.replica.undo.lock().expect("undo lock poisoned").view_map(self.point, offset, end)?;
         map.read(offset, buf, &|o, b| self.replica.disk.read_at(o, b))
     }
 
@@ -323,7 +319,9 @@ impl Backend for PointView {
             let ext = self.replica.disk.extents(offset, len, max);
             // Only the part the extents cover: a prefix when there are more than `max`.
             let end = offset + ext.iter().map(|e| e.len).sum::<u64>();
-            let mut over = self.map.lock().expect("view map poisoned").ranges_within(offset, end);
+            let undo = self.replica.undo.lock().expect("undo lock poisoned");
+            let mut over = undo.view_map(self.point, offset, end).map_err(std::io::Error::from)?.ranges();
+            drop(undo);
             if let Some(w) = &written {
                 over.extend(Overlay::runs(w, offset / BLOCK, end.div_ceil(BLOCK)));
             }
@@ -336,11 +334,6 @@ impl Backend for PointView {
 impl Follower for PointView {
     fn point(&self) -> Seq {
         self.point
-    }
-
-    fn applied(&self, recs: &[Rec]) {
-        let mut map = self.map.lock().expect("view map poisoned");
-        recs.iter().for_each(|r| map.add(r));
     }
 }
 
@@ -358,12 +351,9 @@ impl Replica {
             "{}: point {point} is outside the retained range {oldest}..={applied}",
             self.key
         );
-        let mut map = ViewMap::default();
-        undo.after(point).for_each(|r| map.add(r));
         let view = Arc::new(PointView {
             replica: self.clone(),
             point,
-            map: Mutex::new(map),
             overlay,
             closed: std::sync::atomic::AtomicBool::new(false),
         });
