@@ -182,10 +182,17 @@ impl Replica {
             }
             self.applied.store(batch.last.0, Ordering::Release);
             *self.failing.lock().expect("failing lock poisoned") = None;
-            // The batch is applied and recorded; an index that missed it would serve points without
-            // it, so they are refused and applying stops until a restart indexes the journal again.
+            // The batch is applied and recorded. An index that missed it would serve points without it:
+            // they are refused until it is indexed (retried with the next batches), and when too much
+            // was missed, applying stops until a restart indexes the journal again.
             if let Err(e) = undo.commit(pending) {
-                self.stop(&format!("indexing the undo records of batch {}..={} failed: {e}", batch.first, batch.last));
+                let why = format!("indexing the undo records of batch {}..={} failed: {e}", batch.first, batch.last);
+                if undo.index_lost() {
+                    self.stop(&why);
+                } else {
+                    tracing::warn!(key = %self.key, why, "recovery points are refused until the index catches up");
+                    *self.failing.lock().expect("failing lock poisoned") = Some(why);
+                }
             }
             self.views.lock().expect("views lock poisoned").retain(|v| v.strong_count() > 0);
         }
@@ -211,8 +218,11 @@ impl Replica {
 
     /// Drops undo segments no longer needed by points at or after `keep` (nor by open views).
     pub fn expire(&self, keep: Seq) -> anyhow::Result<u64> {
+        // The views are counted under the undo lock, which opening a view holds while it checks its
+        // point and registers: a view is either counted here or opened after the expiry.
+        let mut undo = self.undo.lock().expect("undo lock poisoned");
         let keep = self.pinned().map_or(keep, |p| p.min(keep));
-        Ok(self.undo.lock().expect("undo lock poisoned").expire_through(keep)?)
+        Ok(undo.expire_through(keep)?)
     }
 }
 
@@ -299,11 +309,16 @@ mod tests {
         segs.pop().unwrap()
     }
 
-    /// Restarts the replica as the master target's restart does: the old handle is closed first.
-    fn restart(rig: &mut Rig, applied: Seq) {
+    /// Closes the replica (a stand-in on other files takes its place), as a stop does.
+    fn close(rig: &mut Rig) {
         let spare = rig.dir.path().join("spare");
         std::fs::create_dir_all(&spare).unwrap();
         rig.replica = open(&spare, Seq::ZERO, 64 << 20);
+    }
+
+    /// Restarts the replica as the master target's restart does: the old handle is closed first.
+    fn restart(rig: &mut Rig, applied: Seq) {
+        close(rig);
         rig.replica = open(rig.dir.path(), applied, 64 << 20);
     }
 
@@ -661,12 +676,12 @@ mod tests {
             rig.apply(random_ops(&mut rng, 5));
         }
         let applied = rig.replica.applied();
-        rig.replica = open(&rig.dir.path().join("spare"), Seq::ZERO, 64 << 20);
+        close(&mut rig);
         std::fs::write(index_path(&rig), &old_index).unwrap();
         rig.replica = open(rig.dir.path(), applied, 64 << 20);
         check_all_points(&rig);
         // 2. No index at all (a journal written before the index existed): built from every segment.
-        rig.replica = open(&rig.dir.path().join("spare"), Seq::ZERO, 64 << 20);
+        close(&mut rig);
         std::fs::remove_file(index_path(&rig)).unwrap();
         rig.replica = open(rig.dir.path(), applied, 64 << 20);
         check_all_points(&rig);
@@ -682,7 +697,7 @@ mod tests {
         for _ in 0..3 {
             rig.apply(random_ops(&mut rng, 5));
         }
-        rig.replica = open(&rig.dir.path().join("spare"), Seq::ZERO, 64 << 20);
+        close(&mut rig);
         for e in std::fs::read_dir(rig.dir.path().join("undo")).unwrap() {
             let p = e.unwrap().path();
             if p.extension().is_some_and(|x| x == "undo") {
@@ -718,7 +733,7 @@ mod tests {
         assert!(rig.replica.expire(Seq(applied.0 / 2)).unwrap() > 0);
         let oldest = rig.replica.undo.lock().unwrap().oldest().unwrap();
         // The crash came after the segments were deleted and before the index was.
-        rig.replica = open(&rig.dir.path().join("spare"), Seq::ZERO, 64 << 20);
+        close(&mut rig);
         std::fs::write(index_path(&rig), &before_expiry).unwrap();
         rig.replica = open(rig.dir.path(), applied, 64 << 20);
         let undo = rig.replica.undo.lock().unwrap();
@@ -733,7 +748,7 @@ mod tests {
     }
 
     #[test]
-    fn a_failure_to_index_a_batch_refuses_points_and_stops_applying_until_a_restart_indexes_it() {
+    fn a_failure_to_index_a_batch_refuses_points_until_a_later_batch_indexes_it() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(23);
         let mut rig = Rig::new(64 << 20);
         rig.apply(vec![Op::Marker { kind: MarkerKind::InitialCopyDone }]);
@@ -743,16 +758,107 @@ mod tests {
         crate::failpoint::arm("undo.index", 1);
         // Applied and recorded: it is not undone, nor applied twice.
         rig.apply(random_ops(&mut rng, 6));
-        let applied = rig.replica.applied();
-        assert!(rig.replica.stopped().is_some_and(|w| w.contains("indexing")));
-        let mut buf = vec![0u8; 4096];
+        assert!(rig.replica.stopped().is_none());
+        assert!(rig.replica.failing().is_some_and(|w| w.contains("indexing")));
+        let mut buf = vec![0u8; SIZE as usize];
         let e = view.read(0, &mut buf).unwrap_err();
         assert!(e.to_string().contains("missed a batch"), "{e}");
-        let next = rig.batch(random_ops(&mut rng, 3));
-        assert!(rig.replica.apply(&next, &rig.store).is_err());
+        // The next batch indexes both.
+        rig.apply(random_ops(&mut rng, 3));
+        assert!(rig.replica.failing().is_none());
+        view.read(0, &mut buf).unwrap();
+        assert!(buf == *rig.state_at(point), "the view's point after the index caught up");
         drop(view);
+        check_all_points(&rig);
+        // Missed again, then caught up by the expiry tick when no batch comes.
+        crate::failpoint::arm("undo.index", 1);
+        rig.apply(random_ops(&mut rng, 3));
+        assert!(rig.replica.open_view(point, None).unwrap().read(0, &mut buf).is_err());
+        rig.replica.expire(Seq::ZERO).unwrap();
+        check_all_points(&rig);
+        let applied = rig.replica.applied();
         restart(&mut rig, applied);
-        rig.replica.apply(&next, &rig.store).unwrap();
+        check_all_points(&rig);
+    }
+
+    #[test]
+    fn a_view_whose_records_expired_under_it_is_an_error_never_the_replicas_bytes() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(24);
+        let mut rig = Rig::new(16 << 10);
+        rig.apply(vec![Op::Marker { kind: MarkerKind::InitialCopyDone }]);
+        for _ in 0..30 {
+            rig.apply(random_ops(&mut rng, 4));
+        }
+        let view = rig.replica.open_view(Seq(5), None).unwrap();
+        // As a race between opening the view and expiry would: its records go although it is open.
+        assert!(rig.replica.undo.lock().unwrap().expire_through(Seq(100)).unwrap() > 0);
+        let mut buf = vec![0u8; SIZE as usize];
+        let e = view.read(0, &mut buf).unwrap_err();
+        assert!(e.to_string().contains("older than the oldest retained point"), "{e}");
+    }
+
+    #[test]
+    fn an_unreadable_index_is_built_again_and_a_damaged_row_is_an_error_never_other_bytes() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(25);
+        let mut rig = Rig::new(64 << 20);
+        rig.apply(vec![Op::Marker { kind: MarkerKind::InitialCopyDone }]);
+        rig.apply(vec![Op::Write { offset: 0, data: vec![0x11; 8192] }]);
+        rig.apply(vec![Op::Write { offset: 512 << 10, data: vec![0x33; 8192] }]);
+        let point = rig.replica.applied();
+        rig.apply(vec![Op::Write { offset: 0, data: vec![0x22; 8192] }]);
+        rig.apply(random_ops(&mut rng, 5));
+        let applied = rig.replica.applied();
+        // Garbage for an index: built again from the segments.
+        close(&mut rig);
+        std::fs::write(index_path(&rig), vec![0x5a; 64 << 10]).unwrap();
+        rig.replica = open(rig.dir.path(), applied, 64 << 20);
+        check_all_points(&rig);
+        // A row that names the 0x11 record's bytes for another place (offset 512 KiB).
+        let mut real = Vec::new();
+        close(&mut rig);
+        {
+            let ix = crate::undo_index::Index::open(&rig.dir.path().join("undo")).unwrap();
+            ix.covering(point.0, 0, 8192, |_, r| {
+                real.push(*r);
+                0
+            })
+            .unwrap();
+            let r = real.iter().find(|r| r.kind == 1).copied().expect("the 0x11 record");
+            let forged = crate::undo_index::IndexedRec { seq: point.0 + 1, offset: 512 << 10, ..r };
+            let mut a = crate::undo_index::Additions::default();
+            a.recs.push(forged);
+            ix.add(&a, true).unwrap();
+        }
+        rig.replica = open(rig.dir.path(), applied, 64 << 20);
+        let v = rig.replica.open_view(Seq(point.0), None).unwrap();
+        let mut buf = vec![0u8; 8192];
+        let e = v.read(512 << 10, &mut buf).unwrap_err();
+        assert!(e.to_string().contains("not the one the index names"), "{e}");
+        v.read(0, &mut buf).unwrap();
+        assert!(buf.iter().all(|b| *b == 0x11));
+    }
+
+    #[test]
+    fn an_index_ahead_of_the_applied_position_is_built_again_and_the_replica_rolled_back() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(26);
+        let mut rig = Rig::new(16 << 10);
+        rig.apply(vec![Op::Marker { kind: MarkerKind::InitialCopyDone }]);
+        for _ in 0..8 {
+            rig.apply(random_ops(&mut rng, 4));
+        }
+        let (at, source_then, next_then) = (rig.replica.applied(), rig.source.clone(), rig.next);
+        for _ in 0..8 {
+            rig.apply(random_ops(&mut rng, 4));
+        }
+        // The store says less was applied (restored from an older copy): the segments roll back.
+        restart(&mut rig, at);
+        assert!(base(&rig.replica) == source_then, "the replica is the state the store names");
+        rig.states.retain(|(s, _)| *s <= at);
+        (rig.source, rig.next) = (source_then, next_then);
+        check_all_points(&rig);
+        for _ in 0..3 {
+            rig.apply(random_ops(&mut rng, 4));
+        }
         check_all_points(&rig);
     }
 

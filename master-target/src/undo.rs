@@ -194,8 +194,53 @@ pub struct Undo {
     /// Capture time of the newest change that expiry dropped: from then until the first retained
     /// change, the state is the oldest point's.
     floor_at: Option<u64>,
-    /// The index missed a committed batch: points cannot be read until a restart indexes it again.
-    broken: Option<String>,
+    /// Why the index misses committed records (its write failed): points are refused until they are
+    /// in it. `missed` holds them, and each later commit (and expiry tick) tries to add them again.
+    behind: Option<String>,
+    missed: Additions,
+    /// More records were missed than are kept for a retry: only a restart (which indexes the segments
+    /// from where the index ends) can catch up.
+    lost: bool,
+    /// Segments were deleted but their rows not yet: the next expiry removes them.
+    expiry_due: bool,
+}
+
+/// Records missed by a failed index write that are kept for a retry (a few MiB).
+const MISSED_MAX: usize = 256 * 1024;
+
+/// What opening reads from the index.
+struct Loaded {
+    index: Index,
+    indexed: std::collections::BTreeMap<u64, crate::undo_index::SegState>,
+    floor_at: Option<u64>,
+    bounds: Option<(crate::undo_index::Timed, crate::undo_index::Timed)>,
+    marks: Vec<(u64, u8, u64, String)>,
+}
+
+impl Loaded {
+    /// Opens the index of the segments `firsts` (of lengths `lens`), trimmed to them: rows of
+    /// segments that expiry deleted before a crash are dropped, and an index that claims more than
+    /// the segments hold, lists segments that are not there, or holds records past the applied
+    /// position (which only the segments can roll back) is emptied, to be built again.
+    fn read(dir: &Path, firsts: &[Seq], lens: &[u64], applied: Seq) -> Result<Loaded, UndoError> {
+        let index = Index::open(dir)?;
+        let mut indexed = index.segments()?;
+        if let Some(first) = firsts.first() {
+            if indexed.keys().next().is_some_and(|k| *k < first.0) {
+                index.expire_below(first.0)?;
+                indexed = index.segments()?;
+            }
+        }
+        let claims_too_much = firsts.iter().zip(lens).any(|(f, len)| indexed.get(&f.0).is_some_and(|s| s.bytes > *len));
+        let foreign = indexed.keys().any(|k| firsts.binary_search(&Seq(*k)).is_err());
+        let ahead = indexed.values().any(|s| s.last > applied.0);
+        if claims_too_much || foreign || ahead {
+            tracing::warn!(dir = %dir.display(), claims_too_much, foreign, ahead, "the undo index does not match the segments: indexing them again");
+            index.wipe()?;
+            indexed.clear();
+        }
+        Ok(Loaded { floor_at: index.floor_at()?, bounds: index.time_bounds()?, marks: index.marks()?, index, indexed })
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -206,8 +251,10 @@ pub enum UndoError {
     Corrupt { path: PathBuf, offset: u64, reason: String },
     #[error("undo journal index {path}: {source}")]
     Index { path: PathBuf, source: Box<redb::Error> },
-    #[error("the undo journal's index missed a batch ({0}); its points can be read again after a restart of the master target")]
+    #[error("the undo journal's index missed a batch ({0}); its points are refused until it is indexed (retried with each batch, and by a restart)")]
     IndexBehind(String),
+    #[error("point {point} is older than the oldest retained point {oldest}: its undo records expired")]
+    Expired { point: Seq, oldest: Seq },
 }
 
 impl From<UndoError> for std::io::Error {
@@ -376,28 +423,31 @@ impl Undo {
             }
         }
         firsts.sort();
-        let index = Index::open(dir)?;
-        let mut indexed = index.segments()?;
-        // Whatever the index holds below the oldest segment was expired (the segments went first).
-        if let Some(first) = firsts.first() {
-            if indexed.keys().next().is_some_and(|k| *k < first.0) {
-                index.expire_below(first.0)?;
-                indexed = index.segments()?;
-            }
-        }
-        // The index never claims more than a segment holds; if it does, it is not this journal's.
         let mut lens = Vec::with_capacity(firsts.len());
         for first in &firsts {
             let path = seg_path(dir, *first);
             lens.push(std::fs::metadata(&path).map_err(io(&path))?.len());
         }
-        let claims_too_much =
-            firsts.iter().zip(&lens).any(|(f, len)| indexed.get(&f.0).is_some_and(|s| s.bytes > *len));
-        if claims_too_much || indexed.keys().any(|k| firsts.binary_search(&Seq(*k)).is_err()) {
-            tracing::warn!(dir = %dir.display(), "the undo index does not match the segments: indexing them again");
-            index.wipe()?;
-            indexed.clear();
-        }
+        // The index is derived from the segments: one that cannot be read is built again from them.
+        let loaded = match Loaded::read(dir, &firsts, &lens, applied) {
+            Ok(l) => l,
+            Err(UndoError::Index { source, .. }) if matches!(*source, redb::Error::DatabaseAlreadyOpen) => {
+                return Err(UndoError::Io {
+                    path: dir.join("index.redb"),
+                    source: std::io::Error::other(
+                        "the undo journal is open elsewhere (is another master target using this data directory?)",
+                    ),
+                });
+            }
+            Err(e @ UndoError::Io { .. }) => return Err(e),
+            Err(e) => {
+                tracing::warn!(dir = %dir.display(), error = %e, "the undo index is not usable: indexing the segments again");
+                let path = dir.join("index.redb");
+                std::fs::remove_file(&path).map_err(io(&path))?;
+                Loaded::read(dir, &firsts, &lens, applied)?
+            }
+        };
+        let Loaded { index, indexed, floor_at, bounds, marks } = loaded;
         let mut u = Undo {
             stuck: false,
             dir: dir.to_path_buf(),
@@ -411,15 +461,17 @@ impl Undo {
             marks: VecDeque::new(),
             first_time: None,
             last_time: None,
-            floor_at: None,
-            broken: None,
+            floor_at,
+            behind: None,
+            missed: Additions::default(),
+            lost: false,
+            expiry_due: false,
         };
-        u.floor_at = u.index.floor_at()?;
-        if let Some(((fs, ft), (ls, lt))) = u.index.time_bounds()? {
+        if let Some(((fs, ft), (ls, lt))) = bounds {
             u.first_time = Some((Seq(fs), ft));
             u.last_time = Some((Seq(ls), lt));
         }
-        for (seq, kind, at, tag) in u.index.marks()? {
+        for (seq, kind, at, tag) in marks {
             u.marks.push_back(Mark { seq: Seq(seq), at_us: at, kind: point_kind(kind), tag });
         }
         let count = firsts.len();
@@ -513,7 +565,6 @@ impl Undo {
             }
             u.segments.push_back(seg);
         }
-        u.index.add(&fresh, true)?;
         if let Some((seg_idx, pos)) = rollback_from {
             for (h, payload) in tail.iter().rev() {
                 let r = match h.kind {
@@ -545,6 +596,9 @@ impl Undo {
             }
             sr_common::crashsafe::fsync_dir(dir).map_err(io(dir))?;
         }
+        // Not the segments the rollback removed: a row for a segment that is gone means a foreign index.
+        fresh.segs.retain(|(first, ..)| u.segments.iter().any(|s| s.first.0 == *first));
+        u.index.add(&fresh, true)?;
         Ok(u)
     }
 
@@ -625,29 +679,52 @@ impl Undo {
         Ok(PendingBatch { records: pending, before, created })
     }
 
-    /// Indexes the records of a committed batch. An error leaves the index behind the journal: reading
-    /// points is refused from then on ([`UndoError::IndexBehind`]) until a restart indexes the rest.
+    /// Indexes the records of a committed batch (and any that an earlier failure left out). An error
+    /// leaves the index behind the journal: reading points is refused ([`UndoError::IndexBehind`])
+    /// until a later commit or expiry tick adds them, or, past [`MISSED_MAX`] records
+    /// ([`Undo::index_lost`]), until a restart indexes the segments again.
     pub fn commit(&mut self, pending: PendingBatch) -> Result<(), UndoError> {
-        if let Some(why) = &self.broken {
-            return Err(UndoError::IndexBehind(why.clone()));
+        if self.lost {
+            return Err(UndoError::IndexBehind(self.behind.clone().unwrap_or_default()));
         }
-        if pending.records.is_empty() {
+        let created = pending.created;
+        if pending.records.is_empty() && !created && self.behind.is_none() {
             return Ok(());
         }
-        let mut a = Additions::default();
-        let created = pending.created;
+        let mut a = std::mem::take(&mut self.missed);
         for p in pending.records {
             self.stage(&mut a, p);
         }
-        let seg = self.segments.back().expect("active segment");
-        a.segs.push((seg.first.0, seg.bytes, seg.last.0, seg.first_at));
+        if let Some(seg) = self.segments.back() {
+            a.segs.push((seg.first.0, seg.bytes, seg.last.0, seg.first_at));
+        }
         // A batch that starts a segment syncs the index: after a crash, only the active segment's
         // records can be missing from it.
-        let r = crate::failpoint::check("undo.index").map_err(io(&self.dir)).and_then(|_| self.index.add(&a, created));
-        if let Err(e) = &r {
-            self.broken.get_or_insert_with(|| e.to_string());
+        self.add_to_index(a, created)
+    }
+
+    fn add_to_index(&mut self, a: Additions, durable: bool) -> Result<(), UndoError> {
+        let r = crate::failpoint::check("undo.index").map_err(io(&self.dir)).and_then(|_| self.index.add(&a, durable));
+        match r {
+            Ok(()) => {
+                self.behind = None;
+                Ok(())
+            }
+            Err(e) => {
+                self.behind.get_or_insert_with(|| e.to_string());
+                if a.recs.len() + a.times.len() > MISSED_MAX {
+                    self.lost = true;
+                } else {
+                    self.missed = a;
+                }
+                Err(e)
+            }
         }
-        r
+    }
+
+    /// The index missed more records than are kept for a retry: only a restart catches it up.
+    pub fn index_lost(&self) -> bool {
+        self.lost
     }
 
     /// Applying a batch failed after its records were written: puts the old contents they hold back
@@ -829,8 +906,13 @@ impl Undo {
     /// record after the point that covers it. Costs a few index lookups per 64 KiB block touched by
     /// records after the point, whatever the retention.
     pub fn view_map(&self, point: Seq, start: u64, end: u64) -> Result<ViewMap, UndoError> {
-        if let Some(why) = &self.broken {
+        if let Some(why) = &self.behind {
             return Err(UndoError::IndexBehind(why.clone()));
+        }
+        // Records after an expired point may be gone: an error, never the replica's bytes instead.
+        match self.oldest() {
+            Some(oldest) if point < oldest => return Err(UndoError::Expired { point, oldest }),
+            _ => {}
         }
         let mut map = ViewMap::default();
         let mut failed = None;
@@ -843,7 +925,7 @@ impl Undo {
             // The record's part inside this block and inside start..end.
             let s = r.offset.max(start).max(b * IDX_BLOCK);
             let e = (r.offset + r.len).min(end).min((b + 1) * IDX_BLOCK);
-            if s >= e {
+            if s >= e || map.gaps(s, e) == 0 {
                 return covered;
             }
             let old = match self.old_of(r) {
@@ -864,18 +946,56 @@ impl Undo {
     }
 
     /// Where an indexed record's old contents are.
+    /// The first time a record is used, its header in the segment is read and must say what the
+    /// index says (a damaged index row is an error, never another record's bytes); its payload is
+    /// checked when first read ([`PayloadCheck`]).
     fn old_of(&self, r: &IndexedRec) -> Result<Old, UndoError> {
+        let file = self.file(Seq(r.seg))?;
+        let known = self.checks.lock().expect("checks lock poisoned").get(&(r.seg, r.pos)).cloned();
+        let check = match known {
+            Some(c) => c,
+            None => {
+                self.check_header(&file, r)?;
+                let plen = if r.kind == KIND_DATA { r.len as u32 } else { 0 };
+                let c = Arc::new(PayloadCheck::new(r.pos, plen, r.crc));
+                let mut checks = self.checks.lock().expect("checks lock poisoned");
+                if checks.len() >= CHECKS {
+                    checks.clear();
+                }
+                checks.insert((r.seg, r.pos), c.clone());
+                c
+            }
+        };
         if r.kind != KIND_DATA {
             return Ok(Old::Zero);
         }
-        let file = self.file(Seq(r.seg))?;
-        let mut checks = self.checks.lock().expect("checks lock poisoned");
-        if checks.len() >= CHECKS {
-            checks.clear();
+        Ok(Old::Data { file, pos: r.pos, check })
+    }
+
+    fn check_header(&self, file: &File, r: &IndexedRec) -> Result<(), UndoError> {
+        let path = seg_path(&self.dir, Seq(r.seg));
+        let at = r.pos.checked_sub(HEADER as u64).ok_or_else(|| UndoError::Corrupt {
+            path: path.clone(),
+            offset: r.pos,
+            reason: "an index row points before the segment's first record".into(),
+        })?;
+        let mut hb = [0u8; HEADER];
+        file.read_exact_at(&mut hb, at).map_err(io(&path))?;
+        let same = decode_header(&hb).is_ok_and(|h| {
+            h.seq.0 == r.seq && h.offset == r.offset && h.len == r.len && h.kind == r.kind && h.pcrc == r.crc
+        });
+        if !same {
+            return Err(UndoError::Corrupt {
+                path,
+                offset: at,
+                reason: format!(
+                    "the record there is not the one the index names (seq {} at {}+{}): the index or the segment \
+                     is damaged; remove index.redb and restart the master target to index the segments again",
+                    r.seq, r.offset, r.len
+                ),
+            });
         }
-        let check =
-            checks.entry((r.seg, r.pos)).or_insert_with(|| Arc::new(PayloadCheck::new(r.pos, r.len as u32, r.crc)));
-        Ok(Old::Data { file, pos: r.pos, check: check.clone() })
+        Ok(())
     }
 
     /// The file of the segment named `first`, for reading.
@@ -962,6 +1082,11 @@ impl Undo {
     /// Deletes whole segments holding only records at or before `keep_after` (that point and newer
     /// ones stay readable). The active segment is never deleted. Returns bytes freed.
     pub fn expire_through(&mut self, keep_after: Seq) -> Result<u64, UndoError> {
+        if self.behind.is_some() && !self.lost {
+            // Also a retry of records an earlier index write missed (while no batch comes).
+            let a = std::mem::take(&mut self.missed);
+            let _ = self.add_to_index(a, true);
+        }
         let mut freed = 0;
         while self.segments.len() > 1 && self.segments[1].first.0 - 1 <= keep_after.0 {
             let s = self.segments.pop_front().expect("segment");
@@ -970,10 +1095,11 @@ impl Undo {
             self.files.lock().expect("files lock poisoned").retain(|(f, _)| *f != s.first);
             freed += s.bytes;
         }
-        if freed == 0 {
+        if freed == 0 && !self.expiry_due {
             return Ok(0);
         }
         // The files go first: an index that still lists them after a crash is trimmed at open.
+        self.expiry_due = true;
         sr_common::crashsafe::fsync_dir(&self.dir).map_err(io(&self.dir))?;
         let next_first = self.segments[0].first;
         while self.marks.front().is_some_and(|m| m.seq < next_first) {
@@ -983,6 +1109,7 @@ impl Undo {
         if let Some(t) = self.index.expire_below(next_first.0)? {
             self.floor_at = Some(t);
         }
+        self.expiry_due = false;
         self.first_time = self.index.time_bounds()?.map(|((s, t), _)| (Seq(s), t));
         if self.first_time.is_none() {
             self.last_time = None;

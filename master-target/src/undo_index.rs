@@ -6,7 +6,7 @@
 //! ```text
 //! index.redb (beside the segments)
 //!   recs    (seq, offset)          -> (len, kind, segment, payload position, payload crc32c)
-//!   blocks  (block, seq, offset)   -> ()      one row per 64 KiB block a record touches
+//!   blocks  (block, seq, offset)   -> len     one row per 64 KiB block a record touches
 //!   times   seq                    -> capture time µs (made non-decreasing)
 //!   at      (capture time µs, seq) -> ()
 //!   marks   seq                    -> (kind, capture time µs, tag)
@@ -33,7 +33,7 @@ type RecValue = (u64, u8, u64, u64, u32);
 pub type Timed = (u64, u64);
 
 const RECS: TableDefinition<(u64, u64), RecValue> = TableDefinition::new("recs");
-const BLOCKS: TableDefinition<(u64, u64, u64), ()> = TableDefinition::new("blocks");
+const BLOCKS: TableDefinition<(u64, u64, u64), u64> = TableDefinition::new("blocks");
 const TIMES: TableDefinition<u64, u64> = TableDefinition::new("times");
 const AT: TableDefinition<(u64, u64), ()> = TableDefinition::new("at");
 const MARKS: TableDefinition<u64, (u8, u64, &str)> = TableDefinition::new("marks");
@@ -211,7 +211,7 @@ impl Index {
             for r in &a.recs {
                 recs.insert((r.seq, r.offset), (r.len, r.kind, r.seg, r.pos, r.crc))?;
                 for b in blocks_of(r.offset, r.len) {
-                    blocks.insert((b, r.seq, r.offset), ())?;
+                    blocks.insert((b, r.seq, r.offset), r.len)?;
                 }
             }
             let mut times = tx.open_table(TIMES)?;
@@ -268,7 +268,8 @@ impl Index {
     /// The records after `point` that hold the contents at `point` of some byte in `start..end`, in
     /// the order to lay them (per 64 KiB block, by sequence number); `take` is given each in turn and
     /// returns how many bytes of the block's part of `start..end` are now covered, so that a block
-    /// stops being read once covered.
+    /// stops being read once covered. Rows of a block that miss `start..end` are passed over without
+    /// reading their record.
     pub fn covering(
         &self,
         point: u64,
@@ -298,12 +299,17 @@ impl Index {
                     b = if rb != b { rb } else { b + 1 };
                     continue;
                 }
-                let want = (end.min((b + 1) * IDX_BLOCK)) - start.max(b * IDX_BLOCK);
+                let (ws, we) = (start.max(b * IDX_BLOCK), end.min((b + 1) * IDX_BLOCK));
+                let want = we - ws;
                 let mut row = Some(row);
-                while let Some((k, _)) = row {
+                while let Some((k, v)) = row {
                     let (kb, seq, offset) = k.value();
                     if kb != b {
                         break;
+                    }
+                    if offset >= we || offset.saturating_add(v.value()) <= ws {
+                        row = rows.next().transpose()?;
+                        continue;
                     }
                     let v = recs.get((seq, offset))?.ok_or_else(|| {
                         redb::Error::Corrupted(format!("block row ({kb}, {seq}, {offset}) has no record"))

@@ -57,6 +57,12 @@ impl ViewMap {
         added
     }
 
+    /// How many bytes of `start..end` no piece covers.
+    pub fn gaps(&self, start: u64, end: u64) -> u64 {
+        let covered: u64 = self.ranges_within(start, end).iter().map(|(s, l)| (s + l).min(end) - (*s).max(start)).sum();
+        (end - start) - covered
+    }
+
     pub fn pieces(&self) -> usize {
         self.pieces.len()
     }
