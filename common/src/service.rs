@@ -91,6 +91,22 @@ pub fn tune_allocator(keep_free: usize) {
     }
 }
 
+/// Raises the soft limit on open files to the hard one, as servers do: connections, segment files
+/// kept open for reading (the master target's undo segments) and journals all take descriptors, and
+/// the soft default (often 1024) is a limit of interactive shells, not of the machine.
+pub fn raise_open_files() {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit/setrlimit read and write the rlimit struct given, nothing else.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                tracing::debug!("could not raise the open-files limit");
+            }
+        }
+    }
+}
+
 /// The command line every data-path service binary takes.
 #[derive(clap::Parser)]
 #[command(version)]
@@ -133,5 +149,6 @@ where
         }
     };
     tune_allocator(if role == crate::wire::Role::Agent { AGENT_KEEP_FREE_BYTES } else { KEEP_FREE_BYTES });
+    raise_open_files();
     run_service(|shutdown| run(cfg, shutdown))
 }

@@ -64,30 +64,60 @@ pub enum Old {
 }
 
 /// A record payload's checksum, checked the first time any part of it is read (then remembered), so
-/// that a point is never read from undo bytes that changed on disk.
+/// that a point is never read from undo bytes that changed on disk; with the header the index expects,
+/// the record's header is read with it and must be that one.
 #[derive(Debug)]
 pub struct PayloadCheck {
     /// Where the payload starts in its file, its length and its crc32c.
     pub pos: u64,
     pub len: u32,
     pub crc: u32,
+    /// (seq, offset, kind) the header before the payload must carry.
+    expect: Option<(u64, u64, u8)>,
     verified: std::sync::atomic::AtomicBool,
 }
 
 impl PayloadCheck {
     pub fn new(pos: u64, len: u32, crc: u32) -> PayloadCheck {
-        PayloadCheck { pos, len, crc, verified: std::sync::atomic::AtomicBool::new(false) }
+        PayloadCheck { pos, len, crc, expect: None, verified: std::sync::atomic::AtomicBool::new(false) }
     }
 
-    /// Reads the whole payload once and compares its checksum; an error says where it is corrupt.
+    fn of(r: &IndexedRec) -> PayloadCheck {
+        let plen = if r.kind == KIND_DATA { r.len as u32 } else { 0 };
+        PayloadCheck { expect: Some((r.seq, r.offset, r.kind)), ..PayloadCheck::new(r.pos, plen, r.crc) }
+    }
+
+    /// Reads the whole payload once (and its header, when expected) and compares its checksum; an
+    /// error says where it is corrupt.
     pub fn verify(&self, file: &File) -> std::io::Result<()> {
         use std::sync::atomic::Ordering;
         if self.verified.load(Ordering::Acquire) {
             return Ok(());
         }
-        let mut buf = vec![0u8; self.len as usize];
-        file.read_exact_at(&mut buf, self.pos)?;
-        if crc32c::crc32c(&buf) != self.crc {
+        let head = if self.expect.is_some() { HEADER } else { 0 };
+        let start = self.pos.checked_sub(head as u64).ok_or_else(|| {
+            std::io::Error::new(std::io::ErrorKind::InvalidData, "an undo index row points before its segment's start")
+        })?;
+        let mut all = vec![0u8; head + self.len as usize];
+        file.read_exact_at(&mut all, start)?;
+        if let Some((seq, offset, kind)) = self.expect {
+            let hb: &[u8; HEADER] = all[..HEADER].try_into().expect("header bytes");
+            let same = decode_header(hb).is_ok_and(|h| {
+                h.seq.0 == seq && h.offset == offset && h.kind == kind && h.plen == self.len && h.pcrc == self.crc
+            });
+            if !same {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!(
+                        "the undo record at offset {start} is not the one the index names (seq {seq} at {offset}): \
+                         the index or the segment is damaged; remove index.redb and restart the master target to \
+                         index the segments again"
+                    ),
+                ));
+            }
+        }
+        let buf = &all[head..];
+        if crc32c::crc32c(buf) != self.crc {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::InvalidData,
                 format!(
@@ -166,8 +196,19 @@ struct Segment {
     first_at: u64,
 }
 
-/// Segment files kept open for reading, most recently used last.
-const OPEN_FILES: usize = 16;
+/// Payload checks remembered: (segment, payload position) -> check.
+type Checks = HashMap<(u64, u64), Arc<PayloadCheck>>;
+
+/// Older segments' files opened for reading: name -> (file, last use).
+#[derive(Default)]
+struct OpenFiles {
+    open: HashMap<Seq, (Arc<File>, u64)>,
+    tick: u64,
+}
+
+/// Segment files kept open for reading per disk, most recently used last (reading a whole point
+/// visits the segments in block order, not one after the other).
+const OPEN_FILES: usize = 128;
 /// Payload checks remembered (a record's payload is read whole once, then trusted).
 const CHECKS: usize = 16 * 1024;
 
@@ -182,10 +223,10 @@ pub struct Undo {
     /// The last segment's file, appended to.
     active: Option<Arc<File>>,
     /// Older segments' files, opened when a view reads them.
-    files: Mutex<VecDeque<(Seq, Arc<File>)>>,
-    checks: Mutex<HashMap<(u64, u64), Arc<PayloadCheck>>>,
+    files: Arc<Mutex<OpenFiles>>,
+    checks: Arc<Mutex<Checks>>,
     /// Which records hold which old bytes, capture times and points, on disk.
-    index: Index,
+    index: Arc<Index>,
     /// Named points and window edges (one per marker in the stream, not per change).
     marks: VecDeque<Mark>,
     /// (seq, capture time made non-decreasing) of the oldest and the newest retained change.
@@ -455,9 +496,9 @@ impl Undo {
             segment_secs,
             segments: VecDeque::new(),
             active: None,
-            files: Mutex::new(VecDeque::new()),
-            checks: Mutex::new(HashMap::new()),
-            index,
+            files: Arc::new(Mutex::new(OpenFiles::default())),
+            checks: Arc::new(Mutex::new(HashMap::new())),
+            index: Arc::new(index),
             marks: VecDeque::new(),
             first_time: None,
             last_time: None,
@@ -902,120 +943,22 @@ impl Undo {
         self.segments.front().map(|s| Seq(s.first.0 - 1))
     }
 
-    /// Where the contents at `point` of `start..end` differ from the replica: for each byte, the first
-    /// record after the point that covers it. Costs a few index lookups per 64 KiB block touched by
-    /// records after the point, whatever the retention.
+    /// Where the contents at `point` of `start..end` differ from the replica ([`Reader::view_map`]).
     pub fn view_map(&self, point: Seq, start: u64, end: u64) -> Result<ViewMap, UndoError> {
-        if let Some(why) = &self.behind {
-            return Err(UndoError::IndexBehind(why.clone()));
-        }
-        // Records after an expired point may be gone: an error, never the replica's bytes instead.
-        match self.oldest() {
-            Some(oldest) if point < oldest => return Err(UndoError::Expired { point, oldest }),
-            _ => {}
-        }
-        let mut map = ViewMap::default();
-        let mut failed = None;
-        let mut block = u64::MAX;
-        let mut covered = 0;
-        self.index.covering(point.0, start, end, |b, r| {
-            if b != block {
-                (block, covered) = (b, 0);
-            }
-            // The record's part inside this block and inside start..end.
-            let s = r.offset.max(start).max(b * IDX_BLOCK);
-            let e = (r.offset + r.len).min(end).min((b + 1) * IDX_BLOCK);
-            if s >= e || map.gaps(s, e) == 0 {
-                return covered;
-            }
-            let old = match self.old_of(r) {
-                Ok(old) => old,
-                Err(err) => {
-                    failed.get_or_insert(err);
-                    return u64::MAX;
-                }
-            };
-            let piece = Rec { seq: Seq(r.seq), offset: s, len: e - s, old: advance(&old, s - r.offset) };
-            covered += map.add(&piece);
-            covered
-        })?;
-        match failed {
-            Some(e) => Err(e),
-            None => Ok(map),
-        }
+        self.reader().view_map(point, start, end)
     }
 
-    /// Where an indexed record's old contents are.
-    /// The first time a record is used, its header in the segment is read and must say what the
-    /// index says (a damaged index row is an error, never another record's bytes); its payload is
-    /// checked when first read ([`PayloadCheck`]).
-    fn old_of(&self, r: &IndexedRec) -> Result<Old, UndoError> {
-        let file = self.file(Seq(r.seg))?;
-        let known = self.checks.lock().expect("checks lock poisoned").get(&(r.seg, r.pos)).cloned();
-        let check = match known {
-            Some(c) => c,
-            None => {
-                self.check_header(&file, r)?;
-                let plen = if r.kind == KIND_DATA { r.len as u32 } else { 0 };
-                let c = Arc::new(PayloadCheck::new(r.pos, plen, r.crc));
-                let mut checks = self.checks.lock().expect("checks lock poisoned");
-                if checks.len() >= CHECKS {
-                    checks.clear();
-                }
-                checks.insert((r.seg, r.pos), c.clone());
-                c
-            }
-        };
-        if r.kind != KIND_DATA {
-            return Ok(Old::Zero);
+    /// What reading points needs, to use without the journal's lock.
+    pub fn reader(&self) -> Reader {
+        Reader {
+            index: self.index.clone(),
+            files: self.files.clone(),
+            checks: self.checks.clone(),
+            dir: self.dir.clone(),
+            active: self.segments.back().zip(self.active.clone()).map(|(s, f)| (s.first, f)),
+            behind: self.behind.clone(),
+            oldest: self.oldest(),
         }
-        Ok(Old::Data { file, pos: r.pos, check })
-    }
-
-    fn check_header(&self, file: &File, r: &IndexedRec) -> Result<(), UndoError> {
-        let path = seg_path(&self.dir, Seq(r.seg));
-        let at = r.pos.checked_sub(HEADER as u64).ok_or_else(|| UndoError::Corrupt {
-            path: path.clone(),
-            offset: r.pos,
-            reason: "an index row points before the segment's first record".into(),
-        })?;
-        let mut hb = [0u8; HEADER];
-        file.read_exact_at(&mut hb, at).map_err(io(&path))?;
-        let same = decode_header(&hb).is_ok_and(|h| {
-            h.seq.0 == r.seq && h.offset == r.offset && h.len == r.len && h.kind == r.kind && h.pcrc == r.crc
-        });
-        if !same {
-            return Err(UndoError::Corrupt {
-                path,
-                offset: at,
-                reason: format!(
-                    "the record there is not the one the index names (seq {} at {}+{}): the index or the segment \
-                     is damaged; remove index.redb and restart the master target to index the segments again",
-                    r.seq, r.offset, r.len
-                ),
-            });
-        }
-        Ok(())
-    }
-
-    /// The file of the segment named `first`, for reading.
-    fn file(&self, first: Seq) -> Result<Arc<File>, UndoError> {
-        if self.segments.back().is_some_and(|s| s.first == first) {
-            return Ok(self.active_file().clone());
-        }
-        let mut files = self.files.lock().expect("files lock poisoned");
-        if let Some(i) = files.iter().position(|(f, _)| *f == first) {
-            let hit = files.remove(i).expect("found");
-            files.push_back(hit.clone());
-            return Ok(hit.1);
-        }
-        let path = seg_path(&self.dir, first);
-        let file = Arc::new(File::open(&path).map_err(io(&path))?);
-        if files.len() >= OPEN_FILES {
-            files.pop_front();
-        }
-        files.push_back((first, file.clone()));
-        Ok(file)
     }
 
     /// The point at capture time `at_us`: the last change captured at or before it. `latest` is the
@@ -1092,7 +1035,7 @@ impl Undo {
             let s = self.segments.pop_front().expect("segment");
             let path = seg_path(&self.dir, s.first);
             std::fs::remove_file(&path).map_err(io(&path))?;
-            self.files.lock().expect("files lock poisoned").retain(|(f, _)| *f != s.first);
+            self.files.lock().expect("files lock poisoned").open.remove(&s.first);
             freed += s.bytes;
         }
         if freed == 0 && !self.expiry_due {
@@ -1115,6 +1058,124 @@ impl Undo {
             self.last_time = None;
         }
         Ok(freed)
+    }
+}
+
+/// What reading a point needs, taken from the journal under its lock and used without it: the
+/// replica's gate keeps batches out meanwhile, expiry keeps what open views need, and the index is
+/// read in a snapshot (so views on several connections read in parallel).
+pub struct Reader {
+    index: Arc<Index>,
+    files: Arc<Mutex<OpenFiles>>,
+    checks: Arc<Mutex<Checks>>,
+    dir: PathBuf,
+    /// The active segment's name and file.
+    active: Option<(Seq, Arc<File>)>,
+    behind: Option<String>,
+    oldest: Option<Seq>,
+}
+
+impl Reader {
+    /// Where the contents at `point` of `start..end` differ from the replica: for each byte, the first
+    /// record after the point that covers it. Costs a few index lookups per 64 KiB block touched by
+    /// records after the point, whatever the retention.
+    pub fn view_map(&self, point: Seq, start: u64, end: u64) -> Result<ViewMap, UndoError> {
+        if let Some(why) = &self.behind {
+            return Err(UndoError::IndexBehind(why.clone()));
+        }
+        // Records after an expired point may be gone: an error, never the replica's bytes instead.
+        match self.oldest {
+            Some(oldest) if point < oldest => return Err(UndoError::Expired { point, oldest }),
+            _ => {}
+        }
+        let mut map = ViewMap::default();
+        let mut failed = None;
+        let mut block = u64::MAX;
+        let mut covered = 0;
+        self.index.covering(point.0, start, end, |b, r| {
+            if b != block {
+                (block, covered) = (b, 0);
+            }
+            // The record's part inside this block and inside start..end.
+            let s = r.offset.max(start).max(b * IDX_BLOCK);
+            let e = (r.offset + r.len).min(end).min((b + 1) * IDX_BLOCK);
+            if s >= e || map.gaps(s, e) == 0 {
+                return covered;
+            }
+            let old = match self.old_of(r) {
+                Ok(old) => old,
+                Err(err) => {
+                    failed.get_or_insert(err);
+                    return u64::MAX;
+                }
+            };
+            let piece = Rec { seq: Seq(r.seq), offset: s, len: e - s, old: advance(&old, s - r.offset) };
+            covered += map.add(&piece);
+            covered
+        })?;
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(map),
+        }
+    }
+
+    /// Where an indexed record's old contents are. A record's header in its segment must say what the index says (a damaged index row is an
+    /// error, never another record's bytes): checked with the payload when it is first read
+    /// ([`PayloadCheck`]), and at once for a record of zeroes (which has no payload to read).
+    fn old_of(&self, r: &IndexedRec) -> Result<Old, UndoError> {
+        let file = self.file(Seq(r.seg))?;
+        let known = self.checks.lock().expect("checks lock poisoned").get(&(r.seg, r.pos)).cloned();
+        // Only the check of this very row: two rows naming one place (one of them damaged) never
+        // share one.
+        let plen = if r.kind == KIND_DATA { r.len as u32 } else { 0 };
+        let known = known.filter(|c| c.expect == Some((r.seq, r.offset, r.kind)) && c.crc == r.crc && c.len == plen);
+        let check = match known {
+            Some(c) => c,
+            None => {
+                let c = Arc::new(PayloadCheck::of(r));
+                if r.kind != KIND_DATA {
+                    let path = seg_path(&self.dir, Seq(r.seg));
+                    c.verify(&file).map_err(|e| match e.kind() {
+                        std::io::ErrorKind::InvalidData => {
+                            UndoError::Corrupt { path, offset: r.pos, reason: e.to_string() }
+                        }
+                        _ => UndoError::Io { path, source: e },
+                    })?;
+                }
+                let mut checks = self.checks.lock().expect("checks lock poisoned");
+                if checks.len() >= CHECKS {
+                    checks.clear();
+                }
+                checks.insert((r.seg, r.pos), c.clone());
+                c
+            }
+        };
+        if r.kind != KIND_DATA {
+            return Ok(Old::Zero);
+        }
+        Ok(Old::Data { file, pos: r.pos, check })
+    }
+
+    /// The file of the segment named `first`, for reading.
+    fn file(&self, first: Seq) -> Result<Arc<File>, UndoError> {
+        if let Some((_, f)) = self.active.as_ref().filter(|(a, _)| *a == first) {
+            return Ok(f.clone());
+        }
+        let mut files = self.files.lock().expect("files lock poisoned");
+        files.tick += 1;
+        let tick = files.tick;
+        if let Some((f, used)) = files.open.get_mut(&first) {
+            *used = tick;
+            return Ok(f.clone());
+        }
+        let path = seg_path(&self.dir, first);
+        let file = Arc::new(File::open(&path).map_err(io(&path))?);
+        if files.open.len() >= OPEN_FILES {
+            let coldest = files.open.iter().min_by_key(|(_, (_, used))| *used).map(|(s, _)| *s);
+            coldest.and_then(|s| files.open.remove(&s));
+        }
+        files.open.insert(first, (file.clone(), tick));
+        Ok(file)
     }
 }
 

@@ -6,7 +6,7 @@
 //! ```text
 //! index.redb (beside the segments)
 //!   recs    (seq, offset)          -> (len, kind, segment, payload position, payload crc32c)
-//!   blocks  (block, seq, offset)   -> len     one row per 64 KiB block a record touches
+//!   blocks  (block, seq, offset)   -> the same as recs: one row per 64 KiB block a record touches
 //!   times   seq                    -> capture time µs (made non-decreasing)
 //!   at      (capture time µs, seq) -> ()
 //!   marks   seq                    -> (kind, capture time µs, tag)
@@ -33,7 +33,7 @@ type RecValue = (u64, u8, u64, u64, u32);
 pub type Timed = (u64, u64);
 
 const RECS: TableDefinition<(u64, u64), RecValue> = TableDefinition::new("recs");
-const BLOCKS: TableDefinition<(u64, u64, u64), u64> = TableDefinition::new("blocks");
+const BLOCKS: TableDefinition<(u64, u64, u64), RecValue> = TableDefinition::new("blocks");
 const TIMES: TableDefinition<u64, u64> = TableDefinition::new("times");
 const AT: TableDefinition<(u64, u64), ()> = TableDefinition::new("at");
 const MARKS: TableDefinition<u64, (u8, u64, &str)> = TableDefinition::new("marks");
@@ -211,7 +211,7 @@ impl Index {
             for r in &a.recs {
                 recs.insert((r.seq, r.offset), (r.len, r.kind, r.seg, r.pos, r.crc))?;
                 for b in blocks_of(r.offset, r.len) {
-                    blocks.insert((b, r.seq, r.offset), r.len)?;
+                    blocks.insert((b, r.seq, r.offset), (r.len, r.kind, r.seg, r.pos, r.crc))?;
                 }
             }
             let mut times = tx.open_table(TIMES)?;
@@ -282,7 +282,6 @@ impl Index {
         }
         self.read(|tx| {
             let blocks = tx.open_table(BLOCKS)?;
-            let recs = tx.open_table(RECS)?;
             let last = (end - 1) / IDX_BLOCK;
             let mut b = start / IDX_BLOCK;
             while b <= last {
@@ -307,14 +306,11 @@ impl Index {
                     if kb != b {
                         break;
                     }
-                    if offset >= we || offset.saturating_add(v.value()) <= ws {
+                    let (len, kind, seg, pos, crc) = v.value();
+                    if offset >= we || offset.saturating_add(len) <= ws {
                         row = rows.next().transpose()?;
                         continue;
                     }
-                    let v = recs.get((seq, offset))?.ok_or_else(|| {
-                        redb::Error::Corrupted(format!("block row ({kb}, {seq}, {offset}) has no record"))
-                    })?;
-                    let (len, kind, seg, pos, crc) = v.value();
                     if take(b, &IndexedRec { seq, offset, len, kind, seg, pos, crc }) >= want {
                         break;
                     }

@@ -218,7 +218,8 @@ impl PointView {
     fn read_point(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
         let _r = self.replica.gate.read().expect("replica gate poisoned");
         let end = offset + buf.len() as u64;
-        let map = self.replica.undo.lock().expect("undo lock poisoned").view_map(self.point, offset, end)?;
+        let reader = self.replica.undo.lock().expect("undo lock poisoned").reader();
+        let map = reader.view_map(self.point, offset, end)?;
         map.read(offset, buf, &|o, b| self.replica.disk.read_at(o, b))
     }
 
