@@ -101,7 +101,8 @@ pub fn raise_open_files() {
         if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
             lim.rlim_cur = lim.rlim_max;
             if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
-                tracing::debug!("could not raise the open-files limit");
+                // Before logging is set up: straight to the service's stderr.
+                eprintln!("warning: could not raise the open-files limit to the hard limit ({})", lim.rlim_max);
             }
         }
     }

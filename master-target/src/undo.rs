@@ -72,8 +72,8 @@ pub struct PayloadCheck {
     pub pos: u64,
     pub len: u32,
     pub crc: u32,
-    /// (seq, offset, kind) the header before the payload must carry.
-    expect: Option<(u64, u64, u8)>,
+    /// (seq, offset, length, kind) the header before the payload must carry.
+    expect: Option<(u64, u64, u64, u8)>,
     verified: std::sync::atomic::AtomicBool,
 }
 
@@ -84,7 +84,7 @@ impl PayloadCheck {
 
     fn of(r: &IndexedRec) -> PayloadCheck {
         let plen = if r.kind == KIND_DATA { r.len as u32 } else { 0 };
-        PayloadCheck { expect: Some((r.seq, r.offset, r.kind)), ..PayloadCheck::new(r.pos, plen, r.crc) }
+        PayloadCheck { expect: Some((r.seq, r.offset, r.len, r.kind)), ..PayloadCheck::new(r.pos, plen, r.crc) }
     }
 
     /// Reads the whole payload once (and its header, when expected) and compares its checksum; an
@@ -100,10 +100,15 @@ impl PayloadCheck {
         })?;
         let mut all = vec![0u8; head + self.len as usize];
         file.read_exact_at(&mut all, start)?;
-        if let Some((seq, offset, kind)) = self.expect {
+        if let Some((seq, offset, len, kind)) = self.expect {
             let hb: &[u8; HEADER] = all[..HEADER].try_into().expect("header bytes");
             let same = decode_header(hb).is_ok_and(|h| {
-                h.seq.0 == seq && h.offset == offset && h.kind == kind && h.plen == self.len && h.pcrc == self.crc
+                h.seq.0 == seq
+                    && h.offset == offset
+                    && h.len == len
+                    && h.kind == kind
+                    && h.plen == self.len
+                    && h.pcrc == self.crc
             });
             if !same {
                 return Err(std::io::Error::new(
@@ -235,19 +240,14 @@ pub struct Undo {
     /// Capture time of the newest change that expiry dropped: from then until the first retained
     /// change, the state is the oldest point's.
     floor_at: Option<u64>,
-    /// Why the index misses committed records (its write failed): points are refused until they are
-    /// in it. `missed` holds them, and each later commit (and expiry tick) tries to add them again.
+    /// Why the index misses committed records (its write failed): points are refused, and applying
+    /// stops, until the journal is opened again ([`Undo::reopen`]), which indexes them from the
+    /// segments. A failed redb write may also have lost its earlier unsynced commits, so nothing short
+    /// of that can say what the index still holds.
     behind: Option<String>,
-    missed: Additions,
-    /// More records were missed than are kept for a retry: only a restart (which indexes the segments
-    /// from where the index ends) can catch up.
-    lost: bool,
     /// Segments were deleted but their rows not yet: the next expiry removes them.
     expiry_due: bool,
 }
-
-/// Records missed by a failed index write that are kept for a retry (a few MiB).
-const MISSED_MAX: usize = 256 * 1024;
 
 /// What opening reads from the index.
 struct Loaded {
@@ -292,7 +292,7 @@ pub enum UndoError {
     Corrupt { path: PathBuf, offset: u64, reason: String },
     #[error("undo journal index {path}: {source}")]
     Index { path: PathBuf, source: Box<redb::Error> },
-    #[error("the undo journal's index missed a batch ({0}); its points are refused until it is indexed (retried with each batch, and by a restart)")]
+    #[error("the undo journal's index missed a batch ({0}); its points are refused until it is indexed again from the segments (at the next expiry tick, or a restart)")]
     IndexBehind(String),
     #[error("point {point} is older than the oldest retained point {oldest}: its undo records expired")]
     Expired { point: Seq, oldest: Seq },
@@ -472,7 +472,9 @@ impl Undo {
         // The index is derived from the segments: one that cannot be read is built again from them.
         let loaded = match Loaded::read(dir, &firsts, &lens, applied) {
             Ok(l) => l,
-            Err(UndoError::Index { source, .. }) if matches!(*source, redb::Error::DatabaseAlreadyOpen) => {
+            Err(UndoError::Index { source, .. })
+                if matches!(*source, redb::Error::DatabaseAlreadyOpen | redb::Error::LockProtocolMismatch) =>
+            {
                 return Err(UndoError::Io {
                     path: dir.join("index.redb"),
                     source: std::io::Error::other(
@@ -504,8 +506,6 @@ impl Undo {
             last_time: None,
             floor_at,
             behind: None,
-            missed: Additions::default(),
-            lost: false,
             expiry_due: false,
         };
         if let Some(((fs, ft), (ls, lt))) = bounds {
@@ -720,19 +720,17 @@ impl Undo {
         Ok(PendingBatch { records: pending, before, created })
     }
 
-    /// Indexes the records of a committed batch (and any that an earlier failure left out). An error
-    /// leaves the index behind the journal: reading points is refused ([`UndoError::IndexBehind`])
-    /// until a later commit or expiry tick adds them, or, past [`MISSED_MAX`] records
-    /// ([`Undo::index_lost`]), until a restart indexes the segments again.
+    /// Indexes the records of a committed batch. An error leaves the index behind the journal: points
+    /// are refused ([`UndoError::IndexBehind`]) and nothing more is indexed until [`Undo::reopen`].
     pub fn commit(&mut self, pending: PendingBatch) -> Result<(), UndoError> {
-        if self.lost {
-            return Err(UndoError::IndexBehind(self.behind.clone().unwrap_or_default()));
+        if let Some(why) = &self.behind {
+            return Err(UndoError::IndexBehind(why.clone()));
         }
         let created = pending.created;
-        if pending.records.is_empty() && !created && self.behind.is_none() {
+        if pending.records.is_empty() && !created {
             return Ok(());
         }
-        let mut a = std::mem::take(&mut self.missed);
+        let mut a = Additions::default();
         for p in pending.records {
             self.stage(&mut a, p);
         }
@@ -741,31 +739,25 @@ impl Undo {
         }
         // A batch that starts a segment syncs the index: after a crash, only the active segment's
         // records can be missing from it.
-        self.add_to_index(a, created)
-    }
-
-    fn add_to_index(&mut self, a: Additions, durable: bool) -> Result<(), UndoError> {
-        let r = crate::failpoint::check("undo.index").map_err(io(&self.dir)).and_then(|_| self.index.add(&a, durable));
-        match r {
-            Ok(()) => {
-                self.behind = None;
-                Ok(())
-            }
-            Err(e) => {
-                self.behind.get_or_insert_with(|| e.to_string());
-                if a.recs.len() + a.times.len() > MISSED_MAX {
-                    self.lost = true;
-                } else {
-                    self.missed = a;
-                }
-                Err(e)
-            }
+        let r = crate::failpoint::check("undo.index").map_err(io(&self.dir)).and_then(|_| self.index.add(&a, created));
+        if let Err(e) = &r {
+            self.behind = Some(e.to_string());
+            self.index.close();
         }
+        r
     }
 
-    /// The index missed more records than are kept for a retry: only a restart catches it up.
-    pub fn index_lost(&self) -> bool {
-        self.lost
+    /// The index missed a committed batch: only opening the journal again catches it up.
+    pub fn index_behind(&self) -> bool {
+        self.behind.is_some()
+    }
+
+    /// Opens the journal again, as a restart does (the index is caught up from the segments; records
+    /// past `applied` are rolled back from the replica).
+    pub fn reopen(&mut self, applied: Seq, disk: &DiskFile) -> Result<(), UndoError> {
+        self.index.close();
+        *self = Undo::open(&self.dir, self.segment_bytes, self.segment_secs, applied, disk)?;
+        Ok(())
     }
 
     /// Applying a batch failed after its records were written: puts the old contents they hold back
@@ -1025,11 +1017,6 @@ impl Undo {
     /// Deletes whole segments holding only records at or before `keep_after` (that point and newer
     /// ones stay readable). The active segment is never deleted. Returns bytes freed.
     pub fn expire_through(&mut self, keep_after: Seq) -> Result<u64, UndoError> {
-        if self.behind.is_some() && !self.lost {
-            // Also a retry of records an earlier index write missed (while no batch comes).
-            let a = std::mem::take(&mut self.missed);
-            let _ = self.add_to_index(a, true);
-        }
         let mut freed = 0;
         while self.segments.len() > 1 && self.segments[1].first.0 - 1 <= keep_after.0 {
             let s = self.segments.pop_front().expect("segment");
@@ -1123,12 +1110,24 @@ impl Reader {
     /// error, never another record's bytes): checked with the payload when it is first read
     /// ([`PayloadCheck`]), and at once for a record of zeroes (which has no payload to read).
     fn old_of(&self, r: &IndexedRec) -> Result<Old, UndoError> {
+        if r.len == 0 || r.len > CHUNK || !matches!(r.kind, KIND_DATA | KIND_ZERO) {
+            return Err(UndoError::Corrupt {
+                path: self.dir.join("index.redb"),
+                offset: 0,
+                reason: format!(
+                    "an index row names a record of kind {} and length {} (seq {}): remove index.redb and restart \
+                     the master target to index the segments again",
+                    r.kind, r.len, r.seq
+                ),
+            });
+        }
         let file = self.file(Seq(r.seg))?;
         let known = self.checks.lock().expect("checks lock poisoned").get(&(r.seg, r.pos)).cloned();
         // Only the check of this very row: two rows naming one place (one of them damaged) never
         // share one.
         let plen = if r.kind == KIND_DATA { r.len as u32 } else { 0 };
-        let known = known.filter(|c| c.expect == Some((r.seq, r.offset, r.kind)) && c.crc == r.crc && c.len == plen);
+        let known =
+            known.filter(|c| c.expect == Some((r.seq, r.offset, r.len, r.kind)) && c.crc == r.crc && c.len == plen);
         let check = match known {
             Some(c) => c,
             None => {

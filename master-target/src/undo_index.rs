@@ -74,7 +74,8 @@ pub struct SegState {
 }
 
 pub struct Index {
-    db: Database,
+    /// `None` once closed after a failure (redb refuses every use of a database after a failed write).
+    db: std::sync::RwLock<Option<Database>>,
     path: PathBuf,
 }
 
@@ -82,7 +83,7 @@ impl Index {
     pub fn open(dir: &Path) -> Result<Index, UndoError> {
         let path = dir.join("index.redb");
         let db = Database::builder().set_cache_size(CACHE_BYTES).create(&path).map_err(|e| fail(&path, e))?;
-        let ix = Index { db, path };
+        let ix = Index { db: std::sync::RwLock::new(Some(db)), path };
         ix.open_tables()?;
         Ok(ix)
     }
@@ -91,13 +92,26 @@ impl Index {
         move |e| fail(&self.path, e)
     }
 
+    /// Closes the database (its file lock goes with it); every later use is an error.
+    pub fn close(&self) {
+        *self.db.write().expect("index lock poisoned") = None;
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&Database) -> Result<T, redb::Error>) -> Result<T, UndoError> {
+        let g = self.db.read().expect("index lock poisoned");
+        let db = g.as_ref().ok_or_else(|| {
+            UndoError::IndexBehind(format!("{} was closed after a failed write", self.path.display()))
+        })?;
+        f(db).map_err(self.err())
+    }
+
     fn write<T>(
         &self,
         durability: Durability,
         f: impl FnOnce(&redb::WriteTransaction) -> Result<T, redb::Error>,
     ) -> Result<T, UndoError> {
-        let run = || -> Result<T, redb::Error> {
-            let mut tx = self.db.begin_write()?;
+        self.with(|db| {
+            let mut tx = db.begin_write()?;
             tx.set_durability(durability)?;
             // A synced commit also saves redb's allocator state, so that opening after a crash does
             // not walk the whole index to rebuild it.
@@ -105,13 +119,11 @@ impl Index {
             let out = f(&tx)?;
             tx.commit()?;
             Ok(out)
-        };
-        run().map_err(self.err())
+        })
     }
 
     fn read<T>(&self, f: impl FnOnce(&redb::ReadTransaction) -> Result<T, redb::Error>) -> Result<T, UndoError> {
-        let run = || -> Result<T, redb::Error> { f(&self.db.begin_read()?) };
-        run().map_err(self.err())
+        self.with(|db| f(&db.begin_read()?))
     }
 
     /// Forgets everything (the segments are indexed again from their first byte).
