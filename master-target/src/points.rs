@@ -414,6 +414,10 @@ impl Server {
     pub fn expire_points(&self) {
         let now = sr_common::types::now_micros();
         for r in self.all_replicas() {
+            // Whether or not anything expires: a failed index write is settled here.
+            if let Err(e) = r.reopen_index() {
+                tracing::error!(key = %r.key, error = format!("{e:#}"), "catching the undo index up failed; tried again at the next tick");
+            }
             let retention = self.retention_secs(r.key.item);
             let cutoff = now.saturating_sub(retention * 1_000_000);
             let keep = {
