@@ -664,12 +664,12 @@ mod tests {
         }
     }
 
-    /// Every point from the oldest retained one reads as the source did then (at most about 300 of
+    /// Every point from the oldest retained one reads as the source did then (at most about 100 of
     /// them, evenly spread, with the oldest and the latest).
     fn check_all_points(rig: &Rig) {
         let oldest = rig.replica.undo.lock().unwrap().oldest().unwrap().0.max(1);
         let applied = rig.replica.applied().0;
-        let step = ((applied - oldest) / 300).max(1) as usize;
+        let step = ((applied - oldest) / 100).max(1) as usize;
         for seq in (oldest..=applied).step_by(step).chain([applied]) {
             assert!(rig.read_point(Seq(seq)) == *rig.state_at(Seq(seq)), "point {seq}");
         }

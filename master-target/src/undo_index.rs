@@ -129,13 +129,10 @@ impl Index {
     /// Forgets everything (the segments are indexed again from their first byte).
     pub fn wipe(&self) -> Result<(), UndoError> {
         self.write(Durability::Immediate, |tx| {
-            tx.delete_table(RECS)?;
-            tx.delete_table(BLOCKS)?;
-            tx.delete_table(TIMES)?;
-            tx.delete_table(AT)?;
-            tx.delete_table(MARKS)?;
-            tx.delete_table(SEGS)?;
-            tx.delete_table(META)?;
+            let tables: Vec<_> = tx.list_tables()?.collect();
+            for t in tables {
+                tx.delete_table(t)?;
+            }
             Ok(())
         })?;
         self.open_tables()
