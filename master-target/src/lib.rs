@@ -162,11 +162,20 @@ impl Server {
                 out.push(fault(r.key, ErrorCode::Transient, format!("applying fails and is retried: {why}")));
             }
             if let Some(why) = r.stopped() {
-                out.push(fault(
-                    r.key,
-                    ErrorCode::ReplicaUnusable,
-                    format!("applying stopped: {why}; restart the master target"),
-                ));
+                out.push(if r.index_stopped() {
+                    // Settled by the master target itself within an expiry interval.
+                    fault(
+                        r.key,
+                        ErrorCode::Transient,
+                        format!("applying waits until the undo index is caught up (at the next expiry tick): {why}"),
+                    )
+                } else {
+                    fault(
+                        r.key,
+                        ErrorCode::ReplicaUnusable,
+                        format!("applying stopped: {why}; restart the master target"),
+                    )
+                });
             }
         }
         out

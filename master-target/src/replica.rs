@@ -115,6 +115,12 @@ impl Replica {
         self.failing.lock().expect("failing lock poisoned").clone()
     }
 
+    /// Applying is stopped only until the undo index is caught up at the next expiry tick
+    /// ([`Replica::reopen_index`]): nothing a restart or a resync must settle.
+    pub fn index_stopped(&self) -> bool {
+        self.index_stopped.load(Ordering::Acquire)
+    }
+
     /// Why applying is stopped, if it is.
     pub fn stopped(&self) -> Option<String> {
         self.stopped.lock().expect("stopped lock poisoned").clone()
@@ -189,8 +195,11 @@ impl Replica {
             // they are refused, and applying stops, until the journal is opened again (the next expiry
             // tick tries, see `Replica::expire`; a restart does too), which indexes it from the segments.
             if let Err(e) = undo.commit(pending) {
-                self.stop(&format!("indexing the undo records of batch {}..={} failed: {e}", batch.first, batch.last));
+                // Flagged first: the stop is never reported as one that needs a restart.
                 self.index_stopped.store(true, Ordering::Release);
+                let why = format!("indexing the undo records of batch {}..={} failed: {e}", batch.first, batch.last);
+                tracing::error!(key = %self.key, why, "applying waits until the undo index is caught up");
+                *self.stopped.lock().expect("stopped lock poisoned") = Some(why);
             }
             self.views.lock().expect("views lock poisoned").retain(|v| v.strong_count() > 0);
         }
@@ -785,13 +794,14 @@ mod tests {
         // Applied and recorded: it is not undone, nor applied twice.
         assert_eq!(rig.replica.applied(), b.last);
         assert!(rig.replica.stopped().is_some_and(|w| w.contains("indexing")), "{:?}", rig.replica.stopped());
+        assert!(rig.replica.index_stopped(), "reported as settled by the master target, not as needing a restart");
         let mut buf = vec![0u8; SIZE as usize];
         let e = view.read(0, &mut buf).unwrap_err();
         assert!(e.to_string().contains("missed a batch"), "{e}");
         let next = rig.batch(random_ops(&mut rng, 3));
         assert!(rig.replica.apply(&next, &rig.store).is_err());
         rig.replica.expire(Seq::ZERO).unwrap();
-        assert!(rig.replica.stopped().is_none());
+        assert!(rig.replica.stopped().is_none() && !rig.replica.index_stopped());
         rig.replica.apply(&next, &rig.store).unwrap();
         view.read(0, &mut buf).unwrap();
         assert!(buf == *rig.state_at(point), "the view's point after the index caught up");

@@ -483,6 +483,23 @@ impl Undo {
                 });
             }
             Err(e @ UndoError::Io { .. }) => return Err(e),
+            // The volume failing (full, or I/O errors), not the file's contents: the index stays, and
+            // opening is tried again later.
+            Err(UndoError::Index { path, source })
+                if match &*source {
+                    redb::Error::Io(e) => {
+                        !matches!(e.kind(), std::io::ErrorKind::InvalidData | std::io::ErrorKind::UnexpectedEof)
+                    }
+                    redb::Error::PreviousIo => true,
+                    _ => false,
+                } =>
+            {
+                let source = match *source {
+                    redb::Error::Io(e) => e,
+                    other => std::io::Error::other(other.to_string()),
+                };
+                return Err(UndoError::Io { path, source });
+            }
             Err(e) => {
                 tracing::warn!(dir = %dir.display(), error = %e, "the undo index is not usable: indexing the segments again");
                 let path = dir.join("index.redb");
