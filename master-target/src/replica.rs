@@ -928,6 +928,37 @@ mod tests {
     }
 
     #[test]
+    fn a_points_block_status_is_data_where_its_records_lie_over_the_replicas_holes() {
+        let mut rig = Rig::new(64 << 20);
+        rig.apply(vec![Op::Marker { kind: MarkerKind::InitialCopyDone }]);
+        rig.apply(vec![Op::Write { offset: 128 << 10, data: vec![0x44; 64 << 10] }]);
+        let point = rig.replica.applied();
+        // The replica's bytes there become a hole again; at the point they are data.
+        rig.apply(vec![Op::Zero { offset: 128 << 10, len: 64 << 10 }]);
+        let runs = |v: &dyn Backend| {
+            let mut pos = 0;
+            let mut data = Vec::new();
+            for e in v.extents(0, SIZE, 1000).unwrap() {
+                if !e.hole {
+                    data.push((pos, e.len));
+                }
+                pos += e.len;
+            }
+            data
+        };
+        let latest = rig.replica.open_view(rig.replica.applied(), None).unwrap();
+        assert_eq!(runs(&*latest), Vec::<(u64, u64)>::new(), "the replica is all holes now");
+        let v = rig.replica.open_view(point, None).unwrap();
+        let data = runs(&*v);
+        assert!(
+            data.iter().any(|&(o, l)| o <= 128 << 10 && o + l >= 192 << 10),
+            "the point's data over the replica's hole is reported: {data:?}"
+        );
+        assert!(data.iter().all(|&(o, l)| o + l <= 256 << 10 && o >= 64 << 10), "nothing else: {data:?}");
+        check_all_points(&rig);
+    }
+
+    #[test]
     fn writable_view_keeps_writes_in_its_overlay() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(5);
         let mut rig = Rig::new(64 << 20);

@@ -1123,6 +1123,33 @@ impl Reader {
         }
     }
 
+    /// The ranges inside `start..end` that some record after `point` covers (where the point may
+    /// differ from the replica), without reading any record: what block status needs.
+    pub fn covered(&self, point: Seq, start: u64, end: u64) -> Result<Vec<(u64, u64)>, UndoError> {
+        if let Some(why) = &self.behind {
+            return Err(UndoError::IndexBehind(why.clone()));
+        }
+        match self.oldest {
+            Some(oldest) if point < oldest => return Err(UndoError::Expired { point, oldest }),
+            _ => {}
+        }
+        let mut map = ViewMap::default();
+        let mut block = u64::MAX;
+        let mut covered = 0;
+        self.index.covering(point.0, start, end, |b, r| {
+            if b != block {
+                (block, covered) = (b, 0);
+            }
+            let s = r.offset.max(start).max(b * IDX_BLOCK);
+            let e = (r.offset + r.len).min(end).min((b + 1) * IDX_BLOCK);
+            if s < e {
+                covered += map.add(&Rec { seq: Seq(r.seq), offset: s, len: e - s, old: Old::Zero });
+            }
+            covered
+        })?;
+        Ok(map.ranges())
+    }
+
     /// Where an indexed record's old contents are. A record's header in its segment must say what the index says (a damaged index row is an
     /// error, never another record's bytes): checked with the payload when it is first read
     /// ([`PayloadCheck`]), and at once for a record of zeroes (which has no payload to read).

@@ -324,11 +324,18 @@ impl Backend for PointView {
             let written = self.overlay.as_ref().map(|ov| ov.written.lock().expect("overlay lock poisoned"));
             let _r = self.replica.gate.read().expect("replica gate poisoned");
             let ext = self.replica.disk.extents(offset, len, max);
-            // Only the part the extents cover: a prefix when there are more than `max`.
+            // Only the part the extents cover (a prefix when there are more than `max`), and in it
+            // only the replica's holes: elsewhere the point is data whatever it holds.
             let end = offset + ext.iter().map(|e| e.len).sum::<u64>();
-            let undo = self.replica.undo.lock().expect("undo lock poisoned");
-            let mut over = undo.view_map(self.point, offset, end).map_err(std::io::Error::from)?.ranges();
-            drop(undo);
+            let reader = self.replica.undo.lock().expect("undo lock poisoned").reader();
+            let mut over = Vec::new();
+            let mut pos = offset;
+            for e in &ext {
+                if e.hole {
+                    over.extend(reader.covered(self.point, pos, pos + e.len).map_err(std::io::Error::from)?);
+                }
+                pos += e.len;
+            }
             if let Some(w) = &written {
                 over.extend(Overlay::runs(w, offset / BLOCK, end.div_ceil(BLOCK)));
             }
