@@ -1084,6 +1084,18 @@ impl Reader {
     /// record after the point that covers it. Costs a few index lookups per 64 KiB block touched by
     /// records after the point, whatever the retention.
     pub fn view_map(&self, point: Seq, start: u64, end: u64) -> Result<ViewMap, UndoError> {
+        self.lay(point, start, end, true)
+    }
+
+    /// The ranges inside `start..end` that some record after `point` covers (where the point may
+    /// differ from the replica), without reading any record: what block status needs.
+    pub fn covered(&self, point: Seq, start: u64, end: u64) -> Result<Vec<(u64, u64)>, UndoError> {
+        Ok(self.lay(point, start, end, false)?.ranges())
+    }
+
+    /// Lays the first record after `point` over each byte of `start..end`; with `read_records` false,
+    /// every piece says zeroes (only where pieces lie is wanted, and no record is opened).
+    fn lay(&self, point: Seq, start: u64, end: u64, read_records: bool) -> Result<ViewMap, UndoError> {
         if let Some(why) = &self.behind {
             return Err(UndoError::IndexBehind(why.clone()));
         }
@@ -1106,48 +1118,24 @@ impl Reader {
             if s >= e || map.gaps(s, e) == 0 {
                 return covered;
             }
-            let old = match self.old_of(r) {
-                Ok(old) => old,
-                Err(err) => {
-                    failed.get_or_insert(err);
-                    return u64::MAX;
+            let old = if read_records {
+                match self.old_of(r) {
+                    Ok(old) => advance(&old, s - r.offset),
+                    Err(err) => {
+                        failed.get_or_insert(err);
+                        return u64::MAX;
+                    }
                 }
+            } else {
+                Old::Zero
             };
-            let piece = Rec { seq: Seq(r.seq), offset: s, len: e - s, old: advance(&old, s - r.offset) };
-            covered += map.add(&piece);
+            covered += map.add(&Rec { seq: Seq(r.seq), offset: s, len: e - s, old });
             covered
         })?;
         match failed {
             Some(e) => Err(e),
             None => Ok(map),
         }
-    }
-
-    /// The ranges inside `start..end` that some record after `point` covers (where the point may
-    /// differ from the replica), without reading any record: what block status needs.
-    pub fn covered(&self, point: Seq, start: u64, end: u64) -> Result<Vec<(u64, u64)>, UndoError> {
-        if let Some(why) = &self.behind {
-            return Err(UndoError::IndexBehind(why.clone()));
-        }
-        match self.oldest {
-            Some(oldest) if point < oldest => return Err(UndoError::Expired { point, oldest }),
-            _ => {}
-        }
-        let mut map = ViewMap::default();
-        let mut block = u64::MAX;
-        let mut covered = 0;
-        self.index.covering(point.0, start, end, |b, r| {
-            if b != block {
-                (block, covered) = (b, 0);
-            }
-            let s = r.offset.max(start).max(b * IDX_BLOCK);
-            let e = (r.offset + r.len).min(end).min((b + 1) * IDX_BLOCK);
-            if s < e {
-                covered += map.add(&Rec { seq: Seq(r.seq), offset: s, len: e - s, old: Old::Zero });
-            }
-            covered
-        })?;
-        Ok(map.ranges())
     }
 
     /// Where an indexed record's old contents are. A record's header in its segment must say what the index says (a damaged index row is an

@@ -59,7 +59,12 @@ impl ViewMap {
 
     /// How many bytes of `start..end` no piece covers.
     pub fn gaps(&self, start: u64, end: u64) -> u64 {
-        let covered: u64 = self.ranges_within(start, end).iter().map(|(s, l)| (s + l).min(end) - (*s).max(start)).sum();
+        if end <= start {
+            return 0;
+        }
+        let first = self.pieces.range(..=start).next_back().filter(|(_, (e, _))| *e > start);
+        let rest = self.pieces.range(start.saturating_add(1)..end);
+        let covered: u64 = first.into_iter().chain(rest).map(|(s, (e, _))| (*e).min(end) - (*s).max(start)).sum();
         (end - start) - covered
     }
 
