@@ -3,7 +3,8 @@
 # the agent's export (SIZE of random data, protected, initial replication done and the replica caught
 # up before each job) and against qemu-nbd and nbdkit serving a copy of the same image. Jobs: 4 KiB
 # random writes at QD32, 1 MiB sequential writes at QD32 (each ending with a FLUSH), 4 KiB random writes
-# at QD1 with a FLUSH after each, 4 KiB random reads at QD32; RUNTIME seconds each.
+# at QD1 with a FLUSH after each, 4 KiB random reads at QD32; RUNTIME seconds each. Also 1 MiB
+# sequential writes over the disk once (no time limit): no write overtakes one not yet applied.
 #   - pinned: fio and the NBD server under test on core 0, the process server and master target on
 #     core 1 (in a deployment they run on other hosts);
 #   - unpinned: everything shares both cores.
@@ -80,14 +81,20 @@ pin() {
 fio_run() {
   local uri=$1 rw=$2
   shift 2
-  "${on_fio[@]}" fio --name=bench --ioengine=nbd --uri="$uri" --rw="$rw" --size="$SIZE" --time_based \
-    --runtime="$RUNTIME" --randrepeat=0 --output-format=json "$@" 2>/dev/null |
+  local timed=(--time_based --runtime="$RUNTIME")
+  if [ "${1:-}" = --once ]; then
+    timed=()
+    shift
+  fi
+  "${on_fio[@]}" fio --name=bench --ioengine=nbd --uri="$uri" --rw="$rw" --size="$SIZE" "${timed[@]}" \
+    --randrepeat=0 --output-format=json "$@" 2>/dev/null |
     python3 -c 'import json,sys; s=sys.stdin.read(); j=json.loads(s[s.index("{"):])["jobs"][0]; d=j["read"] if j["read"]["io_bytes"] else j["write"]; print(d["bw_bytes"], round(d["iops"]))'
 }
 
 jobs=(
   "4k random writes, QD32|randwrite --bs=4k --iodepth=32 --end_fsync=1"
   "1M sequential writes, QD32|write --bs=1m --iodepth=32 --end_fsync=1"
+  "1M sequential writes, QD32, one pass|write --once --bs=1m --iodepth=32 --end_fsync=1"
   "4k random writes, QD1, FLUSH after each|randwrite --bs=4k --iodepth=1 --fsync=1"
   "4k random reads, QD32|randread --bs=4k --iodepth=32"
 )

@@ -108,6 +108,30 @@ pub fn raise_open_files() {
     }
 }
 
+/// The calling thread's nice value (Linux keeps one per thread, and a new thread starts with its
+/// creator's).
+pub fn thread_nice() -> std::io::Result<i32> {
+    // SAFETY: gettid and getpriority act on the calling thread only; errno is the thread's own.
+    unsafe {
+        *libc::__errno_location() = 0;
+        let now = libc::getpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t);
+        if now == -1 && *libc::__errno_location() != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(now)
+    }
+}
+
+/// Sets the calling thread's nice value, so that on a busy core it yields to threads of a lower one.
+/// Raising it needs no privilege; lowering it does.
+pub fn set_thread_nice(nice: i32) -> std::io::Result<()> {
+    // SAFETY: gettid and setpriority act on the calling thread only and take no pointers.
+    if unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, nice) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// The command line every data-path service binary takes.
 #[derive(clap::Parser)]
 #[command(version)]

@@ -86,8 +86,9 @@ pub struct ProtectedDisk {
     limit: AtomicU64,
     /// Times the disk was made durable since it was opened.
     disk_syncs: AtomicU64,
-    /// The disk holds changes that bypassed the journal since it was last durable: a FLUSH syncs it.
-    disk_behind: AtomicBool,
+    /// Whether the disk holds changes that bypassed the journal that no finished sync covers: a FLUSH
+    /// syncs it then.
+    disk_behind: DiskBehind,
     /// A sync of the disk failed: a failed fsync is reported once, so none may count as durable again
     /// (no FLUSH succeeds, no record leaves the journal) until a restart redoes the journal onto it.
     disk_failed: AtomicBool,
@@ -267,7 +268,7 @@ impl ProtectedDisk {
             hold_gate: std::sync::RwLock::new(()),
             limit: AtomicU64::new(u64::MAX),
             disk_syncs: AtomicU64::new(0),
-            disk_behind: AtomicBool::new(false),
+            disk_behind: DiskBehind::default(),
             disk_failed: AtomicBool::new(false),
             group: Default::default(),
             group_done: Default::default(),
@@ -665,7 +666,7 @@ impl ProtectedDisk {
             limit: self.limit.load(Ordering::Relaxed),
             sealed: j.sealed(),
             append_failed: self.journal_trouble.load(Ordering::Acquire),
-            disk_behind: self.disk_behind.load(Ordering::Acquire) || j.failed(),
+            disk_behind: self.disk_behind.behind() || j.failed(),
         };
         let appended = loop {
             let d = mode::route(self.mode(), op, view);
@@ -710,12 +711,15 @@ impl ProtectedDisk {
                     if d.mode == Mode::Overflow {
                         self.note_bypass(&mut j);
                     }
-                    // Not in the journal: only a sync of the disk makes it durable.
-                    self.disk_behind.store(true, Ordering::Release);
                     if d.route == Route::Dirty {
                         self.dirty.lock().expect("dirty lock poisoned").mark(offset, len)?;
                     }
-                    to_disk(self)?;
+                    let r = to_disk(self);
+                    // Not in the journal: only a sync of the disk makes it durable. Counted once the
+                    // write is in (a sync that starts earlier must not count it as covered), and also
+                    // when it failed part way.
+                    self.disk_behind.changed();
+                    r?;
                     break false;
                 }
                 Route::Journal => {
@@ -786,14 +790,15 @@ impl ProtectedDisk {
                 self.disk.path().display()
             )));
         }
-        // Cleared first: a change that bypasses the journal during the sync sets it again.
-        let behind = self.disk_behind.swap(false, Ordering::AcqRel);
+        // What changed before this point is covered once the sync ends, not before: a FLUSH meanwhile
+        // still sees the disk behind and syncs it itself.
+        let upto = self.disk_behind.sync_starts();
         if let Err(e) = self.disk.sync() {
-            self.disk_behind.fetch_or(behind, Ordering::AcqRel);
             self.disk_failed.store(true, Ordering::Release);
             tracing::error!(disk = self.name, error = %e, "syncing the disk failed: no change counts as durable until a restart");
             return Err(e);
         }
+        self.disk_behind.synced(upto);
         self.disk_syncs.fetch_add(1, Ordering::Relaxed);
         self.metrics.disk_syncs.increment(1);
         Ok(())
@@ -863,9 +868,61 @@ impl ProtectedDisk {
     }
 }
 
+/// Counts the changes whose durability only a sync of the disk gives (they bypassed the journal) and
+/// what finished syncs covered. Concurrent FLUSHes each see the disk behind until a sync that started
+/// after their changes has ended: a flag cleared when a sync starts would let a second FLUSH return
+/// while the first one's sync is still running.
+#[derive(Default)]
+struct DiskBehind {
+    changes: AtomicU64,
+    covered: AtomicU64,
+}
+
+impl DiskBehind {
+    /// A change that only a sync of the disk makes durable reached it.
+    fn changed(&self) {
+        self.changes.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Whether such a change is not yet covered by a finished sync.
+    fn behind(&self) -> bool {
+        self.covered.load(Ordering::Acquire) < self.changes.load(Ordering::Acquire)
+    }
+
+    /// A sync starts: it will cover what changed before now.
+    fn sync_starts(&self) -> u64 {
+        self.changes.load(Ordering::Acquire)
+    }
+
+    /// The sync started at `upto` finished.
+    fn synced(&self, upto: u64) {
+        self.covered.fetch_max(upto, Ordering::AcqRel);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_sync_of_the_disk_covers_a_change_only_once_it_ends() {
+        let b = DiskBehind::default();
+        assert!(!b.behind());
+        b.changed();
+        let first = b.sync_starts();
+        // A FLUSH while that sync runs still syncs the disk: the change is not durable yet.
+        assert!(b.behind());
+        b.changed();
+        let second = b.sync_starts();
+        b.synced(first);
+        assert!(b.behind(), "the second change came after the first sync started");
+        b.synced(second);
+        assert!(!b.behind());
+        // A sync that started earlier and ends later covers nothing newer.
+        b.changed();
+        b.synced(first);
+        assert!(b.behind());
+    }
 
     fn disk(dir: &Path, name: &str, size: u64) -> PathBuf {
         let p = dir.join(name);

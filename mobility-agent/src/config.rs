@@ -65,7 +65,15 @@ pub struct ShipConfig {
     /// Under a churn, changes gather for up to this many milliseconds after a batch before a smaller
     /// batch goes out (`sr_common::stream::Sender::hold`); 0 sends each change as it comes.
     pub linger_ms: u64,
+    /// The nice value (0..=19) of the threads that ship and resync: on a busy machine its workload's
+    /// writes go first, and the replica catches up in the time they leave free. 0: the same priority
+    /// as the front end.
+    pub nice: i32,
 }
+
+/// Shipping's threads get about a tenth of a busy core beside the front end's (Linux weights: 110
+/// against 1024), and all of an idle one.
+pub const DEFAULT_NICE: i32 = 10;
 
 /// Gathering a churn's changes this long makes a batch per 20 ms instead of one per write.
 pub const DEFAULT_LINGER_MS: u64 = 20;
@@ -77,6 +85,7 @@ impl Default for ShipConfig {
             window_bytes: DEFAULT_WINDOW_BYTES,
             retry_scale: 1.0,
             linger_ms: DEFAULT_LINGER_MS,
+            nice: DEFAULT_NICE,
         }
     }
 }
@@ -197,7 +206,10 @@ impl sr_common::config::Validate for AgentConfig {
         if nbd_tcp.is_none() && nbd_unix.is_none() {
             return Err("set nbd_tcp or nbd_unix (or both): the agent needs an NBD front end".into());
         }
-        let ShipConfig { batch_bytes, window_bytes, retry_scale, linger_ms } = ship;
+        let ShipConfig { batch_bytes, window_bytes, retry_scale, linger_ms, nice } = ship;
+        if !(0..=19).contains(nice) {
+            return Err(format!("key ship.nice: {nice} is outside 0..=19"));
+        }
         if *linger_ms > 1000 {
             return Err(format!(
                 "key ship.linger_ms: {linger_ms} is over 1000; the replica would trail the disk by that much more"

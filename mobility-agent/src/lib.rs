@@ -51,13 +51,57 @@ fn bind_private_socket(path: &std::path::Path) -> std::io::Result<std::os::unix:
     bound
 }
 
+/// The shipping runtime. However `run` ends, what is left on it (the endpoint's driver) stops with
+/// it without blocking the async context it is dropped in (a plain drop there would panic).
+struct ShipRuntime(Option<tokio::runtime::Runtime>);
+
+impl ShipRuntime {
+    fn handle(&self) -> &tokio::runtime::Handle {
+        self.0.as_ref().expect("the shipping runtime lives until dropped").handle()
+    }
+
+    fn enter(&self) -> tokio::runtime::EnterGuard<'_> {
+        self.0.as_ref().expect("the shipping runtime lives until dropped").enter()
+    }
+}
+
+impl Drop for ShipRuntime {
+    fn drop(&mut self) {
+        if let Some(rt) = self.0.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
 pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
     sr_common::telemetry::metrics_handle();
     std::fs::create_dir_all(&cfg.data_dir).with_context(|| format!("creating data_dir {}", cfg.data_dir.display()))?;
     // Replicated data, journals, caches and state: reachable by this service's user only.
     sr_common::ca::private_dir(&cfg.data_dir)?;
     let identity = Arc::new(sr_common::tls::Identity::load(&cfg.tls)?.keep_crl_in(cfg.data_dir.join("crl.pem")));
-    let endpoint = sr_common::quic::client(&identity)?;
+    // Shipping and resync run on a runtime of their own, whose threads yield to the front end's on a
+    // busy core (`ship.nice`): the workload's writes first, the replica catching up behind them. The
+    // QUIC endpoint is made inside it, so its driver (encryption, UDP sends) runs there too.
+    // Absolute, from this thread's: a thread the runtime starts from one of its own inherits the
+    // lowered value already.
+    let nice = (sr_common::service::thread_nice().context("reading the agent's priority")? + cfg.ship.nice).min(19);
+    let ship_rt = ShipRuntime(Some(
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("ship")
+            .on_thread_start(move || {
+                if let Err(e) = sr_common::service::set_thread_nice(nice) {
+                    tracing::warn!(error = %e, nice, "could not lower the priority of a shipping thread");
+                }
+            })
+            .enable_all()
+            .build()
+            .context("starting the shipping runtime")?,
+    ));
+    let endpoint = {
+        let _in = ship_rt.enter();
+        sr_common::quic::client(&identity)?
+    };
     let exports = Exports::new();
     let mut disks = Vec::new();
     for d in &cfg.disks {
@@ -220,6 +264,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Resul
     }
     let target = Arc::new(ship::ShipTarget {
         endpoint: endpoint.clone(),
+        acks_on: tokio::runtime::Handle::current(),
         identity: identity.clone(),
         node: cfg.node.clone(),
         batch_bytes: cfg.ship.batch_bytes,
@@ -235,8 +280,11 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Resul
     let (route_tx, route_rx) = tokio::sync::watch::channel(fixed);
     let tasks = tokio_util::task::TaskTracker::new();
     for d in &disks {
-        tasks.spawn(ship::run(d.clone(), target.clone(), route_rx.clone(), shutdown.clone()));
-        tasks.spawn(resync::run(d.clone(), target.clone(), route_rx.clone(), cfg.resync.clone(), shutdown.clone()));
+        tasks.spawn_on(ship::run(d.clone(), target.clone(), route_rx.clone(), shutdown.clone()), ship_rt.handle());
+        tasks.spawn_on(
+            resync::run(d.clone(), target.clone(), route_rx.clone(), cfg.resync.clone(), shutdown.clone()),
+            ship_rt.handle(),
+        );
     }
     let (intervals_tx, intervals_rx) = tokio::sync::watch::channel(None);
     let events = consistency::Events::default();

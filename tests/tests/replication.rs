@@ -57,7 +57,14 @@ fn replica_equals_source_after_mixed_writes() {
     let local = setup(dir.path(), size, Options::default());
     let _mt = local.start(Component::MasterTarget).unwrap();
     let _ps = local.start(Component::ProcessServer).unwrap();
-    let _agent = local.start(Component::Agent).unwrap();
+    let agent = local.start(Component::Agent).unwrap();
+    // Shipping yields to the front end on a busy core: its threads run at the agent's nice value plus
+    // ship.nice (10 by default), the rest as the agent was started.
+    let nices = thread_nices(agent.pid().unwrap());
+    let base = nices.iter().find(|(c, _)| c == "mobility-agent").unwrap().1;
+    let ship: Vec<i64> = nices.iter().filter(|(c, _)| c == "ship").map(|(_, n)| *n).collect();
+    assert!(!ship.is_empty() && ship.iter().all(|n| *n == (base + 10).min(19)), "nice values: {nices:?}");
+    assert!(nices.iter().filter(|(c, _)| c != "ship").all(|(_, n)| *n == base), "{nices:?}");
     let uri = local.agent_uri("disk0");
     for round in 0..4 {
         qemu_io(&uri, &workload(round + 1, size, 60)).unwrap();
@@ -102,6 +109,20 @@ fn replica_equals_source_after_mixed_writes() {
     // The comparison can fail: a byte changed behind the agent's back is found.
     run("qemu-io", &["-f", "raw", "-c", "write -P 0x01 5000 1", &source]).unwrap();
     assert!(compare(&source, &local.replica_uri(1)).is_err(), "qemu-img compare must see a one-byte difference");
+}
+
+/// (name, nice value) of each thread of process `pid`.
+fn thread_nices(pid: u32) -> Vec<(String, i64)> {
+    let mut out = Vec::new();
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let stat = std::fs::read_to_string(t.unwrap().path().join("stat")).unwrap();
+        let (head, rest) = stat.rsplit_once(')').unwrap();
+        let name = head.split_once('(').unwrap().1.to_string();
+        // Fields after the name start at the state (field 3); the nice value is field 19.
+        let nice = rest.split_whitespace().nth(16).unwrap().parse().unwrap();
+        out.push((name, nice));
+    }
+    out
 }
 
 fn check_metrics(local: &Local) {
