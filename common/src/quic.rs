@@ -9,14 +9,18 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-fn transport() -> Arc<quinn::TransportConfig> {
+/// Bytes a connection buffers for sending (sent and not yet acknowledged by the peer's QUIC, or not
+/// yet sent), by default.
+pub const SEND_WINDOW: u64 = 32 << 20;
+
+fn transport(send_window: u64) -> Arc<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
     t.keep_alive_interval(Some(Duration::from_secs(1)));
     t.max_idle_timeout(Some(Duration::from_secs(8).try_into().expect("8 s is a valid idle timeout")));
     // Batches are several MiB: windows large enough to keep a loopback or LAN link busy.
     t.stream_receive_window((16u32 << 20).into());
     t.receive_window((32u32 << 20).into());
-    t.send_window(32 << 20);
+    t.send_window(send_window);
     // A window from the measured delivery rate and round trip, not from losses: across a WAN that
     // drops 1% of packets a loss-based controller (Cubic, New Reno) falls to a few Mbit/s (see
     // rate_cc.rs; bench/wan.sh measures it beside TCP).
@@ -60,15 +64,20 @@ fn bind(addr: SocketAddr, server: Option<quinn::ServerConfig>) -> anyhow::Result
 pub fn server_cfg(id: &Identity) -> anyhow::Result<quinn::ServerConfig> {
     let crypto = QuicServerConfig::try_from(server_config(id)?).context("QUIC server TLS config")?;
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    cfg.transport_config(transport());
+    cfg.transport_config(transport(SEND_WINDOW));
     Ok(cfg)
 }
 
 /// QUIC client configuration presenting our certificate, checking servers against the CRL.
 pub fn client_cfg(id: &Identity) -> anyhow::Result<quinn::ClientConfig> {
+    client_cfg_with(id, SEND_WINDOW)
+}
+
+/// [`client_cfg`] buffering at most `send_window` bytes per connection for sending.
+pub fn client_cfg_with(id: &Identity, send_window: u64) -> anyhow::Result<quinn::ClientConfig> {
     let crypto = QuicClientConfig::try_from(client_config(id)?).context("QUIC client TLS config")?;
     let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
-    cfg.transport_config(transport());
+    cfg.transport_config(transport(send_window));
     Ok(cfg)
 }
 
@@ -122,15 +131,16 @@ pub async fn connect(ep: &quinn::Endpoint, addr: SocketAddr, role: Role) -> anyh
 }
 
 /// [`connect`] with a client configuration built now from `id`, so the server's certificate is checked
-/// against the current revocation list.
+/// against the current revocation list; the connection buffers at most `send_window` bytes for sending.
 pub async fn connect_checked(
     ep: &quinn::Endpoint,
     id: &Identity,
     addr: SocketAddr,
     role: Role,
+    send_window: u64,
 ) -> anyhow::Result<quinn::Connection> {
     let conn = ep
-        .connect_with(client_cfg(id)?, addr, &role_name(role))
+        .connect_with(client_cfg_with(id, send_window)?, addr, &role_name(role))
         .with_context(|| format!("connecting to {} at {addr}", role.name()))?
         .await
         .with_context(|| format!("handshake with {} at {addr}", role.name()))?;
@@ -138,7 +148,8 @@ pub async fn connect_checked(
 }
 
 /// Connects to the peer of role `peer` at `addr` (its certificate checked), opens a stream and
-/// exchanges Hello as `me`, named `node`: the start of every session a component opens.
+/// exchanges Hello as `me`, named `node`: the start of every session a component opens. The connection
+/// buffers at most `send_window` bytes for sending ([`SEND_WINDOW`] unless the caller must keep less).
 pub async fn open_session(
     ep: &quinn::Endpoint,
     id: &Identity,
@@ -146,8 +157,9 @@ pub async fn open_session(
     peer: Role,
     me: Role,
     node: &str,
+    send_window: u64,
 ) -> anyhow::Result<(quinn::SendStream, quinn::RecvStream)> {
-    let conn = connect_checked(ep, id, addr, peer).await?;
+    let conn = connect_checked(ep, id, addr, peer, send_window).await?;
     let (mut send, mut recv) =
         conn.open_bi().await.with_context(|| format!("opening a stream to the {}", peer.name()))?;
     let hello =

@@ -270,6 +270,10 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Resul
         batch_bytes: cfg.ship.batch_bytes,
         window_bytes: cfg.ship.window_bytes,
         linger: std::time::Duration::from_millis(cfg.ship.linger_ms),
+        // Two batches buffered for sending, not the default 32 MiB: the agent runs on the protected
+        // machine, whose memory is its workload's. Its process server is on the same site, so a short
+        // round trip keeps even this busy; what must be sent again is read again from the journal.
+        send_window: (2 * cfg.ship.batch_bytes).max(4 << 20),
         retry: sr_common::retry::RetryPolicy { scale: cfg.ship.retry_scale },
         // The process server holds batches back on purpose while its cache is full (see
         // `stream::DEFAULT_ACK_TIMEOUT`): no ack timeout here.

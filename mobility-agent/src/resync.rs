@@ -131,6 +131,7 @@ async fn compare(
         Role::ProcessServer,
         Role::Agent,
         &target.node,
+        target.send_window,
     )
     .await?;
     let open = Message::TreeOpen { item: route.item, disk: disk.id, disk_size: size, block: block as u32 };

@@ -34,6 +34,8 @@ pub struct ShipTarget {
     pub window_bytes: u64,
     /// How long changes may gather into a batch ([`Sender::hold`]).
     pub linger: std::time::Duration,
+    /// Bytes a session's connection buffers for sending, at most.
+    pub send_window: u64,
     /// After the quick reconnects, the retry schedule (scaled in tests).
     pub retry: sr_common::retry::RetryPolicy,
     /// A session with batches in flight and no acknowledgement for this long is given up.
@@ -132,6 +134,7 @@ async fn session(
         Role::ProcessServer,
         Role::Agent,
         &t.node,
+        t.send_window,
     )
     .await?;
     wire::write_msg(&mut send, &Message::Open { item: route.item, disk: disk.id, disk_size: disk.size() }).await?;

@@ -74,6 +74,7 @@ pub async fn open_to_master_target(
         Role::MasterTarget,
         Role::ProcessServer,
         &server.cfg.node,
+        sr_common::quic::SEND_WINDOW,
     )
     .await
 }
