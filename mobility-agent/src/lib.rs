@@ -87,7 +87,9 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Resul
     let nice = (sr_common::service::thread_nice().context("reading the agent's priority")? + cfg.ship.nice).min(19);
     let ship_rt = ShipRuntime(Some(
         tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
+            // A worker per disk and one more: a loop waiting on a journal lock leaves the endpoint's
+            // driver a thread to run on.
+            .worker_threads(cfg.disks.len().max(1) + 1)
             .thread_name("ship")
             .on_thread_start(move || {
                 if let Err(e) = sr_common::service::set_thread_nice(nice) {

@@ -151,7 +151,9 @@ async fn compare(
         let root_query = Message::TreeQuery { offset, len, level: top as u8, first: 0, count: 1 };
         wire::write_msg(&mut send, &root_query).await?;
         let d = disk.clone();
-        let mine = tokio::task::spawn_blocking(move || {
+        // Both reading the disk and marking blocks dirty hold the journal's lock, which the front end's
+        // writes take: at the front end's priority (`ShipTarget::acks_on`), not at shipping's.
+        let mine = blocking_at_front_end_priority(target, move || {
             Tree::build(d.disk_file(), offset, len, block, &|o, buf| d.read_consistent(o, buf))
         })
         .await??;
@@ -165,7 +167,7 @@ async fn compare(
         let ranges: Vec<(u64, u64)> =
             differing.iter().map(|i| (offset + i * block, block.min(offset + len - (offset + i * block)))).collect();
         let d = disk.clone();
-        tokio::task::spawn_blocking(move || d.mark_dirty(&ranges)).await??;
+        blocking_at_front_end_priority(target, move || d.mark_dirty(&ranges)).await??;
         st.differing_bytes += differing.len() as u64 * block;
         st.compared_bytes += len;
         st.cursor = offset + len;
@@ -181,4 +183,15 @@ async fn compare(
         "checksum comparison finished; differing blocks follow"
     );
     Ok(())
+}
+
+/// Runs `f` on the main runtime's blocking pool. A thread that pool starts is started by one of the
+/// main runtime's own, so it has the front end's priority (one started from a shipping thread would
+/// inherit the lower one for good).
+async fn blocking_at_front_end_priority<T: Send + 'static>(
+    target: &ShipTarget,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> anyhow::Result<T> {
+    let task = target.acks_on.spawn(async move { tokio::task::spawn_blocking(f).await });
+    task.await.context("a resync step stopped")?.context("a resync step failed")
 }

@@ -24,8 +24,9 @@ use tokio_util::sync::CancellationToken;
 pub struct ShipTarget {
     pub endpoint: quinn::Endpoint,
     /// The agent's main runtime, at the front end's priority: acknowledgements trim the journal
-    /// there, under the lock the front end's writes take, so that a busy core never leaves a write
-    /// waiting on a low-priority thread that holds it.
+    /// there, and resync reads the disk and marks blocks there, under the lock the front end's writes
+    /// take, so that a busy core never leaves a write waiting on a low-priority thread that holds it
+    /// for long. (The shipping loop itself takes the lock only to read positions and a snapshot.)
     pub acks_on: tokio::runtime::Handle,
     /// Our certificate and the deployment's CA and revocation list, checked at every connect.
     pub identity: Arc<sr_common::tls::Identity>,
