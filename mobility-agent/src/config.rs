@@ -65,9 +65,9 @@ pub struct ShipConfig {
     /// Under a churn, changes gather for up to this many milliseconds after a batch before a smaller
     /// batch goes out (`sr_common::stream::Sender::hold`); 0 sends each change as it comes.
     pub linger_ms: u64,
-    /// The nice value (0..=19) of the threads that ship and resync: on a busy machine its workload's
-    /// writes go first, and the replica catches up in the time they leave free. 0: the same priority
-    /// as the front end.
+    /// Added (0..=19) to the agent's nice value for the threads that ship and resync: on a busy machine
+    /// its workload's writes go first, and the replica catches up in the time they leave free. 0: the
+    /// same priority as the front end.
     pub nice: i32,
 }
 

@@ -266,7 +266,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Resul
     }
     let target = Arc::new(ship::ShipTarget {
         endpoint: endpoint.clone(),
-        acks_on: tokio::runtime::Handle::current(),
+        front_end: tokio::runtime::Handle::current(),
         identity: identity.clone(),
         node: cfg.node.clone(),
         batch_bytes: cfg.ship.batch_bytes,

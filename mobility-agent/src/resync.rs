@@ -152,7 +152,7 @@ async fn compare(
         wire::write_msg(&mut send, &root_query).await?;
         let d = disk.clone();
         // Both reading the disk and marking blocks dirty hold the journal's lock, which the front end's
-        // writes take: at the front end's priority (`ShipTarget::acks_on`), not at shipping's.
+        // writes take: at the front end's priority (`ShipTarget::front_end`), not at shipping's.
         let mine = blocking_at_front_end_priority(target, move || {
             Tree::build(d.disk_file(), offset, len, block, &|o, buf| d.read_consistent(o, buf))
         })
@@ -192,6 +192,6 @@ async fn blocking_at_front_end_priority<T: Send + 'static>(
     target: &ShipTarget,
     f: impl FnOnce() -> T + Send + 'static,
 ) -> anyhow::Result<T> {
-    let task = target.acks_on.spawn(async move { tokio::task::spawn_blocking(f).await });
+    let task = target.front_end.spawn(async move { tokio::task::spawn_blocking(f).await });
     task.await.context("a resync step stopped")?.context("a resync step failed")
 }

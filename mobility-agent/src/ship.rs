@@ -23,11 +23,11 @@ use tokio_util::sync::CancellationToken;
 
 pub struct ShipTarget {
     pub endpoint: quinn::Endpoint,
-    /// The agent's main runtime, at the front end's priority: acknowledgements trim the journal
-    /// there, and resync reads the disk and marks blocks there, under the lock the front end's writes
+    /// The agent's main runtime, at the front end's priority: acknowledgements are read and trim the
+    /// journal there, and resync reads the disk and marks blocks there, under the lock the front end's writes
     /// take, so that a busy core never leaves a write waiting on a low-priority thread that holds it
     /// for long. (The shipping loop itself takes the lock only to read positions and a snapshot.)
-    pub acks_on: tokio::runtime::Handle,
+    pub front_end: tokio::runtime::Handle,
     /// Our certificate and the deployment's CA and revocation list, checked at every connect.
     pub identity: Arc<sr_common::tls::Identity>,
     pub node: String,
@@ -162,7 +162,7 @@ async fn session(
     // Acknowledgements arrive on their own task; the latest durable one reaches the sender here.
     let (acked_tx, mut acked_rx) = tokio::sync::watch::channel(sender.acknowledged());
     let ack_disk = disk.clone();
-    let mut acks: tokio::task::JoinHandle<anyhow::Result<()>> = t.acks_on.spawn(async move {
+    let mut acks: tokio::task::JoinHandle<anyhow::Result<()>> = t.front_end.spawn(async move {
         loop {
             match wire::read_msg(&mut recv).await? {
                 Some(Message::DurableAck { through }) => {
